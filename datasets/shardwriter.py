@@ -1,0 +1,606 @@
+"""Write a dataset as WebDataset shards; shared by datasets/imagenet.py and datasets/cifar10.py.
+
+Not a package: the scripts import it as `shardwriter` from their own folder (sys.path[0]).
+
+What lands at DEST (an s3:// prefix, or a local folder for machines without S3):
+
+    {split}-000000.tar ...       the shards: members `<key>.jpg|png` and `<key>.cls` (the class
+                                 index in decimal), samples shuffled across classes
+    {split}-000000.tar.json ...  one small sidecar per shard, written after the shard itself: its
+                                 size, sha256, a fingerprint of the stored object (ETag on S3), a
+                                 digest of what went into it, and the samples it had to skip.
+                                 A rerun skips every shard whose sidecar still matches.
+    manifest.json                written last: the dataset's commit marker. Loaders read only it.
+
+Same input + same seed => byte-identical shards (fixed tar metadata, seeded shuffle, shard
+boundaries planned up front). Shards are built in parallel, one process per core.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import socket
+import sys
+import tarfile
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+FORMAT_VERSION = 1
+MB = 1_000_000  # --shard-size-mb counts in 10^6 bytes
+MANIFEST = "manifest.json"
+SIDECAR = ".json"  # suffix appended to a shard's name
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a closed archive to a multiple of this
+SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-\d{6}\.tar(\.json)?$")
+SIZE_SAMPLE = 64  # samples encoded up front to estimate sizes when they are not known
+
+
+class ConversionError(Exception):
+    """A problem the user must fix (bad input, unreachable store); shown without a traceback."""
+
+
+class BadSample(Exception):
+    """Raised by an encoder for one unusable sample: it is skipped and listed in the manifest."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image to store, before encoding."""
+
+    key: str  # unique within its split; no "." or "/" (webdataset splits member names at a dot)
+    label: int
+    source: str | bytes  # a file path, or raw data that the encoder understands
+    origin: str  # how to name it to a person: "train/n01440764/x.JPEG", "data_batch_1[17]"
+    size: int | None = None  # encoded size if known up front (exact shard packing), else estimated
+    identity: str = ""  # changes when the source changes (e.g. size and mtime); for resuming
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A sample's stored bytes."""
+
+    data: bytes
+    ext: str  # member extension: "jpg" or "png"
+    note: str = ""  # why the bytes differ from the source, when they were converted
+
+
+Encoder = Callable[[Sample], Encoded]  # must be picklable: a module-level function or class
+
+
+# ---------------------------------------------------------------- destinations
+
+
+def _s3() -> Any:
+    """orchestrator.s3, also from a checkout where the package is not installed."""
+    try:
+        from orchestrator import s3
+    except ImportError:
+        sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root
+        from orchestrator import s3
+    return s3
+
+
+class LocalDest:
+    """A local folder; files appear by atomic rename, so a reader never sees half a file."""
+
+    def __init__(self, path: str) -> None:
+        self.url = str(Path(path).expanduser().resolve())
+        self.root = Path(self.url)
+
+    def preflight(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise ConversionError(f"--dest {self.url} exists and is not a folder")
+        probe = self.root
+        while not probe.exists():
+            probe = probe.parent
+        if not os.access(probe, os.W_OK):
+            raise ConversionError(f"cannot write to {probe} (for --dest {self.url})")
+
+    def make_tmp_dir(self) -> str:
+        # Inside the destination, so the final rename stays on one filesystem (atomic).
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f".tmp-{uuid.uuid4().hex[:8]}"
+        path.mkdir()
+        return str(path)
+
+    def put_file(self, tmp_path: str, name: str, sha256: str) -> str:
+        """Move a finished file into place; returns its fingerprint (here, its sha256)."""
+        os.replace(tmp_path, self.root / name)
+        return sha256
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        tmp = self.root / f".{name}.{uuid.uuid4().hex[:8]}"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.root / name)
+
+    def get_bytes(self, name: str) -> bytes | None:
+        try:
+            return (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def matches(self, name: str, size: int, fingerprint: str) -> bool:
+        path = self.root / name
+        return path.is_file() and path.stat().st_size == size and _sha256_file(path) == fingerprint
+
+    def delete(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
+
+    def list_names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
+
+
+class S3Dest:
+    """An s3:// prefix, reached only through orchestrator.s3 (the project's one S3 client)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.bucket, prefix = _s3().split_url(self.url + "/")
+        self.prefix = prefix  # "" or "a/b/"
+
+    def preflight(self) -> None:
+        """Fail fast, before anything is written, when the store cannot be used."""
+        try:
+            import boto3
+            from botocore.exceptions import BotoCoreError, ClientError
+        except ImportError:
+            raise ConversionError(
+                "boto3 is not installed; install the project (pip install -e .) or give a local "
+                "folder as --dest"
+            ) from None
+        s3 = _s3()
+        if boto3.Session().get_credentials() is None:
+            raise ConversionError(
+                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (for the local "
+                "stack, see `python -m orchestrator.stack env`)"
+            )
+        endpoint = s3.endpoint_url()
+        if endpoint:
+            # orchestrator.s3's client retries a refused connection for a minute; a plain
+            # connect says "nothing listens there" at once.
+            parsed = urlparse(endpoint)
+            port = parsed.port or (443 if parsed.scheme == "https" else 80)
+            try:
+                socket.create_connection((parsed.hostname or "", port), timeout=5).close()
+            except OSError as err:
+                raise ConversionError(
+                    f"cannot reach the S3 endpoint {endpoint} (AWS_ENDPOINT_URL_S3 / "
+                    f"AWS_ENDPOINT_URL): {err}. Start the store (python -m orchestrator.stack up) "
+                    "or fix the variable."
+                ) from None
+        where = endpoint or "AWS S3"
+        try:
+            s3.client().head_bucket(Bucket=self.bucket)
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise ConversionError(
+                    f"bucket {self.bucket!r} does not exist at {where}; create it first"
+                ) from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise ConversionError(
+                    f"access to bucket {self.bucket!r} at {where} was refused ({code}); check "
+                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+                ) from None
+            raise ConversionError(f"cannot use bucket {self.bucket!r} at {where}: {err}") from None
+        except BotoCoreError as err:
+            raise ConversionError(f"cannot reach S3 at {where}: {err}") from None
+
+    def make_tmp_dir(self) -> str:
+        return tempfile.mkdtemp(prefix="shards-")
+
+    def _url(self, name: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}{name}"
+
+    def put_file(self, tmp_path: str, name: str, sha256: str) -> str:
+        """Upload a finished file (multipart when large); returns the object's ETag."""
+        s3 = _s3()
+        s3.upload_file(tmp_path, self._url(name))
+        os.unlink(tmp_path)
+        head = s3.client().head_object(Bucket=self.bucket, Key=self.prefix + name)
+        return str(head["ETag"])
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        _s3().write_bytes(self._url(name), data)  # one PUT: the object appears whole or not at all
+
+    def get_bytes(self, name: str) -> bytes | None:
+        s3 = _s3()
+        return s3.read_bytes(self._url(name)) if s3.exists(self._url(name)) else None
+
+    def matches(self, name: str, size: int, fingerprint: str) -> bool:
+        # Size and ETag, not a re-read: any rewrite of the object changes its ETag.
+        from botocore.exceptions import ClientError
+
+        try:
+            head = _s3().client().head_object(Bucket=self.bucket, Key=self.prefix + name)
+        except ClientError:
+            return False
+        return head["ContentLength"] == size and str(head["ETag"]) == fingerprint
+
+    def delete(self, name: str) -> None:
+        _s3().client().delete_object(Bucket=self.bucket, Key=self.prefix + name)
+
+    def list_names(self) -> list[str]:
+        keys = _s3().list_keys(self._url(""))
+        names = (k[len(self._url("")) :] for k in keys)
+        return sorted(n for n in names if "/" not in n)
+
+
+Dest = LocalDest | S3Dest
+
+
+def open_dest(url: str) -> Dest:
+    """An s3:// URL or a local folder path."""
+    return S3Dest(url) if url.startswith("s3://") else LocalDest(url)
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything one worker needs to build (or skip) one shard."""
+
+    dest: Dest
+    name: str
+    samples: tuple[Sample, ...]
+    encoder: Encoder
+    plan: str  # digest of the inputs: a sidecar with another plan is stale
+    tmp_dir: str = ""
+
+
+def _tar_cost(size: int) -> int:
+    """Bytes a sample of `size` takes in a tar: image header + data padded, .cls header + data."""
+    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK + 2 * TAR_BLOCK
+
+
+def plan_shards(sizes: Sequence[int], shard_bytes: int) -> list[range]:
+    """Cut samples (in order) into consecutive shards whose tar files stay <= shard_bytes.
+
+    A sample bigger than the target gets a shard of its own.
+    """
+    shards: list[range] = []
+    start, used = 0, 0
+    for i, size in enumerate(sizes):
+        cost = _tar_cost(size)
+        closed = -(-(used + cost + 2 * TAR_BLOCK) // TAR_RECORD) * TAR_RECORD  # end blocks + pad
+        if i > start and closed > shard_bytes:
+            shards.append(range(start, i))
+            start, used = i, 0
+        used += cost
+    if start < len(sizes):
+        shards.append(range(start, len(sizes)))
+    return shards
+
+
+def _identity(sample: Sample) -> str:
+    if sample.identity:
+        return sample.identity
+    if isinstance(sample.source, bytes):
+        return hashlib.sha1(sample.source).hexdigest()
+    return ""
+
+
+def _plan_digest(samples: Iterable[Sample], encoder: Encoder) -> str:
+    items = [[s.key, s.label, s.origin, _identity(s)] for s in samples]
+    blob = json.dumps({"v": FORMAT_VERSION, "encoder": repr(encoder), "samples": items})
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check_keys(splits: dict[str, list[Sample]]) -> None:
+    """Keys must be unique within a split and free of "." and "/"."""
+    for split, samples in splits.items():
+        seen: set[str] = set()
+        for s in samples:
+            if not s.key or "." in s.key or "/" in s.key:
+                raise ConversionError(f"{split}: bad sample key {s.key!r} for {s.origin}")
+            if s.key in seen:
+                raise ConversionError(f"{split}: two samples have the key {s.key!r} ({s.origin})")
+            seen.add(s.key)
+
+
+# ---------------------------------------------------------------- workers
+
+
+def _sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata: the same bytes in give the same tar out, on any machine, at any time.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _encoded_size(args: tuple[Encoder, Sample]) -> int | None:
+    encoder, sample = args
+    try:
+        return len(encoder(sample).data)
+    except BadSample:
+        return None
+
+
+def _reusable(job: ShardJob) -> dict[str, Any] | None:
+    """The shard's sidecar, if the shard at the destination was built from these inputs."""
+    raw = job.dest.get_bytes(job.name + SIDECAR)
+    if raw is None:
+        return None
+    try:
+        side = json.loads(raw)
+    except ValueError:
+        return None
+    if side.get("plan") != job.plan:
+        return None
+    if not job.dest.matches(job.name, side.get("bytes", -1), side.get("fingerprint", "")):
+        return None
+    return side
+
+
+def _build_shard(job: ShardJob) -> dict[str, Any]:
+    """Encode, tar, hash and store one shard, then its sidecar. Returns the sidecar."""
+    tmp = os.path.join(job.tmp_dir, f"{job.name}.{os.getpid()}.part")
+    skipped: list[dict[str, str]] = []
+    converted: list[dict[str, str]] = []
+    count = 0
+    with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
+        for sample in job.samples:
+            try:
+                enc = job.encoder(sample)
+            except BadSample as err:
+                skipped.append({"path": sample.origin, "reason": str(err)})
+                continue
+            if enc.note:
+                converted.append({"path": sample.origin, "reason": enc.note})
+            _add_member(tar, f"{sample.key}.{enc.ext}", enc.data)
+            _add_member(tar, f"{sample.key}.cls", str(sample.label).encode())
+            count += 1
+    size, sha = os.path.getsize(tmp), _sha256_file(tmp)
+    fingerprint = job.dest.put_file(tmp, job.name, sha)
+    side = {
+        "name": job.name,
+        "samples": count,
+        "bytes": size,
+        "sha256": sha,
+        "fingerprint": fingerprint,
+        "plan": job.plan,
+        "skipped": skipped,
+        "converted": converted,
+    }
+    job.dest.put_bytes(job.name + SIDECAR, json.dumps(side, indent=1).encode())
+    return side
+
+
+class _Runner:
+    """multiprocessing.Pool, or plain in-process calls for workers <= 1 (easy to debug)."""
+
+    def __init__(self, workers: int) -> None:
+        self.pool = multiprocessing.Pool(workers) if workers > 1 else None
+
+    def imap(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[Any]:
+        if self.pool is None:
+            return map(fn, items)
+        return self.pool.imap_unordered(fn, items)
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        return list(map(fn, items)) if self.pool is None else self.pool.map(fn, items, chunksize=1)
+
+    def close(self, *, kill: bool = False) -> None:
+        if self.pool is not None:
+            (self.pool.terminate if kill else self.pool.close)()
+            self.pool.join()
+
+
+def progress(total: int, desc: str, unit: str = "img") -> Any:
+    """A tqdm bar on stderr (a plain fallback where tqdm is not installed, e.g. a GPU box)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _PlainProgress(total, desc)
+    interval = 0.5 if sys.stderr.isatty() else 30.0  # logs get a line every 30 s, not a flood
+    return tqdm(total=total, desc=desc, unit=unit, mininterval=interval, file=sys.stderr)
+
+
+class _PlainProgress:
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.n = total, desc, 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def close(self) -> None:
+        log(f"{self.desc}: {self.n}/{self.total}")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+def write_dataset(
+    dest_url: str,
+    splits: dict[str, list[Sample]],
+    encoder: Encoder,
+    *,
+    classes: list[str],
+    source: dict[str, Any],
+    mean: Sequence[float],
+    std: Sequence[float],
+    mean_std_source: str,
+    shard_bytes: int = 128 * MB,
+    seed: int = 0,
+    workers: int | None = None,
+    max_bad_fraction: float = 0.001,
+) -> dict[str, Any]:
+    """Shard `splits` to dest_url (s3:// or a folder) and write manifest.json last.
+
+    Raises ConversionError before writing anything if keys are bad or the destination cannot
+    be used, and after the shards (but before the manifest) if more than max_bad_fraction of
+    the samples could not be encoded.
+    """
+    check_keys(splits)
+    dest = open_dest(dest_url)
+    dest.preflight()
+    workers = workers or os.cpu_count() or 1
+    total = sum(len(s) for s in splits.values())
+    bad_limit = max_bad_fraction * total
+    runner = _Runner(workers)
+    tmp_dir = dest.make_tmp_dir()
+    try:
+        jobs = _plan(dest, splits, encoder, shard_bytes, seed, runner, tmp_dir)
+        done: dict[str, dict[str, Any]] = {}
+        for job, side in zip(jobs, runner.map(_reusable, jobs)):
+            if side is not None:
+                done[job.name] = side
+        todo = [j for j in jobs if j.name not in done]
+        log(f"{dest.url}: {len(jobs)} shards planned, {len(done)} already there and skipped")
+        if todo and dest.get_bytes(MANIFEST) is not None:
+            # Shards an earlier manifest lists are about to change: withdraw it now, so a run
+            # that dies midway does not leave a manifest describing a half-rewritten dataset.
+            log(f"{dest.url}: removing the earlier {MANIFEST}; a new one is written at the end")
+            dest.delete(MANIFEST)
+        bad = [item for side in done.values() for item in side["skipped"]]
+        _check_bad(bad, total, bad_limit, max_bad_fraction)
+        bar = progress(sum(len(j.samples) for j in todo), f"writing {len(todo)} shards")
+        for side in runner.imap(_build_shard, todo):
+            done[side["name"]] = side
+            bar.update(side["samples"] + len(side["skipped"]))
+            bad.extend(side["skipped"])
+            _check_bad(bad, total, bad_limit, max_bad_fraction)  # stop early, not at the end
+        bar.close()
+        runner.close()
+    except BaseException:
+        runner.close(kill=True)
+        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    manifest = _manifest(dest, jobs, done, classes, source, mean, std, mean_std_source)
+    dest.put_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())  # the commit marker
+    _remove_stale(dest, {j.name for j in jobs}, set(splits))
+    for split, info in manifest["splits"].items():
+        log(f"{split}: {info['samples']} samples in {len(info['shards'])} shards")
+    log(f"wrote {dest.url}/{MANIFEST} ({len(todo)} shards written, {len(jobs) - len(todo)} skipped)")
+    return manifest
+
+
+def _plan(
+    dest: Dest,
+    splits: dict[str, list[Sample]],
+    encoder: Encoder,
+    shard_bytes: int,
+    seed: int,
+    runner: _Runner,
+    tmp_dir: str,
+) -> list[ShardJob]:
+    """Shuffle each split (seeded) and cut it into shards of about shard_bytes."""
+    jobs: list[ShardJob] = []
+    for split, samples in splits.items():
+        # Sort first, so the order the files were listed in does not matter.
+        order = sorted(samples, key=lambda s: s.key)
+        random.Random(f"{seed}:{split}").shuffle(order)
+        sizes = _sizes(order, encoder, seed, runner)
+        for i, part in enumerate(plan_shards(sizes, shard_bytes)):
+            chosen = tuple(order[j] for j in part)
+            name = f"{split}-{i:06d}.tar"
+            jobs.append(ShardJob(dest, name, chosen, encoder, _plan_digest(chosen, encoder), tmp_dir))
+    return jobs
+
+
+def _sizes(samples: list[Sample], encoder: Encoder, seed: int, runner: _Runner) -> list[int]:
+    """Known sizes, or the mean encoded size of a seeded random handful for the unknown ones."""
+    unknown = [s for s in samples if s.size is None]
+    if not unknown:
+        return [s.size or 0 for s in samples]
+    probe = random.Random(seed).sample(unknown, min(SIZE_SAMPLE, len(unknown)))
+    measured = [n for n in runner.map(_encoded_size, [(encoder, s) for s in probe]) if n]
+    guess = int(sum(measured) / len(measured)) if measured else 0
+    return [guess if s.size is None else s.size for s in samples]
+
+
+def _check_bad(bad: list[dict[str, str]], total: int, limit: float, fraction: float) -> None:
+    if len(bad) > limit:
+        first = "; ".join(f"{b['path']} ({b['reason']})" for b in bad[:5])
+        raise ConversionError(
+            f"{len(bad)} of {total} images are unreadable or corrupt, more than "
+            f"--max-bad-fraction={fraction} allows. First: {first}. Fix or remove them, or raise "
+            "--max-bad-fraction. No manifest was written; rerunning resumes."
+        )
+
+
+def _manifest(
+    dest: Dest,
+    jobs: list[ShardJob],
+    done: dict[str, dict[str, Any]],
+    classes: list[str],
+    source: dict[str, Any],
+    mean: Sequence[float],
+    std: Sequence[float],
+    mean_std_source: str,
+) -> dict[str, Any]:
+    splits: dict[str, dict[str, Any]] = {}
+    skipped: list[dict[str, str]] = []
+    converted: list[dict[str, str]] = []
+    for job in jobs:  # planned order: train-000000, train-000001, ..., val-000000, ...
+        side = done[job.name]
+        split = splits.setdefault(job.name.rsplit("-", 1)[0], {"samples": 0, "shards": []})
+        split["samples"] += side["samples"]
+        split["shards"].append({k: side[k] for k in ("name", "samples", "bytes", "sha256")})
+        skipped.extend(side["skipped"])
+        converted.extend(side["converted"])
+    return {
+        "name": Path(urlparse(dest.url).path).name or dest.url,
+        "format": "webdataset",
+        "version": FORMAT_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "classes": classes,
+        "num_classes": len(classes),
+        "splits": splits,
+        "skipped": sorted(skipped, key=lambda b: b["path"]),
+        "converted": sorted(converted, key=lambda b: b["path"]),
+        "mean": [round(float(m), 4) for m in mean],
+        "std": [round(float(s), 4) for s in std],
+        "mean_std_source": mean_std_source,
+    }
+
+
+def _remove_stale(dest: Dest, current: set[str], splits: set[str]) -> None:
+    """Delete shards (and sidecars) an earlier, larger run left that the manifest does not list."""
+    for name in dest.list_names():
+        m = SHARD_NAME.match(name)
+        if m and m["split"] in splits and name.removesuffix(SIDECAR) not in current:
+            dest.delete(name)
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a script's main(): a ConversionError prints as one clear line and exits 2."""
+    try:
+        main()
+    except ConversionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; no manifest was written, rerun to resume", file=sys.stderr)
+        sys.exit(130)

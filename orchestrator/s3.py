@@ -1,0 +1,147 @@
+"""Object-store access shared by every component: boto3 clients, URLs, retries.
+
+Configuration is the standard AWS environment (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION); boto3 reads it itself, so moving from
+the local stack to a real bucket changes nothing here. Clients are cached per process (a
+forked DataLoader worker gets its own), because boto3 clients are not fork-safe.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+T = TypeVar("T")
+
+_clients: dict[int, Any] = {}
+
+
+def endpoint_url() -> str | None:
+    """The S3 endpoint every client in the job must use (None = AWS's default)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def client() -> Any:
+    """A boto3 S3 client for this process, with retries on throttling and 5xx."""
+    pid = os.getpid()
+    if pid not in _clients:
+        import boto3
+        from botocore.config import Config
+
+        _clients.clear()  # inherited from a parent process: never reuse its connections
+        _clients[pid] = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url(),
+            region_name=os.environ.get("AWS_REGION", "us-east-1"),
+            config=Config(
+                retries={"max_attempts": 8, "mode": "adaptive"},
+                connect_timeout=5,
+                read_timeout=60,
+                s3={"addressing_style": "path"},
+            ),
+        )
+    return _clients[pid]
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` -> ("bucket", "a/b"); a clear error for anything else."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an s3:// URL: {url!r} (expected s3://BUCKET/KEY)")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: float = 0.5) -> T:
+    """Call fn, retrying connection errors and 5xx with exponential backoff.
+
+    botocore retries single requests; this covers whole operations (a streamed read that
+    dies midway, an endpoint that restarts) where a fresh request is the fix.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except ClientError as err:
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if status < 500 or attempt == attempts - 1:
+                raise
+        except (BotoCoreError, ConnectionError, OSError):
+            if attempt == attempts - 1:
+                raise
+        time.sleep(base_delay * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def read_bytes(url: str) -> bytes:
+    bucket, key = split_url(url)
+    return with_retries(
+        lambda: client().get_object(Bucket=bucket, Key=key)["Body"].read(), what=url
+    )
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    bucket, key = split_url(url)
+    with_retries(lambda: client().put_object(Bucket=bucket, Key=key, Body=data), what=url)
+
+
+def upload_file(path: str, url: str) -> None:
+    """Upload a local file; boto3 switches to multipart above 8 MB."""
+    bucket, key = split_url(url)
+    with_retries(lambda: client().upload_file(path, bucket, key), what=url)
+
+
+def exists(url: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_url(url)
+    try:
+        with_retries(lambda: client().head_object(Bucket=bucket, Key=key), what=url)
+        return True
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+
+
+def list_keys(url: str) -> list[str]:
+    """All object keys under an s3:// prefix, as full s3:// URLs."""
+    bucket, prefix = split_url(url)
+    paginator = client().get_paginator("list_objects_v2")
+    out: list[str] = []
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+    return out
+
+
+def delete_prefix(url: str) -> int:
+    """Delete every object under an s3:// prefix; returns how many."""
+    keys = list_keys(url)
+    bucket, _ = split_url(url)
+    for i in range(0, len(keys), 1000):
+        chunk = [{"Key": split_url(k)[1]} for k in keys[i : i + 1000]]
+        client().delete_objects(Bucket=bucket, Delete={"Objects": chunk})
+    return len(keys)
+
+
+def pyarrow_filesystem() -> Any:
+    """A pyarrow S3 filesystem on the same endpoint, for Ray Train's storage_path."""
+    from pyarrow import fs
+
+    endpoint = endpoint_url()
+    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_REGION", "us-east-1")}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme or "https"
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    return fs.S3FileSystem(**kwargs)

