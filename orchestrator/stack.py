@@ -28,7 +28,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,11 +265,11 @@ class Stack:
 
     # ------------------------------------------------------------------ up / down
 
-    def up(self) -> None:
+    def up(self, services: Sequence[str] = SERVICES) -> None:
         for sub in ("pids", "logs", "secrets"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         started = []
-        for service in SERVICES:
+        for service in services:
             if self._running_pid(service):
                 print(f"{service}: already up")
                 continue
@@ -318,8 +318,8 @@ class Stack:
             f"{self._log(service)}:\n{_tail(self._log(service))}"
         )
 
-    def down(self, purge: bool = False) -> None:
-        for service in reversed(SERVICES):
+    def down(self, purge: bool = False, services: Sequence[str] = SERVICES) -> None:
+        for service in reversed(services):
             pid = self._running_pid(service)
             if pid is None:
                 print(f"{service}: not running")
@@ -338,9 +338,9 @@ class Stack:
             _stop_tree(pid)
             self._pidfile(service).unlink(missing_ok=True)
 
-    def status(self) -> dict[str, str]:
+    def status(self, services: Sequence[str] = SERVICES) -> dict[str, str]:
         out = {}
-        for service in SERVICES:
+        for service in services:
             if self._running_pid(service) is None:
                 out[service] = "stopped"
             else:

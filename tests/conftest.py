@@ -1,0 +1,61 @@
+"""Shared fixtures: the real local stack (SeaweedFS S3, MLflow server, Ray head) on loopback.
+
+The test stack runs on its own ports and state folder (.stack-test), so it never collides with
+a developer's `make up` stack. It stays up for the whole session; set ORCH_TEST_KEEP_STACK=1 to
+leave it running afterwards (faster reruns).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.stack import Stack, StackConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TEST_PORTS = dict(
+    s3_port=28333,
+    weed_master_port=29333,
+    weed_volume_port=29340,
+    weed_filer_port=28888,
+    weed_admin_port=24646,
+    mlflow_port=25000,
+    ray_port=26379,
+    ray_dashboard_port=28265,
+    ray_client_port=20001,
+    ray_agent_port=52465,
+)
+
+
+def test_stack_config(state_dir: Path | None = None, **ports: int) -> StackConfig:
+    """A StackConfig for tests: the test ports unless given, and a state folder."""
+    return StackConfig.load(state_dir=state_dir or ROOT / ".stack-test", **{**TEST_PORTS, **ports})
+
+
+test_stack_config.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    """The running test stack; its client variables are set in os.environ for the session."""
+    st = Stack(test_stack_config())
+    already_up = all(state == "up" for state in st.status().values())
+    st.up()
+    saved = dict(os.environ)
+    os.environ.update(st.env())
+    yield st
+    os.environ.clear()
+    os.environ.update(saved)
+    if not already_up and not os.environ.get("ORCH_TEST_KEEP_STACK"):
+        st.down()
+
+
+@pytest.fixture
+def s3_prefix(stack: Stack) -> str:
+    """A fresh s3:// prefix in the `resnet` bucket, unique to this test."""
+    return f"s3://resnet/tests/{uuid.uuid4().hex[:12]}"

