@@ -1,0 +1,165 @@
+"""Spec -> a running job: Ray Train's TorchTrainer, or `--local` without Ray.
+
+Every job file ends with `main(SPEC)`:
+
+    python jobs/imagenet_r152.py [--dry-run] [--local] [--resume-from URL] [section.key=value ...]
+    ray job submit -- python jobs/imagenet_r152.py scaling.num_workers=16
+
+`--local` runs the same worker loop in this process, or in N processes under torchrun when
+scaling.num_workers > 1; it needs only torch (how GPU checks run where Ray is absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from orchestrator import s3
+from orchestrator.spec import JobSpec, SpecError, apply_overrides, to_yaml
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Run a job spec. Overrides are section.key=value, e.g. optim.lr=0.2.",
+    )
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved spec and exit")
+    parser.add_argument("--local", action="store_true", help="run without Ray (torchrun for N workers)")
+    parser.add_argument("--resume-from", help="fork from a checkpoint folder: .../checkpoints/step-NNNNNNNN")
+    return parser.parse_args(argv)
+
+
+def resolve(spec: JobSpec, argv: list[str]) -> tuple[JobSpec, argparse.Namespace]:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.resume_from:
+        overrides.append(f"checkpoint.resume_from={args.resume_from}")
+    return apply_overrides(spec, overrides), args
+
+
+def main(spec: JobSpec, argv: list[str] | None = None) -> int:
+    """Entry point of every job file."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        spec, args = resolve(spec, argv)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(to_yaml(spec), end="")
+        return 0
+    if args.local:
+        run_local(spec)
+    else:
+        run_ray(spec)
+    return 0
+
+
+# ------------------------------------------------------------------------ without Ray
+
+
+def run_local(spec: JobSpec) -> dict[str, float]:
+    """One process, or re-exec under torchrun for scaling.num_workers processes."""
+    import torch
+
+    n = spec.scaling.num_workers
+    if n > 1 and "LOCAL_RANK" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *sys.argv]
+        os.execv(sys.executable, cmd)
+    from orchestrator.train import Runtime, run_worker
+
+    use_gpu = torch.cuda.is_available() if spec.scaling.use_gpu is None else spec.scaling.use_gpu
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}") if use_gpu else torch.device("cpu")
+    if use_gpu:
+        torch.cuda.set_device(device)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if use_gpu else "gloo")
+    try:
+        return run_worker(spec.to_dict(), Runtime(rank, world, local_rank, device))
+    finally:
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------ on Ray
+
+
+def _ray_worker(config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from orchestrator.train import Runtime, run_worker
+
+    ctx = ray.train.get_context()
+    rt = Runtime(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        local_rank=ctx.get_local_rank(),
+        device=ray.train.torch.get_device(),
+        report=lambda metrics: ray.train.report(metrics),
+        tags={"ray_job_id": ray.get_runtime_context().get_job_id()},
+    )
+    run_worker(config["spec"], rt)
+
+
+def storage_for_ray(storage: str) -> tuple[str, Any]:
+    """Ray Train's storage_path and filesystem for s3:// (same endpoint as every client)."""
+    if s3.is_s3(storage):
+        bucket, key = s3.split_url(storage)
+        return f"{bucket}/{key}".rstrip("/"), s3.pyarrow_filesystem()
+    return os.path.abspath(storage), None
+
+
+def run_ray(spec: JobSpec) -> Any:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if os.environ.get("RAY_ADDRESS", "").startswith("http"):
+        raise SystemExit(
+            "RAY_ADDRESS points at a Ray job server: submit the job there with "
+            f"`ray job submit -- python {' '.join(sys.argv)}` (or unset RAY_ADDRESS for a local Ray)"
+        )
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    use_gpu = spec.scaling.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    storage_path, filesystem = storage_for_ray(spec.checkpoint.storage)
+    # our loop commits its own checkpoints (every rank's files, then a marker); Ray's storage
+    # holds the run's state next to them under the same name
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"spec": spec.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=spec.scaling.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": spec.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=spec.scaling.placement,
+        ),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last or None),
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not use_gpu else None,
+        ),
+    )
+    result = trainer.fit()
+    print(f"job {spec.name} finished: {result.metrics}")
+    return result

@@ -1,0 +1,284 @@
+"""Typed job specs: one dataclass per section, validated, with dotted command-line overrides.
+
+A job file builds a `JobSpec` in a few lines; `launch.main` applies `section.key=value`
+overrides and validates everything before anything runs. Each component receives only its own
+section (the data pipeline gets `spec.data`, the optimizer `spec.optim`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from orchestrator.data import DataConfig
+
+
+class SpecError(ValueError):
+    """A spec field is unknown or has a bad value; the message names it and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"
+    num_classes: int | None = None  # None: taken from the dataset's manifest
+    shortcut: Literal["A", "B", "C"] | None = None  # None: the net's paper default
+    stride_in_1x1: bool | None = None  # None: the paper's v1 placement where the net has one
+    zero_init_residual: bool = False
+    channels_last: bool = True
+    compile: bool = False
+
+    def options(self) -> dict[str, Any]:
+        """The options create_model takes; unset ones keep the net's defaults."""
+        opts = {"shortcut": self.shortcut, "stride_in_1x1": self.stride_in_1x1}
+        opts = {k: v for k, v in opts.items() if v is not None}
+        if self.zero_init_residual:
+            opts["zero_init_residual"] = True
+        return opts
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd"] = "sgd"
+    lr: float | None = None  # None: base_lr x global_batch / 256 (the linear scaling rule)
+    base_lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["step", "plateau", "cosine"] = "step"
+    max_iters: int = 600_000
+    milestones: list[int] = field(default_factory=list)  # step: iterations where lr *= gamma
+    gamma: float = 0.1
+    warmup_iters: int = 0  # lr x warmup_factor until this iteration (ResNet-110's 0.01 start)
+    warmup_factor: float = 0.1
+    warmup_linear: bool = False  # ramp linearly from warmup_factor instead of a constant
+    plateau_patience: int = 3  # plateau: evaluations without improvement before lr *= gamma
+    plateau_threshold: float = 1e-3  # improvement smaller than this (absolute) does not count
+    min_lr: float = 0.0
+
+
+@dataclass
+class ScalingConfig:
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    num_workers: int = 1
+    use_gpu: bool | None = None  # None: use GPUs where the machine or cluster has them
+    cpus_per_worker: float = 1.0
+    global_batch: int = 256
+    micro_batch: int | None = None  # per worker per step; None: global_batch / num_workers
+    zero_stage: Literal[0, 1, 2] = 0  # deepspeed only
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = 3
+    torch_threads: int = 0  # 0: leave torch's default
+
+
+@dataclass
+class CheckpointConfig:
+    storage: str = "s3://resnet/runs"  # Ray Train storage: s3://BUCKET/PREFIX or a local folder
+    every_iters: int = 1000
+    at_epoch_end: bool = True
+    keep_last: int = 2
+    best_metric: str = "val_top1_err"  # lower is better
+    resume_from: str | None = None  # fork from any checkpoint (s3://... or a folder)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "resnet"
+    log_every: int = 50
+
+
+@dataclass
+class EvalConfig:
+    every_iters: int = 5000
+    at_end: bool = True
+    protocol: Literal["center", "ten_crop", "multiscale"] = "center"
+    batch_size: int = 100
+    max_batches: int = 0  # 0: the whole validation split
+
+
+@dataclass
+class JobSpec:
+    name: str
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def micro_batch(self) -> int:
+        return self.scaling.micro_batch or self.scaling.global_batch // self.scaling.num_workers
+
+    def accumulation(self) -> int:
+        """Micro-batches per optimizer step, so the global batch is what the spec says."""
+        return self.scaling.global_batch // (self.micro_batch() * self.scaling.num_workers)
+
+    def lr(self) -> float:
+        if self.optim.lr is not None:
+            return self.optim.lr
+        return self.optim.base_lr * self.scaling.global_batch / 256
+
+    def validate(self) -> JobSpec:
+        """Check cross-field rules; raises SpecError naming the field and the fix."""
+        s = self.scaling
+        if not self.name or any(c in self.name for c in "/ \\"):
+            raise SpecError(f"name: {self.name!r} must be non-empty, without spaces or slashes")
+        if s.num_workers < 1:
+            raise SpecError(f"scaling.num_workers: {s.num_workers} must be >= 1")
+        per_step = self.micro_batch() * s.num_workers
+        if s.global_batch % per_step:
+            raise SpecError(
+                f"scaling.global_batch: {s.global_batch} is not a multiple of micro_batch x "
+                f"num_workers = {self.micro_batch()} x {s.num_workers}; change scaling.micro_batch"
+            )
+        if s.strategy == "ddp" and s.zero_stage:
+            raise SpecError("scaling.zero_stage: set only with scaling.strategy=deepspeed")
+        if self.schedule.kind == "plateau" and self.eval.every_iters <= 0:
+            raise SpecError("schedule.kind=plateau needs validation: set eval.every_iters > 0")
+        if any(m <= 0 for m in self.schedule.milestones) or self.schedule.milestones != sorted(
+            self.schedule.milestones
+        ):
+            raise SpecError(f"schedule.milestones: {self.schedule.milestones} must rise and be > 0")
+        if self.schedule.max_iters <= 0:
+            raise SpecError("schedule.max_iters: must be > 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, e.g. {"optim.lr": 0.1} (MLflow params, diffs between runs)."""
+        return _flatten(self.to_dict())
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# --------------------------------------------------------------------- building and overrides
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from plain data, checking every key and type."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{where or 'spec'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = set(data) - set(names)
+    if unknown:
+        raise SpecError(
+            f"{where}{sorted(unknown)[0]}: unknown key in section '{where.rstrip('.') or 'spec'}'; "
+            f"valid keys: {', '.join(names)}"
+        )
+    kwargs = {name: _coerce(hints[name], data[name], f"{where}{name}") for name in data}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        return from_dict(tp, value, f"{where}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except SpecError as err:
+                errors.append(str(err))
+        raise SpecError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise SpecError(f"{where}: {value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise SpecError(f"{where}: expected a list, got {value!r}")
+        item_types = args if origin is tuple and Ellipsis not in args else (args[0],) * len(value)
+        if origin is tuple and len(item_types) != len(value):
+            raise SpecError(f"{where}: expected {len(item_types)} values, got {value!r}")
+        items = [_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))]
+        return origin(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise SpecError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise SpecError(f"{where}: unsupported type {tp}")
+
+
+def parse_value(text: str) -> Any:
+    """Command-line values: JSON where it parses (numbers, true/false, null, lists), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(spec: JobSpec, overrides: list[str]) -> JobSpec:
+    """`section.key=value` strings -> a new, type-checked spec."""
+    data = spec.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"override {item!r}: expected section.key=value, e.g. optim.lr=0.2")
+        path, text = item.split("=", 1)
+        node = data
+        *parents, leaf = path.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise SpecError(f"{path}: '{part}' is not a section; sections: {_sections()}")
+            node = node[part]
+        if leaf not in node:
+            where = path.rsplit(".", 1)[0] if parents else "spec"
+            raise SpecError(f"{path}: unknown key in '{where}'; valid keys: {', '.join(node)}")
+        node[leaf] = parse_value(text)
+    return from_dict(JobSpec, data).validate()
+
+
+def _sections() -> str:
+    return ", ".join(f.name for f in dataclasses.fields(JobSpec) if f.name not in ("name", "seed"))
+
+
+def to_yaml(spec: JobSpec) -> str:
+    """A readable dump of the resolved spec (no YAML library needed on GPU boxes)."""
+    lines: list[str] = []
+
+    def emit(d: dict[str, Any], indent: int) -> None:
+        for key, value in d.items():
+            if isinstance(value, dict):
+                lines.append(" " * indent + f"{key}:")
+                emit(value, indent + 2)
+            else:
+                lines.append(" " * indent + f"{key}: {json.dumps(value)}")
+
+    emit(spec.to_dict(), 0)
+    return "\n".join(lines) + "\n"

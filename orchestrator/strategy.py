@@ -1,0 +1,179 @@
+"""DDP and DeepSpeed behind one small interface, so the loop has no `if deepspeed` branches.
+
+    strategy = build_strategy(spec.scaling, spec.optim, model, lr=..., ...)
+    strategy.set_lr(lr)                                # before each optimizer step's micro-batches
+    with strategy.no_sync(last_micro_batch):
+        strategy.backward(loss)                        # per micro-batch (loss already / accumulation)
+    strategy.step()                                    # once per optimizer step
+    strategy.state_dict() / load_state_dict(...)       # replicated state (rank 0 writes it)
+    strategy.save_shards(dir) / load_shards(dir)       # per-rank state (DeepSpeed's ZeRO shards)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from orchestrator.spec import OptimConfig, ScalingConfig
+
+
+class Strategy(Protocol):
+    model: nn.Module  # the wrapped model, for forward passes
+
+    def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager: ...
+    def set_lr(self, lr: float) -> None: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def save_shards(self, directory: Path) -> None: ...
+    def load_shards(self, directory: Path) -> None: ...
+    def unwrapped(self) -> nn.Module: ...
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """The paper applies weight decay to every weight; one group keeps that exact."""
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
+
+
+def make_sgd(model: nn.Module, cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.SGD:
+    # fused SGD on CUDA saves a kernel launch per parameter; foreach is the CPU fast path
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(
+        param_groups(model, cfg), lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fast
+    )
+
+
+class DDPStrategy:
+    """torch DDP (NCCL on GPU, gloo on CPU); a single process skips the wrapper."""
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, lr: float, device: torch.device) -> None:
+        self.optimizer = make_sgd(model, optim, lr, device)
+        self._base = model
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
+            ids = [device.index] if device.type == "cuda" else None
+            self.model: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        else:
+            self.model = model
+
+    def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        if last_micro_batch or not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()  # skip the all-reduce until the last micro-batch
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self._base.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._base.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def save_shards(self, directory: Path) -> None:
+        """DDP state is replicated: rank 0's state_dict is the whole of it."""
+
+    def load_shards(self, directory: Path) -> None:
+        """Nothing per rank beyond what state_dict restored."""
+
+    def unwrapped(self) -> nn.Module:
+        return self._base
+
+
+class DeepSpeedStrategy:
+    """DeepSpeed ZeRO 0/1/2 with a config generated from the spec; every rank saves its shard."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optim: OptimConfig,
+        scaling: ScalingConfig,
+        lr: float,
+        micro_batch: int,
+        accumulation: int,
+        device: torch.device,
+        bf16: bool,
+    ) -> None:
+        import deepspeed
+
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": accumulation,
+            "zero_optimization": {"stage": scaling.zero_stage},
+            "bf16": {"enabled": bf16},
+            "zero_allow_untested_optimizer": True,  # our torch SGD is the paper's optimizer
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        optimizer = torch.optim.SGD(
+            param_groups(model, optim), lr=lr, momentum=optim.momentum, nesterov=optim.nesterov
+        )
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config
+        )
+        self.model: nn.Module = self.engine
+        self._base = model
+
+    def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed tracks accumulation boundaries itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed divides by gradient_accumulation_steps itself; the loop already did
+        self.engine.backward(loss * self.engine.gradient_accumulation_steps())
+        self.engine.step()  # DeepSpeed counts micro-steps: it updates only at the boundary
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> None:
+        """The update already happened inside the boundary micro-batch's backward."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self._base.state_dict()}  # the optimizer lives in the shards
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._base.load_state_dict(state["model"])
+
+    def save_shards(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state")
+
+    def load_shards(self, directory: Path) -> None:
+        self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
+
+    def unwrapped(self) -> nn.Module:
+        return self._base
+
+
+def build_strategy(
+    scaling: ScalingConfig,
+    optim: OptimConfig,
+    model: nn.Module,
+    *,
+    lr: float,
+    micro_batch: int,
+    accumulation: int,
+    device: torch.device,
+    bf16: bool,
+) -> Strategy:
+    if scaling.strategy == "deepspeed":
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        return DeepSpeedStrategy(model, optim, scaling, lr, micro_batch, accumulation, device, bf16)
+    return DDPStrategy(model, optim, lr, device)

@@ -1,0 +1,354 @@
+"""The per-worker loop: build, resume, step, evaluate, checkpoint, report.
+
+It needs only torch (and the data pipeline): Ray, MLflow and DeepSpeed are reached through
+`Runtime.report`, the tracker and the strategy, so `--local` runs the same code where Ray is
+absent. One code path for precision: bf16 autocast where the device is a GPU, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from orchestrator.checkpoint import CheckpointStore
+from orchestrator.data import DeviceNormalize, TrainLoader, eval_loader
+from orchestrator.models import create_model
+from orchestrator.schedule import LRSchedule
+from orchestrator.spec import JobSpec
+from orchestrator.strategy import build_strategy
+from orchestrator.tracking import NullTracker, Tracker, start_tracker
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+@dataclass
+class Runtime:
+    """Where this worker runs and how it talks to the launcher."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    report: Callable[[dict[str, float]], None] = lambda metrics: None
+    tags: dict[str, str] = field(default_factory=dict)  # e.g. the Ray job id
+
+
+def all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Stateful trainer: everything needed to resume lives in state_dict()."""
+
+    def __init__(self, spec: JobSpec, rt: Runtime) -> None:
+        self.spec, self.rt = spec, rt
+        random.seed(spec.seed + rt.rank)
+        np.random.seed(spec.seed + rt.rank)
+        torch.manual_seed(spec.seed)  # same init everywhere; DDP also broadcasts rank 0's
+        if spec.scaling.torch_threads:
+            torch.set_num_threads(spec.scaling.torch_threads)
+        self.device = rt.device
+        self.bf16 = spec.scaling.precision == "bf16" or (
+            spec.scaling.precision == "auto" and self.device.type == "cuda"
+        )
+        self.loader = TrainLoader(
+            spec.data, rank=rt.rank, world_size=rt.world_size, batch_size=spec.micro_batch(),
+            seed=spec.seed, device=self.device,
+        )  # fmt: skip
+        num_classes = spec.model.num_classes or self.loader.num_classes
+        model = create_model(spec.model.name, num_classes, **spec.model.options()).to(self.device)
+        if spec.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.strategy = build_strategy(
+            spec.scaling, spec.optim, model, lr=spec.lr(), micro_batch=spec.micro_batch(),
+            accumulation=spec.accumulation(), device=self.device, bf16=self.bf16,
+        )  # fmt: skip
+        self.forward = torch.compile(self.strategy.model) if spec.model.compile else self.strategy.model
+        self.normalize = DeviceNormalize(
+            self.loader.mean, self.loader.std, spec.data.pca_lighting, self.device
+        )
+        self.schedule = LRSchedule(spec.schedule, spec.lr())
+        self.store = CheckpointStore(f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/checkpoints")
+        self.manifest_sha256 = hashlib.sha256(
+            json.dumps(self.loader.manifest, sort_keys=True).encode()
+        ).hexdigest()
+        self.step = 0  # optimizer steps done
+        self.epoch = 0
+        self.batch_in_epoch = 0  # micro-batches of this epoch already consumed
+        self.samples_seen = 0
+        self.tracker: Tracker = NullTracker()
+        self.tracking_run_id: str | None = None
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The replicated state (rank 0 writes it)."""
+        return {
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "samples_seen": self.samples_seen, "schedule": self.schedule.state_dict(),
+            "strategy": self.strategy.state_dict(), "spec": self.spec.to_dict(),
+            "manifest_sha256": self.manifest_sha256, "tracking_run_id": self.tracking_run_id,
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["manifest_sha256"] != self.manifest_sha256:
+            log.warning("the dataset manifest changed since this checkpoint was written")
+        self.strategy.load_state_dict(state["strategy"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch, self.samples_seen = state["batch_in_epoch"], state["samples_seen"]
+        self.tracking_run_id = state.get("tracking_run_id")
+
+    def rank_state(self) -> dict[str, Any]:
+        """What differs per rank: RNG streams (the data position is in the replicated state)."""
+        return {"rng": rng_state(), "rank": self.rt.rank, "world_size": self.rt.world_size}
+
+    def save_checkpoint(self, metrics: dict[str, float]) -> float:
+        """Write this step's checkpoint from every rank, commit it; returns the stall in s."""
+        t0 = time.perf_counter()
+        self.store.write(self.step, f"rank-{self.rt.rank:05d}.pt", self.rank_state())
+        shards = Path(tempfile.mkdtemp(prefix="shards-"))
+        try:
+            self.strategy.save_shards(shards)
+            self.store.write_dir(self.step, shards, "shards")
+        finally:
+            shutil.rmtree(shards, ignore_errors=True)
+        if self.rt.rank == 0:
+            self.store.write(self.step, "trainer.pt", self.state_dict())
+        barrier()  # every rank's files exist before the marker says so
+        if self.rt.rank == 0:
+            self.store.commit(self.step, metrics)
+            self.store.retain(self.spec.checkpoint.keep_last, self.spec.checkpoint.best_metric)
+        barrier()
+        return time.perf_counter() - t0
+
+    def resume(self) -> bool:
+        """Load the latest committed checkpoint of this job (or --resume-from's); True if any."""
+        store, step = self.store, None
+        if self.spec.checkpoint.resume_from:
+            from orchestrator.checkpoint import split_checkpoint_url
+
+            root, step = split_checkpoint_url(self.spec.checkpoint.resume_from)
+            if self.store.latest() is None:  # a fork: only until this job has its own
+                store = CheckpointStore(root)
+        if step is None or store is self.store:
+            latest = self.store.latest()
+            if latest is None:
+                return False
+            step = latest.step
+        self.load_state_dict(store.read(step, "trainer.pt"))
+        shards = store.fetch_dir(step, "shards")
+        self.strategy.load_shards(shards)
+        shutil.rmtree(shards, ignore_errors=True)
+        rank_file = f"rank-{self.rt.rank:05d}.pt"
+        try:
+            set_rng_state(store.read(step, rank_file)["rng"])
+        except Exception:  # a different world size: the data position still resumes exactly
+            log.warning("no RNG state for rank %d at step %d; reseeding", self.rt.rank, step)
+        log.info("rank %d resumed from %s step %d", self.rt.rank, store.root, step)
+        return True
+
+    # ------------------------------------------------------------------ steps
+
+    def _micro_step(self, images: torch.Tensor, labels: torch.Tensor, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator(device="cpu").manual_seed(
+            hash((self.spec.seed, self.step, self.batch_in_epoch, self.rt.rank)) & (2**63 - 1)
+        )
+        x = self.normalize(images, train=True, generator=gen)
+        y = labels.to(self.device, non_blocking=True)
+        with self.strategy.no_sync(last):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.forward(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=self.spec.optim.label_smoothing)
+            self._check_finite(loss)
+            self.strategy.backward(loss / self.spec.accumulation())
+        top5 = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == y[:, None]
+        return loss.detach(), torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = torch.zeros(self.rt.world_size, device=self.device)
+        bad[self.rt.rank] = (~torch.isfinite(loss.detach())).float()
+        all_reduce(bad)
+        if bad.any():
+            ranks = [i for i, b in enumerate(bad.tolist()) if b]
+            raise NonFiniteLoss(
+                f"non-finite loss at step {self.step} (epoch {self.epoch}) on rank(s) {ranks}; "
+                f"this rank's loss: {loss.item()}. Lower optim.lr or check the data; "
+                f"the last committed checkpoint is intact."
+            )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation with exact counts: each sample once across ranks, sums all-reduced."""
+        model = self.strategy.model
+        model.eval()
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, n
+        cfg = self.spec.data
+        if cfg.synthetic:
+            return {}
+        batches = eval_loader(cfg, rank=self.rt.rank, world_size=self.rt.world_size, batch_size=self.spec.eval.batch_size)
+        for i, (images, labels) in enumerate(batches):
+            if self.spec.eval.max_batches and i >= self.spec.eval.max_batches:
+                break
+            x, y = self.normalize(images, train=False), labels.to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = model(x).float()
+            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+            totals += torch.stack([
+                F.cross_entropy(logits, y, reduction="sum"), hits[:, 0].sum(), hits.any(1).sum(),
+                torch.tensor(float(len(y)), device=self.device),
+            ]).double()  # fmt: skip
+        model.train()
+        loss, top1, top5, n = all_reduce(totals).tolist()
+        if n == 0:
+            return {}
+        return {"val/loss": loss / n, "val_top1_err": 1 - top1 / n, "val_top5_err": 1 - top5 / n, "val/samples": n}
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, float]:
+        spec, accum = self.spec, self.spec.accumulation()
+        resumed = self.resume()
+        if self.rt.rank == 0:
+            tags = {"model": spec.model.name, "strategy": spec.scaling.strategy,
+                    "world_size": str(self.rt.world_size), "device": self.device.type,
+                    "dataset": spec.data.url or "synthetic", "manifest_sha256": self.manifest_sha256, **self.rt.tags}  # fmt: skip
+            self.tracker = start_tracker(spec.tracking.enabled, spec.tracking.experiment, spec.name, spec.flat(), tags)
+            self.tracking_run_id = self.tracker.run_id
+        log.info("rank %d: %s from step %d (resumed: %s)", self.rt.rank, spec.name, self.step, resumed)
+        self.strategy.model.train()
+        sums = torch.zeros(3, device=self.device)  # loss sum, top1 hits, top5 hits
+        window_samples, window_wait, window_t0, window_steps = 0, 0.0, time.perf_counter(), 0
+        last: dict[str, float] = {}
+        micro = 0
+        while self.step < spec.schedule.max_iters:
+            self.loader.set_epoch(self.epoch, self.batch_in_epoch)
+            batches = iter(self.loader)
+            while self.step < spec.schedule.max_iters:
+                t_wait = time.perf_counter()
+                try:
+                    images, labels = next(batches)
+                except StopIteration:
+                    break
+                window_wait += time.perf_counter() - t_wait
+                self.batch_in_epoch += 1
+                if micro == 0:
+                    self.strategy.set_lr(self.schedule.lr(self.step))
+                loss, hits = self._micro_step(images, labels, last=micro == accum - 1)
+                sums += torch.cat([loss.view(1) * len(labels), hits.float()])
+                window_samples += len(labels)
+                micro += 1
+                if micro < accum:
+                    continue
+                micro = 0
+                self.strategy.step()
+                self.step += 1
+                window_steps += 1
+                self.samples_seen += spec.scaling.global_batch
+                metrics: dict[str, float] = {}
+                if self.step % spec.tracking.log_every == 0 or self.step == spec.schedule.max_iters:
+                    loss_sum, top1, top5 = sums.tolist()  # the one host sync per log interval
+                    elapsed = time.perf_counter() - window_t0
+                    metrics = {
+                        "train/loss": loss_sum / window_samples, "train/top1_err": 1 - top1 / window_samples,
+                        "train/top5_err": 1 - top5 / window_samples, "lr": self.schedule.lr(self.step - 1),
+                        "images_per_s": window_samples * self.rt.world_size / elapsed,
+                        "data_wait_frac": window_wait / elapsed, "step_time_s": elapsed / window_steps,
+                        "epoch": float(self.epoch), "samples_seen": float(self.samples_seen),
+                    }  # fmt: skip
+                    sums.zero_()
+                    window_samples, window_wait, window_t0 = 0, 0.0, time.perf_counter()
+                    window_steps = 0
+                if spec.eval.every_iters and self.step % spec.eval.every_iters == 0:
+                    metrics.update(self._validate())
+                if spec.checkpoint.every_iters and self.step % spec.checkpoint.every_iters == 0:
+                    metrics["checkpoint_stall_s"] = self.save_checkpoint({**last, **metrics})
+                if metrics:
+                    last.update(metrics)
+                    self._publish(metrics)
+            if self.batch_in_epoch >= self.loader.batches_per_epoch:  # the epoch ran out
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                if spec.checkpoint.at_epoch_end and micro == 0 and self.step < spec.schedule.max_iters:
+                    self._publish({"checkpoint_stall_s": self.save_checkpoint(last)})
+        final: dict[str, float] = {}
+        if spec.eval.at_end and not (spec.eval.every_iters and self.step % spec.eval.every_iters == 0):
+            final.update(self._validate())
+        if not self.store.latest() or self.store.latest().step != self.step:
+            final["checkpoint_stall_s"] = self.save_checkpoint({**last, **final})
+        if final:
+            last.update(final)
+            self._publish(final)
+        self.tracker.finish("FINISHED")
+        return last
+
+    def _validate(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        if "val_top1_err" in metrics and self.schedule.observe(metrics["val_top1_err"]):
+            log.info("validation plateau at step %d: lr divided by 10", self.step)
+        return metrics
+
+    def _publish(self, metrics: dict[str, float]) -> None:
+        metrics = {**metrics, "step": float(self.step)}
+        if self.rt.rank == 0:
+            self.tracker.log_metrics(metrics, self.step)
+            log.info("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        self.rt.report(metrics)
+
+
+def run_worker(spec_dict: dict[str, Any], rt: Runtime) -> dict[str, float]:
+    """Build a Trainer and run it; marks the tracking run FAILED/KILLED on the way out."""
+    from orchestrator.spec import JobSpec, from_dict
+
+    spec = from_dict(JobSpec, spec_dict)
+    logging.basicConfig(level=os.environ.get("ORCH_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trainer = Trainer(spec, rt)
+    try:
+        return trainer.fit()
+    except KeyboardInterrupt:
+        trainer.tracker.finish("KILLED")
+        raise
+    except BaseException as err:
+        trainer.tracker.finish("FAILED", error=f"rank {rt.rank}, step {trainer.step}: {type(err).__name__}: {err}")
+        raise
