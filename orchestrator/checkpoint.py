@@ -134,16 +134,20 @@ class CheckpointStore:
     # ---- finding
     def committed(self) -> list[Committed]:
         """Every valid committed checkpoint, oldest first; broken ones are skipped, loudly."""
-        out = []
+        out, broken = [], []
         for name in self.storage.list_dirs():
             m = re.fullmatch(r"step-(\d+)", name)
             if not m:
                 continue
             problem, marker = self._check(name)
             if problem:
+                broken.append((int(m.group(1)), name, problem))
+            else:
+                out.append(Committed(int(m.group(1)), self.storage.url(name), marker.get("metrics", {})))
+        newest = max((c.step for c in out), default=-1)
+        for step, name, problem in broken:
+            if step > newest:  # older debris is a retention delete or crash already superseded
                 log.warning("skipping checkpoint %s: %s", self.storage.url(name), problem)
-                continue
-            out.append(Committed(int(m.group(1)), self.storage.url(name), marker.get("metrics", {})))
         return sorted(out, key=lambda c: c.step)
 
     def _check(self, name: str) -> tuple[str | None, dict[str, Any]]:

@@ -161,5 +161,5 @@ def run_ray(spec: JobSpec) -> Any:
         ),
     )
     result = trainer.fit()
-    print(f"job {spec.name} finished: {result.metrics}")
+    print(f"job {spec.name} finished; checkpoints under {spec.checkpoint.storage}/{spec.name}/checkpoints")
     return result

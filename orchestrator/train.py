@@ -117,6 +117,7 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches of this epoch already consumed
         self.samples_seen = 0
+        self.saved_step = -1
         self.tracker: Tracker = NullTracker()
         self.tracking_run_id: str | None = None
 
@@ -161,6 +162,7 @@ class Trainer:
             self.store.commit(self.step, metrics)
             self.store.retain(self.spec.checkpoint.keep_last, self.spec.checkpoint.best_metric)
         barrier()
+        self.saved_step = self.step
         return time.perf_counter() - t0
 
     def resume(self) -> bool:
@@ -178,6 +180,7 @@ class Trainer:
                 return False
             step = latest.step
         self.load_state_dict(store.read(step, "trainer.pt"))
+        self.saved_step = self.step
         shards = store.fetch_dir(step, "shards")
         self.strategy.load_shards(shards)
         shutil.rmtree(shards, ignore_errors=True)
@@ -315,7 +318,7 @@ class Trainer:
         final: dict[str, float] = {}
         if spec.eval.at_end and not (spec.eval.every_iters and self.step % spec.eval.every_iters == 0):
             final.update(self._validate())
-        if not self.store.latest() or self.store.latest().step != self.step:
+        if self.saved_step != self.step:  # decided from local state: saving is collective
             final["checkpoint_stall_s"] = self.save_checkpoint({**last, **final})
         if final:
             last.update(final)

@@ -59,3 +59,33 @@ def stack() -> Iterator[Stack]:
 def s3_prefix(stack: Stack) -> str:
     """A fresh s3:// prefix in the `resnet` bucket, unique to this test."""
     return f"s3://resnet/tests/{uuid.uuid4().hex[:12]}"
+
+
+def run_script(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> str:
+    """Run a repo script with this interpreter the way a user would; fail loudly with its output."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def generated_imagenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small learnable ImageNet-layout folder (4 classes, 160x120 JPEGs)."""
+    out = tmp_path_factory.mktemp("imagenet-src")
+    run_script("datasets/synthetic.py", "imagenet", "--out", str(out), "--classes", "4",
+               "--train-per-class", "40", "--val-per-class", "10", "--size", "160x120")  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def smoke_dataset(stack: Stack, generated_imagenet: Path) -> str:
+    """That folder as WebDataset shards in the test stack's S3; returns the dataset URL."""
+    url = f"s3://resnet/datasets/smoke-{uuid.uuid4().hex[:8]}"
+    run_script("datasets/imagenet.py", "--src", str(generated_imagenet), "--dest", url, "--shard-size-mb", "0.5")
+    return url
