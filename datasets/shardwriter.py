@@ -7,10 +7,14 @@ What lands at DEST (an s3:// prefix, or a local folder for machines without S3):
     {split}-000000.tar ...       the shards: members `<key>.jpg|png` and `<key>.cls` (the class
                                  index in decimal), samples shuffled across classes
     {split}-000000.tar.json ...  one small sidecar per shard, written after the shard itself: its
-                                 size, sha256, a fingerprint of the stored object (ETag on S3), a
-                                 digest of what went into it, and the samples it had to skip.
-                                 A rerun skips every shard whose sidecar still matches.
+                                 size, sha256, a fingerprint of the stored object (its sha256 on
+                                 disk, its ETag on S3), a digest of the inputs that went into it,
+                                 and the samples it had to skip. A rerun skips every shard whose
+                                 sidecar still matches both the inputs and the stored object.
     manifest.json                written last: the dataset's commit marker. Loaders read only it.
+
+For an S3 destination each shard is first written to a temporary folder ($TMPDIR, default /tmp:
+up to one shard per worker at a time); for a local one, to a hidden folder inside it.
 
 Same input + same seed => byte-identical shards (fixed tar metadata, seeded shuffle, shard
 boundaries planned up front). Shards are built in parallel, one process per core.
@@ -296,7 +300,10 @@ def _identity(sample: Sample) -> str:
 
 def _plan_digest(samples: Iterable[Sample], encoder: Encoder) -> str:
     items = [[s.key, s.label, s.origin, _identity(s)] for s in samples]
-    blob = json.dumps({"v": FORMAT_VERSION, "encoder": repr(encoder), "samples": items})
+    # A function's repr holds its memory address: name it instead, so digests are stable.
+    name = getattr(encoder, "__qualname__", None)
+    described = f"{encoder.__module__}.{name}" if name else repr(encoder)
+    blob = json.dumps({"v": FORMAT_VERSION, "encoder": described, "samples": items})
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -456,10 +463,12 @@ def write_dataset(
     """Shard `splits` to dest_url (s3:// or a folder) and write manifest.json last.
 
     Raises ConversionError before writing anything if keys are bad or the destination cannot
-    be used, and after the shards (but before the manifest) if more than max_bad_fraction of
-    the samples could not be encoded.
+    be used, and, while writing shards (so before the manifest), as soon as more than
+    max_bad_fraction of all samples could not be encoded.
     """
     check_keys(splits)
+    if shard_bytes < TAR_RECORD:
+        raise ConversionError(f"--shard-size-mb must be at least {TAR_RECORD / MB} (10 KB)")
     dest = open_dest(dest_url)
     dest.preflight()
     workers = workers or os.cpu_count() or 1
@@ -496,12 +505,16 @@ def write_dataset(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
-    manifest = _manifest(dest, jobs, done, classes, source, mean, std, mean_std_source)
+    manifest = _manifest(
+        dest, list(splits), jobs, done, classes, source, mean, std, mean_std_source
+    )
     dest.put_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())  # the commit marker
     _remove_stale(dest, {j.name for j in jobs}, set(splits))
     for split, info in manifest["splits"].items():
         log(f"{split}: {info['samples']} samples in {len(info['shards'])} shards")
-    log(f"wrote {dest.url}/{MANIFEST} ({len(todo)} shards written, {len(jobs) - len(todo)} skipped)")
+    log(
+        f"wrote {dest.url}/{MANIFEST} ({len(todo)} shards written, {len(jobs) - len(todo)} skipped)"
+    )
     return manifest
 
 
@@ -524,7 +537,9 @@ def _plan(
         for i, part in enumerate(plan_shards(sizes, shard_bytes)):
             chosen = tuple(order[j] for j in part)
             name = f"{split}-{i:06d}.tar"
-            jobs.append(ShardJob(dest, name, chosen, encoder, _plan_digest(chosen, encoder), tmp_dir))
+            jobs.append(
+                ShardJob(dest, name, chosen, encoder, _plan_digest(chosen, encoder), tmp_dir)
+            )
     return jobs
 
 
@@ -543,7 +558,7 @@ def _check_bad(bad: list[dict[str, str]], total: int, limit: float, fraction: fl
     if len(bad) > limit:
         first = "; ".join(f"{b['path']} ({b['reason']})" for b in bad[:5])
         raise ConversionError(
-            f"{len(bad)} of {total} images are unreadable or corrupt, more than "
+            f"found {len(bad)} unreadable or corrupt images among {total} images, more than "
             f"--max-bad-fraction={fraction} allows. First: {first}. Fix or remove them, or raise "
             "--max-bad-fraction. No manifest was written; rerunning resumes."
         )
@@ -551,6 +566,7 @@ def _check_bad(bad: list[dict[str, str]], total: int, limit: float, fraction: fl
 
 def _manifest(
     dest: Dest,
+    split_names: list[str],
     jobs: list[ShardJob],
     done: dict[str, dict[str, Any]],
     classes: list[str],
@@ -559,12 +575,12 @@ def _manifest(
     std: Sequence[float],
     mean_std_source: str,
 ) -> dict[str, Any]:
-    splits: dict[str, dict[str, Any]] = {}
+    splits: dict[str, dict[str, Any]] = {s: {"samples": 0, "shards": []} for s in split_names}
     skipped: list[dict[str, str]] = []
     converted: list[dict[str, str]] = []
     for job in jobs:  # planned order: train-000000, train-000001, ..., val-000000, ...
         side = done[job.name]
-        split = splits.setdefault(job.name.rsplit("-", 1)[0], {"samples": 0, "shards": []})
+        split = splits[job.name.rsplit("-", 1)[0]]
         split["samples"] += side["samples"]
         split["shards"].append({k: side[k] for k in ("name", "samples", "bytes", "sha256")})
         skipped.extend(side["skipped"])
@@ -573,15 +589,15 @@ def _manifest(
         "name": Path(urlparse(dest.url).path).name or dest.url,
         "format": "webdataset",
         "version": FORMAT_VERSION,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "source": source,
         "classes": classes,
         "num_classes": len(classes),
         "splits": splits,
         "skipped": sorted(skipped, key=lambda b: b["path"]),
         "converted": sorted(converted, key=lambda b: b["path"]),
-        "mean": [round(float(m), 4) for m in mean],
-        "std": [round(float(s), 4) for s in std],
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
         "mean_std_source": mean_std_source,
     }
 
@@ -602,5 +618,5 @@ def run_cli(main: Callable[[], None]) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; no manifest was written, rerun to resume", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         sys.exit(130)

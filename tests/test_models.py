@@ -8,6 +8,7 @@ shapes matter, to keep the whole file fast on a small CPU machine.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -129,16 +130,24 @@ def shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def meta_model(name: str, **options: object) -> nn.Module:
-    """Build without allocating or initialising weights: enough for shapes and FLOPs."""
+    """Build in eval mode without allocating or initialising weights (for shapes and FLOPs).
+
+    Cached, as several tests inspect the same nets; callers must not modify the result.
+    """
+    return _cached_meta_model(name, tuple(sorted(options.items())))
+
+
+@functools.cache
+def _cached_meta_model(name: str, options: tuple[tuple[str, object], ...]) -> nn.Module:
     with torch.device("meta"):
-        return create_model(name, **options)
+        return create_model(name, **dict(options)).eval()
 
 
 def macs(model: nn.Module, size: int = 224) -> int:
     """Multiply-adds of one forward pass, counted by PyTorch (which reports FLOPs = 2 x MACs)."""
     x = torch.empty(1, 3, size, size, device="meta")
     with FlopCounterMode(display=False) as counter:
-        model.eval()(x)
+        model(x)
     counted = {str(op) for op in counter.get_flop_counts()["Global"]}
     assert counted <= {"aten.convolution", "aten.addmm"}, counted
     return counter.get_total_flops() // 2
@@ -390,11 +399,13 @@ def test_stride_in_1x1_rejected_for_basic_block_nets(name: str) -> None:
     "options", [{}, {"shortcut": "A"}, {"shortcut": "C"}, {"stride_in_1x1": False}]
 )
 def test_imagenet_nets_take_any_input_size(options: dict) -> None:
-    # Odd sizes check that every shortcut lines up with its strided residual branch.
-    model = create_model("resnet50", **options).eval()
-    with torch.no_grad():
-        for size in [(32, 32), (33, 47), (61, 35)]:
-            assert model(torch.randn(1, 3, *size)).shape == (1, 1000), size
+    # Odd sizes check that every shortcut lines up with its strided residual branch; the meta
+    # device checks shapes (a misaligned shortcut addition raises) without computing.
+    model = meta_model("resnet50", **options)
+    for size in [(32, 32), (33, 47), (61, 35), (224, 224), (480, 640)]:
+        x = torch.empty(1, 3, *size, device="meta")
+        assert model(x).shape == (1, 1000), size
+        assert model.score_map(x).shape[:2] == (1, 1000), size
 
 
 def test_cifar_nets_take_other_sizes() -> None:

@@ -1,0 +1,1167 @@
+"""The input pipeline: WebDataset shards (local, http(s) or s3://) -> uint8 batches per rank.
+
+Dataset layout (written by datasets/*.py): a root URL holding `{split}-NNNNNN.tar` shards, each
+sample a `<key>.jpg|png` + `<key>.cls` (decimal class) pair, and `manifest.json`, written last
+as the dataset's commit marker (per-shard sample counts, classes, mean/std). Nothing is read
+without a manifest: the counts it holds are what make exact epochs possible without a scan.
+
+Epoch semantics, `epoch_mode="exact"` (the default)
+---------------------------------------------------
+For epoch e, with N samples in the split, W ranks, B = batch_size, K = max(1, num_workers):
+1. The shard list is permuted by (seed, epoch): identical on every rank, so `seed` must be the
+   job's seed, not seed + rank. Concatenated, the shards form one global sequence of N samples.
+2. Rank r owns the contiguous slice [N*r//W, N*(r+1)//W) (sizes differ by at most one).
+   Slices cross shard boundaries freely: a reader skips the first k samples of a shard without
+   decoding them, and stops reading where its slice ends.
+3. Every rank yields exactly M = ceil(N / (W*B)) batches (`batches_per_epoch`), so DDP never
+   waits on a rank that ran dry. A rank holding n samples fills its M batches front to back:
+   with q, d = divmod(M*B - n, M), every batch has B - q samples and the last d batches one
+   fewer (`batch_sizes`). For a large dataset q = 0: full batches, then at most B batches at
+   the end one sample short. Every sample of the split is seen exactly once per epoch.
+4. Batch j of a rank comes from DataLoader worker j % K (the DataLoader visits workers round
+   robin). Worker w reads the contiguous part of the rank's slice that its batches need, and a
+   shuffle buffer (`shuffle_buffer` samples, seeded by (seed, epoch, rank, w)) mixes the order.
+The buffer is simulated on sample positions up front (`shuffle_order`), so the emission order is
+known before a byte is read; only raw bytes wait in memory, and only samples that are emitted
+get decoded.
+
+`epoch_mode="resampled"`: each worker draws whole shards with replacement (seeded by (seed,
+epoch, rank, worker)) through the same shuffle buffer; every batch is full, and an epoch is
+`samples_per_epoch` samples (0 = the split's size) in M = ceil(that / (W*B)) batches per rank.
+
+Augmentation randomness is a function of (seed, epoch, shard, index in shard) (plus the draw
+number in resampled mode), never of worker state, so the pixels do not depend on W or K.
+
+Resume: `set_epoch(e, start_batch=k)` yields batches k..M-1 of the uninterrupted epoch, pixel
+for pixel, provided W, B, K, shuffle_buffer and seed are unchanged (change any of them and
+restart at an epoch boundary instead). Workers skip what came before without decoding it
+(bytes are still read: a tar stream has no index).
+
+Bad data: a sample that fails to decode, lacks its image or label, or is missing because its
+shard is truncated or unreadable is counted, logged (key and shard URL) and replaced, so batch
+counts and sizes never change: its slot gets a copy of the nearest good sample of the same
+batch (or, for a batch with no good sample at all, of the first good sample of the worker's
+next batch; at the very end of a worker, of its last good one). Once `bad_check_after`
+samples have been seen, a rank whose bad fraction exceeds `max_bad_fraction` stops with a
+`DataError` naming the shards. Eval loaders skip bad samples instead (no duplicates in a
+score), with the same logging and limit.
+
+Streams: s3:// objects are read through boto3 (orchestrator.s3 clients, one per process) as a
+stream; a connection that breaks mid-shard is reopened with a Range request from the byte
+reached, with backoff, for up to `io_retry_s` seconds, so an object store restarting mid-epoch
+costs a pause, not the epoch. The same handler is registered with WebDataset's `gopen` for
+s3:// URLs, so `webdataset.WebDataset("s3://...")` works too. http(s) URLs get the same
+treatment through urllib; anything else is a local path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import io
+import json
+import logging
+import re
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from orchestrator import s3
+from orchestrator import transforms as T
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 0-255 scale, RGB
+IMAGENET_STD = (58.395, 57.12, 57.375)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
+_TAR_BUFSIZE = 1 << 20  # read shards in 1 MiB requests, not tarfile's default 10 KiB
+
+
+class DataError(RuntimeError):
+    """The dataset cannot be used as configured; the message says which URL or shards."""
+
+
+@dataclass
+class DataConfig:
+    """The job spec's `data` section."""
+
+    url: str = ""  # dataset root (s3://..., http(s)://... or a local dir); "" = synthetic
+    source: Literal["shards", "synthetic"] = "shards"  # synthetic: random batches on the device
+    train_split: str = "train"
+    val_split: str = "val"
+    # paper: shorter side ~U[256,480], random crop, flip (+ PCA lighting on the device);
+    # rrc: RandomResizedCrop(0.08-1, 3/4-4/3) + flip; cifar: pad 4, random crop, flip
+    train_transform: Literal["paper", "rrc", "cifar"] = "paper"
+    image_size: int = 224  # train crop and eval crop (32 for CIFAR)
+    eval_resize: int = 256  # centre protocol: shorter side, then the centre image_size crop
+    scale_range: tuple[int, int] = (256, 480)
+    pca_lighting: float = 0.1  # AlexNet PCA lighting std; 0 disables
+    num_workers: int = 4  # DataLoader workers per rank (0: decode in the training process)
+    prefetch_factor: int = 2  # batches each worker keeps ready
+    shuffle_buffer: int = 1000  # samples (raw bytes) each worker mixes
+    max_bad_fraction: float = 0.01
+    bad_check_after: int = 200  # samples seen before max_bad_fraction is enforced
+    epoch_mode: Literal["exact", "resampled"] = "exact"
+    samples_per_epoch: int = 0  # resampled mode: epoch length in samples (0 = split size)
+    timeout_s: float = 300.0  # longest wait for one batch from a worker, then an error
+    io_retry_s: float = 120.0  # how long a broken stream keeps being reopened
+    decode: Literal["cpu", "gpu"] = "cpu"  # "gpu" (nvJPEG) is reserved for a later issue
+    synthetic_samples: int = 1_281_167  # synthetic source: samples per epoch
+    synthetic_classes: int = 1000
+
+    def __post_init__(self) -> None:
+        self.scale_range = (int(self.scale_range[0]), int(self.scale_range[1]))
+        choices = {
+            "source": ("shards", "synthetic"),
+            "train_transform": ("paper", "rrc", "cifar"),
+            "epoch_mode": ("exact", "resampled"),
+            "decode": ("cpu",),  # "gpu": reserved, not implemented yet
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"data.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if self.train_transform == "paper" and self.scale_range[0] < self.image_size:
+            raise ValueError(
+                f"data.scale_range {self.scale_range} starts below image_size {self.image_size}"
+            )
+        if self.scale_range[0] > self.scale_range[1]:
+            raise ValueError(f"data.scale_range {self.scale_range}: low > high")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction}: expected 0..1")
+        if self.num_workers < 0 or self.shuffle_buffer < 0 or self.image_size < 1:
+            raise ValueError("data.num_workers, shuffle_buffer and image_size must be >= 0 / >= 1")
+
+    @property
+    def synthetic(self) -> bool:
+        return self.source == "synthetic" or not self.url
+
+
+# ============================================================================================
+# manifest
+
+
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name
+
+
+def load_manifest(url: str) -> dict[str, Any]:
+    """Read and check `URL/manifest.json`; a clear error if the dataset has none (incomplete
+    upload or wrong URL) or it is not a version-1 WebDataset manifest."""
+    murl = _join(url, "manifest.json")
+    try:
+        if s3.is_s3(url):
+            raw = s3.read_bytes(murl)
+        elif url.startswith(("http://", "https://")):
+            with urllib.request.urlopen(murl, timeout=60) as resp:
+                raw = resp.read()
+        else:
+            with open(murl, "rb") as f:
+                raw = f.read()
+    except Exception as err:  # whichever client failed: one message
+        missing = isinstance(err, FileNotFoundError) or "NoSuchKey" in str(err) or "404" in str(err)
+        why = (
+            "it has no manifest.json (not written yet: an unfinished or failed conversion?)"
+            if missing
+            else str(err)
+        )
+        raise DataError(f"cannot read dataset {url}: {why}") from err
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise DataError(f"dataset {url}: manifest.json is not valid JSON: {err}") from err
+    if manifest.get("format") != "webdataset" or manifest.get("version") != 1:
+        raise DataError(
+            f"dataset {url}: manifest format {manifest.get('format')!r} version "
+            f"{manifest.get('version')!r}; this reader understands webdataset version 1"
+        )
+    for key in ("splits", "num_classes"):
+        if key not in manifest:
+            raise DataError(f"dataset {url}: manifest.json has no {key!r}")
+    return manifest
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int
+
+
+def split_shards(manifest: dict[str, Any], url: str, split: str) -> list[Shard]:
+    """The shards of one split, in manifest order, with their sample counts."""
+    splits = manifest["splits"]
+    if split not in splits:
+        raise DataError(f"dataset {url} has no split {split!r} (it has {sorted(splits)})")
+    shards = [Shard(_join(url, s["name"]), int(s["samples"])) for s in splits[split]["shards"]]
+    if not shards or sum(s.samples for s in shards) == 0:
+        raise DataError(f"dataset {url}: split {split!r} is empty")
+    return shards
+
+
+# ============================================================================================
+# streams: local files, http(s) and s3 objects that survive a dropped connection
+
+
+class _Permanent(Exception):
+    """Wraps an error that retrying cannot fix (missing object, access denied)."""
+
+
+class ReopeningStream(io.RawIOBase):
+    """A read-only byte stream over `open_at(offset) -> (body, remaining bytes or None)`.
+
+    A read that fails mid-way closes the body and calls open_at(bytes reached) again (a Range
+    request), backing off 0.5 s, 1 s, 2 s ... (at most 8 s) for up to `retry_s` seconds in all.
+    """
+
+    def __init__(
+        self, url: str, open_at: Callable[[int], tuple[Any, int | None]], *, retry_s: float = 120.0
+    ):
+        super().__init__()
+        self.url = url
+        self._open_at = open_at
+        self._retry_s = retry_s
+        self._body: Any = None
+        self._pos = 0
+        self._end: int | None = None
+        self.reopens = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        if len(buf) == 0:
+            return 0
+        first_failure: float | None = None
+        delay = 0.5
+        while True:
+            try:
+                if self._body is None:
+                    if self._end is not None and self._pos >= self._end:
+                        return 0
+                    self._body, remaining = self._open_at(self._pos)
+                    if remaining is not None:
+                        self._end = self._pos + remaining
+                data = self._body.read(len(buf))
+                if not data and self._end is not None and self._pos < self._end:
+                    raise ConnectionError(f"stream ended at byte {self._pos} of {self._end}")
+                buf[: len(data)] = data
+                self._pos += len(data)
+                return len(data)
+            except _Permanent as err:
+                raise err.args[0] from None
+            except Exception as err:  # network errors come in many classes
+                self._close_body()
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if now - first_failure + delay > self._retry_s:
+                    raise OSError(
+                        f"{self.url}: gave up at byte {self._pos} after {now - first_failure:.0f} s: {err}"
+                    ) from err
+                log.warning(
+                    "%s: read failed at byte %d (%s); reopening in %.1f s",
+                    self.url,
+                    self._pos,
+                    err,
+                    delay,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+                self.reopens += 1
+
+    def _close_body(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            with contextlib.suppress(Exception):  # closing a broken connection may fail too
+                body.close()
+
+    def close(self) -> None:
+        self._close_body()
+        super().close()
+
+
+def _s3_open_at(url: str) -> Callable[[int], tuple[Any, int | None]]:
+    bucket, key = s3.split_url(url)
+
+    def open_at(offset: int) -> tuple[Any, int | None]:
+        from botocore.exceptions import ClientError
+
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if offset:
+            kwargs["Range"] = f"bytes={offset}-"
+        try:
+            resp = s3.client().get_object(**kwargs)
+        except ClientError as err:
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            code = err.response.get("Error", {}).get("Code", "")
+            if status == 416 or code == "InvalidRange":  # offset == size: nothing left
+                return io.BytesIO(b""), 0
+            if status == 404 or code in ("NoSuchKey", "NoSuchBucket"):
+                raise _Permanent(FileNotFoundError(f"{url}: {code or status}: {err}")) from err
+            # anything else is retried, 403 included: the manifest was just read with the same
+            # credentials, and a restarting store refuses keys until it has reloaded them
+            raise
+        return resp["Body"], int(resp["ContentLength"])
+
+    return open_at
+
+
+def _http_open_at(url: str) -> Callable[[int], tuple[Any, int | None]]:
+    def open_at(offset: int) -> tuple[Any, int | None]:
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        try:
+            resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
+        except urllib.error.HTTPError as err:
+            if err.code == 416:
+                return io.BytesIO(b""), 0
+            if err.code < 500:
+                raise _Permanent(FileNotFoundError(f"{url}: HTTP {err.code}")) from err
+            raise
+        if offset and resp.status != 206:  # server ignored Range: skip what we already have
+            resp.read(offset)
+        length = resp.headers.get("Content-Length")
+        return resp, int(length) if length is not None else None
+
+    return open_at
+
+
+class _Counted:
+    """Counts the bytes read through it (for the bytes/s metric)."""
+
+    def __init__(self, f: Any):
+        self.f = f
+        self.bytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.bytes += len(data)
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def open_url(url: str, *, retry_s: float = 120.0) -> io.BufferedIOBase:
+    """Open a shard for streaming: s3://, http(s):// (both resuming after dropped
+    connections) or a local path / file:// URL."""
+    if s3.is_s3(url):
+        return io.BufferedReader(
+            ReopeningStream(url, _s3_open_at(url), retry_s=retry_s), _TAR_BUFSIZE
+        )
+    if url.startswith(("http://", "https://")):
+        return io.BufferedReader(
+            ReopeningStream(url, _http_open_at(url), retry_s=retry_s), _TAR_BUFSIZE
+        )
+    return open(url.removeprefix("file://"), "rb")
+
+
+def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> io.BufferedIOBase:
+    """WebDataset gopen handler for s3:// (boto3 streaming; no `aws` CLI subprocess)."""
+    if mode != "rb":
+        raise ValueError(f"{url}: only reading is supported (mode {mode!r})")
+    return open_url(url)
+
+
+def register_webdataset_handler() -> bool:
+    """Make `webdataset` open s3:// URLs with `gopen_s3`. False when webdataset is absent
+    (this module does not need it: the GPU test machines have only torch)."""
+    try:
+        # the module, not the function of the same name that `webdataset` re-exports
+        wds_gopen = importlib.import_module("webdataset.gopen")
+    except ImportError:
+        return False
+    wds_gopen.gopen_schemes["s3"] = gopen_s3
+    return True
+
+
+register_webdataset_handler()
+
+
+# ============================================================================================
+# tar -> samples
+
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset: key = path to first dot
+
+
+@dataclass
+class RawSample:
+    """One sample's bytes (or why it has none), with where it came from."""
+
+    shard: int  # index in the manifest's shard list
+    index: int  # position inside the shard
+    url: str
+    key: str = ""
+    image: bytes | None = None
+    label: int = -1
+    error: str | None = None  # None = usable
+    salt: tuple[int, ...] = ()  # extra augmentation seed words (resampled mode)
+
+
+def _tar_groups(
+    tf: tarfile.TarFile, want: Callable[[int], bool]
+) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """(index, key, {ext: bytes}) for each run of members sharing a key; member data is read
+    only for wanted indices (the rest is skipped without being copied)."""
+    index, key, files = -1, None, {}
+    for member in tf:
+        if not member.isfile():
+            continue
+        match = _KEY_EXT.match(member.name)
+        if match is None:
+            continue
+        k, ext = match.group(1), match.group(2).lower()
+        if k != key:
+            if key is not None:
+                yield index, key, files
+            index, key, files = index + 1, k, {}
+        if want(index):
+            f = tf.extractfile(member)
+            files[ext] = f.read() if f is not None else b""
+    if key is not None:
+        yield index, key, files
+
+
+def _to_sample(shard: int, index: int, url: str, key: str, files: dict[str, bytes]) -> RawSample:
+    sample = RawSample(shard, index, url, key)
+    sample.image = next((files[e] for e in IMAGE_EXTS if e in files), None)
+    if sample.image is None:
+        sample.error = f"no image member (has {sorted(files)})"
+    elif "cls" not in files:
+        sample.error = "no .cls member"
+    else:
+        try:
+            sample.label = int(files["cls"].decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            sample.error = f"bad .cls {files['cls'][:20]!r}"
+    return sample
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples [start, stop) of shard `shard` (manifest index)."""
+
+    shard: int
+    start: int
+    stop: int
+    salt: tuple[int, ...] = ()
+
+
+def read_segment(
+    seg: Segment,
+    url: str,
+    want: Callable[[int], bool],
+    counter: list[int],
+    *,
+    retry_s: float = 120.0,
+) -> Iterator[RawSample | None]:
+    """Exactly one item per index in [seg.start, seg.stop): a RawSample for wanted indices
+    (possibly with `error` set), None for the others. Missing samples (truncated or unreadable
+    shard) come out as RawSamples with an error, so positions never shift."""
+    reached = seg.start
+    error = "shard holds fewer samples than its manifest says (truncated?)"
+    f: Any = None
+    try:
+        f = _Counted(open_url(url, retry_s=retry_s))
+        with tarfile.open(fileobj=f, mode="r|", bufsize=_TAR_BUFSIZE) as tf:  # type: ignore[call-overload]
+            for index, key, files in _tar_groups(
+                tf, lambda i: seg.start <= i < seg.stop and want(i)
+            ):
+                if index < seg.start:
+                    continue
+                if index >= seg.stop:
+                    break
+                sample = _to_sample(seg.shard, index, url, key, files) if want(index) else None
+                if sample is not None:
+                    sample.salt = seg.salt
+                reached = index + 1
+                yield sample
+                if reached >= seg.stop:
+                    break
+    except (tarfile.TarError, OSError, EOFError) as err:
+        error = f"unreadable or truncated shard: {err}"
+    finally:
+        if f is not None:
+            counter[0] += f.bytes
+            f.close()
+    if reached < seg.stop:
+        log.warning(
+            "%s: %d of its samples [%d, %d) missing: %s",
+            url,
+            seg.stop - reached,
+            seg.start,
+            seg.stop,
+            error,
+        )
+        for index in range(reached, seg.stop):
+            yield (
+                RawSample(seg.shard, index, url, f"#{index}", error=error, salt=seg.salt)
+                if want(index)
+                else None
+            )
+
+
+# ============================================================================================
+# epoch planning: pure functions of the manifest counts and (seed, epoch, rank, worker)
+
+
+def batches_per_epoch(total: int, world_size: int, batch_size: int) -> int:
+    """M = ceil(total / (world_size * batch_size)), the same on every rank."""
+    return -(-total // (world_size * batch_size))
+
+
+def batch_sizes(n: int, num_batches: int, batch_size: int) -> list[int]:
+    """Split n samples into num_batches batches of at most batch_size, front-loaded: all have
+    batch_size - q samples, the last d one fewer, where q, d = divmod(num_batches*batch_size - n,
+    num_batches)."""
+    short = num_batches * batch_size - n
+    if short < 0 or n < num_batches:
+        raise DataError(
+            f"{n} samples cannot fill {num_batches} batches of 1..{batch_size} samples: the split "
+            "is too small for this world_size and batch_size"
+        )
+    q, d = divmod(short, num_batches)
+    return [batch_size - q - (1 if i >= num_batches - d else 0) for i in range(num_batches)]
+
+
+def rank_slice(total: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rank `rank`'s contiguous [lo, hi) of the global sequence; sizes differ by at most 1."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's shard permutation: identical on every rank."""
+    return np.random.default_rng([seed, epoch, 0]).permutation(num_shards)
+
+
+def segments_for(counts: Sequence[int], order: Sequence[int], lo: int, hi: int) -> list[Segment]:
+    """The pieces of shards covering global positions [lo, hi) of the shards concatenated in
+    `order`."""
+    segs, start = [], 0
+    for shard in order:
+        end = start + counts[shard]
+        a, b = max(lo, start), min(hi, end)
+        if a < b:
+            segs.append(Segment(int(shard), a - start, b - start))
+        start = end
+        if start >= hi:
+            break
+    return segs
+
+
+def shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """Emission order of a shuffle buffer over a stream of n items (positions 0..n-1): fill the
+    buffer, then each arriving item replaces a random buffered one, which is emitted; the rest
+    leave in random order at the end. Output t is always among the first t + buffer + 1
+    arrivals, so a reader never holds more than `buffer` samples it has read but not emitted."""
+    if buffer <= 1 or n <= 1:
+        return np.arange(n)
+    fill = min(buffer, n)
+    buf = list(range(fill))
+    picks = rng.integers(0, fill, size=max(n - fill, 0))
+    out = np.empty(n, dtype=np.int64)
+    for i, p in enumerate(range(fill, n)):
+        k = picks[i]
+        out[i] = buf[k]
+        buf[k] = p
+    tail = np.array(buf, dtype=np.int64)
+    rng.shuffle(tail)
+    out[n - fill :] = tail
+    return out
+
+
+@dataclass
+class WorkerPlan:
+    """What one DataLoader worker reads and emits."""
+
+    segments: list[Segment]  # read in this order; their samples are stream positions 0..L-1
+    order: np.ndarray  # stream positions in emission order
+    sizes: list[int]  # the batches to emit, after the skipped ones
+    skip: int = 0  # leading entries of `order` already emitted before a resume (not decoded)
+
+
+def plan_train_worker(
+    counts: Sequence[int],
+    *,
+    mode: str,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    num_workers: int,
+    slot: int,
+    start_batch: int,
+    shuffle_buffer: int,
+    samples_per_epoch: int = 0,
+) -> WorkerPlan:
+    """The plan of DataLoader worker `slot` when the epoch starts at `start_batch`.
+
+    Slot s handles global batches start_batch + s, start_batch + s + K, ...: those of the
+    original worker w = (start_batch + s) % K from its local batch (start_batch + s) // K on.
+    """
+    k = max(1, num_workers)
+    total = sum(counts)
+    w = (start_batch + slot) % k
+    first_local = (start_batch + slot) // k
+    if mode == "exact":
+        m = batches_per_epoch(total, world_size, batch_size)
+        lo, hi = rank_slice(total, world_size, rank)
+        sizes = batch_sizes(hi - lo, m, batch_size)
+        per_worker = [sum(sizes[j::k]) for j in range(k)]
+        wlo = lo + sum(per_worker[:w])
+        segs = segments_for(counts, shard_order(len(counts), seed, epoch), wlo, wlo + per_worker[w])
+        local = sizes[w::k]
+    else:
+        m = batches_per_epoch(samples_per_epoch or total, world_size, batch_size)
+        local = [batch_size] * len(range(w, m, k))
+        need, segs = sum(local), []
+        draw = np.random.default_rng([seed, epoch, 3, rank, w])
+        while need > 0:
+            shard = int(draw.integers(len(counts)))
+            take = min(counts[shard], need)
+            if take:
+                segs.append(Segment(shard, 0, take, salt=(1, rank, w, len(segs))))
+            need -= take
+    n = sum(s.stop - s.start for s in segs)
+    order = shuffle_order(n, shuffle_buffer, np.random.default_rng([seed, epoch, 1, rank, w]))
+    return WorkerPlan(segs, order, local[first_local:], skip=sum(local[:first_local]))
+
+
+def augmentation_rng(seed: int, epoch: int, sample: RawSample) -> np.random.Generator:
+    """The per-sample generator: a function of the sample's identity, not of worker state."""
+    return np.random.default_rng([seed, epoch, 2, sample.shard, sample.index, *sample.salt])
+
+
+# ============================================================================================
+# decoding in workers
+
+
+def train_transform(cfg: DataConfig) -> Callable[[bytes, np.random.Generator], np.ndarray]:
+    """cfg.train_transform as a function (bytes, rng) -> uint8 [3, S, S]."""
+    if cfg.train_transform == "paper":
+        return functools.partial(T.paper_train, size=cfg.image_size, scale_range=cfg.scale_range)
+    if cfg.train_transform == "rrc":
+        return functools.partial(T.rrc_train, size=cfg.image_size)
+    return functools.partial(T.cifar_train, size=cfg.image_size)
+
+
+def eval_transform(
+    cfg: DataConfig, views: str, scale: int | None = None
+) -> Callable[[bytes], np.ndarray]:
+    """An eval view as a function bytes -> uint8 array: `center` [3,S,S], `ten_crop`
+    [10,3,S,S], `full` [3,H,W] (shorter side `scale`, default eval_resize). For CIFAR
+    (train_transform="cifar") the centre view is the original image."""
+    if views == "center":
+        if cfg.train_transform == "cifar":
+            return functools.partial(T.cifar_eval, size=cfg.image_size)
+        return functools.partial(T.center_view, size=cfg.image_size, resize=cfg.eval_resize)
+    if views == "ten_crop":
+        return functools.partial(T.ten_crop_view, size=cfg.image_size, resize=cfg.eval_resize)
+    if views == "full":
+        return functools.partial(T.full_view, resize=scale or cfg.eval_resize)
+    raise ValueError(f"views={views!r}: expected 'center', 'ten_crop' or 'full'")
+
+
+def _decode_or_error(fn: Callable[[], np.ndarray], sample: RawSample) -> np.ndarray | None:
+    if sample.error is None:
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - PIL raises many kinds for corrupt data
+            sample.error = f"decode failed: {type(err).__name__}: {err}"
+    if not sample.error.startswith(("unreadable", "shard holds")):  # truncation: logged per shard
+        log.warning("bad sample %s in %s: %s", sample.key, sample.url, sample.error)
+    return None
+
+
+def _positions(
+    plan: WorkerPlan, shards: Sequence[Shard], counter: list[int], retry_s: float
+) -> Iterator[RawSample | None]:
+    """The worker's stream: one item per stream position, bytes only for positions emitted
+    after `plan.skip`."""
+    needed = np.zeros(len(plan.order), dtype=bool)
+    needed[plan.order[plan.skip :]] = True
+    base = 0
+    for seg in plan.segments:
+        want = functools.partial(lambda b, s, i: bool(needed[b + i - s]), base, seg.start)
+        yield from read_segment(seg, shards[seg.shard].url, want, counter, retry_s=retry_s)
+        base += seg.stop - seg.start
+
+
+def _info(seen: int, bad: list[RawSample], nbytes: int) -> dict[str, Any]:
+    return {
+        "seen": seen,
+        "bad": len(bad),
+        "bytes": nbytes,
+        "bad_shards": sorted({s.url for s in bad}),
+        "bad_examples": [f"{s.key} in {s.url}: {s.error}" for s in bad[:3]],
+    }
+
+
+def _train_batches(
+    plan: WorkerPlan, shards: Sequence[Shard], cfg: DataConfig, seed: int, epoch: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    """Decode, augment and batch one worker's share of an epoch; bad samples replaced."""
+    transform = train_transform(cfg)
+    size = cfg.image_size
+    stream = _positions(plan, shards, counter := [0], cfg.io_retry_s)
+    pending: dict[int, RawSample | None] = {}
+    arrived = 0
+    cursor = plan.skip
+    held: list[tuple[torch.Tensor, torch.Tensor, list[RawSample], int, int]] = []
+    last_good: tuple[torch.Tensor, torch.Tensor] | None = None
+    bytes_seen = 0
+
+    for bsize in plan.sizes:
+        images = torch.empty((bsize, 3, size, size), dtype=torch.uint8)
+        labels = torch.empty(bsize, dtype=torch.int64)
+        arr = images.numpy()
+        good: list[int] = []
+        bad: list[RawSample] = []
+        for slot, pos in enumerate(plan.order[cursor : cursor + bsize]):
+            while pos not in pending:  # read ahead until this position has arrived
+                pending[arrived] = next(stream)
+                arrived += 1
+                if pending[arrived - 1] is None:
+                    del pending[arrived - 1]
+            sample = pending.pop(int(pos))
+            assert sample is not None
+            pixels = _decode_or_error(
+                lambda s=sample: transform(s.image, augmentation_rng(seed, epoch, s)), sample
+            )
+            if pixels is None:
+                bad.append(sample)
+                labels[slot] = -1
+                continue
+            arr[slot] = pixels
+            labels[slot] = sample.label
+            good.append(slot)
+        cursor += bsize
+        nbytes, bytes_seen = counter[0] - bytes_seen, counter[0]
+        if not good:
+            held.append((images, labels, bad, bsize, nbytes))  # filled from the next good batch
+            if len(held) * bsize >= max(cfg.bad_check_after, 1) and last_good is None:
+                raise DataError(
+                    f"no decodable sample in {sum(h[3] for h in held)} samples; e.g. {bad[0].key} in {bad[0].url}: {bad[0].error}"
+                )
+            continue
+        _fill(images, labels, good)
+        for h_images, h_labels, h_bad, h_size, h_bytes in held:
+            h_images[:] = images[good[0]]
+            h_labels[:] = labels[good[0]]
+            yield h_images, h_labels, _info(h_size, h_bad, h_bytes)
+        held.clear()
+        last_good = (images[good[-1]].clone(), labels[good[-1]].clone())
+        yield images, labels, _info(bsize, bad, nbytes)
+    for h_images, h_labels, h_bad, h_size, h_bytes in held:  # a bad tail: repeat the last good
+        if last_good is None:
+            raise DataError(
+                f"no decodable sample in this worker's share; e.g. {h_bad[0].key} in {h_bad[0].url}: {h_bad[0].error}"
+            )
+        h_images[:] = last_good[0]
+        h_labels[:] = last_good[1]
+        yield h_images, h_labels, _info(h_size, h_bad, h_bytes)
+
+
+def _fill(images: torch.Tensor, labels: torch.Tensor, good: list[int]) -> None:
+    """Give each bad slot a copy of the nearest good slot (the previous one if any)."""
+    if len(good) == len(labels):
+        return
+    good_set, prev = set(good), None
+    for slot in range(len(labels)):
+        if slot in good_set:
+            prev = slot
+            continue
+        src = prev if prev is not None else good[0]
+        images[slot] = images[src]
+        labels[slot] = labels[src]
+
+
+class _TrainEpoch(IterableDataset):
+    """One epoch of one rank; each DataLoader worker plays its slot of the plan."""
+
+    def __init__(self, loader: TrainLoader, epoch: int, start_batch: int):
+        super().__init__()
+        self.cfg, self.shards = loader.cfg, loader.shards
+        self.seed, self.epoch, self.start_batch = loader.seed, epoch, start_batch
+        self.rank, self.world_size, self.batch_size = (
+            loader.rank,
+            loader.world_size,
+            loader.batch_size,
+        )
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        info = get_worker_info()
+        plan = plan_train_worker(
+            [s.samples for s in self.shards],
+            mode=self.cfg.epoch_mode,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            num_workers=self.cfg.num_workers,
+            slot=info.id if info is not None else 0,
+            start_batch=self.start_batch,
+            shuffle_buffer=self.cfg.shuffle_buffer,
+            samples_per_epoch=self.cfg.samples_per_epoch,
+        )
+        return _train_batches(plan, self.shards, self.cfg, self.seed, self.epoch)
+
+
+def _dataloader(dataset: IterableDataset, cfg: DataConfig) -> DataLoader:
+    workers = cfg.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=None,  # workers hand over whole batches
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        timeout=cfg.timeout_s if workers else 0,  # a dead or stuck worker: an error, not a hang
+        prefetch_factor=cfg.prefetch_factor if workers else None,
+        persistent_workers=False,  # each epoch has its own plan
+    )
+
+
+@dataclass
+class _Totals:
+    samples: int = 0
+    bytes: int = 0
+    seen: int = 0
+    bad: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    bad_shards: set[str] = field(default_factory=set)
+    bad_examples: list[str] = field(default_factory=list)
+
+
+def _account(totals: _Totals, cfg: DataConfig, info: dict[str, Any], n: int, what: str) -> None:
+    totals.samples += n
+    totals.batches += 1
+    totals.bytes += info["bytes"]
+    totals.seen += info["seen"]
+    totals.bad += info["bad"]
+    totals.bad_shards.update(info["bad_shards"])
+    totals.bad_examples.extend(info["bad_examples"][: max(0, 5 - len(totals.bad_examples))])
+    if totals.seen >= cfg.bad_check_after and totals.bad > cfg.max_bad_fraction * totals.seen:
+        raise DataError(
+            f"{what}: {totals.bad} of {totals.seen} samples bad ({totals.bad / totals.seen:.1%} > "
+            f"max_bad_fraction {cfg.max_bad_fraction:.1%}) in shards: {', '.join(sorted(totals.bad_shards))}"
+            f"; e.g. {'; '.join(totals.bad_examples)}"
+        )
+
+
+def _stats(totals: _Totals) -> dict[str, float]:
+    secs = max(totals.seconds, 1e-9)
+    return {
+        "samples": float(totals.samples),
+        "batches": float(totals.batches),
+        "seconds": totals.seconds,
+        "samples_per_s": totals.samples / secs,
+        "bytes": float(totals.bytes),
+        "bytes_per_s": totals.bytes / secs,
+        "bad_samples": float(totals.bad),
+        "bad_fraction": totals.bad / totals.seen if totals.seen else 0.0,
+    }
+
+
+# ============================================================================================
+# public loaders
+
+
+class TrainLoader:
+    """The training batches of one rank, one epoch per iteration (see the module docstring).
+
+        loader = TrainLoader(cfg, rank=r, world_size=w, batch_size=32, seed=0)
+        for epoch in range(start_epoch, epochs):
+            loader.set_epoch(epoch, start_batch=k if epoch == start_epoch else 0)
+            for images, labels in loader:  # uint8 [B,3,S,S] NCHW (pinned with CUDA), int64 [B]
+                ...
+
+    Without set_epoch, each completed pass moves on to the next epoch.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        seed: int,
+        device: torch.device | str | None = None,
+    ):
+        if not 0 <= rank < world_size or batch_size < 1:
+            raise ValueError(f"rank {rank} / world_size {world_size} / batch_size {batch_size}")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.batch_size, self.seed = batch_size, seed
+        self.device = device  # only used by the synthetic source
+        self._epoch, self._start = 0, 0
+        self._totals = _Totals()
+        if cfg.synthetic:
+            self.manifest: dict[str, Any] = {}
+            self.shards: list[Shard] = []
+            self.num_classes = cfg.synthetic_classes
+            self.num_samples = cfg.synthetic_samples
+            self.batches_per_epoch = max(1, cfg.synthetic_samples // (world_size * batch_size))
+        else:
+            self.manifest = load_manifest(cfg.url)
+            self.shards = split_shards(self.manifest, cfg.url, cfg.train_split)
+            self.num_classes = int(self.manifest["num_classes"])
+            self.num_samples = sum(s.samples for s in self.shards)
+            total = self.num_samples
+            if cfg.epoch_mode == "resampled":
+                total = cfg.samples_per_epoch or self.num_samples
+            self.batches_per_epoch = batches_per_epoch(total, world_size, batch_size)
+            if cfg.epoch_mode == "exact":  # fail now, not in a worker, if a rank cannot fill M
+                batch_sizes(self.num_samples // world_size, self.batches_per_epoch, batch_size)
+        self.mean = tuple(self.manifest.get("mean") or IMAGENET_MEAN)
+        self.std = tuple(self.manifest.get("std") or IMAGENET_STD)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Choose the epoch the next iteration yields, starting at batch `start_batch`."""
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch {start_batch} outside 0..{self.batches_per_epoch}")
+        self._epoch, self._start = epoch, start_batch
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields."""
+        return self.batches_per_epoch - self._start
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, start = self._epoch, self._start
+        if self.cfg.synthetic:
+            batches = synthetic_batches(
+                self.batch_size,
+                self.cfg.image_size,
+                self.num_classes,
+                self.device or "cpu",
+                seed=self.seed,
+            )
+            for _ in range(self.batches_per_epoch - start):
+                yield next(batches)
+        else:
+            what = f"{self.cfg.url} split {self.cfg.train_split!r} (rank {self.rank})"
+            batches = iter(_dataloader(_TrainEpoch(self, epoch, start), self.cfg))
+            while True:
+                t0 = time.perf_counter()  # time the wait for a batch, not the loop's own work
+                try:
+                    images, labels, info = next(batches)
+                except StopIteration:
+                    break
+                finally:
+                    self._totals.seconds += time.perf_counter() - t0
+                _account(self._totals, self.cfg, info, len(labels), what)
+                yield images, labels
+        self._epoch, self._start = epoch + 1, 0
+
+    def stats(self) -> dict[str, float]:
+        """Throughput and data health so far: samples, samples_per_s, bytes_per_s (read from
+        storage), bad_samples, bad_fraction... Rates are over the time spent producing
+        batches (the loop's own time between batches is excluded)."""
+        return _stats(self._totals)
+
+
+class _EvalSplit(IterableDataset):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        shards: list[Shard],
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        views: str,
+        scale: int | None,
+    ):
+        super().__init__()
+        self.cfg, self.shards = cfg, shards
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.views, self.scale = views, scale
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        info = get_worker_info()
+        k, w = (info.num_workers, info.id) if info is not None else (1, 0)
+        counts = [s.samples for s in self.shards]
+        lo, hi = rank_slice(sum(counts), self.world_size, self.rank)
+        wlo, whi = lo + (hi - lo) * w // k, lo + (hi - lo) * (w + 1) // k
+        segs = segments_for(counts, range(len(counts)), wlo, whi)
+        plan = WorkerPlan(segs, np.arange(whi - wlo), [])
+        transform = eval_transform(self.cfg, self.views, self.scale)
+        counter, sent_bytes = [0], 0
+        arrays: list[np.ndarray] = []
+        labels: list[int] = []
+        bad: list[RawSample] = []
+        seen = 0
+
+        def flush() -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+            nonlocal sent_bytes, seen
+            out = (torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64))
+            batch_info = _info(seen, bad, counter[0] - sent_bytes)
+            sent_bytes, seen = counter[0], 0
+            arrays.clear()
+            labels.clear()
+            bad.clear()
+            return (*out, batch_info)
+
+        for sample in _positions(plan, self.shards, counter, self.cfg.io_retry_s):
+            assert sample is not None
+            seen += 1
+            pixels = _decode_or_error(lambda s=sample: transform(s.image), sample)
+            if pixels is None:
+                bad.append(sample)
+                continue
+            if arrays and pixels.shape != arrays[0].shape:  # `full` views: one size per batch
+                yield flush()
+            arrays.append(pixels)
+            labels.append(sample.label)
+            if len(arrays) == self.batch_size:
+                yield flush()
+        if arrays:
+            yield flush()
+        elif bad:  # bad samples at the very end still need counting
+            yield (
+                torch.empty((0, 3, self.cfg.image_size, self.cfg.image_size), dtype=torch.uint8),
+                torch.empty(0, dtype=torch.int64),
+                _info(seen, bad, counter[0] - sent_bytes),
+            )
+
+
+def eval_samples(
+    cfg: DataConfig, *, rank: int, world_size: int, manifest: dict[str, Any] | None = None
+) -> int:
+    """How many validation samples rank `rank` is given (before any bad ones are skipped)."""
+    manifest = manifest or load_manifest(cfg.url)
+    lo, hi = rank_slice(
+        sum(s.samples for s in split_shards(manifest, cfg.url, cfg.val_split)), world_size, rank
+    )
+    return hi - lo
+
+
+def eval_loader(
+    cfg: DataConfig,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    views: str = "center",
+    scale: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The validation split, each sample exactly once across ranks: rank r gets the contiguous
+    slice [N*r//W, N*(r+1)//W) in manifest order (no padding, no duplicates; counts differ by
+    at most one), split among its workers. Images: uint8 [B,3,S,S] (`center`), [B,10,3,S,S]
+    (`ten_crop`) or [B,3,H,W] (`full`, shorter side `scale`; consecutive same-size images
+    share a batch, so batches may be smaller than batch_size). Bad samples are skipped, counted
+    and logged, within max_bad_fraction."""
+    eval_transform(cfg, views, scale)  # reject a bad `views` here, not in a worker
+    manifest = load_manifest(cfg.url)
+    shards = split_shards(manifest, cfg.url, cfg.val_split)
+    totals = _Totals()
+    what = f"{cfg.url} split {cfg.val_split!r} (rank {rank})"
+    dataset = _EvalSplit(cfg, shards, rank, world_size, batch_size, views, scale)
+    for images, labels, info in _dataloader(dataset, cfg):
+        _account(totals, cfg, info, len(labels), what)
+        if len(labels):
+            yield images, labels
+    if totals.bad:
+        log.warning("%s: skipped %d bad of %d samples", what, totals.bad, totals.seen)
+
+
+# ============================================================================================
+# on the training device
+
+
+class DeviceNormalize:
+    """uint8 batch -> normalized float on the training device, in channels_last.
+
+    Train: AlexNet PCA lighting (Krizhevsky et al. 2012, as in fb.resnet.torch): each image gets
+    eigvec @ (alpha * eigval) added to its RGB values, alpha ~ N(0, pca_lighting^2) per image,
+    drawn from `generator` (seed it from (seed, step) for reproducible runs). Then
+    (x - mean) / std with mean/std on the 0-255 scale (the manifest's, else ImageNet's).
+    """
+
+    EIGVAL = (0.2175, 0.0188, 0.0045)  # of the ImageNet RGB covariance, 0-1 scale
+    EIGVEC = (
+        (-0.5675, 0.7192, 0.4009),
+        (-0.5808, -0.0045, -0.8140),
+        (-0.5836, -0.6948, 0.4203),
+    )
+
+    def __init__(
+        self,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        pca_lighting: float = 0.1,
+        device: torch.device | str = "cpu",
+        *,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.pca_lighting = float(pca_lighting)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(3, 1, 1)
+        self.inv_std = 1.0 / torch.tensor(std, dtype=torch.float32, device=self.device).view(
+            3, 1, 1
+        )
+        # column i of EIGVEC is eigenvector i; scaled to 0-255 pixels once here
+        self.basis = (
+            torch.tensor(self.EIGVEC, dtype=torch.float32) * torch.tensor(self.EIGVAL) * 255.0
+        )
+
+    def lighting(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The per-image RGB offsets [batch, 3] (0-255 scale) PCA lighting adds."""
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        alpha = torch.randn(batch, 3, generator=generator, device=gen_device) * self.pca_lighting
+        return (alpha.cpu() @ self.basis.T).to(self.device)
+
+    def __call__(
+        self, images_uint8: torch.Tensor, train: bool, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """[..., 3, H, W] uint8 (any device) -> float on self.device; 4-D results are
+        channels_last."""
+        x = images_uint8.to(self.device, non_blocking=True).to(torch.float32)
+        if train and self.pca_lighting > 0:
+            flat = x.reshape(-1, *x.shape[-3:])
+            x = (flat + self.lighting(flat.shape[0], generator).view(-1, 3, 1, 1)).view(x.shape)
+        x = ((x - self.mean) * self.inv_std).to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def synthetic_batches(
+    batch_size: int, image_size: int, num_classes: int, device: torch.device | str, *, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One random uint8 batch made on `device` once and yielded forever (to time the model
+    without the input pipeline)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    images = torch.randint(
+        0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, generator=gen
+    )
+    labels = torch.randint(0, num_classes, (batch_size,), generator=gen)
+    images, labels = images.to(device), labels.to(device)
+    while True:
+        yield images, labels
+
+
+__all__ = [
+    "DataConfig",
+    "DataError",
+    "DeviceNormalize",
+    "TrainLoader",
+    "batch_sizes",
+    "batches_per_epoch",
+    "eval_loader",
+    "eval_samples",
+    "load_manifest",
+    "open_url",
+    "register_webdataset_handler",
+    "synthetic_batches",
+]

@@ -1,0 +1,600 @@
+"""The input pipeline (orchestrator.data, orchestrator.transforms) on tiny shards.
+
+Datasets are written here with webdataset.TarWriter and a hand-made manifest, independently of
+datasets/*.py. Every sample's class is its global id (num_classes = N), so the labels of a
+batch say exactly which samples it holds. Images are small and transforms shrunk (32 px crops)
+to keep the file fast on a 2-core machine; S3 tests use the real local object store.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from orchestrator import data as D
+from orchestrator import transforms as T
+from orchestrator.data import DataConfig, DataError, DeviceNormalize, TrainLoader, eval_loader
+
+# ---------------------------------------------------------------------------- test datasets
+
+
+def jpeg(seed: int, size: tuple[int, int] = (48, 40), quality: int = 90) -> bytes:
+    """A small smooth-plus-noise RGB JPEG, different for every seed."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = np.linspace(0, 200, w)[None, :, None] + rng.integers(0, 55, (1, 1, 3))
+    arr = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_dataset(
+    root: Path,
+    splits: dict[str, Sequence[int]],
+    *,
+    corrupt: Sequence[int] = (),
+    truncate: dict[tuple[str, int], float] | None = None,
+    pad_bytes: int = 0,
+    size: tuple[int, int] = (48, 40),
+) -> Path:
+    """Shards `{split}-NNNNNN.tar` with the given sample counts and a manifest.
+
+    Class = global sample id within the split. `corrupt`: global ids whose JPEG is garbage.
+    `truncate`: {(split, shard): fraction of bytes kept}. `pad_bytes`: an extra random member
+    per sample (makes shards big without making decoding slow).
+    """
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    manifest: dict = {
+        "name": root.name,
+        "format": "webdataset",
+        "version": 1,
+        "splits": {},
+        "skipped": [],
+    }
+    total_classes = 0
+    for split, counts in splits.items():
+        shards, gid = [], 0
+        for s, n in enumerate(counts):
+            name = f"{split}-{s:06d}.tar"
+            with wds.TarWriter(str(root / name), encoder=False) as tw:
+                for _ in range(n):
+                    sample = {"__key__": f"{split}_{gid:05d}", "cls": str(gid).encode()}
+                    sample["jpg"] = b"this is not a jpeg" if gid in corrupt else jpeg(gid, size)
+                    if pad_bytes:
+                        sample["pad"] = np.random.default_rng(gid).bytes(pad_bytes)
+                    tw.write(sample)
+                    gid += 1
+            keep = (truncate or {}).get((split, s))
+            if keep is not None:
+                full = (root / name).read_bytes()
+                (root / name).write_bytes(full[: int(len(full) * keep)])
+            shards.append(
+                {"name": name, "samples": n, "bytes": (root / name).stat().st_size, "sha256": ""}
+            )
+        manifest["splits"][split] = {"samples": gid, "shards": shards}
+        total_classes = max(total_classes, gid)
+    manifest["num_classes"] = total_classes
+    manifest["classes"] = [str(i) for i in range(total_classes)]
+    manifest["mean"], manifest["std"] = [120.0, 110.0, 100.0], [60.0, 55.0, 50.0]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def small_cfg(url: str | Path, **kw) -> DataConfig:
+    base = {
+        "url": str(url), "image_size": 32, "scale_range": (32, 48), "eval_resize": 36,
+        "num_workers": 2, "shuffle_buffer": 8, "bad_check_after": 20, "timeout_s": 60,
+    }  # fmt: skip
+    return DataConfig(**{**base, **kw})
+
+
+def epoch_batches(
+    cfg: DataConfig, *, world: int, batch: int, epoch: int = 0, seed: int = 0, start: int = 0
+):
+    """[rank] -> list of (images, labels) for one epoch, ranks simulated in one process."""
+    out = []
+    for rank in range(world):
+        loader = TrainLoader(cfg, rank=rank, world_size=world, batch_size=batch, seed=seed)
+        loader.set_epoch(epoch, start_batch=start)
+        out.append([(x.clone(), y.clone()) for x, y in loader])
+    return out
+
+
+def all_labels(per_rank) -> list[int]:
+    return sorted(int(v) for batches in per_rank for _, y in batches for v in y)
+
+
+# ---------------------------------------------------------------------------- epoch planning
+
+
+@pytest.mark.parametrize(
+    "counts,world,batch,workers",
+    [
+        ([7, 5, 9, 3, 11], 2, 4, 2),
+        ([13, 6], 2, 3, 3),
+        ([40], 3, 5, 4),
+        ([1, 2, 3, 50, 1], 4, 2, 3),
+        ([97], 2, 32, 1),
+    ],
+)
+def test_plan_covers_every_sample_once_with_equal_batch_counts(counts, world, batch, workers):
+    """Pure planning maths, many shapes: fewer shards than ranks x workers, N not divisible."""
+    total = sum(counts)
+    m = D.batches_per_epoch(total, world, batch)
+    for epoch in (0, 1):
+        seen: list[tuple[int, int]] = []
+        for rank in range(world):
+            sizes = []
+            for slot in range(workers):
+                plan = D.plan_train_worker(
+                    counts, mode="exact", seed=3, epoch=epoch, rank=rank, world_size=world,
+                    batch_size=batch, num_workers=workers, slot=slot, start_batch=0, shuffle_buffer=4,
+                )  # fmt: skip
+                stream = [(s.shard, i) for s in plan.segments for i in range(s.start, s.stop)]
+                assert sorted(plan.order.tolist()) == list(range(len(stream)))
+                assert sum(plan.sizes) == len(stream)
+                seen += [stream[p] for p in plan.order]
+                sizes.append(plan.sizes)
+            # DataLoader round robin: global batch j comes from worker j % K
+            rank_sizes = [sizes[j % workers][j // workers] for j in range(m)]
+            assert len(rank_sizes) == m and all(1 <= b <= batch for b in rank_sizes)
+            assert max(rank_sizes) - min(rank_sizes) <= 1
+            assert rank_sizes == sorted(rank_sizes, reverse=True)  # short batches come last
+        expected = [(s, i) for s, n in enumerate(counts) for i in range(n)]
+        assert sorted(seen) == expected
+
+
+def test_batch_sizes_and_too_small_split():
+    assert D.batch_sizes(10, 3, 4) == [4, 3, 3]
+    assert D.batch_sizes(12, 3, 4) == [4, 4, 4]
+    assert D.batch_sizes(5, 3, 4) == [2, 2, 1]
+    with pytest.raises(DataError, match="too small"):
+        D.batch_sizes(2, 3, 4)
+
+
+def test_shuffle_order_is_a_bounded_permutation():
+    order = D.shuffle_order(200, 10, np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(200))
+    assert not np.array_equal(order, np.arange(200))
+    # output t is among the first t + 11 arrivals: a reader holds at most 10 samples unsent
+    assert all(order[t] <= t + 10 for t in range(200))
+
+
+# ---------------------------------------------------------------------------- train loader
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory) -> Path:
+    return write_dataset(
+        tmp_path_factory.mktemp("ds"), {"train": [7, 5, 9, 3, 11], "val": [9, 8, 6]}
+    )
+
+
+def test_exact_epoch_every_sample_once_2_ranks_2_workers(ds):
+    cfg = small_cfg(ds)
+    per_rank = epoch_batches(cfg, world=2, batch=4)
+    assert [len(b) for b in per_rank] == [5, 5]  # M = ceil(35 / 8)
+    assert all_labels(per_rank) == list(range(35))
+    for batches in per_rank:
+        for x, y in batches:
+            assert x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32) and x.is_contiguous()
+            assert y.dtype == torch.int64 and len(y) == len(x)
+
+
+def test_equal_batch_counts_fewer_shards_than_ranks_x_workers(tmp_path):
+    root = write_dataset(tmp_path / "two", {"train": [13, 6]})  # 2 shards, 2 ranks x 2 workers
+    per_rank = epoch_batches(small_cfg(root, num_workers=2), world=2, batch=3)
+    assert [len(b) for b in per_rank] == [4, 4]  # ceil(19 / 6) on both ranks
+    assert all_labels(per_rank) == list(range(19))
+    sizes = [len(y) for batches in per_rank for _, y in batches]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_determinism_and_new_order_each_epoch(ds):
+    cfg = small_cfg(ds)
+    a = epoch_batches(cfg, world=1, batch=5, epoch=0)[0]
+    b = epoch_batches(cfg, world=1, batch=5, epoch=0)[0]
+    c = epoch_batches(cfg, world=1, batch=5, epoch=1)[0]
+    assert all(
+        torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=True)
+    )
+    order_a = [int(v) for _, y in a for v in y]
+    order_c = [int(v) for _, y in c for v in y]
+    assert sorted(order_a) == sorted(order_c) and order_a != order_c
+
+
+def test_next_pass_moves_to_next_epoch(ds):
+    loader = TrainLoader(small_cfg(ds, num_workers=0), rank=0, world_size=1, batch_size=8, seed=0)
+    first = [int(v) for _, y in loader for v in y]
+    assert loader.epoch == 1
+    second = [int(v) for _, y in loader for v in y]
+    assert sorted(first) == sorted(second) and first != second
+
+
+@pytest.mark.parametrize("start", [1, 3])
+def test_resume_mid_epoch_is_the_tail_of_the_epoch(ds, start):
+    cfg = small_cfg(ds, num_workers=2)
+    full = epoch_batches(cfg, world=2, batch=3, epoch=2, seed=7)
+    tail = epoch_batches(cfg, world=2, batch=3, epoch=2, seed=7, start=start)
+    for rank in range(2):
+        assert len(tail[rank]) == len(full[rank]) - start
+        for (x1, y1), (x2, y2) in zip(full[rank][start:], tail[rank], strict=True):
+            assert torch.equal(y1, y2) and torch.equal(x1, x2)  # same samples, same pixels
+
+
+def test_resampled_mode_fixed_length_and_resume(ds):
+    cfg = small_cfg(ds, epoch_mode="resampled", samples_per_epoch=40)
+    full = epoch_batches(cfg, world=2, batch=4, epoch=0)
+    assert [len(b) for b in full] == [5, 5] and all(len(y) == 4 for b in full for _, y in b)
+    assert set(all_labels(full)) <= set(range(35))
+    tail = epoch_batches(cfg, world=2, batch=4, epoch=0, start=2)
+    assert all(
+        torch.equal(a[0], b[0]) for r in range(2) for a, b in zip(full[r][2:], tail[r], strict=True)
+    )
+
+
+def test_bad_samples_are_skipped_counted_and_replaced(tmp_path, caplog):
+    # sample 3 is not a JPEG; shard 1 (samples 10..19) keeps only its first ~half of bytes
+    root = write_dataset(
+        tmp_path / "bad", {"train": [10, 10, 10]}, corrupt=[3], truncate={("train", 1): 0.5}
+    )
+    cfg = small_cfg(root, num_workers=0, max_bad_fraction=0.5)
+    loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=4, seed=0)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.data"):
+        batches = [(x, y) for x, y in loader]
+    labels = [int(v) for _, y in batches for v in y]
+    assert len(batches) == 8 and sum(len(y) for _, y in batches) == 30  # counts unchanged
+    assert 3 not in labels
+    missing = set(range(30)) - set(labels)
+    assert 3 in missing and missing - {3} and missing - {3} <= set(range(10, 20))
+    stats = loader.stats()
+    assert stats["bad_samples"] == len(missing) and stats["samples"] == 30
+    assert "train_00003" in caplog.text and "train-000000.tar" in caplog.text
+    assert "train-000001.tar" in caplog.text  # the truncated shard is named
+
+
+def test_too_many_bad_samples_raise_naming_the_shards(tmp_path):
+    root = write_dataset(tmp_path / "worse", {"train": [20, 20]}, corrupt=range(20, 30))
+    cfg = small_cfg(root, num_workers=2, max_bad_fraction=0.05, bad_check_after=10)
+    loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=4, seed=0)
+    with pytest.raises(DataError, match=r"train-000001\.tar") as err:
+        for _ in loader:
+            pass
+    assert "max_bad_fraction" in str(err.value) and "train-000000.tar" not in str(err.value)
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    (tmp_path / "half").mkdir()
+    with pytest.raises(DataError, match=r"half.*manifest\.json"):
+        D.load_manifest(str(tmp_path / "half"))
+
+
+def test_synthetic_source(ds):
+    loader = TrainLoader(
+        DataConfig(url="", synthetic_samples=64, image_size=16),
+        rank=0,
+        world_size=2,
+        batch_size=4,
+        seed=0,
+    )
+    batches = list(loader)
+    assert len(batches) == loader.batches_per_epoch == 8
+    assert batches[0][0].shape == (4, 3, 16, 16) and batches[0][0].dtype == torch.uint8
+    assert batches[0][0].data_ptr() == batches[-1][0].data_ptr()  # made once, reused
+
+
+# ---------------------------------------------------------------------------- eval loader
+
+
+def test_eval_loader_each_sample_once_across_ranks(ds):
+    cfg = small_cfg(ds, num_workers=2)
+    per_rank = [list(eval_loader(cfg, rank=r, world_size=2, batch_size=4)) for r in range(2)]
+    counts = [sum(len(y) for _, y in batches) for batches in per_rank]
+    assert sorted(counts) == [11, 12]  # 23 samples, no padding
+    assert counts == [D.eval_samples(cfg, rank=r, world_size=2) for r in range(2)]
+    assert all_labels(per_rank) == list(range(23))
+    assert all(x.shape[1:] == (3, 32, 32) for batches in per_rank for x, _ in batches)
+
+
+def test_eval_views_ten_crop_and_full(ds):
+    cfg = small_cfg(ds, num_workers=0)
+    x, y = next(eval_loader(cfg, rank=0, world_size=1, batch_size=3, views="ten_crop"))
+    assert x.shape == (3, 10, 3, 32, 32) and x.dtype == torch.uint8 and y.shape == (3,)
+    full = list(eval_loader(cfg, rank=0, world_size=1, batch_size=4, views="full", scale=40))
+    assert sum(len(y) for _, y in full) == 23
+    assert all(x.shape[2:] == (40, 48) for x, _ in full)  # 48x40 images, shorter side 40
+
+
+# ---------------------------------------------------------------------------- transforms
+
+
+def grid_image(w: int, h: int) -> np.ndarray:
+    """uint8 [3, h, w] with distinct values: channel 0 = column, 1 = row, 2 = 7."""
+    arr = np.zeros((3, h, w), np.uint8)
+    arr[0] = np.arange(w)[None, :]
+    arr[1] = np.arange(h)[:, None]
+    arr[2] = 7
+    return arr
+
+
+def test_ten_crop_gives_corners_centre_and_flips():
+    arr = grid_image(12, 10)
+    views = T.ten_crop(arr, 4)
+    assert views.shape == (10, 3, 4, 4)
+    corners = [(0, 0), (0, 8), (6, 0), (6, 8), (3, 4)]  # (top, left); centre = round((10-4)/2)...
+    for i, (top, left) in enumerate(corners):
+        assert views[i][0, 0, 0] == left and views[i][1, 0, 0] == top
+        assert np.array_equal(views[i], arr[:, top : top + 4, left : left + 4])
+        assert np.array_equal(views[i + 5], views[i][:, :, ::-1])
+
+
+def test_paper_plan_scale_and_crop_maths():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        w, h = int(rng.integers(100, 900)), int(rng.integers(100, 900))
+        plan = T.plan_paper(w, h, rng, size=224, scale_range=(256, 480))
+        assert plan.size == (224, 224)
+        left, top, right, bottom = plan.box
+        sx, sy = 224 / (right - left), 224 / (bottom - top)  # resized pixels per original pixel
+        shorter = w * sx if w <= h else h * sy
+        assert abs(shorter - round(shorter)) < 1e-6 and 256 <= round(shorter) <= 480
+        assert abs(sx / sy - 1) < 0.01  # aspect ratio kept (the longer side is truncated)
+        assert -1e-6 <= left and right <= w + 1e-6 and -1e-6 <= top and bottom <= h + 1e-6
+
+
+def test_paper_transform_output_and_draft_decode():
+    data = jpeg(1, size=(1200, 900))
+    out = T.paper_train(data, np.random.default_rng(0), size=224, scale_range=(256, 300))
+    assert out.shape == (3, 224, 224) and out.dtype == np.uint8
+    # a 1200x900 image needs a shorter side >= 256: libjpeg may decode at 1/2 (600x450) but
+    # no smaller (1/4 would give 225 < 256)
+    im, factor = T.decode(data, (341, 256))
+    assert factor == 0.5 and im.size == (600, 450)
+
+
+def test_render_matches_resize_then_crop():
+    data = jpeg(2, size=(300, 200))
+    plan = T.plan_center(300, 200, size=224, resize=256)  # resize to 384x256, crop at (80, 16)
+    ref = Image.open(io.BytesIO(data)).convert("RGB").resize((384, 256), Image.Resampling.BILINEAR)
+    ref_arr = np.asarray(ref.crop((80, 16, 304, 240))).transpose(2, 0, 1).astype(int)
+    out = T.render(data, plan).astype(int)
+    assert out.shape == (3, 224, 224)
+    assert np.abs(out - ref_arr).mean() < 1.0 and np.abs(out - ref_arr).max() <= 8
+
+
+def test_rrc_plan_and_cifar_pad_crop_flip():
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        left, top, right, bottom = T.plan_rrc(200, 150, rng, size=64).box
+        assert 0 <= left < right <= 200 and 0 <= top < bottom <= 150
+        area = (right - left) * (bottom - top) / (200 * 150)
+        assert 0.07 <= area <= 1.0
+    arr = grid_image(32, 32)
+    padded = np.pad(arr, ((0, 0), (4, 4), (4, 4)))
+    found = set()
+    for seed in range(30):
+        out = T.pad_crop_flip(arr, np.random.default_rng(seed), size=32, pad=4)
+        assert out.shape == (3, 32, 32)
+        matches = [
+            (y, x, flip)
+            for y in range(9)
+            for x in range(9)
+            for flip in (False, True)
+            if np.array_equal(out, padded[:, y : y + 32, x : x + 32][:, :, :: -1 if flip else 1])
+        ]
+        assert len(matches) == 1  # a crop of the zero-padded image, maybe mirrored
+        found.add(matches[0])
+    assert len(found) > 10 and {f for _, _, f in found} == {False, True}
+
+
+# ---------------------------------------------------------------------------- device side
+
+
+def test_device_normalize_maths():
+    mean, std = (120.0, 110.0, 100.0), (60.0, 55.0, 50.0)
+    x = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8)
+    norm = DeviceNormalize(mean, std, pca_lighting=0.0, device="cpu")
+    out = norm(x, train=True)
+    expected = (x.float() - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+        1, 3, 1, 1
+    )
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+    lit = DeviceNormalize(mean, std, pca_lighting=0.1, device="cpu")
+    a = lit(x, train=True, generator=torch.Generator().manual_seed(5))
+    b = lit(x, train=True, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and torch.allclose(lit(x, train=False), expected, atol=1e-5)
+    # the offset is eigvec @ (alpha * eigval) * 255 per image, constant over pixels
+    alpha = torch.randn(2, 3, generator=torch.Generator().manual_seed(5)) * 0.1
+    eigvec, eigval = torch.tensor(DeviceNormalize.EIGVEC), torch.tensor(DeviceNormalize.EIGVAL)
+    rgb = (alpha * eigval) @ eigvec.T * 255
+    assert torch.allclose(
+        (a - expected) * torch.tensor(std).view(1, 3, 1, 1),
+        rgb.view(2, 3, 1, 1).expand_as(a),
+        atol=1e-3,
+    )
+
+
+# ---------------------------------------------------------------------------- streams
+
+
+class FlakyBody:
+    """A body that dies after `fail_after` bytes, as a dropped connection does."""
+
+    def __init__(self, data: bytes, fail_after: int | None):
+        self.data, self.pos, self.fail_after = data, 0, fail_after
+
+    def read(self, n: int) -> bytes:
+        if self.fail_after is not None and self.pos >= self.fail_after:
+            raise ConnectionResetError("connection reset by peer")
+        stop = len(self.data) if self.fail_after is None else self.fail_after
+        chunk = self.data[self.pos : min(self.pos + n, stop)]
+        self.pos += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        pass
+
+
+def test_reopening_stream_resumes_from_the_byte_reached():
+    payload = np.random.default_rng(0).bytes(100_000)
+    offsets = []
+
+    def open_at(offset: int):
+        offsets.append(offset)
+        body = FlakyBody(payload[offset:], fail_after=30_000 if len(offsets) < 3 else None)
+        return body, len(payload) - offset
+
+    stream = D.ReopeningStream("test://x", open_at, retry_s=10)
+    stream_delay = time.monotonic()
+    assert io.BufferedReader(stream, 8192).read() == payload
+    assert offsets == [0, 30_000, 60_000] and time.monotonic() - stream_delay < 5
+
+
+# ---------------------------------------------------------------------------- real S3
+
+
+def upload_dir(local: Path, url: str) -> None:
+    from orchestrator import s3
+
+    for path in sorted(local.iterdir()):
+        if path.name != "manifest.json":
+            s3.upload_file(str(path), f"{url}/{path.name}")
+    s3.upload_file(str(local / "manifest.json"), f"{url}/manifest.json")  # the commit marker last
+
+
+def test_reads_from_s3_same_as_local(ds, s3_prefix):
+    url = f"{s3_prefix}/ds"
+    with pytest.raises(DataError, match="manifest"):
+        D.load_manifest(url)
+    upload_dir(ds, url)
+    local = epoch_batches(small_cfg(ds), world=2, batch=4)
+    remote = epoch_batches(small_cfg(url), world=2, batch=4)
+    for r in range(2):
+        assert all(
+            torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+            for a, b in zip(local[r], remote[r], strict=True)
+        )
+    loader = TrainLoader(small_cfg(url), rank=0, world_size=1, batch_size=8, seed=0)
+    list(loader)
+    assert loader.stats()["bytes"] >= sum((ds / f).stat().st_size for f in ("train-000000.tar",))
+
+    import webdataset as wds  # the registered gopen handler: no `aws` CLI needed
+
+    keys = [s["__key__"] for s in wds.WebDataset(f"{url}/val-000000.tar", shardshuffle=False)]
+    assert keys == [f"val_{i:05d}" for i in range(9)]
+
+
+@pytest.fixture
+def private_s3(tmp_path, monkeypatch):
+    """An object store of this test's own (SeaweedFS only, on free ports): the restart test
+    stops it mid-epoch, which must not pull the shared test stack from under other tests."""
+    import random
+    import socket
+
+    from orchestrator import s3
+    from orchestrator.stack import Stack
+    from tests.conftest import test_stack_config
+
+    def free(port: int) -> bool:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                return False
+
+    rnd = random.Random()
+    base = next(
+        b
+        for b in iter(lambda: rnd.randrange(30000, 39000, 10), None)
+        if all(free(b + i) and free(b + i + 10000) for i in range(5))
+    )
+    names = (
+        "s3_port",
+        "weed_master_port",
+        "weed_volume_port",
+        "weed_filer_port",
+        "weed_admin_port",
+    )
+    ports = {name: base + i for i, name in enumerate(names)}
+    st = Stack(test_stack_config(state_dir=tmp_path / "private-stack", **ports))
+    st.up(services=("s3",))
+    for key, value in st.env().items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setattr(
+        s3, "_clients", {}
+    )  # this process's cached client points at the shared store
+    try:
+        yield st
+    finally:
+        st.down(services=("s3",))
+
+
+def kill_s3(st) -> None:
+    """SIGKILL the store's whole process tree: a crash, not a graceful stop (a graceful stop
+    lets the response in flight finish, so nothing would break mid-stream)."""
+    import psutil
+
+    root = psutil.Process(st._running_pid("s3"))
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        p.kill()
+    psutil.wait_procs(procs, timeout=10)
+
+
+def socket_buffer_bytes() -> int:
+    """The most a loopback connection can hold in flight: max receive + max send buffer."""
+    try:
+        rmem = int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
+        wmem = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+        return rmem + wmem
+    except (OSError, ValueError, IndexError):
+        return 64 << 20
+
+
+def test_s3_restart_mid_epoch_resumes_the_stream(tmp_path, private_s3, caplog):
+    # one shard of 2 MB samples (a random member each), large enough that after the first
+    # batch more of it is unsent than kernel socket buffers can hold: the store dies mid-shard
+    samples = (socket_buffer_bytes() + (24 << 20)) // 2_000_000 + 1
+    root = write_dataset(tmp_path / "big", {"train": [samples]}, pad_bytes=2_000_000)
+    url = "s3://resnet/restart/big"
+    upload_dir(root, url)
+    cfg = small_cfg(url, num_workers=0, shuffle_buffer=0, io_retry_s=120)
+    reference = epoch_batches(small_cfg(root, num_workers=0, shuffle_buffer=0), world=1, batch=4)[0]
+
+    loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=4, seed=0)
+    got = []
+    restarter = None
+    with caplog.at_level(logging.WARNING, logger="orchestrator.data"):
+        for i, (x, y) in enumerate(loader):
+            got.append((x.clone(), y.clone()))
+            if i == 0:  # 4 samples (+1 read ahead) consumed: kill the store, restart it in 2 s
+                kill_s3(private_s3)
+                restarter = threading.Thread(
+                    target=lambda: (time.sleep(2), private_s3.up(services=("s3",)))
+                )
+                restarter.start()
+    restarter.join()
+    assert len(got) == len(reference) == -(-samples // 4)
+    for (x1, y1), (x2, y2) in zip(reference, got, strict=True):
+        assert torch.equal(y1, y2) and torch.equal(x1, x2)
+    assert loader.stats()["bad_samples"] == 0
+    resumed = [int(b) for b in re.findall(r"read failed at byte (\d+)", caplog.text)]
+    assert any(b > 0 for b in resumed), caplog.text[-2000:]  # a Range request picked up mid-shard
