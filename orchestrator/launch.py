@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator import s3
@@ -31,19 +32,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve(spec: JobSpec, argv: list[str]) -> tuple[JobSpec, argparse.Namespace]:
+def resolve(
+    spec: JobSpec, argv: list[str], finalize: Callable[[JobSpec], JobSpec] | None = None
+) -> tuple[JobSpec, argparse.Namespace]:
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.resume_from:
         overrides.append(f"checkpoint.resume_from={args.resume_from}")
-    return apply_overrides(spec, overrides), args
+    spec = apply_overrides(spec, overrides)
+    return (finalize(spec).validate() if finalize else spec), args
 
 
-def main(spec: JobSpec, argv: list[str] | None = None) -> int:
-    """Entry point of every job file."""
+def main(
+    spec: JobSpec, argv: list[str] | None = None, finalize: Callable[[JobSpec], JobSpec] | None = None
+) -> int:
+    """Entry point of every job file; `finalize` adjusts the spec after overrides (a recipe
+    rule that depends on an overridden field, like ResNet-110's warm-up)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        spec, args = resolve(spec, argv)
+        spec, args = resolve(spec, argv, finalize)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -190,7 +190,10 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
             f"valid keys: {', '.join(names)}"
         )
     kwargs = {name: _coerce(hints[name], data[name], f"{where}{name}") for name in data}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:  # a section's own checks (__post_init__)
+        raise SpecError(f"{where.rstrip('.') or 'spec'}: {err}") from None
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
