@@ -491,13 +491,14 @@ def write_dataset(
             dest.delete(MANIFEST)
         bad = [item for side in done.values() for item in side["skipped"]]
         _check_bad(bad, total, bad_limit, max_bad_fraction)
-        bar = progress(sum(len(j.samples) for j in todo), f"writing {len(todo)} shards")
-        for side in runner.imap(_build_shard, todo):
-            done[side["name"]] = side
-            bar.update(side["samples"] + len(side["skipped"]))
-            bad.extend(side["skipped"])
-            _check_bad(bad, total, bad_limit, max_bad_fraction)  # stop early, not at the end
-        bar.close()
+        if todo:
+            bar = progress(sum(len(j.samples) for j in todo), f"writing {len(todo)} shards")
+            for side in runner.imap(_build_shard, todo):
+                done[side["name"]] = side
+                bar.update(side["samples"] + len(side["skipped"]))
+                bad.extend(side["skipped"])
+                _check_bad(bad, total, bad_limit, max_bad_fraction)  # stop early, not at the end
+            bar.close()
         runner.close()
     except BaseException:
         runner.close(kill=True)

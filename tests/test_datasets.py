@@ -31,7 +31,9 @@ from PIL import Image
 from tests.conftest import ROOT
 
 TARGET_MB = 0.1  # tiny shards, so a small dataset still spans several
+SHARDS = ("--shard-size-mb", TARGET_MB)
 CLASSES = 4
+GEN = ("--classes", CLASSES, "--train-per-class", 30, "--val-per-class", 8, "--size", "96x72")
 
 
 def run(script: str, *args: Any, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -131,29 +133,14 @@ def check_dataset(
 @pytest.fixture(scope="module")
 def imagenet_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synthetic") / "imagenet"
-    ok(
-        "synthetic.py",
-        "imagenet",
-        "--out",
-        out,
-        "--classes",
-        CLASSES,
-        "--train-per-class",
-        30,
-        "--val-per-class",
-        8,
-        "--size",
-        "96x72",
-        "--seed",
-        3,
-    )
+    ok("synthetic.py", "imagenet", "--out", out, *GEN, "--seed", 3)
     return out
 
 
 @pytest.fixture(scope="module")
 def local_shards(imagenet_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     dest = tmp_path_factory.mktemp("shards") / "imagenet"
-    ok("imagenet.py", "--src", imagenet_src, "--dest", dest, "--shard-size-mb", TARGET_MB)
+    ok("imagenet.py", "--src", imagenet_src, "--dest", dest, *SHARDS)
     return dest
 
 
@@ -184,42 +171,10 @@ def test_synthetic_imagenet_layout_determinism_and_signal(
 
     # Same seed: the same bytes. Another seed: other images.
     again = tmp_path / "again"
-    ok(
-        "synthetic.py",
-        "imagenet",
-        "--out",
-        again,
-        "--classes",
-        CLASSES,
-        "--train-per-class",
-        30,
-        "--val-per-class",
-        8,
-        "--size",
-        "96x72",
-        "--seed",
-        3,
-        "--workers",
-        1,
-    )
+    ok("synthetic.py", "imagenet", "--out", again, *GEN, "--seed", 3, "--workers", 1)
     assert tree_digest(again) == tree_digest(imagenet_src)
     other = tmp_path / "other"
-    ok(
-        "synthetic.py",
-        "imagenet",
-        "--out",
-        other,
-        "--classes",
-        CLASSES,
-        "--train-per-class",
-        2,
-        "--val-per-class",
-        1,
-        "--size",
-        "96x72",
-        "--seed",
-        4,
-    )
+    ok("synthetic.py", "imagenet", "--out", other, *GEN, "--train-per-class", 1, "--seed", 4)
     f = f"train/{wnids[0]}/{wnids[0]}_1.JPEG"
     assert (other / f).read_bytes() != (imagenet_src / f).read_bytes()
     # an existing output is refused, not mixed into
@@ -233,31 +188,17 @@ def test_synthetic_imagenet_layout_determinism_and_signal(
     centres = np.stack(
         [np.mean([colour(p) for p in (imagenet_src / "train" / w).iterdir()], 0) for w in wnids]
     )
-    hits = [
-        wnids[
-            int(np.argmin(((centres - colour(imagenet_src / "val" / f"{r[0]}.JPEG")) ** 2).sum(1)))
-        ]
-        == r[1].split()[0]
-        for r in rows[1:]
-    ]
+
+    def nearest(p: Path) -> str:
+        return wnids[int(np.argmin(((centres - colour(p)) ** 2).sum(1)))]
+
+    hits = [nearest(imagenet_src / "val" / f"{r[0]}.JPEG") == r[1].split()[0] for r in rows[1:]]
     assert np.mean(hits) >= 0.6  # chance is 0.25
 
 
 def make_cifar(out: Path, seed: int = 0, workers: int = 2) -> Path:
-    ok(
-        "synthetic.py",
-        "cifar10",
-        "--out",
-        out,
-        "--train-per-class",
-        20,
-        "--test-per-class",
-        5,
-        "--seed",
-        seed,
-        "--workers",
-        workers,
-    )
+    args = ("--train-per-class", 20, "--test-per-class", 5, "--seed", seed, "--workers", workers)
+    ok("synthetic.py", "cifar10", "--out", out, *args)
     return out / "cifar-10-batches-py"
 
 
@@ -345,32 +286,12 @@ def test_imagenet_deterministic_and_resumable(
     imagenet_src: Path, local_shards: Path, tmp_path: Path
 ) -> None:
     dest = tmp_path / "again"
-    ok(
-        "imagenet.py",
-        "--src",
-        imagenet_src,
-        "--dest",
-        dest,
-        "--shard-size-mb",
-        TARGET_MB,
-        "--workers",
-        1,
-    )
+    ok("imagenet.py", "--src", imagenet_src, "--dest", dest, *SHARDS, "--workers", 1)
     first = json.loads((local_shards / "manifest.json").read_text())
     manifest = json.loads((dest / "manifest.json").read_text())
     assert manifest["splits"] == first["splits"]  # same names, sizes, sha256: byte-identical
     reseeded = tmp_path / "reseeded"
-    ok(
-        "imagenet.py",
-        "--src",
-        imagenet_src,
-        "--dest",
-        reseeded,
-        "--shard-size-mb",
-        TARGET_MB,
-        "--seed",
-        1,
-    )
+    ok("imagenet.py", "--src", imagenet_src, "--dest", reseeded, *SHARDS, "--seed", 1)
     other = json.loads((reseeded / "manifest.json").read_text())
     assert (
         other["splits"]["train"]["shards"][0]["sha256"]
@@ -381,7 +302,7 @@ def test_imagenet_deterministic_and_resumable(
     shards = sorted(dest.glob("*.tar"))
     mtimes = {p.name: p.stat().st_mtime_ns for p in shards}
     time.sleep(0.01)
-    out = ok("imagenet.py", "--src", imagenet_src, "--dest", dest, "--shard-size-mb", TARGET_MB)
+    out = ok("imagenet.py", "--src", imagenet_src, "--dest", dest, *SHARDS)
     assert f"{len(shards)} already there and skipped" in out.stderr
     assert "(0 shards written" in out.stderr
     assert {p.name: p.stat().st_mtime_ns for p in shards} == mtimes
@@ -391,7 +312,7 @@ def test_imagenet_deterministic_and_resumable(
     corrupt = bytearray((dest / "val-000000.tar").read_bytes())
     corrupt[2000] ^= 0xFF
     (dest / "val-000000.tar").write_bytes(bytes(corrupt))
-    out = ok("imagenet.py", "--src", imagenet_src, "--dest", dest, "--shard-size-mb", TARGET_MB)
+    out = ok("imagenet.py", "--src", imagenet_src, "--dest", dest, *SHARDS)
     assert "(2 shards written" in out.stderr
     changed = {p.name for p in shards if p.stat().st_mtime_ns != mtimes[p.name]}
     assert changed == {"train-000001.tar", "val-000000.tar"}
@@ -422,19 +343,9 @@ def test_imagenet_val_label_sources_agree(
     truth = "".join(f"{synsets.index(r[1].split()[0]) + 1}\n" for r in rows)
     (tmp_path / "ground_truth.txt").write_text(truth)
     dest = tmp_path / "devkit"
-    ok(
-        "imagenet.py",
-        "--src",
-        imagenet_src,
-        "--dest",
-        dest,
-        "--shard-size-mb",
-        TARGET_MB,
-        "--val-labels",
-        tmp_path / "ground_truth.txt",
-        "--devkit-synsets",
-        tmp_path / "synsets.txt",
-    )
+    devkit = ("--val-labels", tmp_path / "ground_truth.txt")
+    ok("imagenet.py", "--src", imagenet_src, "--dest", dest, *SHARDS, *devkit,
+       "--devkit-synsets", tmp_path / "synsets.txt")  # fmt: skip
     manifest = json.loads((dest / "manifest.json").read_text())
     first = json.loads((local_shards / "manifest.json").read_text())
     assert manifest["splits"]["val"] == first["splits"]["val"]  # same labels: identical shards
@@ -445,35 +356,17 @@ def test_imagenet_val_label_sources_agree(
     for r in rows:
         (src / "val" / r[1].split()[0]).mkdir(exist_ok=True)
         (src / "val" / f"{r[0]}.JPEG").rename(src / "val" / r[1].split()[0] / f"{r[0]}.JPEG")
-    ok("imagenet.py", "--src", src, "--dest", tmp_path / "sorted", "--shard-size-mb", TARGET_MB)
+    ok("imagenet.py", "--src", src, "--dest", tmp_path / "sorted", *SHARDS)
     manifest = json.loads((tmp_path / "sorted" / "manifest.json").read_text())
     assert manifest["splits"]["val"] == first["splits"]["val"]
 
-    no_synsets = run(
-        "imagenet.py",
-        "--src",
-        imagenet_src,
-        "--dest",
-        tmp_path / "x",
-        "--val-labels",
-        tmp_path / "ground_truth.txt",
-    )
+    no_synsets = run("imagenet.py", "--src", imagenet_src, "--dest", tmp_path / "x", *devkit)
     assert no_synsets.returncode == 2 and "--devkit-synsets" in no_synsets.stderr
 
 
 def test_imagenet_resize_shorter(imagenet_src: Path, tmp_path: Path) -> None:
     dest = tmp_path / "small"
-    ok(
-        "imagenet.py",
-        "--src",
-        imagenet_src,
-        "--dest",
-        dest,
-        "--resize-shorter",
-        40,
-        "--shard-size-mb",
-        TARGET_MB,
-    )
+    ok("imagenet.py", "--src", imagenet_src, "--dest", dest, "--resize-shorter", 40, *SHARDS)
     manifest = json.loads((dest / "manifest.json").read_text())
     seen = check_dataset(
         manifest,
@@ -500,17 +393,7 @@ def test_imagenet_bad_files_skipped_or_fatal(imagenet_src: Path, tmp_path: Path)
     Image.open(png).save(png, "PNG")
 
     dest = tmp_path / "tolerant"
-    ok(
-        "imagenet.py",
-        "--src",
-        src,
-        "--dest",
-        dest,
-        "--shard-size-mb",
-        TARGET_MB,
-        "--max-bad-fraction",
-        0.02,
-    )
+    ok("imagenet.py", "--src", src, "--dest", dest, *SHARDS, "--max-bad-fraction", 0.02)
     manifest = json.loads((dest / "manifest.json").read_text())
     skipped = {s["path"]: s["reason"] for s in manifest["skipped"]}
     assert set(skipped) == {"train/n00000001/n00000001_3.JPEG", "val/ILSVRC2012_val_00000005.JPEG"}
@@ -531,7 +414,7 @@ def test_imagenet_bad_files_skipped_or_fatal(imagenet_src: Path, tmp_path: Path)
 
     # 2 bad of 152 is more than the default 0.001: fatal, naming them, and no manifest.
     dest = tmp_path / "strict"
-    out = run("imagenet.py", "--src", src, "--dest", dest, "--shard-size-mb", TARGET_MB)
+    out = run("imagenet.py", "--src", src, "--dest", dest, *SHARDS)
     assert out.returncode == 2
     assert "--max-bad-fraction" in out.stderr and "among 152 images" in out.stderr
     assert "n00000001_3.JPEG" in out.stderr or "ILSVRC2012_val_00000005.JPEG" in out.stderr
@@ -626,7 +509,7 @@ def test_imagenet_to_s3_matches_local_and_resumes(
     from orchestrator import s3
 
     dest = s3_dest
-    ok("imagenet.py", "--src", imagenet_src, "--dest", dest, "--shard-size-mb", TARGET_MB)
+    ok("imagenet.py", "--src", imagenet_src, "--dest", dest, *SHARDS)
     manifest = json.loads(s3.read_bytes(f"{dest}/manifest.json"))
     check_dataset(manifest, lambda n: s3.read_bytes(f"{dest}/{n}"), expected_imagenet(imagenet_src))
     local = json.loads((local_shards / "manifest.json").read_text())
@@ -642,7 +525,7 @@ def test_imagenet_to_s3_matches_local_and_resumes(
         }
 
     before = modified()
-    out = ok("imagenet.py", "--src", imagenet_src, "--dest", dest, "--shard-size-mb", TARGET_MB)
+    out = ok("imagenet.py", "--src", imagenet_src, "--dest", dest, *SHARDS)
     assert (
         f"{len(before)} already there and skipped" in out.stderr
         and "(0 shards written" in out.stderr
@@ -651,7 +534,7 @@ def test_imagenet_to_s3_matches_local_and_resumes(
     # Overwrite one shard with other bytes of the same size, delete another: both rebuilt.
     s3.write_bytes(f"{dest}/val-000000.tar", b"x" * manifest["splits"]["val"]["shards"][0]["bytes"])
     s3.client().delete_object(Bucket=bucket, Key=f"{prefix}/train-000002.tar")
-    out = ok("imagenet.py", "--src", imagenet_src, "--dest", dest, "--shard-size-mb", TARGET_MB)
+    out = ok("imagenet.py", "--src", imagenet_src, "--dest", dest, *SHARDS)
     assert "(2 shards written" in out.stderr
     again = json.loads(s3.read_bytes(f"{dest}/manifest.json"))
     assert again["splits"] == manifest["splits"]

@@ -1,0 +1,106 @@
+"""Job specs: validation, overrides, dry-run, and every job file resolving."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.spec import JobSpec, ScalingConfig, SpecError, apply_overrides, from_dict, to_yaml
+from tests.conftest import ROOT
+
+JOB_FILES = sorted(p.name for p in (ROOT / "jobs").glob("*.py"))
+
+
+def test_overrides_are_typed() -> None:
+    spec = apply_overrides(JobSpec(name="x"), ["optim.lr=0.2", "scaling.num_workers=4", "schedule.milestones=[10,20]",
+                                               "model.shortcut=A", "model.num_classes=null"])  # fmt: skip
+    assert spec.optim.lr == 0.2 and spec.scaling.num_workers == 4
+    assert spec.schedule.milestones == [10, 20] and spec.model.shortcut == "A"
+    assert apply_overrides(JobSpec(name="x"), ["optim.weight_decay=0"]).optim.weight_decay == 0.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.bogus=1", r"optim.bogus: unknown key in 'optim'; valid keys: name, lr"),
+        ("nosuch.key=1", r"nosuch.key: 'nosuch' is not a section; sections: model, data"),
+        ("optim.lr=fast", r"optim.lr: expected float, got str 'fast'"),
+        ("scaling.num_workers=2.5", r"scaling.num_workers: expected int"),
+        ("scaling.strategy=horovod", r"'horovod' is not allowed; choose one of \['ddp', 'deepspeed'\]"),
+        ("model.shortcut=D", r"model.shortcut: .*'D'"),
+        ("scaling.num_workers=3", r"global_batch: 256 is not a multiple of micro_batch x num_workers"),
+        ("scaling.zero_stage=2", r"zero_stage: set only with scaling.strategy=deepspeed"),
+        ("data.scale_range=[480,256]", r"data: .*low > high"),
+        ("optim.lr", r"expected section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_field(override: str, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        apply_overrides(JobSpec(name="x"), [override])
+
+
+def test_global_batch_and_lr_follow_the_workers() -> None:
+    spec = apply_overrides(JobSpec(name="x"), ["scaling.num_workers=4", "scaling.micro_batch=32"])
+    assert spec.accumulation() == 2  # 4 workers x 32 x 2 = 256
+    assert spec.lr() == pytest.approx(0.1)
+    spec = apply_overrides(JobSpec(name="x"), ["scaling.global_batch=512"])
+    assert spec.lr() == pytest.approx(0.2)  # linear scaling from the paper's 0.1 at 256
+
+
+def test_from_dict_rejects_unknown_top_level_key() -> None:
+    with pytest.raises(SpecError, match="unknown key"):
+        from_dict(JobSpec, {"name": "x", "colour": "red"})
+    assert from_dict(ScalingConfig, {"num_workers": 2}).num_workers == 2
+
+
+def test_yaml_dump_round_trips_values() -> None:
+    text = to_yaml(apply_overrides(JobSpec(name="x"), ["optim.lr=0.3"]))
+    assert "optim:\n" in text and "  lr: 0.3\n" in text
+
+
+@pytest.mark.parametrize("job", JOB_FILES)
+def test_every_job_file_resolves(job: str) -> None:
+    out = subprocess.run([sys.executable, f"jobs/{job}", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f'name: "{Path(job).stem}"' in out.stdout
+
+
+def test_job_file_reports_bad_override_and_exits_2() -> None:
+    out = subprocess.run([sys.executable, "jobs/imagenet_r152.py", "--dry-run", "optim.momentun=0.8"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and "optim.momentun: unknown key" in out.stderr
+
+
+def test_paper_recipes() -> None:
+    r152 = _load("imagenet_r152")
+    assert (r152.scaling.global_batch, r152.optim.momentum, r152.optim.weight_decay) == (256, 0.9, 1e-4)
+    assert r152.lr() == pytest.approx(0.1) and r152.schedule.kind == "plateau"
+    assert r152.schedule.max_iters == 600_000 and r152.data.scale_range == (256, 480)
+    cifar = _load("cifar10_resnet")
+    assert cifar.scaling.global_batch == 128 and cifar.lr() == pytest.approx(0.1)
+    assert cifar.schedule.milestones == [32_000, 48_000] and cifar.schedule.max_iters == 64_000
+
+
+def test_resnet110_gets_the_papers_warmup() -> None:
+    out = subprocess.run([sys.executable, "jobs/cifar10_resnet.py", "--dry-run", "model.name=cifar_resnet110"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert "warmup_iters: 400" in out.stdout
+    out = subprocess.run([sys.executable, "jobs/cifar10_resnet.py", "--dry-run", "model.name=cifar_resnet56"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert "warmup_iters: 0" in out.stdout
+
+
+def _load(stem: str) -> JobSpec:
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    try:
+        spec = importlib.util.spec_from_file_location(stem, ROOT / "jobs" / f"{stem}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.SPEC
+    finally:
+        sys.path.remove(str(ROOT / "jobs"))
