@@ -57,7 +57,7 @@ def main(
     if args.dry_run:
         print(to_yaml(spec), end="")
         return 0
-    if args.local:
+    if args.local or os.environ.get("ORCH_LOCAL") == "1":
         run_local(spec)
     else:
         run_ray(spec)
@@ -73,7 +73,10 @@ def run_local(spec: JobSpec) -> dict[str, float]:
 
     n = spec.scaling.num_workers
     if n > 1 and "LOCAL_RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *sys.argv]
+        # torchrun's parser would take --local for one of its own options: say it by environment
+        args = [a for a in sys.argv if a != "--local"]
+        os.environ["ORCH_LOCAL"] = "1"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]
         os.execv(sys.executable, cmd)
     from orchestrator.train import Runtime, run_worker
 

@@ -347,6 +347,11 @@ class Stack:
                 out[service] = "up" if self._healthy(service) else "running, not answering"
         return out
 
+    @property
+    def gcs_address(self) -> str:
+        """The Ray head's GCS address, for drivers that join the cluster (ray.init(address=...))."""
+        return f"{self.cfg.host}:{self.cfg.ray_port}"
+
     def urls(self) -> dict[str, str]:
         c = self.cfg
         return {

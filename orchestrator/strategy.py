@@ -112,6 +112,11 @@ class DeepSpeedStrategy:
     ) -> None:
         import deepspeed
 
+        if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", str(device.index or 0))  # DeepSpeed insists on it
         config = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": accumulation,
@@ -159,6 +164,14 @@ class DeepSpeedStrategy:
 
     def unwrapped(self) -> nn.Module:
         return self._base
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def build_strategy(

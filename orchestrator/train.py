@@ -143,7 +143,9 @@ class Trainer:
 
     def rank_state(self) -> dict[str, Any]:
         """What differs per rank: RNG streams (the data position is in the replicated state)."""
-        return {"rng": rng_state(), "rank": self.rt.rank, "world_size": self.rt.world_size}
+        # the schedule is replicated; a copy per rank lets tests prove every rank decided alike
+        return {"rng": rng_state(), "rank": self.rt.rank, "world_size": self.rt.world_size,
+                "schedule": self.schedule.state_dict(), "step": self.step}  # fmt: skip
 
     def save_checkpoint(self, metrics: dict[str, float]) -> float:
         """Write this step's checkpoint from every rank, commit it; returns the stall in s."""

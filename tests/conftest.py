@@ -89,3 +89,14 @@ def smoke_dataset(stack: Stack, generated_imagenet: Path) -> str:
     url = f"s3://resnet/datasets/smoke-{uuid.uuid4().hex[:8]}"
     run_script("datasets/imagenet.py", "--src", str(generated_imagenet), "--dest", url, "--shard-size-mb", "0.5")
     return url
+
+
+@pytest.fixture(scope="session")
+def odd_local_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Local shards with an odd validation count (3 classes x 7 = 21) for exact-count tests."""
+    src = tmp_path_factory.mktemp("odd-src")
+    run_script("datasets/synthetic.py", "imagenet", "--out", str(src), "--classes", "3",
+               "--train-per-class", "16", "--val-per-class", "7", "--size", "64x48", "--size-jitter", "0")  # fmt: skip
+    dest = tmp_path_factory.mktemp("odd-shards")
+    run_script("datasets/imagenet.py", "--src", str(src), "--dest", str(dest), "--shard-size-mb", "0.05")
+    return dest

@@ -1,0 +1,77 @@
+"""The worker loop on CPU: DDP and DeepSpeed under Ray, accumulation equivalence, plateau
+decisions across ranks, non-finite loss, exact validation counts."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.spec import JobSpec, apply_overrides
+from tests.conftest import run_script
+
+TINY = [  # cifar_resnet20 on 32x32 synthetic batches: the loop's mechanics, fast
+    "model.name=cifar_resnet20", "model.channels_last=false", "data.source=synthetic",
+    "data.image_size=32", "data.synthetic_classes=10", "data.pca_lighting=0", "tracking.enabled=false",
+    "eval.every_iters=0", "eval.at_end=false", "checkpoint.at_epoch_end=false",
+]  # fmt: skip
+
+
+def _final_state(storage: Path, name: str) -> dict:
+    steps = sorted((storage / name / "checkpoints").glob("step-*"))
+    assert steps and (steps[-1] / "COMMITTED").exists(), f"no committed checkpoint under {storage}"
+    return torch.load(io.BytesIO((steps[-1] / "trainer.pt").read_bytes()), weights_only=False)
+
+
+def _local(tmp_path: Path, name: str, *overrides: str) -> str:
+    return run_script("jobs/smoke.py", "--local", f"name={name}", f"checkpoint.storage={tmp_path}", *TINY, *overrides,
+                      env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_accumulation_matches_more_workers(tmp_path: Path, strategy: str) -> None:
+    """1 worker x 2 micro-batches of 8 == 2 workers x 1 micro-batch of 8 (same global batch 16).
+    The synthetic source gives every rank the same batch, so both see the same 16 samples."""
+    common = ["scaling.global_batch=16", "scaling.micro_batch=8", "schedule.max_iters=3",
+              "checkpoint.every_iters=3", f"scaling.strategy={strategy}"]  # fmt: skip
+    _local(tmp_path, "one", *common, "scaling.num_workers=1")
+    _local(tmp_path, "two", *common, "scaling.num_workers=2")
+    one = _final_state(tmp_path, "one")["strategy"]["model"]
+    two = _final_state(tmp_path, "two")["strategy"]["model"]
+    assert one.keys() == two.keys()
+    for key in one:
+        # BN running statistics are updated once per micro-batch, so accumulation moves them
+        # twice per step where two workers move them once: only the weights must agree
+        if one[key].is_floating_point() and "running_" not in key:
+            torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5, msg=key)
+    start = apply_overrides(JobSpec(name="x"), TINY)  # and training moved the weights at all
+    assert start.model.name == "cifar_resnet20"
+    assert not torch.equal(one["fc.weight"], torch.zeros_like(one["fc.weight"]))
+
+
+def test_nonfinite_loss_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError) as failed:
+        _local(tmp_path, "nan", "optim.lr=1e12", "schedule.max_iters=20", "scaling.global_batch=8",
+               "scaling.num_workers=1", "checkpoint.every_iters=0")  # fmt: skip
+    assert "NonFiniteLoss: non-finite loss at step" in str(failed.value)
+    assert "on rank(s) [0]" in str(failed.value)
+    assert not (tmp_path / "nan" / "checkpoints").exists() or not list((tmp_path / "nan" / "checkpoints").glob("*/COMMITTED"))
+
+
+def test_exact_validation_counts_and_identical_plateau_decisions(tmp_path: Path, odd_local_shards: Path) -> None:
+    """2 ranks, 21 validation samples: counted once each; the plateau rule decides alike."""
+    _local(tmp_path, "plateau", f"data.url={odd_local_shards}", "data.source=shards", "data.image_size=32",
+           "data.train_transform=rrc", "data.scale_range=[36,48]", "data.eval_resize=36", "data.num_workers=1",
+           "data.shuffle_buffer=16", "scaling.num_workers=2", "scaling.global_batch=8",
+           "schedule.kind=plateau", "schedule.plateau_patience=1", "schedule.plateau_threshold=0.5",
+           "schedule.max_iters=6", "eval.every_iters=2", "eval.batch_size=4", "checkpoint.every_iters=6")  # fmt: skip
+    step_dir = sorted((tmp_path / "plateau" / "checkpoints").glob("step-*"))[-1]
+    marker = json.loads((step_dir / "COMMITTED").read_text())
+    assert marker["metrics"]["val/samples"] == 21
+    ranks = [torch.load(step_dir / f"rank-{r:05d}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["schedule"] == ranks[1]["schedule"]
+    assert ranks[0]["schedule"]["drops"] >= 2  # threshold 0.5 makes every evaluation a plateau
