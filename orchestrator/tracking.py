@@ -42,7 +42,10 @@ class Tracker(Protocol):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_text(self, text: str, path: str) -> None: ...
-    def finish(self, status: str, error: str | None = None) -> None: ...
+    def finish(
+        self, status: str, error: str | None = None, *,
+        checkpoint_url: str | None = None, best_checkpoint_url: str | None = None,
+    ) -> None: ...
 
 
 class NullTracker:
@@ -56,12 +59,14 @@ class NullTracker:
     def log_text(self, text: str, path: str) -> None:
         pass
 
-    def finish(self, status: str, error: str | None = None) -> None:
+    def finish(self, status: str, error: str | None = None, **checkpoints: str | None) -> None:
         pass
 
 
 class MlflowTracker:
-    def __init__(self, experiment: str, job: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+    def __init__(
+        self, experiment: str, job: str, params: dict[str, Any], tags: dict[str, str], spec_yaml: str = ""
+    ) -> None:
         from mlflow import MlflowClient
 
         self.client = MlflowClient()
@@ -115,7 +120,7 @@ class MlflowTracker:
         except Exception as err:
             log.warning("could not log %s to MLflow: %s", path, err)
 
-    def finish(self, status: str, error: str | None = None) -> None:
+    def finish(self, status: str, error: str | None = None, **checkpoints: str | None) -> None:
         self._flush()
         try:
             if error:
@@ -127,12 +132,14 @@ class MlflowTracker:
             log.warning("could not close MLflow run %s: %s", self.run_id, err)
 
 
-def start_tracker(enabled: bool, experiment: str, job: str, params: dict[str, Any], tags: dict[str, str]) -> Tracker:
+def start_tracker(
+    enabled: bool, experiment: str, job: str, params: dict[str, Any], tags: dict[str, str], spec_yaml: str = ""
+) -> Tracker:
     """An MLflow tracker where MLFLOW_TRACKING_URI is set and MLflow imports; else a no-op."""
     if not enabled or not os.environ.get("MLFLOW_TRACKING_URI"):
         return NullTracker()
     try:
-        return MlflowTracker(experiment, job, params, tags)
+        return MlflowTracker(experiment, job, params, tags, spec_yaml)
     except ImportError:
         log.warning("MLflow is not installed: tracking off")
         return NullTracker()

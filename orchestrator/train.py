@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from orchestrator.checkpoint import CheckpointStore
 from orchestrator.data import DeviceNormalize, TrainLoader, eval_loader
 from orchestrator.models import create_model
 from orchestrator.schedule import LRSchedule
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, to_yaml
 from orchestrator.strategy import build_strategy
 from orchestrator.tracking import NullTracker, Tracker, start_tracker
 
@@ -260,7 +261,9 @@ class Trainer:
             tags = {"model": spec.model.name, "strategy": spec.scaling.strategy,
                     "world_size": str(self.rt.world_size), "device": self.device.type,
                     "dataset": spec.data.url or "synthetic", "manifest_sha256": self.manifest_sha256, **self.rt.tags}  # fmt: skip
-            self.tracker = start_tracker(spec.tracking.enabled, spec.tracking.experiment, spec.name, spec.flat(), tags)
+            self.tracker = start_tracker(
+                spec.tracking.enabled, spec.tracking.experiment, spec.name, spec.flat(), tags, to_yaml(spec)
+            )
             self.tracking_run_id = self.tracker.run_id
         log.info("rank %d: %s from step %d (resumed: %s)", self.rt.rank, spec.name, self.step, resumed)
         self.strategy.model.train()
@@ -325,7 +328,15 @@ class Trainer:
         if final:
             last.update(final)
             self._publish(final)
-        self.tracker.finish("FINISHED")
+        if self.rt.rank == 0:
+            committed = self.store.committed()
+            scored = [c for c in committed if spec.checkpoint.best_metric in c.metrics]
+            best = min(scored, key=lambda c: c.metrics[spec.checkpoint.best_metric]) if scored else None
+            self.tracker.finish(
+                "FINISHED",
+                checkpoint_url=committed[-1].url if committed else None,
+                best_checkpoint_url=best.url if best else None,
+            )
         return last
 
     def _validate(self) -> dict[str, float]:
@@ -342,6 +353,20 @@ class Trainer:
         self.rt.report(metrics)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (a cancelled job, a preempted node): stop and mark the run KILLED."""
+
+
+def _raise_on_sigterm() -> None:
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"signal {signum}")
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (Ray runs the loop in a thread): Ray handles it
+        pass
+
+
 def run_worker(spec_dict: dict[str, Any], rt: Runtime) -> dict[str, float]:
     """Build a Trainer and run it; marks the tracking run FAILED/KILLED on the way out."""
     from orchestrator.spec import JobSpec, from_dict
@@ -349,9 +374,10 @@ def run_worker(spec_dict: dict[str, Any], rt: Runtime) -> dict[str, float]:
     spec = from_dict(JobSpec, spec_dict)
     logging.basicConfig(level=os.environ.get("ORCH_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     trainer = Trainer(spec, rt)
+    _raise_on_sigterm()
     try:
         return trainer.fit()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         trainer.tracker.finish("KILLED")
         raise
     except BaseException as err:
