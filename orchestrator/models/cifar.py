@@ -40,9 +40,7 @@ def cifar_net(
     )
 
 
-def _cifar(
-    depth: int, residual: bool
-) -> Callable[[Callable[..., ResNet]], Callable[..., ResNet]]:
+def _cifar(depth: int, residual: bool) -> Callable[[Callable[..., ResNet]], Callable[..., ResNet]]:
     """``register_model`` shorthand for the CIFAR family (32x32 input, basic blocks)."""
     return register_model(
         family="cifar", depth=depth, block="basic", residual=residual, input_size=32

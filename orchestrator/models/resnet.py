@@ -92,7 +92,9 @@ def make_shortcut(
         return None
     changes_shape = stride != 1 or in_channels != out_channels
     if shortcut == "C" or (shortcut == "B" and changes_shape):
-        return nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
+        return nn.Sequential(
+            conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels)
+        )
     if shortcut == "A" and changes_shape:
         return ZeroPadShortcut(in_channels, out_channels, stride)
     return None
@@ -179,13 +181,14 @@ class ResNet(nn.Module):
     ``shortcut=None`` builds the plain counterpart. ``stride_in_1x1`` applies to bottleneck
     nets only (default True, the paper's v1); a basic-block net rejects it.
 
-    Fully convolutional: any input size works (ImageNet nets need >= 32x32 for a final map of at
-    least 1x1), and ``score_map`` gives the class scores at every position of the final map.
+    Fully convolutional: any input size works (ImageNet nets downsample 32x, so 32x32 is the
+    smallest that keeps a real final map), and ``score_map`` gives the class scores at every
+    position of the final map.
     """
 
     def __init__(
         self,
-        block: type[BasicBlock] | type[Bottleneck],
+        block: type[BasicBlock | Bottleneck],
         blocks_per_stage: Sequence[int],
         *,
         widths: Sequence[int] = (64, 128, 256, 512),
@@ -207,7 +210,7 @@ class ResNet(nn.Module):
             # With no shortcut, a zeroed last BN would cut the signal entirely.
             raise ValueError("zero_init_residual needs shortcuts; a plain net cannot use it")
         block_options = {}
-        if block is Bottleneck:
+        if issubclass(block, Bottleneck):
             block_options["stride_in_1x1"] = True if stride_in_1x1 is None else stride_in_1x1
         elif stride_in_1x1 is not None:
             raise ValueError("stride_in_1x1 only applies to bottleneck blocks")
@@ -235,13 +238,24 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
 
+        self.zero_init_residual = zero_init_residual
+        # A net built on the meta device (to count parameters or FLOPs, or for deferred
+        # init) has no values to set, and normal_ there is slower than on the CPU.
+        if not self.conv1.weight.is_meta:
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """(Re)initialise all weights; call it after ``to_empty()`` on a net built on meta.
+
+        Convs: He normal, fan-out, ReLU gain. BN: weight 1, bias 0, fresh running statistics.
+        fc: ``nn.Linear``'s default, as torchvision does.
+        """
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if zero_init_residual:
+            elif isinstance(m, (nn.BatchNorm2d, nn.Linear)):
+                m.reset_parameters()
+        if self.zero_init_residual:
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     m.zero_init_last()
@@ -273,7 +287,7 @@ class ResNet(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # ImageNet nets (Table 1). Option B by default, v1 bottleneck (stride in the first 1x1).
 
-_IMAGENET_STAGES: dict[int, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, ...]]] = {
+_IMAGENET_STAGES: dict[int, tuple[type[BasicBlock | Bottleneck], tuple[int, ...]]] = {
     18: (BasicBlock, (2, 2, 2, 2)),
     34: (BasicBlock, (3, 4, 6, 3)),
     50: (Bottleneck, (3, 4, 6, 3)),
