@@ -121,6 +121,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(),
         report=lambda metrics: ray.train.report(metrics),
         tags={"ray_job_id": ray.get_runtime_context().get_job_id()},
+        node=ray.get_runtime_context().get_node_id(),
     )
     run_worker(config["spec"], rt)
 
@@ -170,6 +171,21 @@ def run_ray(spec: JobSpec) -> Any:
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not use_gpu else None,
         ),
     )
-    result = trainer.fit()
-    print(f"job {spec.name} finished; checkpoints under {spec.checkpoint.storage}/{spec.name}/checkpoints")
+    checkpoints = f"{spec.checkpoint.storage}/{spec.name}/checkpoints"
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        # the failure budget is spent: say where the job stands and what killed it, in one place
+        from orchestrator.checkpoint import CheckpointStore
+
+        latest = CheckpointStore(checkpoints).latest()
+        where = f"step {latest.step} ({latest.url})" if latest else "none yet"
+        print(
+            f"job {spec.name} FAILED after {spec.scaling.max_failures} restarts "
+            f"(scaling.max_failures). Latest committed checkpoint: {where}. "
+            f"Resubmit the same name to resume from it. Cause: {type(err).__name__}: {err}",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
+    print(f"job {spec.name} finished; checkpoints under {checkpoints}")
     return result

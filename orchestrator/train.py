@@ -16,7 +16,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ class Runtime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     report: Callable[[dict[str, float]], None] = lambda metrics: None
     tags: dict[str, str] = field(default_factory=dict)  # e.g. the Ray job id
+    node: str = ""  # the Ray node id where this worker runs
 
 
 def all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
@@ -146,7 +147,8 @@ class Trainer:
         """What differs per rank: RNG streams (the data position is in the replicated state)."""
         # the schedule is replicated; a copy per rank lets tests prove every rank decided alike
         return {"rng": rng_state(), "rank": self.rt.rank, "world_size": self.rt.world_size,
-                "schedule": self.schedule.state_dict(), "step": self.step}  # fmt: skip
+                "schedule": self.schedule.state_dict(), "step": self.step, "pid": os.getpid(),
+                "node": self.rt.node}  # fmt: skip
 
     def save_checkpoint(self, metrics: dict[str, float]) -> float:
         """Write this step's checkpoint from every rank, commit it; returns the stall in s."""
@@ -225,6 +227,20 @@ class Trainer:
                 f"the last committed checkpoint is intact."
             )
 
+    def _ahead_to_device(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """On a GPU, start copying batch k+1 (pinned memory, non_blocking) before batch k runs."""
+        if self.device.type != "cuda":
+            yield from batches
+            return
+        ahead = None
+        for images, labels in batches:
+            current = (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+            if ahead is not None:
+                yield ahead
+            ahead = current
+        if ahead is not None:
+            yield ahead
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation with exact counts: each sample once across ranks, sums all-reduced."""
@@ -265,7 +281,8 @@ class Trainer:
                 spec.tracking.enabled, spec.tracking.experiment, spec.name, spec.flat(), tags, to_yaml(spec)
             )
             self.tracking_run_id = self.tracker.run_id
-        log.info("rank %d: %s from step %d (resumed: %s)", self.rt.rank, spec.name, self.step, resumed)
+        weights = sum(float(p.double().sum()) for p in self.strategy.unwrapped().parameters())
+        log.info("rank %d: %s from step %d (resumed: %s, weight checksum %.10g)", self.rt.rank, spec.name, self.step, resumed, weights)
         self.strategy.model.train()
         sums = torch.zeros(3, device=self.device)  # loss sum, top1 hits, top5 hits
         window_samples, window_wait, window_t0, window_steps = 0, 0.0, time.perf_counter(), 0
@@ -273,7 +290,7 @@ class Trainer:
         micro = 0
         while self.step < spec.schedule.max_iters:
             self.loader.set_epoch(self.epoch, self.batch_in_epoch)
-            batches = iter(self.loader)
+            batches = self._ahead_to_device(iter(self.loader))
             while self.step < spec.schedule.max_iters:
                 t_wait = time.perf_counter()
                 try:
@@ -296,7 +313,7 @@ class Trainer:
                 window_steps += 1
                 self.samples_seen += spec.scaling.global_batch
                 metrics: dict[str, float] = {}
-                if self.step % spec.tracking.log_every == 0 or self.step == spec.schedule.max_iters:
+                if self.step % spec.tracking.log_every == 0 or self.step in (1, spec.schedule.max_iters):
                     loss_sum, top1, top5 = sums.tolist()  # the one host sync per log interval
                     elapsed = time.perf_counter() - window_t0
                     metrics = {
@@ -381,5 +398,7 @@ def run_worker(spec_dict: dict[str, Any], rt: Runtime) -> dict[str, float]:
         trainer.tracker.finish("KILLED")
         raise
     except BaseException as err:
-        trainer.tracker.finish("FAILED", error=f"rank {rt.rank}, step {trainer.step}: {type(err).__name__}: {err}")
+        where = f"rank {rt.rank} at step {trainer.step} (epoch {trainer.epoch})"
+        trainer.tracker.finish("FAILED", error=f"{where}: {type(err).__name__}: {err}")
+        log.error("%s failed: %s: %s", where, type(err).__name__, err)
         raise

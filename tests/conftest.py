@@ -44,14 +44,20 @@ test_stack_config.__test__ = False  # a helper, not a test
 def stack() -> Iterator[Stack]:
     """The running test stack; its client variables are set in os.environ for the session."""
     st = Stack(test_stack_config())
-    already_up = all(state == "up" for state in st.status().values())
+    # several pytest sessions may share the test stack: each holds a lease, the last one out
+    # stops it (unless ORCH_TEST_KEEP_STACK is set)
+    leases = st.dir / "leases"
+    leases.mkdir(parents=True, exist_ok=True)
+    (leases / str(os.getpid())).touch()
     st.up()
     saved = dict(os.environ)
     os.environ.update(st.env())
     yield st
     os.environ.clear()
     os.environ.update(saved)
-    if not already_up and not os.environ.get("ORCH_TEST_KEEP_STACK"):
+    (leases / str(os.getpid())).unlink(missing_ok=True)
+    others = [p for p in leases.iterdir() if p.name.isdigit() and Path(f"/proc/{p.name}").exists()]
+    if not others and not os.environ.get("ORCH_TEST_KEEP_STACK"):
         st.down()
 
 

@@ -1,0 +1,73 @@
+"""Committed checkpoints, on a local folder and on the real S3: markers, truncation, retention."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from orchestrator import s3
+from orchestrator.checkpoint import CheckpointStore, split_checkpoint_url
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> CheckpointStore:
+    if request.param == "local":
+        return CheckpointStore(str(tmp_path / "ckpts"))
+    prefix = request.getfixturevalue("s3_prefix")
+    return CheckpointStore(f"{prefix}/ckpts")
+
+
+def _save(store: CheckpointStore, step: int, metric: float, commit: bool = True) -> None:
+    store.write(step, "trainer.pt", {"step": step, "payload": list(range(1000))})
+    store.write(step, "rank-00000.pt", {"rng": step})
+    if commit:
+        store.commit(step, {"val_top1_err": metric})
+
+
+def _truncate(store: CheckpointStore, step: int, name: str) -> None:
+    data = store.storage.get(f"step-{step:08d}/{name}")
+    store.storage.put(f"step-{step:08d}/{name}", data[: len(data) // 2])
+
+
+def test_only_complete_committed_checkpoints_count(store: CheckpointStore, caplog: pytest.LogCaptureFixture) -> None:
+    assert store.latest() is None
+    _save(store, 4, 0.5)
+    _save(store, 8, 0.4, commit=False)  # a save interrupted before its marker
+    _save(store, 12, 0.3)
+    _truncate(store, 12, "trainer.pt")  # a marker, but a file cut short
+    with caplog.at_level(logging.WARNING):
+        latest = store.latest()
+    assert latest is not None and latest.step == 4
+    assert store.read(4, "trainer.pt")["step"] == 4
+    assert "step-00000012" in caplog.text and "truncated" in caplog.text
+    assert "step-00000008" in caplog.text and "no commit marker" in caplog.text
+
+
+def test_retention_keeps_latest_and_best(store: CheckpointStore) -> None:
+    for step, metric in [(1, 0.9), (2, 0.2), (3, 0.5), (4, 0.6), (5, 0.7)]:
+        _save(store, step, metric)
+    store.retain(keep_last=2, best_metric="val_top1_err")
+    assert [c.step for c in store.committed()] == [2, 4, 5]
+
+
+def test_fetch_dir_round_trip(store: CheckpointStore, tmp_path: Path) -> None:
+    local = tmp_path / "shards"
+    (local / "deepspeed" / "state").mkdir(parents=True)
+    (local / "deepspeed" / "state" / "zero_rank1.pt").write_bytes(b"x" * 100)
+    store.write_dir(3, local, "shards")
+    store.commit(3, {})
+    back = store.fetch_dir(3, "shards")
+    assert (back / "deepspeed" / "state" / "zero_rank1.pt").read_bytes() == b"x" * 100
+
+
+def test_resume_from_url_parsing() -> None:
+    assert split_checkpoint_url("s3://b/runs/job/checkpoints/step-00000040") == ("s3://b/runs/job/checkpoints", 40)
+    with pytest.raises(ValueError, match="step-NNNNNNNN"):
+        split_checkpoint_url("s3://b/runs/job")
+
+
+def test_s3_helpers_name_bad_urls() -> None:
+    with pytest.raises(ValueError, match="not an s3:// URL"):
+        s3.split_url("/local/path")
