@@ -138,6 +138,11 @@ class JobSpec:
             raise SpecError(f"name: {self.name!r} must be non-empty, without spaces or slashes")
         if s.num_workers < 1:
             raise SpecError(f"scaling.num_workers: {s.num_workers} must be >= 1")
+        if self.micro_batch() < 1:
+            raise SpecError(
+                f"scaling.global_batch: {s.global_batch} is smaller than num_workers {s.num_workers}: "
+                f"every worker needs at least one sample per step; raise scaling.global_batch"
+            )
         per_step = self.micro_batch() * s.num_workers
         if s.global_batch % per_step:
             raise SpecError(
