@@ -323,6 +323,8 @@ class Trainer:
                         "data_wait_frac": window_wait / elapsed, "step_time_s": elapsed / window_steps,
                         "epoch": float(self.epoch), "samples_seen": float(self.samples_seen),
                     }  # fmt: skip
+                    if self.device.type == "cuda":
+                        metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                     sums.zero_()
                     window_samples, window_wait, window_t0 = 0, 0.0, time.perf_counter()
                     window_steps = 0

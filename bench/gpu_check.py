@@ -1,0 +1,120 @@
+"""All GPU checks in one run: our jobs vs plain PyTorch on the same card, data included.
+
+    python bench/gpu_check.py              # on an H100/H200 box with torch + torchvision (no network)
+    python bench/gpu_check.py --dry-run    # the same plumbing on a CPU, tiny sizes, in a minute
+
+Steps: (1) generate a small ImageNet-layout JPEG set and convert it to shards on local disk
+(datasets/synthetic.py, datasets/imagenet.py: PIL and numpy only); (2) rerun
+../shared/tools/gpu_baseline.py for plain PyTorch figures on this card; (3) run
+jobs/imagenet_r50.py and jobs/imagenet_r152.py with --local for a fixed number of steps on
+synthetic on-device data, CPU decode and GPU decode, eager and compiled; (4) print one table:
+img/s, ratio to the same-run baseline, data-wait fraction, peak memory. Each figure is the
+median of the job's logged windows after warm-up. Needs only torch, torchvision, PIL, numpy
+(webdataset/braceexpand are not needed: the loader reads tar shards itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BASELINE = REPO.parent / "shared" / "tools" / "gpu_baseline.py"
+
+
+def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{out[-3000:]}")
+    print(f"  {' '.join(cmd[1:3])} ... {time.monotonic() - t0:.0f} s", flush=True)
+    return out
+
+
+def make_shards(work: Path, dry: bool) -> Path:
+    src, shards = work / "jpegs", work / "shards"
+    if not (shards / "manifest.json").exists():
+        per_class, size = ("8", "160x120") if dry else ("100", "500x375")
+        run([sys.executable, "datasets/synthetic.py", "imagenet", "--out", str(src), "--classes", "10",
+             "--train-per-class", per_class, "--val-per-class", "2", "--size", size], 600)  # fmt: skip
+        run([sys.executable, "datasets/imagenet.py", "--src", str(src), "--dest", str(shards), "--shard-size-mb", "16"], 600)
+    return shards
+
+
+def baseline(dry: bool, work: Path) -> dict:
+    if dry:
+        return {"device": "cpu (dry run)", "r50_bs256_cl_bf16": {"img_s": 1.0}, "r152_bs256_cl_bf16": {"img_s": 1.0},
+                "r50_bs256_cl_bf16_compile": {"img_s": 1.0}, "r152_bs256_cl_bf16_compile": {"img_s": 1.0}}  # fmt: skip
+    out = run([sys.executable, str(BASELINE), "300"], 420, env={"OUT": str(work)})
+    return json.loads((work / "gpu_baseline.json").read_text()) if (work / "gpu_baseline.json").exists() else json.loads(out[out.rindex("\n{"):])
+
+
+def job(model: str, data: str, compiled: bool, shards: Path, dry: bool, work: Path) -> dict:
+    steps = 6 if dry else 40
+    common = [f"checkpoint.storage={work / 'runs'}", "checkpoint.every_iters=0", "checkpoint.at_epoch_end=false",
+              "tracking.enabled=false", "eval.every_iters=0", "eval.at_end=false", f"schedule.max_iters={steps}",
+              "tracking.log_every=5" if not dry else "tracking.log_every=2", "scaling.num_workers=1",
+              f"model.compile={'true' if compiled else 'false'}", f"name=gpu-{model}-{data}"]  # fmt: skip
+    if dry:
+        common += ["scaling.global_batch=4", "data.image_size=64", "data.scale_range=[72,96]", "data.eval_resize=72",
+                   "data.num_workers=1"]  # fmt: skip
+    else:
+        common += ["scaling.global_batch=256", f"data.num_workers={max(1, (os.cpu_count() or 2) - 2)}"]
+    if data == "synthetic":
+        common += ["data.source=synthetic", "data.synthetic_classes=1000"]
+    else:
+        common += [f"data.url={shards}", f"data.decode={data}"]
+    out = run([sys.executable, f"jobs/imagenet_{model}.py", "--local", *common], 600)
+    rates = [float(x) for x in re.findall(r"images_per_s=([\d.e+]+)", out)]
+    waits = [float(x) for x in re.findall(r"data_wait_frac=([\d.e+-]+)", out)]
+    mems = [float(x) for x in re.findall(r"gpu_mem_gib=([\d.e+-]+)", out)]
+    keep = slice(2, None) if len(rates) > 3 else slice(-1, None)  # drop step 1 and warm-up windows
+    return {"img_s": statistics.median(rates[keep]), "wait": statistics.median(waits[keep]), "mem": max(mems, default=0.0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="check the plumbing on a CPU at tiny sizes")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gpu-check")
+    parser.add_argument("--models", default="r50,r152")
+    parser.add_argument("--data", default="synthetic,cpu,gpu")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    print("1/3 shards on local disk", flush=True)
+    shards = make_shards(args.work, args.dry_run)
+    print("2/3 plain PyTorch baseline (gpu_baseline.py)", flush=True)
+    base = baseline(args.dry_run, args.work)
+    print("3/3 our jobs", flush=True)
+    rows = []
+    for model in args.models.split(","):
+        for compiled in (False, True):
+            ref = base.get(f"{model}_bs256_cl_bf16{'_compile' if compiled else ''}", {}).get("img_s")
+            for data in args.data.split(","):
+                if args.dry_run and (compiled or data == "gpu"):
+                    continue  # no torch.compile run or nvJPEG without a GPU
+                try:
+                    r = job(model, data, compiled, shards, args.dry_run, args.work)
+                    ratio = f"{r['img_s'] / ref:.3f}" if ref else "n/a"
+                    rows.append((model, "compiled" if compiled else "eager", data, f"{r['img_s']:.0f}", ratio,
+                                 f"{100 * r['wait']:.1f}%", f"{r['mem']:.1f}"))  # fmt: skip
+                except Exception as err:  # noqa: BLE001 - one failed row must not hide the others
+                    rows.append((model, "compiled" if compiled else "eager", data, "FAILED", str(err)[:60], "", ""))
+    print(f"\ndevice: {base.get('device')}   baseline: gpu_baseline.py, same run   total {time.monotonic() - t0:.0f} s")
+    head = ("model", "mode", "data", "img/s", "vs baseline", "data wait", "peak GiB")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+if __name__ == "__main__":
+    main()
