@@ -35,7 +35,8 @@ number in resampled mode), never of worker state, so the pixels do not depend on
 Resume: `set_epoch(e, start_batch=k)` yields batches k..M-1 of the uninterrupted epoch, pixel
 for pixel, provided W, B, K, shuffle_buffer and seed are unchanged (change any of them and
 restart at an epoch boundary instead). Workers skip what came before without decoding it
-(bytes are still read: a tar stream has no index).
+(bytes are still read: a tar stream has no index). Bad-sample substitutes (below) resume
+exactly too, except in a worker whose last batches hold no good sample at all.
 
 Bad data: a sample that fails to decode, lacks its image or label, or is missing because its
 shard is truncated or unreadable is counted, logged (key and shard URL) and replaced, so batch
@@ -44,7 +45,8 @@ batch (or, for a batch with no good sample at all, of the first good sample of t
 next batch; at the very end of a worker, of its last good one). Once `bad_check_after`
 samples have been seen, a rank whose bad fraction exceeds `max_bad_fraction` stops with a
 `DataError` naming the shards. Eval loaders skip bad samples instead (no duplicates in a
-score), with the same logging and limit.
+score), with the same logging and limit. A worker that dies, or sends nothing for `timeout_s`,
+raises in the training process (DataLoader timeout): never a silent hang.
 
 Streams: s3:// objects are read through boto3 (orchestrator.s3 clients, one per process) as a
 stream; a connection that breaks mid-shard is reopened with a Range request from the byte
@@ -83,7 +85,10 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 0-255 scale, RGB
 IMAGENET_STD = (58.395, 57.12, 57.375)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
-_TAR_BUFSIZE = 1 << 20  # read shards in 1 MiB requests, not tarfile's default 10 KiB
+_READ_BUFSIZE = 1 << 20  # storage is read in 1 MiB requests
+# tarfile's stream mode copies what is left of its buffer on every read (two small header
+# reads per member): a small buffer over the big one above keeps that cheap
+_TAR_BUFSIZE = 64 << 10
 
 
 class DataError(RuntimeError):
@@ -263,7 +268,8 @@ class ReopeningStream(io.RawIOBase):
                 first_failure = first_failure or now
                 if now - first_failure + delay > self._retry_s:
                     raise OSError(
-                        f"{self.url}: gave up at byte {self._pos} after {now - first_failure:.0f} s: {err}"
+                        f"{self.url}: gave up at byte {self._pos} after "
+                        f"{now - first_failure:.0f} s: {err}"
                     ) from err
                 log.warning(
                     "%s: read failed at byte %d (%s); reopening in %.1f s",
@@ -333,15 +339,14 @@ def _http_open_at(url: str) -> Callable[[int], tuple[Any, int | None]]:
 
 
 class _Counted:
-    """Counts the bytes read through it (for the bytes/s metric)."""
+    """Adds the bytes read through it to counter[0] (for the bytes/s metric)."""
 
-    def __init__(self, f: Any):
-        self.f = f
-        self.bytes = 0
+    def __init__(self, f: Any, counter: list[int]):
+        self.f, self.counter = f, counter
 
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(n)
-        self.bytes += len(data)
+        self.counter[0] += len(data)
         return data
 
     def close(self) -> None:
@@ -353,13 +358,13 @@ def open_url(url: str, *, retry_s: float = 120.0) -> io.BufferedIOBase:
     connections) or a local path / file:// URL."""
     if s3.is_s3(url):
         return io.BufferedReader(
-            ReopeningStream(url, _s3_open_at(url), retry_s=retry_s), _TAR_BUFSIZE
+            ReopeningStream(url, _s3_open_at(url), retry_s=retry_s), _READ_BUFSIZE
         )
     if url.startswith(("http://", "https://")):
         return io.BufferedReader(
-            ReopeningStream(url, _http_open_at(url), retry_s=retry_s), _TAR_BUFSIZE
+            ReopeningStream(url, _http_open_at(url), retry_s=retry_s), _READ_BUFSIZE
         )
-    return open(url.removeprefix("file://"), "rb")
+    return open(url.removeprefix("file://"), "rb", buffering=_READ_BUFSIZE)
 
 
 def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> io.BufferedIOBase:
@@ -469,8 +474,9 @@ def read_segment(
     error = "shard holds fewer samples than its manifest says (truncated?)"
     f: Any = None
     try:
-        f = _Counted(open_url(url, retry_s=retry_s))
-        with tarfile.open(fileobj=f, mode="r|", bufsize=_TAR_BUFSIZE) as tf:  # type: ignore[call-overload]
+        f = _Counted(open_url(url, retry_s=retry_s), counter)
+        # "r|": a forward-only stream, no seeking (what an HTTP body allows)
+        with tarfile.open(fileobj=f, mode="r|", bufsize=_TAR_BUFSIZE) as tf:
             for index, key, files in _tar_groups(
                 tf, lambda i: seg.start <= i < seg.stop and want(i)
             ):
@@ -489,7 +495,6 @@ def read_segment(
         error = f"unreadable or truncated shard: {err}"
     finally:
         if f is not None:
-            counter[0] += f.bytes
             f.close()
     if reached < seg.stop:
         log.warning(
@@ -685,12 +690,15 @@ def _positions(
     plan: WorkerPlan, shards: Sequence[Shard], counter: list[int], retry_s: float
 ) -> Iterator[RawSample | None]:
     """The worker's stream: one item per stream position, bytes only for positions emitted
-    after `plan.skip`."""
+    after `plan.skip` (None for the others)."""
     needed = np.zeros(len(plan.order), dtype=bool)
     needed[plan.order[plan.skip :]] = True
-    base = 0
+    base = 0  # stream position of the current segment's first sample
     for seg in plan.segments:
-        want = functools.partial(lambda b, s, i: bool(needed[b + i - s]), base, seg.start)
+
+        def want(index: int, base: int = base, start: int = seg.start) -> bool:
+            return bool(needed[base + index - start])
+
         yield from read_segment(seg, shards[seg.shard].url, want, counter, retry_s=retry_s)
         base += seg.stop - seg.start
 
@@ -705,6 +713,17 @@ def _info(seen: int, bad: list[RawSample], nbytes: int) -> dict[str, Any]:
     }
 
 
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty batch tensor; in a DataLoader worker, allocated in shared memory at once.
+
+    A tensor made in private memory is copied to shared memory when it is sent to the main
+    process, and workers then kept the private pages: +2 MB of RSS per batch, measured. (The
+    default collate function allocates in shared memory for the same reason.)
+    """
+    tensor = torch.empty(shape, dtype=dtype)
+    return tensor.share_memory_() if get_worker_info() is not None else tensor
+
+
 def _train_batches(
     plan: WorkerPlan, shards: Sequence[Shard], cfg: DataConfig, seed: int, epoch: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
@@ -716,13 +735,13 @@ def _train_batches(
     arrived = 0
     cursor = plan.skip
     held: list[tuple[torch.Tensor, torch.Tensor, list[RawSample], int, int]] = []
-    last_good: tuple[torch.Tensor, torch.Tensor] | None = None
+    last_good: tuple[torch.Tensor, torch.Tensor] | None = None  # views into the last good batch
     bytes_seen = 0
 
     for bsize in plan.sizes:
-        images = torch.empty((bsize, 3, size, size), dtype=torch.uint8)
-        labels = torch.empty(bsize, dtype=torch.int64)
-        arr = images.numpy()
+        images = _batch_tensor((bsize, 3, size, size), torch.uint8)
+        labels = _batch_tensor((bsize,), torch.int64)
+        arr, lab = images.numpy(), labels.numpy()  # numpy views: cheap per-sample writes
         good: list[int] = []
         bad: list[RawSample] = []
         for slot, pos in enumerate(plan.order[cursor : cursor + bsize]):
@@ -738,10 +757,10 @@ def _train_batches(
             )
             if pixels is None:
                 bad.append(sample)
-                labels[slot] = -1
+                lab[slot] = -1
                 continue
             arr[slot] = pixels
-            labels[slot] = sample.label
+            lab[slot] = sample.label
             good.append(slot)
         cursor += bsize
         nbytes, bytes_seen = counter[0] - bytes_seen, counter[0]
@@ -749,7 +768,8 @@ def _train_batches(
             held.append((images, labels, bad, bsize, nbytes))  # filled from the next good batch
             if len(held) * bsize >= max(cfg.bad_check_after, 1) and last_good is None:
                 raise DataError(
-                    f"no decodable sample in {sum(h[3] for h in held)} samples; e.g. {bad[0].key} in {bad[0].url}: {bad[0].error}"
+                    f"no decodable sample in {sum(h[3] for h in held)} samples; "
+                    f"e.g. {bad[0].key} in {bad[0].url}: {bad[0].error}"
                 )
             continue
         _fill(images, labels, good)
@@ -758,12 +778,13 @@ def _train_batches(
             h_labels[:] = labels[good[0]]
             yield h_images, h_labels, _info(h_size, h_bad, h_bytes)
         held.clear()
-        last_good = (images[good[-1]].clone(), labels[good[-1]].clone())
+        last_good = (images[good[-1]], labels[good[-1]])  # batches are never written once sent
         yield images, labels, _info(bsize, bad, nbytes)
     for h_images, h_labels, h_bad, h_size, h_bytes in held:  # a bad tail: repeat the last good
         if last_good is None:
             raise DataError(
-                f"no decodable sample in this worker's share; e.g. {h_bad[0].key} in {h_bad[0].url}: {h_bad[0].error}"
+                f"no decodable sample in this worker's share; "
+                f"e.g. {h_bad[0].key} in {h_bad[0].url}: {h_bad[0].error}"
             )
         h_images[:] = last_good[0]
         h_labels[:] = last_good[1]
@@ -852,7 +873,8 @@ def _account(totals: _Totals, cfg: DataConfig, info: dict[str, Any], n: int, wha
     if totals.seen >= cfg.bad_check_after and totals.bad > cfg.max_bad_fraction * totals.seen:
         raise DataError(
             f"{what}: {totals.bad} of {totals.seen} samples bad ({totals.bad / totals.seen:.1%} > "
-            f"max_bad_fraction {cfg.max_bad_fraction:.1%}) in shards: {', '.join(sorted(totals.bad_shards))}"
+            f"max_bad_fraction {cfg.max_bad_fraction:.1%}) in shards: "
+            f"{', '.join(sorted(totals.bad_shards))}"
             f"; e.g. {'; '.join(totals.bad_examples)}"
         )
 
@@ -988,32 +1010,40 @@ class _EvalSplit(IterableDataset):
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.views, self.scale = views, scale
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        """(images, labels, global positions in the split, info) per batch of this worker."""
         info = get_worker_info()
         k, w = (info.num_workers, info.id) if info is not None else (1, 0)
         counts = [s.samples for s in self.shards]
         lo, hi = rank_slice(sum(counts), self.world_size, self.rank)
         wlo, whi = lo + (hi - lo) * w // k, lo + (hi - lo) * (w + 1) // k
-        segs = segments_for(counts, range(len(counts)), wlo, whi)
-        plan = WorkerPlan(segs, np.arange(whi - wlo), [])
+        plan = WorkerPlan(
+            segments_for(counts, range(len(counts)), wlo, whi), np.arange(whi - wlo), []
+        )
         transform = eval_transform(self.cfg, self.views, self.scale)
-        counter, sent_bytes = [0], 0
+        counter, sent_bytes, seen = [0], 0, 0
         arrays: list[np.ndarray] = []
         labels: list[int] = []
+        where: list[int] = []
         bad: list[RawSample] = []
-        seen = 0
 
-        def flush() -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        def flush() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
             nonlocal sent_bytes, seen
-            out = (torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64))
-            batch_info = _info(seen, bad, counter[0] - sent_bytes)
+            images = torch.empty(0, dtype=torch.uint8)  # a batch of only bad samples
+            if arrays:
+                images = _batch_tensor((len(arrays), *arrays[0].shape), torch.uint8)
+                np.stack(arrays, out=images.numpy())
+            targets = _batch_tensor((len(labels),), torch.int64)
+            targets.numpy()[:] = labels
+            positions = _batch_tensor((len(where),), torch.int64)
+            positions.numpy()[:] = where
+            out = (images, targets, positions, _info(seen, bad, counter[0] - sent_bytes))
             sent_bytes, seen = counter[0], 0
-            arrays.clear()
-            labels.clear()
-            bad.clear()
-            return (*out, batch_info)
+            for buffer in (arrays, labels, where, bad):
+                buffer.clear()
+            return out
 
-        for sample in _positions(plan, self.shards, counter, self.cfg.io_retry_s):
+        for pos, sample in enumerate(_positions(plan, self.shards, counter, self.cfg.io_retry_s)):
             assert sample is not None
             seen += 1
             pixels = _decode_or_error(lambda s=sample: transform(s.image), sample)
@@ -1024,16 +1054,11 @@ class _EvalSplit(IterableDataset):
                 yield flush()
             arrays.append(pixels)
             labels.append(sample.label)
+            where.append(wlo + pos)
             if len(arrays) == self.batch_size:
                 yield flush()
-        if arrays:
+        if arrays or bad:  # an empty batch still reports a bad tail
             yield flush()
-        elif bad:  # bad samples at the very end still need counting
-            yield (
-                torch.empty((0, 3, self.cfg.image_size, self.cfg.image_size), dtype=torch.uint8),
-                torch.empty(0, dtype=torch.int64),
-                _info(seen, bad, counter[0] - sent_bytes),
-            )
 
 
 def eval_samples(
@@ -1055,23 +1080,25 @@ def eval_loader(
     batch_size: int,
     views: str = "center",
     scale: int | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    with_index: bool = False,
+) -> Iterator[tuple[torch.Tensor, ...]]:
     """The validation split, each sample exactly once across ranks: rank r gets the contiguous
     slice [N*r//W, N*(r+1)//W) in manifest order (no padding, no duplicates; counts differ by
     at most one), split among its workers. Images: uint8 [B,3,S,S] (`center`), [B,10,3,S,S]
     (`ten_crop`) or [B,3,H,W] (`full`, shorter side `scale`; consecutive same-size images
     share a batch, so batches may be smaller than batch_size). Bad samples are skipped, counted
-    and logged, within max_bad_fraction."""
+    and logged, within max_bad_fraction. `with_index`: a third tensor, int64 [B], holds each
+    sample's position in the split (manifest order), whatever order the workers deliver in."""
     eval_transform(cfg, views, scale)  # reject a bad `views` here, not in a worker
     manifest = load_manifest(cfg.url)
     shards = split_shards(manifest, cfg.url, cfg.val_split)
     totals = _Totals()
     what = f"{cfg.url} split {cfg.val_split!r} (rank {rank})"
     dataset = _EvalSplit(cfg, shards, rank, world_size, batch_size, views, scale)
-    for images, labels, info in _dataloader(dataset, cfg):
+    for images, labels, positions, info in _dataloader(dataset, cfg):
         _account(totals, cfg, info, len(labels), what)
         if len(labels):
-            yield images, labels
+            yield (images, labels, positions) if with_index else (images, labels)
     if totals.bad:
         log.warning("%s: skipped %d bad of %d samples", what, totals.bad, totals.seen)
 

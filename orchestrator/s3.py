@@ -19,6 +19,11 @@ T = TypeVar("T")
 _clients: dict[int, Any] = {}
 
 
+def reset_clients() -> None:
+    """Forget cached clients, e.g. after the AWS_* variables changed in this process."""
+    _clients.clear()
+
+
 def endpoint_url() -> str | None:
     """The S3 endpoint every client in the job must use (None = AWS's default)."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -32,7 +37,8 @@ def client() -> Any:
         from botocore.config import Config
 
         _clients.clear()  # inherited from a parent process: never reuse its connections
-        _clients[pid] = boto3.client(
+        # a fresh session reads the AWS_* variables now (boto3's default one caches the first)
+        _clients[pid] = boto3.session.Session().client(
             "s3",
             endpoint_url=endpoint_url(),
             region_name=os.environ.get("AWS_REGION", "us-east-1"),

@@ -208,7 +208,8 @@ def paper_train(
 ) -> np.ndarray:
     """The paper's scale augmentation (PCA lighting happens later, on the device)."""
     im = open_image(data)
-    return render(data, plan_paper(*im.size, rng, size=size, scale_range=scale_range), image=im)
+    plan = plan_paper(*im.size, rng, size=size, scale_range=scale_range)
+    return render(data, plan, image=im)
 
 
 def rrc_train(data: bytes, rng: np.random.Generator, *, size: int = 224) -> np.ndarray:

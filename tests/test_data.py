@@ -142,7 +142,8 @@ def test_plan_covers_every_sample_once_with_equal_batch_counts(counts, world, ba
             for slot in range(workers):
                 plan = D.plan_train_worker(
                     counts, mode="exact", seed=3, epoch=epoch, rank=rank, world_size=world,
-                    batch_size=batch, num_workers=workers, slot=slot, start_batch=0, shuffle_buffer=4,
+                    batch_size=batch, num_workers=workers, slot=slot, start_batch=0,
+                    shuffle_buffer=4,
                 )  # fmt: skip
                 stream = [(s.shard, i) for s in plan.segments for i in range(s.start, s.stop)]
                 assert sorted(plan.order.tolist()) == list(range(len(stream)))
@@ -308,6 +309,10 @@ def test_eval_loader_each_sample_once_across_ranks(ds):
     assert counts == [D.eval_samples(cfg, rank=r, world_size=2) for r in range(2)]
     assert all_labels(per_rank) == list(range(23))
     assert all(x.shape[1:] == (3, 32, 32) for batches in per_rank for x, _ in batches)
+    # with_index: each sample's position in the split (here equal to its class id)
+    for r in range(2):
+        for _, y, where in eval_loader(cfg, rank=r, world_size=2, batch_size=4, with_index=True):
+            assert torch.equal(y, where)
 
 
 def test_eval_views_ten_crop_and_full(ds):
@@ -466,6 +471,28 @@ def test_reopening_stream_resumes_from_the_byte_reached():
     assert offsets == [0, 30_000, 60_000] and time.monotonic() - stream_delay < 5
 
 
+def test_reads_over_http_same_as_local(ds):
+    """http(s):// shards through urllib (a throwaway local server; it ignores Range requests,
+    which the reader then handles by skipping)."""
+    import functools
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(ds))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        local = epoch_batches(small_cfg(ds), world=1, batch=8)[0]
+        remote = epoch_batches(small_cfg(url), world=1, batch=8)[0]
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(local, remote, strict=True))
+    finally:
+        server.shutdown()
+
+
 # ---------------------------------------------------------------------------- real S3
 
 
@@ -507,6 +534,8 @@ def private_s3(tmp_path, monkeypatch):
     import random
     import socket
 
+    import boto3
+
     from orchestrator import s3
     from orchestrator.stack import Stack
     from tests.conftest import test_stack_config
@@ -538,12 +567,15 @@ def private_s3(tmp_path, monkeypatch):
     for key, value in st.env().items():
         if key.startswith("AWS_"):
             monkeypatch.setenv(key, value)
-    monkeypatch.setattr(
-        s3, "_clients", {}
-    )  # this process's cached client points at the shared store
+    # this process's cached client, and boto3's default session (which keeps the credentials
+    # it first resolved), belong to the shared store: start afresh for this one
+    monkeypatch.setattr(s3, "_clients", {})
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
     try:
         yield st
     finally:
+        if st._running_pid("s3"):
+            kill_s3(st)  # ours alone: no need to wait out a graceful stop
         st.down(services=("s3",))
 
 

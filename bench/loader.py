@@ -1,0 +1,259 @@
+"""Input pipeline benchmark: our TrainLoader streaming shards from the local S3 store vs the
+plain PyTorch recipe reading the same JPEGs from local disk.
+
+    python -m orchestrator.stack up && eval $(python -m orchestrator.stack env)
+    python bench/loader.py [--images 2000] [--workers 2] [--batch 64] [--passes 3]
+
+Setup (cached between runs): an ImageNet-layout JPEG set from `datasets/synthetic.py imagenet`
+(about 500x375, quality 90) under --cache, converted by `datasets/imagenet.py` to shards at
+s3://resnet/datasets/bench-loader.
+
+Measured in one run, alternating, same worker count, same batch size, the paper's training
+transform at 224 (shorter side ~U[256,480], random crop, flip):
+  ours      TrainLoader(url=s3://...): streamed tar shards, draft-mode decode, one resample of
+            the crop box only, batches built in the workers.
+  baseline  a map-style Dataset over the JPEG files: Image.open().convert("RGB") (full decode,
+            no draft), resize the whole image to the drawn shorter side, crop, flip (the
+            torchvision recipe), default collate, torch DataLoader.
+  decode bound   one core's full-decode rate (no draft, no resize; per CPU second) x workers.
+Whole passes are timed (worker start-up included); img/s are medians over passes, and the
+ratio is the median of the per-pass ratios (each pass runs ours and the baseline back to back,
+so the pair sees the same background load). CPU time per image (this process and its
+workers, from getrusage) is printed too: unlike img/s it hardly moves with other load. A longer
+resampled pass samples each of our workers' RSS: flat first-vs-last-quarter peaks = no leak.
+The machine's other load is printed: on a shared 2-core box every figure moves with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from orchestrator import s3
+from orchestrator import transforms as T
+from orchestrator.data import DataConfig, DataError, TrainLoader, load_manifest
+
+REPO = Path(__file__).resolve().parent.parent  # datasets/*.py run as scripts, never imported
+
+DEST = "s3://resnet/datasets/bench-loader"
+STACK_HINT = "run `python -m orchestrator.stack up` and `eval $(python -m orchestrator.stack env)`"
+
+
+def require_stack() -> None:
+    """Exit with the fix if the object store is not configured or not answering."""
+    if not s3.endpoint_url() or not os.environ.get("AWS_ACCESS_KEY_ID"):
+        sys.exit(f"bench/loader.py needs the local S3 store: {STACK_HINT}")
+    try:
+        s3.client().head_bucket(Bucket="resnet")
+    except Exception as err:  # noqa: BLE001 - any failure means the same fix
+        sys.exit(f"bench/loader.py: S3 at {s3.endpoint_url()} not usable ({err}): {STACK_HINT}")
+
+
+def prepare(images: int, cache: Path, classes: int = 10) -> tuple[Path, str]:
+    """The JPEG folder and the shard URL, generated and converted only when missing."""
+    per_class = -(-images // classes)
+    src = cache / f"imagenet-{classes}x{per_class}"
+    if not (src / "LOC_synset_mapping.txt").exists():
+        print(f"generating {classes * per_class} JPEGs in {src} (once) ...", flush=True)
+        subprocess.run(
+            [sys.executable, str(REPO / "datasets/synthetic.py"), "imagenet", "--out", str(src),
+             "--classes", str(classes), "--train-per-class", str(per_class),
+             "--val-per-class", "1", "--workers", str(os.cpu_count() or 1)],
+            check=True,
+        )  # fmt: skip
+    try:
+        manifest = load_manifest(DEST)
+        fresh = manifest.get("source", {}).get("src") == str(src)
+    except DataError:
+        fresh = False
+    if not fresh:
+        print(f"converting {src} to shards at {DEST} (once) ...", flush=True)
+        s3.delete_prefix(DEST + "/")
+        subprocess.run(
+            [sys.executable, str(REPO / "datasets/imagenet.py"), "--src", str(src), "--dest", DEST,
+             "--shard-size-mb", "16", "--workers", str(os.cpu_count() or 1)],
+            check=True,
+        )  # fmt: skip
+    return src, DEST
+
+
+class JpegFolder(torch.utils.data.Dataset):
+    """The baseline: plain PIL decode and the torchvision-style paper augmentation."""
+
+    def __init__(self, root: Path, size: int = 224, scale_range: tuple[int, int] = (256, 480)):
+        wnids = sorted(p.name for p in (root / "train").iterdir())
+        self.items = [
+            (p, c) for c, w in enumerate(wnids) for p in sorted((root / "train" / w).iterdir())
+        ]
+        self.size, self.scale_range = size, scale_range
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[i]
+        im = Image.open(path).convert("RGB")
+        rng = np.random.default_rng([self.epoch, i])
+        s = int(rng.integers(self.scale_range[0], self.scale_range[1] + 1))
+        rw, rh = T.resized_shape(*im.size, s)
+        im = im.resize((rw, rh), Image.Resampling.BILINEAR)
+        x0, y0 = int(rng.integers(0, rw - self.size + 1)), int(rng.integers(0, rh - self.size + 1))
+        im = im.crop((x0, y0, x0 + self.size, y0 + self.size))
+        if rng.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(im).transpose(2, 0, 1).copy()), label
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process plus its reaped children (DataLoader workers, once joined)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed_pass(batches: Iterable[Any]) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, images) of one whole pass, worker start-up included. The
+    CPU time is what the pass costs whatever else the machine runs; wall time is not."""
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    n = sum(len(labels) for _, labels in batches)
+    wall = time.perf_counter() - t0
+    gc.collect()  # the finished DataLoader iterator joins its workers: their CPU time counts
+    return wall, cpu_seconds() - c0, n
+
+
+def decode_rate(files: list[bytes], seconds: float = 2.0) -> float:
+    """One core: full PIL decodes (no draft, no resize) per CPU second."""
+    n, c0 = 0, time.process_time()
+    while time.process_time() - c0 < seconds:
+        Image.open(io.BytesIO(files[n % len(files)])).convert("RGB")
+        n += 1
+    return n / (time.process_time() - c0)
+
+
+def worker_rss(stop: threading.Event, samples: dict[int, list[tuple[float, int]]]) -> None:
+    """Sample the RSS of this process's children (the DataLoader workers) every 0.2 s."""
+    import psutil
+
+    me = psutil.Process()
+    while not stop.is_set():
+        now = time.perf_counter()
+        for child in me.children():
+            try:
+                samples.setdefault(child.pid, []).append((now, child.memory_info().rss))
+            except psutil.Error:
+                pass
+        stop.wait(0.2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--passes", type=int, default=3)
+    p.add_argument("--long-factor", type=int, default=3, help="long pass = this many x --images")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        / "resnet-orchestrator"
+        / "bench-loader",
+    )
+    a = p.parse_args()
+    require_stack()
+    src, url = prepare(a.images, a.cache)
+
+    cfg = DataConfig(url=url, num_workers=a.workers, shuffle_buffer=500, train_transform="paper")
+    ours_loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=a.batch, seed=0)
+    folder = JpegFolder(src)
+    baseline = torch.utils.data.DataLoader(
+        folder, batch_size=a.batch, shuffle=True, num_workers=a.workers, prefetch_factor=2
+    )
+    jpegs = [path.read_bytes() for path, _ in folder.items[:200]]
+    print(f"{len(folder)} images ({sum(map(len, jpegs)) / len(jpegs) / 1e3:.0f} KB avg), "
+          f"{a.workers} workers, batch {a.batch}; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores", flush=True)  # fmt: skip
+
+    ours, base, decode, ours_cpu, base_cpu = [], [], [], [], []
+    for i in range(a.passes):  # alternate, so load from other processes hits both alike
+        ours_loader.set_epoch(i)
+        secs, cpu, n = timed_pass(ours_loader)
+        ours.append(n / secs)
+        ours_cpu.append(cpu / n * 1e3)
+        folder.epoch = i
+        secs_b, cpu_b, n_b = timed_pass(baseline)
+        base.append(n_b / secs_b)
+        base_cpu.append(cpu_b / n_b * 1e3)
+        decode.append(decode_rate(jpegs))
+        print(f"pass {i}: ours {ours[-1]:.0f} img/s ({n} in {secs:.1f} s, {ours_cpu[-1]:.2f} "
+              f"CPU-ms/img), baseline {base[-1]:.0f} img/s ({n_b} in {secs_b:.1f} s, "
+              f"{base_cpu[-1]:.2f} CPU-ms/img), full decode alone {1e3 / decode[-1]:.2f} "
+              f"CPU-ms/img; load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+
+    # a long pass for the memory trend of our workers
+    long_cfg = DataConfig(
+        url=url,
+        num_workers=a.workers,
+        shuffle_buffer=500,
+        epoch_mode="resampled",
+        samples_per_epoch=a.long_factor * len(folder),
+    )
+    long_loader = TrainLoader(long_cfg, rank=0, world_size=1, batch_size=a.batch, seed=1)
+    stop, rss = threading.Event(), {}
+    sampler = threading.Thread(target=worker_rss, args=(stop, rss), daemon=True)
+    sampler.start()
+    secs_long, _, n_long = timed_pass(long_loader)
+    stop.set()
+    sampler.join()
+    stats = long_loader.stats()
+    trend = []
+    for pid, points in sorted(rss.items()):
+        if len(points) < 8:
+            continue  # a short-lived helper, not a worker
+        q = len(points) // 4
+        first, last = max(r for _, r in points[:q]), max(r for _, r in points[-q:])
+        trend.append(f"pid {pid}: {first / 2**20:.0f} -> {last / 2**20:.0f} MB")
+    print(f"long pass: {n_long} images at {n_long / secs_long:.0f} img/s, "
+          f"{stats['bytes_per_s'] / 1e6:.1f} MB/s from S3; peak worker RSS first -> last quarter: "
+          f"{'; '.join(trend) or 'n/a'}")  # fmt: skip
+
+    x, y, z = (
+        statistics.median(ours),
+        statistics.median(base),
+        statistics.median(decode) * a.workers,
+    )
+    oc, bc = statistics.median(ours_cpu), statistics.median(base_cpu)
+    dc = 1e3 / statistics.median(decode)
+    # each pass pairs ours and the baseline a few seconds apart: the median of the paired
+    # ratios is steadier than a ratio of medians when other processes come and go
+    ratio = statistics.median(o / b for o, b in zip(ours, base, strict=True))
+    print(f"CPU per image (workers + main process; the S3 server's not counted): ours {oc:.2f} "
+          f"ms, baseline {bc:.2f} ms, full decode alone {dc:.2f} ms -> CPU ratio {bc / oc:.2f}, "
+          f"ours/decode-bound by CPU {dc / oc:.2f}")  # fmt: skip
+    print(f"ours/decode-bound = {x / z:.2f} (target >= 0.8); ours/baseline target >= 1.5")
+    print(
+        f"loader: ratio={ratio:.2f} (ours {x:.0f} img/s, baseline {y:.0f} img/s, "
+        f"decode bound {z:.0f} img/s)"
+    )
+
+
+if __name__ == "__main__":
+    main()
