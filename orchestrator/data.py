@@ -119,7 +119,9 @@ class DataConfig:
     samples_per_epoch: int = 0  # resampled mode: epoch length in samples (0 = split size)
     timeout_s: float = 300.0  # longest wait for one batch from a worker, then an error
     io_retry_s: float = 120.0  # how long a broken stream keeps being reopened
-    decode: Literal["cpu", "gpu"] = "cpu"  # "gpu" (nvJPEG) is reserved for a later issue
+    # gpu: workers only check JPEG headers and ship the bytes; the training device decodes them
+    # (nvJPEG) and augments the batch in one pass (orchestrator.gpu_augment)
+    decode: Literal["cpu", "gpu"] = "cpu"
     synthetic_samples: int = 1_281_167  # synthetic source: samples per epoch
     synthetic_classes: int = 1000
 
@@ -129,11 +131,13 @@ class DataConfig:
             "source": ("shards", "synthetic"),
             "train_transform": ("paper", "rrc", "cifar"),
             "epoch_mode": ("exact", "resampled"),
-            "decode": ("cpu",),  # "gpu": reserved, not implemented yet
+            "decode": ("cpu", "gpu"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"data.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if self.decode == "gpu" and self.train_transform == "cifar":
+            raise ValueError("data.decode=gpu does the paper and rrc transforms; use decode=cpu for cifar")
         if self.train_transform == "paper" and self.scale_range[0] < self.image_size:
             raise ValueError(
                 f"data.scale_range {self.scale_range} starts below image_size {self.image_size}"
@@ -650,12 +654,32 @@ def augmentation_rng(seed: int, epoch: int, sample: RawSample) -> np.random.Gene
 
 
 def train_transform(cfg: DataConfig) -> Callable[[bytes, np.random.Generator], np.ndarray]:
-    """cfg.train_transform as a function (bytes, rng) -> uint8 [3, S, S]."""
+    """cfg.train_transform as a function (bytes, rng) -> uint8 [3, S, S] (or, for
+    decode=gpu, the checked JPEG bytes behind a 4-byte length: see `jpeg_rows`)."""
+    if cfg.decode == "gpu":
+        return _checked_jpeg_row
     if cfg.train_transform == "paper":
         return functools.partial(T.paper_train, size=cfg.image_size, scale_range=cfg.scale_range)
     if cfg.train_transform == "rrc":
         return functools.partial(T.rrc_train, size=cfg.image_size)
     return functools.partial(T.cifar_train, size=cfg.image_size)
+
+
+def _checked_jpeg_row(data: bytes, rng: np.random.Generator) -> np.ndarray:
+    """A JPEG that parses (header only: the GPU decodes it) as a length-prefixed byte row."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        if img.format != "JPEG":
+            raise ValueError(f"not a JPEG ({img.format}): decode=gpu needs JPEG shards")
+    return np.frombuffer(len(data).to_bytes(4, "little") + data, dtype=np.uint8)
+
+
+def jpeg_rows(rows: torch.Tensor) -> list[torch.Tensor]:
+    """A decode=gpu batch [B, W] uint8 (4-byte length, then the JPEG) -> B byte tensors."""
+    lengths = rows[:, :4].to(torch.int64)
+    lengths = lengths[:, 0] | lengths[:, 1] << 8 | lengths[:, 2] << 16 | lengths[:, 3] << 24
+    return [rows[i, 4 : 4 + int(n)] for i, n in enumerate(lengths.tolist())]
 
 
 def eval_transform(
@@ -738,10 +762,13 @@ def _train_batches(
     last_good: tuple[torch.Tensor, torch.Tensor] | None = None  # views into the last good batch
     bytes_seen = 0
 
+    raw = cfg.decode == "gpu"
     for bsize in plan.sizes:
-        images = _batch_tensor((bsize, 3, size, size), torch.uint8)
+        # raw JPEG rows are as wide as the longest file: allocated once the batch is known
+        images = _batch_tensor((0,) if raw else (bsize, 3, size, size), torch.uint8)
         labels = _batch_tensor((bsize,), torch.int64)
         arr, lab = images.numpy(), labels.numpy()  # numpy views: cheap per-sample writes
+        rows: list[np.ndarray | None] = [None] * bsize
         good: list[int] = []
         bad: list[RawSample] = []
         for slot, pos in enumerate(plan.order[cursor : cursor + bsize]):
@@ -759,9 +786,19 @@ def _train_batches(
                 bad.append(sample)
                 lab[slot] = -1
                 continue
-            arr[slot] = pixels
+            if raw:
+                rows[slot] = pixels
+            else:
+                arr[slot] = pixels
             lab[slot] = sample.label
             good.append(slot)
+        if raw:
+            width = max((len(r) for r in rows if r is not None), default=4)
+            images = _batch_tensor((bsize, width), torch.uint8)
+            arr = images.numpy()
+            for slot, row in enumerate(rows):
+                if row is not None:
+                    arr[slot, : len(row)] = row
         cursor += bsize
         nbytes, bytes_seen = counter[0] - bytes_seen, counter[0]
         if not good:

@@ -132,7 +132,7 @@ class DeviceAugment:
         batch, sizes = pad_batch(images)
         boxes, flips = self.boxes(sizes, gen)
         x = crop_resize(batch, sizes, boxes, self.out, flips)
-        x = (x - self.mean) * self.inv_std
+        x = (x - self.mean.to(x.device)) * self.inv_std.to(x.device)
         return x.contiguous(memory_format=torch.channels_last)
 
 

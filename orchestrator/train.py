@@ -27,7 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from orchestrator.checkpoint import CheckpointStore
-from orchestrator.data import DeviceNormalize, TrainLoader, eval_loader
+from orchestrator.data import DeviceNormalize, TrainLoader, eval_loader, jpeg_rows
+from orchestrator.gpu_augment import DeviceAugment, decode_jpegs
 from orchestrator.models import create_model
 from orchestrator.schedule import LRSchedule
 from orchestrator.spec import JobSpec, to_yaml
@@ -110,6 +111,12 @@ class Trainer:
         self.normalize = DeviceNormalize(
             self.loader.mean, self.loader.std, spec.data.pca_lighting, self.device
         )
+        self.augment = None
+        if spec.data.decode == "gpu" and not spec.data.synthetic:
+            self.augment = DeviceAugment(
+                spec.data.train_transform, spec.data.image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                scale_range=spec.data.scale_range, device=self.device,
+            )  # fmt: skip  (crops stay 0-255; self.normalize adds lighting and mean/std)
         self.schedule = LRSchedule(spec.schedule, spec.lr())
         self.store = CheckpointStore(f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/checkpoints")
         self.manifest_sha256 = hashlib.sha256(
@@ -203,6 +210,8 @@ class Trainer:
         gen = torch.Generator(device="cpu").manual_seed(
             hash((self.spec.seed, self.step, self.batch_in_epoch, self.rt.rank)) & (2**63 - 1)
         )
+        if self.augment is not None:  # decode=gpu: JPEG bytes -> nvJPEG -> batched crops
+            images = self.augment(decode_jpegs(jpeg_rows(images), self.device), gen)
         x = self.normalize(images, train=True, generator=gen)
         y = labels.to(self.device, non_blocking=True)
         with self.strategy.no_sync(last):
@@ -229,7 +238,7 @@ class Trainer:
 
     def _ahead_to_device(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """On a GPU, start copying batch k+1 (pinned memory, non_blocking) before batch k runs."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or self.augment is not None:  # nvJPEG reads host bytes
             yield from batches
             return
         ahead = None
