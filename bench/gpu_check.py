@@ -62,6 +62,7 @@ def job(model: str, data: str, compiled: bool, shards: Path, dry: bool, work: Pa
     steps = 6 if dry else 40
     common = [f"checkpoint.storage={work / 'runs'}", "checkpoint.every_iters=0", "checkpoint.at_epoch_end=false",
               "tracking.enabled=false", "eval.every_iters=0", "eval.at_end=false", f"schedule.max_iters={steps}",
+              "schedule.kind=step",  # throughput only: no validation to drive a plateau
               "tracking.log_every=5" if not dry else "tracking.log_every=2", "scaling.num_workers=1",
               f"model.compile={'true' if compiled else 'false'}", f"name=gpu-{model}-{data}"]  # fmt: skip
     if dry:

@@ -1,0 +1,17 @@
+"""bench/gpu_check.py's dry run: the GPU script's whole plumbing on a CPU, at tiny sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import run_script
+
+
+def test_gpu_check_dry_run_prints_the_table(tmp_path: Path) -> None:
+    out = run_script("bench/gpu_check.py", "--dry-run", "--work", str(tmp_path), "--models", "r50",
+                     "--data", "synthetic,cpu", timeout=600)  # fmt: skip
+    rows = [line.split() for line in out.splitlines() if line.startswith("r50 ")]
+    assert [r[2] for r in rows] == ["synthetic", "cpu"]
+    for row in rows:
+        assert row[3] != "FAILED" and float(row[3]) > 0, row
+    assert (tmp_path / "shards" / "manifest.json").exists()
