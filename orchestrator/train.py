@@ -33,7 +33,7 @@ from orchestrator.models import create_model
 from orchestrator.schedule import LRSchedule
 from orchestrator.spec import JobSpec, to_yaml
 from orchestrator.strategy import build_strategy
-from orchestrator.tracking import NullTracker, Tracker, start_tracker
+from orchestrator.tracking import NullTracker, Tracker, scrub, start_tracker
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,9 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "samples_seen": self.samples_seen, "schedule": self.schedule.state_dict(),
             "strategy": self.strategy.state_dict(), "spec": self.spec.to_dict(),
-            "manifest_sha256": self.manifest_sha256, "tracking_run_id": self.tracking_run_id,
+            "manifest_sha256": self.manifest_sha256,
+            # the tracker opens its run late when MLflow was down at the start
+            "tracking_run_id": self.tracker.run_id or self.tracking_run_id,
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -287,9 +289,10 @@ class Trainer:
                     "world_size": str(self.rt.world_size), "device": self.device.type,
                     "dataset": spec.data.url or "synthetic", "manifest_sha256": self.manifest_sha256, **self.rt.tags}  # fmt: skip
             self.tracker = start_tracker(
-                spec.tracking.enabled, spec.tracking.experiment, spec.name, spec.flat(), tags, to_yaml(spec)
+                spec.tracking.enabled, spec.tracking.experiment, spec.name, spec.flat(), tags, to_yaml(spec),
+                run_id=self.tracking_run_id,  # from the checkpoint resume() loaded: continue that run
             )
-            self.tracking_run_id = self.tracker.run_id
+            self.tracking_run_id = self.tracker.run_id or self.tracking_run_id
         weights = sum(float(p.double().sum()) for p in self.strategy.unwrapped().parameters())
         log.info("rank %d: %s from step %d (resumed: %s, weight checksum %.10g)", self.rt.rank, spec.name, self.step, resumed, weights)
         self.strategy.model.train()
@@ -411,5 +414,5 @@ def run_worker(spec_dict: dict[str, Any], rt: Runtime) -> dict[str, float]:
     except BaseException as err:
         where = f"rank {rt.rank} at step {trainer.step} (epoch {trainer.epoch})"
         trainer.tracker.finish("FAILED", error=f"{where}: {type(err).__name__}: {err}")
-        log.error("%s failed: %s: %s", where, type(err).__name__, err)
+        log.error("%s failed: %s: %s", where, type(err).__name__, scrub(str(err)))
         raise

@@ -1,0 +1,115 @@
+"""Training curves in the paper's style (He et al. 2016, Figs. 4 and 6).
+
+Error (%) against iterations: a thin line for the training error and a bold line (with its
+evaluation points marked) for the validation error, one colour per run, and the paper's number
+as a dotted reference line. Drawn with matplotlib's object API on the Agg canvas, so it needs no
+display and does not touch pyplot's global state; matplotlib is optional (the dev extra): where
+it is missing, `available()` is False and callers skip their plots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# the paper's figures use a small palette of saturated colours; these stay apart in greyscale too
+COLOURS = ("#1f4e9c", "#c0392b", "#2e8b57", "#8e44ad", "#d4a017", "#17a2b8")
+
+Points = Sequence[tuple[float, float]]  # (iteration, value)
+
+
+@dataclass
+class Curve:
+    """One run's curves: training (thin) and validation (bold) against iterations."""
+
+    label: str
+    train: Points = ()
+    val: Points = ()
+
+
+@dataclass
+class Reference:
+    """A horizontal reference line, e.g. the paper's final error."""
+
+    label: str
+    value: float
+    colour: str = "#555555"
+
+
+@dataclass
+class Plot:
+    title: str
+    ylabel: str = "error (%)"
+    curves: list[Curve] = field(default_factory=list)
+    references: list[Reference] = field(default_factory=list)
+    train_name: str = "train"
+    val_name: str = "val"
+
+
+def available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _iteration_scale(max_iter: float) -> tuple[float, str]:
+    """The paper labels its x axis 'iter. (1e4)'; short runs keep plain iteration counts."""
+    if max_iter >= 20_000:
+        return 1e4, "iterations (×10⁴)"
+    if max_iter >= 2_000:
+        return 1e3, "iterations (×10³)"
+    return 1.0, "iterations"
+
+
+def figure(plot: Plot, *, width_in: float = 7.0, height_in: float = 4.4, dpi: int = 130) -> Any:
+    """`plot` drawn on a matplotlib Figure with an Agg canvas (no display, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = [x for c in plot.curves for pts in (c.train, c.val) for x, _ in pts]
+    ys = [y for c in plot.curves for pts in (c.train, c.val) for _, y in pts]
+    ys += [r.value for r in plot.references]
+    scale, xlabel = _iteration_scale(max(xs, default=1.0))
+    for i, curve in enumerate(plot.curves):
+        colour = COLOURS[i % len(COLOURS)]
+        prefix = f"{curve.label}: " if len(plot.curves) > 1 or curve.label else ""
+        if curve.train:
+            tx, ty = zip(*curve.train)
+            ax.plot([x / scale for x in tx], ty, color=colour, linewidth=0.9, alpha=0.85,
+                    label=f"{prefix}{plot.train_name}")  # fmt: skip
+        if curve.val:
+            vx, vy = zip(*curve.val)
+            ax.plot([x / scale for x in vx], vy, color=colour, linewidth=2.6, marker="o",
+                    markersize=4.5, label=f"{prefix}{plot.val_name}")  # fmt: skip
+    for ref in plot.references:
+        ax.axhline(ref.value, color=ref.colour, linestyle=":", linewidth=1.6, label=ref.label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(plot.ylabel)
+    ax.set_title(plot.title, fontsize=11)
+    if xs:
+        ax.set_xlim(0, max(xs) / scale * 1.02)
+    if ys:
+        lo, hi = min(ys), max(ys)
+        pad = max((hi - lo) * 0.08, 0.5 if plot.ylabel.endswith("(%)") else 0.02)
+        ax.set_ylim(max(0.0, lo - pad), hi + pad)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=scale == 1.0))  # whole iterations
+    ax.grid(True, color="#dddddd", linewidth=0.6)
+    ax.legend(loc="best", fontsize=9, framealpha=0.9)
+    fig.tight_layout()
+    return fig
+
+
+def render(plot: Plot, path: str | Path, **size: Any) -> Path:
+    """Draw `plot` to a PNG at `path` and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure(plot, **size).savefig(path, format="png")
+    return path

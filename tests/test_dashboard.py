@@ -1,0 +1,149 @@
+"""The MLflow UI in a real browser: two runs logged by the tracker are comparable there.
+
+Headless Chromium (Debian's `chromium` + `chromium-driver`, installed by tests/browser_deps.sh)
+driven by Selenium opens the experiment, finds both runs, adds a metric column, selects the two
+runs, opens MLflow's compare view and saves screenshots under test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator.stack import Stack
+from orchestrator.tracking import MlflowTracker
+from tests.conftest import ROOT
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+ARTIFACTS = ROOT / "test-artifacts"
+METRIC = "val_top1_err"
+TIMEOUT_S = 90  # the UI's first load on a busy 2-core machine
+
+
+def log_demo_run(experiment: str, job: str, seed: int) -> str:
+    """A short run through the tracker: the loop's metric names, a learning-curve shape."""
+    params = {"model.name": "cifar_resnet20", "seed": seed, "eval.protocol": "center",
+              "optim.lr": 0.1, "data.source": "synthetic"}  # fmt: skip
+    tracker = MlflowTracker(experiment, job, params, {"model": "cifar_resnet20"}, system_metrics_interval_s=None)
+    tau = 12 + 6 * seed
+    for step in range(2, 41, 2):
+        metrics = {"train/loss": 2.3 * math.exp(-step / tau), "train/top1_err": 0.9 * math.exp(-step / (2 * tau)),
+                   "lr": 0.1, "images_per_s": 900.0 + 10 * seed}  # fmt: skip
+        if step % 10 == 0:
+            metrics[METRIC] = 0.88 * math.exp(-step / (2.4 * tau))
+        tracker.log_metrics(metrics, step)
+    tracker.finish("FINISHED")
+    return tracker.run_id
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[object]:
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.fail(f"{CHROMIUM} / {CHROMEDRIVER} missing: run `bash tests/browser_deps.sh` (make test does)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (the dev extra)")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", "--window-size=1600,1000"):  # fmt: skip
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(TIMEOUT_S)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_for(driver: object, what: str, cond: Callable[[], object], timeout: float = TIMEOUT_S) -> object:
+    """Poll `cond` until truthy; on timeout fail with a screenshot and the page's text."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception:  # noqa: BLE001, S110 (elements come and go while React renders)
+            pass
+        if time.monotonic() > deadline:
+            ARTIFACTS.mkdir(exist_ok=True)
+            shot = ARTIFACTS / "mlflow-ui-failure.png"
+            driver.save_screenshot(str(shot))
+            text = driver.find_element("tag name", "body").text[:2000]
+            pytest.fail(f"MLflow UI: no {what} within {timeout:.0f} s (screenshot {shot}); page text:\n{text}")
+        time.sleep(0.5)
+
+
+def test_experiment_runs_compare_in_chromium(stack: Stack, browser: object) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    d = browser
+    (ARTIFACTS / "mlflow-ui-failure.png").unlink(missing_ok=True)  # from an earlier failure
+    experiment = f"dashboard-{uuid.uuid4().hex[:6]}"
+    jobs = [f"{experiment}-seed{seed}" for seed in (0, 1)]
+    run_ids = [log_demo_run(experiment, job, seed) for seed, job in enumerate(jobs)]
+    client = MlflowClient()
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    assert [client.get_run(r).info.status for r in run_ids] == ["FINISHED", "FINISHED"]
+    body = lambda: d.find_element(By.TAG_NAME, "body").text
+
+    # the experiment: its runs table (the "Model training" view of MLflow 3's UI)
+    d.get(f"{stack.urls()['mlflow']}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
+    wait_for(d, "run names", lambda: all(job in body() for job in jobs))
+    for close in d.find_elements(By.CSS_SELECTOR, "button[aria-label=Close]"):  # the assistant panel
+        close.click()
+
+    # a metric column, chosen the way a user does: Columns -> search -> tick the metric
+    d.find_element(By.XPATH, "//button[normalize-space()='Columns']").click()
+    search = wait_for(d, "column search box", lambda: d.find_element(By.CSS_SELECTOR, "input[placeholder='Search columns']"))
+    search.send_keys(METRIC)
+    wait_for(d, f"{METRIC} in the column chooser", lambda: d.find_element(
+        By.XPATH, f"//*[@role='dialog']//*[normalize-space(text())='{METRIC}']")).click()  # fmt: skip
+    search.send_keys(Keys.ESCAPE)
+    headers = lambda: [h.text.strip() for h in d.find_elements(By.CSS_SELECTOR, "[role=columnheader]")]
+    wait_for(d, f"a {METRIC} column", lambda: METRIC in headers())
+    final = [client.get_run(r).data.metrics[METRIC] for r in run_ids]
+    # each run's last value appears in the table (the UI prints it at full precision)
+    wait_for(d, "both runs' metric values", lambda: all(
+        repr(v)[:6] in body() or f"{v:.3f}" in body() for v in final))
+    ARTIFACTS.mkdir(exist_ok=True)
+    d.save_screenshot(str(ARTIFACTS / "mlflow-experiment.png"))
+
+    # select both runs, then Compare
+    for job in jobs:
+        row = d.find_element(By.XPATH, f"//div[@role='row'][.//a[normalize-space()='{job}']]")
+        row_index = row.get_attribute("row-index")
+        d.find_element(By.CSS_SELECTOR, f"div[role=row][row-index='{row_index}'] input[type=checkbox]").click()
+    wait_for(d, "the Compare button", lambda: d.find_element(By.XPATH, "//button[normalize-space()='Compare']")).click()
+    wait_for(d, "the compare view", lambda: "Comparing 2 Runs" in body())
+    wait_for(d, "both runs in the compare view", lambda: all(r in body() for r in run_ids))
+    assert "compare-runs" in d.current_url
+    for run_id in run_ids:
+        assert run_id in d.current_url
+    # params and metrics side by side, with each run's last validation error (3 significant digits)
+    wait_for(d, "params and metrics in the compare view", lambda: all(
+        k in body() for k in ("Parameters", "Metrics", "train/loss", "seed", *(f"{v:.3g}" for v in final))))
+    time.sleep(1)  # let the plot finish drawing
+    shots = [ARTIFACTS / "mlflow-compare.png", ARTIFACTS / "mlflow-compare-metrics.png"]
+    d.save_screenshot(str(shots[0]))
+    # the side-by-side metrics table, lower on the same page
+    heading = d.find_element(By.XPATH, "//*[normalize-space(text())='Metrics' and not(ancestor::*[@role='dialog'])]")
+    d.execute_script("arguments[0].scrollIntoView({block: 'start'});", heading)
+    time.sleep(0.5)
+    d.save_screenshot(str(shots[1]))
+    for shot in shots:
+        assert shot.stat().st_size > 20_000, f"{shot} is (nearly) blank"

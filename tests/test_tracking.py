@@ -1,0 +1,395 @@
+"""MLflow tracking: one run per job across restarts, secrets kept out, the paper beside the run,
+the best checkpoint registered, and a tracking server that goes down mid-run.
+
+Integration tests use the real local MLflow server (the `stack` fixture); the fault test starts
+stops and restarts the test stack's MLflow server (and leaves it up).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from orchestrator import paper, plots, s3
+from orchestrator.stack import Stack
+from orchestrator.tracking import (
+    LOST_TAG,
+    MlflowTracker,
+    NullTracker,
+    manifest_sha256,
+    redact,
+    scrub,
+    start_tracker,
+)
+from tests.conftest import ROOT, run_script
+
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(client().get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
+
+
+def steps(run_id: str, key: str) -> list[int]:
+    return [s for s, _ in history(run_id, key)]
+
+
+def strictly_increasing(xs: list[int]) -> bool:
+    return all(a < b for a, b in itertools.pairwise(xs))
+
+
+def artifact_text(run_id: str, path: str, tmp: Path) -> str:
+    return Path(client().download_artifacts(run_id, path, str(tmp))).read_text()
+
+
+def git_head() -> str | None:
+    proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def train_metrics(step: int, offset: float = 0.0) -> dict[str, float]:
+    """The loop's metric names with a learning-curve shape; `offset` marks who logged them."""
+    m = {"train/loss": 2.0 * math.exp(-step / 12) + offset, "train/top1_err": 0.9 * math.exp(-step / 30),
+         "train/top5_err": 0.6 * math.exp(-step / 30), "lr": 0.1, "images_per_s": 800.0,
+         "data_wait_frac": 0.05, "epoch": float(step // 8)}  # fmt: skip
+    if step % 5 == 0:
+        m |= {"val_top1_err": 0.85 * math.exp(-step / 40), "val_top5_err": 0.5 * math.exp(-step / 40),
+              "val/loss": 2.1 * math.exp(-step / 14)}  # fmt: skip
+    return m
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def test_scrub_and_redact_mask_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_API_TOKEN", "tok-1234567890")
+    text = ("s3://AKIAIOSFODNN7EXAMPLE:wJalrXUt%2FK7MDENG@bucket/d https://u:p4ss@host/x?X-Amz-Signature=abc123&a=1 "
+            "id ASIAABCDEFGHIJKLMNOP env tok-1234567890")  # fmt: skip
+    out = scrub(text)
+    for secret in ("AKIAIOSFODNN7EXAMPLE", "wJalrXUt", "p4ss", "abc123", "ASIAABCDEFGHIJKLMNOP", "tok-1234567890"):
+        assert secret not in out
+    assert "s3://***@bucket/d" in out and "a=1" in out and "https://***@host/x" in out
+    params = redact({"data.url": "s3://bucket/x", "db.password": "hunter22", "tracking.note": "tok-1234567890",
+                     "optim.lr": 0.1, "model.shortcut": None})  # fmt: skip
+    assert params == {"data.url": "s3://bucket/x", "db.password": "***", "tracking.note": "***",
+                      "optim.lr": "0.1", "model.shortcut": "None"}  # fmt: skip
+
+
+def test_paper_style_plot_thin_train_bold_val(tmp_path: Path) -> None:
+    if not plots.available():
+        pytest.skip("matplotlib is not installed (the dev extra)")
+    train = [(i * 1000, 60 - 30 * (1 - math.exp(-i / 20))) for i in range(1, 61)]
+    val = [(i * 5000, 58 - 28 * (1 - math.exp(-i / 4))) for i in range(1, 13)]
+    plot = plots.Plot(title="ResNet-34: top-1 error", ylabel="top-1 error (%)",
+                      curves=[plots.Curve("resnet34", train, val), plots.Curve("plain34", train[:30], val[:6])],
+                      references=[plots.Reference("paper: 24.52%", 24.52)])  # fmt: skip
+    fig = plots.figure(plot)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert lines["resnet34: train"].get_linewidth() < lines["resnet34: val"].get_linewidth() / 2
+    assert lines["resnet34: train"].get_color() == lines["resnet34: val"].get_color()
+    assert lines["resnet34: val"].get_color() != lines["plain34: val"].get_color()
+    assert "iterations" in ax.get_xlabel() and "10⁴" in ax.get_xlabel()  # 60k iterations, like Fig. 4
+    assert max(lines["resnet34: train"].get_xdata()) == pytest.approx(6.0)
+    assert ax.get_ylabel() == "top-1 error (%)" and ax.get_title() == "ResNet-34: top-1 error"
+    assert {t.get_text() for t in ax.get_legend().get_texts()} >= {"resnet34: train", "plain34: val", "paper: 24.52%"}
+    png = plots.render(plot, tmp_path / "x" / "fig.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_no_matplotlib_skips_plots_with_a_warning(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert not plots.available()
+    tracker = MlflowTracker.__new__(MlflowTracker)  # only _plots, which must return before any I/O
+    tracker.job, tracker.client = "j", None
+    with caplog.at_level(logging.WARNING, logger="orchestrator.tracking"):
+        tracker._plots("resnet50", None, {"train/top1_err": [(1, 0.5)], "val_top1_err": [], "train/top5_err": [],
+                                          "val_top5_err": [], "train/loss": [], "val/loss": []})  # fmt: skip
+    assert any("matplotlib is not installed" in r.getMessage() for r in caplog.records)
+
+
+def test_start_tracker_off_without_uri_or_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert isinstance(start_tracker(True, "e", "j", {}, {}), NullTracker)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert isinstance(start_tracker(False, "e", "j", {}, {}), NullTracker)
+
+
+def test_server_unreachable_from_the_start_costs_little_and_never_raises(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    t0 = time.monotonic()
+    tracker = start_tracker(True, "e", f"down-{uid()}", {"optim.lr": 0.1}, {})
+    assert isinstance(tracker, MlflowTracker) and not tracker.opened and tracker.run_id is None
+    for step in range(1, 21):
+        tracker.log_metrics({"train/loss": 1.0 / step}, step)
+    assert len(tracker.pending) == 20
+    tracker.finish_timeout_s = 1.0
+    tracker.finish("FINISHED")
+    assert time.monotonic() - t0 < 20, "a down server must cost seconds, not minutes"
+    assert any("not closed" in r.getMessage() and "20 metrics lost" in r.getMessage() for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------- one run per job
+
+
+def test_resumed_job_continues_its_run_and_reports_against_the_paper(stack: Stack, tmp_path: Path) -> None:
+    """A hard-killed job resubmitted: same run, no duplicate steps; at the end the paper's number
+    for ResNet-34 C (Table 3, 10-crop), the curves from MLflow's full history, the registry."""
+    exp, job = f"track-{uid()}", f"r34c-{uid()}"
+    params = {"model.name": "resnet34", "model.shortcut": "C", "eval.protocol": "ten_crop", "data.source": "synthetic",
+              "checkpoint.best_metric": "val_top1_err", "optim.lr": 0.1, "scaling.num_workers": 2}  # fmt: skip
+    tags = {"model": "resnet34", "strategy": "ddp", "world_size": "2", "device": "cpu", "ray_job_id": "02000000"}
+    first = MlflowTracker(exp, job, params, tags, "model:\n  name: resnet34\n", system_metrics_interval_s=0.5)
+    for step in range(1, 11):
+        first.log_metrics(train_metrics(step), step)
+    time.sleep(2.0)  # a few system-metric samples
+    first._stop_system_metrics()  # the process dies here (a hard kill): the run stays RUNNING
+    run_id = first.run_id
+    assert client().get_run(run_id).info.status == "RUNNING"
+
+    # resubmitted (a new Ray job id): the checkpoint was at step 5, so steps 6..10 are replayed
+    second = MlflowTracker(exp, job, params, {**tags, "ray_job_id": "03000000"}, "model:\n  name: resnet34\n",
+                           system_metrics_interval_s=0.5)  # fmt: skip
+    assert second.run_id == run_id
+    for step in range(6, 21):
+        second.log_metrics(train_metrics(step, offset=0.5), step)
+    time.sleep(1.5)
+    best = f"s3://resnet/runs/{job}/checkpoints/step-00000015"
+    second.finish("FINISHED", checkpoint_url=f"s3://resnet/runs/{job}/checkpoints/step-00000020", best_checkpoint_url=best)
+    assert not [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"], "monitor stopped at finish"
+
+    c = client()
+    runs = c.search_runs([c.get_experiment_by_name(exp).experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id], "one run per job"
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == job
+    loss = history(run_id, "train/loss")
+    assert [s for s, _ in loss] == list(range(1, 21)), "strictly increasing steps, none twice"
+    # steps 6..10 keep the first attempt's values; the replay did not log them again
+    assert [v for _, v in loss] == pytest.approx([train_metrics(s, offset=0.5 * (s > 10))["train/loss"] for s in range(1, 21)])
+    assert steps(run_id, "val_top1_err") == [5, 10, 15, 20]
+    for key in ("lr", "images_per_s", "data_wait_frac", "epoch", "train/top5_err", "val/loss"):
+        assert key in run.data.metrics
+    sys_steps = steps(run_id, "system/cpu_utilization_percentage")
+    assert len(sys_steps) >= 2 and strictly_increasing(sys_steps), sys_steps
+    assert "system/system_memory_usage_megabytes" in run.data.metrics
+
+    t = run.data.tags
+    assert t["orchestrator.job"] == job and t["orchestrator.attempt"] == "2" and t["ray_job_id"] == "03000000"
+    assert (t["model"], t["strategy"], t["world_size"], t["device"]) == ("resnet34", "ddp", "2", "cpu")
+    assert t.get("git_commit") == git_head()
+    assert run.data.params["model.shortcut"] == "C" and run.data.params["scaling.num_workers"] == "2"
+    assert artifact_text(run_id, "spec.yaml", tmp_path) == "model:\n  name: resnet34\n"
+
+    # the paper: Table 3, ResNet-34 C, 10-crop: 24.19 / 7.40 (our errors are fractions, the paper's %)
+    ref = paper.lookup("resnet34", "ten_crop", "C")
+    m = run.data.metrics
+    final1, final5 = history(run_id, "val_top1_err")[-1][1] * 100, history(run_id, "val_top5_err")[-1][1] * 100
+    assert (m["paper/top1_err"], m["paper/top5_err"]) == (ref.top1, ref.top5) == (24.19, 7.40)
+    assert m["achieved/top1_err"] == pytest.approx(final1) and m["achieved/top5_err"] == pytest.approx(final5)
+    assert m["gap/top1_err"] == pytest.approx(final1 - 24.19) and m["gap/top5_err"] == pytest.approx(final5 - 7.40)
+    assert t["paper.source"] == "Table 3"
+    md = artifact_text(run_id, "paper/comparison.md", tmp_path)
+    assert "24.19" in md and "7.40" in md and f"{final1:.2f}" in md and "Table 3" in md
+    rows = list(csv.DictReader(io.StringIO(artifact_text(run_id, "paper/comparison.csv", tmp_path))))
+    assert [r["metric"] for r in rows] == ["top-1 error (%)", "top-5 error (%)"]
+    assert float(rows[0]["paper"]) == 24.19 and float(rows[0]["gap_points"]) == pytest.approx(final1 - 24.19, abs=1e-3)
+    # the curves: from MLflow's whole history (both attempts), as PNGs kept for a human to look at
+    out = ARTIFACTS / "tracking-plots"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(c.download_artifacts(run_id, "plots", str(tmp_path / "download")), out)
+    pngs = sorted(p.name for p in out.iterdir())
+    assert pngs == ["loss.png", "top1_error.png", "top5_error.png"]
+    assert all((out / p).read_bytes()[:4] == b"\x89PNG" and (out / p).stat().st_size > 15_000 for p in pngs)
+
+    # the best checkpoint in the Model Registry: model = job name, alias best, source = its URL
+    version = c.get_model_version_by_alias(job, "best")
+    assert (version.source, version.run_id, version.tags["checkpoint_url"]) == (best, run_id, best)
+    assert best in version.description and t["best_checkpoint_url"] == best
+
+    # submitted once more after finishing: the same run again, the same registered version
+    third = MlflowTracker(exp, job, params, tags, system_metrics_interval_s=None)
+    assert third.run_id == run_id
+    third.finish("FINISHED", best_checkpoint_url=best)
+    assert len(c.search_model_versions(f"name='{job}'")) == 1
+    assert c.get_run(run_id).data.tags["orchestrator.attempt"] == "3"
+    assert steps(run_id, "paper/top1_err") == [20], "the comparison is not logged twice at the same step"
+
+
+def test_run_id_from_the_checkpoint_wins_and_killed_status(stack: Stack) -> None:
+    job = f"ckpt-{uid()}"
+    first = MlflowTracker(f"track-{uid()}", job, {"optim.lr": 0.1}, {}, system_metrics_interval_s=None)
+    first.log_metrics({"train/loss": 1.0}, 1)
+    # the same job id found through its checkpoint, even from another experiment setting
+    again = MlflowTracker(f"elsewhere-{uid()}", job, {"optim.lr": 0.1}, {}, run_id=first.run_id, system_metrics_interval_s=None)
+    assert again.run_id == first.run_id
+    again.log_metrics({"train/loss": 0.5}, 1)  # a replayed step: not logged twice
+    again.log_metrics({"train/loss": 0.4}, 2)
+    again.finish("KILLED")
+    run = client().get_run(first.run_id)
+    assert run.info.status == "KILLED" and history(first.run_id, "train/loss") == [(1, 1.0), (2, 0.4)]
+    # a run id this server does not know (another tracking server): found by the job's tag
+    lost = MlflowTracker(f"other-{uid()}", job, {}, {}, run_id="0" * 32, system_metrics_interval_s=None)
+    assert lost.run_id != first.run_id and client().get_run(lost.run_id).data.tags["orchestrator.job"] == job
+    lost.finish("FINISHED")
+
+
+def test_secrets_never_reach_mlflow_or_the_logs(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture) -> None:  # fmt: skip
+    import os
+
+    aws_secret = os.environ["AWS_SECRET_ACCESS_KEY"]  # the test stack's real S3 secret
+    token = f"hf_{uuid.uuid4().hex}"
+    monkeypatch.setenv("HF_TOKEN", token)
+    url = "s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY@resnet/datasets/imagenet"
+    secrets = ["AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY", aws_secret, token, "hunter2-pw"]
+    params = {"data.url": url, "data.source": "shards", "model.name": "resnet50", "eval.protocol": "center",
+              "tracking.note": f"pulled with {token}", "optim.note": f"key {aws_secret}",
+              "db.password": "hunter2-pw"}  # fmt: skip
+    tags = {"dataset": url, "manifest_sha256": "c" * 64, "model": "resnet50"}
+    spec_yaml = f'data:\n  url: "{url}"\nnote: "{token} {aws_secret}"\n'
+    caplog.set_level(logging.INFO)
+    tracker = MlflowTracker(f"track-{uid()}", f"secret-{uid()}", params, tags, spec_yaml, system_metrics_interval_s=None)
+    tracker.log_metrics({"train/loss": 1.0}, 1)
+    tracker.log_text(f"debug dump {url} {token}", "notes/debug.txt")
+    tracker.finish("FAILED", error=f"DataError: cannot read dataset {url} (key {aws_secret})")
+
+    run = client().get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.params["data.url"] == "s3://***@resnet/datasets/imagenet"
+    assert run.data.params["db.password"] == "***" and run.data.params["tracking.note"] == "pulled with ***"
+    assert "DataError: cannot read dataset s3://***@resnet" in run.data.tags["orchestrator.error"]
+    [item] = run.inputs.dataset_inputs  # the input dataset still records the data, minus credentials
+    assert item.dataset.digest == "c" * 36
+    assert json.loads(item.dataset.source)["uri"] == "s3://***@resnet/datasets/imagenet"
+    seen = {
+        "params": json.dumps(run.data.params), "tags": json.dumps(run.data.tags),
+        "spec.yaml": artifact_text(tracker.run_id, "spec.yaml", tmp_path),
+        "notes/debug.txt": artifact_text(tracker.run_id, "notes/debug.txt", tmp_path),
+        "dataset input": json.dumps([item.dataset.source, item.dataset.name, item.dataset.profile]),
+        "log records": "\n".join(r.getMessage() for r in caplog.records),
+    }  # fmt: skip
+    out, err = capfd.readouterr()
+    seen["stdout"], seen["stderr"] = out, err
+    assert "s3://***@resnet" in seen["spec.yaml"] and "data.url carries credentials" in seen["log records"]
+    for where, text in seen.items():
+        for secret in secrets:
+            assert secret not in text, f"a secret reached {where}"
+
+
+# ----------------------------------------------------------------------------- through the loop
+
+
+def test_training_job_logs_lineage_paper_and_best_checkpoint(stack: Stack, smoke_dataset: str, tmp_path: Path) -> None:
+    """jobs/smoke.py --local with tracking on: the loop's own params, tags, metrics; the dataset
+    manifest as the run's input; CIFAR ResNet-20 beside Table 6; the best committed checkpoint
+    registered under the job's name."""
+    from orchestrator.data import load_manifest
+
+    job, exp = f"loop-{uid()}", f"track-loop-{uid()}"
+    run_script("jobs/smoke.py", "--local", f"name={job}", f"data.url={smoke_dataset}", f"tracking.experiment={exp}",
+               "scaling.num_workers=1", "scaling.global_batch=16", "schedule.max_iters=6", "schedule.milestones=[]",
+               "eval.every_iters=3", "checkpoint.every_iters=3", "tracking.log_every=2", "data.num_workers=0",
+               env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})  # fmt: skip
+    c = client()
+    [run] = c.search_runs([c.get_experiment_by_name(exp).experiment_id])
+    run_id, t, m = run.info.run_id, run.data.tags, run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "cifar_resnet20" and run.data.params["data.url"] == smoke_dataset
+    assert (t["model"], t["strategy"], t["world_size"], t["device"], t["dataset"]) == (
+        "cifar_resnet20", "ddp", "1", "cpu", smoke_dataset)  # fmt: skip
+    digest = manifest_sha256(load_manifest(smoke_dataset))
+    assert t["manifest_sha256"] == digest
+    [item] = run.inputs.dataset_inputs
+    assert item.dataset.digest == digest[:36] and json.loads(item.dataset.source)["uri"] == smoke_dataset
+    assert json.loads(item.dataset.profile)["manifest_sha256"] == digest
+    for key in ("train/loss", "train/top1_err", "lr", "images_per_s", "data_wait_frac", "epoch", "val_top1_err",
+                "system/cpu_utilization_percentage"):  # fmt: skip
+        assert key in m, key
+    train_steps = steps(run_id, "train/loss")
+    assert strictly_increasing(train_steps) and {2, 4, 6} <= set(train_steps) and train_steps[-1] == 6
+    assert steps(run_id, "val_top1_err") == [3, 6]
+    assert m["paper/top1_err"] == 8.75 and m["achieved/top1_err"] == pytest.approx(m["val_top1_err"] * 100)
+    assert {a.path for a in c.list_artifacts(run_id, "plots")} >= {"plots/top1_error.png", "plots/loss.png"}
+    out = ARTIFACTS / "loop-plots"  # a real run's curves, for a human to look at
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(c.download_artifacts(run_id, "plots", str(tmp_path / "download")), out)
+    version = c.get_model_version_by_alias(job, "best")
+    assert version.source == t["best_checkpoint_url"] and version.run_id == run_id
+    assert s3.exists(f"{version.source}/COMMITTED"), "the registered checkpoint is a committed one"
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+@pytest.fixture
+def mlflow_restored(stack: Stack):
+    """The test stack, with its MLflow server started again whatever the test did to it."""
+    yield stack
+    if stack.status(("mlflow",))["mlflow"] != "up":
+        stack.up(("mlflow",))
+
+
+def test_tracking_server_down_mid_run(mlflow_restored: Stack) -> None:
+    """Stop the server while a tracker logs, start it again: no exception, seconds per step while
+    it is down, the backlog delivered when it returns, and what had to be dropped counted."""
+    stack = mlflow_restored
+    tracker = MlflowTracker(f"fault-{uid()}", f"fault-{uid()}", {"optim.lr": 0.1}, {}, system_metrics_interval_s=0.5,
+                            max_pending=8, max_backoff_s=1.0)  # fmt: skip
+    for step in (1, 2, 3):
+        tracker.log_metrics({"train/loss": 1.0 / step, "lr": 0.1}, step)
+    run_id = tracker.run_id
+    assert steps(run_id, "train/loss") == [1, 2, 3]
+
+    stack.stop_service("mlflow")
+    for step in range(4, 9):  # 10 metrics while down; the queue keeps 8: step 4's two are dropped
+        t0 = time.monotonic()
+        tracker.log_metrics({"train/loss": 1.0 / step, "lr": 0.1}, step)
+        assert time.monotonic() - t0 < 5, "a down server must cost seconds per step, not minutes"
+    assert (len(tracker.pending), tracker.dropped, tracker.opened) == (8, 2, True)
+
+    stack.up(("mlflow",))
+    back = time.time() * 1000
+    deadline = time.monotonic() + 30
+    step = 9
+    while tracker.pending or step < 11:  # training goes on; the backlog goes out with it
+        tracker.log_metrics({"train/loss": 1.0 / step, "lr": 0.1}, step)
+        step += 1
+        assert time.monotonic() < deadline, f"backlog not delivered: {len(tracker.pending)} metrics left"
+        time.sleep(0.5)
+    assert steps(run_id, "train/loss") == [1, 2, 3, *range(5, step)], "queued steps flushed after the restart"
+    assert client().get_run(run_id).data.tags[LOST_TAG] == "2"
+    time.sleep(1.5)  # the system-metrics monitor restarted with the server
+    tracker.finish("FINISHED")
+    run = client().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[LOST_TAG] == "2"
+    sys_hist = client().get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert strictly_increasing([m.step for m in sorted(sys_hist, key=lambda m: m.timestamp)])
+    assert any(m.timestamp > back for m in sys_hist), "system metrics resume after the outage"
