@@ -29,14 +29,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from orchestrator.checkpoint import CheckpointStore  # noqa: E402
+from orchestrator.checkpoint import CheckpointStore
 
 CHAOS_SPEC = ["schedule.max_iters=24", "checkpoint.every_iters=4", "checkpoint.keep_last=10",
               "eval.every_iters=0", "eval.at_end=false", "tracking.log_every=1",
               "scaling.max_failures=3", "data.pca_lighting=0.1"]  # fmt: skip
 
 
-def client():  # noqa: ANN201 - ray's client type
+def client():
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(os.environ["RAY_ADDRESS"])

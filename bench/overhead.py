@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from chaos import logs, submit, wait  # noqa: E402
-from chaos import wait_status_terminal as wait_done  # noqa: E402
+from chaos import logs, submit, wait
+from chaos import wait_status_terminal as wait_done
 
-from orchestrator.models import create_model  # noqa: E402
+from orchestrator.models import create_model
 
 
 def plain_loop(steps: int, threads: int) -> float:

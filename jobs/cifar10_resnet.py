@@ -15,8 +15,14 @@ import dataclasses
 from orchestrator.data import DataConfig
 from orchestrator.launch import main
 from orchestrator.spec import (
-    CheckpointConfig, EvalConfig, JobSpec, ModelConfig, OptimConfig, ScalingConfig,
-    ScheduleConfig, TrackingConfig,
+    CheckpointConfig,
+    EvalConfig,
+    JobSpec,
+    ModelConfig,
+    OptimConfig,
+    ScalingConfig,
+    ScheduleConfig,
+    TrackingConfig,
 )  # fmt: skip
 
 SPEC = JobSpec(

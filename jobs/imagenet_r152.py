@@ -16,8 +16,14 @@ On GPUs: bf16 autocast and channels_last.
 from orchestrator.data import DataConfig
 from orchestrator.launch import main
 from orchestrator.spec import (
-    CheckpointConfig, EvalConfig, JobSpec, ModelConfig, OptimConfig, ScalingConfig,
-    ScheduleConfig, TrackingConfig,
+    CheckpointConfig,
+    EvalConfig,
+    JobSpec,
+    ModelConfig,
+    OptimConfig,
+    ScalingConfig,
+    ScheduleConfig,
+    TrackingConfig,
 )  # fmt: skip
 
 SPEC = JobSpec(

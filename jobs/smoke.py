@@ -10,8 +10,14 @@ ResNet-20 on 32x32 crops, log one MLflow run, and commit a checkpoint to S3.
 from orchestrator.data import DataConfig
 from orchestrator.launch import main
 from orchestrator.spec import (
-    CheckpointConfig, EvalConfig, JobSpec, ModelConfig, OptimConfig, ScalingConfig,
-    ScheduleConfig, TrackingConfig,
+    CheckpointConfig,
+    EvalConfig,
+    JobSpec,
+    ModelConfig,
+    OptimConfig,
+    ScalingConfig,
+    ScheduleConfig,
+    TrackingConfig,
 )  # fmt: skip
 
 SPEC = JobSpec(

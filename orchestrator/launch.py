@@ -81,8 +81,8 @@ def run_local(spec: JobSpec) -> dict[str, float]:
     from orchestrator.train import Runtime, run_worker
 
     use_gpu = torch.cuda.is_available() if spec.scaling.use_gpu is None else spec.scaling.use_gpu
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}") if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)

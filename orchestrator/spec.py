@@ -99,9 +99,16 @@ class TrackingConfig:
 
 @dataclass
 class EvalConfig:
+    """Validation during and after training (orchestrator.evaluation): center = shorter side
+    data.eval_resize, centre data.image_size crop; ten_crop = 4 corners + centre and their
+    flips; multiscale = whole images at each of `scales` (and mirrored), fully convolutional."""
+
     every_iters: int = 5000
     at_end: bool = True
     protocol: Literal["center", "ten_crop", "multiscale"] = "center"
+    scales: list[int] = field(default_factory=lambda: [224, 256, 384, 480, 640])  # multiscale
+    flips: bool = True  # multiscale: also the mirrored image
+    bn_recalibrate: int = 0  # > 0: evaluate a copy with BN statistics averaged over N train batches
     batch_size: int = 100
     max_batches: int = 0  # 0: the whole validation split
 
@@ -159,6 +166,10 @@ class JobSpec:
             raise SpecError(f"schedule.milestones: {self.schedule.milestones} must rise and be > 0")
         if self.schedule.max_iters <= 0:
             raise SpecError("schedule.max_iters: must be > 0")
+        if not self.eval.scales or any(s < 1 for s in self.eval.scales):
+            raise SpecError(f"eval.scales: {self.eval.scales} must be one or more sizes >= 1")
+        if self.eval.bn_recalibrate < 0 or self.eval.batch_size < 1:
+            raise SpecError("eval.bn_recalibrate must be >= 0 and eval.batch_size >= 1")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ absent. One code path for precision: bf16 autocast where the device is a GPU, fp
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from orchestrator.checkpoint import CheckpointStore
-from orchestrator.data import DeviceNormalize, TrainLoader, eval_loader, jpeg_rows
+from orchestrator.data import DeviceNormalize, TrainLoader, jpeg_rows
 from orchestrator.gpu_augment import DeviceAugment, decode_jpegs
 from orchestrator.models import create_model
 from orchestrator.schedule import LRSchedule
@@ -254,30 +255,30 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation with exact counts: each sample once across ranks, sums all-reduced."""
-        model = self.strategy.model
-        model.eval()
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, n
-        cfg = self.spec.data
+        """Validation under spec.eval.protocol (orchestrator.evaluation): each sample once
+        across ranks, sums all-reduced. With eval.bn_recalibrate, a copy of the net with BN
+        statistics averaged over that many training batches is evaluated (training state is
+        untouched)."""
+        from orchestrator.evaluation import evaluate, recalibrate_bn_on_data, unwrap
+
+        cfg, ev = self.spec.data, self.spec.eval
         if cfg.synthetic:
             return {}
-        batches = eval_loader(cfg, rank=self.rt.rank, world_size=self.rt.world_size, batch_size=self.spec.eval.batch_size)
-        for i, (images, labels) in enumerate(batches):
-            if self.spec.eval.max_batches and i >= self.spec.eval.max_batches:
-                break
-            x, y = self.normalize(images, train=False), labels.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                logits = model(x).float()
-            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
-            totals += torch.stack([
-                F.cross_entropy(logits, y, reduction="sum"), hits[:, 0].sum(), hits.any(1).sum(),
-                torch.tensor(float(len(y)), device=self.device),
-            ]).double()  # fmt: skip
-        model.train()
-        loss, top1, top5, n = all_reduce(totals).tolist()
-        if n == 0:
-            return {}
-        return {"val/loss": loss / n, "val_top1_err": 1 - top1 / n, "val_top5_err": 1 - top5 / n, "val/samples": n}
+        model = self.strategy.model
+        if ev.bn_recalibrate:
+            model = copy.deepcopy(unwrap(model))
+            recalibrate_bn_on_data(
+                model, cfg, ev.bn_recalibrate, batch_size=self.spec.micro_batch(),
+                rank=self.rt.rank, world_size=self.rt.world_size, device=self.device,
+                seed=self.spec.seed + 1,
+            )  # fmt: skip
+        result = evaluate(
+            model, cfg, protocol=ev.protocol, scales=ev.scales, flips=ev.flips,
+            batch_size=ev.batch_size, max_batches=ev.max_batches, rank=self.rt.rank,
+            world_size=self.rt.world_size, device=self.device, mean=self.loader.mean,
+            std=self.loader.std, bf16=self.bf16,
+        )  # fmt: skip
+        return result.metrics()
 
     # ------------------------------------------------------------------ the loop
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.gpu_augment import DeviceAugment, crop_resize, decode_jpegs, pad_batch, paper_boxes, rrc_boxes
+from orchestrator.gpu_augment import (
+    DeviceAugment,
+    crop_resize,
+    decode_jpegs,
+    pad_batch,
+    paper_boxes,
+    rrc_boxes,
+)
 
 
 def _image(h: int, w: int) -> torch.Tensor:
