@@ -46,8 +46,12 @@ demo: install
 	$(STACK_ENV) && for seed in 0 1; do \
 		ray job submit -- python jobs/imagenet_r152.py name=demo-r152-seed$$seed seed=$$seed \
 			$(DEMO_OVERRIDES) || exit 1; done
+	$(STACK_ENV) && $(PY) -m orchestrator.ensemble_eval --experiment demo \
+		--filter "attributes.run_name LIKE 'demo-r152-seed%'" --checkpoint best --protocol center \
+		--local --no-progress --output-experiment demo-ensembles
 	@echo
-	@echo "Done. Two ResNet-152 runs (seeds 0 and 1) are in MLflow, experiment 'demo':"
+	@echo "Done. Two ResNet-152 runs (seeds 0 and 1) are in MLflow, experiment 'demo';"
+	@echo "their ensemble (parent run + one child per member) in experiment 'demo-ensembles':"
 	@echo "  MLflow UI:      http://127.0.0.1:5000   (compare the two runs there)"
 	@echo "  Ray dashboard:  http://127.0.0.1:8265   (jobs; token: .stack/secrets/ray-token)"
 	@echo "  Checkpoints:    s3://resnet/runs/demo-r152-seed{0,1}/checkpoints/"
