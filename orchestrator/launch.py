@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -172,8 +173,19 @@ def run_ray(spec: JobSpec) -> Any:
         ),
     )
     checkpoints = f"{spec.checkpoint.storage}/{spec.name}/checkpoints"
+    from orchestrator.tracking import mark_job_run
+
+    def on_sigterm(signum: int, frame: Any) -> None:  # `ray job stop`, a preempted head
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         result = trainer.fit()
+    except KeyboardInterrupt:
+        # the loop runs in Ray's worker threads, which never see the signal: mark the run here
+        mark_job_run(spec.tracking.experiment, spec.name, "KILLED")
+        print(f"job {spec.name} stopped; resubmit the same name to resume", file=sys.stderr)
+        raise SystemExit(143) from None
     except Exception as err:
         # the failure budget is spent: say where the job stands and what killed it, in one place
         from orchestrator.checkpoint import CheckpointStore
@@ -186,6 +198,7 @@ def run_ray(spec: JobSpec) -> Any:
             f"Resubmit the same name to resume from it. Cause: {type(err).__name__}: {err}",
             file=sys.stderr,
         )
+        mark_job_run(spec.tracking.experiment, spec.name, "FAILED", error=f"{type(err).__name__}: {err}")
         raise SystemExit(1) from None
     print(f"job {spec.name} finished; checkpoints under {checkpoints}")
     return result

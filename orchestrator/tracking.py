@@ -665,3 +665,31 @@ def start_tracker(
     except Exception as err:  # noqa: BLE001 (never stop training for tracking)
         log.warning("MLflow tracking off: %s: %s", type(err).__name__, scrub(str(err))[:500])
     return NullTracker()
+
+
+def mark_job_run(experiment: str, job: str, status: str, error: str | None = None) -> str | None:
+    """Set the status of a job's run from outside its workers (the driver on Ray, where the loop
+    runs off the main thread and cannot catch SIGTERM). Only a RUNNING run is changed; returns
+    its id, or None where there is no tracking server or no such run."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        name = job.replace("\\", "\\\\").replace("'", "\\'")
+        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{name}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+        if not runs or runs[0].info.status != "RUNNING":
+            return None
+        run_id = runs[0].info.run_id
+        if error:
+            client.set_tag(run_id, "orchestrator.error", scrub(error)[:5000])
+        client.set_terminated(run_id, status=status)
+        return run_id
+    except Exception as err:  # noqa: BLE001 - status bookkeeping must never mask the job's own error
+        log.warning("could not mark MLflow run of %s %s: %s", job, status, scrub(str(err)))
+        return None

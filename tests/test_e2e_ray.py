@@ -71,3 +71,26 @@ def test_deepspeed_zero1_two_workers_via_ray(stack: Stack, smoke_dataset: str) -
     optim = [f for f in shards if "optim_states" in f]
     assert len(optim) == 2, f"one ZeRO optimizer shard per rank, got {shards}"
     assert any("rank_0" in f for f in optim) and any("rank_1" in f for f in optim)
+
+
+def test_ray_job_stop_marks_the_run_killed(stack: Stack, smoke_dataset: str) -> None:
+    """`ray job stop` sends SIGTERM to the driver: the job's one MLflow run ends KILLED."""
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("chaos", ROOT / "bench" / "chaos.py")
+    chaos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chaos)
+    name, experiment = f"stop-{uuid.uuid4().hex[:6]}", f"e2e-stop-{uuid.uuid4().hex[:6]}"
+    job = chaos.submit([f"name={name}", f"data.url={smoke_dataset}", "schedule.max_iters=500",
+                        "checkpoint.every_iters=4", f"tracking.experiment={experiment}"])  # fmt: skip
+    chaos.wait_for_checkpoint(chaos.store("s3://resnet/runs", name), 4, job)
+    chaos.client().stop_job(job)
+    assert chaos.wait(job) == "STOPPED"
+    client = MlflowClient(stack.env()["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name(experiment)
+    deadline = time.monotonic() + 30
+    while (status := client.search_runs([exp.experiment_id])[0].info.status) == "RUNNING":
+        assert time.monotonic() < deadline, "the run stayed RUNNING after the job was stopped"
+        time.sleep(1)
+    assert status == "KILLED"

@@ -107,3 +107,7 @@ def test_failure_budget_exhausted_gives_a_summary(stack: Stack, smoke_dataset: s
     text = chaos.logs(job)
     assert f"job {name} FAILED after 0 restarts" in text
     assert "Latest committed checkpoint: step" in text and "Resubmit the same name" in text
+    client = MlflowClient(stack.env()["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`orchestrator.job` = '{name}'")
+    assert run.info.status == "FAILED" and "orchestrator.error" in run.data.tags
