@@ -8,6 +8,10 @@ Layout under `{checkpoint.storage}/{job name}/checkpoints/`:
     step-00001000/COMMITTED       written last by rank 0, after a barrier: lists every file
                                   with its size, so a missing or truncated file is detected
 
+Uploads run in the background (the loop pays only for serialising the state in memory); a step
+is committed when the next checkpoint is taken, or at the end of the run, after every rank's
+upload for it has finished.
+
 Loading walks the checkpoints newest first and takes the first whose marker exists and whose
 files all match it; anything else is skipped with a warning. Saving never overwrites a
 committed checkpoint: a step is written once, and retention deletes old steps only after a
@@ -91,6 +95,13 @@ class Storage:
             shutil.rmtree(self.url(rel_prefix), ignore_errors=True)
 
 
+def to_bytes(obj: Any) -> bytes:
+    """torch.save into memory: a snapshot that later training steps cannot change."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def _step_dir(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -114,9 +125,10 @@ class CheckpointStore:
 
     # ---- saving: every rank calls write_rank (and rank 0 write_trainer), then rank 0 commits
     def write(self, step: int, name: str, obj: Any) -> None:
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        self.storage.put(f"{_step_dir(step)}/{name}", buf.getvalue())
+        self.put(step, name, to_bytes(obj))
+
+    def put(self, step: int, name: str, data: bytes) -> None:
+        self.storage.put(f"{_step_dir(step)}/{name}", data)
 
     def write_dir(self, step: int, local: Path, prefix: str) -> None:
         for path in sorted(p for p in local.rglob("*") if p.is_file()):

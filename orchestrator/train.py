@@ -18,6 +18,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from orchestrator.checkpoint import CheckpointStore
+from orchestrator.checkpoint import CheckpointStore, to_bytes
 from orchestrator.data import DeviceNormalize, TrainLoader, jpeg_rows
 from orchestrator.gpu_augment import DeviceAugment, decode_jpegs
 from orchestrator.models import create_model
@@ -128,6 +129,8 @@ class Trainer:
         self.batch_in_epoch = 0  # micro-batches of this epoch already consumed
         self.samples_seen = 0
         self.saved_step = -1
+        self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+        self._pending: tuple[int, dict[str, float], Future] | None = None
         self.tracker: Tracker = NullTracker()
         self.tracking_run_id: str | None = None
 
@@ -161,24 +164,40 @@ class Trainer:
                 "node": self.rt.node}  # fmt: skip
 
     def save_checkpoint(self, metrics: dict[str, float]) -> float:
-        """Write this step's checkpoint from every rank, commit it; returns the stall in s."""
+        """Snapshot this step's state on every rank and upload it in the background; returns
+        the stall (s) training paid. The step is committed at the next save (or at the end),
+        once every rank's upload has finished: until then it does not count."""
         t0 = time.perf_counter()
-        self.store.write(self.step, f"rank-{self.rt.rank:05d}.pt", self.rank_state())
+        self.commit_pending()
+        step, files = self.step, {f"rank-{self.rt.rank:05d}.pt": to_bytes(self.rank_state())}
+        if self.rt.rank == 0:
+            files["trainer.pt"] = to_bytes(self.state_dict())  # serialised now: a consistent copy
         shards = Path(tempfile.mkdtemp(prefix="shards-"))
+        self.strategy.save_shards(shards)  # collective for DeepSpeed; local files
+        self._pending = (step, dict(metrics), self._uploader.submit(self._upload, step, files, shards))
+        self.saved_step = step
+        return time.perf_counter() - t0
+
+    def _upload(self, step: int, files: dict[str, bytes], shards: Path) -> None:
         try:
-            self.strategy.save_shards(shards)
-            self.store.write_dir(self.step, shards, "shards")
+            for name, data in files.items():
+                self.store.put(step, name, data)
+            self.store.write_dir(step, shards, "shards")
         finally:
             shutil.rmtree(shards, ignore_errors=True)
-        if self.rt.rank == 0:
-            self.store.write(self.step, "trainer.pt", self.state_dict())
+
+    def commit_pending(self) -> None:
+        """Wait for this rank's upload, then rank 0 writes the marker once all ranks are done."""
+        if self._pending is None:
+            return
+        step, metrics, upload = self._pending
+        self._pending = None
+        upload.result()  # an upload that failed for good raises here, before any marker
         barrier()  # every rank's files exist before the marker says so
         if self.rt.rank == 0:
-            self.store.commit(self.step, metrics)
+            self.store.commit(step, metrics)
             self.store.retain(self.spec.checkpoint.keep_last, self.spec.checkpoint.best_metric)
         barrier()
-        self.saved_step = self.step
-        return time.perf_counter() - t0
 
     def resume(self) -> bool:
         """Load the latest committed checkpoint of this job (or --resume-from's); True if any."""
@@ -357,6 +376,7 @@ class Trainer:
             final.update(self._validate())
         if self.saved_step != self.step:  # decided from local state: saving is collective
             final["checkpoint_stall_s"] = self.save_checkpoint({**last, **final})
+        self.commit_pending()
         if final:
             last.update(final)
             self._publish(final)
