@@ -52,7 +52,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -73,6 +72,7 @@ from orchestrator.evaluation import (
     combine_probs,
     topk_errors,
 )
+from orchestrator.train import Terminated, raise_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -805,18 +805,6 @@ def _class_json(result: EvalResult) -> dict[str, Any]:
 # main
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived while evaluating."""
-
-
-def _raise_on_sigterm() -> None:
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated(f"signal {signum}")
-
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        pass
 
 
 def run(cfg: EnsembleConfig) -> dict[str, Any]:
@@ -843,7 +831,7 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
         return {"members": members, "manifest": manifest}
     use_gpu = cfg.use_gpu if cfg.local else connect_ray(cfg)
 
-    _raise_on_sigterm()  # `ray job stop`, a preempted node: the runs end KILLED, not RUNNING
+    raise_on_sigterm()  # `ray job stop`, a preempted node: the runs end KILLED, not RUNNING
     runs = _Runs(client, cfg, members, data_url)
     print(f"MLflow: ensemble run {runs.parent} in experiment {cfg.output_experiment!r}")
     save_dir = Path(cfg.save_probs) if cfg.save_probs else None

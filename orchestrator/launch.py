@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -174,11 +173,10 @@ def run_ray(spec: JobSpec) -> Any:
     )
     checkpoints = f"{spec.checkpoint.storage}/{spec.name}/checkpoints"
     from orchestrator.tracking import mark_job_run
+    from orchestrator.train import raise_on_sigterm
 
-    def on_sigterm(signum: int, frame: Any) -> None:  # `ray job stop`, a preempted head
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    # `ray job stop`, a preempted head node: Ray's fit() aborts in order on KeyboardInterrupt
+    raise_on_sigterm(KeyboardInterrupt)
     try:
         result = trainer.fit()
     except KeyboardInterrupt:

@@ -385,6 +385,7 @@ class MlflowTracker:
             self._monitor = SystemMetricsMonitor(
                 self.run_id, sampling_interval=self.system_metrics_interval_s, resume_logging=True
             )
+            self._monitor._first_step = self._monitor._logging_step  # see _stop_system_metrics
             self._monitor.start()
         except Exception as err:  # noqa: BLE001
             log.warning("system metrics off: %s", scrub(str(err))[:300])
@@ -394,7 +395,13 @@ class MlflowTracker:
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             try:
+                first = getattr(monitor, "_first_step", None)
                 monitor.finish()
+                if first is not None and monitor._logging_step == first:
+                    # a run shorter than one sampling interval: still record one sample
+                    monitor.collect_metrics()
+                    monitor.publish_metrics(monitor.aggregate_metrics())
+                    monitor.mlflow_logger.flush()
             except Exception as err:  # noqa: BLE001
                 log.warning("stopping system metrics: %s", scrub(str(err))[:300])
 

@@ -409,9 +409,11 @@ class Terminated(BaseException):
     """SIGTERM arrived (a cancelled job, a preempted node): stop and mark the run KILLED."""
 
 
-def _raise_on_sigterm() -> None:
+def raise_on_sigterm(error: type[BaseException] = Terminated) -> None:
+    """Turn SIGTERM into `error`, raised in the main thread, so `finally`/`except` run."""
+
     def handler(signum: int, frame: Any) -> None:
-        raise Terminated(f"signal {signum}")
+        raise error(f"signal {signum}")
 
     try:
         signal.signal(signal.SIGTERM, handler)
@@ -426,7 +428,7 @@ def run_worker(spec_dict: dict[str, Any], rt: Runtime) -> dict[str, float]:
     spec = from_dict(JobSpec, spec_dict)
     logging.basicConfig(level=os.environ.get("ORCH_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     trainer = Trainer(spec, rt)
-    _raise_on_sigterm()
+    raise_on_sigterm()
     try:
         return trainer.fit()
     except (KeyboardInterrupt, Terminated):
