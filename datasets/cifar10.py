@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,15 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from shardwriter import MB, ConversionError, Encoded, Sample, run_cli, write_dataset
+from shardwriter import (
+    MB,
+    ConversionError,
+    Encoded,
+    Sample,
+    add_shard_arguments,
+    run_cli,
+    write_dataset,
+)
 
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 VAL_BATCH = "test_batch"
@@ -108,25 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help="the extracted cifar-10-batches-py folder (or the folder holding it)",
     )
-    p.add_argument(
-        "--dest",
-        required=True,
-        help="s3://BUCKET/PREFIX (credentials and endpoint from the AWS_* variables) "
-        "or a local folder",
-    )
-    p.add_argument(
-        "--shard-size-mb",
-        type=float,
-        default=128,
-        help="target shard size in MB of 10^6 bytes (default 128)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count(),
-        help="processes building shards (default: all cores)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
+    add_shard_arguments(p)  # --dest, --shard-size-mb, --workers, --seed
     return p.parse_args(argv)
 
 

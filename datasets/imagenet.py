@@ -34,7 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
-from shardwriter import MB, BadSample, ConversionError, Encoded, Sample, run_cli, write_dataset
+from shardwriter import (
+    MB,
+    BadSample,
+    ConversionError,
+    Encoded,
+    Sample,
+    add_shard_arguments,
+    run_cli,
+    write_dataset,
+)
 
 IMAGE_EXTS = {".jpeg", ".jpg", ".png"}
 # The usual ImageNet statistics (0-255 scale), as used by torchvision and the ResNet recipes.
@@ -229,12 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--src", type=Path, required=True, help="folder holding train/ and val/")
-    p.add_argument(
-        "--dest",
-        required=True,
-        help="s3://BUCKET/PREFIX (credentials and endpoint from the AWS_* variables) "
-        "or a local folder",
-    )
+    add_shard_arguments(p)  # --dest, --shard-size-mb, --workers, --seed
     p.add_argument(
         "--val-labels",
         type=Path,
@@ -247,24 +251,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with a devkit ground-truth file: wnids in ILSVRC2012_ID order, one a line",
     )
     p.add_argument(
-        "--shard-size-mb",
-        type=float,
-        default=128,
-        help="target shard size in MB of 10^6 bytes (default 128)",
-    )
-    p.add_argument(
         "--resize-shorter",
         type=int,
         metavar="N",
         help="re-encode (JPEG quality 90) with the shorter side N; never upscales",
     )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count(),
-        help="processes building shards (default: all cores)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
     p.add_argument(
         "--max-bad-fraction",
         type=float,

@@ -22,6 +22,7 @@ boundaries planned up front). Shards are built in parallel, one process per core
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import hashlib
 import io
@@ -621,3 +622,26 @@ def run_cli(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def add_shard_arguments(p: "argparse.ArgumentParser") -> None:
+    """The options every converter takes: where the shards go, their size, cores, shuffle seed."""
+    p.add_argument(
+        "--dest",
+        required=True,
+        help="s3://BUCKET/PREFIX (credentials and endpoint from the AWS_* variables) "
+        "or a local folder",
+    )
+    p.add_argument(
+        "--shard-size-mb",
+        type=float,
+        default=128,
+        help="target shard size in MB of 10^6 bytes (default 128)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count(),
+        help="processes building shards (default: all cores)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")

@@ -482,7 +482,10 @@ def script_flags(target: str) -> frozenset[str]:
                 stack.main(["--help"])
             flags |= set(re.findall(r"(?<![\w-])--[a-z][\w-]*", out.getvalue()))
         return frozenset(flags)
-    return frozenset(_argparse_flags(ROOT / target))
+    flags = _argparse_flags(ROOT / target)
+    if target.startswith("datasets/"):  # the converters share their output options
+        flags |= _argparse_flags(ROOT / "datasets" / "shardwriter.py")
+    return frozenset(flags)
 
 
 @cache
