@@ -129,6 +129,8 @@ class Trainer:
         self.batch_in_epoch = 0  # micro-batches of this epoch already consumed
         self.samples_seen = 0
         self.saved_step = -1
+        self._nonfinite = torch.zeros((), device=self.device)  # set on device, read at checks
+        self._finite_step = 0  # steps up to here were checked finite
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self._pending: tuple[int, dict[str, float], Future] | None = None
         self.tracker: Tracker = NullTracker()
@@ -167,6 +169,7 @@ class Trainer:
         """Snapshot this step's state on every rank and upload it in the background; returns
         the stall (s) training paid. The step is committed at the next save (or at the end),
         once every rank's upload has finished: until then it does not count."""
+        self._check_finite()  # never save weights a non-finite loss has touched
         t0 = time.perf_counter()
         self.commit_pending()
         step, files = self.step, {f"rank-{self.rt.rank:05d}.pt": to_bytes(self.rank_state())}
@@ -214,14 +217,14 @@ class Trainer:
                 return False
             step = latest.step
         self.load_state_dict(store.read(step, "trainer.pt"))
-        self.saved_step = self.step
+        self.saved_step = self._finite_step = self.step
         shards = store.fetch_dir(step, "shards")
         self.strategy.load_shards(shards)
         shutil.rmtree(shards, ignore_errors=True)
         rank_file = f"rank-{self.rt.rank:05d}.pt"
         try:
             set_rng_state(store.read(step, rank_file)["rng"])
-        except Exception:  # a different world size: the data position still resumes exactly
+        except Exception:  # noqa: BLE001 - a different world size: the data position still resumes exactly
             log.warning("no RNG state for rank %d at step %d; reseeding", self.rt.rank, step)
         log.info("rank %d resumed from %s step %d", self.rt.rank, store.root, step)
         return True
@@ -240,23 +243,27 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 logits = self.forward(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=self.spec.optim.label_smoothing)
-            self._check_finite(loss)
+            self._nonfinite += (~torch.isfinite(loss.detach())).any()  # no sync: see _check_finite
             self.strategy.backward(loss / self.spec.accumulation())
         top5 = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == y[:, None]
         return loss.detach(), torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
+    def _check_finite(self) -> None:
+        """Raise if any rank saw a non-finite loss since the last check. Called at log steps and
+        before every checkpoint, never per step: reading the flag is a host sync that would
+        stall the GPU's queue each step. A bad stretch is caught before it is ever saved."""
         bad = torch.zeros(self.rt.world_size, device=self.device)
-        bad[self.rt.rank] = (~torch.isfinite(loss.detach())).float()
+        bad[self.rt.rank] = self._nonfinite
         all_reduce(bad)
         if bad.any():
             ranks = [i for i, b in enumerate(bad.tolist()) if b]
             raise NonFiniteLoss(
-                f"non-finite loss at step {self.step} (epoch {self.epoch}) on rank(s) {ranks}; "
-                f"this rank's loss: {loss.item()}. Lower optim.lr or check the data; "
-                f"the last committed checkpoint is intact."
+                f"non-finite loss at step {self._finite_step + 1}..{self.step} (epoch {self.epoch}) "
+                f"on rank(s) {ranks}. Lower optim.lr or check the data; the last committed "
+                f"checkpoint is intact."
             )
+        self._finite_step = self.step
 
     def _ahead_to_device(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """On a GPU, start copying batch k+1 (pinned memory, non_blocking) before batch k runs."""
@@ -346,7 +353,8 @@ class Trainer:
                 self.samples_seen += spec.scaling.global_batch
                 metrics: dict[str, float] = {}
                 if self.step % spec.tracking.log_every == 0 or self.step in (1, spec.schedule.max_iters):
-                    loss_sum, top1, top5 = sums.tolist()  # the one host sync per log interval
+                    self._check_finite()
+                    loss_sum, top1, top5 = sums.tolist()  # the host syncs of a log interval
                     elapsed = time.perf_counter() - window_t0
                     metrics = {
                         "train/loss": loss_sum / window_samples, "train/top1_err": 1 - top1 / window_samples,
