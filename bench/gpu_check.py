@@ -7,7 +7,8 @@ Steps: (1) generate a small ImageNet-layout JPEG set and convert it to shards on
 (datasets/synthetic.py, datasets/imagenet.py: PIL and numpy only); (2) rerun
 ../shared/tools/gpu_baseline.py for plain PyTorch figures on this card; (3) run
 jobs/imagenet_r50.py and jobs/imagenet_r152.py with --local for a fixed number of steps on
-synthetic on-device data, CPU decode and GPU decode, eager and compiled; (4) print one table:
+synthetic on-device data, CPU decode, GPU decode and the CPU/GPU split (the loop balancing the
+share), eager and compiled; (4) print one table:
 img/s, ratio to the same-run baseline, data-wait fraction, peak memory. Each figure is the
 median of the job's logged windows after warm-up. Needs only torch, torchvision, PIL, numpy
 (webdataset/braceexpand are not needed: the loader reads tar shards itself).
@@ -78,8 +79,10 @@ def job(model: str, data: str, compiled: bool, shards: Path, dry: bool, work: Pa
     rates = [float(x) for x in re.findall(r"images_per_s=([\d.e+]+)", out)]
     waits = [float(x) for x in re.findall(r"data_wait_frac=([\d.e+-]+)", out)]
     mems = [float(x) for x in re.findall(r"gpu_mem_gib=([\d.e+-]+)", out)]
+    shares = [float(x) for x in re.findall(r"cpu_decode_share=([\d.e+-]+)", out)]
     keep = slice(2, None) if len(rates) > 3 else slice(-1, None)  # drop step 1 and warm-up windows
-    return {"img_s": statistics.median(rates[keep]), "wait": statistics.median(waits[keep]), "mem": max(mems, default=0.0)}
+    return {"img_s": statistics.median(rates[keep]), "wait": statistics.median(waits[keep]),
+            "mem": max(mems, default=0.0), "share": f"{shares[-1]:.2f}" if shares else "-"}  # fmt: skip
 
 
 def main() -> None:
@@ -87,7 +90,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="check the plumbing on a CPU at tiny sizes")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gpu-check")
     parser.add_argument("--models", default="r50,r152")
-    parser.add_argument("--data", default="synthetic,cpu,gpu")
+    parser.add_argument("--data", default="synthetic,cpu,gpu,split")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -101,17 +104,17 @@ def main() -> None:
         for compiled in (False, True):
             ref = base.get(f"{model}_bs256_cl_bf16{'_compile' if compiled else ''}", {}).get("img_s")
             for data in args.data.split(","):
-                if args.dry_run and (compiled or data == "gpu"):
-                    continue  # no torch.compile run or nvJPEG without a GPU
+                if args.dry_run and compiled:
+                    continue  # no torch.compile run on a CPU (gpu/split decode on the host there)
                 try:
                     r = job(model, data, compiled, shards, args.dry_run, args.work)
                     ratio = f"{r['img_s'] / ref:.3f}" if ref else "n/a"
                     rows.append((model, "compiled" if compiled else "eager", data, f"{r['img_s']:.0f}", ratio,
-                                 f"{100 * r['wait']:.1f}%", f"{r['mem']:.1f}"))  # fmt: skip
+                                 f"{100 * r['wait']:.1f}%", f"{r['mem']:.1f}", r["share"]))  # fmt: skip
                 except Exception as err:  # noqa: BLE001 - one failed row must not hide the others
-                    rows.append((model, "compiled" if compiled else "eager", data, "FAILED", str(err)[:60], "", ""))
+                    rows.append((model, "compiled" if compiled else "eager", data, "FAILED", str(err)[:60], "", "", ""))
     print(f"\ndevice: {base.get('device')}   baseline: gpu_baseline.py, same run   total {time.monotonic() - t0:.0f} s")
-    head = ("model", "mode", "data", "img/s", "vs baseline", "data wait", "peak GiB")
+    head = ("model", "mode", "data", "img/s", "vs baseline", "data wait", "peak GiB", "CPU share")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))

@@ -64,6 +64,7 @@ import importlib
 import io
 import json
 import logging
+import multiprocessing
 import re
 import tarfile
 import time
@@ -120,8 +121,13 @@ class DataConfig:
     timeout_s: float = 300.0  # longest wait for one batch from a worker, then an error
     io_retry_s: float = 120.0  # how long a broken stream keeps being reopened
     # gpu: workers only check JPEG headers and ship the bytes; the training device decodes them
-    # (nvJPEG) and augments the batch in one pass (orchestrator.gpu_augment)
-    decode: Literal["cpu", "gpu"] = "cpu"
+    # (nvJPEG) and augments the batch in one pass (orchestrator.gpu_augment). split: workers
+    # decode a share of each batch, the device the rest (see `MixedBatch`)
+    decode: Literal["cpu", "gpu", "split"] = "cpu"
+    split_cpu_share: float = 0.5  # decode=split: share of each batch the workers decode, at start
+    # decode=split: the loop moves the share so that neither side waits (else it stays fixed,
+    # and the run is reproducible: which sample is augmented where depends on the share)
+    split_adapt: bool = True
     synthetic_samples: int = 1_281_167  # synthetic source: samples per epoch
     synthetic_classes: int = 1000
 
@@ -131,13 +137,17 @@ class DataConfig:
             "source": ("shards", "synthetic"),
             "train_transform": ("paper", "rrc", "cifar"),
             "epoch_mode": ("exact", "resampled"),
-            "decode": ("cpu", "gpu"),
+            "decode": ("cpu", "gpu", "split"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"data.{name}={getattr(self, name)!r}: expected one of {allowed}")
-        if self.decode == "gpu" and self.train_transform == "cifar":
-            raise ValueError("data.decode=gpu does the paper and rrc transforms; use decode=cpu for cifar")
+        if self.decode != "cpu" and self.train_transform == "cifar":
+            raise ValueError(
+                f"data.decode={self.decode} does the paper and rrc transforms; use decode=cpu for cifar"
+            )
+        if not 0 <= self.split_cpu_share <= 1:
+            raise ValueError(f"data.split_cpu_share={self.split_cpu_share}: expected 0..1")
         if self.train_transform == "paper" and self.scale_range[0] < self.image_size:
             raise ValueError(
                 f"data.scale_range {self.scale_range} starts below image_size {self.image_size}"
@@ -654,10 +664,7 @@ def augmentation_rng(seed: int, epoch: int, sample: RawSample) -> np.random.Gene
 
 
 def train_transform(cfg: DataConfig) -> Callable[[bytes, np.random.Generator], np.ndarray]:
-    """cfg.train_transform as a function (bytes, rng) -> uint8 [3, S, S] (or, for
-    decode=gpu, the checked JPEG bytes behind a 4-byte length: see `jpeg_rows`)."""
-    if cfg.decode == "gpu":
-        return _checked_jpeg_row
+    """cfg.train_transform as a function (bytes, rng) -> uint8 [3, S, S]."""
     if cfg.train_transform == "paper":
         return functools.partial(T.paper_train, size=cfg.image_size, scale_range=cfg.scale_range)
     if cfg.train_transform == "rrc":
@@ -665,21 +672,40 @@ def train_transform(cfg: DataConfig) -> Callable[[bytes, np.random.Generator], n
     return functools.partial(T.cifar_train, size=cfg.image_size)
 
 
-def _checked_jpeg_row(data: bytes, rng: np.random.Generator) -> np.ndarray:
-    """A JPEG that parses (header only: the GPU decodes it) as a length-prefixed byte row."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        if img.format != "JPEG":
-            raise ValueError(f"not a JPEG ({img.format}): decode=gpu needs JPEG shards")
-    return np.frombuffer(len(data).to_bytes(4, "little") + data, dtype=np.uint8)
+def _checked_jpeg(data: bytes) -> np.ndarray:
+    """A JPEG whose header parses (the device decodes the rest), as a uint8 array."""
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG: decode=gpu/split need JPEG shards")
+    T.image_size(data)  # raises on a header no decoder can read
+    return np.frombuffer(data, dtype=np.uint8)
 
 
-def jpeg_rows(rows: torch.Tensor) -> list[torch.Tensor]:
-    """A decode=gpu batch [B, W] uint8 (4-byte length, then the JPEG) -> B byte tensors."""
-    lengths = rows[:, :4].to(torch.int64)
-    lengths = lengths[:, 0] | lengths[:, 1] << 8 | lengths[:, 2] << 16 | lengths[:, 3] << 24
-    return [rows[i, 4 : 4 + int(n)] for i, n in enumerate(lengths.tolist())]
+@dataclass(frozen=True)
+class MixedBatch:
+    """A decode=gpu/split batch of B samples: the first len(pixels) decoded and augmented by
+    the loader's workers, the other B - len(pixels) as JPEG files for the training device to
+    decode (nvJPEG) and augment. The batch's labels follow the same order."""
+
+    pixels: torch.Tensor  # uint8 [k, 3, S, S]
+    jpeg_data: torch.Tensor  # uint8 [total bytes]: the JPEG files back to back
+    jpeg_ends: torch.Tensor  # int64 [B - k]: where each file ends in jpeg_data
+
+    def __len__(self) -> int:
+        return len(self.pixels) + len(self.jpeg_ends)
+
+    def jpegs(self) -> list[torch.Tensor]:
+        """The JPEG files as uint8 views into jpeg_data."""
+        ends = self.jpeg_ends.tolist()
+        return [self.jpeg_data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MixedBatch:
+        """Pixels to `device`; the JPEG bytes stay on the host, where nvJPEG reads them."""
+        pixels = self.pixels.to(device, non_blocking=non_blocking)
+        return MixedBatch(pixels, self.jpeg_data, self.jpeg_ends)
+
+    def pin_memory(self) -> MixedBatch:
+        """Called by the DataLoader's pinning thread, as for a tensor."""
+        return MixedBatch(*(t.pin_memory() for t in (self.pixels, self.jpeg_data, self.jpeg_ends)))
 
 
 def eval_transform(
@@ -748,28 +774,33 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return tensor.share_memory_() if get_worker_info() is not None else tensor
 
 
+# one good sample of a batch: (uint8 pixels [3,S,S] or JPEG bytes [n], label, decoded here?)
+_Item = tuple[np.ndarray, int, bool]
+
+
 def _train_batches(
-    plan: WorkerPlan, shards: Sequence[Shard], cfg: DataConfig, seed: int, epoch: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
-    """Decode, augment and batch one worker's share of an epoch; bad samples replaced."""
+    plan: WorkerPlan,
+    shards: Sequence[Shard],
+    cfg: DataConfig,
+    seed: int,
+    epoch: int,
+    cpu_share: Callable[[], float] = lambda: 1.0,
+) -> Iterator[tuple[torch.Tensor | MixedBatch, torch.Tensor, dict[str, Any]]]:
+    """Decode, augment and batch one worker's share of an epoch; bad samples replaced.
+
+    decode=cpu: every sample is decoded here. gpu/split: the first round(cpu_share() * size)
+    samples of each batch are (gpu: none), the rest only have their JPEG header checked."""
     transform = train_transform(cfg)
-    size = cfg.image_size
     stream = _positions(plan, shards, counter := [0], cfg.io_retry_s)
     pending: dict[int, RawSample | None] = {}
     arrived = 0
     cursor = plan.skip
-    held: list[tuple[torch.Tensor, torch.Tensor, list[RawSample], int, int]] = []
-    last_good: tuple[torch.Tensor, torch.Tensor] | None = None  # views into the last good batch
+    held: list[tuple[list[RawSample], int, int]] = []  # batches with no good sample yet
+    last_good: _Item | None = None
     bytes_seen = 0
-
-    raw = cfg.decode == "gpu"
     for bsize in plan.sizes:
-        # raw JPEG rows are as wide as the longest file: allocated once the batch is known
-        images = _batch_tensor((0,) if raw else (bsize, 3, size, size), torch.uint8)
-        labels = _batch_tensor((bsize,), torch.int64)
-        arr, lab = images.numpy(), labels.numpy()  # numpy views: cheap per-sample writes
-        rows: list[np.ndarray | None] = [None] * bsize
-        good: list[int] = []
+        here = {"cpu": bsize, "gpu": 0, "split": round(cpu_share() * bsize)}[cfg.decode]
+        items: list[_Item | None] = []
         bad: list[RawSample] = []
         for slot, pos in enumerate(plan.order[cursor : cursor + bsize]):
             while pos not in pending:  # read ahead until this position has arrived
@@ -779,67 +810,70 @@ def _train_batches(
                     del pending[arrived - 1]
             sample = pending.pop(int(pos))
             assert sample is not None
-            pixels = _decode_or_error(
-                lambda s=sample: transform(s.image, augmentation_rng(seed, epoch, s)), sample
-            )
+            if slot < here:
+                work = lambda s=sample: transform(s.image, augmentation_rng(seed, epoch, s))
+            else:
+                work = lambda s=sample: _checked_jpeg(s.image)
+            pixels = _decode_or_error(work, sample)
+            items.append(None if pixels is None else (pixels, sample.label, slot < here))
             if pixels is None:
                 bad.append(sample)
-                lab[slot] = -1
-                continue
-            if raw:
-                rows[slot] = pixels
-            else:
-                arr[slot] = pixels
-            lab[slot] = sample.label
-            good.append(slot)
-        if raw:
-            width = max((len(r) for r in rows if r is not None), default=4)
-            images = _batch_tensor((bsize, width), torch.uint8)
-            arr = images.numpy()
-            for slot, row in enumerate(rows):
-                if row is not None:
-                    arr[slot, : len(row)] = row
         cursor += bsize
         nbytes, bytes_seen = counter[0] - bytes_seen, counter[0]
-        if not good:
-            held.append((images, labels, bad, bsize, nbytes))  # filled from the next good batch
+        good = [item for item in items if item is not None]
+        if not good:  # filled from the next good batch
+            held.append((bad, bsize, nbytes))
             if len(held) * bsize >= max(cfg.bad_check_after, 1) and last_good is None:
                 raise DataError(
-                    f"no decodable sample in {sum(h[3] for h in held)} samples; "
+                    f"no decodable sample in {sum(h[1] for h in held)} samples; "
                     f"e.g. {bad[0].key} in {bad[0].url}: {bad[0].error}"
                 )
             continue
-        _fill(images, labels, good)
-        for h_images, h_labels, h_bad, h_size, h_bytes in held:
-            h_images[:] = images[good[0]]
-            h_labels[:] = labels[good[0]]
-            yield h_images, h_labels, _info(h_size, h_bad, h_bytes)
+        for h_bad, h_size, h_bytes in held:
+            yield (*_batch([good[0]] * h_size, cfg), _info(h_size, h_bad, h_bytes))
         held.clear()
-        last_good = (images[good[-1]], labels[good[-1]])  # batches are never written once sent
-        yield images, labels, _info(bsize, bad, nbytes)
-    for h_images, h_labels, h_bad, h_size, h_bytes in held:  # a bad tail: repeat the last good
+        last_good = good[-1]
+        yield (*_batch(_fill(items), cfg), _info(bsize, bad, nbytes))
+    for h_bad, h_size, h_bytes in held:  # a bad tail: repeat the last good
         if last_good is None:
             raise DataError(
                 f"no decodable sample in this worker's share; "
                 f"e.g. {h_bad[0].key} in {h_bad[0].url}: {h_bad[0].error}"
             )
-        h_images[:] = last_good[0]
-        h_labels[:] = last_good[1]
-        yield h_images, h_labels, _info(h_size, h_bad, h_bytes)
+        yield (*_batch([last_good] * h_size, cfg), _info(h_size, h_bad, h_bytes))
 
 
-def _fill(images: torch.Tensor, labels: torch.Tensor, good: list[int]) -> None:
+def _fill(items: list[_Item | None]) -> list[_Item]:
     """Give each bad slot a copy of the nearest good slot (the previous one if any)."""
-    if len(good) == len(labels):
-        return
-    good_set, prev = set(good), None
-    for slot in range(len(labels)):
-        if slot in good_set:
-            prev = slot
-            continue
-        src = prev if prev is not None else good[0]
-        images[slot] = images[src]
-        labels[slot] = labels[src]
+    first = next(item for item in items if item is not None)
+    out: list[_Item] = []
+    for item in items:
+        out.append(item if item is not None else (out[-1] if out else first))
+    return out
+
+
+def _batch(items: list[_Item], cfg: DataConfig) -> tuple[torch.Tensor | MixedBatch, torch.Tensor]:
+    """The batch tensors, in shared memory when made in a worker: decode=cpu gives uint8
+    [B,3,S,S]; gpu/split give a MixedBatch, with the labels reordered to match it."""
+    decoded = [item for item in items if item[2]]
+    files = [item for item in items if not item[2]]
+    labels = _batch_tensor((len(items),), torch.int64)
+    labels.numpy()[:] = [label for _, label, _ in decoded + files]
+    size = cfg.image_size
+    pixels = _batch_tensor((len(decoded), 3, size, size), torch.uint8)
+    arr = pixels.numpy()
+    for slot, (image, _, _) in enumerate(decoded):
+        arr[slot] = image
+    if cfg.decode == "cpu":
+        return pixels, labels
+    ends = np.cumsum([len(data) for data, _, _ in files], dtype=np.int64)
+    jpeg_data = _batch_tensor((int(ends[-1]) if len(ends) else 0,), torch.uint8)
+    flat = jpeg_data.numpy()
+    for (data, _, _), stop in zip(files, ends, strict=True):
+        flat[stop - len(data) : stop] = data
+    jpeg_ends = _batch_tensor((len(files),), torch.int64)
+    jpeg_ends.numpy()[:] = ends
+    return MixedBatch(pixels, jpeg_data, jpeg_ends), labels
 
 
 class _TrainEpoch(IterableDataset):
@@ -854,6 +888,7 @@ class _TrainEpoch(IterableDataset):
             loader.world_size,
             loader.batch_size,
         )
+        self.cpu_share = loader._cpu_share  # shared memory: workers see the loop's changes
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
         info = get_worker_info()
@@ -871,7 +906,10 @@ class _TrainEpoch(IterableDataset):
             shuffle_buffer=self.cfg.shuffle_buffer,
             samples_per_epoch=self.cfg.samples_per_epoch,
         )
-        return _train_batches(plan, self.shards, self.cfg, self.seed, self.epoch)
+        share = self.cpu_share
+        return _train_batches(
+            plan, self.shards, self.cfg, self.seed, self.epoch, lambda: share.value
+        )
 
 
 def _dataloader(dataset: IterableDataset, cfg: DataConfig) -> DataLoader:
@@ -941,7 +979,7 @@ class TrainLoader:
         for epoch in range(start_epoch, epochs):
             loader.set_epoch(epoch, start_batch=k if epoch == start_epoch else 0)
             for images, labels in loader:  # uint8 [B,3,S,S] NCHW (pinned with CUDA), int64 [B]
-                ...
+                ...  # decode=gpu/split: images is a MixedBatch
 
     Without set_epoch, each completed pass moves on to the next epoch.
     """
@@ -963,6 +1001,7 @@ class TrainLoader:
         self.device = device  # only used by the synthetic source
         self._epoch, self._start = 0, 0
         self._totals = _Totals()
+        self._cpu_share = multiprocessing.RawValue("d", cfg.split_cpu_share)
         if cfg.synthetic:
             self.manifest: dict[str, Any] = {}
             self.shards: list[Shard] = []
@@ -992,6 +1031,16 @@ class TrainLoader:
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise ValueError(f"start_batch {start_batch} outside 0..{self.batches_per_epoch}")
         self._epoch, self._start = epoch, start_batch
+
+    @property
+    def cpu_share(self) -> float:
+        """decode=split: the share of each batch the workers decode (the device does the rest).
+        Setting it reaches running workers at their next batch."""
+        return self._cpu_share.value
+
+    @cpu_share.setter
+    def cpu_share(self, share: float) -> None:
+        self._cpu_share.value = min(max(float(share), 0.0), 1.0)
 
     def __len__(self) -> int:
         """Batches the next iteration yields."""
@@ -1029,6 +1078,36 @@ class TrainLoader:
         storage), bad_samples, bad_fraction... Rates are over the time spent producing
         batches (the loop's own time between batches is excluded)."""
         return _stats(self._totals)
+
+
+class SplitBalancer:
+    """decode=split: moves `loader.cpu_share` so that neither the workers nor the device wait.
+
+    Every `window` batches it looks at the share of the loop's time spent waiting for data.
+    Waiting means the workers cannot keep up: the device gets a larger part (the share drops
+    in proportion to the wait, by at least `step`). No wait means the device may be decoding
+    what idle workers could: they get a little more (`step`). A window spans twice the batches
+    the loader keeps queued, so each move is judged on batches made after it.
+    """
+
+    def __init__(self, loader: TrainLoader, *, target_wait: float = 0.02, step: float = 0.05):
+        self.loader, self.target_wait, self.step = loader, target_wait, step
+        self.window = max(10, 2 * max(1, loader.cfg.num_workers) * loader.cfg.prefetch_factor)
+        self._batches, self._wait, self._t0 = 0, 0.0, time.perf_counter()
+
+    def observe(self, wait_s: float) -> None:
+        """Call once per batch with the seconds the loop waited for it."""
+        self._batches += 1
+        self._wait += wait_s
+        if self._batches < self.window:
+            return
+        waited = self._wait / max(time.perf_counter() - self._t0, 1e-9)
+        share = self.loader.cpu_share
+        if waited > self.target_wait:
+            self.loader.cpu_share = share - max(self.step, share * waited)
+        else:
+            self.loader.cpu_share = share + self.step
+        self._batches, self._wait, self._t0 = 0, 0.0, time.perf_counter()
 
 
 class _EvalSplit(IterableDataset):
@@ -1219,6 +1298,8 @@ __all__ = [
     "DataConfig",
     "DataError",
     "DeviceNormalize",
+    "MixedBatch",
+    "SplitBalancer",
     "TrainLoader",
     "batch_sizes",
     "batches_per_epoch",

@@ -11,8 +11,8 @@ flips included; normalisation follows in the same pass.
 
 The crop boxes reproduce the CPU transforms (orchestrator.transforms): "paper" (shorter side to
 s ~ U[lo, hi], then a random out x out crop, flip) and "rrc" (RandomResizedCrop scale 0.08-1,
-ratio 3/4-4/3, 10 tries then a centre crop, flip). Only `decode_jpegs` needs torchvision; the
-rest is plain torch, so the maths is tested on CPU tensors.
+ratio 3/4-4/3, 10 tries then a centre crop, flip). Only `decode_jpegs` on a GPU needs
+torchvision; the rest is plain torch, so the maths is tested on CPU tensors.
 """
 
 from __future__ import annotations
@@ -137,12 +137,19 @@ class DeviceAugment:
 
 
 def decode_jpegs(jpegs: Sequence[bytes | torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
-    """Decode a batch of JPEGs on the GPU with nvJPEG (torchvision, the `gpu` extra)."""
+    """Decode a batch of JPEGs to uint8 CHW tensors on `device`: with nvJPEG on a GPU
+    (torchvision, the `gpu` extra); on a CPU device, with the loader's own host decoder, so
+    the decode=gpu/split paths also run (and are tested) where there is no GPU."""
+    if torch.device(device).type == "cpu":
+        from orchestrator.transforms import decode
+
+        blobs = [bytes(j.numpy()) if isinstance(j, torch.Tensor) else j for j in jpegs]
+        return [torch.from_numpy(decode(blob)[0]).permute(2, 0, 1) for blob in blobs]
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except Exception as err:  # noqa: BLE001 - any import failure means the same thing here
         raise RuntimeError(
-            "data.decode=gpu needs torchvision with nvJPEG: `pip install -e .[gpu]`, "
+            "data.decode=gpu/split need torchvision with nvJPEG: `pip install -e .[gpu]`, "
             f"or set data.decode=cpu ({type(err).__name__}: {err})"
         ) from None
     tensors = [j if isinstance(j, torch.Tensor) else torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]

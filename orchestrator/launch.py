@@ -184,7 +184,7 @@ def run_ray(spec: JobSpec) -> Any:
         mark_job_run(spec.tracking.experiment, spec.name, "KILLED")
         print(f"job {spec.name} stopped; resubmit the same name to resume", file=sys.stderr)
         raise SystemExit(143) from None
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any failure: report it, then re-raise
         # the failure budget is spent: say where the job stands and what killed it, in one place
         from orchestrator.checkpoint import CheckpointStore
 

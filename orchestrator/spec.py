@@ -202,7 +202,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     unknown = set(data) - set(names)
     if unknown:
         raise SpecError(
-            f"{where}{sorted(unknown)[0]}: unknown key in section '{where.rstrip('.') or 'spec'}'; "
+            f"{where}{min(unknown)}: unknown key in section '{where.rstrip('.') or 'spec'}'; "
             f"valid keys: {', '.join(names)}"
         )
     kwargs = {name: _coerce(hints[name], data[name], f"{where}{name}") for name in data}

@@ -259,7 +259,7 @@ class Stack:
         )  # fmt: skip
         try:
             names = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
-        except Exception:
+        except Exception:  # noqa: BLE001 - unreachable or refused: not ready
             return False
         return set(self.cfg.buckets) <= names
 

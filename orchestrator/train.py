@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from orchestrator.checkpoint import CheckpointStore, to_bytes
-from orchestrator.data import DeviceNormalize, TrainLoader, jpeg_rows
+from orchestrator.data import DeviceNormalize, MixedBatch, SplitBalancer, TrainLoader
 from orchestrator.gpu_augment import DeviceAugment, decode_jpegs
 from orchestrator.models import create_model
 from orchestrator.schedule import LRSchedule
@@ -114,11 +114,14 @@ class Trainer:
             self.loader.mean, self.loader.std, spec.data.pca_lighting, self.device
         )
         self.augment = None
-        if spec.data.decode == "gpu" and not spec.data.synthetic:
+        self.balancer = None
+        if spec.data.decode != "cpu" and not spec.data.synthetic:
             self.augment = DeviceAugment(
                 spec.data.train_transform, spec.data.image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
                 scale_range=spec.data.scale_range, device=self.device,
             )  # fmt: skip  (crops stay 0-255; self.normalize adds lighting and mean/std)
+            if spec.data.decode == "split" and spec.data.split_adapt:
+                self.balancer = SplitBalancer(self.loader)
         self.schedule = LRSchedule(spec.schedule, spec.lr())
         self.store = CheckpointStore(f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/checkpoints")
         self.manifest_sha256 = hashlib.sha256(
@@ -144,7 +147,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "samples_seen": self.samples_seen, "schedule": self.schedule.state_dict(),
             "strategy": self.strategy.state_dict(), "spec": self.spec.to_dict(),
-            "manifest_sha256": self.manifest_sha256,
+            "manifest_sha256": self.manifest_sha256, "cpu_decode_share": self.loader.cpu_share,
             # the tracker opens its run late when MLflow was down at the start
             "tracking_run_id": self.tracker.run_id or self.tracking_run_id,
         }  # fmt: skip
@@ -157,6 +160,8 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch, self.samples_seen = state["batch_in_epoch"], state["samples_seen"]
         self.tracking_run_id = state.get("tracking_run_id")
+        if self.spec.data.decode == "split":  # resume at the balance found, not at the start
+            self.loader.cpu_share = state.get("cpu_decode_share", self.loader.cpu_share)
 
     def rank_state(self) -> dict[str, Any]:
         """What differs per rank: RNG streams (the data position is in the replicated state)."""
@@ -235,8 +240,11 @@ class Trainer:
         gen = torch.Generator(device="cpu").manual_seed(
             hash((self.spec.seed, self.step, self.batch_in_epoch, self.rt.rank)) & (2**63 - 1)
         )
-        if self.augment is not None:  # decode=gpu: JPEG bytes -> nvJPEG -> batched crops
-            images = self.augment(decode_jpegs(jpeg_rows(images), self.device), gen)
+        if isinstance(images, MixedBatch):  # decode=gpu/split: the device decodes the JPEGs
+            parts = [images.pixels.to(self.device, non_blocking=True).float()]
+            if len(images.jpeg_ends):  # nvJPEG, then batched crops (0-255, like the pixels)
+                parts.append(self.augment(decode_jpegs(images.jpegs(), self.device), gen))
+            images = torch.cat(parts)
         x = self.normalize(images, train=True, generator=gen)
         y = labels.to(self.device, non_blocking=True)
         with self.strategy.no_sync(last):
@@ -266,8 +274,9 @@ class Trainer:
         self._finite_step = self.step
 
     def _ahead_to_device(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """On a GPU, start copying batch k+1 (pinned memory, non_blocking) before batch k runs."""
-        if self.device.type != "cuda" or self.augment is not None:  # nvJPEG reads host bytes
+        """On a GPU, start copying batch k+1 (pinned memory, non_blocking) before batch k runs
+        (a MixedBatch's JPEG bytes stay on the host: nvJPEG reads them there)."""
+        if self.device.type != "cuda":
             yield from batches
             return
         ahead = None
@@ -336,7 +345,9 @@ class Trainer:
                     images, labels = next(batches)
                 except StopIteration:
                     break
-                window_wait += time.perf_counter() - t_wait
+                window_wait += (waited := time.perf_counter() - t_wait)
+                if self.balancer is not None:
+                    self.balancer.observe(waited)
                 self.batch_in_epoch += 1
                 if micro == 0:
                     self.strategy.set_lr(self.schedule.lr(self.step))
@@ -363,6 +374,8 @@ class Trainer:
                         "data_wait_frac": window_wait / elapsed, "step_time_s": elapsed / window_steps,
                         "epoch": float(self.epoch), "samples_seen": float(self.samples_seen),
                     }  # fmt: skip
+                    if spec.data.decode == "split":
+                        metrics["cpu_decode_share"] = self.loader.cpu_share
                     if self.device.type == "cuda":
                         metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                     sums.zero_()

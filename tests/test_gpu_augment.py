@@ -72,43 +72,105 @@ def test_device_augment_batch() -> None:
         DeviceAugment("cifar", 32, (0, 0, 0), (1, 1, 1))
 
 
-def test_decode_without_torchvision_says_how_to_fix() -> None:
-    try:
-        import torchvision.io  # noqa: F401
-    except Exception:
-        with pytest.raises(RuntimeError, match=r"pip install -e \.\[gpu\].*data.decode=cpu"):
-            decode_jpegs([b"\xff\xd8"], "cpu")
-    else:  # where torchvision works, CPU decode of a real JPEG must work too
-        import io
-
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.new("RGB", (20, 10), (255, 0, 0)).save(buf, format="JPEG")
-        (img,) = decode_jpegs([buf.getvalue()], "cpu")
-        assert img.shape == (3, 10, 20)
-
-
-def test_loader_ships_checked_jpeg_bytes_for_gpu_decode(odd_local_shards) -> None:
-    """decode=gpu: workers send length-prefixed JPEG rows; they unpack to the shard's files."""
+def _jpeg(w: int, h: int) -> bytes:
     import io
 
     from PIL import Image
 
-    from orchestrator.data import DataConfig, TrainLoader, jpeg_rows
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (255, 0, 0)).save(buf, format="JPEG")
+    return buf.getvalue()
 
+
+def test_decode_on_cpu_device_and_without_torchvision_on_gpu() -> None:
+    # a CPU device decodes on the host (the decode=gpu/split plumbing runs without a GPU)
+    (img,) = decode_jpegs([_jpeg(20, 10)], "cpu")
+    assert img.shape == (3, 10, 20) and img.dtype == torch.uint8 and int(img[0].float().mean()) > 250
+    try:
+        import torchvision.io  # noqa: F401
+    except Exception:  # noqa: BLE001 - torchvision does not import beside this CPU torch
+        with pytest.raises(RuntimeError, match=r"pip install -e \.\[gpu\].*data.decode=cpu"):
+            decode_jpegs([_jpeg(20, 10)], "cuda")
+
+
+def _shard_labels(root) -> dict[bytes, int]:
+    """JPEG file -> label, read straight from the tar shards (no loader involved)."""
+    import tarfile
+
+    files: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(root.glob("train-*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.rsplit(".", 1)
+                files.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return {f["jpg"]: int(f["cls"]) for f in files.values()}
+
+
+def test_gpu_decode_batches_carry_every_jpeg_with_its_label(odd_local_shards) -> None:
+    """decode=gpu: each batch is a MixedBatch of JPEG files only; every training sample comes
+    through once per epoch, whole, next to its own label."""
+    from orchestrator.data import DataConfig, MixedBatch, TrainLoader
+
+    truth = _shard_labels(odd_local_shards)
     cfg = DataConfig(url=str(odd_local_shards), decode="gpu", train_transform="rrc", image_size=32,
                      scale_range=(36, 48), num_workers=1, shuffle_buffer=8)  # fmt: skip
     loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=8, seed=0)
-    seen = 0
-    for rows, labels in loader:
-        assert rows.dtype == torch.uint8 and rows.dim() == 2 and len(labels) == rows.shape[0]
-        for jpeg in jpeg_rows(rows):
-            with Image.open(io.BytesIO(jpeg.numpy().tobytes())) as img:
-                assert img.format == "JPEG" and img.size == (64, 48)
-                img.load()  # the whole file came through, not just its header
-            seen += 1
-    assert seen == loader.num_samples == 48
+    seen = []
+    for batch, labels in loader:
+        assert isinstance(batch, MixedBatch) and len(batch.pixels) == 0 and len(batch) == len(labels)
+        for jpeg, label in zip(batch.jpegs(), labels.tolist(), strict=True):
+            assert truth[jpeg.numpy().tobytes()] == label
+            seen.append(jpeg.numpy().tobytes())
+    assert len(seen) == len(set(seen)) == loader.num_samples == len(truth) == 48
+
+
+def test_split_batches_are_the_cpu_batches_cut_in_two(odd_local_shards) -> None:
+    """decode=split at share s: the first round(s*B) samples are exactly decode=cpu's pixels,
+    the rest the JPEG files of decode=cpu's other samples; labels in the same order. A new
+    share reaches the running workers."""
+    from orchestrator.data import DataConfig, TrainLoader
+
+    truth = _shard_labels(odd_local_shards)
+    common = dict(url=str(odd_local_shards), train_transform="rrc", image_size=32, scale_range=(36, 48),
+                  num_workers=1, shuffle_buffer=8, prefetch_factor=1)  # fmt: skip
+    cpu = list(TrainLoader(DataConfig(**common), rank=0, world_size=1, batch_size=8, seed=3))
+    split = TrainLoader(DataConfig(**common, decode="split", split_cpu_share=0.5), rank=0, world_size=1,
+                        batch_size=8, seed=3)  # fmt: skip
+    shares = []
+    for i, ((batch, labels), (images, cpu_labels)) in enumerate(zip(split, cpu, strict=True)):
+        k = len(batch.pixels)
+        shares.append(k / len(labels))
+        assert torch.equal(labels, cpu_labels) and len(batch) == len(images)
+        assert torch.equal(batch.pixels, images[:k])
+        assert [truth[j.numpy().tobytes()] for j in batch.jpegs()] == cpu_labels[k:].tolist()
+        if i == 0:
+            split.cpu_share = 0.0  # batches already queued keep 0.5; later ones have none decoded
+    assert shares[0] == 0.5 and shares[-1] == 0.0
+
+
+class _FakeLoader:
+    def __init__(self) -> None:
+        from orchestrator.data import DataConfig
+
+        self.cfg = DataConfig(url="x", num_workers=1, prefetch_factor=2)
+        self.cpu_share = 0.5
+
+
+def test_split_balancer_moves_work_to_whichever_side_has_room() -> None:
+    from orchestrator.data import SplitBalancer
+
+    loader = _FakeLoader()
+    balancer = SplitBalancer(loader)  # type: ignore[arg-type]
+    assert balancer.window == 10  # 2 x the 2 batches the loader keeps queued, at least 10
+    for _ in range(9):
+        balancer.observe(0.5)  # the loop waits for data: the workers are short
+    assert loader.cpu_share == 0.5  # judged only per window
+    balancer.observe(0.5)
+    assert loader.cpu_share < 0.45
+    dropped = loader.cpu_share
+    for _ in range(30):
+        balancer.observe(0.0)  # no waiting: the workers have room for more
+    assert loader.cpu_share == pytest.approx(dropped + 3 * 0.05)
 
 
 def test_gpu_decode_rejects_cifar_transform() -> None:
@@ -116,3 +178,5 @@ def test_gpu_decode_rejects_cifar_transform() -> None:
 
     with pytest.raises(ValueError, match="decode=gpu does the paper and rrc transforms"):
         DataConfig(url="x", decode="gpu", train_transform="cifar", image_size=32, scale_range=(32, 32))
+    with pytest.raises(ValueError, match="split_cpu_share=1.5: expected 0..1"):
+        DataConfig(url="x", decode="split", split_cpu_share=1.5)

@@ -73,3 +73,18 @@ def test_exact_validation_counts_and_identical_plateau_decisions(tmp_path: Path,
     ranks = [torch.load(step_dir / f"rank-{r:05d}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["schedule"] == ranks[1]["schedule"]
     assert ranks[0]["schedule"]["drops"] >= 2  # threshold 0.5 makes every evaluation a plateau
+
+
+@pytest.mark.parametrize("decode", ["gpu", "split"])
+def test_device_decode_paths_train(tmp_path: Path, odd_local_shards: Path, decode: str) -> None:
+    """decode=gpu/split end to end; on a CPU the "device" decoder is the host's libjpeg-turbo,
+    so the plumbing (MixedBatch, device augmentation, the share in the checkpoint) is real."""
+    out = _local(tmp_path, decode, f"data.url={odd_local_shards}", "data.source=shards", "data.image_size=32",
+                 "data.train_transform=rrc", "data.scale_range=[36,48]", "data.eval_resize=36", "data.num_workers=1",
+                 "data.shuffle_buffer=16", f"data.decode={decode}", "data.split_cpu_share=0.25",
+                 "scaling.global_batch=8", "schedule.max_iters=4", "tracking.log_every=1",
+                 "checkpoint.every_iters=4")  # fmt: skip
+    state = _final_state(tmp_path, decode)
+    assert state["step"] == 4
+    if decode == "split":
+        assert "cpu_decode_share=0.25" in out and state["cpu_decode_share"] == 0.25
