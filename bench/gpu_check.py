@@ -33,7 +33,8 @@ BASELINE = REPO.parent / "shared" / "tools" / "gpu_baseline.py"
 
 def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    env = {**os.environ, **(env or {})}
+    proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{out[-3000:]}")
@@ -75,14 +76,16 @@ def job(model: str, data: str, compiled: bool, shards: Path, dry: bool, work: Pa
         common += ["data.source=synthetic", "data.synthetic_classes=1000"]
     else:
         common += [f"data.url={shards}", f"data.decode={data}"]
-    out = run([sys.executable, f"jobs/imagenet_{model}.py", "--local", *common], 600)
+    # the loop warns at each host sync between fetching a batch and the optimizer step
+    out = run([sys.executable, f"jobs/imagenet_{model}.py", "--local", *common], 600, env={"ORCH_CUDA_SYNC_DEBUG": "1"})
+    syncs = sorted(set(re.findall(r"(\S+\.py:\d+): UserWarning: called a synchronizing CUDA operation", out)))
     rates = [float(x) for x in re.findall(r"images_per_s=([\d.e+]+)", out)]
     waits = [float(x) for x in re.findall(r"data_wait_frac=([\d.e+-]+)", out)]
     mems = [float(x) for x in re.findall(r"gpu_mem_gib=([\d.e+-]+)", out)]
     shares = [float(x) for x in re.findall(r"cpu_decode_share=([\d.e+-]+)", out)]
     keep = slice(2, None) if len(rates) > 3 else slice(-1, None)  # drop step 1 and warm-up windows
     return {"img_s": statistics.median(rates[keep]), "wait": statistics.median(waits[keep]),
-            "mem": max(mems, default=0.0), "share": f"{shares[-1]:.2f}" if shares else "-"}  # fmt: skip
+            "mem": max(mems, default=0.0), "share": f"{shares[-1]:.2f}" if shares else "-", "syncs": syncs}  # fmt: skip
 
 
 def main() -> None:
@@ -99,7 +102,7 @@ def main() -> None:
     print("2/3 plain PyTorch baseline (gpu_baseline.py)", flush=True)
     base = baseline(args.dry_run, args.work)
     print("3/3 our jobs", flush=True)
-    rows = []
+    rows, sync_sites = [], {}
     for model in args.models.split(","):
         for compiled in (False, True):
             ref = base.get(f"{model}_bs256_cl_bf16{'_compile' if compiled else ''}", {}).get("img_s")
@@ -110,14 +113,21 @@ def main() -> None:
                     r = job(model, data, compiled, shards, args.dry_run, args.work)
                     ratio = f"{r['img_s'] / ref:.3f}" if ref else "n/a"
                     rows.append((model, "compiled" if compiled else "eager", data, f"{r['img_s']:.0f}", ratio,
-                                 f"{100 * r['wait']:.1f}%", f"{r['mem']:.1f}", r["share"]))  # fmt: skip
+                                 f"{100 * r['wait']:.1f}%", f"{r['mem']:.1f}", r["share"], str(len(r["syncs"]))))  # fmt: skip
+                    for site in r["syncs"]:
+                        sync_sites.setdefault(site, []).append(f"{model}/{data}")
                 except Exception as err:  # noqa: BLE001 - one failed row must not hide the others
-                    rows.append((model, "compiled" if compiled else "eager", data, "FAILED", str(err)[:60], "", "", ""))
+                    rows.append((model, "compiled" if compiled else "eager", data, "FAILED", str(err)[:60], "", "", "", ""))
     print(f"\ndevice: {base.get('device')}   baseline: gpu_baseline.py, same run   total {time.monotonic() - t0:.0f} s")
-    head = ("model", "mode", "data", "img/s", "vs baseline", "data wait", "peak GiB", "CPU share")
+    head = ("model", "mode", "data", "img/s", "vs baseline", "data wait", "peak GiB", "CPU share", "sync sites")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    print("\nhost syncs between fetching a batch and the optimizer step (ORCH_CUDA_SYNC_DEBUG=1):")
+    for site, where in sorted(sync_sites.items()):
+        print(f"  {site}  ({', '.join(sorted(set(where)))})")
+    if not sync_sites:
+        print("  none" if not args.dry_run else "  not checked on a CPU")
 
 
 if __name__ == "__main__":

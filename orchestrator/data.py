@@ -1087,26 +1087,37 @@ class SplitBalancer:
     Waiting means the workers cannot keep up: the device gets a larger part (the share drops
     in proportion to the wait, by at least `step`). No wait means the device may be decoding
     what idle workers could: they get a little more (`step`). A window spans twice the batches
-    the loader keeps queued, so each move is judged on batches made after it.
+    the loader keeps queued, so each move is judged on batches made after it. The first window
+    of an epoch is not judged: new workers start with empty queues, whatever the share.
     """
 
     def __init__(self, loader: TrainLoader, *, target_wait: float = 0.02, step: float = 0.05):
         self.loader, self.target_wait, self.step = loader, target_wait, step
         self.window = max(10, 2 * max(1, loader.cfg.num_workers) * loader.cfg.prefetch_factor)
         self._batches, self._wait, self._t0 = 0, 0.0, time.perf_counter()
+        self._skip = 0
+
+    def new_epoch(self) -> None:
+        """The loader starts new workers: ignore the next window of batches."""
+        self._skip = self.window
 
     def observe(self, wait_s: float) -> None:
         """Call once per batch with the seconds the loop waited for it."""
+        if self._skip:
+            self._skip -= 1
+            self._batches, self._wait, self._t0 = 0, 0.0, time.perf_counter()
+            return
         self._batches += 1
         self._wait += wait_s
         if self._batches < self.window:
             return
-        waited = self._wait / max(time.perf_counter() - self._t0, 1e-9)
+        waited = min(1.0, self._wait / max(time.perf_counter() - self._t0, 1e-9))
         share = self.loader.cpu_share
         if waited > self.target_wait:
-            self.loader.cpu_share = share - max(self.step, share * waited)
+            share -= max(self.step, share * waited)
         else:
-            self.loader.cpu_share = share + self.step
+            share += self.step
+        self.loader.cpu_share = min(max(share, 0.0), 1.0)
         self._batches, self._wait, self._t0 = 0, 0.0, time.perf_counter()
 
 
@@ -1264,7 +1275,8 @@ class DeviceNormalize:
         """The per-image RGB offsets [batch, 3] (0-255 scale) PCA lighting adds."""
         gen_device = generator.device if generator is not None else torch.device("cpu")
         alpha = torch.randn(batch, 3, generator=generator, device=gen_device) * self.pca_lighting
-        return (alpha.cpu() @ self.basis.T).to(self.device)
+        # non_blocking: a blocking host-to-device copy waits for the GPU's queue, every step
+        return (alpha.cpu() @ self.basis.T).to(self.device, non_blocking=True)
 
     def __call__(
         self, images_uint8: torch.Tensor, train: bool, generator: torch.Generator | None = None

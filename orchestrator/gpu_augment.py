@@ -86,18 +86,21 @@ def crop_resize(batch: torch.Tensor, sizes: torch.Tensor, boxes: Boxes, out: int
     the sampling grid, which is the same as flipping the crop."""
     n, _, hmax, wmax = batch.shape
     dev = batch.device
-    y0, x0, bh, bw = (boxes[:, i].to(dev, torch.float32) for i in range(4))
+    # decided on the host copy: reading a device value would stall the CPU until the GPU
+    # caught up, every step (no host syncs in the hot path)
+    pool = float((torch.minimum(boxes[:, 2], boxes[:, 3]) / out).min()) >= 2
+    y0, x0, bh, bw = boxes.to(dev, torch.float32, non_blocking=True).unbind(1)
     # pixel-centre coordinates of the output grid inside each box, then to [-1, 1] of the pad
     t = (torch.arange(out, device=dev, dtype=torch.float32) + 0.5) / out
     ys = y0[:, None] + t[None, :] * bh[:, None]  # [N, out]
     xs = x0[:, None] + t[None, :] * bw[:, None]
-    xs = torch.where(flips.to(dev)[:, None], (x0 + bw)[:, None] - (xs - x0[:, None]), xs)
+    xs = torch.where(flips.to(dev, non_blocking=True)[:, None], (x0 + bw)[:, None] - (xs - x0[:, None]), xs)
     gy = ys / hmax * 2 - 1
     gx = xs / wmax * 2 - 1
     grid = torch.stack([gx[:, None, :].expand(n, out, out), gy[:, :, None].expand(n, out, out)], dim=-1)
     x = batch.float() if not batch.is_floating_point() else batch
     # where the box is much larger than the output, average 2x2 first so bilinear does not alias
-    if float((torch.minimum(bh, bw) / out).min()) >= 2 and hmax % 2 == 0 and wmax % 2 == 0:
+    if pool and hmax % 2 == 0 and wmax % 2 == 0:
         x = F.avg_pool2d(x, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 

@@ -273,6 +273,13 @@ class Trainer:
             )
         self._finite_step = self.step
 
+    def _watch_syncs(self, on: bool) -> None:
+        """ORCH_CUDA_SYNC_DEBUG=1: warn at every host sync between fetching a batch and the
+        optimizer step, the path that must never wait for the GPU (bench/gpu_check.py lists
+        the places that do)."""
+        if self.device.type == "cuda" and os.environ.get("ORCH_CUDA_SYNC_DEBUG") == "1":
+            torch.cuda.set_sync_debug_mode("warn" if on else 0)
+
     def _ahead_to_device(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """On a GPU, start copying batch k+1 (pinned memory, non_blocking) before batch k runs
         (a MixedBatch's JPEG bytes stay on the host: nvJPEG reads them there)."""
@@ -339,7 +346,10 @@ class Trainer:
         while self.step < spec.schedule.max_iters:
             self.loader.set_epoch(self.epoch, self.batch_in_epoch)
             batches = self._ahead_to_device(iter(self.loader))
+            if self.balancer is not None:
+                self.balancer.new_epoch()
             while self.step < spec.schedule.max_iters:
+                self._watch_syncs(True)
                 t_wait = time.perf_counter()
                 try:
                     images, labels = next(batches)
@@ -362,6 +372,7 @@ class Trainer:
                 self.step += 1
                 window_steps += 1
                 self.samples_seen += spec.scaling.global_batch
+                self._watch_syncs(False)  # below: log steps, evaluation, checkpoints may sync
                 metrics: dict[str, float] = {}
                 if self.step % spec.tracking.log_every == 0 or self.step in (1, spec.schedule.max_iters):
                     self._check_finite()
@@ -388,6 +399,7 @@ class Trainer:
                 if metrics:
                     last.update(metrics)
                     self._publish(metrics)
+            self._watch_syncs(False)
             if self.batch_in_epoch >= self.loader.batches_per_epoch:  # the epoch ran out
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 if spec.checkpoint.at_epoch_end and micro == 0 and self.step < spec.schedule.max_iters:

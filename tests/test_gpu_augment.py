@@ -131,8 +131,8 @@ def test_split_batches_are_the_cpu_batches_cut_in_two(odd_local_shards) -> None:
     from orchestrator.data import DataConfig, TrainLoader
 
     truth = _shard_labels(odd_local_shards)
-    common = dict(url=str(odd_local_shards), train_transform="rrc", image_size=32, scale_range=(36, 48),
-                  num_workers=1, shuffle_buffer=8, prefetch_factor=1)  # fmt: skip
+    common = {"url": str(odd_local_shards), "train_transform": "rrc", "image_size": 32, "scale_range": (36, 48),
+              "num_workers": 1, "shuffle_buffer": 8, "prefetch_factor": 1}  # fmt: skip
     cpu = list(TrainLoader(DataConfig(**common), rank=0, world_size=1, batch_size=8, seed=3))
     split = TrainLoader(DataConfig(**common, decode="split", split_cpu_share=0.5), rank=0, world_size=1,
                         batch_size=8, seed=3)  # fmt: skip
@@ -166,11 +166,19 @@ def test_split_balancer_moves_work_to_whichever_side_has_room() -> None:
         balancer.observe(0.5)  # the loop waits for data: the workers are short
     assert loader.cpu_share == 0.5  # judged only per window
     balancer.observe(0.5)
-    assert loader.cpu_share < 0.45
-    dropped = loader.cpu_share
+    # waited all of the window (the waits outweigh the time that passed: counted as 100%):
+    # the share drops by share x 100%, to 0
+    assert loader.cpu_share == 0.0
     for _ in range(30):
-        balancer.observe(0.0)  # no waiting: the workers have room for more
-    assert loader.cpu_share == pytest.approx(dropped + 3 * 0.05)
+        balancer.observe(0.0)  # no waiting: the workers have room for more, a step per window
+    assert loader.cpu_share == pytest.approx(3 * 0.05)
+    balancer.new_epoch()  # fresh workers: their start-up wait says nothing about the share
+    for _ in range(10):
+        balancer.observe(5.0)
+    assert loader.cpu_share == pytest.approx(3 * 0.05)
+    for _ in range(10):
+        balancer.observe(5.0)
+    assert loader.cpu_share == 0.0
 
 
 def test_gpu_decode_rejects_cifar_transform() -> None:
