@@ -79,10 +79,35 @@ def pad_batch(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     return batch, sizes
 
 
-def crop_resize(batch: torch.Tensor, sizes: torch.Tensor, boxes: Boxes, out: int, flips: torch.Tensor) -> torch.Tensor:
+def shrink_to(image: torch.Tensor, cap: int) -> torch.Tensor:
+    """A CHW uint8 image with its shorter side reduced to `cap` (antialiased), if larger."""
+    h, w = image.shape[-2:]
+    if min(h, w) <= cap:
+        return image
+    size = (cap, max(1, int(cap * w / h))) if h <= w else (max(1, int(cap * h / w)), cap)
+    small = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True)[0]
+    return small.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def cut_to_boxes(images: Sequence[torch.Tensor], boxes: Boxes) -> tuple[list[torch.Tensor], Boxes]:
+    """Each image cut (a view, no copy) to the pixels its box samples, one pixel of margin for
+    the bilinear neighbours; the boxes moved into the cut images' coordinates. Host-side
+    arithmetic only: nothing here waits for the GPU."""
+    cuts, moved = [], boxes.clone()
+    for i, (image, (y0, x0, bh, bw)) in enumerate(zip(images, boxes.tolist(), strict=True)):
+        h, w = image.shape[-2:]
+        top, left = max(0, math.floor(y0) - 1), max(0, math.floor(x0) - 1)
+        bottom, right = min(h, math.ceil(y0 + bh) + 1), min(w, math.ceil(x0 + bw) + 1)
+        cuts.append(image[:, top:bottom, left:right])
+        moved[i, 0] -= top
+        moved[i, 1] -= left
+    return cuts, moved
+
+
+def crop_resize(batch: torch.Tensor, boxes: Boxes, out: int, flips: torch.Tensor) -> torch.Tensor:
     """Resample every sample's box to out x out (bilinear) in one grid_sample call.
 
-    `batch` is padded to [N,C,Hmax,Wmax]; boxes are in each image's own pixels. A flip mirrors
+    `batch` is padded to [N,C,Hmax,Wmax]; boxes (on the host) are in each image's own pixels. A flip mirrors
     the sampling grid, which is the same as flipping the crop."""
     n, _, hmax, wmax = batch.shape
     dev = batch.device
@@ -120,6 +145,9 @@ class DeviceAugment:
         if kind not in ("paper", "rrc"):
             raise ValueError(f"GPU augmentation {kind!r}: choose 'paper' or 'rrc'")
         self.kind, self.out, self.scale_range = kind, out, scale_range
+        # the most resolution a crop can use: paper, a shorter side of s <= scale_range[1];
+        # rrc, an 8%-area box still >= out pixels wide (out / sqrt(0.08))
+        self.cap = scale_range[1] if kind == "paper" else math.ceil(out / math.sqrt(0.08))
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.inv_std = 1 / torch.tensor(std, device=device).view(1, 3, 1, 1)
 
@@ -131,10 +159,24 @@ class DeviceAugment:
         flips = torch.rand(sizes.shape[0], generator=gen) < 0.5
         return boxes, flips
 
-    def __call__(self, images: Sequence[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
-        batch, sizes = pad_batch(images)
+    def prepare(
+        self, images: Sequence[torch.Tensor], gen: torch.Generator
+    ) -> tuple[torch.Tensor, Boxes, torch.Tensor]:
+        """Draw the boxes, then pad only what they sample: (batch [N,C,h,w], boxes in batch
+        pixels, flips). Padding whole images would size the batch by the tallest and the widest
+        image at once: one 4000x3000 ImageNet photo next to a portrait one makes 256 x 3 x
+        4000 x 4000 floats. So images larger than the transform can use are shrunk first
+        (shorter side to `self.cap`), and each is cut to its box before padding."""
+        images = [shrink_to(img, self.cap) for img in images]
+        sizes = torch.tensor([img.shape[-2:] for img in images])
         boxes, flips = self.boxes(sizes, gen)
-        x = crop_resize(batch, sizes, boxes, self.out, flips)
+        crops, boxes = cut_to_boxes(images, boxes)
+        batch, _ = pad_batch(crops)
+        return batch, boxes, flips
+
+    def __call__(self, images: Sequence[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        batch, boxes, flips = self.prepare(images, gen)
+        x = crop_resize(batch, boxes, self.out, flips)
         x = (x - self.mean.to(x.device)) * self.inv_std.to(x.device)
         return x.contiguous(memory_format=torch.channels_last)
 

@@ -8,10 +8,12 @@ import torch
 from orchestrator.gpu_augment import (
     DeviceAugment,
     crop_resize,
+    cut_to_boxes,
     decode_jpegs,
     pad_batch,
     paper_boxes,
     rrc_boxes,
+    shrink_to,
 )
 
 
@@ -21,7 +23,7 @@ def _image(h: int, w: int) -> torch.Tensor:
 
 def test_whole_image_box_is_identity() -> None:
     img = _image(16, 16)
-    out = crop_resize(img[None], torch.tensor([[16, 16]]), torch.tensor([[0.0, 0, 16, 16]]), 16, torch.tensor([False]))
+    out = crop_resize(img[None], torch.tensor([[0.0, 0, 16, 16]]), 16, torch.tensor([False]))
     torch.testing.assert_close(out[0], img)
 
 
@@ -30,7 +32,7 @@ def test_aligned_box_equals_slicing_and_flip_mirrors() -> None:
     batch, sizes = pad_batch(imgs)
     assert batch.shape == (2, 3, 10, 12) and sizes.tolist() == [[10, 12], [8, 9]]
     boxes = torch.tensor([[2.0, 3, 4, 4], [1.0, 5, 4, 4]])
-    out = crop_resize(batch, sizes, boxes, 4, torch.tensor([False, True]))
+    out = crop_resize(batch, boxes, 4, torch.tensor([False, True]))
     torch.testing.assert_close(out[0], imgs[0][:, 2:6, 3:7])
     torch.testing.assert_close(out[1], imgs[1][:, 1:5, 5:9].flip(-1))
 
@@ -80,6 +82,36 @@ def _jpeg(w: int, h: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), (255, 0, 0)).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def test_cutting_to_boxes_changes_no_pixel_of_the_output() -> None:
+    """Cut-then-pad gives what pad-whole-images gave, for boxes anywhere (edges included)."""
+    gen = torch.Generator().manual_seed(2)
+    imgs = [torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8) for h, w in [(60, 80), (90, 50), (41, 41)]]
+    batch, sizes = pad_batch(imgs)
+    for seed in range(5):
+        boxes = paper_boxes(sizes, 24, (28, 40), torch.Generator().manual_seed(seed))
+        flips = torch.tensor([False, True, seed % 2 == 0])
+        cuts, moved = cut_to_boxes(imgs, boxes)
+        for cut, img in zip(cuts, imgs, strict=True):  # box side 24 * shorter / s, s >= 28; +margins
+            assert max(cut.shape[-2:]) <= 24 * min(img.shape[-2:]) / 28 + 3
+        whole = crop_resize(batch, boxes, 24, flips)
+        cut = crop_resize(pad_batch(cuts)[0], moved, 24, flips)
+        torch.testing.assert_close(cut, whole, atol=5e-3, rtol=0)  # float32 grid rounding on 0-255
+
+
+def test_big_images_are_shrunk_and_cut_before_padding() -> None:
+    """A 3000x2000 photo beside a small portrait one: the padded batch stays box-sized."""
+    aug = DeviceAugment("paper", out=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), scale_range=(36, 48))
+    big = torch.full((3, 2000, 3000), 200, dtype=torch.uint8)
+    small = torch.full((3, 60, 40), 50, dtype=torch.uint8)
+    assert shrink_to(big, 48).shape == (3, 48, 72) and shrink_to(small, 48) is small
+    assert int(shrink_to(big, 48).float().mean().round()) == 200
+    batch, _, _ = aug.prepare([big, small], torch.Generator().manual_seed(0))
+    assert batch.shape[-2] <= 32 * 48 / 36 + 3 and batch.shape[-1] <= 32 * 48 / 36 + 3
+    x = aug([big, small], torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x[0], torch.full_like(x[0], 200.0))
+    torch.testing.assert_close(x[1], torch.full_like(x[1], 50.0))
 
 
 def test_decode_on_cpu_device_and_without_torchvision_on_gpu() -> None:
