@@ -17,11 +17,14 @@ torchvision; the rest is plain torch, so the maths is tested on CPU tensors.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 Boxes = torch.Tensor  # [N, 4] float: y0, x0, height, width in source pixels
 
@@ -185,11 +188,9 @@ def decode_jpegs(jpegs: Sequence[bytes | torch.Tensor], device: torch.device | s
     """Decode a batch of JPEGs to uint8 CHW tensors on `device`: with nvJPEG on a GPU
     (torchvision, the `gpu` extra); on a CPU device, with the loader's own host decoder, so
     the decode=gpu/split paths also run (and are tested) where there is no GPU."""
+    blobs = [j if isinstance(j, torch.Tensor) else torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
     if torch.device(device).type == "cpu":
-        from orchestrator.transforms import decode
-
-        blobs = [bytes(j.numpy()) if isinstance(j, torch.Tensor) else j for j in jpegs]
-        return [torch.from_numpy(decode(blob)[0]).permute(2, 0, 1) for blob in blobs]
+        return [_host_decode(b) for b in blobs]
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except Exception as err:  # noqa: BLE001 - any import failure means the same thing here
@@ -197,5 +198,27 @@ def decode_jpegs(jpegs: Sequence[bytes | torch.Tensor], device: torch.device | s
             "data.decode=gpu/split need torchvision with nvJPEG: `pip install -e .[gpu]`, "
             f"or set data.decode=cpu ({type(err).__name__}: {err})"
         ) from None
-    tensors = [j if isinstance(j, torch.Tensor) else torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
-    return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+    try:
+        return decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one file nvJPEG refuses (ImageNet holds a few CMYK JPEGs) fails all
+        out = []
+        for blob in blobs:
+            try:
+                out.append(decode_jpeg(blob, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                out.append(_host_decode(blob).to(device))
+        return out
+
+
+def _host_decode(blob: torch.Tensor) -> torch.Tensor:
+    """libjpeg-turbo or Pillow on the host (CMYK and other JPEGs nvJPEG refuses included). A
+    file no decoder can read becomes a black image, with a warning: the loader already
+    checked its header, so this is a damaged body, rarer still."""
+    from orchestrator.transforms import decode
+
+    try:
+        pixels, _ = decode(bytes(blob.numpy()))
+    except Exception as err:  # noqa: BLE001 - Pillow raises many kinds for damaged data
+        log.warning("undecodable JPEG body (%d bytes) in a decode=gpu/split batch: %s", len(blob), err)
+        return torch.zeros(3, 8, 8, dtype=torch.uint8)
+    return torch.from_numpy(pixels).permute(2, 0, 1)

@@ -118,6 +118,9 @@ def test_decode_on_cpu_device_and_without_torchvision_on_gpu() -> None:
     # a CPU device decodes on the host (the decode=gpu/split plumbing runs without a GPU)
     (img,) = decode_jpegs([_jpeg(20, 10)], "cpu")
     assert img.shape == (3, 10, 20) and img.dtype == torch.uint8 and int(img[0].float().mean()) > 250
+    # damaged past the header: a black image and a warning, not a dead training step
+    (black,) = decode_jpegs([_jpeg(20, 10)[:40]], "cpu")
+    assert black.dtype == torch.uint8 and int(black.max()) == 0
     try:
         import torchvision.io  # noqa: F401
     except Exception:  # noqa: BLE001 - torchvision does not import beside this CPU torch
