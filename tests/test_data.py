@@ -417,6 +417,21 @@ def test_paper_transform_matches_resize_then_crop(decoder):
         assert diff.mean() < 1.1 and diff.max() <= 5, (seed, diff.mean(), diff.max())
 
 
+@pytest.mark.parametrize("mode,fmt", [("CMYK", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("RGBA", "PNG")])
+def test_odd_image_kinds_decode_to_rgb(decoder, mode: str, fmt: str):
+    """ImageNet holds CMYK and greyscale JPEGs and one PNG named .JPEG: all come out RGB, with
+    colours close to the source's (a ramp: red = column, blue = its inverse)."""
+    x, y = np.meshgrid(np.linspace(0, 255, 120), np.linspace(0, 255, 90))
+    rgb = np.stack([x, y, 255 - x], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).convert(mode).save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    pixels, factor = T.decode(buf.getvalue())
+    expect = np.asarray(Image.fromarray(rgb).convert(mode).convert("RGB")).astype(int)
+    assert pixels.shape == (90, 120, 3) and factor == 1.0
+    assert np.abs(pixels.astype(int) - expect).mean() < 3
+    assert T.paper_train(buf.getvalue(), np.random.default_rng(0), size=32, scale_range=(36, 48)).shape == (3, 32, 32)
+
+
 def test_center_view_matches_resize_then_crop(decoder):
     data = jpeg(2, size=(300, 200))  # resized to 384x256, crop at (80, 16)
     ref = Image.open(io.BytesIO(data)).convert("RGB").resize((384, 256), Image.Resampling.BILINEAR)
