@@ -644,7 +644,8 @@ def comparison_rows(
 ) -> list[dict[str, Any]]:
     """One row per member and one for the ensemble: our errors beside the paper's for the same
     model and protocol (Tables 2-4, the authors' centre crops, Table 6 for CIFAR nets); the
-    ensemble beside Table 5 (ImageNet nets only)."""
+    ensemble beside Table 5 (ImageNet nets only). Only on the paper's datasets' class counts
+    (`paper.lookup`): a toy dataset gets no paper columns."""
     from orchestrator.models import model_info
     from orchestrator.paper import lookup
 
@@ -653,7 +654,7 @@ def comparison_rows(
 
     rows = []
     for m, s in zip(members, scores):
-        paper = lookup(m.model_name, protocol, m.shortcut)
+        paper = lookup(m.model_name, protocol, m.shortcut, m.num_classes)
         rows.append({
             "member": m.label, "run_id": m.run_id, "model": m.model_name, "step": m.step,
             "weight": m.weight, "top1_err": pct(s.top1_err), "top5_err": pct(s.top5_err),
@@ -661,7 +662,7 @@ def comparison_rows(
             "paper_source": f"{paper.source}, {paper.protocol}" if paper else None,
         })  # fmt: skip
     imagenet = all(model_info(m.model_name)["family"] == "imagenet" for m in members)
-    paper = lookup("ensemble", "ensemble") if imagenet else None
+    paper = lookup("ensemble", "ensemble", num_classes=members[0].num_classes) if imagenet else None
     rows.append({
         "member": f"ensemble ({len(members)})", "run_id": None, "model": "ensemble", "step": None,
         "weight": None, "top1_err": pct(ensemble.top1_err), "top5_err": pct(ensemble.top5_err),

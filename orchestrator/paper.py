@@ -50,10 +50,17 @@ RESULTS: tuple[PaperResult, ...] = (
 )
 
 
-def lookup(model: str, protocol: str, shortcut: str | None = None) -> PaperResult | None:
-    """The paper's number for a model under a protocol (ResNet-34 defaults to option B)."""
+def lookup(
+    model: str, protocol: str, shortcut: str | None = None, num_classes: int | None = None
+) -> PaperResult | None:
+    """The paper's number for a model under a protocol (ResNet-34 defaults to option B).
+    `num_classes`: the evaluated dataset's; the paper's numbers are for ImageNet's 1000
+    classes and CIFAR-10's 10, so another count (the demo's 10 generated classes under an
+    ImageNet net) has nothing to compare with: None."""
     if protocol == "center" and model.startswith("cifar_"):
         protocol = "cifar_test"  # CIFAR's test protocol is the single original view
+    if num_classes is not None and num_classes != (10 if protocol == "cifar_test" else 1000):
+        return None
     matches = [r for r in RESULTS if r.model == model and r.protocol == protocol]
     if len(matches) > 1:
         matches = [r for r in matches if r.shortcut == (shortcut or "B")]

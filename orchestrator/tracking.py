@@ -569,7 +569,9 @@ class MlflowTracker:
         model = str(self.params.get("model.name", ""))
         protocol = str(self.params.get("eval.protocol", "center"))
         shortcut = self.params.get("model.shortcut")
-        ref = paper.lookup(model, protocol, shortcut if isinstance(shortcut, str) else None)
+        classes = self.tags.get("num_classes")  # the loop's tag; None: not known, compare
+        ref = paper.lookup(model, protocol, shortcut if isinstance(shortcut, str) else None,
+                           int(classes) if classes else None)  # fmt: skip
         hist = {k: self.history(k) for k in
                 ("train/top1_err", "train/top5_err", "val_top1_err", "val_top5_err", "train/loss", "val/loss")}  # fmt: skip
         last_step = max((pts[-1][0] for pts in hist.values() if pts), default=0)

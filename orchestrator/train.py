@@ -101,8 +101,8 @@ class Trainer:
             spec.data, rank=rt.rank, world_size=rt.world_size, batch_size=spec.micro_batch(),
             seed=spec.seed, device=self.device,
         )  # fmt: skip
-        num_classes = spec.model.num_classes or self.loader.num_classes
-        model = create_model(spec.model.name, num_classes, **spec.model.options()).to(self.device)
+        self.num_classes = spec.model.num_classes or self.loader.num_classes
+        model = create_model(spec.model.name, self.num_classes, **spec.model.options()).to(self.device)
         if spec.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.strategy = build_strategy(
@@ -330,7 +330,8 @@ class Trainer:
         if self.rt.rank == 0:
             tags = {"model": spec.model.name, "strategy": spec.scaling.strategy,
                     "world_size": str(self.rt.world_size), "device": self.device.type,
-                    "dataset": spec.data.url or "synthetic", "manifest_sha256": self.manifest_sha256, **self.rt.tags}  # fmt: skip
+                    "dataset": spec.data.url or "synthetic", "manifest_sha256": self.manifest_sha256,
+                    "num_classes": str(self.num_classes), **self.rt.tags}  # fmt: skip
             self.tracker = start_tracker(
                 spec.tracking.enabled, spec.tracking.experiment, spec.name, spec.flat(), tags, to_yaml(spec),
                 run_id=self.tracking_run_id,  # from the checkpoint resume() loaded: continue that run
