@@ -36,7 +36,9 @@ Resume: `set_epoch(e, start_batch=k)` yields batches k..M-1 of the uninterrupted
 for pixel, provided W, B, K, shuffle_buffer and seed are unchanged (change any of them and
 restart at an epoch boundary instead). Workers skip what came before without decoding it
 (bytes are still read: a tar stream has no index). Bad-sample substitutes (below) resume
-exactly too, except in a worker whose last batches hold no good sample at all.
+exactly too, except in a worker whose last batches hold no good sample at all. With
+decode=gpu/split the samples, labels and order resume exactly; which samples the workers
+augment follows the split's share, so split pixels repeat only with a fixed share.
 
 Bad data: a sample that fails to decode, lacks its image or label, or is missing because its
 shard is truncated or unreadable is counted, logged (key and shard URL) and replaced, so batch
