@@ -698,7 +698,8 @@ class MixedBatch:
     def jpegs(self) -> list[torch.Tensor]:
         """The JPEG files as uint8 views into jpeg_data."""
         ends = self.jpeg_ends.tolist()
-        return [self.jpeg_data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+        starts = [0, *ends][: len(ends)]
+        return [self.jpeg_data[a:b] for a, b in zip(starts, ends, strict=True)]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MixedBatch:
         """Pixels to `device`; the JPEG bytes stay on the host, where nvJPEG reads them."""

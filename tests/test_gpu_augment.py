@@ -181,6 +181,10 @@ def test_split_batches_are_the_cpu_batches_cut_in_two(odd_local_shards) -> None:
         if i == 0:
             split.cpu_share = 0.0  # batches already queued keep 0.5; later ones have none decoded
     assert shares[0] == 0.5 and shares[-1] == 0.0
+    whole = TrainLoader(DataConfig(**common, decode="split", split_cpu_share=1.0), rank=0, world_size=1,
+                        batch_size=8, seed=3)  # fmt: skip
+    batch, labels = next(iter(whole))
+    assert len(batch.pixels) == len(labels) == 8 and batch.jpegs() == []  # all decoded by workers
 
 
 class _FakeLoader:
