@@ -152,6 +152,31 @@ def decode_rate(files: list[bytes], decode: Any = pillow_decode, seconds: float 
     return n / (time.process_time() - c0)
 
 
+def stage_costs(files: list[bytes], n: int = 300) -> dict[str, float]:
+    """CPU-ms per image of each stage of our transform on one core, beside Pillow's: where the
+    time goes (docs/benchmarks.md quotes this line)."""
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    pil = Image.open(io.BytesIO(files[0])).convert("RGB")
+    box = (10.0, 10.0, 310.0, 310.0)  # a ~300 px crop box, to 224: the paper's typical case
+    arr = np.asarray(pil).copy()
+
+    def per_image(fn: Any) -> float:
+        c0 = time.process_time()
+        for i in range(n):
+            fn(files[i % len(files)], i)
+        return (time.process_time() - c0) / n * 1e3
+
+    costs = {
+        "pillow_decode": per_image(lambda d, i: pillow_decode(d)),
+        "our_decode": per_image(lambda d, i: T.decode(d)),
+        "pillow_resample": per_image(lambda d, i: pil.resize((224, 224), Image.BILINEAR, box=box)),
+        "our_resample": per_image(lambda d, i: T.resample(arr[10:310, 10:310], (224, 224))),
+        "our_transform": per_image(lambda d, i: T.paper_train(d, np.random.default_rng(i))),
+    }
+    torch.set_num_threads(os.cpu_count() or 1)
+    return costs
+
+
 def worker_rss(stop: threading.Event, samples: dict[int, list[tuple[float, int]]]) -> None:
     """Sample the RSS of this process's children (the DataLoader workers) every 0.2 s."""
     import psutil
@@ -198,6 +223,8 @@ def main() -> None:
           f"{a.workers} workers, batch {a.batch}; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores", flush=True)  # fmt: skip
 
+    costs = stage_costs(jpegs)
+    print("one core, CPU-ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))
     ours, base, decode, ours_cpu, base_cpu = [], [], [], [], []
     for i in range(a.passes):  # alternate, so load from other processes hits both alike
         ours_loader.set_epoch(i)

@@ -1117,10 +1117,9 @@ class SplitBalancer:
         waited = min(1.0, self._wait / max(time.perf_counter() - self._t0, 1e-9))
         share = self.loader.cpu_share
         if waited > self.target_wait:
-            share -= max(self.step, share * waited)
+            self.loader.cpu_share = share - max(self.step, share * waited)  # the setter clamps
         else:
-            share += self.step
-        self.loader.cpu_share = min(max(share, 0.0), 1.0)
+            self.loader.cpu_share = share + self.step
         self._batches, self._wait, self._t0 = 0, 0.0, time.perf_counter()
 
 

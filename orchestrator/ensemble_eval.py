@@ -72,11 +72,11 @@ from orchestrator.evaluation import (
     combine_probs,
     topk_errors,
 )
+from orchestrator.tracking import JOB_TAG
 from orchestrator.train import Terminated, raise_on_sigterm
 
 log = logging.getLogger(__name__)
 
-JOB_TAG = "orchestrator.job"  # = orchestrator.tracking.JOB_TAG (not imported: no mlflow here)
 ENSEMBLE_TAG = "orchestrator.ensemble"
 PARENT_TAG = "mlflow.parentRunId"
 CHECKPOINT_CHOICES = ("best", "latest")

@@ -42,11 +42,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import logging
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +62,8 @@ from orchestrator.data import (
     DataError,
     DeviceNormalize,
     eval_loader,
-    eval_samples,
     load_manifest,
+    rank_slice,
     split_shards,
 )
 
@@ -193,59 +192,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # ============================================================================================
-# batches with their samples' global positions
-
-
-def _loader_has_index() -> bool:
-    return "with_index" in inspect.signature(eval_loader).parameters
-
-
-def indexed_batches(
-    cfg: DataConfig,
-    *,
-    rank: int,
-    world_size: int,
-    batch_size: int,
-    views: str,
-    scale: int | None = None,
-    need_index: bool = True,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """`eval_loader`'s batches with a third element: each sample's global position in the
-    split (int64 [B]).
-
-    Uses `eval_loader(..., with_index=True)` where the data pipeline has it. Otherwise the
-    positions follow from the slice itself: with at most one loader worker the rank's samples
-    arrive in slice order, so position = slice start + count; that holds only if no sample was
-    skipped as bad, which is checked at the end when `need_index` (an error, not a silent
-    misalignment)."""
-    if _loader_has_index():
-        yield from eval_loader(  # type: ignore[call-arg]
-            cfg, rank=rank, world_size=world_size, batch_size=batch_size, views=views,
-            scale=scale, with_index=True,
-        )  # fmt: skip
-        return
-    if cfg.num_workers > 1:
-        cfg = dataclasses.replace(cfg, num_workers=1)  # one worker: batches in slice order
-    manifest = load_manifest(cfg.url)
-    total = sum(s.samples for s in split_shards(manifest, cfg.url, cfg.val_split))
-    lo = total * rank // world_size
-    expected = eval_samples(cfg, rank=rank, world_size=world_size, manifest=manifest)
-    pos = lo
-    for images, labels in eval_loader(
-        cfg, rank=rank, world_size=world_size, batch_size=batch_size, views=views, scale=scale
-    ):
-        n = len(labels)
-        yield images, labels, torch.arange(pos, pos + n, dtype=torch.int64)
-        pos += n
-    if need_index and pos - lo != expected:
-        raise DataError(
-            f"{cfg.url} split {cfg.val_split!r} (rank {rank}): {expected - (pos - lo)} bad "
-            "sample(s) were skipped, so sample positions are unknown; this evaluation needs "
-            "eval_loader(with_index=True) in orchestrator.data"
-        )
-
-
-# ============================================================================================
 # the evaluator
 
 
@@ -314,7 +260,7 @@ def evaluate(
     std = tuple(std or manifest.get("std") or IMAGENET_STD)
     normalize = DeviceNormalize(mean, std, 0.0, device)
     total = sum(s.samples for s in split_shards(manifest, cfg.url, cfg.val_split))
-    lo, hi = total * rank // world_size, total * (rank + 1) // world_size
+    lo, hi = rank_slice(total, world_size, rank)  # the positions eval_loader gives this rank
     n_local = hi - lo
 
     passes: list[tuple[str, int | None]]
@@ -324,7 +270,6 @@ def evaluate(
     else:
         passes = [(protocol, None)]
         views = 10 if protocol == "ten_crop" else 1
-    need_index = return_probs or len(passes) > 1
 
     was_training = net.training
     net.eval()
@@ -337,9 +282,9 @@ def evaluate(
     bar = _progress(progress if rank == 0 else False, n_local * len(passes), desc)
     try:
         for views_kind, scale in passes:
-            batches = indexed_batches(
+            batches = eval_loader(
                 cfg, rank=rank, world_size=world_size, batch_size=batch_size, views=views_kind,
-                scale=scale, need_index=need_index,
+                scale=scale, with_index=True,
             )  # fmt: skip
             for i, (images, labels, index) in enumerate(batches):
                 if max_batches and i >= max_batches:
@@ -533,7 +478,6 @@ __all__ = [
     "check_protocol",
     "combine_probs",
     "evaluate",
-    "indexed_batches",
     "recalibrate_bn",
     "recalibrate_bn_on_data",
     "topk_errors",

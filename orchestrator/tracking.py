@@ -194,7 +194,6 @@ class MlflowTracker:
         self.pending: list[Any] = []  # mlflow.entities.Metric not yet delivered
         self.last_steps: dict[str, int] = {}  # per metric key: the largest step logged
         self.dropped = 0  # metrics given up on (queue over max_pending)
-        self.outages = 0
         self._down_since: float | None = None
         self._retry_at = 0.0
         self._backoff = 1.0
@@ -454,7 +453,6 @@ class MlflowTracker:
         self._backoff = min(self._backoff * 2, self.max_backoff_s)
         if self._down_since is None:
             self._down_since = now
-            self.outages += 1
             log.warning(
                 "MLflow unreachable (%s: %s); training goes on, %d metrics queued and retried",
                 type(err).__name__, (scrub(str(err)).splitlines() or [""])[0][:300], len(self.pending),
@@ -503,7 +501,7 @@ class MlflowTracker:
             ("record the checkpoint", lambda: checkpoint_url and self._set_tags({"checkpoint_url": scrub(checkpoint_url)})),
             ("register the best checkpoint", lambda: best_checkpoint_url and self.register_best(best_checkpoint_url)),
             ("compare with the paper", lambda: status == "FINISHED" and self.paper_report()),
-            ("record lost metrics", lambda: lost and self._set_tags({LOST_TAG: str(lost)})),
+            ("record lost metrics", lambda: lost > self._lost_reported and self._set_tags({LOST_TAG: str(lost)})),
             ("close the run", lambda: self.client.set_terminated(self.run_id, status=status)),
         ]  # fmt: skip
         for what, step in steps:

@@ -8,8 +8,6 @@ absent. One code path for precision: bf16 autocast where the device is a GPU, fp
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import os
 import random
@@ -35,7 +33,7 @@ from orchestrator.models import create_model
 from orchestrator.schedule import LRSchedule
 from orchestrator.spec import JobSpec, to_yaml
 from orchestrator.strategy import build_strategy
-from orchestrator.tracking import NullTracker, Tracker, scrub, start_tracker
+from orchestrator.tracking import NullTracker, Tracker, manifest_sha256, scrub, start_tracker
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +122,7 @@ class Trainer:
                 self.balancer = SplitBalancer(self.loader)
         self.schedule = LRSchedule(spec.schedule, spec.lr())
         self.store = CheckpointStore(f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/checkpoints")
-        self.manifest_sha256 = hashlib.sha256(
-            json.dumps(self.loader.manifest, sort_keys=True).encode()
-        ).hexdigest()
+        self.manifest_sha256 = manifest_sha256(self.loader.manifest)
         self.step = 0  # optimizer steps done
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches of this epoch already consumed

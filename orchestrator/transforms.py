@@ -134,11 +134,11 @@ def resample(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out[0].numpy()
 
 
-def render(data: bytes, plan: Plan, *, size: tuple[int, int] | None = None) -> np.ndarray:
+def render(data: bytes, plan: Plan, *, original: tuple[int, int] | None = None) -> np.ndarray:
     """Decode `data` just large enough for `plan`, cut the box (snapped to whole decoded
-    pixels) and resample it: uint8 [3, H, W]. `size`: the original (width, height), if the
+    pixels) and resample it: uint8 [3, H, W]. `original`: the image's (width, height), if the
     caller already read the header."""
-    w, h = size or image_size(data)
+    w, h = original or image_size(data)
     pixels, f = decode(data, _min_full_size(w, h, plan))
     rows, cols = pixels.shape[:2]
     left, top, right, bottom = (round(c * f) for c in plan.box)
@@ -226,13 +226,13 @@ def paper_train(
 ) -> np.ndarray:
     """The paper's scale augmentation (PCA lighting happens later, on the device)."""
     w, h = image_size(data)
-    return render(data, plan_paper(w, h, rng, size=size, scale_range=scale_range), size=(w, h))
+    return render(data, plan_paper(w, h, rng, size=size, scale_range=scale_range), original=(w, h))
 
 
 def rrc_train(data: bytes, rng: np.random.Generator, *, size: int = 224) -> np.ndarray:
     """RandomResizedCrop(0.08-1, 3/4-4/3) + flip."""
     w, h = image_size(data)
-    return render(data, plan_rrc(w, h, rng, size=size), size=(w, h))
+    return render(data, plan_rrc(w, h, rng, size=size), original=(w, h))
 
 
 def pad_crop_flip(
@@ -273,7 +273,7 @@ def full_view(data: bytes, *, resize: int = 256) -> np.ndarray:
     test): uint8 [3, H, W], H and W vary with the aspect ratio."""
     w, h = image_size(data)
     whole = Plan((0.0, 0.0, float(w), float(h)), resized_shape(w, h, resize))
-    return render(data, whole, size=(w, h))
+    return render(data, whole, original=(w, h))
 
 
 def ten_crop(arr: np.ndarray, size: int) -> np.ndarray:

@@ -187,19 +187,13 @@ def test_split_batches_are_the_cpu_batches_cut_in_two(odd_local_shards) -> None:
     assert len(batch.pixels) == len(labels) == 8 and batch.jpegs() == []  # all decoded by workers
 
 
-class _FakeLoader:
-    def __init__(self) -> None:
-        from orchestrator.data import DataConfig
-
-        self.cfg = DataConfig(url="x", num_workers=1, prefetch_factor=2)
-        self.cpu_share = 0.5
-
-
 def test_split_balancer_moves_work_to_whichever_side_has_room() -> None:
-    from orchestrator.data import SplitBalancer
+    from orchestrator.data import DataConfig, SplitBalancer, TrainLoader
 
-    loader = _FakeLoader()
-    balancer = SplitBalancer(loader)  # type: ignore[arg-type]
+    # the synthetic source: a real loader (its share clamps to 0..1) without reading any data
+    cfg = DataConfig(num_workers=1, prefetch_factor=2, split_cpu_share=0.5)
+    loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=8, seed=0)
+    balancer = SplitBalancer(loader)
     assert balancer.window == 10  # 2 x the 2 batches the loader keeps queued, at least 10
     for _ in range(9):
         balancer.observe(0.5)  # the loop waits for data: the workers are short

@@ -245,8 +245,8 @@ def test_resumed_job_continues_its_run_and_reports_against_the_paper(stack: Stac
 
 
 def test_run_id_from_the_checkpoint_wins_and_killed_status(stack: Stack) -> None:
-    job = f"ckpt-{uid()}"
-    first = MlflowTracker(f"track-{uid()}", job, {"optim.lr": 0.1}, {}, system_metrics_interval_s=None)
+    job, exp = f"ckpt-{uid()}", f"track-{uid()}"
+    first = MlflowTracker(exp, job, {"optim.lr": 0.1}, {}, system_metrics_interval_s=None)
     first.log_metrics({"train/loss": 1.0}, 1)
     # the same job id found through its checkpoint, even from another experiment setting
     again = MlflowTracker(f"elsewhere-{uid()}", job, {"optim.lr": 0.1}, {}, run_id=first.run_id, system_metrics_interval_s=None)
@@ -256,7 +256,11 @@ def test_run_id_from_the_checkpoint_wins_and_killed_status(stack: Stack) -> None
     again.finish("KILLED")
     run = client().get_run(first.run_id)
     assert run.info.status == "KILLED" and history(first.run_id, "train/loss") == [(1, 1.0), (2, 0.4)]
-    # a run id this server does not know (another tracking server): found by the job's tag
+    # a run id this server does not know (another tracking server): the job found by its tag
+    moved = MlflowTracker(exp, job, {}, {}, run_id="0" * 32, system_metrics_interval_s=None)
+    assert moved.run_id == first.run_id
+    moved.finish("FINISHED")
+    # ... and in an experiment where the job never ran: a new run, tagged with the job
     lost = MlflowTracker(f"other-{uid()}", job, {}, {}, run_id="0" * 32, system_metrics_interval_s=None)
     assert lost.run_id != first.run_id and client().get_run(lost.run_id).data.tags["orchestrator.job"] == job
     lost.finish("FINISHED")
