@@ -624,7 +624,7 @@ def run_cli(main: Callable[[], None]) -> None:
         sys.exit(130)
 
 
-def add_shard_arguments(p: "argparse.ArgumentParser") -> None:
+def add_shard_arguments(p: argparse.ArgumentParser) -> None:
     """The options every converter takes: where the shards go, their size, cores, shuffle seed."""
     p.add_argument(
         "--dest",

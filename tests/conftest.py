@@ -18,18 +18,49 @@ from orchestrator.stack import Stack, StackConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TEST_PORTS = dict(
-    s3_port=28333,
-    weed_master_port=29333,
-    weed_volume_port=29340,
-    weed_filer_port=28888,
-    weed_admin_port=24646,
-    mlflow_port=25000,
-    ray_port=26379,
-    ray_dashboard_port=28265,
-    ray_client_port=20001,
-    ray_agent_port=52465,
-)
+# Every port, and SeaweedFS's gRPC port (its port + 10000), lies below the kernel's ephemeral
+# range (32768+ here) and above Ray's worker ports (10002-19999): an outgoing connection or a
+# Ray worker can take a port in those ranges at any moment, and SeaweedFS then refuses to start.
+TEST_PORTS = {
+    "s3_port": 20333,
+    "weed_master_port": 21333,
+    "weed_volume_port": 21340,
+    "weed_filer_port": 20888,
+    "weed_admin_port": 22646,
+    "mlflow_port": 25000,
+    "ray_port": 26379,
+    "ray_dashboard_port": 28265,
+    "ray_client_port": 20001,
+    "ray_agent_port": 25465,
+}
+WEED_PORT_NAMES = ("s3_port", "weed_master_port", "weed_volume_port", "weed_filer_port", "weed_admin_port")
+
+
+def free_weed_ports(low: int = 20000, high: int = 22760) -> dict[str, int]:
+    """Five consecutive SeaweedFS ports in [low, high) that are free now, gRPC ports included,
+    for a test's own store; none is a test stack port, none falls in the ephemeral range."""
+    import random
+    import socket
+
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert high + 10000 <= ephemeral_low, f"ports up to {high + 10000} reach the ephemeral range ({ephemeral_low}+)"
+    taken = set(TEST_PORTS.values())
+
+    def free(port: int) -> bool:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                return False
+
+    bases = list(range(low, high - len(WEED_PORT_NAMES), 10))
+    random.shuffle(bases)  # two tests asking at once rarely pick the same block
+    for base in bases:
+        ports = [base + i for i in range(len(WEED_PORT_NAMES))]
+        if taken.isdisjoint(ports) and all(free(p) and free(p + 10000) for p in ports):
+            return dict(zip(WEED_PORT_NAMES, ports, strict=True))
+    raise RuntimeError(f"no five free consecutive ports (and their gRPC ports) in [{low}, {high})")
 
 
 def test_stack_config(state_dir: Path | None = None, **ports: int) -> StackConfig:
@@ -73,7 +104,7 @@ def run_script(*args: str, timeout: float = 600, env: dict[str, str] | None = No
     import sys
 
     proc = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
         env={**os.environ, **(env or {})},
     )  # fmt: skip
     assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

@@ -593,37 +593,13 @@ def test_reads_from_s3_same_as_local(ds, s3_prefix):
 def private_s3(tmp_path, monkeypatch):
     """An object store of this test's own (SeaweedFS only, on free ports): the restart test
     stops it mid-epoch, which must not pull the shared test stack from under other tests."""
-    import random
-    import socket
-
     import boto3
 
     from orchestrator import s3
     from orchestrator.stack import Stack
-    from tests.conftest import test_stack_config
+    from tests.conftest import free_weed_ports, test_stack_config
 
-    def free(port: int) -> bool:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-                return True
-            except OSError:
-                return False
-
-    rnd = random.Random()
-    base = next(
-        b
-        for b in iter(lambda: rnd.randrange(30000, 39000, 10), None)
-        if all(free(b + i) and free(b + i + 10000) for i in range(5))
-    )
-    names = (
-        "s3_port",
-        "weed_master_port",
-        "weed_volume_port",
-        "weed_filer_port",
-        "weed_admin_port",
-    )
-    ports = {name: base + i for i, name in enumerate(names)}
+    ports = free_weed_ports()
     st = Stack(test_stack_config(state_dir=tmp_path / "private-stack", **ports))
     st.up(services=("s3",))
     for key, value in st.env().items():

@@ -23,7 +23,7 @@ def submit(stack: Stack, *args: str, timeout: float = 600) -> subprocess.Complet
     ray = Path(sys.executable).parent / "ray"
     return subprocess.run(
         [str(ray), "job", "submit", "--", "python", *args], cwd=ROOT, capture_output=True,
-        text=True, timeout=timeout, env={**__import__("os").environ, **stack.env()},
+        text=True, timeout=timeout, check=False, env={**__import__("os").environ, **stack.env()},
     )  # fmt: skip
 
 

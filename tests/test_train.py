@@ -67,7 +67,7 @@ def test_exact_validation_counts_and_identical_plateau_decisions(tmp_path: Path,
            "data.shuffle_buffer=16", "scaling.num_workers=2", "scaling.global_batch=8",
            "schedule.kind=plateau", "schedule.plateau_patience=1", "schedule.plateau_threshold=0.5",
            "schedule.max_iters=6", "eval.every_iters=2", "eval.batch_size=4", "checkpoint.every_iters=6")  # fmt: skip
-    step_dir = sorted((tmp_path / "plateau" / "checkpoints").glob("step-*"))[-1]
+    step_dir = max((tmp_path / "plateau" / "checkpoints").glob("step-*"))
     marker = json.loads((step_dir / "COMMITTED").read_text())
     assert marker["metrics"]["val/samples"] == 21
     ranks = [torch.load(step_dir / f"rank-{r:05d}.pt", weights_only=False) for r in (0, 1)]
