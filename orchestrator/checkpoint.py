@@ -192,9 +192,9 @@ class CheckpointStore:
         """Delete all but the newest `keep_last` and the best by `best_metric` (lower wins)."""
         found = self.committed()
         keep = {c.step for c in found[-keep_last:]} if keep_last > 0 else set()
-        scored = [c for c in found if best_metric in c.metrics]
-        if scored:
-            keep.add(min(scored, key=lambda c: c.metrics[best_metric]).step)
+        best = best_checkpoint(found, best_metric)
+        if best is not None:
+            keep.add(best.step)
         for c in found:
             if c.step not in keep:
                 self.storage.delete(_step_dir(c.step))
@@ -204,6 +204,14 @@ class CheckpointStore:
             m = re.fullmatch(r"step-(\d+)", name)
             if m and int(m.group(1)) < newest and int(m.group(1)) not in {c.step for c in found}:
                 self.storage.delete(name)
+
+
+def best_checkpoint(found: list[Committed], metric: str) -> Committed | None:
+    """The committed checkpoint with the lowest `metric` in its marker; a tie goes to the newer
+    step (it trained longer). None if no marker has the metric. Training's report, retention
+    and the ensemble's `--checkpoint best` all choose through here, so they agree."""
+    scored = [c for c in found if metric in c.metrics]
+    return min(scored, key=lambda c: (c.metrics[metric], -c.step)) if scored else None
 
 
 def split_checkpoint_url(url: str) -> tuple[str, int]:

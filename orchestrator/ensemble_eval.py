@@ -326,6 +326,8 @@ def _committed(root: str, what: str) -> list[Any]:
 
 def member_from_run(run: Any, checkpoint: str, selected_by: str) -> Member:
     """The chosen committed checkpoint of a training run."""
+    from orchestrator.checkpoint import best_checkpoint
+
     run_id, name = run.info.run_id, run.info.run_name
     what = f"run {run_id} ({name})"
     job = run.data.tags.get(JOB_TAG)
@@ -343,13 +345,12 @@ def member_from_run(run: Any, checkpoint: str, selected_by: str) -> Member:
         chosen = found[-1]
     else:
         metric = run.data.params.get("checkpoint.best_metric", "val_top1_err")
-        scored = [c for c in found if metric in c.metrics]
-        if not scored:
+        chosen = best_checkpoint(found, metric)
+        if chosen is None:
             raise EnsembleError(
                 f"{what}: no committed checkpoint under {root} has {metric!r} in its marker "
                 "(was validation on?); use --checkpoint latest"
             )
-        chosen = min(scored, key=lambda c: (c.metrics[metric], -c.step))
     return _load_member(
         name or run_id, selected_by, run_id, name, root, chosen.step, chosen.metrics, what
     )

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from orchestrator.checkpoint import CheckpointStore, to_bytes
+from orchestrator.checkpoint import CheckpointStore, best_checkpoint, to_bytes
 from orchestrator.data import DeviceNormalize, MixedBatch, SplitBalancer, TrainLoader
 from orchestrator.gpu_augment import DeviceAugment, decode_jpegs
 from orchestrator.models import create_model
@@ -412,8 +412,7 @@ class Trainer:
             self._publish(final)
         if self.rt.rank == 0:
             committed = self.store.committed()
-            scored = [c for c in committed if spec.checkpoint.best_metric in c.metrics]
-            best = min(scored, key=lambda c: c.metrics[spec.checkpoint.best_metric]) if scored else None
+            best = best_checkpoint(committed, spec.checkpoint.best_metric)
             self.tracker.finish(
                 "FINISHED",
                 checkpoint_url=committed[-1].url if committed else None,

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 from orchestrator import s3
-from orchestrator.checkpoint import CheckpointStore, split_checkpoint_url
+from orchestrator.checkpoint import (
+    CheckpointStore,
+    Committed,
+    best_checkpoint,
+    split_checkpoint_url,
+)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -50,6 +55,22 @@ def test_retention_keeps_latest_and_best(store: CheckpointStore) -> None:
         _save(store, step, metric)
     store.retain(keep_last=2, best_metric="val_top1_err")
     assert [c.step for c in store.committed()] == [2, 4, 5]
+
+
+def test_best_checkpoint_lowest_metric_tie_to_newer() -> None:
+    found = [Committed(1, "u1", {"e": 0.3}), Committed(2, "u2", {}), Committed(3, "u3", {"e": 0.2}),
+             Committed(4, "u4", {"e": 0.2}), Committed(5, "u5", {"e": 0.4})]  # fmt: skip
+    best = best_checkpoint(found, "e")
+    assert best is not None and best.step == 4
+    assert best_checkpoint(found[:2], "e").step == 1
+    assert best_checkpoint(found, "missing") is None and best_checkpoint([], "e") is None
+
+
+def test_retention_keeps_the_newer_of_tied_best(store: CheckpointStore) -> None:
+    for step, metric in [(1, 0.2), (2, 0.2), (3, 0.5), (4, 0.6)]:
+        _save(store, step, metric)
+    store.retain(keep_last=1, best_metric="val_top1_err")
+    assert [c.step for c in store.committed()] == [2, 4]
 
 
 def test_fetch_dir_round_trip(store: CheckpointStore, tmp_path: Path) -> None:
