@@ -274,26 +274,34 @@ class Member:
     num_classes: int
     data: Any  # DataConfig the member is evaluated on
     seed: int
-    state_dict: dict[str, Any] = field(repr=False)
     weight: float = 1.0
+
+
+def _read_trainer_state(url: str, what: str) -> dict[str, Any]:
+    """A committed checkpoint's trainer.pt (spec, model weights, optimizer ...)."""
+    from orchestrator.checkpoint import CheckpointStore, split_checkpoint_url
+
+    root, step = split_checkpoint_url(url)
+    try:
+        return CheckpointStore(root).read(step, "trainer.pt")
+    except Exception as err:
+        raise EnsembleError(
+            f"{what}: cannot read {url}/trainer.pt: {type(err).__name__}: {err}"
+        ) from err
 
 
 def _load_member(
     label: str, selected_by: str, run_id: str | None, run_name: str | None, root: str, step: int,
     metrics: dict[str, float], what: str,
 ) -> Member:  # fmt: skip
-    """Read a committed checkpoint's trainer.pt; rebuild nothing yet, but check it fits."""
+    """Check a committed checkpoint's trainer.pt fits; its weights are not kept: each member's
+    evaluation reads them itself (the driver never holds every member's weights at once, nor
+    ships them to Ray tasks)."""
     from orchestrator.checkpoint import CheckpointStore
     from orchestrator.spec import JobSpec, from_dict
 
-    store = CheckpointStore(root)
-    url = f"{store.root}/step-{step:08d}"
-    try:
-        state = store.read(step, "trainer.pt")
-    except Exception as err:
-        raise EnsembleError(
-            f"{what}: cannot read {url}/trainer.pt: {type(err).__name__}: {err}"
-        ) from err
+    url = f"{CheckpointStore(root).root}/step-{step:08d}"
+    state = _read_trainer_state(url, what)
     try:
         weights = state["strategy"]["model"]
         spec = from_dict(JobSpec, state["spec"])
@@ -309,7 +317,7 @@ def _load_member(
         checkpoint_url=url, step=step, marker_metrics=dict(metrics),
         model_name=spec.model.name, model_options=spec.model.options(),
         shortcut=spec.model.shortcut, num_classes=int(fc.shape[0]), data=spec.data,
-        seed=spec.seed, state_dict=weights,
+        seed=spec.seed,
     )  # fmt: skip
 
 
@@ -507,7 +515,9 @@ def evaluate_member(
     use_gpu = payload["use_gpu"]
     device = torch.device("cuda" if (use_gpu is not False and torch.cuda.is_available()) else "cpu")
     model = create_model(payload["model_name"], payload["num_classes"], **payload["model_options"])
-    model.load_state_dict(payload["state_dict"])
+    state = _read_trainer_state(payload["checkpoint_url"], payload["label"])
+    model.load_state_dict(state["strategy"]["model"])
+    del state  # the optimizer state too: not needed to evaluate
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -543,7 +553,7 @@ def _ray_member_task(payload: dict[str, Any]) -> dict[str, Any]:
 def _payload(m: Member, cfg: EnsembleConfig) -> dict[str, Any]:
     return {
         "label": m.label, "model_name": m.model_name, "model_options": m.model_options,
-        "num_classes": m.num_classes, "state_dict": m.state_dict, "data": m.data,
+        "num_classes": m.num_classes, "checkpoint_url": m.checkpoint_url, "data": m.data,
         "seed": m.seed, "protocol": cfg.protocol, "scales": list(cfg.scales), "flips": cfg.flips,
         "batch_size": cfg.batch_size, "max_batches": cfg.max_batches,
         "bn_recalibrate": cfg.bn_recalibrate, "use_gpu": cfg.use_gpu, "progress": cfg.progress,
@@ -674,13 +684,10 @@ def comparison_rows(
 
 
 def format_table(rows: list[dict[str, Any]], title: str) -> str:
-    def f(x: Any) -> str:
-        if x is None:
-            return "-"
-        return f"{x:.2f}" if isinstance(x, float) else str(x)
+    from orchestrator.paper import gap_cell, pct_cell
 
-    def delta(ours: float | None, paper: float | None) -> str:
-        return "-" if ours is None or paper is None else f"{ours - paper:+.2f}"
+    def f(x: Any) -> str:
+        return pct_cell(x) if x is None or isinstance(x, float) else str(x)
 
     head = ["member", "model", "step", "top-1 err %", "top-5 err %", "paper top-1 %",
             "paper top-5 %", "d top-1", "d top-5", "paper"]  # fmt: skip
@@ -688,7 +695,7 @@ def format_table(rows: list[dict[str, Any]], title: str) -> str:
     for r in rows:
         cells = [r["member"], r["model"], f(r["step"]), f(r["top1_err"]), f(r["top5_err"]),
                  f(r["paper_top1_err"]), f(r["paper_top5_err"]),
-                 delta(r["top1_err"], r["paper_top1_err"]), delta(r["top5_err"], r["paper_top5_err"]),
+                 gap_cell(r["top1_err"], r["paper_top1_err"]), gap_cell(r["top5_err"], r["paper_top5_err"]),
                  f(r["paper_source"])]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -747,7 +754,9 @@ class _Runs:
             child = client.create_run(exp_id, run_name=m.label, tags=ctags).info.run_id
             cparams = {"member_index": i, "model.name": m.model_name, "checkpoint.step": m.step,
                        "checkpoint.url": m.checkpoint_url, "weight": m.weight,
-                       "source_run_id": m.run_id or "", "source_run_name": m.run_name or ""}  # fmt: skip
+                       "source_run_id": m.run_id or "", "source_run_name": m.run_name or "",
+                       # what training measured at this step, beside what this evaluation finds
+                       **{f"checkpoint.{k}": v for k, v in m.marker_metrics.items()}}  # fmt: skip
             self.children.append(child)
             self.open.add(child)
             client.log_batch(child, params=[Param(k, str(v)) for k, v in cparams.items()])

@@ -69,3 +69,13 @@ def lookup(
 
 def for_model(model: str) -> list[PaperResult]:
     return [r for r in RESULTS if r.model == model]
+
+
+def pct_cell(x: float | None) -> str:
+    """A percent cell of a comparison table ("-" where there is no number)."""
+    return "-" if x is None else f"{x:.2f}"
+
+
+def gap_cell(ours: float | None, paper: float | None) -> str:
+    """Ours minus the paper's, in points, signed ("-" where either is missing)."""
+    return "-" if ours is None or paper is None else f"{ours - paper:+.2f}"

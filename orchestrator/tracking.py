@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from orchestrator.paper import gap_cell, pct_cell
+
 log = logging.getLogger(__name__)
 
 JOB_TAG = "orchestrator.job"
@@ -122,14 +124,6 @@ def _error_code(err: BaseException) -> str | None:
     return getattr(err, "error_code", None)
 
 
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{x:.2f}"
-
-
-def _gap(x: float | None) -> str:
-    return "—" if x is None else f"{x:+.2f}"
-
-
 class Tracker(Protocol):
     run_id: str | None
 
@@ -171,6 +165,7 @@ class MlflowTracker:
         spec_yaml: str = "",
         run_id: str | None = None,
         *,
+        manifest: dict[str, Any] | None = None,
         system_metrics_interval_s: float | None = 10.0,
         max_pending: int = 100_000,
         finish_timeout_s: float = 15.0,
@@ -186,6 +181,7 @@ class MlflowTracker:
         self.tags = {k: str(v) for k, v in tags.items() if v is not None}
         self.spec_yaml = spec_yaml
         self.run_id = run_id  # a hint (from a checkpoint) until the run is open
+        self.manifest = manifest  # the dataset's, as the loop read it (None: read it here)
         self.system_metrics_interval_s = system_metrics_interval_s
         self.max_pending = max_pending
         self.finish_timeout_s = finish_timeout_s
@@ -198,6 +194,7 @@ class MlflowTracker:
         self._retry_at = 0.0
         self._backoff = 1.0
         self._monitor: Any = None
+        self._monitor_broken = False  # it failed to start: retrying each flush would not help
         self._finished = self._closing = False
         self._lost_reported = 0
         self._flush(force=True)  # opens the run; if the server is down, later calls retry
@@ -326,10 +323,10 @@ class MlflowTracker:
         url = str(self.params.get("data.url") or "")
         if self.params.get("data.source", "shards") != "shards" or not url:
             return None
-        digest, manifest = self.tags.get("manifest_sha256"), None
-        if _URL_USERINFO.search(url):
+        digest, manifest = self.tags.get("manifest_sha256"), self.manifest
+        if manifest is None and _URL_USERINFO.search(url):
             log.warning("data.url carries credentials (pass them as AWS_* variables): manifest not read")
-        else:
+        elif manifest is None:
             try:
                 from orchestrator.data import load_manifest
 
@@ -373,7 +370,7 @@ class MlflowTracker:
     def _start_system_metrics(self) -> None:
         """(Re)start MLflow's monitor; it stops itself when the server fails, so restart it
         whenever the server answers again. Steps continue from the run's last system step."""
-        if self.system_metrics_interval_s is None or not self.opened or self._closing:
+        if self.system_metrics_interval_s is None or not self.opened or self._closing or self._monitor_broken:
             return
         thread = getattr(self._monitor, "_process", None)
         if thread is not None and thread.is_alive():
@@ -388,7 +385,7 @@ class MlflowTracker:
             self._monitor.start()
         except Exception as err:  # noqa: BLE001
             log.warning("system metrics off: %s", scrub(str(err))[:300])
-            self._monitor = None
+            self._monitor, self._monitor_broken = None, True
 
     def _stop_system_metrics(self) -> None:
         monitor, self._monitor = self._monitor, None
@@ -609,8 +606,9 @@ class MlflowTracker:
             "", "| | this run (final) | this run (best) | paper | gap (final − paper, points) |",
             "|---|---:|---:|---:|---:|",
         ]  # fmt: skip
-        for name, final, best, paper_value, gap in rows:
-            lines.append(f"| {name} | {_pct(final)} | {_pct(best)} | {_pct(paper_value)} | {_gap(gap)} |")
+        for name, final, best, paper_value, _ in rows:
+            cells = (pct_cell(final), pct_cell(best), pct_cell(paper_value), gap_cell(final, paper_value))
+            lines.append(f"| {name} | {' | '.join(cells)} |")
         lines += ["", (
             "Errors in percent. The paper's numbers are on ImageNet val (CIFAR-10 test for the CIFAR "
             "nets): the gap means something only where this run trained and evaluated on that data."
@@ -659,14 +657,15 @@ class MlflowTracker:
 
 def start_tracker(
     enabled: bool, experiment: str, job: str, params: dict[str, Any], tags: dict[str, str],
-    spec_yaml: str = "", run_id: str | None = None,
+    spec_yaml: str = "", run_id: str | None = None, manifest: dict[str, Any] | None = None,
 ) -> Tracker:  # fmt: skip
     """An MLflow tracker where MLFLOW_TRACKING_URI is set and MLflow imports; else a no-op.
-    `run_id` (from the job's checkpoint) names the run to continue."""
+    `run_id` (from the job's checkpoint) names the run to continue; `manifest` is the dataset's,
+    already read (else the tracker reads it from data.url)."""
     if not enabled or not os.environ.get("MLFLOW_TRACKING_URI"):
         return NullTracker()
     try:
-        return MlflowTracker(experiment, job, params, tags, spec_yaml, run_id)
+        return MlflowTracker(experiment, job, params, tags, spec_yaml, run_id, manifest=manifest)
     except ImportError:
         log.warning("MLflow is not installed: tracking off")
     except Exception as err:  # noqa: BLE001 (never stop training for tracking)

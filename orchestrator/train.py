@@ -331,6 +331,7 @@ class Trainer:
             self.tracker = start_tracker(
                 spec.tracking.enabled, spec.tracking.experiment, spec.name, spec.flat(), tags, to_yaml(spec),
                 run_id=self.tracking_run_id,  # from the checkpoint resume() loaded: continue that run
+                manifest=self.loader.manifest,
             )
             self.tracking_run_id = self.tracker.run_id or self.tracking_run_id
         weights = sum(float(p.double().sum()) for p in self.strategy.unwrapped().parameters())

@@ -199,7 +199,7 @@ def test_comparison_rows_take_the_papers_tables() -> None:
     def member(name: str, model: str, shortcut: str | None = None) -> Member:
         return Member(label=name, selected_by="run", run_id=name, run_name=name, checkpoint_url="-",
                       step=1, marker_metrics={}, model_name=model, model_options={}, shortcut=shortcut,
-                      num_classes=1000, data=None, seed=0, state_dict={})  # fmt: skip
+                      num_classes=1000, data=None, seed=0)  # fmt: skip
 
     members = [member("a", "resnet152"), member("b", "resnet34", "C")]
     scores = [Scores(0.2000, 0.0500, 50_000), Scores(0.2500, 0.0800, 50_000)]

@@ -266,6 +266,42 @@ def test_run_id_from_the_checkpoint_wins_and_killed_status(stack: Stack) -> None
     lost.finish("FINISHED")
 
 
+def test_a_system_monitor_that_cannot_start_is_tried_once(stack: Stack, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    from mlflow.system_metrics import system_metrics_monitor
+
+    starts = []
+
+    class Broken:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            starts.append(1)
+            raise RuntimeError("no sensors here")
+
+    monkeypatch.setattr(system_metrics_monitor, "SystemMetricsMonitor", Broken)
+    tracker = MlflowTracker(f"track-{uid()}", f"sysm-{uid()}", {}, {}, system_metrics_interval_s=5.0)
+    for step in range(1, 6):  # each delivers a metric: a successful flush
+        tracker.log_metrics({"train/loss": 1.0 / step}, step)
+    tracker.finish("FINISHED")
+    assert len(starts) == 1 and caplog.text.count("system metrics off: no sensors here") == 1
+    assert [v for _, v in history(tracker.run_id, "train/loss")] == [1.0, 0.5, 1 / 3, 0.25, 0.2]
+
+
+def test_the_loops_manifest_is_the_runs_dataset_without_a_second_read(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    """The loop hands over the manifest it read: the tracker records it as is (here for a URL
+    where nothing exists, so a read of its own would fail with a warning)."""
+    manifest = {"name": "given", "num_classes": 7, "splits": {"train": {"samples": 70, "shards": ["a", "b"]}}}
+    url = f"s3://resnet/nothing-here-{uid()}"
+    caplog.set_level(logging.WARNING)
+    tracker = MlflowTracker(f"track-{uid()}", f"mani-{uid()}", {"data.url": url, "data.source": "shards"},
+                            {"manifest_sha256": manifest_sha256(manifest)}, manifest=manifest,
+                            system_metrics_interval_s=None)  # fmt: skip
+    tracker.finish("FINISHED")
+    [item] = client().get_run(tracker.run_id).inputs.dataset_inputs
+    assert item.dataset.name == "given" and item.dataset.digest == manifest_sha256(manifest)[:36]
+    assert json.loads(item.dataset.profile)["splits"] == {"train": {"samples": 70, "shards": 2}}
+    assert "could not read the manifest" not in caplog.text and "manifest changed" not in caplog.text
+
+
 def test_secrets_never_reach_mlflow_or_the_logs(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture) -> None:  # fmt: skip
     import os
