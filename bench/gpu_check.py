@@ -37,6 +37,8 @@ BASELINE = REPO.parent / "shared" / "tools" / "gpu_baseline.py"
 def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
     t0 = time.monotonic()
     env = {**os.environ, **(env or {})}
+    # the package need not be installed (the GPU box has no network for `pip install -e .`)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import run_script
+from tests.conftest import ROOT, run_script
 
 
 def test_gpu_check_dry_run_prints_the_table(tmp_path: Path) -> None:
+    """Run as on the GPU machine: only torch, torchvision, numpy, Pillow (and torch's own
+    requirements) importable, this repository not installed (tests/gpu_box_env)."""
     out = run_script("bench/gpu_check.py", "--dry-run", "--work", str(tmp_path), "--models", "r50",
-                     timeout=600)  # fmt: skip
+                     timeout=600, env={"PYTHONPATH": str(ROOT / "tests" / "gpu_box_env")})  # fmt: skip
     rows = [line.split() for line in out.splitlines() if line.startswith("r50 ")]
     # the default runs, compiled ones eager on a CPU; gpu/split decode on the host there
     assert [r[2] for r in rows] == ["synthetic", "synthetic", "gpu", "split", "cpu"]
