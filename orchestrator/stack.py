@@ -225,6 +225,9 @@ class Stack:
         # the head gets the client environment, so `ray job submit` entrypoints inherit it
         env.update(self.env())
         env.pop("RAY_ADDRESS")  # the head itself must not try to join a cluster
+        # `ray job stop` SIGKILLs a driver this long after its SIGTERM (Ray's default: 3 s):
+        # time for the driver to mark its MLflow run KILLED and for Ray Train to stop in order
+        env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", "30")
         cpus = c.ray_num_cpus or os.cpu_count() or 1
         return [
             self._binary("ray", "ray[default]"), "start", "--head", "--block",

@@ -171,8 +171,7 @@ class MlflowTracker:
         finish_timeout_s: float = 15.0,
         max_backoff_s: float = 30.0,
     ) -> None:
-        for key, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
+        load_mlflow()
         from mlflow import MlflowClient
 
         self.client = MlflowClient()
@@ -671,6 +670,19 @@ def start_tracker(
     except Exception as err:  # noqa: BLE001 (never stop training for tracking)
         log.warning("MLflow tracking off: %s: %s", type(err).__name__, scrub(str(err))[:500])
     return NullTracker()
+
+
+def load_mlflow() -> None:
+    """Import MLflow's client and set our HTTP defaults (short timeouts, one retry) now, where
+    tracking is on: the first import takes seconds, too long to pay inside a signal handler."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        pass
 
 
 def mark_job_run(experiment: str, job: str, status: str, error: str | None = None) -> str | None:
