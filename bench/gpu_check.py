@@ -1,6 +1,7 @@
 """All GPU checks in one run: our jobs vs plain PyTorch on the same card, data included.
 
     python bench/gpu_check.py              # on an H100/H200 box with torch + torchvision (no network)
+    python bench/gpu_check.py --baseline shared/tools/gpu_baseline.py   # a copy in the checkout
     python bench/gpu_check.py --dry-run    # the same plumbing on a CPU, tiny sizes, in a minute
 
 Steps: (1) generate a small ImageNet-layout JPEG set and convert it to shards on local disk
@@ -31,7 +32,20 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BASELINE = REPO.parent / "shared" / "tools" / "gpu_baseline.py"
+# the plain-PyTorch baseline script: beside the checkout on a developer's machine; a GPU box
+# gets only the checkout, so copy it in (shared/tools/ there, or anywhere with --baseline)
+BASELINE_PLACES = (REPO.parent / "shared" / "tools" / "gpu_baseline.py", REPO / "shared" / "tools" / "gpu_baseline.py")
+
+
+def find_baseline(given: Path | None) -> Path:
+    places = (given,) if given else BASELINE_PLACES
+    for place in places:
+        if place.is_file():
+            return place
+    raise SystemExit(
+        f"gpu_baseline.py not found (looked at {', '.join(map(str, places))}): copy "
+        "../shared/tools/gpu_baseline.py into the checkout, e.g. shared/tools/, or pass --baseline PATH"
+    )
 
 
 def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
@@ -57,11 +71,11 @@ def make_shards(work: Path, dry: bool) -> Path:
     return shards
 
 
-def baseline(dry: bool, work: Path) -> dict:
+def baseline(dry: bool, work: Path, script: Path | None) -> dict:
     if dry:
         return {"device": "cpu (dry run)", "r50_bs256_cl_bf16": {"img_s": 1.0}, "r152_bs256_cl_bf16": {"img_s": 1.0},
                 "r50_bs256_cl_bf16_compile": {"img_s": 1.0}, "r152_bs256_cl_bf16_compile": {"img_s": 1.0}}  # fmt: skip
-    out = run([sys.executable, str(BASELINE), "300"], 420, env={"OUT": str(work)})
+    out = run([sys.executable, str(find_baseline(script)), "300"], 420, env={"OUT": str(work)})
     return json.loads((work / "gpu_baseline.json").read_text()) if (work / "gpu_baseline.json").exists() else json.loads(out[out.rindex("\n{"):])
 
 
@@ -110,13 +124,16 @@ def main() -> None:
     parser.add_argument("--models", default="r50,r152")
     parser.add_argument("--runs", default=RUNS, help="data:mode pairs; data in synthetic,cpu,gpu,split")
     parser.add_argument("--budget-s", type=float, default=540, help="skip the runs left after this long")
+    parser.add_argument("--baseline", type=Path, help="gpu_baseline.py (default: ../shared/tools/, then shared/tools/)")
     args = parser.parse_args()
+    if not args.dry_run:
+        find_baseline(args.baseline)  # before minutes of shard-making, not after
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     print("1/3 shards on local disk", flush=True)
     shards = make_shards(args.work, args.dry_run)
     print("2/3 plain PyTorch baseline (gpu_baseline.py)", flush=True)
-    base = baseline(args.dry_run, args.work)
+    base = baseline(args.dry_run, args.work, args.baseline)
     print("3/3 our jobs", flush=True)
     rows, sync_sites = [], {}
     for model in args.models.split(","):
