@@ -755,8 +755,8 @@ class _Runs:
             cparams = {"member_index": i, "model.name": m.model_name, "checkpoint.step": m.step,
                        "checkpoint.url": m.checkpoint_url, "weight": m.weight,
                        "source_run_id": m.run_id or "", "source_run_name": m.run_name or "",
-                       # what training measured at this step, beside what this evaluation finds
-                       **{f"checkpoint.{k}": v for k, v in m.marker_metrics.items()}}  # fmt: skip
+                       # what training's validation measured at this step, beside what this finds
+                       **{f"checkpoint.{k}": v for k, v in m.marker_metrics.items() if k.startswith("val")}}  # fmt: skip
             self.children.append(child)
             self.open.add(child)
             client.log_batch(child, params=[Param(k, str(v)) for k, v in cparams.items()])

@@ -99,11 +99,11 @@ def _probs(run_id: str, tmp: Path) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
-def _best_step(storage: str, name: str) -> int:
-    """The lowest val_top1_err in the commit markers; on a tie, the newer step."""
+def _best(storage: str, name: str) -> Any:
+    """The committed checkpoint with the lowest val_top1_err in its marker; on a tie, the newer."""
     found = CheckpointStore(f"{storage}/{name}/checkpoints").committed()
     scored = [c for c in found if "val_top1_err" in c.metrics]
-    return min(scored, key=lambda c: (c.metrics["val_top1_err"], -c.step)).step
+    return min(scored, key=lambda c: (c.metrics["val_top1_err"], -c.step))
 
 
 def _nothing_logged(client: MlflowClient, experiment: str) -> bool:
@@ -130,9 +130,13 @@ def test_local_ensemble_matches_numpy_over_the_members_probabilities(
     assert all(c.info.status == "FINISHED" for c in children)
     # best = the committed step with the lowest val_top1_err in its marker
     for child, name in zip(children, trained["names"]):
-        step = _best_step(trained["storage"], name)
+        best = _best(trained["storage"], name)
+        step = best.step
         assert step in (6, 12)
         assert child.data.params["checkpoint.step"] == str(step)
+        # what training's validation measured there, beside this evaluation's own numbers
+        assert float(child.data.params["checkpoint.val_top1_err"]) == pytest.approx(best.metrics["val_top1_err"])
+        assert not any(k.startswith("checkpoint.train") for k in child.data.params)
         assert child.data.tags["checkpoint_url"].endswith(f"/{name}/checkpoints/step-{step:08d}")
 
     members = [_probs(c.info.run_id, tmp_path) for c in children]
