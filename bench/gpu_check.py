@@ -72,10 +72,11 @@ def make_shards(work: Path, dry: bool) -> Path:
 
 
 def baseline(dry: bool, work: Path, script: Path | None) -> dict:
+    """gpu_baseline.py's figures on this card (`script`: its path; None only in a dry run)."""
     if dry:
         return {"device": "cpu (dry run)", "r50_bs256_cl_bf16": {"img_s": 1.0}, "r152_bs256_cl_bf16": {"img_s": 1.0},
                 "r50_bs256_cl_bf16_compile": {"img_s": 1.0}, "r152_bs256_cl_bf16_compile": {"img_s": 1.0}}  # fmt: skip
-    out = run([sys.executable, str(find_baseline(script)), "300"], 420, env={"OUT": str(work)})
+    out = run([sys.executable, str(script), "300"], 420, env={"OUT": str(work)})
     return json.loads((work / "gpu_baseline.json").read_text()) if (work / "gpu_baseline.json").exists() else json.loads(out[out.rindex("\n{"):])
 
 
@@ -126,14 +127,13 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=540, help="skip the runs left after this long")
     parser.add_argument("--baseline", type=Path, help="gpu_baseline.py (default: ../shared/tools/, then shared/tools/)")
     args = parser.parse_args()
-    if not args.dry_run:
-        find_baseline(args.baseline)  # before minutes of shard-making, not after
+    script = None if args.dry_run else find_baseline(args.baseline)  # before the shards, not after
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     print("1/3 shards on local disk", flush=True)
     shards = make_shards(args.work, args.dry_run)
     print("2/3 plain PyTorch baseline (gpu_baseline.py)", flush=True)
-    base = baseline(args.dry_run, args.work, args.baseline)
+    base = baseline(args.dry_run, args.work, script)
     print("3/3 our jobs", flush=True)
     rows, sync_sites = [], {}
     for model in args.models.split(","):

@@ -155,6 +155,7 @@ def decode_rate(files: list[bytes], decode: Any = pillow_decode, seconds: float 
 def stage_costs(files: list[bytes], n: int = 300) -> dict[str, float]:
     """CPU-ms per image of each stage of our transform on one core, beside Pillow's: where the
     time goes (docs/benchmarks.md quotes this line)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     pil = Image.open(io.BytesIO(files[0])).convert("RGB")
     box = (10.0, 10.0, 310.0, 310.0)  # a ~300 px crop box, to 224: the paper's typical case
@@ -173,7 +174,7 @@ def stage_costs(files: list[bytes], n: int = 300) -> dict[str, float]:
         "our_resample": per_image(lambda d, i: T.resample(arr[10:310, 10:310], (224, 224))),
         "our_transform": per_image(lambda d, i: T.paper_train(d, np.random.default_rng(i))),
     }
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     return costs
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -174,21 +173,14 @@ def run_ray(spec: JobSpec) -> Any:
     )
     checkpoints = f"{spec.checkpoint.storage}/{spec.name}/checkpoints"
     from orchestrator.tracking import load_mlflow, mark_job_run
+    from orchestrator.train import raise_on_sigterm
 
     load_mlflow()  # now, not inside the SIGTERM handler below, where every second counts
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        # `ray job stop`, a preempted head node. The loop runs in Ray's worker threads, which
-        # never see the signal, so the run is marked here, first: Ray SIGKILLs the driver
-        # RAY_JOB_STOP_WAIT_TIME_S after the SIGTERM (3 s unless set), and fit()'s orderly
-        # abort (on KeyboardInterrupt) can take longer than that on a busy machine.
-        mark_job_run(spec.tracking.experiment, spec.name, "KILLED")
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        signal.signal(signal.SIGTERM, on_sigterm)
-    except ValueError:  # not the main thread (launched from a user's thread): Ray handles it
-        pass
+    # `ray job stop`, a preempted head node: Ray's fit() aborts in order on KeyboardInterrupt.
+    # The loop runs in Ray's worker threads, which never see the signal, so the run is marked
+    # here, first: Ray SIGKILLs the driver RAY_JOB_STOP_WAIT_TIME_S after the SIGTERM (3 s
+    # unless set), and the orderly abort can take longer than that on a busy machine.
+    raise_on_sigterm(KeyboardInterrupt, first=lambda: mark_job_run(spec.tracking.experiment, spec.name, "KILLED"))
     try:
         result = trainer.fit()
     except KeyboardInterrupt:

@@ -439,10 +439,15 @@ class Terminated(BaseException):
     """SIGTERM arrived (a cancelled job, a preempted node): stop and mark the run KILLED."""
 
 
-def raise_on_sigterm(error: type[BaseException] = Terminated) -> None:
-    """Turn SIGTERM into `error`, raised in the main thread, so `finally`/`except` run."""
+def raise_on_sigterm(
+    error: type[BaseException] = Terminated, first: Callable[[], object] | None = None
+) -> None:
+    """Turn SIGTERM into `error`, raised in the main thread, so `finally`/`except` run.
+    `first` runs before the raise: what must happen even if the unwinding is cut short."""
 
     def handler(signum: int, frame: Any) -> None:
+        if first is not None:
+            first()
         raise error(f"signal {signum}")
 
     try:
