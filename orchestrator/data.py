@@ -72,9 +72,10 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -120,6 +121,10 @@ class DataConfig:
     bad_check_after: int = 200  # samples seen before max_bad_fraction is enforced
     epoch_mode: Literal["exact", "resampled"] = "exact"
     samples_per_epoch: int = 0  # resampled mode: epoch length in samples (0 = split size)
+    # multiscale evaluation: decoded images a worker may hold back (MiB) to fill batches of one
+    # shape (`batches_by_shape`); at shorter side 640 a 4:3 image takes 1.6 MB, so the default
+    # holds a few batches of 64 at the paper's largest scale
+    eval_hold_mb: int = 512
     timeout_s: float = 300.0  # longest wait for one batch from a worker, then an error
     io_retry_s: float = 120.0  # how long a broken stream keeps being reopened
     # gpu: workers only check JPEG headers and ship the bytes; the training device decodes them
@@ -158,6 +163,8 @@ class DataConfig:
             raise ValueError(f"data.scale_range {self.scale_range}: low > high")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction}: expected 0..1")
+        if self.eval_hold_mb < 1:
+            raise ValueError(f"data.eval_hold_mb={self.eval_hold_mb}: expected >= 1 (MiB)")
         if self.num_workers < 0 or self.shuffle_buffer < 0 or self.image_size < 1:
             raise ValueError("data.num_workers, shuffle_buffer and image_size must be >= 0 / >= 1")
 
@@ -1123,6 +1130,43 @@ class SplitBalancer:
         self._batches, self._wait, self._t0 = 0, 0.0, time.perf_counter()
 
 
+_Shaped = TypeVar("_Shaped")
+
+
+def batches_by_shape(
+    items: Iterable[_Shaped],
+    shape: Callable[[_Shaped], Hashable],
+    batch_size: int,
+    max_held: float,
+    weight: Callable[[_Shaped], float] = lambda item: 1,
+) -> Iterator[list[_Shaped]]:
+    """Group `items` into batches of one shape each, at most `batch_size` long, holding back
+    items of total `weight` at most `max_held`: when more wait, the bucket that grew least
+    recently goes out as it is (rare shapes; the common ones keep filling). Each item comes
+    out exactly once.
+
+    Why: the multiscale protocol feeds whole images, whose shapes follow their aspect ratios;
+    batching only consecutive same-shape images gives batches of one or two on shuffled
+    ImageNet, where a few shapes (500x375, 375x500, 500x333 ...) cover most images."""
+    buckets: OrderedDict[Hashable, list[_Shaped]] = OrderedDict()
+    held = 0
+    for item in items:
+        key = shape(item)
+        bucket = buckets.setdefault(key, [])
+        buckets.move_to_end(key)
+        bucket.append(item)
+        held += weight(item)
+        if len(bucket) >= batch_size:
+            held -= sum(map(weight, bucket))
+            yield buckets.pop(key)
+        while held > max_held:
+            _, oldest = buckets.popitem(last=False)
+            held -= sum(map(weight, oldest))
+            yield oldest
+    while buckets:
+        yield buckets.popitem(last=False)[1]
+
+
 class _EvalSplit(IterableDataset):
     def __init__(
         self,
@@ -1151,43 +1195,50 @@ class _EvalSplit(IterableDataset):
         )
         transform = eval_transform(self.cfg, self.views, self.scale)
         counter, sent_bytes, seen = [0], 0, 0
-        arrays: list[np.ndarray] = []
-        labels: list[int] = []
-        where: list[int] = []
         bad: list[RawSample] = []
 
-        def flush() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        def good() -> Iterator[tuple[np.ndarray, int, int]]:
+            """(pixels, label, position in the split) of each decodable sample; counts all."""
+            nonlocal seen
+            stream = _positions(plan, self.shards, counter, self.cfg.io_retry_s)
+            for pos, sample in enumerate(stream):
+                assert sample is not None
+                seen += 1
+                pixels = _decode_or_error(lambda s=sample: transform(s.image), sample)
+                if pixels is None:
+                    bad.append(sample)
+                else:
+                    yield pixels, sample.label, wlo + pos
+
+        def flush(
+            batch: list[tuple[np.ndarray, int, int]],
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
             nonlocal sent_bytes, seen
             images = torch.empty(0, dtype=torch.uint8)  # a batch of only bad samples
-            if arrays:
-                images = _batch_tensor((len(arrays), *arrays[0].shape), torch.uint8)
-                np.stack(arrays, out=images.numpy())
-            targets = _batch_tensor((len(labels),), torch.int64)
-            targets.numpy()[:] = labels
-            positions = _batch_tensor((len(where),), torch.int64)
-            positions.numpy()[:] = where
+            if batch:
+                images = _batch_tensor((len(batch), *batch[0][0].shape), torch.uint8)
+                np.stack([pixels for pixels, _, _ in batch], out=images.numpy())
+            targets = _batch_tensor((len(batch),), torch.int64)
+            targets.numpy()[:] = [label for _, label, _ in batch]
+            positions = _batch_tensor((len(batch),), torch.int64)
+            positions.numpy()[:] = [where for _, _, where in batch]
             out = (images, targets, positions, _info(seen, bad, counter[0] - sent_bytes))
             sent_bytes, seen = counter[0], 0
-            for buffer in (arrays, labels, where, bad):
-                buffer.clear()
+            bad.clear()
             return out
 
-        for pos, sample in enumerate(_positions(plan, self.shards, counter, self.cfg.io_retry_s)):
-            assert sample is not None
-            seen += 1
-            pixels = _decode_or_error(lambda s=sample: transform(s.image), sample)
-            if pixels is None:
-                bad.append(sample)
-                continue
-            if arrays and pixels.shape != arrays[0].shape:  # `full` views: one size per batch
-                yield flush()
-            arrays.append(pixels)
-            labels.append(sample.label)
-            where.append(wlo + pos)
-            if len(arrays) == self.batch_size:
-                yield flush()
-        if arrays or bad:  # an empty batch still reports a bad tail
-            yield flush()
+        # center/ten_crop views all have one shape: these are plain consecutive batches
+        batches = batches_by_shape(
+            good(),
+            shape=lambda item: item[0].shape,
+            batch_size=self.batch_size,
+            max_held=self.cfg.eval_hold_mb * 2**20,
+            weight=lambda item: item[0].nbytes,
+        )
+        for batch in batches:
+            yield flush(batch)
+        if seen or bad:  # a bad tail still reports
+            yield flush([])
 
 
 def eval_samples(
@@ -1214,8 +1265,8 @@ def eval_loader(
     """The validation split, each sample exactly once across ranks: rank r gets the contiguous
     slice [N*r//W, N*(r+1)//W) in manifest order (no padding, no duplicates; counts differ by
     at most one), split among its workers. Images: uint8 [B,3,S,S] (`center`), [B,10,3,S,S]
-    (`ten_crop`) or [B,3,H,W] (`full`, shorter side `scale`; consecutive same-size images
-    share a batch, so batches may be smaller than batch_size). Bad samples are skipped, counted
+    (`ten_crop`) or [B,3,H,W] (`full`, shorter side `scale`: images are grouped by shape, see
+    `batches_by_shape`, so batches may be smaller than batch_size and come out of order). Bad samples are skipped, counted
     and logged, within max_bad_fraction. `with_index`: a third tensor, int64 [B], holds each
     sample's position in the split (manifest order), whatever order the workers deliver in."""
     eval_transform(cfg, views, scale)  # reject a bad `views` here, not in a worker

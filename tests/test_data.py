@@ -14,7 +14,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,13 +47,14 @@ def write_dataset(
     corrupt: Sequence[int] = (),
     truncate: dict[tuple[str, int], float] | None = None,
     pad_bytes: int = 0,
-    size: tuple[int, int] = (48, 40),
+    size: tuple[int, int] | Callable[[int], tuple[int, int]] = (48, 40),
 ) -> Path:
     """Shards `{split}-NNNNNN.tar` with the given sample counts and a manifest.
 
     Class = global sample id within the split. `corrupt`: global ids whose JPEG is garbage.
     `truncate`: {(split, shard): fraction of bytes kept}. `pad_bytes`: an extra random member
-    per sample (makes shards big without making decoding slow).
+    per sample (makes shards big without making decoding slow). `size`: (w, h), or a function
+    of the global id giving each image its own.
     """
     import webdataset as wds
 
@@ -73,7 +74,7 @@ def write_dataset(
             with wds.TarWriter(str(root / name), encoder=False) as tw:
                 for _ in range(n):
                     sample = {"__key__": f"{split}_{gid:05d}", "cls": str(gid).encode()}
-                    sample["jpg"] = b"this is not a jpeg" if gid in corrupt else jpeg(gid, size)
+                    sample["jpg"] = b"this is not a jpeg" if gid in corrupt else jpeg(gid, size(gid) if callable(size) else size)
                     if pad_bytes:
                         sample["pad"] = np.random.default_rng(gid).bytes(pad_bytes)
                     tw.write(sample)
@@ -322,6 +323,62 @@ def test_eval_views_ten_crop_and_full(ds):
     full = list(eval_loader(cfg, rank=0, world_size=1, batch_size=4, views="full", scale=40))
     assert sum(len(y) for _, y in full) == 23
     assert all(x.shape[2:] == (40, 48) for x, _ in full)  # 48x40 images, shorter side 40
+
+
+def test_batches_by_shape_groups_and_bounds_what_it_holds():
+    # three common shapes interleaved, and a rare one every fourth item
+    shapes = ["a", "b", "c"] * 10
+    for i in range(0, 30, 4):
+        shapes.insert(i, f"rare{i}")
+    items = list(enumerate(shapes))
+
+    def run(max_held: float, weight=lambda item: 1) -> list[list]:
+        consumed, emitted, out = 0, 0, []
+
+        def feed():
+            nonlocal consumed
+            for item in items:
+                consumed += 1
+                yield item
+
+        for batch in D.batches_by_shape(feed(), lambda it: it[1], 4, max_held, weight):
+            emitted += len(batch)
+            held = consumed - emitted
+            assert held * weight(batch[0]) <= max_held  # never more waiting than allowed
+            assert 1 <= len(batch) <= 4 and len({shape for _, shape in batch}) == 1
+            out.append(batch)
+        assert sorted(i for batch in out for i, _ in batch) == list(range(len(items)))
+        return out
+
+    # room for three part-filled common buckets: they fill whole batches (10 each: 4, 4, 2),
+    # the rare shapes are the ones pushed out early, alone
+    roomy = run(max_held=12)
+    assert sum(len(b) == 4 for b in roomy) == 6
+    assert all(b[0][1].startswith("rare") for b in roomy if len(b) == 1)
+    # tight: still every item once and the bound kept, in smaller batches; weights count
+    assert sum(len(b) == 4 for b in run(max_held=4)) < 6
+    assert len(run(max_held=20, weight=lambda item: 5)) == len(run(max_held=4))
+    # unbounded: exactly one batch per shape and batch_size
+    assert len(run(max_held=len(items))) == 3 * 3 + 8  # 4+4+2 per common shape; 8 rare ones
+
+
+def test_full_views_batch_same_shaped_images_that_are_not_adjacent(tmp_path):
+    """Multiscale evaluation: images of a few shapes, interleaved in the shards (as in shuffled
+    ImageNet), still fill whole batches; every sample comes out once, at its position."""
+    shapes = [(48, 40), (40, 48), (56, 40)]
+    root = write_dataset(tmp_path / "mixed", {"val": [14, 13]}, size=lambda g: shapes[g % 3])
+    cfg = small_cfg(root, num_workers=0)
+    batches = list(
+        eval_loader(cfg, rank=0, world_size=1, batch_size=4, views="full", scale=40, with_index=True)
+    )
+    got = sorted(int(i) for _, _, where in batches for i in where)
+    assert got == list(range(27))
+    for x, y, where in batches:
+        assert torch.equal(y, where)  # labels travel with their samples
+        w, h = shapes[int(y[0]) % 3]
+        assert x.shape[2:] == ((40, 40 * w // h) if w >= h else (40 * h // w, 40))
+        assert all(shapes[int(label) % 3] == (w, h) for label in y)
+    assert len(batches) == 3 * 3  # 9 of each shape: 4 + 4 + 1; adjacent-only batching: 27
 
 
 # ---------------------------------------------------------------------------- transforms
