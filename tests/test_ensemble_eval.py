@@ -390,6 +390,26 @@ def test_bad_input_is_a_clear_error_and_logs_nothing(
     assert f"(run {five}): 5" in err and f"(run {good}): 4" in err
 
 
+def test_a_checkpoint_missing_on_local_disk_names_the_machine_and_the_fix(
+    tmp_path: Path, s3_prefix: str
+) -> None:
+    """A Ray task on another node than the one that wrote a local-disk checkpoint finds
+    nothing there: the error says where it looked and what to do (S3 errors need no hint)."""
+    import socket
+
+    from orchestrator.ensemble_eval import EnsembleError, _read_trainer_state
+
+    url = f"{tmp_path}/job/checkpoints/step-00000003"
+    with pytest.raises(EnsembleError) as err:
+        _read_trainer_state(url, "member a")
+    text = str(err.value)
+    assert text.startswith(f"member a: cannot read {url}/trainer.pt: FileNotFoundError")
+    assert socket.gethostname() in text and "every node mounts" in text and "--local" in text
+    with pytest.raises(EnsembleError) as err:
+        _read_trainer_state(f"{s3_prefix}/nothing/checkpoints/step-00000003", "member b")
+    assert "every node mounts" not in str(err.value)
+
+
 def test_failure_midway_marks_the_parent_failed(
     trained: dict[str, Any], s3_prefix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
