@@ -97,7 +97,9 @@ class StackConfig:
         whichever of the two starts second fails."""
         low, high = self.ray_min_worker_port, self.ray_max_worker_port
         if not 0 < low <= high:
-            raise StackError(f"ray_min_worker_port {low} > ray_max_worker_port {high}")
+            raise StackError(
+                f"ray_min_worker_port {low}, ray_max_worker_port {high}: expected 0 < min <= max"
+            )
         for service in SERVICES:
             for port, label in self.ports(service).items():
                 if low <= port <= high:

@@ -143,7 +143,7 @@ def test_ports_in_rays_worker_range_are_refused(tmp_path: Path) -> None:
         StackConfig.load(state_dir=tmp_path, weed_filer_port=5500)
     with pytest.raises(StackError, match="port 12000 for MLflow server"):
         StackConfig.load(state_dir=tmp_path, mlflow_port=12000)
-    with pytest.raises(StackError, match="ray_min_worker_port 9000 > ray_max_worker_port 8000"):
+    with pytest.raises(StackError, match="ray_min_worker_port 9000, ray_max_worker_port 8000: expected 0 < min <= max"):
         StackConfig.load(state_dir=tmp_path, ray_min_worker_port=9000, ray_max_worker_port=8000)
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     clashes = StackConfig.load(state_dir=tmp_path, ray_agent_port=low + 5).ephemeral_clashes()
