@@ -36,29 +36,31 @@ TEST_PORTS = {
 WEED_PORT_NAMES = ("s3_port", "weed_master_port", "weed_volume_port", "weed_filer_port", "weed_admin_port")
 
 
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:`port` right now."""
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def free_weed_ports(low: int = 20000, high: int = 22760) -> dict[str, int]:
     """Five consecutive SeaweedFS ports in [low, high) that are free now, gRPC ports included,
     for a test's own store; none is a test stack port, none falls in the ephemeral range."""
     import random
-    import socket
 
     ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     assert high + 10000 <= ephemeral_low, f"ports up to {high + 10000} reach the ephemeral range ({ephemeral_low}+)"
     taken = set(TEST_PORTS.values())
-
-    def free(port: int) -> bool:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-                return True
-            except OSError:
-                return False
-
     bases = list(range(low, high - len(WEED_PORT_NAMES), 10))
     random.shuffle(bases)  # two tests asking at once rarely pick the same block
     for base in bases:
         ports = [base + i for i in range(len(WEED_PORT_NAMES))]
-        if taken.isdisjoint(ports) and all(free(p) and free(p + 10000) for p in ports):
+        if taken.isdisjoint(ports) and all(port_is_free(p) and port_is_free(p + 10000) for p in ports):
             return dict(zip(WEED_PORT_NAMES, ports, strict=True))
     raise RuntimeError(f"no five free consecutive ports (and their gRPC ports) in [{low}, {high})")
 

@@ -19,7 +19,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from orchestrator.stack import Stack, StackError
-from tests.conftest import ROOT, free_weed_ports, test_stack_config
+from tests.conftest import ROOT, free_weed_ports, port_is_free, test_stack_config
 
 
 def _status(url: str, headers: dict[str, str] | None = None) -> int:
@@ -160,7 +160,7 @@ def test_default_ray_listens_on_loopback_only_and_runs_jobs() -> None:
 
     from orchestrator.stack import StackConfig
 
-    ports = iter(p for p in range(23400, 24900, 7) if _free(p))
+    ports = iter(p for p in range(23400, 24900, 7) if port_is_free(p))
     names = ("ray_port", "ray_dashboard_port", "ray_client_port", "ray_agent_port")
     state = Path(tempfile.mkdtemp(prefix="rl-"))  # short: Ray's socket paths must fit 107 bytes
     cfg = StackConfig.load(state_dir=state, **{name: next(ports) for name in names})
@@ -196,11 +196,3 @@ def test_default_ray_listens_on_loopback_only_and_runs_jobs() -> None:
         st.down()
         shutil.rmtree(state, ignore_errors=True)
 
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
