@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import secrets
@@ -24,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import urllib.error
@@ -35,6 +37,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS_FILE = REPO_ROOT / "cluster" / "local.toml"
 SERVICES = ("s3", "mlflow", "ray")
+
+
+# Ray's unix sockets live in {temp dir}/session_<date>_<time>_<pid>/sockets/plasma_store: 62
+# bytes after the temp dir, and an AF_UNIX path holds at most 107
+_RAY_DIR_MAX = 107 - 62
 
 
 class StackError(RuntimeError):
@@ -206,6 +213,30 @@ class Stack:
             return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         return {}
 
+    @property
+    def ray_dir(self) -> Path:
+        """Ray's temp dir (sessions, sockets, logs): {state_dir}/ray, or, where that path is too
+        long for Ray's sockets, a short one in the system temp dir named after the state dir,
+        which {state_dir}/ray then links to."""
+        here = self.dir / "ray"
+        if len(str(here)) <= _RAY_DIR_MAX:
+            return here
+        digest = hashlib.sha256(str(self.dir).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"resnet-stack-ray-{digest}"
+
+    def _make_ray_dir(self) -> Path:
+        path = self.ray_dir
+        if path == self.dir / "ray":
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+        path.mkdir(mode=0o700, exist_ok=True)
+        if path.stat().st_uid != os.getuid():  # a shared temp dir: never use someone else's
+            raise StackError(f"{path} belongs to another user: remove it, or set a shorter state_dir")
+        link = self.dir / "ray"
+        if not link.exists() and not link.is_symlink():  # a folder there is left as it is
+            link.symlink_to(path)
+        return path
+
     def _pidfile(self, service: str) -> Path:
         return self.dir / "pids" / f"{service}.json"
 
@@ -290,7 +321,7 @@ class Stack:
             f"--min-worker-port={c.ray_min_worker_port}",
             f"--max-worker-port={c.ray_max_worker_port}",
             f"--num-cpus={cpus}", "--disable-usage-stats",
-            f"--temp-dir={self.dir / 'ray'}",
+            f"--temp-dir={self._make_ray_dir()}",
         ], env  # fmt: skip
 
     def _healthy(self, service: str) -> bool:
@@ -391,6 +422,8 @@ class Stack:
             self._pidfile(service).unlink(missing_ok=True)
             print(f"{service}: stopped")
         if purge and self.dir.exists():
+            if self.ray_dir != self.dir / "ray":
+                shutil.rmtree(self.ray_dir, ignore_errors=True)
             shutil.rmtree(self.dir)
             print(f"purged {self.dir}")
 

@@ -150,24 +150,25 @@ def test_ports_in_rays_worker_range_are_refused(tmp_path: Path) -> None:
     assert clashes == [f"{low + 5} (Ray dashboard agent (setting ray_agent_port))"]
 
 
-def test_default_ray_listens_on_loopback_only_and_runs_jobs() -> None:
+def test_default_ray_listens_on_loopback_only_and_runs_jobs(tmp_path: Path) -> None:
     """The default stack's Ray (ray_loopback_only) listens on 127.0.0.1 only, every process
-    of it, workers included, and still runs a submitted job and a client joining by address."""
-    import shutil
-    import tempfile
-
+    of it, workers included, and still runs a submitted job and a client joining by address.
+    Its state folder's path is too long for Ray's unix sockets: Ray runs in a short folder that
+    state/ray links to, and `down --purge` removes both."""
     import psutil
 
     from orchestrator.stack import StackConfig
 
     ports = iter(p for p in range(23400, 24900, 7) if port_is_free(p))
     names = ("ray_port", "ray_dashboard_port", "ray_client_port", "ray_agent_port")
-    state = Path(tempfile.mkdtemp(prefix="rl-"))  # short: Ray's socket paths must fit 107 bytes
+    state = tmp_path / ("a-state-folder-with-a-long-name-" * 2)
     cfg = StackConfig.load(state_dir=state, **{name: next(ports) for name in names})
     assert cfg.ray_loopback_only
     st = Stack(cfg)
+    assert len(str(state / "ray")) > 45 and len(str(st.ray_dir)) <= 45
     try:
         st.up(("ray",))
+        assert (state / "ray").resolve() == st.ray_dir and any(st.ray_dir.glob("session_*"))
         env = {**os.environ, **st.env()}
         job = subprocess.run(
             [str(Path(sys.executable).parent / "ray"), "job", "submit", "--", sys.executable, "-c",
@@ -193,6 +194,6 @@ def test_default_ray_listens_on_loopback_only_and_runs_jobs() -> None:
         outside = {item for item in listening if item[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")}
         assert not outside, f"Ray listens beyond loopback: {sorted(outside)}"
     finally:
-        st.down()
-        shutil.rmtree(state, ignore_errors=True)
+        st.down(purge=True)
+    assert not state.exists() and not st.ray_dir.exists()
 
