@@ -1266,8 +1266,8 @@ def eval_loader(
     slice [N*r//W, N*(r+1)//W) in manifest order (no padding, no duplicates; counts differ by
     at most one), split among its workers. Images: uint8 [B,3,S,S] (`center`), [B,10,3,S,S]
     (`ten_crop`) or [B,3,H,W] (`full`, shorter side `scale`: images are grouped by shape, see
-    `batches_by_shape`, so batches may be smaller than batch_size and come out of order). Bad samples are skipped, counted
-    and logged, within max_bad_fraction. `with_index`: a third tensor, int64 [B], holds each
+    `batches_by_shape`, so batches may be smaller than batch_size and come out of order). Bad
+    samples are skipped, counted and logged, within max_bad_fraction. `with_index`: a third tensor, int64 [B], holds each
     sample's position in the split (manifest order), whatever order the workers deliver in."""
     eval_transform(cfg, views, scale)  # reject a bad `views` here, not in a worker
     manifest = load_manifest(cfg.url)

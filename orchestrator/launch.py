@@ -180,11 +180,18 @@ def run_ray(spec: JobSpec) -> Any:
     # The loop runs in Ray's worker threads, which never see the signal, so the run is marked
     # here, first: Ray SIGKILLs the driver RAY_JOB_STOP_WAIT_TIME_S after the SIGTERM (3 s
     # unless set), and the orderly abort can take longer than that on a busy machine.
-    raise_on_sigterm(KeyboardInterrupt, first=lambda: mark_job_run(spec.tracking.experiment, spec.name, "KILLED"))
+    marked: list[bool] = []
+
+    def mark_killed() -> None:
+        if not marked:
+            marked.append(True)
+            mark_job_run(spec.tracking.experiment, spec.name, "KILLED")
+
+    raise_on_sigterm(KeyboardInterrupt, first=mark_killed)
     try:
         result = trainer.fit()
     except KeyboardInterrupt:
-        mark_job_run(spec.tracking.experiment, spec.name, "KILLED")  # Ctrl-C: not marked yet
+        mark_killed()  # Ctrl-C; after SIGTERM the handler has marked it already
         print(f"job {spec.name} stopped; resubmit the same name to resume", file=sys.stderr)
         raise SystemExit(143) from None
     except Exception as err:  # noqa: BLE001 - any failure: report it, then re-raise

@@ -107,14 +107,13 @@ class StackConfig:
             raise StackError(
                 f"ray_min_worker_port {low}, ray_max_worker_port {high}: expected 0 < min <= max"
             )
-        for service in SERVICES:
-            for port, label in self.ports(service).items():
-                if low <= port <= high:
-                    raise StackError(
-                        f"port {port} for {label} lies in Ray's worker-port range {low}-{high} "
-                        "(settings ray_min_worker_port, ray_max_worker_port): choose a port "
-                        f"outside it, or narrow the range, in {DEFAULTS_FILE} or STACK_*"
-                    )
+        for port, label in self.all_ports():
+            if low <= port <= high:
+                raise StackError(
+                    f"port {port} for {label} lies in Ray's worker-port range {low}-{high} "
+                    "(settings ray_min_worker_port, ray_max_worker_port): choose a port "
+                    f"outside it, or narrow the range, in {DEFAULTS_FILE} or STACK_*"
+                )
 
     def ephemeral_clashes(self) -> list[str]:
         """The ports inside the kernel's ephemeral range, where any outgoing connection may hold
@@ -124,12 +123,11 @@ class StackConfig:
             low, high = (int(v) for v in text.split())
         except (OSError, ValueError):
             return []
-        return [
-            f"{port} ({label})"
-            for service in SERVICES
-            for port, label in self.ports(service).items()
-            if low <= port <= high
-        ]
+        return [f"{port} ({label})" for port, label in self.all_ports() if low <= port <= high]
+
+    def all_ports(self) -> list[tuple[int, str]]:
+        """(port, label) of every service's ports, gRPC twins included."""
+        return [item for service in SERVICES for item in self.ports(service).items()]
 
     def ports(self, service: str) -> dict[int, str]:
         """Every port a service listens on, with a label naming its setting."""
