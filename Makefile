@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 
 .PHONY: venv install demo test up down status lint clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py orchestrator/_jpeg_region.c
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	# CPU machines: the CPU build of torch first (a local file here); a GPU machine already
@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	# DeepSpeed ships an sdist whose build imports torch: build it against the torch above.
 	$(PIP) install -q --no-build-isolation "deepspeed>=0.16"
 	$(PIP) install -q -e ".[dev]"
+	@$(PY) -c "import orchestrator._jpeg_region" 2>/dev/null || echo "NOTE: the partial JPEG \
+	decoder (orchestrator/_jpeg_region.c) was not built: CPU decoding works but costs ~1.3x. \
+	Install libjpeg's headers (apt install libjpeg-dev) and run make install again."
 	touch $@
 
 venv install: $(VENV)/.installed

@@ -167,9 +167,12 @@ def stage_costs(files: list[bytes], n: int = 300) -> dict[str, float]:
             fn(files[i % len(files)], i)
         return (time.process_time() - c0) / n * 1e3
 
+    sizes = [T.image_size(d) for d in files]
+    plans = [T.plan_paper(*sizes[i % len(files)], np.random.default_rng(i)) for i in range(n)]
     costs = {
         "pillow_decode": per_image(lambda d, i: pillow_decode(d)),
         "our_decode": per_image(lambda d, i: T.decode(d)),
+        "our_box_decode": per_image(lambda d, i: T.decode_box(d, plans[i], *sizes[i % len(files)])),
         "pillow_resample": per_image(lambda d, i: pil.resize((224, 224), Image.BILINEAR, box=box)),
         "our_resample": per_image(lambda d, i: T.resample(arr[10:310, 10:310], (224, 224))),
         "our_transform": per_image(lambda d, i: T.paper_train(d, np.random.default_rng(i))),
@@ -224,6 +227,8 @@ def main() -> None:
           f"{a.workers} workers, batch {a.batch}; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores", flush=True)  # fmt: skip
 
+    region = "built" if T._jpeg_region is not None else "NOT built: whole-image decodes"
+    print(f"partial JPEG decoder (orchestrator._jpeg_region): {region}")
     costs = stage_costs(jpegs)
     print("one core, CPU-ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))
     ours, base, decode, ours_cpu, base_cpu = [], [], [], [], []

@@ -431,14 +431,97 @@ def wave_jpeg(w: int, h: int, period: float = 200) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(params=["simplejpeg", "pillow"])
+REGION_MISSING = (
+    "orchestrator._jpeg_region is not built: install libjpeg's headers (apt install libjpeg-dev)"
+    " and reinstall (make install, or pip install -e .)"
+)
+
+
+@pytest.fixture(params=["region", "simplejpeg", "pillow"])
 def decoder(request, monkeypatch) -> str:
-    """Run a test with each JPEG decoder: simplejpeg (the default) and Pillow (the fallback)."""
+    """Run a test with each JPEG decoder: our partial decoder (the default where it is built),
+    simplejpeg's whole-image decode, and Pillow (the last fallback)."""
+    if request.param == "region":
+        assert T._jpeg_region is not None, REGION_MISSING
+    else:
+        monkeypatch.setattr(T, "_jpeg_region", None)
     if request.param == "pillow":
         monkeypatch.setattr(T, "simplejpeg", None)
     else:
         assert T.simplejpeg is not None, "simplejpeg is a core dependency: pip install -e ."
     return request.param
+
+
+def encoded(arr: np.ndarray, **save: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "kind,save",
+    [
+        ("4:2:0", {"quality": 90, "subsampling": 2}),
+        ("4:2:2", {"quality": 90, "subsampling": 1}),
+        ("4:4:4", {"quality": 95, "subsampling": 0}),
+        ("progressive", {"quality": 90, "progressive": True}),
+        ("grey", {"quality": 90}),
+    ],
+)
+def test_region_decode_gives_the_full_decodes_pixels(monkeypatch, kind: str, save: dict):
+    """The partial decoder is only an accelerator: for every kind of JPEG and every plan
+    (paper, RandomResizedCrop, small outputs that allow a 1/2-1/8 DCT decode, the whole image)
+    its box is pixel-identical to cutting the box out of simplejpeg's whole-image decode."""
+    assert T._jpeg_region is not None, REGION_MISSING
+    rng = np.random.default_rng(7)
+    x, y = np.meshgrid(np.arange(517), np.arange(389))  # odd sizes: partial blocks at the edges
+    arr = (127 + 120 * np.sin(np.stack([x / 9.0, y / 7.0, (x + y) / 13.0], -1))).astype(np.uint8)
+    arr = arr[:, :, 0] if kind == "grey" else arr
+    data = encoded(arr, **save)
+    w, h = T.image_size(data)
+    plans = [T.Plan((0.0, 0.0, float(w), float(h)), T.resized_shape(w, h, 256))]
+    for _ in range(12):
+        plans += [T.plan_paper(w, h, rng), T.plan_rrc(w, h, rng), T.plan_rrc(w, h, rng, size=40)]
+        plans.append(T.plan_paper(w, h, rng, size=56, scale_range=(64, 96)))
+    reductions = set()
+    for plan in plans:
+        region = T.decode_box(data, plan, w, h)
+        reductions.add(T._dct_reduction(w, h, T._min_full_size(w, h, plan)))
+        with monkeypatch.context() as m:
+            m.setattr(T, "_jpeg_region", None)
+            whole = T.decode_box(data, plan, w, h)
+        assert region.shape == whole.shape and region.dtype == np.uint8, (kind, plan)
+        assert np.array_equal(region, whole), (kind, plan, np.abs(region - whole.astype(int)).max())
+    assert reductions >= {1, 2, 4}, reductions  # the DCT-scaled region decodes were exercised
+
+
+def test_region_decoder_refuses_damage_and_bad_boxes():
+    """A truncated or corrupt JPEG is a ValueError (never half-grey pixels), CMYK is left to
+    the fallback, and a box outside the image is refused, not read out of bounds."""
+    assert T._jpeg_region is not None, REGION_MISSING
+    decode_region = T._jpeg_region.decode_region
+    good = jpeg(3, size=(160, 120))
+    buf, x0, width = decode_region(good, 1, 40, 30, 120, 90)
+    assert x0 <= 40 and x0 + width >= 120 and len(buf) == 60 * width * 3
+    with pytest.raises(ValueError, match="decode_region"):
+        decode_region(good[: len(good) // 2], 1, 0, 0, 160, 120)  # truncated
+    corrupt = bytearray(good)
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 64] = b"\xff\xd9" * 32  # EOI markers inside
+    with pytest.raises(ValueError, match="decode_region"):
+        decode_region(bytes(corrupt), 1, 0, 0, 160, 120)
+    with pytest.raises(ValueError, match="decode_region"):
+        decode_region(b"not a jpeg at all", 1, 0, 0, 10, 10)
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (64, 48), (10, 20, 30, 40)).save(cmyk, "JPEG")
+    with pytest.raises(ValueError, match="CMYK"):
+        decode_region(cmyk.getvalue(), 1, 0, 0, 64, 48)
+    for box in [(0, 0, 161, 120), (0, 0, 160, 121), (10, 10, 10, 20), (-1, 0, 5, 5)]:
+        with pytest.raises(ValueError, match="decode_region"):
+            decode_region(good, 1, *box)
+    with pytest.raises(ValueError, match="decode_region"):
+        decode_region(good, 3, 0, 0, 10, 10)  # only 1/1, 1/2, 1/4, 1/8
+    with pytest.raises(ValueError, match="decode_region"):
+        decode_region(good, 2, 0, 0, 81, 60)  # beyond the 80x60 image at 1/2
 
 
 def test_paper_transform_output_and_draft_decode(decoder):
