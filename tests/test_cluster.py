@@ -450,6 +450,22 @@ def test_dockerfile_copies_files_that_exist() -> None:
                 assert (ROOT / source).exists(), f"cluster/Dockerfile copies {source}, which does not exist"
 
 
+def test_every_install_can_build_the_partial_jpeg_decoder() -> None:
+    """The image and the launcher's nodes get what setup.py needs for orchestrator/_jpeg_region.c
+    (the compiler and libjpeg's headers), and the image has setup.py and the C source in place
+    before it runs `pip install -e .`: without them the build skips the module silently."""
+    lines = DOCKERFILE.read_text().splitlines()
+    install = next(i for i, line in enumerate(lines) if "pip install --no-cache-dir -e ." in line)
+    copied = " ".join(line for line in lines[:install] if line.startswith("COPY"))
+    assert "setup.py" in copied and "orchestrator/" in copied
+    apt = " ".join(line for line in lines[:install] if "apt-get install" in line)
+    assert "gcc" in apt and "libjpeg-dev" in apt
+    setup = "\n".join(load(LAUNCHER)["setup_commands"])
+    apt_line = next(line for line in setup.splitlines() if "apt-get" in line and "install" in line)
+    assert all(pkg in apt_line for pkg in ("gcc", "libjpeg-dev", "python3-dev"))
+    assert "orchestrator/_jpeg_region.c" in (ROOT / "setup.py").read_text()
+
+
 # ============================================================ paths, modules, commands, flags
 
 REPO_PATH = re.compile(r"(?<![\w/.:~$-])((?:jobs|datasets|cluster|docs|orchestrator|tests|bench)/[\w.*/-]*[\w*])")
