@@ -303,7 +303,9 @@ class Stack:
                 "--backend-store-uri", f"sqlite:///{self.dir / 'mlflow.db'}",
                 "--artifacts-destination", f"s3://{c.buckets[-1]}/artifacts",
             ], env  # fmt: skip
-        # the head gets the client environment, so `ray job submit` entrypoints inherit it
+        # the head gets the client environment, so `ray job submit` entrypoints inherit it;
+        # minus a loopback switch inherited from another stack's `env` when this one is not
+        env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
         env.update(self.env())
         env.pop("RAY_ADDRESS")  # the head itself must not try to join a cluster
         # `ray job stop` SIGKILLs a driver this long after its SIGTERM (Ray's default: 3 s):

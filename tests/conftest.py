@@ -66,13 +66,9 @@ def free_weed_ports(low: int = 20000, high: int = 22760) -> dict[str, int]:
 
 
 def test_stack_config(state_dir: Path | None = None, **settings: object) -> StackConfig:
-    """A StackConfig for tests: the test ports unless given, and a state folder. Its Ray may
-    listen beyond loopback (ray_loopback_only=False): the multi-node test joins a second node
-    to it; test_stack.py checks the default, loopback-only Ray, on a head of its own."""
-    return StackConfig.load(
-        state_dir=state_dir or ROOT / ".stack-test",
-        **{**TEST_PORTS, "ray_loopback_only": False, **settings},
-    )
+    """A StackConfig for tests: the test ports unless given, and a state folder. Ray listens on
+    loopback only, the default; the multi-node test starts a joinable head of its own."""
+    return StackConfig.load(state_dir=state_dir or ROOT / ".stack-test", **{**TEST_PORTS, **settings})
 
 
 test_stack_config.__test__ = False  # a helper, not a test

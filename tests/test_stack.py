@@ -150,6 +150,17 @@ def test_ports_in_rays_worker_range_are_refused(tmp_path: Path) -> None:
     assert clashes == [f"{low + 5} (Ray dashboard agent (setting ray_agent_port))"]
 
 
+def test_loopback_switch_follows_the_config_not_the_shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shell that ran `eval "$(stack env)"` for a loopback-only stack holds Ray's loopback
+    switch; a joinable (ray_loopback_only=false) head started from it must not inherit it, or
+    it would quietly be loopback-only and no node could join."""
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    _, cluster_env = Stack(test_stack_config(tmp_path / "a", ray_loopback_only=False))._command("ray")
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in cluster_env
+    _, loopback_env = Stack(test_stack_config(tmp_path / "b"))._command("ray")
+    assert loopback_env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+
+
 def test_default_ray_listens_on_loopback_only_and_runs_jobs(tmp_path: Path) -> None:
     """The default stack's Ray (ray_loopback_only) listens on 127.0.0.1 only, every process
     of it, workers included, and still runs a submitted job and a client joining by address.
