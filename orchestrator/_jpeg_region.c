@@ -14,6 +14,9 @@
    as packed RGB, columns [x0, x0 + width), a span that covers [left, right) (libjpeg widens it
    to a whole block on the left). Any libjpeg warning (corrupt or truncated data) is an error:
    ValueError, like simplejpeg's strict mode, so a damaged sample never comes back half grey.
+   Rows below the box are never read, so damage there goes unnoticed: the pixels returned are
+   intact, and the ImageNet converter decodes every JPEG to its last row (at 1/8 scale) when
+   it writes a shard.
 
    Built at install time where libjpeg's headers are present (setup.py marks it optional). */
 
@@ -129,6 +132,7 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpeg_region", NULL, -1, methods};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_jpeg_region", .m_size = -1, .m_methods = methods};
 
 PyMODINIT_FUNC PyInit__jpeg_region(void) { return PyModule_Create(&module); }

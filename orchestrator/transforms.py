@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - a core dependency, missing only on bar
 
 try:  # built at install where libjpeg's headers exist (setup.py); optional, like simplejpeg
     from orchestrator import _jpeg_region  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - exercised by test_transforms' forced fallback
+except ImportError:  # pragma: no cover - tests force the fallback (test_data's `decoder`)
     _jpeg_region = None
 
 # Columns and rows decoded beyond the box on each side: libjpeg's chroma upsampling reads one

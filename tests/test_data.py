@@ -505,6 +505,9 @@ def test_region_decoder_refuses_damage_and_bad_boxes():
     assert x0 <= 40 and x0 + width >= 120 and len(buf) == 60 * width * 3
     with pytest.raises(ValueError, match="decode_region"):
         decode_region(good[: len(good) // 2], 1, 0, 0, 160, 120)  # truncated
+    # rows below the box are never read: damage there is not seen, and the box is intact
+    top_rows, _, full_width = decode_region(good[: len(good) // 2], 1, 0, 0, 160, 16)
+    assert top_rows == decode_region(good, 1, 0, 0, 160, 16)[0] and full_width == 160
     corrupt = bytearray(good)
     corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 64] = b"\xff\xd9" * 32  # EOI markers inside
     with pytest.raises(ValueError, match="decode_region"):
