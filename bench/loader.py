@@ -239,8 +239,7 @@ def main() -> None:
           f"{a.workers} workers, batch {a.batch}; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores", flush=True)  # fmt: skip
 
-    region = "built" if T._jpeg_region is not None else "NOT built: whole-image decodes"
-    print(f"partial JPEG decoder (orchestrator._jpeg_region): {region}")
+    print(f"CPU JPEG decoder: {T.cpu_decoder()}")
     costs = stage_costs(jpegs)
     print("one core, CPU-ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))
     ours, base, decode, ours_cpu, base_cpu = [], [], [], [], []

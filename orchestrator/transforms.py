@@ -83,6 +83,13 @@ def _min_full_size(w: int, h: int, plan: Plan) -> tuple[int, int]:
     return max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))
 
 
+def cpu_decoder() -> str:
+    """Which decoder this machine's CPU JPEG decodes use (benchmarks print it)."""
+    if _jpeg_region is not None:
+        return "partial (orchestrator._jpeg_region, libjpeg-turbo)"
+    return "whole images (simplejpeg)" if simplejpeg is not None else "whole images (Pillow)"
+
+
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the header alone; no pixel is decoded."""
     if simplejpeg is not None and data[:2] == _JPEG_MAGIC:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tests.conftest import ROOT, run_script
@@ -19,3 +20,5 @@ def test_gpu_check_dry_run_prints_the_table(tmp_path: Path) -> None:
         assert row[3] != "FAILED" and float(row[3]) > 0, row
     assert rows[3][7] != "-"  # the split row reports the share the loop settled on
     assert (tmp_path / "shards" / "manifest.json").exists()
+    decoder = re.search(r"CPU JPEG decoder \(the cpu rows\): (.+)", out)
+    assert decoder and decoder.group(1).startswith(("partial", "whole images")), out[-2000:]
