@@ -54,7 +54,7 @@ _REGION_MARGIN = 2
 
 # Pillow would otherwise refuse ~90-megapixel images as "decompression bombs"; ImageNet's
 # largest are far below that, but a hostile shard should fail as a bad sample, not hang a
-# worker on a 1-gigapixel decode.
+# worker on a 1-gigapixel decode. libjpeg-turbo's paths check the same limit (`_not_a_bomb`).
 Image.MAX_IMAGE_PIXELS = 200_000_000
 
 _JPEG_MAGIC = b"\xff\xd8"
@@ -102,6 +102,12 @@ def image_size(data: bytes) -> tuple[int, int]:
         return im.size
 
 
+def _not_a_bomb(w: int, h: int) -> None:
+    """Refuse a header that claims more pixels than Pillow's limit, before any decode."""
+    if w * h > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(f"{w}x{h} image: over {Image.MAX_IMAGE_PIXELS} pixels (decompression bomb?)")
+
+
 def _dct_reduction(w: int, h: int, need: tuple[int, int] | None) -> int:
     """The largest k in (8, 4, 2, 1) whose 1/k decode keeps both sides >= need. Only powers
     of two: libjpeg-turbo's other factors (7/8, 3/4 ...) decode slower than full size."""
@@ -118,6 +124,7 @@ def decode(data: bytes, need: tuple[int, int] | None = None) -> tuple[np.ndarray
     Returns (array, factor): factor = decoded width / original width (1, 1/2, 1/4 or 1/8),
     to map original-pixel coordinates onto the decoded array.
     """
+    _not_a_bomb(*image_size(data))
     if simplejpeg is not None and data[:2] == _JPEG_MAGIC:
         try:
             h, w, _, _ = simplejpeg.decode_jpeg_header(data)
@@ -183,6 +190,7 @@ def decode_box(data: bytes, plan: Plan, w: int, h: int) -> np.ndarray:
     """The pixels of `plan.box` (snapped to whole decoded pixels), decoded just large enough
     for `plan.size`: [H, W, 3] uint8. `w`, `h`: the original image's size (from its header)."""
     need = _min_full_size(w, h, plan)
+    _not_a_bomb(w, h)
     if _jpeg_region is not None and data[:2] == _JPEG_MAGIC:
         k = _dct_reduction(w, h, need)
         cols, rows = -(-w // k), -(-h // k)  # libjpeg's size at 1/k, as simplejpeg's below

@@ -495,6 +495,20 @@ def test_region_decode_gives_the_full_decodes_pixels(monkeypatch, kind: str, sav
     assert reductions >= {1, 2, 4}, reductions  # the DCT-scaled region decodes were exercised
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's header read
+def test_decompression_bombs_are_refused_before_decoding(decoder, monkeypatch):
+    """A header claiming more pixels than the limit is a bad sample (ValueError) on every
+    path, before a byte of pixels is allocated."""
+    data = jpeg(4, size=(48, 40))
+    monkeypatch.setattr(T.Image, "MAX_IMAGE_PIXELS", 48 * 40 - 1)
+    with pytest.raises(ValueError, match="48x40 image: over 1919 pixels"):
+        T.paper_train(data, np.random.default_rng(0), size=16, scale_range=(20, 24))
+    with pytest.raises(ValueError, match="48x40 image: over 1919 pixels"):
+        T.decode(data)
+    monkeypatch.setattr(T.Image, "MAX_IMAGE_PIXELS", 48 * 40)
+    assert T.paper_train(data, np.random.default_rng(0), size=16, scale_range=(20, 24)).shape == (3, 16, 16)
+
+
 def test_region_decoder_refuses_damage_and_bad_boxes():
     """A truncated or corrupt JPEG is a ValueError (never half-grey pixels), CMYK is left to
     the fallback, and a box outside the image is refused, not read out of bounds."""
