@@ -19,7 +19,7 @@ from orchestrator.stack import Stack, StackConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 # Every port, and SeaweedFS's gRPC port (its port + 10000), lies below the kernel's ephemeral
-# range (32768+ here) and above Ray's worker ports (10002-19999): an outgoing connection or a
+# range (32768+ here) and above Ray's worker ports (10002-17999): an outgoing connection or a
 # Ray worker can take a port in those ranges at any moment, and SeaweedFS then refuses to start.
 TEST_PORTS = {
     "s3_port": 20333,
