@@ -47,4 +47,14 @@ def _hide_other_packages() -> None:
                         and "__editable__" not in getattr(type(f), "__module__", "")]  # fmt: skip
 
 
+class _NoBuildOutputs:
+    """Nor are this checkout's build outputs there (git-ignored, so not carried; and built for
+    this Python, not the box's): the compiled JPEG decoder does not import."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "orchestrator._jpeg_region":
+            raise ImportError(f"{name} is not built on the GPU machine")
+
+
 _hide_other_packages()
+sys.meta_path.insert(0, _NoBuildOutputs())
