@@ -157,13 +157,22 @@ def decode_rate(files: list[bytes], decode: Any = pillow_decode, seconds: float 
 
 def stage_costs(files: list[bytes], n: int = 300) -> dict[str, float]:
     """CPU-ms per image of each stage of our transform on one core, beside Pillow's: where the
-    time goes (docs/benchmarks.md quotes this line). shared_batch: a worker's cost of handing
+    time goes (docs/benchmarks.md quotes this line). our_transform_whole: the transform with
+    whole-image decodes (no partial decoder). shared_batch: a worker's cost of handing
     images over in a fresh shared-memory batch tensor (as torch's default collate does too)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     pil = Image.open(io.BytesIO(files[0])).convert("RGB")
     box = (10.0, 10.0, 310.0, 310.0)  # a ~300 px crop box, to 224: the paper's typical case
     arr = np.asarray(pil).copy()
+
+    def whole_image_transform(d: bytes, i: int) -> None:
+        """The same transform where the partial decoder is not built: whole-image decodes."""
+        region, T._jpeg_region = T._jpeg_region, None
+        try:
+            T.paper_train(d, np.random.default_rng(i))
+        finally:
+            T._jpeg_region = region
 
     def shared_batch(d: bytes, i: int) -> None:
         if i % 64 == 0:  # one fresh shared-memory 64-image batch, as a worker sends each batch
@@ -185,6 +194,7 @@ def stage_costs(files: list[bytes], n: int = 300) -> dict[str, float]:
         "pillow_resample": per_image(lambda d, i: pil.resize((224, 224), Image.BILINEAR, box=box)),
         "our_resample": per_image(lambda d, i: T.resample(arr[10:310, 10:310], (224, 224))),
         "our_transform": per_image(lambda d, i: T.paper_train(d, np.random.default_rng(i))),
+        "our_transform_whole": per_image(whole_image_transform),
         "shared_batch": per_image(shared_batch),
     }
     torch.set_num_threads(threads)

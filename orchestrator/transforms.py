@@ -124,10 +124,10 @@ def decode(data: bytes, need: tuple[int, int] | None = None) -> tuple[np.ndarray
     Returns (array, factor): factor = decoded width / original width (1, 1/2, 1/4 or 1/8),
     to map original-pixel coordinates onto the decoded array.
     """
-    _not_a_bomb(*image_size(data))
     if simplejpeg is not None and data[:2] == _JPEG_MAGIC:
         try:
             h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+            _not_a_bomb(w, h)  # a ValueError: Pillow's header read below refuses it again
             k = _dct_reduction(w, h, need)
             arr = simplejpeg.decode_jpeg(
                 data, colorspace="RGB", min_width=-(-w // k), min_height=-(-h // k)
@@ -136,6 +136,7 @@ def decode(data: bytes, need: tuple[int, int] | None = None) -> tuple[np.ndarray
         except ValueError:
             pass  # CMYK, progressive oddities, corrupt data: Pillow decides below
     im = Image.open(io.BytesIO(data))
+    _not_a_bomb(*im.size)  # Pillow itself only warns below twice its limit
     w = im.size[0]
     factor = 1.0
     if need is not None and im.format == "JPEG":

@@ -418,6 +418,13 @@ def test_paper_plan_scale_and_crop_maths():
         assert -1e-6 <= left and right <= w + 1e-6 and -1e-6 <= top and bottom <= h + 1e-6
 
 
+def encoded(arr: np.ndarray, **save: object) -> bytes:
+    """`arr` (HxWx3 or HxW uint8) as JPEG bytes, saved by Pillow with `save` options."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
 def wave_jpeg(w: int, h: int, period: float = 200) -> bytes:
     """A JPEG of slow waves (red along columns, green along rows, blue diagonal): smooth
     enough that half a pixel moves a value by at most ~2 levels, steep enough that a whole
@@ -425,10 +432,7 @@ def wave_jpeg(w: int, h: int, period: float = 200) -> bytes:
     x, y = np.meshgrid(np.arange(w), np.arange(h))
     wave = [np.sin(2 * np.pi * x / period), np.sin(2 * np.pi * y / period)]
     wave.append(np.sin(2 * np.pi * (x + y) / (1.5 * period)))
-    arr = (127 + 120 * np.stack(wave, axis=-1)).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", quality=95)
-    return buf.getvalue()
+    return encoded((127 + 120 * np.stack(wave, axis=-1)).astype(np.uint8), quality=95)
 
 
 REGION_MISSING = (
@@ -450,12 +454,6 @@ def decoder(request, monkeypatch) -> str:
     else:
         assert T.simplejpeg is not None, "simplejpeg is a core dependency: pip install -e ."
     return request.param
-
-
-def encoded(arr: np.ndarray, **save: object) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", **save)
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize(
