@@ -41,7 +41,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from orchestrator import data as D
 from orchestrator import s3
 from orchestrator import transforms as T
+from orchestrator.batch_ring import BatchRing
 from orchestrator.data import DataConfig, DataError, TrainLoader, load_manifest
 
 REPO = Path(__file__).resolve().parent.parent  # datasets/*.py run as scripts, never imported
@@ -158,8 +160,7 @@ def decode_rate(files: list[bytes], decode: Any = pillow_decode, seconds: float 
 def stage_costs(files: list[bytes], n: int = 300) -> dict[str, float]:
     """CPU-ms per image of each stage of our transform on one core, beside Pillow's: where the
     time goes (docs/benchmarks.md quotes this line). our_transform_whole: the transform with
-    whole-image decodes (no partial decoder). shared_batch: a worker's cost of handing
-    images over in a fresh shared-memory batch tensor (as torch's default collate does too)."""
+    whole-image decodes (no partial decoder)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     pil = Image.open(io.BytesIO(files[0])).convert("RGB")
@@ -173,11 +174,6 @@ def stage_costs(files: list[bytes], n: int = 300) -> dict[str, float]:
             T.paper_train(d, np.random.default_rng(i))
         finally:
             T._jpeg_region = region
-
-    def shared_batch(d: bytes, i: int) -> None:
-        if i % 64 == 0:  # one fresh shared-memory 64-image batch, as a worker sends each batch
-            batch = torch.empty((64, 3, 224, 224), dtype=torch.uint8).share_memory_().numpy()
-            batch[:] = 0
 
     def per_image(fn: Any) -> float:
         c0 = time.process_time()
@@ -195,10 +191,45 @@ def stage_costs(files: list[bytes], n: int = 300) -> dict[str, float]:
         "our_resample": per_image(lambda d, i: T.resample(arr[10:310, 10:310], (224, 224))),
         "our_transform": per_image(lambda d, i: T.paper_train(d, np.random.default_rng(i))),
         "our_transform_whole": per_image(whole_image_transform),
-        "shared_batch": per_image(shared_batch),
     }
     torch.set_num_threads(threads)
     return costs
+
+
+class _Finished(torch.utils.data.IterableDataset):
+    """Batches of already augmented 224 px images, made the way our workers make them."""
+
+    def __init__(self, ring: BatchRing | None, batches: int, batch: int):
+        self.ring, self.batches, self.batch = ring, batches, batch
+        self.cfg = DataConfig(url="unused", num_workers=1)
+
+    def __iter__(self) -> Iterator[Any]:
+        info = torch.utils.data.get_worker_info()
+        writer = self.ring.writer(info.id) if self.ring is not None else None
+        image = np.random.default_rng(0).integers(0, 256, (3, 224, 224), dtype=np.uint8)
+        for _ in range(self.batches):
+            yield D._batch([(image, 1, True)] * self.batch, self.cfg, writer), {}
+
+
+def handoff_costs(batches: int = 150, batch: int = 64, rounds: int = 3) -> dict[str, float]:
+    """CPU-ms per image (the worker and this process) of handing finished batches from one
+    DataLoader worker to this process: `fresh`, a new shared-memory segment per batch (what
+    torch's default collate does), vs `ring`, our reused buffers (orchestrator.batch_ring)."""
+    costs: dict[str, list[float]] = {"fresh": [], "ring": []}
+    for _ in range(rounds):
+        for kind, spent in costs.items():
+            ring = BatchRing(1, 4, (batch, 3, 224, 224)) if kind == "ring" else None
+            loader = torch.utils.data.DataLoader(
+                _Finished(ring, batches, batch), batch_size=None, num_workers=1
+            )
+            c0 = cpu_seconds()
+            for (images, _), _ in loader:
+                del images
+            gc.collect()  # joins the worker: its CPU time counts
+            spent.append((cpu_seconds() - c0) / (batches * batch) * 1e3)
+            if ring is not None:
+                ring.close()
+    return {f"handoff_{k}": statistics.median(v) for k, v in costs.items()}
 
 
 def worker_rss(stop: threading.Event, samples: dict[int, list[tuple[float, int]]]) -> None:
@@ -250,7 +281,7 @@ def main() -> None:
           f"on {os.cpu_count()} cores", flush=True)  # fmt: skip
 
     print(f"CPU JPEG decoder: {T.cpu_decoder()}")
-    costs = stage_costs(jpegs)
+    costs = {**stage_costs(jpegs), **handoff_costs()}
     print("one core, CPU-ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))
     ours, base, decode, ours_cpu, base_cpu = [], [], [], [], []
     for i in range(a.passes):  # alternate, so load from other processes hits both alike

@@ -83,6 +83,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from orchestrator import s3
 from orchestrator import transforms as T
+from orchestrator.batch_ring import BatchRing, RingWriter, SlotRef
 
 log = logging.getLogger(__name__)
 
@@ -786,6 +787,8 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 # one good sample of a batch: (uint8 pixels [3,S,S] or JPEG bytes [n], label, decoded here?)
 _Item = tuple[np.ndarray, int, bool]
+# (images, labels), or a ring slot that unpickles to them in the training process
+_Batch = tuple[torch.Tensor | MixedBatch, torch.Tensor] | SlotRef
 
 
 def _train_batches(
@@ -795,11 +798,13 @@ def _train_batches(
     seed: int,
     epoch: int,
     cpu_share: Callable[[], float] = lambda: 1.0,
-) -> Iterator[tuple[torch.Tensor | MixedBatch, torch.Tensor, dict[str, Any]]]:
+    ring: RingWriter | None = None,
+) -> Iterator[tuple[_Batch, dict[str, Any]]]:
     """Decode, augment and batch one worker's share of an epoch; bad samples replaced.
 
-    decode=cpu: every sample is decoded here. gpu/split: the first round(cpu_share() * size)
-    samples of each batch are (gpu: none), the rest only have their JPEG header checked."""
+    decode=cpu: every sample is decoded here, and batches go into `ring`'s slots when it has a
+    free one. gpu/split: the first round(cpu_share() * size) samples of each batch are (gpu:
+    none), the rest only have their JPEG header checked."""
     transform = train_transform(cfg)
     stream = _positions(plan, shards, counter := [0], cfg.io_retry_s)
     pending: dict[int, RawSample | None] = {}
@@ -840,17 +845,17 @@ def _train_batches(
                 )
             continue
         for h_bad, h_size, h_bytes in held:
-            yield (*_batch([good[0]] * h_size, cfg), _info(h_size, h_bad, h_bytes))
+            yield _batch([good[0]] * h_size, cfg, ring), _info(h_size, h_bad, h_bytes)
         held.clear()
         last_good = good[-1]
-        yield (*_batch(_fill(items), cfg), _info(bsize, bad, nbytes))
+        yield _batch(_fill(items), cfg, ring), _info(bsize, bad, nbytes)
     for h_bad, h_size, h_bytes in held:  # a bad tail: repeat the last good
         if last_good is None:
             raise DataError(
                 f"no decodable sample in this worker's share; "
                 f"e.g. {h_bad[0].key} in {h_bad[0].url}: {h_bad[0].error}"
             )
-        yield (*_batch([last_good] * h_size, cfg), _info(h_size, h_bad, h_bytes))
+        yield _batch([last_good] * h_size, cfg, ring), _info(h_size, h_bad, h_bytes)
 
 
 def _fill(items: list[_Item | None]) -> list[_Item]:
@@ -862,14 +867,22 @@ def _fill(items: list[_Item | None]) -> list[_Item]:
     return out
 
 
-def _batch(items: list[_Item], cfg: DataConfig) -> tuple[torch.Tensor | MixedBatch, torch.Tensor]:
-    """The batch tensors, in shared memory when made in a worker: decode=cpu gives uint8
-    [B,3,S,S]; gpu/split give a MixedBatch, with the labels reordered to match it."""
+def _batch(items: list[_Item], cfg: DataConfig, ring: RingWriter | None = None) -> _Batch:
+    """(images, labels), in shared memory when made in a worker (in a slot of `ring` when it
+    has a free one): decode=cpu gives uint8 [B,3,S,S]; gpu/split give a MixedBatch, with the
+    labels reordered to match it."""
     decoded = [item for item in items if item[2]]
     files = [item for item in items if not item[2]]
+    size = cfg.image_size
+    slot = ring.take((len(items), 3, size, size)) if ring and cfg.decode == "cpu" else None
+    if slot is not None:
+        arr, label_arr, ref = slot
+        label_arr[:] = [label for _, label, _ in decoded]
+        for i, (image, _, _) in enumerate(decoded):
+            arr[i] = image
+        return ref
     labels = _batch_tensor((len(items),), torch.int64)
     labels.numpy()[:] = [label for _, label, _ in decoded + files]
-    size = cfg.image_size
     pixels = _batch_tensor((len(decoded), 3, size, size), torch.uint8)
     arr = pixels.numpy()
     for slot, (image, _, _) in enumerate(decoded):
@@ -889,8 +902,11 @@ def _batch(items: list[_Item], cfg: DataConfig) -> tuple[torch.Tensor | MixedBat
 class _TrainEpoch(IterableDataset):
     """One epoch of one rank; each DataLoader worker plays its slot of the plan."""
 
-    def __init__(self, loader: TrainLoader, epoch: int, start_batch: int):
+    def __init__(
+        self, loader: TrainLoader, epoch: int, start_batch: int, ring: BatchRing | None = None
+    ):
         super().__init__()
+        self.ring = ring
         self.cfg, self.shards = loader.cfg, loader.shards
         self.seed, self.epoch, self.start_batch = loader.seed, epoch, start_batch
         self.rank, self.world_size, self.batch_size = (
@@ -900,7 +916,7 @@ class _TrainEpoch(IterableDataset):
         )
         self.cpu_share = loader._cpu_share  # shared memory: workers see the loop's changes
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    def __iter__(self) -> Iterator[tuple[_Batch, dict[str, Any]]]:
         info = get_worker_info()
         plan = plan_train_worker(
             [s.samples for s in self.shards],
@@ -917,8 +933,9 @@ class _TrainEpoch(IterableDataset):
             samples_per_epoch=self.cfg.samples_per_epoch,
         )
         share = self.cpu_share
+        ring = self.ring.writer(info.id) if self.ring is not None and info is not None else None
         return _train_batches(
-            plan, self.shards, self.cfg, self.seed, self.epoch, lambda: share.value
+            plan, self.shards, self.cfg, self.seed, self.epoch, lambda: share.value, ring
         )
 
 
@@ -1070,17 +1087,27 @@ class TrainLoader:
                 yield next(batches)
         else:
             what = f"{self.cfg.url} split {self.cfg.train_split!r} (rank {self.rank})"
-            batches = iter(_dataloader(_TrainEpoch(self, epoch, start), self.cfg))
-            while True:
-                t0 = time.perf_counter()  # time the wait for a batch, not the loop's own work
-                try:
-                    images, labels, info = next(batches)
-                except StopIteration:
-                    break
-                finally:
-                    self._totals.seconds += time.perf_counter() - t0
-                _account(self._totals, self.cfg, info, len(labels), what)
-                yield images, labels
+            ring = None
+            if self.cfg.num_workers and self.cfg.decode == "cpu":
+                # a worker's batches in flight (prefetch_factor), the loop's, the pinning's
+                shape = (self.batch_size, 3, self.cfg.image_size, self.cfg.image_size)
+                ring = BatchRing(self.cfg.num_workers, self.cfg.prefetch_factor + 2, shape)
+            batches = iter(_dataloader(_TrainEpoch(self, epoch, start, ring), self.cfg))
+            try:
+                while True:
+                    t0 = time.perf_counter()  # time the wait for a batch, not the loop's work
+                    try:
+                        (images, labels), info = next(batches)
+                    except StopIteration:
+                        break
+                    finally:
+                        self._totals.seconds += time.perf_counter() - t0
+                    _account(self._totals, self.cfg, info, len(labels), what)
+                    yield images, labels
+            finally:
+                del batches  # joins the workers (and the pinning thread) before the ring closes
+                if ring is not None:
+                    ring.close()
         self._epoch, self._start = epoch + 1, 0
 
     def stats(self) -> dict[str, float]:

@@ -219,6 +219,66 @@ def test_determinism_and_new_order_each_epoch(ds):
     assert sorted(order_a) == sorted(order_c) and order_a != order_c
 
 
+def test_kept_batches_keep_their_pixels_while_workers_reuse_buffers(ds, monkeypatch):
+    """Workers write batches into a ring of reused shared buffers (orchestrator.batch_ring):
+    batches the loop drops come back to be reused; one it keeps, whole or as a view, is never
+    written over (once every slot is held, the rest travel in fresh shared memory)."""
+    cfg = small_cfg(ds, num_workers=2, prefetch_factor=1)  # rings of 3 slots, 18 batches
+    with monkeypatch.context() as m:
+        m.setattr(D, "BatchRing", lambda *args: None)  # torch's way: a fresh segment per batch
+        reference = epoch_batches(cfg, world=1, batch=2)[0]
+    loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=2, seed=0)
+    dropped = []
+    for x, y in loader:
+        dropped.append((x.clone(), y.clone(), x.is_shared()))  # is_shared: a fresh segment
+    assert not any(fresh for _, _, fresh in dropped)  # every batch came through a ring slot
+    for epoch_pass in ("whole", "view"):
+        loader.set_epoch(0)
+        kept = [(x, y) if epoch_pass == "whole" else (x[1:], y[1:]) for x, y in loader]
+        assert len(kept) == len(reference) == 18
+        for (x, y), (x_ref, y_ref) in zip(kept, reference, strict=True):
+            sl = slice(None) if epoch_pass == "whole" else slice(1, None)
+            assert torch.equal(x, x_ref[sl]) and torch.equal(y, y_ref[sl])
+    for (x, y, _), (x_ref, y_ref) in zip(dropped, reference, strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+def test_a_ring_slot_frees_only_when_every_view_of_it_is_gone():
+    from orchestrator.batch_ring import BatchRing
+
+    shape = (4, 3, 8, 8)
+    ring = BatchRing(workers=1, slots=2, pixels_shape=shape)
+    try:
+        writer = ring.writer(0, wait_s=0.3)
+        taken = [writer.take(shape) for _ in range(2)]
+        assert [ref.slot for _, _, ref in taken] == [0, 1]
+        assert taken[0][2].ring is not None and taken[1][2].ring is None  # the ring goes once
+        pixels, labels, ref = taken[0]
+        pixels[:] = 7
+        labels[:] = [3, 1, 4, 1]
+        images, targets = ring._view(ref, ref.ring)  # as the training process unpickles it
+        assert images.shape == shape and int(images.sum()) == 7 * images.numel()
+        assert targets.tolist() == [3, 1, 4, 1]
+        ring._view(taken[1][2], None)  # slot 1 is sent and dropped at once: free again
+        t0 = time.monotonic()
+        assert writer.take(shape)[2].slot == 1
+        assert writer.take(shape) is None  # both held: waited wait_s, then "send it fresh"
+        assert time.monotonic() - t0 >= 0.3
+        t0 = time.monotonic()
+        assert writer.take(shape) is None  # still held: no second wait
+        assert time.monotonic() - t0 < 0.25
+        corner = images[0, 0]
+        del images, targets
+        assert writer.take(shape) is None  # a view still holds slot 0
+        assert int(corner.sum()) == 7 * corner.numel()
+        del corner
+        assert writer.take(shape)[2].slot == 0
+        with pytest.raises(ValueError, match="larger than the ring"):
+            writer.take((5, 3, 8, 8))
+    finally:
+        ring.close()
+
+
 def test_next_pass_moves_to_next_epoch(ds):
     loader = TrainLoader(small_cfg(ds, num_workers=0), rank=0, world_size=1, batch_size=8, seed=0)
     first = [int(v) for _, y in loader for v in y]
