@@ -733,6 +733,43 @@ class FlakyBody:
         pass
 
 
+@pytest.mark.parametrize("fmt", ["USTAR", "GNU", "PAX"])
+def test_tar_reader_reads_what_tarfile_reads(fmt):
+    """The loader's own tar reader against tarfile's, over each format: long names (GNU
+    headers, pax records, the ustar prefix), non-ASCII names, empty files, and members that
+    are not files (skipped); damage is an error, never a wrong sample."""
+    import tarfile
+
+    buf = io.BytesIO()
+    members = [
+        ("a/0001.jpg", b"x" * 1000), ("a/0001.cls", b"7"), ("a/empty.txt", b""),
+        ("d" * 60 + "/" + "n" * 80 + ".jpg", b"long" * 300), ("caf\u00e9/01.jpg", b"accent"),
+    ]  # fmt: skip
+    with tarfile.open(fileobj=buf, mode="w", format=getattr(tarfile, f"{fmt}_FORMAT")) as tar:
+        folder = tarfile.TarInfo("a")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, data in members:
+            if fmt == "USTAR" and len(name) > 100 and "/" not in name[-100:]:
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("a/link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "0001.jpg"
+        tar.addfile(link)
+    raw = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r|") as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    assert list(D._tar_files(io.BytesIO(raw))) == expected and len(expected) == len(members)
+    damaged = bytearray(raw)
+    damaged[600] ^= 0xFF  # inside the first file's header (after the folder's)
+    with pytest.raises(tarfile.ReadError, match="checksum"):
+        list(D._tar_files(io.BytesIO(bytes(damaged))))
+    with pytest.raises(EOFError):
+        list(D._tar_files(io.BytesIO(raw[:1500])))  # cut inside the first file
+
+
 def test_reopening_stream_resumes_from_the_byte_reached():
     payload = np.random.default_rng(0).bytes(100_000)
     offsets = []
