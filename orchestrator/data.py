@@ -55,7 +55,13 @@ stream; a connection that breaks mid-shard is reopened with a Range request from
 reached, with backoff, for up to `io_retry_s` seconds, so an object store restarting mid-epoch
 costs a pause, not the epoch. The same handler is registered with WebDataset's `gopen` for
 s3:// URLs, so `webdataset.WebDataset("s3://...")` works too. http(s) URLs get the same
-treatment through urllib; anything else is a local path.
+treatment through urllib; anything else is a local path. Shards are read by a forward-only
+tar reader of our own (`_tar_files`).
+
+Hand-off: each worker writes its decode=cpu batches into a ring of `prefetch_factor + 2`
+shared-memory buffers that the training process views in place (orchestrator.batch_ring), not
+into a fresh segment per batch as torch's collate does. A buffer is written again only once
+every tensor viewing it is gone, so a loop may keep batches: they then travel the usual way.
 """
 
 from __future__ import annotations
