@@ -1140,8 +1140,9 @@ class TrainLoader:
                 # a worker's batches in flight (prefetch_factor), the loop's, the pinning's
                 shape = (self.batch_size, 3, self.cfg.image_size, self.cfg.image_size)
                 ring = BatchRing(self.cfg.num_workers, self.cfg.prefetch_factor + 2, shape)
-            batches = iter(_dataloader(_TrainEpoch(self, epoch, start, ring), self.cfg))
+            batches = None
             try:
+                batches = iter(_dataloader(_TrainEpoch(self, epoch, start, ring), self.cfg))
                 while True:
                     t0 = time.perf_counter()  # time the wait for a batch, not the loop's work
                     try:
@@ -1153,7 +1154,7 @@ class TrainLoader:
                     _account(self._totals, self.cfg, info, len(labels), what)
                     yield images, labels
             finally:
-                del batches  # joins the workers (and the pinning thread) before the ring closes
+                batches = None  # joins the workers (and the pinning thread) before the ring closes
                 if ring is not None:
                     ring.close()
         self._epoch, self._start = epoch + 1, 0
