@@ -922,12 +922,12 @@ def _batch(items: list[_Item], cfg: DataConfig, ring: RingWriter | None = None) 
     decoded = [item for item in items if item[2]]
     files = [item for item in items if not item[2]]
     size = cfg.image_size
-    slot = ring.take((len(items), 3, size, size)) if ring and cfg.decode == "cpu" else None
-    if slot is not None:
-        arr, label_arr, ref = slot
-        label_arr[:] = [label for _, label, _ in decoded]
+    taken = ring.take((len(items), 3, size, size)) if ring and cfg.decode == "cpu" else None
+    if taken is not None:
+        slot_pixels, slot_labels, ref = taken
+        slot_labels[:] = [label for _, label, _ in decoded]
         for i, (image, _, _) in enumerate(decoded):
-            arr[i] = image
+            slot_pixels[i] = image
         return ref
     labels = _batch_tensor((len(items),), torch.int64)
     labels.numpy()[:] = [label for _, label, _ in decoded + files]
