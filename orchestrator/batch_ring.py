@@ -4,9 +4,9 @@ torch hands each batch a worker makes to the training process in a new shared-me
 the kernel maps and zeroes every page of it in the worker (0.15 CPU-ms per 224 px image, about
 a tenth of a worker's time with the partial JPEG decoder), a file descriptor travels through a
 socket per tensor, and the training process maps the segment again. Here each worker writes its
-batches into a ring of `slots` buffers made once per epoch; a batch travels as a `SlotRef` (a
-few numbers; the ring itself goes with the first one) and unpickles, in the training process,
-to tensors that view the slot in place.
+batches into a ring of at most `slots` buffers, each made the first time it is needed; a batch
+travels as a `SlotRef` (a few numbers; a buffer goes along only with its first batch) and
+unpickles, in the training process, to tensors that view the buffer in place.
 
 A slot is written again only after every tensor viewing it has been freed: the training process
 counts each slot's releases in a small shared table (a finalizer on the slot's array, which the
@@ -41,31 +41,32 @@ class BatchRing:
         self.token = uuid.uuid4().hex
         self.slots, self.pixels_shape = slots, tuple(pixels_shape)  # the largest batch, [B,3,S,S]
         self.released = torch.zeros((max(workers, 1), slots), dtype=torch.int64).share_memory_()
-        self.slot_bytes = _aligned(int(np.prod(pixels_shape))) + _aligned(8 * pixels_shape[0])
-        self._rings: dict[int, np.ndarray] = {}  # worker -> its ring, [slots, slot_bytes]
+        self.labels_at = _aligned(int(np.prod(pixels_shape)))  # a slot: pixels, then labels
+        self.slot_bytes = self.labels_at + _aligned(8 * pixels_shape[0])
+        self._buffers: dict[tuple[int, int], np.ndarray] = {}  # (worker, slot) -> its bytes
         _open[self.token] = self
 
     def close(self) -> None:
         """Stop accepting slots; tensors still viewing one keep its memory alive."""
         _open.pop(self.token, None)
-        self._rings.clear()
+        self._buffers.clear()
 
     def writer(self, worker: int, wait_s: float = 0.01) -> RingWriter:
         """The ring of worker `worker` (call in that worker)."""
         return RingWriter(self, worker, wait_s)
 
-    def _view(self, ref: SlotRef, ring: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if ring is not None:
-            self._rings[ref.worker] = ring.numpy().reshape(self.slots, self.slot_bytes)
-        # a fresh ndarray object per batch: the tensors below keep it alive, and its finalizer
-        # runs once they are all gone, whatever views of them the loop made
-        piece = self._rings[ref.worker][ref.slot]
-        weakref.finalize(piece, _release, self.released.numpy(), ref.worker, ref.slot)
+    def _view(self, ref: SlotRef) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (ref.worker, ref.slot)
+        if ref.buffer is not None:
+            self._buffers[key] = ref.buffer.numpy()
+        # a fresh ndarray object per batch, held by the one tensor made from it below (numpy
+        # views of it would hold the buffer instead): its finalizer runs once that tensor and
+        # every view of it, the two returned included, are gone
+        piece = self._buffers[key][:]
+        weakref.finalize(piece, _release, self.released.numpy(), *key)
         flat = torch.from_numpy(piece)
-        pixels = int(np.prod(ref.shape))
-        images = flat[:pixels].view(ref.shape)
-        start = _aligned(int(np.prod(self.pixels_shape)))
-        labels = flat[start : start + 8 * ref.shape[0]].view(torch.int64)
+        images = flat[: int(np.prod(ref.shape))].view(ref.shape)
+        labels = flat[self.labels_at : self.labels_at + 8 * ref.shape[0]].view(torch.int64)
         return images, labels
 
 
@@ -81,20 +82,20 @@ class SlotRef:
     worker: int
     slot: int
     shape: tuple[int, ...]
-    ring: torch.Tensor | None = None  # the worker's whole ring, sent with its first batch
+    buffer: torch.Tensor | None = None  # the slot's shared memory, sent with its first batch
 
     def __reduce__(self) -> tuple:
-        return _unpickle, (self.token, self.worker, self.slot, self.shape, self.ring)
+        return _unpickle, (self.token, self.worker, self.slot, self.shape, self.buffer)
 
 
 def _unpickle(
-    token: str, worker: int, slot: int, shape: tuple[int, ...], ring: torch.Tensor | None
+    token: str, worker: int, slot: int, shape: tuple[int, ...], buffer: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     owner = _open.get(token)
     if owner is None:  # the epoch's iteration ended; a DataLoader shutting down may still
         # unpickle what its workers had queued (its pinning thread does), and nothing reads it
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
-    return owner._view(SlotRef(token, worker, slot, shape), ring)
+    return owner._view(SlotRef(token, worker, slot, shape, buffer))
 
 
 class RingWriter:
@@ -104,13 +105,11 @@ class RingWriter:
         self.owner, self.worker, self.wait_s = owner, worker, wait_s
         self.released = owner.released[worker].numpy()  # written by the training process
         self.sent = np.zeros(owner.slots, dtype=np.int64)
-        self.ring = torch.empty(owner.slots * owner.slot_bytes, dtype=torch.uint8).share_memory_()
-        self.rows = self.ring.numpy().reshape(owner.slots, owner.slot_bytes)
-        self.ring_sent = False
+        self.buffers: list[torch.Tensor | None] = [None] * owner.slots  # made on first use
         self.held = False  # the last take found every slot in use
 
     def _free_slot(self) -> int | None:
-        free = np.flatnonzero(self.released == self.sent)
+        free = np.flatnonzero(self.released == self.sent)  # the lowest first: few get made
         return int(free[0]) if len(free) else None
 
     def take(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, SlotRef] | None:
@@ -126,11 +125,13 @@ class RingWriter:
         if slot is None:
             return None
         self.sent[slot] += 1
-        row = self.rows[slot]
-        pixels = row[: int(np.prod(shape))].reshape(shape)
-        start = _aligned(int(np.prod(self.owner.pixels_shape)))
-        labels = row[start : start + 8 * shape[0]].view(np.int64)
         ref = SlotRef(self.owner.token, self.worker, slot, tuple(shape))
-        if not self.ring_sent:
-            ref.ring, self.ring_sent = self.ring, True
+        buffer = self.buffers[slot]
+        if buffer is None:
+            buffer = self.buffers[slot] = ref.buffer = torch.empty(
+                self.owner.slot_bytes, dtype=torch.uint8
+            ).share_memory_()
+        flat = buffer.numpy()
+        pixels = flat[: int(np.prod(shape))].reshape(shape)
+        labels = flat[self.owner.labels_at : self.owner.labels_at + 8 * shape[0]].view(np.int64)
         return pixels, labels, ref
