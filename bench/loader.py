@@ -10,9 +10,11 @@ s3://resnet/datasets/bench-loader.
 
 Measured in one run, alternating, same worker count, same batch size, the paper's training
 transform at 224 (shorter side ~U[256,480], random crop, flip):
-  ours      TrainLoader(url=s3://...): streamed tar shards, simplejpeg decode (DCT-domain
-            downscale where allowed), one torch resample of the crop box only, batches built
-            in the workers.
+  ours      TrainLoader(url=s3://...): streamed tar shards (the loader's own tar reader),
+            only the crop box's rows and columns decoded (orchestrator/_jpeg_region.c; else
+            simplejpeg; DCT-domain downscale where allowed), one torch resample of the box,
+            batches built in the workers and handed over in reused shared buffers
+            (orchestrator/batch_ring.py).
   baseline  a map-style Dataset over the JPEG files: Image.open().convert("RGB") (full decode,
             no draft), resize the whole image to the drawn shorter side, crop, flip (the
             torchvision recipe), default collate, torch DataLoader.
