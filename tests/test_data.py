@@ -243,9 +243,12 @@ def test_kept_batches_keep_their_pixels_while_workers_reuse_buffers(ds, monkeypa
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
 
 
-def test_a_ring_slot_frees_only_when_every_view_of_it_is_gone():
+def test_a_ring_slot_frees_only_when_every_view_of_it_is_gone(monkeypatch):
+    from orchestrator import batch_ring
     from orchestrator.batch_ring import BatchRing
 
+    naps, sleep = [], time.sleep  # the writer's waits, counted (they still sleep)
+    monkeypatch.setattr(batch_ring.time, "sleep", lambda s: naps.append(s) or sleep(s))
     shape = (4, 3, 8, 8)
     ring = BatchRing(workers=1, slots=2, pixels_shape=shape)
     try:
@@ -264,10 +267,9 @@ def test_a_ring_slot_frees_only_when_every_view_of_it_is_gone():
         again = writer.take(shape)[2]
         assert again.slot == 1 and again.buffer is None
         assert writer.take(shape) is None  # both held: waited wait_s, then "send it fresh"
-        assert time.monotonic() - t0 >= 0.3
-        t0 = time.monotonic()
-        assert writer.take(shape) is None  # still held: no second wait
-        assert time.monotonic() - t0 < 0.25
+        assert time.monotonic() - t0 >= 0.3 and naps
+        naps.clear()
+        assert writer.take(shape) is None and not naps  # still held: no second wait
         corner = images[0, 0]
         del images, targets
         assert writer.take(shape) is None  # a view still holds slot 0
