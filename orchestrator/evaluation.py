@@ -66,6 +66,7 @@ from orchestrator.data import (
     rank_slice,
     split_shards,
 )
+from orchestrator.runtime import all_reduce, distributed, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +121,14 @@ class EvalResult:
             return np.where(self.class_total > 0, self.class_correct / self.class_total, np.nan)
 
     def metrics(self, prefix: str = "val") -> dict[str, float]:
-        """The keys the training loop logs: val/loss, val_top1_err, val_top5_err, val/samples
+        """The keys the training loop logs: val/loss, val/top1_err, val/top5_err, val/samples
         (empty when no sample was evaluated)."""
         if not self.samples:
             return {}
         return {
             f"{prefix}/loss": self.loss,
-            f"{prefix}_top1_err": self.top1_err,
-            f"{prefix}_top5_err": self.top5_err,
+            f"{prefix}/top1_err": self.top1_err,
+            f"{prefix}/top5_err": self.top5_err,
             f"{prefix}/samples": float(self.samples),
         }
 
@@ -158,28 +159,6 @@ def combine_probs(
     for p, wi in zip(members, w / w.sum()):
         out += wi * p
     return out.astype(np.float32)
-
-
-# ============================================================================================
-# distributed helpers
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if _dist_on():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is None or world_size is None:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-    return rank, world_size
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -244,7 +223,7 @@ def evaluate(
     scales = check_scales(scales) if protocol == "multiscale" else ()
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected >= 1")
-    rank, world_size = _rank_world(rank, world_size)
+    rank, world_size = rank_and_world(rank, world_size)
     net = unwrap(model)
     if device is None:
         device = next(net.parameters()).device
@@ -335,7 +314,7 @@ def evaluate(
     sums[3] = len(y)
     sums[4 : 4 + classes] = torch.bincount(y, minlength=classes)[:classes].double()
     sums[4 + classes :] = torch.bincount(y[hit1], minlength=classes)[:classes].double()
-    sums = _all_reduce_sum(sums).cpu()
+    sums = all_reduce(sums).cpu()
     n = int(sums[3].item())
     result = EvalResult(
         protocol=protocol,
@@ -350,7 +329,7 @@ def evaluate(
     if return_probs:
         index_local = (torch.nonzero(seen).squeeze(1) + lo).cpu().numpy()
         parts = [(index_local, y.cpu().numpy(), probs_local.float().cpu().numpy())]
-        if _dist_on():
+        if distributed():
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, parts[0])
             parts = gathered
@@ -432,12 +411,11 @@ def recalibrate_bn(
         net.train(was_training)
     if used < num_batches:
         log.warning("BN recalibration: only %d of %d batches available", used, num_batches)
-    if _dist_on():
+    if distributed():
         world = dist.get_world_size()
         for m in bns:
             for buf in (m.running_mean, m.running_var):
-                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-                buf.div_(world)
+                all_reduce(buf).div_(world)
     return used
 
 
@@ -456,7 +434,7 @@ def recalibrate_bn_on_data(
     augmentation, decoded on the CPU, no PCA lighting), each rank its own part of the epoch."""
     from orchestrator.data import TrainLoader
 
-    rank, world_size = _rank_world(rank, world_size)
+    rank, world_size = rank_and_world(rank, world_size)
     net = unwrap(model)
     device = torch.device(device) if device is not None else next(net.parameters()).device
     if cfg.decode != "cpu":  # decode=gpu ships JPEG bytes for the training loop's nvJPEG path

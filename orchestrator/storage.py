@@ -1,0 +1,223 @@
+"""Local folder or s3:// prefix behind one small interface: put, get, list, delete.
+
+Every component that stores or reads whole objects goes through here: checkpoints, the dataset
+converters, dataset manifests, Ray's storage path. (The training loader's shard streams, which
+reopen a broken read mid-object with a Range request, are the one exception: data/streams.py.)
+
+    store = open_storage("s3://resnet/runs/job/checkpoints")   # or "/data/runs/job/checkpoints"
+    store.put("step-00000100/trainer.pt", data)    # whole or not at all: readers never see half
+    store.get("step-00000100/trainer.pt")          # bytes; NotFound if there is no such object
+    store.sizes("step-00000100")                   # {relative path: size}, recursive, paginated
+    store.list_dirs()                              # immediate sub-folders of the root
+
+Object keys are relative paths under the root, with "/" separators on every backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+from orchestrator import s3
+
+
+class NotFound(FileNotFoundError):
+    """No object at this URL."""
+
+
+class LocalStorage:
+    """A local folder; files appear by atomic rename, so a reader never sees half a file."""
+
+    remote = False
+
+    def __init__(self, root: str) -> None:
+        self.root = str(Path(root).expanduser()).rstrip("/") or "/"
+        self.path = Path(self.root)
+
+    def url(self, *parts: str) -> str:
+        return "/".join([self.root, *(p for p in parts if p)])
+
+    def put(self, rel: str, data: bytes) -> None:
+        dest = self.path / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+
+    def put_file(self, local: str | Path, rel: str) -> None:
+        """Move a finished local file into place (same filesystem: an atomic rename)."""
+        dest = self.path / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(local, dest)
+
+    def get(self, rel: str) -> bytes:
+        try:
+            return (self.path / rel).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(self.url(rel)) from None
+
+    def exists(self, rel: str) -> bool:
+        return (self.path / rel).is_file()
+
+    def head(self, rel: str) -> tuple[int, str] | None:
+        """(size, sha256) of a file, or None: a fingerprint that changes with any rewrite."""
+        p = self.path / rel
+        return (p.stat().st_size, sha256_file(p)) if p.is_file() else None
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        base = self.path / prefix
+        if not base.is_dir():
+            return {}
+        return {
+            p.relative_to(base).as_posix(): p.stat().st_size for p in base.rglob("*") if p.is_file()
+        }
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        base = self.path / prefix
+        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+
+    def list_files(self, prefix: str = "") -> list[str]:
+        base = self.path / prefix
+        return sorted(p.name for p in base.iterdir() if p.is_file()) if base.is_dir() else []
+
+    def delete(self, rel: str) -> None:
+        (self.path / rel).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        shutil.rmtree(self.path / prefix, ignore_errors=True)
+
+
+class S3Storage:
+    """An s3:// prefix, through orchestrator.s3's clients (retries on 5xx and lost connections)."""
+
+    remote = True
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        self.bucket, key = s3.split_url(self.root + "/")
+        self.prefix = key  # "" or "a/b/"
+
+    def url(self, *parts: str) -> str:
+        return "/".join([self.root, *(p for p in parts if p)])
+
+    def _key(self, rel: str) -> str:
+        return self.prefix + rel
+
+    def put(self, rel: str, data: bytes) -> None:
+        # one PUT: the object appears whole or not at all
+        s3.with_retries(
+            lambda: s3.client().put_object(Bucket=self.bucket, Key=self._key(rel), Body=data),
+            what=self.url(rel),
+        )
+
+    def put_file(self, local: str | Path, rel: str) -> None:
+        """Upload a finished local file (multipart above 8 MB), then delete the local copy."""
+        s3.with_retries(
+            lambda: s3.client().upload_file(str(local), self.bucket, self._key(rel)),
+            what=self.url(rel),
+        )
+        os.unlink(local)
+
+    def get(self, rel: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            return s3.with_retries(
+                lambda: s3.client().get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read(),
+                what=self.url(rel),
+            )
+        except ClientError as err:
+            if _missing(err):
+                raise NotFound(self.url(rel)) from None
+            raise
+
+    def head(self, rel: str) -> tuple[int, str] | None:
+        """(size, ETag) of an object, or None: any rewrite of the object changes its ETag."""
+        from botocore.exceptions import ClientError
+
+        try:
+            head = s3.with_retries(
+                lambda: s3.client().head_object(Bucket=self.bucket, Key=self._key(rel)),
+                what=self.url(rel),
+            )
+        except ClientError as err:
+            if _missing(err):
+                return None
+            raise
+        return int(head["ContentLength"]), str(head["ETag"])
+
+    def exists(self, rel: str) -> bool:
+        return self.head(rel) is not None
+
+    def _pages(self, prefix: str, **kwargs: Any) -> Any:
+        key = self._key(prefix.rstrip("/") + "/") if prefix else self.prefix
+        pages = s3.client().get_paginator("list_objects_v2")
+        return key, pages.paginate(Bucket=self.bucket, Prefix=key, **kwargs)
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        key, pages = self._pages(prefix)
+        return {
+            obj["Key"][len(key) :]: obj["Size"] for page in pages for obj in page.get("Contents", [])
+        }
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        key, pages = self._pages(prefix, Delimiter="/")
+        names = [p["Prefix"][len(key) :].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
+        return sorted(names)
+
+    def list_files(self, prefix: str = "") -> list[str]:
+        key, pages = self._pages(prefix, Delimiter="/")
+        return sorted(obj["Key"][len(key) :] for page in pages for obj in page.get("Contents", []))
+
+    def delete(self, rel: str) -> None:
+        s3.with_retries(
+            lambda: s3.client().delete_object(Bucket=self.bucket, Key=self._key(rel)),
+            what=self.url(rel),
+        )
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = [self._key(prefix.rstrip("/") + "/" + rel) for rel in self.sizes(prefix)]
+        for i in range(0, len(keys), 1000):  # S3's limit per request
+            chunk = [{"Key": k} for k in keys[i : i + 1000]]
+            s3.client().delete_objects(Bucket=self.bucket, Delete={"Objects": chunk})
+
+
+Storage = LocalStorage | S3Storage
+
+
+def open_storage(url: str) -> Storage:
+    """An s3:// URL or a local folder path."""
+    return S3Storage(url) if s3.is_s3(url) else LocalStorage(url)
+
+
+def read_url(url: str, timeout_s: float = 60.0) -> bytes:
+    """The bytes of one object at an s3://, http(s):// or local URL; NotFound if it is missing."""
+    if url.startswith(("http://", "https://")):
+        import urllib.error
+
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                raise NotFound(url) from None
+            raise
+    root, _, name = url.rstrip("/").rpartition("/")
+    return open_storage(root or "/").get(name)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _missing(err: Any) -> bool:
+    return str(err.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound")
