@@ -90,6 +90,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from orchestrator import s3
 from orchestrator import transforms as T
 from orchestrator.batch_ring import BatchRing, RingWriter, SlotRef
+from orchestrator.spec import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -101,80 +102,6 @@ _READ_BUFSIZE = 1 << 20  # storage is read in 1 MiB requests
 
 class DataError(RuntimeError):
     """The dataset cannot be used as configured; the message says which URL or shards."""
-
-
-@dataclass
-class DataConfig:
-    """The job spec's `data` section."""
-
-    url: str = ""  # dataset root (s3://..., http(s)://... or a local dir); "" = synthetic
-    source: Literal["shards", "synthetic"] = "shards"  # synthetic: random batches on the device
-    train_split: str = "train"
-    val_split: str = "val"
-    # paper: shorter side ~U[256,480], random crop, flip (+ PCA lighting on the device);
-    # rrc: RandomResizedCrop(0.08-1, 3/4-4/3) + flip; cifar: pad 4, random crop, flip
-    train_transform: Literal["paper", "rrc", "cifar"] = "paper"
-    image_size: int = 224  # train crop and eval crop (32 for CIFAR)
-    eval_resize: int = 256  # centre protocol: shorter side, then the centre image_size crop
-    scale_range: tuple[int, int] = (256, 480)
-    pca_lighting: float = 0.1  # AlexNet PCA lighting std; 0 disables
-    num_workers: int = 4  # DataLoader workers per rank (0: decode in the training process)
-    prefetch_factor: int = 2  # batches each worker keeps ready
-    shuffle_buffer: int = 1000  # samples (raw bytes) each worker mixes
-    max_bad_fraction: float = 0.01
-    bad_check_after: int = 200  # samples seen before max_bad_fraction is enforced
-    epoch_mode: Literal["exact", "resampled"] = "exact"
-    samples_per_epoch: int = 0  # resampled mode: epoch length in samples (0 = split size)
-    # multiscale evaluation: decoded images a worker may hold back (MiB) to fill batches of one
-    # shape (`batches_by_shape`); at shorter side 640 a 4:3 image takes 1.6 MB, so the default
-    # holds a few batches of 64 at the paper's largest scale
-    eval_hold_mb: int = 512
-    timeout_s: float = 300.0  # longest wait for one batch from a worker, then an error
-    io_retry_s: float = 120.0  # how long a broken stream keeps being reopened
-    # gpu: workers only check JPEG headers and ship the bytes; the training device decodes them
-    # (nvJPEG) and augments the batch in one pass (orchestrator.gpu_augment). split: workers
-    # decode a share of each batch, the device the rest (see `MixedBatch`)
-    decode: Literal["cpu", "gpu", "split"] = "cpu"
-    split_cpu_share: float = 0.5  # decode=split: share of each batch the workers decode, at start
-    # decode=split: the loop moves the share so that neither side waits (else it stays fixed,
-    # and the run is reproducible: which sample is augmented where depends on the share)
-    split_adapt: bool = True
-    synthetic_samples: int = 1_281_167  # synthetic source: samples per epoch
-    synthetic_classes: int = 1000
-
-    def __post_init__(self) -> None:
-        self.scale_range = (int(self.scale_range[0]), int(self.scale_range[1]))
-        choices = {
-            "source": ("shards", "synthetic"),
-            "train_transform": ("paper", "rrc", "cifar"),
-            "epoch_mode": ("exact", "resampled"),
-            "decode": ("cpu", "gpu", "split"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"data.{name}={getattr(self, name)!r}: expected one of {allowed}")
-        if self.decode != "cpu" and self.train_transform == "cifar":
-            raise ValueError(
-                f"data.decode={self.decode} does the paper and rrc transforms; use decode=cpu for cifar"
-            )
-        if not 0 <= self.split_cpu_share <= 1:
-            raise ValueError(f"data.split_cpu_share={self.split_cpu_share}: expected 0..1")
-        if self.train_transform == "paper" and self.scale_range[0] < self.image_size:
-            raise ValueError(
-                f"data.scale_range {self.scale_range} starts below image_size {self.image_size}"
-            )
-        if self.scale_range[0] > self.scale_range[1]:
-            raise ValueError(f"data.scale_range {self.scale_range}: low > high")
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction}: expected 0..1")
-        if self.eval_hold_mb < 1:
-            raise ValueError(f"data.eval_hold_mb={self.eval_hold_mb}: expected >= 1 (MiB)")
-        if self.num_workers < 0 or self.shuffle_buffer < 0 or self.image_size < 1:
-            raise ValueError("data.num_workers, shuffle_buffer and image_size must be >= 0 / >= 1")
-
-    @property
-    def synthetic(self) -> bool:
-        return self.source == "synthetic" or not self.url
 
 
 # ============================================================================================
