@@ -359,8 +359,9 @@ def _sections() -> str:
     return ", ".join(f.name for f in dataclasses.fields(JobSpec) if f.name not in ("name", "seed"))
 
 
-def to_yaml(spec: JobSpec) -> str:
-    """A readable dump of the resolved spec (no YAML library needed on GPU boxes)."""
+def to_yaml(config: Any) -> str:
+    """A readable dump of a resolved spec or any other config dataclass (no YAML library
+    needed on GPU boxes)."""
     lines: list[str] = []
 
     def emit(d: dict[str, Any], indent: int) -> None:
@@ -371,5 +372,5 @@ def to_yaml(spec: JobSpec) -> str:
             else:
                 lines.append(" " * indent + f"{key}: {json.dumps(value)}")
 
-    emit(spec.to_dict(), 0)
+    emit(dataclasses.asdict(config), 0)
     return "\n".join(lines) + "\n"
