@@ -13,9 +13,9 @@ shortcuts and the original (v1) bottleneck with the stride in the first 1x1 conv
 On GPUs: bf16 autocast and channels_last.
 """
 
-from orchestrator.data import DataConfig
 from orchestrator.launch import main
 from orchestrator.spec import (
+    DataConfig,
     CheckpointConfig,
     EvalConfig,
     JobSpec,

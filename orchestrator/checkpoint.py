@@ -12,6 +12,9 @@ Uploads run in the background (the loop pays only for serialising the state in m
 is committed when the next checkpoint is taken, or at the end of the run, after every rank's
 upload for it has finished.
 
+`Checkpointer` is what the training loop calls (`save`, `commit`, `restore`); `CheckpointStore`
+is the layout above on any storage (orchestrator.storage), used also by the ensemble evaluator.
+
 Loading walks the checkpoints newest first and takes the first whose marker exists and whose
 files all match it; anything else is skipped with a warning. Saving never overwrites a
 committed checkpoint: a step is written once, and retention deletes old steps only after a
@@ -23,76 +26,27 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
+import random
 import re
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from orchestrator import s3
+from orchestrator.metrics import canonical, canonical_metrics
+from orchestrator.runtime import barrier
+from orchestrator.spec import CheckpointConfig
+from orchestrator.storage import open_storage
 
 log = logging.getLogger(__name__)
 MARKER = "COMMITTED"
-
-
-class Storage:
-    """Just enough of an object store over s3:// URLs or a local folder."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root.rstrip("/")
-        self.remote = s3.is_s3(root)
-
-    def url(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def put(self, rel: str, data: bytes) -> None:
-        if self.remote:
-            s3.write_bytes(self.url(rel), data)
-            return
-        path = Path(self.url(rel))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # readers never see half a file
-
-    def get(self, rel: str) -> bytes:
-        return s3.read_bytes(self.url(rel)) if self.remote else Path(self.url(rel)).read_bytes()
-
-    def sizes(self, rel_prefix: str) -> dict[str, int]:
-        """Relative path -> size for every object under a prefix."""
-        if self.remote:
-            bucket, key = s3.split_url(self.url(rel_prefix))
-            out: dict[str, int] = {}
-            pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/")
-            for page in pages:
-                for obj in page.get("Contents", []):
-                    out[obj["Key"][len(key) + 1 :]] = obj["Size"]
-            return out
-        base = Path(self.url(rel_prefix))
-        if not base.exists():
-            return {}
-        return {str(p.relative_to(base)): p.stat().st_size for p in base.rglob("*") if p.is_file()}
-
-    def list_dirs(self) -> list[str]:
-        """Names of the immediate sub-folders of the root."""
-        if self.remote:
-            bucket, key = s3.split_url(self.root)
-            pages = s3.client().get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=key + "/", Delimiter="/"
-            )
-            return [p["Prefix"][len(key) + 1 :].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
-        root = Path(self.root)
-        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
-
-    def delete(self, rel_prefix: str) -> None:
-        if self.remote:
-            s3.delete_prefix(self.url(rel_prefix) + "/")
-        else:
-            shutil.rmtree(self.url(rel_prefix), ignore_errors=True)
 
 
 def to_bytes(obj: Any) -> bytes:
@@ -117,13 +71,13 @@ class CheckpointStore:
     """Save and find committed checkpoints of one job."""
 
     def __init__(self, root: str) -> None:
-        self.storage = Storage(root)
+        self.storage = open_storage(root)
 
     @property
     def root(self) -> str:
         return self.storage.root
 
-    # ---- saving: every rank calls write_rank (and rank 0 write_trainer), then rank 0 commits
+    # ---- saving: every rank puts its files, then rank 0 commits
     def write(self, step: int, name: str, obj: Any) -> None:
         self.put(step, name, to_bytes(obj))
 
@@ -133,7 +87,7 @@ class CheckpointStore:
     def write_dir(self, step: int, local: Path, prefix: str) -> None:
         for path in sorted(p for p in local.rglob("*") if p.is_file()):
             rel = path.relative_to(local)
-            self.storage.put(f"{_step_dir(step)}/{prefix}/{rel}", path.read_bytes())
+            self.storage.put(f"{_step_dir(step)}/{prefix}/{rel.as_posix()}", path.read_bytes())
 
     def commit(self, step: int, metrics: dict[str, float]) -> str:
         """Rank 0, after every rank's files are written: the marker makes the step count."""
@@ -155,7 +109,8 @@ class CheckpointStore:
             if problem:
                 broken.append((int(m.group(1)), name, problem))
             else:
-                out.append(Committed(int(m.group(1)), self.storage.url(name), marker.get("metrics", {})))
+                metrics = canonical_metrics(marker.get("metrics", {}))  # old markers: old names
+                out.append(Committed(int(m.group(1)), self.storage.url(name), metrics))
         newest = max((c.step for c in out), default=-1)
         for step, name, problem in broken:
             if step > newest:  # older debris is a retention delete or crash already superseded
@@ -177,7 +132,11 @@ class CheckpointStore:
         return found[-1] if found else None
 
     def read(self, step: int, name: str) -> Any:
-        return torch.load(io.BytesIO(self.storage.get(f"{_step_dir(step)}/{name}")), map_location="cpu", weights_only=False)
+        return torch.load(
+            io.BytesIO(self.storage.get(f"{_step_dir(step)}/{name}")),
+            map_location="cpu",
+            weights_only=False,
+        )
 
     def fetch_dir(self, step: int, prefix: str) -> Path:
         """Download a sub-folder of a checkpoint (DeepSpeed shards) to a local temp folder."""
@@ -197,19 +156,21 @@ class CheckpointStore:
             keep.add(best.step)
         for c in found:
             if c.step not in keep:
-                self.storage.delete(_step_dir(c.step))
+                self.storage.delete_prefix(_step_dir(c.step))
         # uncommitted leftovers older than the newest commit are debris from crashes
         newest = found[-1].step if found else -1
         for name in self.storage.list_dirs():
             m = re.fullmatch(r"step-(\d+)", name)
             if m and int(m.group(1)) < newest and int(m.group(1)) not in {c.step for c in found}:
-                self.storage.delete(name)
+                self.storage.delete_prefix(name)
 
 
 def best_checkpoint(found: list[Committed], metric: str) -> Committed | None:
     """The committed checkpoint with the lowest `metric` in its marker; a tie goes to the newer
     step (it trained longer). None if no marker has the metric. Training's report, retention
-    and the ensemble's `--checkpoint best` all choose through here, so they agree."""
+    and the ensemble's `--checkpoint best` all choose through here, so they agree. A metric's
+    pre-scheme name (`val_top1_err`) means its current one (`val/top1_err`)."""
+    metric = canonical(metric)
     scored = [c for c in found if metric in c.metrics]
     return min(scored, key=lambda c: (c.metrics[metric], -c.step)) if scored else None
 
@@ -218,5 +179,126 @@ def split_checkpoint_url(url: str) -> tuple[str, int]:
     """`.../checkpoints/step-00001000` -> (store root, step), for --resume-from."""
     m = re.fullmatch(r"(.+)/step-(\d+)/?", url)
     if not m:
-        raise ValueError(f"--resume-from {url!r}: expected a checkpoint folder ending in /step-NNNNNNNN")
+        raise ValueError(
+            f"--resume-from {url!r}: expected a checkpoint folder ending in /step-NNNNNNNN"
+        )
     return m.group(1), int(m.group(2))
+
+
+# ------------------------------------------------------------------ what the training loop calls
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random stream of this process, to resume augmentation and shuffling exactly."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Restored:
+    """A committed checkpoint read back for one rank."""
+
+    step: int
+    root: str
+    trainer: dict[str, Any]  # the replicated state rank 0 wrote (Trainer.state_dict)
+    rank: dict[str, Any] | None  # this rank's own state; None after a change of world size
+
+
+class Checkpointer:
+    """Saves and restores one job's checkpoints for one rank (torchtitan's CheckpointManager
+    is the model): `save` snapshots the state and uploads it in the background, `commit`
+    makes the last save count once every rank's upload is done, `restore` reads the newest
+    committed checkpoint (or `checkpoint.resume_from`'s, for a fork)."""
+
+    def __init__(self, cfg: CheckpointConfig, job: str, rank: int) -> None:
+        self.cfg, self.rank = cfg, rank
+        self.store = CheckpointStore(f"{cfg.storage.rstrip('/')}/{job}/checkpoints")
+        self.saved_step = -1  # the step of the last save (committed or pending)
+        self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+        self._pending: tuple[int, dict[str, float], Future] | None = None
+
+    def save(
+        self,
+        step: int,
+        states: dict[str, Any],
+        write_shards: Callable[[Path], None],
+        metrics: dict[str, float],
+    ) -> float:
+        """Snapshot this rank's `states` (file name -> object) and the strategy's shards, and
+        upload them in the background; returns the stall (s) training paid. The previous save
+        is committed first; this one is committed at the next save or at `commit()`."""
+        t0 = time.perf_counter()
+        self.commit()
+        files = {name: to_bytes(obj) for name, obj in states.items()}  # later steps can't alter it
+        shards = Path(tempfile.mkdtemp(prefix="shards-"))
+        write_shards(shards)  # collective for DeepSpeed; local files
+        upload = self._uploader.submit(self._upload, step, files, shards)
+        self._pending = (step, dict(metrics), upload)
+        self.saved_step = step
+        return time.perf_counter() - t0
+
+    def _upload(self, step: int, files: dict[str, bytes], shards: Path) -> None:
+        try:
+            for name, data in files.items():
+                self.store.put(step, name, data)
+            self.store.write_dir(step, shards, "shards")
+        finally:
+            shutil.rmtree(shards, ignore_errors=True)
+
+    def commit(self) -> None:
+        """Wait for this rank's upload; rank 0 writes the marker once every rank is done."""
+        if self._pending is None:
+            return
+        step, metrics, upload = self._pending
+        self._pending = None
+        upload.result()  # an upload that failed for good raises here, before any marker
+        barrier()  # every rank's files exist before the marker says so
+        if self.rank == 0:
+            self.store.commit(step, metrics)
+            self.store.retain(self.cfg.keep_last, self.cfg.best_metric)
+        barrier()
+
+    def restore(
+        self, load: Callable[[dict[str, Any]], None], load_shards: Callable[[Path], None]
+    ) -> Restored | None:
+        """Load the latest committed checkpoint of this job, else `resume_from`'s (a fork: only
+        until the job has one of its own); None if there is neither. `load` gets the replicated
+        state, then `load_shards` the strategy's shards as a local folder (deleted after)."""
+        fork = split_checkpoint_url(self.cfg.resume_from) if self.cfg.resume_from else None
+        store, latest = self.store, self.store.latest()
+        if latest is not None:
+            step = latest.step
+        elif fork is not None:
+            store, step = CheckpointStore(fork[0]), fork[1]
+        else:
+            return None
+        trainer = store.read(step, "trainer.pt")
+        load(trainer)
+        shards = store.fetch_dir(step, "shards")
+        try:
+            load_shards(shards)
+        finally:
+            shutil.rmtree(shards, ignore_errors=True)
+        try:
+            rank = store.read(step, f"rank-{self.rank:05d}.pt")
+        except FileNotFoundError:  # a different world size: the data position still resumes
+            rank = None
+        self.saved_step = step
+        return Restored(step, store.root, trainer, rank)
+
+    def close(self) -> None:
+        self._uploader.shutdown(wait=True)

@@ -66,6 +66,7 @@ from orchestrator.data import (
     rank_slice,
     split_shards,
 )
+from orchestrator.models import unwrap
 from orchestrator.runtime import all_reduce, distributed, rank_and_world
 
 log = logging.getLogger(__name__)
@@ -159,15 +160,6 @@ def combine_probs(
     for p, wi in zip(members, w / w.sum()):
         out += wi * p
     return out.astype(np.float32)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain net under DDP / DeepSpeed (`.module`) and torch.compile (`._orig_mod`)."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 # ============================================================================================

@@ -78,7 +78,8 @@ def run_local(spec: JobSpec) -> dict[str, float]:
         os.environ["ORCH_LOCAL"] = "1"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]
         os.execv(sys.executable, cmd)
-    from orchestrator.train import Runtime, run_worker
+    from orchestrator.runtime import Runtime, destroy_process_group
+    from orchestrator.train import run_worker
 
     use_gpu = torch.cuda.is_available() if spec.scaling.use_gpu is None else spec.scaling.use_gpu
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -93,14 +94,7 @@ def run_local(spec: JobSpec) -> dict[str, float]:
     try:
         return run_worker(spec.to_dict(), Runtime(rank, world, local_rank, device))
     finally:
-        _destroy_process_group()
-
-
-def _destroy_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 # ------------------------------------------------------------------------ on Ray
@@ -111,7 +105,8 @@ def _ray_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from orchestrator.train import Runtime, run_worker
+    from orchestrator.runtime import Runtime
+    from orchestrator.train import run_worker
 
     ctx = ray.train.get_context()
     rt = Runtime(
@@ -136,7 +131,7 @@ def storage_for_ray(storage: str) -> tuple[str, Any]:
 
 def run_ray(spec: JobSpec) -> Any:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if os.environ.get("RAY_ADDRESS", "").startswith("http"):
@@ -150,8 +145,9 @@ def run_ray(spec: JobSpec) -> Any:
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     storage_path, filesystem = storage_for_ray(spec.checkpoint.storage)
-    # our loop commits its own checkpoints (every rank's files, then a marker); Ray's storage
-    # holds the run's state next to them under the same name
+    # our loop commits its own checkpoints (every rank's files, then a marker) and reports none
+    # to Ray, so Ray's CheckpointConfig has nothing to keep; Ray's storage holds the run's
+    # own state next to them under the same name
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"spec": spec.to_dict()},
@@ -167,13 +163,12 @@ def run_ray(spec: JobSpec) -> Any:
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last or None),
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not use_gpu else None,
         ),
     )
     checkpoints = f"{spec.checkpoint.storage}/{spec.name}/checkpoints"
+    from orchestrator.runtime import raise_on_sigterm
     from orchestrator.tracking import load_mlflow, mark_job_run
-    from orchestrator.train import raise_on_sigterm
 
     load_mlflow()  # now, not inside the SIGTERM handler below, where every second counts
     # `ray job stop`, a preempted head node: Ray's fit() aborts in order on KeyboardInterrupt.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -128,7 +129,9 @@ class S3Storage:
 
         try:
             return s3.with_retries(
-                lambda: s3.client().get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read(),
+                lambda: (
+                    s3.client().get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
+                ),
                 what=self.url(rel),
             )
         except ClientError as err:
@@ -162,12 +165,18 @@ class S3Storage:
     def sizes(self, prefix: str = "") -> dict[str, int]:
         key, pages = self._pages(prefix)
         return {
-            obj["Key"][len(key) :]: obj["Size"] for page in pages for obj in page.get("Contents", [])
+            obj["Key"][len(key) :]: obj["Size"]
+            for page in pages
+            for obj in page.get("Contents", [])
         }
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         key, pages = self._pages(prefix, Delimiter="/")
-        names = [p["Prefix"][len(key) :].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
+        names = [
+            p["Prefix"][len(key) :].rstrip("/")
+            for page in pages
+            for p in page.get("CommonPrefixes", [])
+        ]
         return sorted(names)
 
     def list_files(self, prefix: str = "") -> list[str]:
@@ -198,8 +207,6 @@ def open_storage(url: str) -> Storage:
 def read_url(url: str, timeout_s: float = 60.0) -> bytes:
     """The bytes of one object at an s3://, http(s):// or local URL; NotFound if it is missing."""
     if url.startswith(("http://", "https://")):
-        import urllib.error
-
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as resp:
                 return resp.read()

@@ -1,18 +1,23 @@
 """DDP and DeepSpeed behind one small interface, so the loop has no `if deepspeed` branches.
 
-    strategy = build_strategy(spec.scaling, spec.optim, model, lr=..., ...)
+    strategy = build_strategy(spec.scaling, spec.optim, model, lr=..., accumulation=...)
     strategy.set_lr(lr)                                # before each optimizer step's micro-batches
-    with strategy.no_sync(last_micro_batch):
-        strategy.backward(loss)                        # per micro-batch (loss already / accumulation)
+    for each micro-batch:
+        with strategy.micro_batch(last=...):           # gradients reduce on the last one only
+            loss = criterion(strategy.model(x), y)     # the micro-batch's mean loss
+            strategy.backward(loss)                    # averaged over the step's micro-batches
     strategy.step()                                    # once per optimizer step
     strategy.state_dict() / load_state_dict(...)       # replicated state (rank 0 writes it)
     strategy.save_shards(dir) / load_shards(dir)       # per-rank state (DeepSpeed's ZeRO shards)
+
+The strategy owns gradient accumulation: the loop never scales the loss itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,13 +25,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from orchestrator.runtime import distributed
 from orchestrator.spec import OptimConfig, ScalingConfig
 
 
 class Strategy(Protocol):
     model: nn.Module  # the wrapped model, for forward passes
 
-    def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager: ...
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager: ...
     def set_lr(self, lr: float) -> None: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> None: ...
@@ -34,15 +40,21 @@ class Strategy(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def save_shards(self, directory: Path) -> None: ...
     def load_shards(self, directory: Path) -> None: ...
-    def unwrapped(self) -> nn.Module: ...
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """The paper applies weight decay to every weight; one group keeps that exact."""
-    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
+    return [
+        {
+            "params": [p for p in model.parameters() if p.requires_grad],
+            "weight_decay": cfg.weight_decay,
+        }
+    ]
 
 
-def make_sgd(model: nn.Module, cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.SGD:
+def make_sgd(
+    model: nn.Module, cfg: OptimConfig, lr: float, device: torch.device
+) -> torch.optim.SGD:
     # fused SGD on CUDA saves a kernel launch per parameter; foreach is the CPU fast path
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.SGD(
@@ -53,23 +65,31 @@ def make_sgd(model: nn.Module, cfg: OptimConfig, lr: float, device: torch.device
 class DDPStrategy:
     """torch DDP (NCCL on GPU, gloo on CPU); a single process skips the wrapper."""
 
-    def __init__(self, model: nn.Module, optim: OptimConfig, lr: float, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optim: OptimConfig,
+        lr: float,
+        accumulation: int,
+        device: torch.device,
+    ) -> None:
         self.optimizer = make_sgd(model, optim, lr, device)
+        self.accumulation = accumulation
         self._base = model
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if distributed:
+        if distributed():
             ids = [device.index] if device.type == "cuda" else None
             self.model: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         else:
             self.model = model
 
-    def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
-        if last_micro_batch or not isinstance(self.model, nn.parallel.DistributedDataParallel):
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP reads the flag in forward: the forward pass belongs inside this context."""
+        if last or not isinstance(self.model, nn.parallel.DistributedDataParallel):
             return contextlib.nullcontext()
         return self.model.no_sync()  # skip the all-reduce until the last micro-batch
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (loss / self.accumulation).backward()
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -92,9 +112,6 @@ class DDPStrategy:
     def load_shards(self, directory: Path) -> None:
         """Nothing per rank beyond what state_dict restored."""
 
-    def unwrapped(self) -> nn.Module:
-        return self._base
-
 
 class DeepSpeedStrategy:
     """DeepSpeed ZeRO 0/1/2 with a config generated from the spec; every rank saves its shard."""
@@ -115,7 +132,9 @@ class DeepSpeedStrategy:
         if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1
+            )
         os.environ.setdefault("LOCAL_RANK", str(device.index or 0))  # DeepSpeed insists on it
         config = {
             "train_micro_batch_size_per_gpu": micro_batch,
@@ -135,20 +154,22 @@ class DeepSpeedStrategy:
         self.model: nn.Module = self.engine
         self._base = model
 
-    def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()  # DeepSpeed tracks accumulation boundaries itself
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        # We say where the boundary is (DeepSpeed's documented alternative to counting
+        # micro-steps), so `step()` runs once per optimizer step, as it does for DDP.
+        self.engine.set_gradient_accumulation_boundary(last)
+        yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        # DeepSpeed divides by gradient_accumulation_steps itself; the loop already did
-        self.engine.backward(loss * self.engine.gradient_accumulation_steps())
-        self.engine.step()  # DeepSpeed counts micro-steps: it updates only at the boundary
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
     def step(self) -> None:
-        """The update already happened inside the boundary micro-batch's backward."""
+        self.engine.step()  # the update, then zeroed gradients
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self._base.state_dict()}  # the optimizer lives in the shards
@@ -161,9 +182,6 @@ class DeepSpeedStrategy:
 
     def load_shards(self, directory: Path) -> None:
         self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
-
-    def unwrapped(self) -> nn.Module:
-        return self._base
 
 
 def _free_port() -> int:
@@ -189,4 +207,4 @@ def build_strategy(
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         return DeepSpeedStrategy(model, optim, scaling, lr, micro_batch, accumulation, device, bf16)
-    return DDPStrategy(model, optim, lr, device)
+    return DDPStrategy(model, optim, lr, accumulation, device)

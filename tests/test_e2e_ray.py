@@ -50,7 +50,7 @@ def test_skeleton_job_via_ray_job_submit(stack: Stack, smoke_dataset: str) -> No
     assert steps == sorted(set(steps)) and steps[-1] == 30
     assert len({round(m.value, 6) for m in losses}) > 1, "the loss must change"
     assert losses[-1].value < losses[0].value, "a learnable dataset: the loss must fall"
-    val = client.get_metric_history(run.info.run_id, "val_top1_err")
+    val = client.get_metric_history(run.info.run_id, "val/top1_err")
     assert val and val[-1].value < 0.75  # 4 classes: chance is 0.75
 
     marker_url = f"s3://resnet/runs/{name}/checkpoints/step-00000030/COMMITTED"

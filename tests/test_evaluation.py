@@ -87,7 +87,7 @@ def test_center_matches_a_plain_forward_pass(odd_local_shards: Path) -> None:
     np.testing.assert_array_equal(res.class_total, [7, 7, 7])
     want = [hit[y_t == c].float().mean().item() for c in range(3)]
     np.testing.assert_allclose(res.per_class_accuracy, want)
-    assert res.metrics()["val/samples"] == 21 and res.metrics()["val_top1_err"] == res.top1_err
+    assert res.metrics()["val/samples"] == 21 and res.metrics()["val/top1_err"] == res.top1_err
 
 
 def _write_one_image_dataset(root: Path, arr: np.ndarray, label: int, classes: int) -> Path:
@@ -297,7 +297,7 @@ def test_training_loop_validates_with_the_specs_protocol(
     net.load_state_dict(state["strategy"]["model"])
     res = evaluate(net, odd_cfg(odd_local_shards), protocol="ten_crop", device="cpu")
     assert marker["val/samples"] == 21
-    assert marker["val_top1_err"] == pytest.approx(res.top1_err)
+    assert marker["val/top1_err"] == pytest.approx(res.top1_err)
     assert marker["val/loss"] == pytest.approx(res.loss, rel=1e-4)
     center = evaluate(net, odd_cfg(odd_local_shards), protocol="center", device="cpu")
     assert marker["val/loss"] != pytest.approx(center.loss, rel=1e-4)  # not the centre crop

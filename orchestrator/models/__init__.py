@@ -18,6 +18,7 @@ from .registry import (
     list_models,
     model_info,
     register_model,
+    unwrap,
 )
 from .resnet import BasicBlock, Bottleneck, ResNet, ZeroPadShortcut
 
@@ -32,4 +33,5 @@ __all__ = [
     "list_models",
     "model_info",
     "register_model",
+    "unwrap",
 ]

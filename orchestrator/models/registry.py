@@ -139,3 +139,12 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     With all parameters this is the count the paper and torchvision report.
     """
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain net under DDP / DeepSpeed (`.module`) and torch.compile (`._orig_mod`)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
