@@ -73,7 +73,7 @@ def ours(steps: int, threads: int) -> tuple[float, float]:
     status = wait(job)
     text = logs(job)
     assert status == "SUCCEEDED" and t_first, text[-3000:]
-    windows = [float(m) for m in re.findall(r"step \d+ train/loss=.*?step_time_s=([\d.e+-]+)", text)]
+    windows = [float(m) for m in re.findall(r"step \d+ train/loss=.*?system/step_time_s=([\d.e+-]+)", text)]
     assert len(windows) >= 3, f"no step timings in the job log:\n{text[-3000:]}"
     return 1.0 / statistics.median(windows[2:]), t_first - t_submit  # skip step 1 and warm-up
 

@@ -1,0 +1,104 @@
+"""The engine's layering, checked on its source: drivers never import the loop, and the modules
+a driver needs to resolve a spec import neither torch nor the worker side."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+PACKAGE = ROOT / "orchestrator"
+# What resolving and checking a spec needs: no torch, no data pipeline, no loop.
+LIGHT = {
+    "orchestrator",
+    "orchestrator.metrics",
+    "orchestrator.runtime",
+    "orchestrator.s3",
+    "orchestrator.spec",
+    "orchestrator.storage",
+}
+HEAVY_THIRD_PARTY = ("torch", "numpy", "PIL", "webdataset", "deepspeed", "mlflow", "ray")
+# Where the loop may be imported: the worker entry points of the launcher, nothing else.
+LOOP_IMPORTERS = {("orchestrator.launch", "run_local"), ("orchestrator.launch", "_ray_worker")}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> list[tuple[str, str | None]]:
+    """(imported module, enclosing top-level function or None) for every import in a file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[tuple[str, str | None]] = []
+
+    def visit(node: ast.AST, function: str | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = function
+            if function is None and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inner = child.name
+            if isinstance(child, ast.Import):
+                found.extend((alias.name, inner) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.module and not child.level:
+                found.append((child.module, inner))
+                found.extend((f"{child.module}.{alias.name}", inner) for alias in child.names)
+            elif isinstance(child, ast.If) and _is_type_checking(child.test):
+                continue  # annotations only: never imported at run time
+            visit(child, inner)
+
+    visit(tree, None)
+    return found
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING"
+
+
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_the_launchers_worker_entry_points_import_the_loop(path: Path) -> None:
+    me = module_name(path)
+    for name, function in imports(path):
+        if name == "orchestrator.train" or name.startswith("orchestrator.train."):
+            assert (me, function) in LOOP_IMPORTERS, (
+                f"{me} imports the training loop (in {function or 'the module body'}): drivers "
+                "use orchestrator.runtime; only launch's worker entry points run the loop"
+            )
+
+
+@pytest.mark.parametrize("name", sorted(LIGHT))
+def test_spec_side_modules_import_nothing_heavy_at_import_time(name: str) -> None:
+    path = PACKAGE / "__init__.py" if name == "orchestrator" else ROOT / f"{name.replace('.', '/')}.py"
+    for imported, function in imports(path):
+        if function is not None:
+            continue  # a lazy import inside a function runs only when that function is called
+        top = imported.split(".")[0]
+        assert top not in HEAVY_THIRD_PARTY, f"{name} imports {imported} at import time"
+        if top == "orchestrator":
+            owner = imported if imported in LIGHT else imported.rsplit(".", 1)[0]
+            assert owner in LIGHT, f"{name} imports {imported}, outside the light modules {LIGHT}"
+
+
+def test_a_dry_run_loads_no_torch() -> None:
+    """`python jobs/imagenet_r152.py --dry-run` resolves and prints the spec without torch."""
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['jobs/imagenet_r152.py', '--dry-run']\n"
+        "try:\n    runpy.run_path('jobs/imagenet_r152.py', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in %r)\n"
+        "print('HEAVY', heavy)\n" % (HEAVY_THIRD_PARTY,)
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "name: " in out.stdout and "scaling:" in out.stdout  # the resolved spec was printed
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY []", out.stdout[-500:]
