@@ -12,10 +12,10 @@ the training error is below 80% (about 400 iterations), then goes back to 0.1.
 
 import dataclasses
 
-from orchestrator.data import DataConfig
 from orchestrator.launch import main
 from orchestrator.spec import (
     CheckpointConfig,
+    DataConfig,
     EvalConfig,
     JobSpec,
     ModelConfig,

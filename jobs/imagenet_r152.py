@@ -13,10 +13,10 @@ shortcuts and the original (v1) bottleneck with the stride in the first 1x1 conv
 On GPUs: bf16 autocast and channels_last.
 """
 
-from orchestrator.data import DataConfig
 from orchestrator.launch import main
 from orchestrator.spec import (
     CheckpointConfig,
+    DataConfig,
     EvalConfig,
     JobSpec,
     ModelConfig,

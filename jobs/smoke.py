@@ -7,10 +7,10 @@
 ResNet-20 on 32x32 crops, log one MLflow run, and commit a checkpoint to S3.
 """
 
-from orchestrator.data import DataConfig
 from orchestrator.launch import main
 from orchestrator.spec import (
     CheckpointConfig,
+    DataConfig,
     EvalConfig,
     JobSpec,
     ModelConfig,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -198,8 +199,6 @@ def open_storage(url: str) -> Storage:
 def read_url(url: str, timeout_s: float = 60.0) -> bytes:
     """The bytes of one object at an s3://, http(s):// or local URL; NotFound if it is missing."""
     if url.startswith(("http://", "https://")):
-        import urllib.error
-
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as resp:
                 return resp.read()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from orchestrator.checkpoint import CheckpointStore, best_checkpoint, to_bytes
 from orchestrator.data import DeviceNormalize, MixedBatch, SplitBalancer, TrainLoader
-from orchestrator.gpu_augment import DeviceAugment, decode_jpegs
+from orchestrator.data.gpu_augment import DeviceAugment, decode_jpegs
 from orchestrator.models import create_model
 from orchestrator.schedule import LRSchedule
 from orchestrator.spec import JobSpec, to_yaml
