@@ -154,10 +154,10 @@ def main() -> None:
             except Exception as err:  # noqa: BLE001 - one failed row must not hide the others
                 rows.append((model, mode, data, "FAILED", str(err)[:60], "", "", "", ""))
     decoder = subprocess.run(
-        [sys.executable, "-c", "from orchestrator.transforms import cpu_decoder; print(cpu_decoder())"],
+        [sys.executable, "-c", "from orchestrator.data.transforms import cpu_decoder; print(cpu_decoder())"],
         cwd=REPO, capture_output=True, text=True, check=False,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
-    ).stdout.strip() or "unknown (orchestrator.transforms does not import)"  # fmt: skip
+    ).stdout.strip() or "unknown (orchestrator.data.transforms does not import)"  # fmt: skip
     print(f"\ndevice: {base.get('device')}   baseline: gpu_baseline.py, same run   total {time.monotonic() - t0:.0f} s")
     print(f"CPU JPEG decoder (the cpu rows): {decoder}")
     head = ("model", "mode", "data", "img/s", "vs baseline", "data wait", "peak GiB", "CPU share", "sync sites")

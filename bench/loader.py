@@ -14,7 +14,7 @@ transform at 224 (shorter side ~U[256,480], random crop, flip):
             only the crop box's rows and columns decoded (orchestrator/_jpeg_region.c; else
             simplejpeg; DCT-domain downscale where allowed), one torch resample of the box,
             batches built in the workers and handed over in reused shared buffers
-            (orchestrator/batch_ring.py).
+            (orchestrator/data/batch_ring.py).
   baseline  a map-style Dataset over the JPEG files: Image.open().convert("RGB") (full decode,
             no draft), resize the whole image to the drawn shorter side, crop, flip (the
             torchvision recipe), default collate, torch DataLoader.
@@ -52,11 +52,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from orchestrator import data as D
 from orchestrator import s3
-from orchestrator import transforms as T
-from orchestrator.batch_ring import BatchRing
-from orchestrator.data import DataConfig, DataError, TrainLoader, load_manifest
+from orchestrator.data import DataConfig, DataError, TrainLoader, load_manifest, open_url
+from orchestrator.data import transforms as T
+from orchestrator.data.batch_ring import BatchRing
+from orchestrator.data.tar import tar_files
+from orchestrator.data.train_loader import build_batch
 
 REPO = Path(__file__).resolve().parent.parent  # datasets/*.py run as scripts, never imported
 
@@ -217,7 +218,7 @@ def tar_costs(shard: bytes) -> dict[str, float]:
         return members
 
     def ours() -> int:
-        return sum(1 for _ in D._tar_files(io.BytesIO(shard)))
+        return sum(1 for _ in tar_files(io.BytesIO(shard)))
 
     costs = {}
     for name, read in (("tarfile_read", with_tarfile), ("our_tar_read", ours)):
@@ -242,13 +243,13 @@ class _Finished(torch.utils.data.IterableDataset):
         writer = self.ring.writer(info.id) if self.ring is not None else None
         image = np.random.default_rng(0).integers(0, 256, (3, 224, 224), dtype=np.uint8)
         for _ in range(self.batches):
-            yield D._batch([(image, 1, True)] * self.batch, self.cfg, writer), {}
+            yield build_batch([(image, 1, True)] * self.batch, self.cfg, writer), {}
 
 
 def handoff_costs(batches: int = 150, batch: int = 64, rounds: int = 3) -> dict[str, float]:
     """CPU-ms per image (the worker and this process) of handing finished batches from one
     DataLoader worker to this process: `fresh`, a new shared-memory segment per batch (what
-    torch's default collate does), vs `ring`, our reused buffers (orchestrator.batch_ring)."""
+    torch's default collate does), vs `ring`, our reused buffers (orchestrator.data.batch_ring)."""
     costs: dict[str, list[float]] = {"fresh": [], "ring": []}
     for _ in range(rounds):
         for kind, spent in costs.items():
@@ -315,7 +316,7 @@ def main() -> None:
           f"on {os.cpu_count()} cores", flush=True)  # fmt: skip
 
     print(f"CPU JPEG decoder: {T.cpu_decoder()}")
-    with D.open_url(ours_loader.shards[0].url) as f:
+    with open_url(ours_loader.shards[0].url) as f:
         shard = f.read()
     costs = {**stage_costs(jpegs), **tar_costs(shard), **handoff_costs()}
     print("one core, CPU-ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))

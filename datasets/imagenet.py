@@ -30,6 +30,7 @@ import argparse
 import csv
 import io
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +46,13 @@ from shardwriter import (
     write_dataset,
 )
 
+try:  # the statistics the loaders fall back on (a module that imports no torch)
+    from orchestrator.data.manifest import IMAGENET_MEAN, IMAGENET_STD
+except ImportError:  # a checkout where the package is not installed
+    sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root
+    from orchestrator.data.manifest import IMAGENET_MEAN, IMAGENET_STD
+
 IMAGE_EXTS = {".jpeg", ".jpg", ".png"}
-# The usual ImageNet statistics (0-255 scale), as used by torchvision and the ResNet recipes.
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 @dataclass(frozen=True)

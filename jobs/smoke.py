@@ -11,6 +11,7 @@ from orchestrator.launch import main
 from orchestrator.spec import (
     DataConfig,
     CheckpointConfig,
+    DataConfig,
     EvalConfig,
     JobSpec,
     ModelConfig,

@@ -5,8 +5,8 @@
    the rows above and below (jpeg_skip_scanlines: no IDCT, no colour conversion) and the columns
    left and right (jpeg_crop_scanline), which takes about a quarter off a paper transform.
 
-   One function, called from orchestrator/transforms.py (which falls back to a full decode when
-   this module is not built, or when it refuses an image):
+   One function, called from orchestrator/data/transforms.py (which falls back to a full decode
+   when this module is not built, or when it refuses an image):
 
        decode_region(data, k, left, top, right, bottom) -> (bytearray, x0, width)
 

@@ -67,7 +67,7 @@ class DataConfig:
     timeout_s: float = 300.0  # longest wait for one batch from a worker, then an error
     io_retry_s: float = 120.0  # how long a broken stream keeps being reopened
     # gpu: workers only check JPEG headers and ship the bytes; the training device decodes them
-    # (nvJPEG) and augments the batch in one pass (orchestrator.gpu_augment). split: workers
+    # (nvJPEG) and augments the batch in one pass (orchestrator.data.gpu_augment). split: workers
     # decode a share of each batch, the device the rest (see `MixedBatch`)
     decode: Literal["cpu", "gpu", "split"] = "cpu"
     split_cpu_share: float = 0.5  # decode=split: share of each batch the workers decode, at start

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from orchestrator.checkpoint import Checkpointer, best_checkpoint, rng_state, set_rng_state
 from orchestrator.data import DeviceNormalize, MixedBatch, SplitBalancer, TrainLoader
-from orchestrator.gpu_augment import DeviceAugment, decode_jpegs
+from orchestrator.data.gpu_augment import DeviceAugment, decode_jpegs
 from orchestrator.models import create_model, unwrap
 from orchestrator.runtime import Runtime, Terminated, all_reduce, raise_on_sigterm
 from orchestrator.schedule import LRSchedule

@@ -1,4 +1,4 @@
-"""The input pipeline (orchestrator.data, orchestrator.transforms) on tiny shards.
+"""The input pipeline (the orchestrator.data package) on tiny shards.
 
 Datasets are written here with webdataset.TarWriter and a hand-made manifest, independently of
 datasets/*.py. Every sample's class is its global id (num_classes = N), so the labels of a
@@ -23,8 +23,16 @@ import torch
 from PIL import Image
 
 from orchestrator import data as D
-from orchestrator import transforms as T
-from orchestrator.data import DataConfig, DataError, DeviceNormalize, TrainLoader, eval_loader
+from orchestrator.data import (
+    DataConfig,
+    DataError,
+    DeviceNormalize,
+    TrainLoader,
+    eval_loader,
+    train_loader,
+)
+from orchestrator.data import transforms as T
+from orchestrator.data.tar import tar_files
 
 # ---------------------------------------------------------------------------- test datasets
 
@@ -74,7 +82,11 @@ def write_dataset(
             with wds.TarWriter(str(root / name), encoder=False) as tw:
                 for _ in range(n):
                     sample = {"__key__": f"{split}_{gid:05d}", "cls": str(gid).encode()}
-                    sample["jpg"] = b"this is not a jpeg" if gid in corrupt else jpeg(gid, size(gid) if callable(size) else size)
+                    sample["jpg"] = (
+                        b"this is not a jpeg"
+                        if gid in corrupt
+                        else jpeg(gid, size(gid) if callable(size) else size)
+                    )
                     if pad_bytes:
                         sample["pad"] = np.random.default_rng(gid).bytes(pad_bytes)
                     tw.write(sample)
@@ -97,9 +109,15 @@ def write_dataset(
 
 def small_cfg(url: str | Path, **kw) -> DataConfig:
     base = {
-        "url": str(url), "image_size": 32, "scale_range": (32, 48), "eval_resize": 36,
-        "num_workers": 2, "shuffle_buffer": 8, "bad_check_after": 20, "timeout_s": 60,
-    }  # fmt: skip
+        "url": str(url),
+        "image_size": 32,
+        "scale_range": (32, 48),
+        "eval_resize": 36,
+        "num_workers": 2,
+        "shuffle_buffer": 8,
+        "bad_check_after": 20,
+        "timeout_s": 60,
+    }
     return DataConfig(**{**base, **kw})
 
 
@@ -142,10 +160,18 @@ def test_plan_covers_every_sample_once_with_equal_batch_counts(counts, world, ba
             sizes = []
             for slot in range(workers):
                 plan = D.plan_train_worker(
-                    counts, mode="exact", seed=3, epoch=epoch, rank=rank, world_size=world,
-                    batch_size=batch, num_workers=workers, slot=slot, start_batch=0,
+                    counts,
+                    mode="exact",
+                    seed=3,
+                    epoch=epoch,
+                    rank=rank,
+                    world_size=world,
+                    batch_size=batch,
+                    num_workers=workers,
+                    slot=slot,
+                    start_batch=0,
                     shuffle_buffer=4,
-                )  # fmt: skip
+                )
                 stream = [(s.shard, i) for s in plan.segments for i in range(s.start, s.stop)]
                 assert sorted(plan.order.tolist()) == list(range(len(stream)))
                 assert sum(plan.sizes) == len(stream)
@@ -220,12 +246,13 @@ def test_determinism_and_new_order_each_epoch(ds):
 
 
 def test_kept_batches_keep_their_pixels_while_workers_reuse_buffers(ds, monkeypatch):
-    """Workers write batches into a ring of reused shared buffers (orchestrator.batch_ring):
-    batches the loop drops come back to be reused; one it keeps, whole or as a view, is never
-    written over (once every slot is held, the rest travel in fresh shared memory)."""
+    """Workers write batches into a ring of reused shared buffers (data/batch_ring.py): batches
+    the loop drops come back to be reused; one it keeps, whole or as a view, is never written
+    over (once every slot is held, the rest travel in fresh shared memory)."""
     cfg = small_cfg(ds, num_workers=2, prefetch_factor=1)  # rings of 3 slots, 18 batches
     with monkeypatch.context() as m:
-        m.setattr(D, "BatchRing", lambda *args: None)  # torch's way: a fresh segment per batch
+        # torch's way: a fresh segment per batch
+        m.setattr(train_loader, "BatchRing", lambda *args: None)
         reference = epoch_batches(cfg, world=1, batch=2)[0]
     loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=2, seed=0)
     dropped = []
@@ -244,8 +271,8 @@ def test_kept_batches_keep_their_pixels_while_workers_reuse_buffers(ds, monkeypa
 
 
 def test_a_ring_slot_frees_only_when_every_view_of_it_is_gone(monkeypatch):
-    from orchestrator import batch_ring
-    from orchestrator.batch_ring import BatchRing
+    from orchestrator.data import batch_ring
+    from orchestrator.data.batch_ring import BatchRing
 
     naps, sleep = [], time.sleep  # the writer's waits, counted (they still sleep)
     monkeypatch.setattr(batch_ring.time, "sleep", lambda s: naps.append(s) or sleep(s))
@@ -432,7 +459,9 @@ def test_full_views_batch_same_shaped_images_that_are_not_adjacent(tmp_path):
     root = write_dataset(tmp_path / "mixed", {"val": [14, 13]}, size=lambda g: shapes[g % 3])
     cfg = small_cfg(root, num_workers=0)
     batches = list(
-        eval_loader(cfg, rank=0, world_size=1, batch_size=4, views="full", scale=40, with_index=True)
+        eval_loader(
+            cfg, rank=0, world_size=1, batch_size=4, views="full", scale=40, with_index=True
+        )
     )
     got = sorted(int(i) for _, _, where in batches for i in where)
     assert got == list(range(27))
@@ -567,7 +596,8 @@ def test_decompression_bombs_are_refused_before_decoding(decoder, monkeypatch):
     with pytest.raises(ValueError, match="48x40 image: over 1919 pixels"):
         T.decode(data)
     monkeypatch.setattr(T.Image, "MAX_IMAGE_PIXELS", 48 * 40)
-    assert T.paper_train(data, np.random.default_rng(0), size=16, scale_range=(20, 24)).shape == (3, 16, 16)
+    pixels = T.paper_train(data, np.random.default_rng(0), size=16, scale_range=(20, 24))
+    assert pixels.shape == (3, 16, 16)
 
 
 def test_region_decoder_refuses_damage_and_bad_boxes():
@@ -635,7 +665,9 @@ def test_paper_transform_matches_resize_then_crop(decoder):
         assert diff.mean() < 1.1 and diff.max() <= 5, (seed, diff.mean(), diff.max())
 
 
-@pytest.mark.parametrize("mode,fmt", [("CMYK", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("RGBA", "PNG")])
+@pytest.mark.parametrize(
+    "mode,fmt", [("CMYK", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("RGBA", "PNG")]
+)
 def test_odd_image_kinds_decode_to_rgb(decoder, mode: str, fmt: str):
     """ImageNet holds CMYK and greyscale JPEGs and one PNG named .JPEG: all come out RGB, with
     colours close to the source's (a ramp: red = column, blue = its inverse)."""
@@ -647,7 +679,8 @@ def test_odd_image_kinds_decode_to_rgb(decoder, mode: str, fmt: str):
     expect = np.asarray(Image.fromarray(rgb).convert(mode).convert("RGB")).astype(int)
     assert pixels.shape == (90, 120, 3) and factor == 1.0
     assert np.abs(pixels.astype(int) - expect).mean() < 3
-    assert T.paper_train(buf.getvalue(), np.random.default_rng(0), size=32, scale_range=(36, 48)).shape == (3, 32, 32)
+    crop = T.paper_train(buf.getvalue(), np.random.default_rng(0), size=32, scale_range=(36, 48))
+    assert crop.shape == (3, 32, 32)
 
 
 def test_center_view_matches_resize_then_crop(decoder):
@@ -745,9 +778,12 @@ def test_tar_reader_reads_what_tarfile_reads(fmt):
 
     buf = io.BytesIO()
     members = [
-        ("a/0001.jpg", b"x" * 1000), ("a/0001.cls", b"7"), ("a/empty.txt", b""),
-        ("d" * 60 + "/" + "n" * 80 + ".jpg", b"long" * 300), ("caf\u00e9/01.jpg", b"accent"),
-    ]  # fmt: skip
+        ("a/0001.jpg", b"x" * 1000),
+        ("a/0001.cls", b"7"),
+        ("a/empty.txt", b""),
+        ("d" * 60 + "/" + "n" * 80 + ".jpg", b"long" * 300),
+        ("caf\u00e9/01.jpg", b"accent"),
+    ]
     with tarfile.open(fileobj=buf, mode="w", format=getattr(tarfile, f"{fmt}_FORMAT")) as tar:
         folder = tarfile.TarInfo("a")
         folder.type = tarfile.DIRTYPE
@@ -764,13 +800,13 @@ def test_tar_reader_reads_what_tarfile_reads(fmt):
     raw = buf.getvalue()
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r|") as tar:
         expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
-    assert list(D._tar_files(io.BytesIO(raw))) == expected and len(expected) == len(members)
+    assert list(tar_files(io.BytesIO(raw))) == expected and len(expected) == len(members)
     damaged = bytearray(raw)
     damaged[600] ^= 0xFF  # inside the first file's header (after the folder's)
     with pytest.raises(tarfile.ReadError, match="checksum"):
-        list(D._tar_files(io.BytesIO(bytes(damaged))))
+        list(tar_files(io.BytesIO(bytes(damaged))))
     with pytest.raises(EOFError):
-        list(D._tar_files(io.BytesIO(raw[:1500])))  # cut inside the first file
+        list(tar_files(io.BytesIO(raw[:1500])))  # cut inside the first file
 
 
 def test_reopening_stream_resumes_from_the_byte_reached():
@@ -814,12 +850,13 @@ def test_reads_over_http_same_as_local(ds):
 
 
 def upload_dir(local: Path, url: str) -> None:
-    from orchestrator import s3
+    from orchestrator.storage import open_storage
 
+    store = open_storage(url)
     for path in sorted(local.iterdir()):
         if path.name != "manifest.json":
-            s3.upload_file(str(path), f"{url}/{path.name}")
-    s3.upload_file(str(local / "manifest.json"), f"{url}/manifest.json")  # the commit marker last
+            store.put(path.name, path.read_bytes())
+    store.put("manifest.json", (local / "manifest.json").read_bytes())  # the commit marker last
 
 
 def test_reads_from_s3_same_as_local(ds, s3_prefix):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.gpu_augment import (
+from orchestrator.data.gpu_augment import (
     DeviceAugment,
     crop_resize,
     cut_to_boxes,

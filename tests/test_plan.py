@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import plan
-from orchestrator.data import DataConfig
-from orchestrator.spec import CheckpointConfig, JobSpec, ScalingConfig, ScheduleConfig
+from orchestrator.spec import CheckpointConfig, DataConfig, JobSpec, ScalingConfig, ScheduleConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 R152 = str(ROOT / "jobs" / "imagenet_r152.py")

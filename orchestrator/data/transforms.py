@@ -105,7 +105,9 @@ def image_size(data: bytes) -> tuple[int, int]:
 def _not_a_bomb(w: int, h: int) -> None:
     """Refuse a header that claims more pixels than Pillow's limit, before any decode."""
     if w * h > Image.MAX_IMAGE_PIXELS:
-        raise ValueError(f"{w}x{h} image: over {Image.MAX_IMAGE_PIXELS} pixels (decompression bomb?)")
+        raise ValueError(
+            f"{w}x{h} image: over {Image.MAX_IMAGE_PIXELS} pixels (decompression bomb?)"
+        )
 
 
 def _dct_reduction(w: int, h: int, need: tuple[int, int] | None) -> int:

@@ -1,17 +1,18 @@
 """Batched augmentation on the training device, for JPEGs decoded there (nvJPEG).
 
 A Python loop that crops and resizes one image at a time costs the GPU more than the decode
-itself (DESIGN.md: ~21,000 img/s decode vs ~10,400 with a per-sample crop loop). Here every
-step is one batched call: the decoded images are padded into one tensor, each sample's crop box
-is drawn on the host (tiny), and a single `grid_sample` resamples every crop to the output size,
-flips included; normalisation follows in the same pass.
+itself: on one H200, nvJPEG decodes ~21,000 img/s in batches of 64, but ~10,400 img/s once a
+per-sample crop loop follows it (docs/performance-anchors.md). Here every step is one batched
+call: the decoded images are padded into one tensor, each sample's crop box is drawn on the
+host (tiny), and a single `grid_sample` resamples every crop to the output size, flips
+included; normalisation follows in the same pass.
 
     augment = DeviceAugment("paper", out=224, scale_range=(256, 480), mean=..., std=...)
     x = augment(decode_jpegs(jpeg_bytes, device), generator)   # [N,3,224,224] channels_last
 
-The crop boxes reproduce the CPU transforms (orchestrator.transforms): "paper" (shorter side to
-s ~ U[lo, hi], then a random out x out crop, flip) and "rrc" (RandomResizedCrop scale 0.08-1,
-ratio 3/4-4/3, 10 tries then a centre crop, flip). Only `decode_jpegs` on a GPU needs
+The crop boxes reproduce the CPU transforms (orchestrator.data.transforms): "paper" (shorter
+side to s ~ U[lo, hi], then a random out x out crop, flip) and "rrc" (RandomResizedCrop scale
+0.08-1, ratio 3/4-4/3, 10 tries then a centre crop, flip). Only `decode_jpegs` on a GPU needs
 torchvision; the rest is plain torch, so the maths is tested on CPU tensors.
 """
 
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 Boxes = torch.Tensor  # [N, 4] float: y0, x0, height, width in source pixels
 
 
-def paper_boxes(sizes: torch.Tensor, out: int, scale_range: tuple[int, int], gen: torch.Generator) -> Boxes:
+def paper_boxes(
+    sizes: torch.Tensor, out: int, scale_range: tuple[int, int], gen: torch.Generator
+) -> Boxes:
     """Scale augmentation: resize the shorter side to s ~ U[lo, hi], crop out x out at random.
 
     In source pixels the crop is out * short / s on a side, anywhere inside the image."""
@@ -54,7 +57,9 @@ def rrc_boxes(
     n = sizes.shape[0]
     h, w = sizes[:, 0:1].double(), sizes[:, 1:2].double()
     area = h * w * torch.empty(n, tries, dtype=torch.float64).uniform_(*scale, generator=gen)
-    log_r = torch.empty(n, tries, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    log_r = torch.empty(n, tries, dtype=torch.float64).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=gen
+    )
     r = torch.exp(log_r)
     cw, ch = torch.sqrt(area * r).round(), torch.sqrt(area / r).round()
     ok = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
@@ -63,12 +68,24 @@ def rrc_boxes(
     pick_h, pick_w = ch[rows, first.clamp(min=0)], cw[rows, first.clamp(min=0)]
     # fallback (no try fits): the centre crop at the nearest allowed ratio, as torchvision does
     in_ratio = (w / h).squeeze(1)
-    fb_w = torch.where(in_ratio < ratio[0], w.squeeze(1), torch.where(in_ratio > ratio[1], (h.squeeze(1) * ratio[1]).round(), w.squeeze(1)))
+    fb_w = torch.where(
+        in_ratio < ratio[0],
+        w.squeeze(1),
+        torch.where(in_ratio > ratio[1], (h.squeeze(1) * ratio[1]).round(), w.squeeze(1)),
+    )
     fb_h = torch.where(in_ratio < ratio[0], (w.squeeze(1) / ratio[0]).round(), h.squeeze(1))
     valid = first >= 0
     bh, bw = torch.where(valid, pick_h, fb_h), torch.where(valid, pick_w, fb_w)
-    y0 = torch.where(valid, torch.rand(n, generator=gen, dtype=torch.float64) * (h.squeeze(1) - bh + 1).floor(), (h.squeeze(1) - bh) / 2)
-    x0 = torch.where(valid, torch.rand(n, generator=gen, dtype=torch.float64) * (w.squeeze(1) - bw + 1).floor(), (w.squeeze(1) - bw) / 2)
+    y0 = torch.where(
+        valid,
+        torch.rand(n, generator=gen, dtype=torch.float64) * (h.squeeze(1) - bh + 1).floor(),
+        (h.squeeze(1) - bh) / 2,
+    )
+    x0 = torch.where(
+        valid,
+        torch.rand(n, generator=gen, dtype=torch.float64) * (w.squeeze(1) - bw + 1).floor(),
+        (w.squeeze(1) - bw) / 2,
+    )
     return torch.stack([y0.floor(), x0.floor(), bh, bw], dim=1)
 
 
@@ -110,8 +127,8 @@ def cut_to_boxes(images: Sequence[torch.Tensor], boxes: Boxes) -> tuple[list[tor
 def crop_resize(batch: torch.Tensor, boxes: Boxes, out: int, flips: torch.Tensor) -> torch.Tensor:
     """Resample every sample's box to out x out (bilinear) in one grid_sample call.
 
-    `batch` is padded to [N,C,Hmax,Wmax]; boxes (on the host) are in each image's own pixels. A flip mirrors
-    the sampling grid, which is the same as flipping the crop."""
+    `batch` is padded to [N,C,Hmax,Wmax]; boxes (on the host) are in each image's own pixels.
+    A flip mirrors the sampling grid, which is the same as flipping the crop."""
     n, _, hmax, wmax = batch.shape
     dev = batch.device
     # decided on the host copy: reading a device value would stall the CPU until the GPU
@@ -122,10 +139,14 @@ def crop_resize(batch: torch.Tensor, boxes: Boxes, out: int, flips: torch.Tensor
     t = (torch.arange(out, device=dev, dtype=torch.float32) + 0.5) / out
     ys = y0[:, None] + t[None, :] * bh[:, None]  # [N, out]
     xs = x0[:, None] + t[None, :] * bw[:, None]
-    xs = torch.where(flips.to(dev, non_blocking=True)[:, None], (x0 + bw)[:, None] - (xs - x0[:, None]), xs)
+    xs = torch.where(
+        flips.to(dev, non_blocking=True)[:, None], (x0 + bw)[:, None] - (xs - x0[:, None]), xs
+    )
     gy = ys / hmax * 2 - 1
     gx = xs / wmax * 2 - 1
-    grid = torch.stack([gx[:, None, :].expand(n, out, out), gy[:, :, None].expand(n, out, out)], dim=-1)
+    grid = torch.stack(
+        [gx[:, None, :].expand(n, out, out), gy[:, :, None].expand(n, out, out)], dim=-1
+    )
     x = batch.float() if not batch.is_floating_point() else batch
     # where the box is much larger than the output, average 2x2 first so bilinear does not alias
     if pool and hmax % 2 == 0 and wmax % 2 == 0:
@@ -184,11 +205,16 @@ class DeviceAugment:
         return x.contiguous(memory_format=torch.channels_last)
 
 
-def decode_jpegs(jpegs: Sequence[bytes | torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+def decode_jpegs(
+    jpegs: Sequence[bytes | torch.Tensor], device: torch.device | str
+) -> list[torch.Tensor]:
     """Decode a batch of JPEGs to uint8 CHW tensors on `device`: with nvJPEG on a GPU
     (torchvision, the `gpu` extra); on a CPU device, with the loader's own host decoder, so
     the decode=gpu/split paths also run (and are tested) where there is no GPU."""
-    blobs = [j if isinstance(j, torch.Tensor) else torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+    blobs = [
+        j if isinstance(j, torch.Tensor) else torch.frombuffer(bytearray(j), dtype=torch.uint8)
+        for j in jpegs
+    ]
     if torch.device(device).type == "cpu":
         return [_host_decode(b) for b in blobs]
     try:
@@ -214,11 +240,13 @@ def _host_decode(blob: torch.Tensor) -> torch.Tensor:
     """libjpeg-turbo or Pillow on the host (CMYK and other JPEGs nvJPEG refuses included). A
     file no decoder can read becomes a black image, with a warning: the loader already
     checked its header, so this is a damaged body, rarer still."""
-    from orchestrator.transforms import decode
+    from orchestrator.data.transforms import decode
 
     try:
         pixels, _ = decode(bytes(blob.numpy()))
     except Exception as err:  # noqa: BLE001 - Pillow raises many kinds for damaged data
-        log.warning("undecodable JPEG body (%d bytes) in a decode=gpu/split batch: %s", len(blob), err)
+        log.warning(
+            "undecodable JPEG body (%d bytes) in a decode=gpu/split batch: %s", len(blob), err
+        )
         return torch.zeros(3, 8, 8, dtype=torch.uint8)
     return torch.from_numpy(pixels).permute(2, 0, 1)
