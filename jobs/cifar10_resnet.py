@@ -14,7 +14,6 @@ import dataclasses
 
 from orchestrator.launch import main
 from orchestrator.spec import (
-    DataConfig,
     CheckpointConfig,
     DataConfig,
     EvalConfig,

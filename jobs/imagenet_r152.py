@@ -15,7 +15,6 @@ On GPUs: bf16 autocast and channels_last.
 
 from orchestrator.launch import main
 from orchestrator.spec import (
-    DataConfig,
     CheckpointConfig,
     DataConfig,
     EvalConfig,

@@ -9,7 +9,6 @@ ResNet-20 on 32x32 crops, log one MLflow run, and commit a checkpoint to S3.
 
 from orchestrator.launch import main
 from orchestrator.spec import (
-    DataConfig,
     CheckpointConfig,
     DataConfig,
     EvalConfig,
