@@ -18,16 +18,19 @@ Flags (`python -m orchestrator.ensemble_eval --help`) override any field below.
 import sys
 
 from orchestrator.ensemble_eval import EnsembleConfig, main
+from orchestrator.spec import EvalConfig
 
 CONFIG = EnsembleConfig(
     name="ensemble_eval",  # the parent MLflow run's name
     experiment="imagenet",
     filter="tags.model = 'resnet152' and attributes.status = 'FINISHED'",
-    checkpoint="best",  # the committed step with the lowest val_top1_err
-    protocol="multiscale",
-    scales=[224, 256, 384, 480, 640],
-    flips=True,
-    batch_size=25,  # whole images at 640 px: keep batches small
+    checkpoint="best",  # the committed step with the lowest val/top1_err
+    eval=EvalConfig(
+        protocol="multiscale",
+        scales=[224, 256, 384, 480, 640],
+        flips=True,
+        batch_size=25,  # whole images at 640 px: keep batches small
+    ),
     output_experiment="ensembles",
 )
 

@@ -1,4 +1,5 @@
-"""The paper's numbers as data (He et al. 2016, Tables 2-6), for comparison tables and metrics.
+"""The paper's numbers as data (He et al. 2016, Tables 2-6); orchestrator.paper_report puts
+them beside a run's in tables and metrics.
 
 Errors are in percent, as the paper prints them. Protocols: "ten_crop" (Tables 2-3),
 "multiscale" (Table 4, fully convolutional over scales {224,...,640} with flips), "center"
@@ -45,7 +46,9 @@ RESULTS: tuple[PaperResult, ...] = (
     PaperResult("Table 6", "cifar_resnet32", "cifar_test", 7.51, None),
     PaperResult("Table 6", "cifar_resnet44", "cifar_test", 7.17, None),
     PaperResult("Table 6", "cifar_resnet56", "cifar_test", 6.97, None),
-    PaperResult("Table 6", "cifar_resnet110", "cifar_test", 6.43, None, note="best of 5; mean 6.61 +- 0.16"),
+    PaperResult(
+        "Table 6", "cifar_resnet110", "cifar_test", 6.43, None, note="best of 5; mean 6.61 +- 0.16"
+    ),
     PaperResult("Table 6", "cifar_resnet1202", "cifar_test", 7.93, None),
 )
 
@@ -65,17 +68,3 @@ def lookup(
     if len(matches) > 1:
         matches = [r for r in matches if r.shortcut == (shortcut or "B")]
     return matches[0] if matches else None
-
-
-def for_model(model: str) -> list[PaperResult]:
-    return [r for r in RESULTS if r.model == model]
-
-
-def pct_cell(x: float | None) -> str:
-    """A percent cell of a comparison table ("-" where there is no number)."""
-    return "-" if x is None else f"{x:.2f}"
-
-
-def gap_cell(ours: float | None, paper: float | None) -> str:
-    """Ours minus the paper's, in points, signed ("-" where either is missing)."""
-    return "-" if ours is None or paper is None else f"{ours - paper:+.2f}"

@@ -83,12 +83,25 @@ def figure(plot: Plot, *, width_in: float = 7.0, height_in: float = 4.4, dpi: in
         prefix = f"{curve.label}: " if len(plot.curves) > 1 or curve.label else ""
         if curve.train:
             tx, ty = zip(*curve.train)
-            ax.plot([x / scale for x in tx], ty, color=colour, linewidth=0.9, alpha=0.85,
-                    label=f"{prefix}{plot.train_name}")  # fmt: skip
+            ax.plot(
+                [x / scale for x in tx],
+                ty,
+                color=colour,
+                linewidth=0.9,
+                alpha=0.85,
+                label=f"{prefix}{plot.train_name}",
+            )
         if curve.val:
             vx, vy = zip(*curve.val)
-            ax.plot([x / scale for x in vx], vy, color=colour, linewidth=2.6, marker="o",
-                    markersize=4.5, label=f"{prefix}{plot.val_name}")  # fmt: skip
+            ax.plot(
+                [x / scale for x in vx],
+                vy,
+                color=colour,
+                linewidth=2.6,
+                marker="o",
+                markersize=4.5,
+                label=f"{prefix}{plot.val_name}",
+            )
     for ref in plot.references:
         ax.axhline(ref.value, color=ref.colour, linestyle=":", linewidth=1.6, label=ref.label)
     ax.set_xlabel(xlabel)
@@ -113,3 +126,40 @@ def render(plot: Plot, path: str | Path, **size: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure(plot, **size).savefig(path, format="png")
     return path
+
+
+def training_figures(title: str, ref: Any, history: dict[str, Points]) -> list[tuple[str, Plot]]:
+    """A training run's figures as (artifact path, Plot): top-1 and top-5 error (%) with the
+    paper's number `ref` (a PaperResult, or None) as a reference line, and the loss.
+    `history` maps `train/top1_err`, `val/top1_err`, ..., `train/loss`, `val/loss` to (step,
+    value) points, errors as fractions; a figure without points is left out."""
+    figures = []
+    for key, name in (("top1", "top-1"), ("top5", "top-5")):
+        train = [(s, v * 100) for s, v in history.get(f"train/{key}_err", ())]
+        val = [(s, v * 100) for s, v in history.get(f"val/{key}_err", ())]
+        if not (train or val):
+            continue
+        value = getattr(ref, key, None) if ref else None
+        refs = []
+        if value is not None:
+            refs.append(Reference(f"paper: {value:.2f}% ({ref.source}, {ref.protocol})", value))
+        plot = Plot(
+            title=f"{title}: {name} error",
+            ylabel=f"{name} error (%)",
+            curves=[Curve("", train, val)],
+            references=refs,
+            train_name="train (thin)",
+            val_name="validation (bold)",
+        )
+        figures.append((f"plots/{key}_error.png", plot))
+    train_loss, val_loss = history.get("train/loss", ()), history.get("val/loss", ())
+    if train_loss or val_loss:
+        plot = Plot(
+            title=f"{title}: cross-entropy loss",
+            ylabel="loss (nats per image)",
+            curves=[Curve("", train_loss, val_loss)],
+            train_name="train (thin)",
+            val_name="validation (bold)",
+        )
+        figures.append(("plots/loss.png", plot))
+    return figures

@@ -1,0 +1,135 @@
+"""`python -m orchestrator.ensemble_eval`: resolve and check the members, evaluate them, log
+the ensemble; see the package's docstring."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orchestrator.ensemble_eval.config import EnsembleConfig, EnsembleError, parse_args
+from orchestrator.ensemble_eval.members import check_members, resolve_members
+from orchestrator.ensemble_eval.runs import EnsembleRuns
+from orchestrator.ensemble_eval.scoring import (
+    Scores,
+    connect_ray,
+    ensemble_of,
+    ensemble_scores,
+    evaluate_members,
+)
+from orchestrator.evaluation import EvalResult, UnknownProtocolError
+from orchestrator.paper_report import ensemble_markdown, ensemble_rows
+from orchestrator.redaction import scrub
+from orchestrator.runtime import Terminated, raise_on_sigterm
+from orchestrator.spec import to_yaml
+
+
+def run(cfg: EnsembleConfig) -> dict[str, Any]:
+    """Resolve, check, evaluate, log. Raises EnsembleError (bad input) before logging anything."""
+    from mlflow import MlflowClient
+
+    if cfg.dry_run:
+        print(to_yaml(cfg), end="")
+        return {"members": []}
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise EnsembleError("MLFLOW_TRACKING_URI is not set: members are selected from MLflow")
+    client = MlflowClient()
+    members = resolve_members(client, cfg)
+    manifest = check_members(members, cfg)
+    data_url, split, protocol = members[0].data.url, members[0].data.val_split, cfg.eval.protocol
+    print(scrub(f"{len(members)} member(s), protocol {protocol}, data {data_url} [{split}]"))
+    for m in members:
+        how = f"weight {m.weight:g}, {m.selected_by}"
+        print(scrub(f"  {m.label}: {m.model_name}, {m.checkpoint_url} ({how})"))
+    if cfg.check:
+        return {"members": members, "manifest": manifest}
+    use_gpu = cfg.use_gpu if cfg.local else connect_ray(cfg)
+
+    raise_on_sigterm()  # `ray job stop`, a preempted node: the runs end KILLED, not RUNNING
+    runs = EnsembleRuns(client, cfg, members, data_url)
+    print(f"MLflow: ensemble run {runs.parent} in experiment {cfg.output_experiment!r}")
+    save_dir = Path(cfg.save_probs) if cfg.save_probs else None
+    if save_dir:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    scores: dict[int, Scores] = {}  # by member index, as each finishes
+
+    def on_done(i: int, out: dict[str, Any]) -> None:
+        r: EvalResult = out["result"]
+        m = members[i]
+        if not r.samples:
+            raise RuntimeError(
+                f"{m.label}: no validation sample could be evaluated in {m.data.url} "
+                f"[{m.data.val_split}] (every sample bad or unreadable?)"
+            )
+        scores[i] = Scores(r.top1_err, r.top5_err, r.samples, r.loss)
+        runs.log_member(i, out, cfg.log_probs)
+        if save_dir:
+            arrays = {"probs": r.probs, "labels": r.labels, "indices": r.indices}
+            np.savez_compressed(save_dir / f"member-{i}.npz", **arrays)
+        runs.close(runs.children[i])
+        print(
+            f"  {m.label}: top-1 err {100 * r.top1_err:.2f}%  top-5 err {100 * r.top5_err:.2f}%  "
+            f"({r.samples} samples, {out['device']}, {out['seconds']:.1f} s)"
+        )
+
+    try:
+        outs = evaluate_members(members, cfg, use_gpu, on_done)
+        results = [o["result"] for o in outs]
+        indices, labels, probs = ensemble_of(results, [m.weight for m in members])
+        ens = ensemble_scores(probs, labels)
+        member_scores = [scores[i] for i in range(len(members))]
+        rows = ensemble_rows(members, member_scores, ens, protocol)
+        title = (
+            f"Ensemble of {len(members)} (protocol {protocol}, checkpoint {cfg.checkpoint}, "
+            f"{len(labels)} samples of {data_url} [{split}]); errors in %"
+        )
+        table = scrub(ensemble_markdown(rows, title))
+        classes = members[0].num_classes
+        hit = probs.argmax(1) == labels
+        per_class = {
+            "class_total": np.bincount(labels, minlength=classes).tolist(),
+            "class_correct": np.bincount(labels[hit], minlength=classes).tolist(),
+        }
+        runs.log_ensemble(ens, member_scores, rows, table, per_class)
+        arrays = {"probs": probs, "labels": labels, "indices": indices}
+        if cfg.log_probs:
+            runs.log_npz(runs.parent, "probs.npz", **arrays)
+        if save_dir:
+            np.savez_compressed(save_dir / "ensemble.npz", **arrays)
+        runs.close(runs.parent)
+    except (KeyboardInterrupt, Terminated) as err:
+        runs.fail(f"interrupted ({type(err).__name__}: {err})", status="KILLED")
+        raise
+    except BaseException as err:
+        runs.fail(f"{type(err).__name__}: {err}")
+        raise
+    print()
+    print(table, end="")
+    return {
+        "parent_run_id": runs.parent,
+        "child_run_ids": runs.children,
+        "rows": rows,
+        "top1_err": ens.top1_err,
+        "top5_err": ens.top5_err,
+        "members": members,
+    }
+
+
+def main(argv: Sequence[str] | None = None, base: EnsembleConfig | None = None) -> int:
+    """The command line (over a job file's `base` config); exit code 2 on bad input."""
+    logging.basicConfig(
+        level=os.environ.get("ORCH_LOG_LEVEL", "WARNING"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv, base)
+        run(cfg)
+    except (EnsembleError, UnknownProtocolError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
