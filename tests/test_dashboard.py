@@ -25,7 +25,7 @@ from tests.conftest import ROOT
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 ARTIFACTS = ROOT / "test-artifacts"
-METRIC = "val_top1_err"
+METRIC = "val/top1_err"
 TIMEOUT_S = 90  # the UI's first load on a busy 2-core machine
 
 
@@ -37,7 +37,7 @@ def log_demo_run(experiment: str, job: str, seed: int) -> str:
     tau = 12 + 6 * seed
     for step in range(2, 41, 2):
         metrics = {"train/loss": 2.3 * math.exp(-step / tau), "train/top1_err": 0.9 * math.exp(-step / (2 * tau)),
-                   "lr": 0.1, "images_per_s": 900.0 + 10 * seed}  # fmt: skip
+                   "train/lr": 0.1, "system/images_per_s": 900.0 + 10 * seed}  # fmt: skip
         if step % 10 == 0:
             metrics[METRIC] = 0.88 * math.exp(-step / (2.4 * tau))
         tracker.log_metrics(metrics, step)
