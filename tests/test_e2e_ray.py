@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from orchestrator import s3
+from orchestrator.storage import open_storage, read_url
 from orchestrator.stack import Stack
 from tests.conftest import ROOT
 
@@ -53,9 +53,9 @@ def test_skeleton_job_via_ray_job_submit(stack: Stack, smoke_dataset: str) -> No
     val = client.get_metric_history(run.info.run_id, "val/top1_err")
     assert val and val[-1].value < 0.75  # 4 classes: chance is 0.75
 
-    marker_url = f"s3://resnet/runs/{name}/checkpoints/step-00000030/COMMITTED"
-    assert s3.exists(marker_url)
-    marker = json.loads(s3.read_bytes(marker_url))
+    step = open_storage(f"s3://resnet/runs/{name}/checkpoints/step-00000030")
+    assert step.exists("COMMITTED")
+    marker = json.loads(step.get("COMMITTED"))
     assert {"trainer.pt", "rank-00000.pt", "rank-00001.pt"} <= set(marker["files"])
 
 
@@ -66,7 +66,7 @@ def test_deepspeed_zero1_two_workers_via_ray(stack: Stack, smoke_dataset: str) -
                   "scaling.strategy=deepspeed", "scaling.zero_stage=1", "schedule.max_iters=10",
                   "checkpoint.every_iters=10", "tracking.enabled=false")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
-    marker = json.loads(s3.read_bytes(f"s3://resnet/runs/{name}/checkpoints/step-00000010/COMMITTED"))
+    marker = json.loads(read_url(f"s3://resnet/runs/{name}/checkpoints/step-00000010/COMMITTED"))
     shards = [f for f in marker["files"] if f.startswith("shards/")]
     optim = [f for f in shards if "optim_states" in f]
     assert len(optim) == 2, f"one ZeRO optimizer shard per rank, got {shards}"
