@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from orchestrator.storage import open_storage, read_url
 from orchestrator.stack import Stack
+from orchestrator.storage import open_storage, read_url
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
