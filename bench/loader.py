@@ -57,6 +57,7 @@ from orchestrator import s3
 from orchestrator import transforms as T
 from orchestrator.batch_ring import BatchRing
 from orchestrator.data import DataConfig, DataError, TrainLoader, load_manifest
+from orchestrator.storage import open_storage
 
 REPO = Path(__file__).resolve().parent.parent  # datasets/*.py run as scripts, never imported
 
@@ -93,7 +94,8 @@ def prepare(images: int, cache: Path, classes: int = 10) -> tuple[Path, str]:
         fresh = False
     if not fresh:
         print(f"converting {src} to shards at {DEST} (once) ...", flush=True)
-        s3.delete_prefix(DEST + "/")
+        root, _, name = DEST.rpartition("/")
+        open_storage(root).delete_prefix(name)  # shards of an earlier source must not linger
         subprocess.run(
             [sys.executable, str(REPO / "datasets/imagenet.py"), "--src", str(src), "--dest", DEST,
              "--shard-size-mb", "16", "--workers", str(os.cpu_count() or 1)],
