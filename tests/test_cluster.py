@@ -489,7 +489,9 @@ def script_flags(target: str) -> frozenset[str]:
     if target.startswith("jobs/"):
         return frozenset(_argparse_flags(ROOT / "orchestrator" / "launch.py"))
     if target.startswith("orchestrator."):
-        flags = _argparse_flags(ROOT / (target.replace(".", "/") + ".py"))
+        module = ROOT / target.replace(".", "/")  # a module file, or a package's folder
+        files = sorted(module.glob("*.py")) if module.is_dir() else [module.with_suffix(".py")]
+        flags = set().union(*map(_argparse_flags, files))
         if target == "orchestrator.stack":  # its port flags are generated from StackConfig
             from orchestrator import stack
 
