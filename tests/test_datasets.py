@@ -106,7 +106,7 @@ def check_dataset(
     *,
     original_bytes: bool = True,
 ) -> dict[str, dict[str, bytes]]:
-    """Every shard matches its manifest entry; every expected sample is there once, labelled right."""
+    """Each shard matches its manifest entry; each expected sample is there once, labelled right."""
     seen: dict[str, dict[str, bytes]] = {}
     for split, info in manifest["splits"].items():
         keys: list[str] = []
@@ -344,8 +344,17 @@ def test_imagenet_val_label_sources_agree(
     (tmp_path / "ground_truth.txt").write_text(truth)
     dest = tmp_path / "devkit"
     devkit = ("--val-labels", tmp_path / "ground_truth.txt")
-    ok("imagenet.py", "--src", imagenet_src, "--dest", dest, *SHARDS, *devkit,
-       "--devkit-synsets", tmp_path / "synsets.txt")  # fmt: skip
+    ok(
+        "imagenet.py",
+        "--src",
+        imagenet_src,
+        "--dest",
+        dest,
+        *SHARDS,
+        *devkit,
+        "--devkit-synsets",
+        tmp_path / "synsets.txt",
+    )
     manifest = json.loads((dest / "manifest.json").read_text())
     first = json.loads((local_shards / "manifest.json").read_text())
     assert manifest["splits"]["val"] == first["splits"]["val"]  # same labels: identical shards
