@@ -58,6 +58,7 @@ from orchestrator.data import transforms as T
 from orchestrator.data.batch_ring import BatchRing
 from orchestrator.data.tar import tar_files
 from orchestrator.data.train_loader import build_batch
+from orchestrator.storage import open_storage
 
 REPO = Path(__file__).resolve().parent.parent  # datasets/*.py run as scripts, never imported
 
@@ -94,7 +95,8 @@ def prepare(images: int, cache: Path, classes: int = 10) -> tuple[Path, str]:
         fresh = False
     if not fresh:
         print(f"converting {src} to shards at {DEST} (once) ...", flush=True)
-        s3.delete_prefix(DEST + "/")
+        root, _, name = DEST.rpartition("/")
+        open_storage(root).delete_prefix(name)  # shards of an earlier source must not linger
         subprocess.run(
             [sys.executable, str(REPO / "datasets/imagenet.py"), "--src", str(src), "--dest", DEST,
              "--shard-size-mb", "16", "--workers", str(os.cpu_count() or 1)],

@@ -43,6 +43,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+try:
+    from orchestrator import storage
+except ImportError:  # a checkout where the package is not installed: the repo root is one up
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+    from orchestrator import storage
+
 FORMAT_VERSION = 1
 MB = 1_000_000  # --shard-size-mb counts in 10^6 bytes
 MANIFEST = "manifest.json"
@@ -88,27 +94,41 @@ Encoder = Callable[[Sample], Encoded]  # must be picklable: a module-level funct
 # ---------------------------------------------------------------- destinations
 
 
-def _s3() -> Any:
-    """orchestrator.s3, also from a checkout where the package is not installed."""
-    try:
-        from orchestrator import s3
-    except ImportError:
-        sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root
-        from orchestrator import s3
-    return s3
+class _Dest:
+    """A storage root (orchestrator.storage) plus what a conversion needs on top of it: a
+    preflight check, a temporary folder, and whether a stored shard is still the one built."""
+
+    def __init__(self, store: storage.Storage) -> None:
+        self.store = store
+        self.url = store.root
+
+    def matches(self, name: str, size: int, fingerprint: str) -> bool:
+        # storage's head: (size, sha256) of a local file, (size, ETag) of an S3 object; any
+        # rewrite of the object changes either, and S3 needs no re-read of the shard for it
+        return self.store.head(name) == (size, fingerprint)
+
+    def put_shard(self, tmp_path: str, name: str, sha256: str) -> str:
+        """Store a finished shard (the local file goes); returns the fingerprint head gives."""
+        self.store.put_file(tmp_path, name)
+        if not self.store.remote:
+            return sha256  # what head() would compute, without reading the file again
+        head = self.store.head(name)
+        if head is None:
+            raise ConversionError(f"{self.url}/{name} is missing right after its upload")
+        return head[1]
 
 
-class LocalDest:
+class LocalDest(_Dest):
     """A local folder; files appear by atomic rename, so a reader never sees half a file."""
 
     def __init__(self, path: str) -> None:
-        self.url = str(Path(path).expanduser().resolve())
-        self.root = Path(self.url)
+        super().__init__(storage.LocalStorage(str(Path(path).expanduser().resolve())))
 
     def preflight(self) -> None:
-        if self.root.exists() and not self.root.is_dir():
+        root = self.store.path
+        if root.exists() and not root.is_dir():
             raise ConversionError(f"--dest {self.url} exists and is not a folder")
-        probe = self.root
+        probe = root
         while not probe.exists():
             probe = probe.parent
         if not os.access(probe, os.W_OK):
@@ -116,45 +136,17 @@ class LocalDest:
 
     def make_tmp_dir(self) -> str:
         # Inside the destination, so the final rename stays on one filesystem (atomic).
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f".tmp-{uuid.uuid4().hex[:8]}"
+        self.store.path.mkdir(parents=True, exist_ok=True)
+        path = self.store.path / f".tmp-{uuid.uuid4().hex[:8]}"
         path.mkdir()
         return str(path)
 
-    def put_file(self, tmp_path: str, name: str, sha256: str) -> str:
-        """Move a finished file into place; returns its fingerprint (here, its sha256)."""
-        os.replace(tmp_path, self.root / name)
-        return sha256
 
-    def put_bytes(self, name: str, data: bytes) -> None:
-        tmp = self.root / f".{name}.{uuid.uuid4().hex[:8]}"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.root / name)
-
-    def get_bytes(self, name: str) -> bytes | None:
-        try:
-            return (self.root / name).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def matches(self, name: str, size: int, fingerprint: str) -> bool:
-        path = self.root / name
-        return path.is_file() and path.stat().st_size == size and _sha256_file(path) == fingerprint
-
-    def delete(self, name: str) -> None:
-        (self.root / name).unlink(missing_ok=True)
-
-    def list_names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
-
-
-class S3Dest:
-    """An s3:// prefix, reached only through orchestrator.s3 (the project's one S3 client)."""
+class S3Dest(_Dest):
+    """An s3:// prefix, reached through orchestrator.storage and the project's one S3 client."""
 
     def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
-        self.bucket, prefix = _s3().split_url(self.url + "/")
-        self.prefix = prefix  # "" or "a/b/"
+        super().__init__(storage.S3Storage(url))
 
     def preflight(self) -> None:
         """Fail fast, before anything is written, when the store cannot be used."""
@@ -166,7 +158,9 @@ class S3Dest:
                 "boto3 is not installed; install the project (pip install -e .) or give a local "
                 "folder as --dest"
             ) from None
-        s3 = _s3()
+        from orchestrator import s3
+
+        bucket = self.store.bucket
         if boto3.Session().get_credentials() is None:
             raise ConversionError(
                 "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (for the local "
@@ -188,60 +182,24 @@ class S3Dest:
                 ) from None
         where = endpoint or "AWS S3"
         try:
-            s3.client().head_bucket(Bucket=self.bucket)
+            s3.client().head_bucket(Bucket=bucket)
         except ClientError as err:
             code = str(err.response.get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchBucket", "NotFound"):
                 raise ConversionError(
-                    f"bucket {self.bucket!r} does not exist at {where}; create it first"
+                    f"bucket {bucket!r} does not exist at {where}; create it first"
                 ) from None
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise ConversionError(
-                    f"access to bucket {self.bucket!r} at {where} was refused ({code}); check "
+                    f"access to bucket {bucket!r} at {where} was refused ({code}); check "
                     "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
                 ) from None
-            raise ConversionError(f"cannot use bucket {self.bucket!r} at {where}: {err}") from None
+            raise ConversionError(f"cannot use bucket {bucket!r} at {where}: {err}") from None
         except BotoCoreError as err:
             raise ConversionError(f"cannot reach S3 at {where}: {err}") from None
 
     def make_tmp_dir(self) -> str:
         return tempfile.mkdtemp(prefix="shards-")
-
-    def _url(self, name: str) -> str:
-        return f"s3://{self.bucket}/{self.prefix}{name}"
-
-    def put_file(self, tmp_path: str, name: str, sha256: str) -> str:
-        """Upload a finished file (multipart when large); returns the object's ETag."""
-        s3 = _s3()
-        s3.upload_file(tmp_path, self._url(name))
-        os.unlink(tmp_path)
-        head = s3.client().head_object(Bucket=self.bucket, Key=self.prefix + name)
-        return str(head["ETag"])
-
-    def put_bytes(self, name: str, data: bytes) -> None:
-        _s3().write_bytes(self._url(name), data)  # one PUT: the object appears whole or not at all
-
-    def get_bytes(self, name: str) -> bytes | None:
-        s3 = _s3()
-        return s3.read_bytes(self._url(name)) if s3.exists(self._url(name)) else None
-
-    def matches(self, name: str, size: int, fingerprint: str) -> bool:
-        # Size and ETag, not a re-read: any rewrite of the object changes its ETag.
-        from botocore.exceptions import ClientError
-
-        try:
-            head = _s3().client().head_object(Bucket=self.bucket, Key=self.prefix + name)
-        except ClientError:
-            return False
-        return head["ContentLength"] == size and str(head["ETag"]) == fingerprint
-
-    def delete(self, name: str) -> None:
-        _s3().client().delete_object(Bucket=self.bucket, Key=self.prefix + name)
-
-    def list_names(self) -> list[str]:
-        keys = _s3().list_keys(self._url(""))
-        names = (k[len(self._url("")) :] for k in keys)
-        return sorted(n for n in names if "/" not in n)
 
 
 Dest = LocalDest | S3Dest
@@ -323,14 +281,6 @@ def check_keys(splits: dict[str, list[Sample]]) -> None:
 # ---------------------------------------------------------------- workers
 
 
-def _sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     # Fixed metadata: the same bytes in give the same tar out, on any machine, at any time.
     info = tarfile.TarInfo(name)
@@ -350,12 +300,9 @@ def _encoded_size(args: tuple[Encoder, Sample]) -> int | None:
 
 def _reusable(job: ShardJob) -> dict[str, Any] | None:
     """The shard's sidecar, if the shard at the destination was built from these inputs."""
-    raw = job.dest.get_bytes(job.name + SIDECAR)
-    if raw is None:
-        return None
     try:
-        side = json.loads(raw)
-    except ValueError:
+        side = json.loads(job.dest.store.get(job.name + SIDECAR))
+    except (storage.NotFound, ValueError):
         return None
     if side.get("plan") != job.plan:
         return None
@@ -382,8 +329,8 @@ def _build_shard(job: ShardJob) -> dict[str, Any]:
             _add_member(tar, f"{sample.key}.{enc.ext}", enc.data)
             _add_member(tar, f"{sample.key}.cls", str(sample.label).encode())
             count += 1
-    size, sha = os.path.getsize(tmp), _sha256_file(tmp)
-    fingerprint = job.dest.put_file(tmp, job.name, sha)
+    size, sha = os.path.getsize(tmp), storage.sha256_file(tmp)
+    fingerprint = job.dest.put_shard(tmp, job.name, sha)
     side = {
         "name": job.name,
         "samples": count,
@@ -394,7 +341,7 @@ def _build_shard(job: ShardJob) -> dict[str, Any]:
         "skipped": skipped,
         "converted": converted,
     }
-    job.dest.put_bytes(job.name + SIDECAR, json.dumps(side, indent=1).encode())
+    job.dest.store.put(job.name + SIDECAR, json.dumps(side, indent=1).encode())
     return side
 
 
@@ -485,11 +432,11 @@ def write_dataset(
                 done[job.name] = side
         todo = [j for j in jobs if j.name not in done]
         log(f"{dest.url}: {len(jobs)} shards planned, {len(done)} already there and skipped")
-        if todo and dest.get_bytes(MANIFEST) is not None:
+        if todo and dest.store.exists(MANIFEST):
             # Shards an earlier manifest lists are about to change: withdraw it now, so a run
             # that dies midway does not leave a manifest describing a half-rewritten dataset.
             log(f"{dest.url}: removing the earlier {MANIFEST}; a new one is written at the end")
-            dest.delete(MANIFEST)
+            dest.store.delete(MANIFEST)
         bad = [item for side in done.values() for item in side["skipped"]]
         _check_bad(bad, total, bad_limit, max_bad_fraction)
         if todo:
@@ -510,7 +457,7 @@ def write_dataset(
     manifest = _manifest(
         dest, list(splits), jobs, done, classes, source, mean, std, mean_std_source
     )
-    dest.put_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())  # the commit marker
+    dest.store.put(MANIFEST, json.dumps(manifest, indent=1).encode())  # the commit marker
     _remove_stale(dest, {j.name for j in jobs}, set(splits))
     for split, info in manifest["splits"].items():
         log(f"{split}: {info['samples']} samples in {len(info['shards'])} shards")
@@ -606,10 +553,10 @@ def _manifest(
 
 def _remove_stale(dest: Dest, current: set[str], splits: set[str]) -> None:
     """Delete shards (and sidecars) an earlier, larger run left that the manifest does not list."""
-    for name in dest.list_names():
+    for name in dest.store.list_files():
         m = SHARD_NAME.match(name)
         if m and m["split"] in splits and name.removesuffix(SIDECAR) not in current:
-            dest.delete(name)
+            dest.store.delete(name)
 
 
 def run_cli(main: Callable[[], None]) -> None:

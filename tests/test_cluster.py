@@ -21,6 +21,7 @@ import io
 import json
 import re
 import shlex
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stdout
 from functools import cache
@@ -86,32 +87,50 @@ def launcher_problems(config: Any) -> list[str]:
     # the rules ray.autoscaler._private.util.validate_config adds to the schema
     types = config.get("available_node_types", {})
     if config.get("head_node_type") not in types:
-        problems.append(f"head_node_type {config.get('head_node_type')!r} is not one of {sorted(types)}")
+        problems.append(
+            f"head_node_type {config.get('head_node_type')!r} is not one of {sorted(types)}"
+        )
     if "cluster_synced_files" not in config:
-        problems.append("cluster_synced_files is missing (ray up treats that as a Ray version mismatch)")
+        problems.append(
+            "cluster_synced_files is missing (ray up treats that as a Ray version mismatch)"
+        )
     max_workers = config.get("max_workers", 0)
     if sum(t.get("min_workers", 0) for t in types.values()) > max_workers:
-        problems.append(f"the node types' min_workers add up to more than max_workers={max_workers}")
+        problems.append(
+            f"the node types' min_workers add up to more than max_workers={max_workers}"
+        )
     for name, node_type in types.items():
         low, high = node_type.get("min_workers", 0), node_type.get("max_workers", max_workers)
         if not 0 <= low <= high <= max_workers:
-            problems.append(f"{name}: min_workers {low} <= max_workers {high} <= {max_workers} does not hold")
+            problems.append(
+                f"{name}: min_workers {low} <= max_workers {high} <= {max_workers} does not hold"
+            )
     # ours: token auth on every node, the dashboard on the head's loopback only
-    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands")
-              for c in config.get(key, []) if "ray start" in c]  # fmt: skip
+    starts = [
+        c
+        for key in ("head_start_ray_commands", "worker_start_ray_commands")
+        for c in config.get(key, [])
+        if "ray start" in c
+    ]
     if len(starts) < 2:
-        problems.append("expected a `ray start` in both head_start_ray_commands and worker_start_ray_commands")
+        problems.append(
+            "expected a `ray start` in both head_start_ray_commands and worker_start_ray_commands"
+        )
     for command in starts:
         if "RAY_AUTH_MODE=token" not in command:
             problems.append(f"`ray start` without RAY_AUTH_MODE=token: {command!r}")
     for command in config.get("head_start_ray_commands", []):
         if "--head" in command and "--dashboard-host=127.0.0.1" not in command:
-            problems.append("the head's `ray start` must keep the dashboard on --dashboard-host=127.0.0.1")
+            problems.append(
+                "the head's `ray start` must keep the dashboard on --dashboard-host=127.0.0.1"
+            )
     region = config.get("provider", {}).get("region")
     for command in strings(config):
         for other in re.findall(r"--region[ =](\S+)", command):
             if other != region:
-                problems.append(f"a command uses --region {other}, the provider's region is {region}")
+                problems.append(
+                    f"a command uses --region {other}, the provider's region is {region}"
+                )
     return problems
 
 
@@ -176,20 +195,37 @@ def _replace_in(commands: str, old: str, new: str) -> Callable[[dict[str, Any]],
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda c: c.update(setup_comands=c.pop("setup_commands")), "'setup_comands' was unexpected"),
+        (
+            lambda c: c.update(setup_comands=c.pop("setup_commands")),
+            "'setup_comands' was unexpected",
+        ),
         (_set("max_workers", "many"), "is not of type 'integer'"),
         (_set("provider", _DELETE), "'provider' is a required property"),
         (_set("available_node_types/gpu_p5/resources/GPU", "8"), "is not of type 'integer'"),
-        (_set("available_node_types/gpu_p5/node_config", _DELETE), "'node_config' is a required property"),
+        (
+            _set("available_node_types/gpu_p5/node_config", _DELETE),
+            "'node_config' is a required property",
+        ),
         (_set("head_node_type", "ray.head.default"), "head_node_type"),
         (_set("available_node_types/gpu_p5/min_workers", 100), "min_workers"),
         (_set("cluster_synced_files", _DELETE), "cluster_synced_files"),
-        (_replace_in("worker_start_ray_commands", "RAY_AUTH_MODE=token ", ""), "RAY_AUTH_MODE=token"),
-        (_replace_in("head_start_ray_commands", "127.0.0.1", "0.0.0.0"), "--dashboard-host=127.0.0.1"),
-        (_replace_in("setup_commands", "--region REPLACE_WITH_REGION", "--region us-west-2"), "--region"),
+        (
+            _replace_in("worker_start_ray_commands", "RAY_AUTH_MODE=token ", ""),
+            "RAY_AUTH_MODE=token",
+        ),
+        (
+            _replace_in("head_start_ray_commands", "127.0.0.1", "0.0.0.0"),
+            "--dashboard-host=127.0.0.1",
+        ),
+        (
+            _replace_in("setup_commands", "--region REPLACE_WITH_REGION", "--region us-west-2"),
+            "--region",
+        ),
     ],
 )
-def test_launcher_validator_catches_broken_copies(mutate: Callable[[dict[str, Any]], None], expected: str) -> None:
+def test_launcher_validator_catches_broken_copies(
+    mutate: Callable[[dict[str, Any]], None], expected: str
+) -> None:
     broken = copy.deepcopy(load(LAUNCHER))
     mutate(broken)
     problems = launcher_problems(broken)
@@ -198,7 +234,9 @@ def test_launcher_validator_catches_broken_copies(mutate: Callable[[dict[str, An
 
 # ======================================================================= KubeRay manifests
 
-SECRET_ENV = re.compile(r"AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|AWS_SESSION_TOKEN|TOKEN|PASSWORD|SECRET|KEY$")
+SECRET_ENV = re.compile(
+    r"AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|AWS_SESSION_TOKEN|TOKEN|PASSWORD|SECRET|KEY$"
+)
 DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -212,8 +250,11 @@ def _pod_problems(where: str, template: Any) -> list[str]:
         return [f"{where}.template.spec is missing"]
     if not template["spec"].get("containers"):
         return [f"{where}.template.spec.containers is empty or missing"]
-    return [f"{where}: container {c.get('name', '?')!r} has no image"
-            for c in template["spec"]["containers"] if not c.get("image")]  # fmt: skip
+    return [
+        f"{where}: container {c.get('name', '?')!r} has no image"
+        for c in template["spec"]["containers"]
+        if not c.get("image")
+    ]
 
 
 def raycluster_spec_problems(spec: Any, where: str = "spec") -> list[str]:
@@ -271,7 +312,9 @@ def secret_problems(doc: Any, where: str = "") -> list[str]:
             if SECRET_ENV.search(name):
                 ref = entry.get("valueFrom", {}).get("secretKeyRef", {})
                 if "value" in entry or not (ref.get("name") and ref.get("key")):
-                    problems.append(f"{where}.env[{i}] {name}: must come from a secretKeyRef, not a value")
+                    problems.append(
+                        f"{where}.env[{i}] {name}: must come from a secretKeyRef, not a value"
+                    )
         for key, value in doc.items():
             problems += secret_problems(value, f"{where}.{key}")
     elif isinstance(doc, list):
@@ -296,7 +339,11 @@ def manifest_problems(doc: Any) -> list[str]:
     if kind == "RayCluster":
         problems += raycluster_spec_problems(spec)
     elif kind == "RayJob":
-        if not isinstance(spec, dict) or not isinstance(spec.get("entrypoint"), str) or not spec["entrypoint"]:
+        if (
+            not isinstance(spec, dict)
+            or not isinstance(spec.get("entrypoint"), str)
+            or not spec["entrypoint"]
+        ):
             problems.append("spec.entrypoint is required")
         spec = spec if isinstance(spec, dict) else {}
         if ("rayClusterSpec" in spec) == ("clusterSelector" in spec):
@@ -337,7 +384,9 @@ def test_rayjob_entrypoint_is_a_valid_job_command() -> None:
 
     program, script, *args = shlex.split(load(RAYJOB)["spec"]["entrypoint"])
     assert program == "python" and (ROOT / script).is_file()
-    spec, _ = resolve(load_job_spec(ROOT / script), args)  # overrides and flags as the job parses them
+    spec, _ = resolve(
+        load_job_spec(ROOT / script), args
+    )  # overrides and flags as the job parses them
     assert spec.name == "imagenet_r152"
 
 
@@ -357,14 +406,34 @@ WORKER = "spec/workerGroupSpecs/0"
         (RAYCLUSTER, _set(f"{WORKER}/minReplicas", 5), "minReplicas <= replicas"),
         (RAYCLUSTER, _set(f"{WORKER}/groupName", _DELETE), "groupName"),
         (RAYCLUSTER, _set("spec/authOptions", _DELETE), "token auth is off"),
-        (RAYCLUSTER, _set(f"{HEAD}/env/1", {"name": "AWS_SECRET_ACCESS_KEY", "value": "hunter2"}), "secretKeyRef"),
-        (RAYCLUSTER, _set(f"{HEAD}/env/0", {"name": "RAY_AUTH_TOKEN", "value": "abc"}), "secretKeyRef"),
-        (RAYCLUSTER, _set(f"{HEAD}/env/0", {"name": "AWS_ACCESS_KEY_ID",
-                                            "valueFrom": {"secretKeyRef": {"name": "resnet-credentials"}}}),
-         "secretKeyRef"),
+        (
+            RAYCLUSTER,
+            _set(f"{HEAD}/env/1", {"name": "AWS_SECRET_ACCESS_KEY", "value": "hunter2"}),
+            "secretKeyRef",
+        ),
+        (
+            RAYCLUSTER,
+            _set(f"{HEAD}/env/0", {"name": "RAY_AUTH_TOKEN", "value": "abc"}),
+            "secretKeyRef",
+        ),
+        (
+            RAYCLUSTER,
+            _set(
+                f"{HEAD}/env/0",
+                {
+                    "name": "AWS_ACCESS_KEY_ID",
+                    "valueFrom": {"secretKeyRef": {"name": "resnet-credentials"}},
+                },
+            ),
+            "secretKeyRef",
+        ),
         (RAYJOB, _set("spec/entrypoint", _DELETE), "spec.entrypoint"),
         (RAYJOB, _set("spec/rayClusterSpec", _DELETE), "rayClusterSpec or clusterSelector"),
-        (RAYJOB, _set("spec/clusterSelector", {"ray.io/cluster": "resnet"}), "rayClusterSpec or clusterSelector"),
+        (
+            RAYJOB,
+            _set("spec/clusterSelector", {"ray.io/cluster": "resnet"}),
+            "rayClusterSpec or clusterSelector",
+        ),
         (RAYJOB, _set("spec/rayClusterSpec/workerGroupSpecs", []), "at least one worker group"),
     ],
 )
@@ -382,10 +451,18 @@ def test_kuberay_validator_accepts_token_auth_set_by_hand() -> None:
     manual = copy.deepcopy(load(RAYCLUSTER))
     del manual["spec"]["authOptions"]
     spec = manual["spec"]
-    for pod in [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]:
+    for pod in [
+        spec["headGroupSpec"]["template"],
+        *(g["template"] for g in spec["workerGroupSpecs"]),
+    ]:
         for c in pod["spec"]["containers"]:
-            c["env"] += [{"name": "RAY_AUTH_MODE", "value": "token"},
-                         {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "t", "key": "auth_token"}}}]  # fmt: skip
+            c["env"] += [
+                {"name": "RAY_AUTH_MODE", "value": "token"},
+                {
+                    "name": "RAY_AUTH_TOKEN",
+                    "valueFrom": {"secretKeyRef": {"name": "t", "key": "auth_token"}},
+                },
+            ]
     assert manifest_problems(manual) == []
 
 
@@ -404,7 +481,9 @@ def test_secret_template_holds_placeholders_only() -> None:
     assert text.startswith("# TEMPLATE: placeholder values only")
     docs = {doc["kind"]: doc for doc in load_all(SECRET_TEMPLATE)}
     secret, config_map = docs["Secret"], docs["ConfigMap"]
-    assert "data" not in secret, "base64 `data:` could hide a real value: use stringData placeholders"
+    assert "data" not in secret, (
+        "base64 `data:` could hide a real value: use stringData placeholders"
+    )
     assert secret["stringData"] and all(PLACEHOLDER.match(v) for v in secret["stringData"].values())
     assert all(PLACEHOLDER.match(v) for v in config_map["data"].values())
 
@@ -423,11 +502,15 @@ def _refs(node: Any, kind: str) -> Iterator[tuple[str, str]]:
 
 def test_manifests_reference_exactly_what_the_template_defines() -> None:
     docs = {doc["kind"]: doc for doc in load_all(SECRET_TEMPLATE)}
-    secret_keys = {(docs["Secret"]["metadata"]["name"], key) for key in docs["Secret"]["stringData"]}
+    secret_keys = {
+        (docs["Secret"]["metadata"]["name"], key) for key in docs["Secret"]["stringData"]
+    }
     for path in (RAYCLUSTER, RAYJOB):
         refs = set(_refs(load(path), "secretKeyRef"))
         maps = {name for name, _ in _refs(load(path), "configMapRef")}
-        assert refs == secret_keys, f"{path.name}: references {refs}, the template defines {secret_keys}"
+        assert refs == secret_keys, (
+            f"{path.name}: references {refs}, the template defines {secret_keys}"
+        )
         assert maps == {docs["ConfigMap"]["metadata"]["name"]}
 
 
@@ -438,7 +521,11 @@ def test_every_file_pins_the_installed_ray_and_the_same_torch() -> None:
     for path in (RAYCLUSTER, RAYJOB):
         spec = load(path)["spec"]
         assert (spec.get("rayClusterSpec") or spec)["rayVersion"] == ray_version
-    torch_pins = {m for p in (LAUNCHER, DOCKERFILE, ROOT / "Makefile") for m in re.findall(r"torch==[\d.]+", p.read_text())}
+    torch_pins = {
+        m
+        for p in (LAUNCHER, DOCKERFILE, ROOT / "Makefile")
+        for m in re.findall(r"torch==[\d.]+", p.read_text())
+    }
     assert len(torch_pins) == 1, torch_pins
 
 
@@ -447,7 +534,9 @@ def test_dockerfile_copies_files_that_exist() -> None:
         if line.startswith("COPY"):
             sources = [t for t in line.split()[1:-1] if not t.startswith("--")]
             for source in sources:
-                assert (ROOT / source).exists(), f"cluster/Dockerfile copies {source}, which does not exist"
+                assert (ROOT / source).exists(), (
+                    f"cluster/Dockerfile copies {source}, which does not exist"
+                )
 
 
 def test_every_install_can_build_the_partial_jpeg_decoder() -> None:
@@ -468,7 +557,9 @@ def test_every_install_can_build_the_partial_jpeg_decoder() -> None:
 
 # ============================================================ paths, modules, commands, flags
 
-REPO_PATH = re.compile(r"(?<![\w/.:~$-])((?:jobs|datasets|cluster|docs|orchestrator|tests|bench)/[\w.*/-]*[\w*])")
+REPO_PATH = re.compile(
+    r"(?<![\w/.:~$-])((?:jobs|datasets|cluster|docs|orchestrator|tests|bench)/[\w.*/-]*[\w*])"
+)
 PY_MODULE = re.compile(r"\bpython3?\s+-m\s+((?:orchestrator)(?:\.\w+)+)([^\n`|;&)#\"']*)")
 PY_SCRIPT = re.compile(r"\bpython3?\s+((?:jobs|datasets|bench)/[\w.-]+\.py)([^\n`|;&)#\"']*)")
 RAY_COMMAND = re.compile(r"(?<![\w./-])ray\s+([a-z][\w-]*)([^\n`|;&)#\"']*)")
@@ -479,7 +570,11 @@ def _argparse_flags(path: Path) -> set[str]:
     flags = {"-h", "--help"}
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
-            flags |= {a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("-")}
+            flags |= {
+                a.value
+                for a in node.args
+                if isinstance(a, ast.Constant) and str(a.value).startswith("-")
+            }
     return flags
 
 
@@ -489,7 +584,9 @@ def script_flags(target: str) -> frozenset[str]:
     if target.startswith("jobs/"):
         return frozenset(_argparse_flags(ROOT / "orchestrator" / "launch.py"))
     if target.startswith("orchestrator."):
-        flags = _argparse_flags(ROOT / (target.replace(".", "/") + ".py"))
+        module = ROOT / target.replace(".", "/")  # a module file, or a package's folder
+        files = sorted(module.glob("*.py")) if module.is_dir() else [module.with_suffix(".py")]
+        flags = set().union(*map(_argparse_flags, files))
         if target == "orchestrator.stack":  # its port flags are generated from StackConfig
             from orchestrator import stack
 
@@ -507,22 +604,34 @@ def script_flags(target: str) -> frozenset[str]:
 @cache
 def ray_cli() -> tuple[frozenset[str], frozenset[str]]:
     """Ray's subcommand names and every option string its CLI declares (read, not imported)."""
-    files = [ray_dir() / "scripts" / "scripts.py", *(ray_dir() / "dashboard" / "modules" / "job").glob("cli*.py")]
+    files = [
+        ray_dir() / "scripts" / "scripts.py",
+        *(ray_dir() / "dashboard" / "modules" / "job").glob("cli*.py"),
+    ]
     names, flags = set(), set()
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and re.fullmatch(r"--?[A-Za-z][\w-]*", str(node.value)):
+            if isinstance(node, ast.Constant) and re.fullmatch(
+                r"--?[A-Za-z][\w-]*", str(node.value)
+            ):
                 flags.add(node.value)
             if isinstance(node, ast.FunctionDef):
                 for deco in node.decorator_list:
                     call = deco if isinstance(deco, ast.Call) else None
                     if call and getattr(call.func, "attr", "") in ("command", "group"):
                         explicit = [a.value for a in call.args if isinstance(a, ast.Constant)]
-                        explicit += [k.value.value for k in call.keywords
-                                     if k.arg == "name" and isinstance(k.value, ast.Constant)]  # fmt: skip
+                        explicit += [
+                            k.value.value
+                            for k in call.keywords
+                            if k.arg == "name" and isinstance(k.value, ast.Constant)
+                        ]
                         names.add(explicit[0] if explicit else node.name.replace("_", "-"))
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_command":
-                names |= {k.value.value for k in node.keywords if k.arg == "name" and isinstance(k.value, ast.Constant)}
+                names |= {
+                    k.value.value
+                    for k in node.keywords
+                    if k.arg == "name" and isinstance(k.value, ast.Constant)
+                }
     return frozenset(names), frozenset(flags)
 
 
@@ -542,25 +651,41 @@ def command_problems(text: str) -> list[str]:
     text = re.sub(r"\\\n\s*", " ", text)  # join shell line continuations
     problems = []
     for path in sorted(set(REPO_PATH.findall(text))):
-        found = list(ROOT.glob(path)) if "*" in path else [ROOT / path] if (ROOT / path).exists() else []
+        found = (
+            list(ROOT.glob(path))
+            if "*" in path
+            else [ROOT / path]
+            if (ROOT / path).exists()
+            else []
+        )
         if not found:
             problems.append(f"no such path in the repo: {path}")
     for module, args in PY_MODULE.findall(text):
         if importlib.util.find_spec(module) is None:
             problems.append(f"no such module: python -m {module}")
             continue
-        problems += [f"python -m {module} has no option {o}" for o in _options(args) if o not in script_flags(module)]
+        problems += [
+            f"python -m {module} has no option {o}"
+            for o in _options(args)
+            if o not in script_flags(module)
+        ]
     for script, args in PY_SCRIPT.findall(text):
         if not (ROOT / script).is_file():
             continue  # reported as a missing path above
-        problems += [f"python {script} has no option {o}" for o in _options(args) if o not in script_flags(script)]
+        problems += [
+            f"python {script} has no option {o}"
+            for o in _options(args)
+            if o not in script_flags(script)
+        ]
     names, flags = ray_cli()
     for sub, args in RAY_COMMAND.findall(text):
         words = [sub, *args.split()[:1]] if sub == "job" else [sub]
         for word in words:
             if word not in names:
                 problems.append(f"`ray {' '.join(words)}`: Ray has no command {word!r}")
-        problems += [f"`ray {' '.join(words)}` has no option {o}" for o in _options(args) if o not in flags]
+        problems += [
+            f"`ray {' '.join(words)}` has no option {o}" for o in _options(args) if o not in flags
+        ]
     return problems
 
 
@@ -582,12 +707,24 @@ def test_every_path_command_and_flag_named_exists(path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("ray job submit -- python jobs/imagenet_r512.py", "no such path in the repo: jobs/imagenet_r512.py"),
-        ("see cluster/kuberay/raycluster.yml", "no such path in the repo: cluster/kuberay/raycluster.yml"),
-        ('eval "$(python -m orchestrator.stak env)"', "no such module: python -m orchestrator.stak"),
+        (
+            "ray job submit -- python jobs/imagenet_r512.py",
+            "no such path in the repo: jobs/imagenet_r512.py",
+        ),
+        (
+            "see cluster/kuberay/raycluster.yml",
+            "no such path in the repo: cluster/kuberay/raycluster.yml",
+        ),
+        (
+            'eval "$(python -m orchestrator.stak env)"',
+            "no such module: python -m orchestrator.stak",
+        ),
         ("python -m orchestrator.stack up --s3port 9000", "has no option --s3port"),
         ("python -m orchestrator.plan jobs/imagenet_r152.py --node 64", "has no option --node"),
-        ("python datasets/imagenet.py --source DIR --dest s3://b/datasets/x", "has no option --source"),
+        (
+            "python datasets/imagenet.py --source DIR --dest s3://b/datasets/x",
+            "has no option --source",
+        ),
         ("python jobs/imagenet_r152.py --resume s3://b/runs/x", "has no option --resume"),
         ("ray job submit --workdir . -- python jobs/imagenet_r152.py", "has no option --workdir"),
         ("ray upp cluster/aws-p5.yaml", "Ray has no command 'upp'"),
@@ -603,10 +740,11 @@ def test_command_checker_passes_real_commands_and_ignores_urls() -> None:
     text = """
         python -m orchestrator.stack up --s3-port 9000 --state-dir /tmp/x
         python -m orchestrator.plan jobs/imagenet_r152.py --nodes 64 --gpus-per-node 8 optim.lr=0.2
-        python datasets/imagenet.py --src DIR --dest s3://BUCKET/datasets/imagenet --shard-size-mb 34
+        python datasets/imagenet.py --src DIR --dest s3://B/datasets/imagenet --shard-size-mb 34
         python jobs/imagenet_r152.py --resume-from s3://resnet/runs/x/checkpoints/step-00005000
         ray job submit --working-dir . --no-wait -- python jobs/imagenet_r152.py --dry-run
-        ray job logs -f raysubmit_1 && ray up -y cluster/aws-p5.yaml && ray get-auth-token --generate
+        ray job logs -f raysubmit_1 && ray up -y cluster/aws-p5.yaml
+        ray get-auth-token --generate
     """
     assert command_problems(text) == []
 
@@ -614,14 +752,17 @@ def test_command_checker_passes_real_commands_and_ignores_urls() -> None:
 def test_a_broken_copy_of_a_template_is_caught() -> None:
     broken = LAUNCHER.read_text().replace("jobs/imagenet_r152.py", "jobs/imagenet_r15.py")
     assert "no such path in the repo: jobs/imagenet_r15.py" in command_problems(broken)
-    broken = RAYJOB.read_text().replace("python jobs/imagenet_r152.py", "python jobs/imagenet-r152.py")
+    broken = RAYJOB.read_text().replace(
+        "python jobs/imagenet_r152.py", "python jobs/imagenet-r152.py"
+    )
     assert "no such path in the repo: jobs/imagenet-r152.py" in command_problems(broken)
 
 
 # ===================================================================== the operator's guide
 
 REAL_CLUSTER = re.compile(
-    r"^\s*(kubectl|helm|aws|docker|mlflow server|ray (up|down|dashboard|attach|exec|monitor))\b", re.MULTILINE
+    r"^\s*(kubectl|helm|aws|docker|mlflow server|ray (up|down|dashboard|attach|exec|monitor))\b",
+    re.MULTILINE,
 )
 MARKS = ("(needs a real cluster)", "(checked, not run)")
 # What `make demo` and `make test` run (Makefile, tests/conftest.py, tests/test_*.py): an
@@ -651,14 +792,22 @@ def test_guide_marks_every_command_that_is_not_run() -> None:
             for line in block.splitlines():
                 command = line.split("  #")[0].strip()
                 if command and not command.startswith("#"):
-                    assert RUN_BY_DEMO_OR_TESTS.match(command), f"neither run by the demo or tests nor marked: {command}"
+                    assert RUN_BY_DEMO_OR_TESTS.match(command), (
+                        f"neither run by the demo or tests nor marked: {command}"
+                    )
 
 
-def test_guide_shows_what_the_plan_prints(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_guide_shows_what_the_plan_prints(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from orchestrator import plan
 
     monkeypatch.chdir(ROOT)  # the guide's command names the job file relative to the repository
-    (sample,) = [b for b in guide_blocks("text") if "python -m orchestrator.plan" not in b and "512 GPUs" in b]
+    (sample,) = [
+        b
+        for b in guide_blocks("text")
+        if "python -m orchestrator.plan" not in b and "512 GPUs" in b
+    ]
     assert plan.main(["jobs/imagenet_r152.py", "--nodes", "64", "--gpus-per-node", "8"]) == 0
     printed = capsys.readouterr().out.splitlines()
     for line in sample.splitlines():
@@ -667,21 +816,83 @@ def test_guide_shows_what_the_plan_prints(capsys: pytest.CaptureFixture[str], mo
 
 def test_launcher_placeholders_are_the_documented_ones() -> None:
     found = set(re.findall(r"REPLACE_WITH_[A-Z0-9_]+", LAUNCHER.read_text()))
-    assert found == {f"REPLACE_WITH_{name}" for name in (
-        "REGION", "DLAMI_ID", "HEAD_INSTANCE_PROFILE_ARN", "WORKER_INSTANCE_PROFILE_ARN",
-        "GIT_URL", "GIT_REF", "SECURITY_GROUP_ID",
-    )}  # fmt: skip
+    assert found == {
+        f"REPLACE_WITH_{name}"
+        for name in (
+            "REGION",
+            "DLAMI_ID",
+            "HEAD_INSTANCE_PROFILE_ARN",
+            "WORKER_INSTANCE_PROFILE_ARN",
+            "GIT_URL",
+            "GIT_REF",
+            "SECURITY_GROUP_ID",
+        )
+    }
     guide = GUIDE.read_text()
     for what in ("region", "AMI", "instance profiles", "git URL and ref"):
         assert what in guide
 
 
-def test_guide_runs_the_demo_and_cites_the_plan_formulas() -> None:
+def makefile_targets() -> set[str]:
+    """The targets the Makefile defines (rule lines `a b: ...`, not `X := ...` assignments)."""
+    rules = re.findall(r"^([\w. -]+?)\s*:(?!=)", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    return {name for rule in rules for name in rule.split()} - {".PHONY"}
+
+
+def test_every_make_target_the_guide_names_exists() -> None:
     text = GUIDE.read_text()
-    for needle in [
-        "make demo", "make test", "python -m orchestrator.stack up", "--resume-from",
-        "python -m orchestrator.plan jobs/imagenet_r152.py --nodes 64 --gpus-per-node 8",
-        "2(N-1)/N", "RAY_AUTH_MODE=token", "127.0.0.1", "postgresql://", "--artifacts-destination",
-        "ray job logs", ".stack/logs/", "grep -n REPLACE_WITH_ cluster/aws-p5.yaml",
-    ]:
-        assert needle in text, needle
+    named = set(re.findall(r"`make ([\w-]+)`", text))
+    named |= {
+        t for block in guide_blocks() for t in re.findall(r"^make ([\w-]+)", block, re.MULTILINE)
+    }
+    assert named, "the guide names no make target: the pattern above no longer matches it"
+    assert named <= makefile_targets(), named - makefile_targets()
+
+
+def test_the_guides_placeholder_grep_lists_what_is_left_to_fill_in() -> None:
+    """The guide's `grep ... REPLACE_WITH_ ...` line, run as written, finds every placeholder."""
+    (line,) = [
+        line.split("  #")[0].strip()
+        for block in guide_blocks()
+        for line in block.splitlines()
+        if line.startswith("grep ") and "REPLACE_WITH_" in line
+    ]
+    out = subprocess.run(
+        shlex.split(line), cwd=ROOT, capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    assert set(re.findall(r"REPLACE_WITH_\w+", out)) == set(
+        re.findall(r"REPLACE_WITH_\w+", LAUNCHER.read_text())
+    )
+
+
+def test_the_guides_variables_are_the_ones_stack_env_exports(tmp_path: Path) -> None:
+    """The guide's table of variables holds every variable `python -m orchestrator.stack env`
+    exports, with the same value where it gives one (RAY_AUTH_MODE=token)."""
+    from orchestrator.stack import Stack, StackConfig
+
+    table = "\n".join(
+        line for line in GUIDE.read_text().split("\n## ")[0].splitlines() if line.startswith("| `")
+    )
+    documented = dict(re.findall(r"`([A-Z][A-Z0-9_]+)(?:=([^`]*))?`", table))
+    exported = Stack(StackConfig(state_dir=tmp_path)).env()
+    # Ray's one-machine switch is not for users to set: the guide explains it in prose
+    missing = set(exported) - set(documented) - {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    assert not missing, f"stack env exports variables the guide's table lacks: {missing}"
+    for name, value in documented.items():
+        if value:
+            assert exported.get(name) == value, name
+
+
+def test_the_guides_mlflow_server_flags_exist() -> None:
+    from mlflow.cli import server
+
+    takes = {opt for param in server.params for opt in param.opts}
+    commands = [
+        line.split("mlflow server", 1)[1]
+        for block in guide_blocks()
+        for line in block.splitlines()
+        if line.startswith("mlflow server")
+    ]
+    used = {flag for command in commands for flag in _options(command)}
+    assert used, "the guide starts no mlflow server: the pattern above no longer matches it"
+    assert used <= takes, used - takes

@@ -106,7 +106,7 @@ def check_dataset(
     *,
     original_bytes: bool = True,
 ) -> dict[str, dict[str, bytes]]:
-    """Every shard matches its manifest entry; every expected sample is there once, labelled right."""
+    """Each shard matches its manifest entry; each expected sample is there once, labelled right."""
     seen: dict[str, dict[str, bytes]] = {}
     for split, info in manifest["splits"].items():
         keys: list[str] = []
@@ -344,8 +344,17 @@ def test_imagenet_val_label_sources_agree(
     (tmp_path / "ground_truth.txt").write_text(truth)
     dest = tmp_path / "devkit"
     devkit = ("--val-labels", tmp_path / "ground_truth.txt")
-    ok("imagenet.py", "--src", imagenet_src, "--dest", dest, *SHARDS, *devkit,
-       "--devkit-synsets", tmp_path / "synsets.txt")  # fmt: skip
+    ok(
+        "imagenet.py",
+        "--src",
+        imagenet_src,
+        "--dest",
+        dest,
+        *SHARDS,
+        *devkit,
+        "--devkit-synsets",
+        tmp_path / "synsets.txt",
+    )
     manifest = json.loads((dest / "manifest.json").read_text())
     first = json.loads((local_shards / "manifest.json").read_text())
     assert manifest["splits"]["val"] == first["splits"]["val"]  # same labels: identical shards
@@ -497,60 +506,58 @@ def test_imagenet_unreachable_endpoint_or_no_credentials(imagenet_src: Path) -> 
 @pytest.fixture
 def s3_dest(s3_prefix: str) -> Iterator[str]:
     """A fresh s3:// prefix for one test; its objects are deleted afterwards."""
-    from orchestrator import s3
+    from orchestrator.storage import open_storage
 
     yield f"{s3_prefix}/imagenet"
-    s3.delete_prefix(s3_prefix + "/")
+    open_storage(s3_prefix).delete_prefix("imagenet")
 
 
 def test_imagenet_to_s3_matches_local_and_resumes(
     s3_dest: str, imagenet_src: Path, local_shards: Path
 ) -> None:
-    from orchestrator import s3
+    from orchestrator.storage import open_storage
 
-    dest = s3_dest
-    ok("imagenet.py", "--src", imagenet_src, "--dest", dest, *SHARDS)
-    manifest = json.loads(s3.read_bytes(f"{dest}/manifest.json"))
-    check_dataset(manifest, lambda n: s3.read_bytes(f"{dest}/{n}"), expected_imagenet(imagenet_src))
+    store = open_storage(s3_dest)
+    ok("imagenet.py", "--src", imagenet_src, "--dest", s3_dest, *SHARDS)
+    manifest = json.loads(store.get("manifest.json"))
+    check_dataset(manifest, store.get, expected_imagenet(imagenet_src))
     local = json.loads((local_shards / "manifest.json").read_text())
     assert manifest["splits"] == local["splits"]  # the same bytes on S3 as on disk
 
-    bucket, prefix = s3.split_url(dest)
-
-    def modified() -> dict[str, Any]:
+    def etags() -> dict[str, Any]:
         return {
-            s["name"]: s3.client().head_object(Bucket=bucket, Key=f"{prefix}/{s['name']}")["ETag"]
+            s["name"]: store.head(s["name"])
             for split in manifest["splits"].values()
             for s in split["shards"]
         }
 
-    before = modified()
-    out = ok("imagenet.py", "--src", imagenet_src, "--dest", dest, *SHARDS)
+    before = etags()
+    out = ok("imagenet.py", "--src", imagenet_src, "--dest", s3_dest, *SHARDS)
     assert (
         f"{len(before)} already there and skipped" in out.stderr
         and "(0 shards written" in out.stderr
     )
 
     # Overwrite one shard with other bytes of the same size, delete another: both rebuilt.
-    s3.write_bytes(f"{dest}/val-000000.tar", b"x" * manifest["splits"]["val"]["shards"][0]["bytes"])
-    s3.client().delete_object(Bucket=bucket, Key=f"{prefix}/train-000002.tar")
-    out = ok("imagenet.py", "--src", imagenet_src, "--dest", dest, *SHARDS)
+    store.put("val-000000.tar", b"x" * manifest["splits"]["val"]["shards"][0]["bytes"])
+    store.delete("train-000002.tar")
+    out = ok("imagenet.py", "--src", imagenet_src, "--dest", s3_dest, *SHARDS)
     assert "(2 shards written" in out.stderr
-    again = json.loads(s3.read_bytes(f"{dest}/manifest.json"))
+    again = json.loads(store.get("manifest.json"))
     assert again["splits"] == manifest["splits"]
-    check_dataset(again, lambda n: s3.read_bytes(f"{dest}/{n}"), expected_imagenet(imagenet_src))
-    assert modified() == before  # rebuilt byte for byte: single-part ETags (MD5s) match again
+    check_dataset(again, store.get, expected_imagenet(imagenet_src))
+    assert etags() == before  # rebuilt byte for byte: single-part ETags (MD5s) match again
 
 
 def test_s3_refusals_write_nothing(s3_dest: str, imagenet_src: Path) -> None:
-    from orchestrator import s3
+    from orchestrator.storage import open_storage
 
     out = run("imagenet.py", "--src", imagenet_src, "--dest", "s3://no-such-bucket-here/x")
     assert out.returncode == 2 and "does not exist" in out.stderr
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": "wrong"}
     out = run("imagenet.py", "--src", imagenet_src, "--dest", s3_dest, env=env)
     assert out.returncode == 2 and "refused" in out.stderr
-    assert s3.list_keys(s3_dest) == []
+    assert open_storage(s3_dest).sizes() == {}
 
 
 # ---------------------------------------------------------------- cifar10.py

@@ -572,20 +572,69 @@ def test_torch_compile_smoke() -> None:
     torch._dynamo.reset()
 
 
-def test_ddp_wrapping(tmp_path: Path) -> None:
+DDP_STEPS, DDP_GLOBAL_BATCH = 2, 8
+
+
+def _ddp_model_and_sgd() -> tuple[nn.Module, torch.optim.SGD]:
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20", shortcut="B")
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+def _ddp_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of one step: the same on every rank and in the reference."""
+    g = torch.Generator().manual_seed(step)
+    images = torch.randn(DDP_GLOBAL_BATCH, 3, 32, 32, generator=g)
+    return images, torch.randint(0, 10, (DDP_GLOBAL_BATCH,), generator=g)
+
+
+def _ddp_rank(rank: int, world: int, store: str, out: str) -> None:
+    """One DDP rank (a spawned process): trains on its slice of each global batch."""
+    torch.set_num_threads(1)
     dist = torch.distributed
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("torch.distributed unavailable or already initialised by another test")
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        model = nn.parallel.DistributedDataParallel(create_model("cifar_resnet20", shortcut="B"))
-        # Two steps: DDP raises on the second if a parameter got no gradient in the first.
-        for _ in range(2):
-            model(torch.randn(2, 3, 32, 32)).sum().backward()
+        model, sgd = _ddp_model_and_sgd()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        share = DDP_GLOBAL_BATCH // world
+        for step in range(DDP_STEPS):
+            images, labels = _ddp_batch(step)
+            mine = slice(rank * share, (rank + 1) * share)
+            sgd.zero_grad()
+            F.cross_entropy(ddp(images[mine]), labels[mine]).backward()
+            sgd.step()
+        weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+        torch.save(weights, f"{out}.rank{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def test_two_ddp_ranks_train_to_the_weights_of_one_process_accumulating_their_halves(
+    tmp_path: Path,
+) -> None:
+    """DDP over 2 gloo processes = one process that accumulates the ranks' two halves of each
+    global batch (loss / 2 per half): the invariance the plan's batch policy (global batch =
+    per-GPU batch x accumulation x GPUs) relies on. BatchNorm normalises per half either way;
+    its running statistics differ (DDP keeps rank 0's), so only the parameters are compared."""
+    world = 2
+    torch.multiprocessing.spawn(
+        _ddp_rank, args=(world, str(tmp_path / "store"), str(tmp_path / "w")), nprocs=world
+    )
+    model, sgd = _ddp_model_and_sgd()
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    share = DDP_GLOBAL_BATCH // world
+    for step in range(DDP_STEPS):
+        images, labels = _ddp_batch(step)
+        sgd.zero_grad()
+        for rank in range(world):
+            half = slice(rank * share, (rank + 1) * share)
+            (F.cross_entropy(model(images[half]), labels[half]) / world).backward()
+        sgd.step()
+    expected = {name: p.detach() for name, p in model.named_parameters()}
+    assert any(not torch.equal(expected[n], initial[n]) for n in expected)  # it did train
+    for rank in range(world):
+        trained = torch.load(tmp_path / f"w.rank{rank}")
+        torch.testing.assert_close(trained, expected, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

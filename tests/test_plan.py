@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import plan
+from orchestrator.plan import formulas, job, report
 from orchestrator.spec import CheckpointConfig, DataConfig, JobSpec, ScalingConfig, ScheduleConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,55 +19,59 @@ R152_PARAMS = 60_192_808  # PAPER.md, Table 1 (torchvision's count)
 # ------------------------------------------------------------------- formulas, by hand
 
 
-@pytest.mark.parametrize(("n", "factor"), [(1, 0.0), (2, 1.0), (4, 1.5), (8, 1.75), (512, 1022 / 512)])
+@pytest.mark.parametrize(
+    ("n", "factor"), [(1, 0.0), (2, 1.0), (4, 1.5), (8, 1.75), (512, 1022 / 512)]
+)
 def test_ring_allreduce_factor_is_2_n_minus_1_over_n(n: int, factor: float) -> None:
-    assert plan.ring_allreduce_factor(n) == pytest.approx(factor)
+    assert formulas.ring_allreduce_factor(n) == pytest.approx(factor)
 
 
 def test_ring_allreduce_factor_rejects_no_gpus() -> None:
-    with pytest.raises(plan.PlanError, match=">= 1"):
-        plan.ring_allreduce_factor(0)
+    with pytest.raises(ValueError, match=">= 1"):
+        formulas.ring_allreduce_factor(0)
 
 
 def test_resnet152_gradients_are_240_8_mb() -> None:
-    grads = plan.gradient_bytes(R152_PARAMS)
+    grads = formulas.gradient_bytes(R152_PARAMS)
     assert grads == 240_771_232  # 60,192,808 x 4 bytes
-    assert plan._bytes(grads) == "240.8 MB"
+    assert report.bytes_text(grads) == "240.8 MB"
     # 8 GPUs: each sends 2 x 7/8 of that per step
-    assert plan.allreduce_bytes_per_gpu(grads, 8) == pytest.approx(1.75 * 240_771_232)
+    assert formulas.allreduce_bytes_per_gpu(grads, 8) == pytest.approx(1.75 * 240_771_232)
 
 
 def test_resnet152_checkpoint_is_weights_plus_momentum() -> None:
-    assert plan.checkpoint_bytes(R152_PARAMS) == 481_542_464  # 2 x 240,771,232
-    assert plan.transfer_time_s(481_542_464, 10) == pytest.approx(0.385233971, rel=1e-6)
+    assert formulas.checkpoint_bytes(R152_PARAMS) == 481_542_464  # 2 x 240,771,232
+    assert formulas.transfer_time_s(481_542_464, 10) == pytest.approx(0.385233971, rel=1e-6)
 
 
 def test_small_formulas_by_hand() -> None:
-    assert plan.step_time_s(32, 1, 1000) == pytest.approx(0.032)
-    assert plan.step_time_s(16, 2, 1000) == pytest.approx(0.032)  # same images per step
-    assert plan.bandwidth_gbps(6e6, 0.032) == pytest.approx(1.5)  # 48 Mbit in 32 ms
-    assert plan.transfer_time_s(8e6, 1) == pytest.approx(0.064)
-    assert plan.read_bytes_per_s_per_node(2, 1000, 110e3) == pytest.approx(2.2e8)
-    assert plan.decode_cores_per_node(8, 292) == pytest.approx(8)
-    assert plan.shards_needed(64, 8, 8) == 4096
-    assert plan.shards_needed(2, 2, 0) == 4  # no loader workers: each rank reads its own
-    assert plan.max_shard_bytes(140.9e9, 4096) == pytest.approx(34.4e6, rel=1e-3)
+    assert formulas.step_time_s(32, 1, 1000) == pytest.approx(0.032)
+    assert formulas.step_time_s(16, 2, 1000) == pytest.approx(0.032)  # same images per step
+    assert formulas.bandwidth_gbps(6e6, 0.032) == pytest.approx(1.5)  # 48 Mbit in 32 ms
+    assert formulas.transfer_time_s(8e6, 1) == pytest.approx(0.064)
+    assert formulas.read_bytes_per_s_per_node(2, 1000, 110e3) == pytest.approx(2.2e8)
+    assert formulas.decode_cores_per_node(8, 292) == pytest.approx(8)
+    assert formulas.shards_needed(64, 8, 8) == 4096
+    assert formulas.shards_needed(2, 2, 0) == 4  # no loader workers: each rank reads its own
+    assert formulas.max_shard_bytes(140.9e9, 4096) == pytest.approx(34.4e6, rel=1e-3)
     # 600,000 iterations of 256 images on 8 GPUs at 2,000 img/s each: 153.6M / 16,000 = 9,600 s
-    assert plan.train_time_s(600_000, 256, 8, 2000) == pytest.approx(9600)
+    assert formulas.train_time_s(600_000, 256, 8, 2000) == pytest.approx(9600)
 
 
 def test_checkpoint_interval_takes_the_sooner_of_every_iters_and_an_epoch() -> None:
-    assert plan.checkpoint_interval_iters(5000, at_epoch_end=True, iters_per_epoch=79) == 79
-    assert plan.checkpoint_interval_iters(5000, at_epoch_end=True, iters_per_epoch=10_010) == 5000
-    assert plan.checkpoint_interval_iters(5000, at_epoch_end=False, iters_per_epoch=79) == 5000
-    assert plan.checkpoint_interval_iters(0, at_epoch_end=False, iters_per_epoch=79) == 0
+    assert formulas.checkpoint_interval_iters(5000, at_epoch_end=True, iters_per_epoch=79) == 79
+    assert (
+        formulas.checkpoint_interval_iters(5000, at_epoch_end=True, iters_per_epoch=10_010) == 5000
+    )
+    assert formulas.checkpoint_interval_iters(5000, at_epoch_end=False, iters_per_epoch=79) == 5000
+    assert formulas.checkpoint_interval_iters(0, at_epoch_end=False, iters_per_epoch=79) == 0
 
 
 def test_scale_iterations() -> None:
-    assert plan.scale_iterations(600_000, 256 / 16_384) == 9375
-    assert plan.scale_iterations(5000, 256 / 16_384) == 78  # 78.125, rounded
-    assert plan.scale_iterations(5, 0.01) == 1  # never below one iteration
-    assert plan.scale_iterations(0, 0.5) == 0  # 0 means "off" and stays off
+    assert formulas.scale_iterations(600_000, 256 / 16_384) == 9375
+    assert formulas.scale_iterations(5000, 256 / 16_384) == 78  # 78.125, rounded
+    assert formulas.scale_iterations(5, 0.01) == 1  # never below one iteration
+    assert formulas.scale_iterations(0, 0.5) == 0  # 0 means "off" and stays off
 
 
 # ------------------------------------------------------- a tiny cluster, end to end by hand
@@ -85,17 +90,21 @@ def tiny_job() -> JobSpec:
 
 def test_tiny_cluster_by_hand() -> None:
     """2 nodes x 2 GPUs, 1M parameters, 1,000 img/s per GPU, 110 KB images, storage 1 Gbit/s."""
-    resolved = plan.resolve_for_cluster(tiny_job(), [], num_gpus=4)
-    inputs = plan.ClusterInputs(nodes=2, gpus_per_node=2, img_per_s_per_gpu=1000, storage_gbps=1)
-    x = plan.compute(resolved, params=1_000_000, inputs=inputs)
+    resolved = job.resolve_for_cluster(tiny_job(), [], num_gpus=4)
+    inputs = report.ClusterInputs(nodes=2, gpus_per_node=2, img_per_s_per_gpu=1000, storage_gbps=1)
+    x = report.compute(resolved, params=1_000_000, inputs=inputs)
     spec = resolved.spec
     # per-GPU batch 32 kept: global 4 x 32 = 128, lr 0.1 x 128/256, schedule halved (32/128 x 2)
     assert (spec.micro_batch(), spec.accumulation(), spec.scaling.global_batch) == (32, 1, 128)
     assert spec.lr() == pytest.approx(0.05)
     assert resolved.added == [
-        "scaling.num_workers=4", "scaling.global_batch=128", "schedule.max_iters=150000",
-        "schedule.milestones=[75000,112500]", "schedule.warmup_iters=100", "eval.every_iters=1250",
-    ]  # fmt: skip
+        "scaling.num_workers=4",
+        "scaling.global_batch=128",
+        "schedule.max_iters=150000",
+        "schedule.milestones=[75000,112500]",
+        "schedule.warmup_iters=100",
+        "eval.every_iters=1250",
+    ]
     assert x.step_s == pytest.approx(0.032)  # 32 images at 1,000 img/s
     assert x.grad_bytes == 4_000_000  # 1M x 4 bytes
     assert x.allreduce_bytes_per_gpu == pytest.approx(6_000_000)  # 2 x 3/4 x 4 MB
@@ -111,12 +120,12 @@ def test_tiny_cluster_by_hand() -> None:
 
 
 def test_one_gpu_has_nothing_to_all_reduce() -> None:
-    resolved = plan.resolve_for_cluster(tiny_job(), [], num_gpus=1)
-    inputs = plan.ClusterInputs(nodes=1, gpus_per_node=1, img_per_s_per_gpu=1000)
-    x = plan.compute(resolved, params=1_000_000, inputs=inputs)
+    resolved = job.resolve_for_cluster(tiny_job(), [], num_gpus=1)
+    inputs = report.ClusterInputs(nodes=1, gpus_per_node=1, img_per_s_per_gpu=1000)
+    x = report.compute(resolved, params=1_000_000, inputs=inputs)
     assert x.allreduce_bytes_per_gpu == 0
     assert resolved.added == ["scaling.num_workers=1"]
-    rows = {q.strip(): v for q, v, _ in plan.plan_rows("tiny.py", resolved, x, inputs)}
+    rows = {q.strip(): v for q, v, _ in report.plan_rows("tiny.py", resolved, x, inputs)}
     assert rows["bandwidth to hide it"] == "none"
 
 
@@ -125,18 +134,18 @@ def test_one_gpu_has_nothing_to_all_reduce() -> None:
 
 @pytest.fixture(scope="module")
 def r152() -> JobSpec:
-    return plan.load_job_spec(R152)
+    return job.load_job_spec(R152)
 
 
 def test_the_paper_size_changes_nothing(r152: JobSpec) -> None:
-    resolved = plan.resolve_for_cluster(r152, [], num_gpus=8)
+    resolved = job.resolve_for_cluster(r152, [], num_gpus=8)
     assert resolved.added == ["scaling.num_workers=8"]
     assert resolved.spec.scaling.global_batch == 256 and resolved.spec.micro_batch() == 32
     assert resolved.spec.schedule.max_iters == 600_000 and resolved.spec.lr() == pytest.approx(0.1)
 
 
 def test_64_nodes_keep_32_per_gpu_and_scale_the_schedule(r152: JobSpec) -> None:
-    resolved = plan.resolve_for_cluster(r152, [], num_gpus=512)
+    resolved = job.resolve_for_cluster(r152, [], num_gpus=512)
     spec = resolved.spec
     assert spec.scaling.global_batch == 16_384 and spec.micro_batch() == 32
     assert spec.lr() == pytest.approx(6.4)  # 0.1 x 16,384 / 256
@@ -146,7 +155,7 @@ def test_64_nodes_keep_32_per_gpu_and_scale_the_schedule(r152: JobSpec) -> None:
 
 
 def test_an_explicit_global_batch_wins_and_user_counts_are_kept(r152: JobSpec) -> None:
-    resolved = plan.resolve_for_cluster(
+    resolved = job.resolve_for_cluster(
         r152, ["scaling.global_batch=4096", "schedule.max_iters=40000"], num_gpus=512
     )
     spec = resolved.spec
@@ -156,8 +165,8 @@ def test_an_explicit_global_batch_wins_and_user_counts_are_kept(r152: JobSpec) -
 
 
 def test_cifar_milestones_scale_with_the_batch() -> None:
-    cifar = plan.load_job_spec(ROOT / "jobs" / "cifar10_resnet.py")  # 2 GPUs x 64 = 128
-    spec = plan.resolve_for_cluster(cifar, [], num_gpus=4).spec
+    cifar = job.load_job_spec(ROOT / "jobs" / "cifar10_resnet.py")  # 2 GPUs x 64 = 128
+    spec = job.resolve_for_cluster(cifar, [], num_gpus=4).spec
     assert spec.scaling.global_batch == 256
     assert spec.schedule.milestones == [16_000, 24_000] and spec.schedule.max_iters == 32_000
 
@@ -173,54 +182,56 @@ def test_cifar_milestones_scale_with_the_batch() -> None:
         (["optim.lr"], 8, "expected section.key=value"),
     ],
 )
-def test_bad_overrides_are_plan_errors(r152: JobSpec, overrides: list[str], num_gpus: int, message: str) -> None:
-    with pytest.raises(plan.PlanError, match=message):
-        plan.resolve_for_cluster(r152, overrides, num_gpus)
+def test_bad_overrides_are_plan_errors(
+    r152: JobSpec, overrides: list[str], num_gpus: int, message: str
+) -> None:
+    with pytest.raises(job.PlanError, match=message):
+        job.resolve_for_cluster(r152, overrides, num_gpus)
 
 
 def test_throughput_anchors_follow_compile_and_precision(r152: JobSpec) -> None:
     def anchor(*overrides: str) -> float:
-        return plan.throughput_anchor(plan.resolve_for_cluster(r152, list(overrides), 8).spec)[0]
+        return report.throughput_anchor(job.resolve_for_cluster(r152, list(overrides), 8).spec)[0]
 
     assert anchor() == 2233  # the job file: eager, bf16
     assert anchor("model.compile=true") == 3084
     assert anchor("scaling.precision=fp32") == 1042
     assert anchor("model.name=resnet50", "model.compile=true") == 6670
-    with pytest.raises(plan.PlanError, match="--img-per-s-per-gpu"):
+    with pytest.raises(job.PlanError, match="--img-per-s-per-gpu"):
         anchor("model.name=resnet101")
 
 
 def test_parameters_are_counted_on_the_meta_device(r152: JobSpec) -> None:
-    spec = plan.resolve_for_cluster(r152, ["model.name=resnet50"], 8).spec
-    assert plan.count_model_parameters(spec) == 25_557_032  # PAPER.md, Table 1
-    bad = plan.resolve_for_cluster(r152, ["model.name=resnet999"], 8).spec
-    with pytest.raises(plan.PlanError, match="unknown model"):
-        plan.count_model_parameters(bad)
+    spec = job.resolve_for_cluster(r152, ["model.name=resnet50"], 8).spec
+    assert job.count_model_parameters(spec) == 25_557_032  # PAPER.md, Table 1
+    bad = job.resolve_for_cluster(r152, ["model.name=resnet999"], 8).spec
+    with pytest.raises(job.PlanError, match="unknown model"):
+        job.count_model_parameters(bad)
 
 
 # ---------------------------------------------------------------------------- job files
 
 
 def test_a_job_that_imports_its_sibling_loads() -> None:
-    spec = plan.load_job_spec(ROOT / "jobs" / "imagenet_r50.py")  # imports imagenet_r152
+    spec = job.load_job_spec(ROOT / "jobs" / "imagenet_r50.py")  # imports imagenet_r152
     assert spec.model.name == "resnet50" and spec.scaling.global_batch == 256
 
 
 def test_bad_job_files(tmp_path: Path) -> None:
-    with pytest.raises(plan.PlanError, match="job file not found"):
-        plan.load_job_spec(tmp_path / "missing.py")
+    with pytest.raises(job.PlanError, match="job file not found"):
+        job.load_job_spec(tmp_path / "missing.py")
     (tmp_path / "no_spec.py").write_text("X = 1\n")
-    with pytest.raises(plan.PlanError, match="defines no SPEC"):
-        plan.load_job_spec(tmp_path / "no_spec.py")
+    with pytest.raises(job.PlanError, match="defines no SPEC"):
+        job.load_job_spec(tmp_path / "no_spec.py")
     (tmp_path / "wrong.py").write_text("SPEC = {'name': 'x'}\n")
-    with pytest.raises(plan.PlanError, match="not an orchestrator.spec.JobSpec"):
-        plan.load_job_spec(tmp_path / "wrong.py")
+    with pytest.raises(job.PlanError, match="not an orchestrator.spec.JobSpec"):
+        job.load_job_spec(tmp_path / "wrong.py")
     (tmp_path / "broken.py").write_text("import no_such_module_here\n")
-    with pytest.raises(plan.PlanError, match="importing it failed: ModuleNotFoundError"):
-        plan.load_job_spec(tmp_path / "broken.py")
+    with pytest.raises(job.PlanError, match="importing it failed: ModuleNotFoundError"):
+        job.load_job_spec(tmp_path / "broken.py")
     (tmp_path / "notes.txt").write_text("SPEC = 1\n")
-    with pytest.raises(plan.PlanError, match="expected a Python job file"):
-        plan.load_job_spec(tmp_path / "notes.txt")
+    with pytest.raises(job.PlanError, match="expected a Python job file"):
+        job.load_job_spec(tmp_path / "notes.txt")
 
 
 # ------------------------------------------------------------------------- command line
@@ -237,14 +248,15 @@ def test_cli_prints_the_table_for_64_p5_nodes(capsys: pytest.CaptureFixture[str]
         "480.6 MB",  # 2 x 511/512 x 240.8 MB per GPU
         "2(N-1)/N = 1.9961",
         "16,384",  # global batch, 32 per GPU kept
-        "DESIGN.md anchor: resnet152, eager",  # the source of the img/s
+        "anchor (docs/performance-anchors.md): resnet152, eager",  # the source of the img/s
         "14.3 ms",  # 32 / 2,233 img/s
         "268.3 Gbit/s per GPU",  # 480.6 MB x 8 / 14.3 ms
         "fits within one step",  # 9.6 ms at 400 Gbit/s
         ">= 4,096",  # shards: 64 x 8 x 8 loader workers
         "481.5 MB",  # checkpoint
         "ASSUMING linear scaling",
-        "the job file's 600,000 iterations at 16,384 = 7,673 epochs",  # what not rescaling would mean
+        # what not rescaling would mean
+        "the job file's 600,000 iterations at 16,384 = 7,673 epochs",
         "ray job submit -- python",
         "scaling.num_workers=512 scaling.global_batch=16384 schedule.max_iters=9375",
     ]:
@@ -269,8 +281,12 @@ def test_cli_takes_overrides_after_the_flags(capsys: pytest.CaptureFixture[str])
         ([R152, "--nodes", "2", "model.name=resnet101"], "no throughput anchor"),
     ],
 )
-def test_cli_errors_are_one_clear_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_errors_are_one_clear_line(
+    argv: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.chdir(ROOT)
     assert plan.main(argv) == 2
     err = capsys.readouterr().err
@@ -288,6 +304,14 @@ def test_cli_rejects_bad_sizes(flag: list[str], capsys: pytest.CaptureFixture[st
 
 def test_module_docstring_documents_every_formula() -> None:
     doc = plan.__doc__ or ""
-    for term in ["2(N-1)/N", "P x 4 bytes", "P x 4 x 2", "110 KB", "292", "ASSUMING", "linear scaling"]:
+    for term in [
+        "2(N-1)/N",
+        "P x 4 bytes",
+        "P x 4 x 2",
+        "110 KB",
+        "292",
+        "ASSUMING",
+        "linear scaling",
+    ]:
         assert term in doc
-    assert math.isclose(plan.DEFAULT_KB_PER_IMAGE, 110)
+    assert math.isclose(report.DEFAULT_KB_PER_IMAGE, 110)
