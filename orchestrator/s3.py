@@ -1,4 +1,4 @@
-"""Object-store access shared by every component: boto3 clients, URLs, retries.
+"""The S3 client layer: boto3 clients, URLs, retries (orchestrator.storage builds on it).
 
 Configuration is the standard AWS environment (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION); boto3 reads it itself, so moving from
@@ -18,11 +18,6 @@ T = TypeVar("T")
 
 _clients: dict[int, Any] = {}
 _model_loader: Any = None  # botocore's parsed service definitions: pure data, fork-safe
-
-
-def reset_clients() -> None:
-    """Forget cached clients, e.g. after the AWS_* variables changed in this process."""
-    _clients.clear()
 
 
 def endpoint_url() -> str | None:
@@ -95,57 +90,6 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_dela
                 raise
         time.sleep(base_delay * 2**attempt)
     raise AssertionError("unreachable")
-
-
-def read_bytes(url: str) -> bytes:
-    bucket, key = split_url(url)
-    return with_retries(
-        lambda: client().get_object(Bucket=bucket, Key=key)["Body"].read(), what=url
-    )
-
-
-def write_bytes(url: str, data: bytes) -> None:
-    bucket, key = split_url(url)
-    with_retries(lambda: client().put_object(Bucket=bucket, Key=key, Body=data), what=url)
-
-
-def upload_file(path: str, url: str) -> None:
-    """Upload a local file; boto3 switches to multipart above 8 MB."""
-    bucket, key = split_url(url)
-    with_retries(lambda: client().upload_file(path, bucket, key), what=url)
-
-
-def exists(url: str) -> bool:
-    from botocore.exceptions import ClientError
-
-    bucket, key = split_url(url)
-    try:
-        with_retries(lambda: client().head_object(Bucket=bucket, Key=key), what=url)
-        return True
-    except ClientError as err:
-        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise
-
-
-def list_keys(url: str) -> list[str]:
-    """All object keys under an s3:// prefix, as full s3:// URLs."""
-    bucket, prefix = split_url(url)
-    paginator = client().get_paginator("list_objects_v2")
-    out: list[str] = []
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-        out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
-    return out
-
-
-def delete_prefix(url: str) -> int:
-    """Delete every object under an s3:// prefix; returns how many."""
-    keys = list_keys(url)
-    bucket, _ = split_url(url)
-    for i in range(0, len(keys), 1000):
-        chunk = [{"Key": split_url(k)[1]} for k in keys[i : i + 1000]]
-        client().delete_objects(Bucket=bucket, Delete={"Objects": chunk})
-    return len(keys)
 
 
 def pyarrow_filesystem() -> Any:

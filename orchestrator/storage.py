@@ -190,7 +190,8 @@ class S3Storage:
         )
 
     def delete_prefix(self, prefix: str) -> None:
-        keys = [self._key(prefix.rstrip("/") + "/" + rel) for rel in self.sizes(prefix)]
+        base = prefix.rstrip("/") + "/" if prefix else ""
+        keys = [self._key(base + rel) for rel in self.sizes(prefix)]
         for i in range(0, len(keys), 1000):  # S3's limit per request
             chunk = [{"Key": k} for k in keys[i : i + 1000]]
             s3.client().delete_objects(Bucket=self.bucket, Delete={"Objects": chunk})
