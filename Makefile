@@ -72,6 +72,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check orchestrator jobs datasets tests bench
+	$(VENV)/bin/ruff format --check orchestrator jobs datasets tests bench
 
 clean:
 	rm -rf $(VENV)

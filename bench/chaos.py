@@ -1,6 +1,6 @@
 """Chaos: SIGKILL a training worker at a random moment; the job must finish bit-identical.
 
-    python bench/chaos.py --trials 3          # needs the local stack: python -m orchestrator.stack up
+    python bench/chaos.py --trials 3   # needs the local stack (python -m orchestrator.stack up)
 
 Each trial submits the smoke job (2 Ray Train workers, DDP over gloo, shards on S3) to the
 Ray head, waits for its first committed checkpoint, SIGKILLs one worker process after a random
@@ -31,9 +31,16 @@ sys.path.insert(0, str(REPO))
 
 from orchestrator.checkpoint import CheckpointStore
 
-CHAOS_SPEC = ["schedule.max_iters=24", "checkpoint.every_iters=4", "checkpoint.keep_last=10",
-              "eval.every_iters=0", "eval.at_end=false", "tracking.log_every=1",
-              "scaling.max_failures=3", "data.pca_lighting=0.1"]  # fmt: skip
+CHAOS_SPEC = [
+    "schedule.max_iters=24",
+    "checkpoint.every_iters=4",
+    "checkpoint.keep_last=10",
+    "eval.every_iters=0",
+    "eval.at_end=false",
+    "tracking.log_every=1",
+    "scaling.max_failures=3",
+    "data.pca_lighting=0.1",
+]
 
 
 def client():
@@ -44,7 +51,9 @@ def client():
 
 def submit(args: list[str]) -> str:
     """Submit `python jobs/smoke.py ARGS` to the Ray head; returns the submission id."""
-    return client().submit_job(entrypoint="python jobs/smoke.py " + " ".join(map(shlex.quote, args)))
+    return client().submit_job(
+        entrypoint="python jobs/smoke.py " + " ".join(map(shlex.quote, args))
+    )
 
 
 def wait(job_id: str, timeout_s: float = 900) -> str:
@@ -67,7 +76,9 @@ def store(storage: str, name: str) -> CheckpointStore:
     return CheckpointStore(f"{storage}/{name}/checkpoints")
 
 
-def wait_for_checkpoint(st: CheckpointStore, min_step: int, job_id: str, timeout_s: float = 600) -> int:
+def wait_for_checkpoint(
+    st: CheckpointStore, min_step: int, job_id: str, timeout_s: float = 600
+) -> int:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         latest = st.latest()
@@ -82,7 +93,11 @@ def wait_for_checkpoint(st: CheckpointStore, min_step: int, job_id: str, timeout
 def wait_status_terminal(job_id: str) -> bool:
     from ray.job_submission import JobStatus
 
-    return client().get_job_status(job_id) in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+    return client().get_job_status(job_id) in (
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.STOPPED,
+    )
 
 
 def worker_pid(st: CheckpointStore, step: int, rank: int) -> int:
@@ -109,7 +124,9 @@ def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def trial(common: list[str], storage: str, baseline: dict[str, torch.Tensor], rng: random.Random) -> bool:
+def trial(
+    common: list[str], storage: str, baseline: dict[str, torch.Tensor], rng: random.Random
+) -> bool:
     """One run with a worker SIGKILLed at a random moment after the first commit."""
     name = f"chaos-{uuid.uuid4().hex[:8]}"
     job = submit([f"name={name}", *common])
@@ -129,14 +146,25 @@ def trial(common: list[str], storage: str, baseline: dict[str, torch.Tensor], rn
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--dataset", default="s3://resnet/datasets/smoke",
-                        help="shards to train on (make demo / datasets/imagenet.py writes them)")  # fmt: skip
+    parser.add_argument(
+        "--dataset",
+        default="s3://resnet/datasets/smoke",
+        help="shards to train on (make demo / datasets/imagenet.py writes them)",
+    )
     parser.add_argument("--storage", default="s3://resnet/runs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if "RAY_ADDRESS" not in os.environ:
-        sys.exit('the local stack is not in the environment: run `eval "$(python -m orchestrator.stack env)"`')
-    common = [f"data.url={args.dataset}", f"checkpoint.storage={args.storage}", "tracking.enabled=false", *CHAOS_SPEC]
+        sys.exit(
+            "the local stack is not in the environment: run "
+            '`eval "$(python -m orchestrator.stack env)"`'
+        )
+    common = [
+        f"data.url={args.dataset}",
+        f"checkpoint.storage={args.storage}",
+        "tracking.enabled=false",
+        *CHAOS_SPEC,
+    ]
     base = f"chaos-base-{uuid.uuid4().hex[:8]}"
     job = submit([f"name={base}", *common])
     assert wait(job) == "SUCCEEDED", logs(job)[-3000:]

@@ -83,11 +83,23 @@ def prepare(images: int, cache: Path, classes: int = 10) -> tuple[Path, str]:
     if not (src / "LOC_synset_mapping.txt").exists():
         print(f"generating {classes * per_class} JPEGs in {src} (once) ...", flush=True)
         subprocess.run(
-            [sys.executable, str(REPO / "datasets/synthetic.py"), "imagenet", "--out", str(src),
-             "--classes", str(classes), "--train-per-class", str(per_class),
-             "--val-per-class", "1", "--workers", str(os.cpu_count() or 1)],
+            [
+                sys.executable,
+                str(REPO / "datasets/synthetic.py"),
+                "imagenet",
+                "--out",
+                str(src),
+                "--classes",
+                str(classes),
+                "--train-per-class",
+                str(per_class),
+                "--val-per-class",
+                "1",
+                "--workers",
+                str(os.cpu_count() or 1),
+            ],
             check=True,
-        )  # fmt: skip
+        )
     try:
         manifest = load_manifest(DEST)
         fresh = manifest.get("source", {}).get("src") == str(src)
@@ -98,10 +110,20 @@ def prepare(images: int, cache: Path, classes: int = 10) -> tuple[Path, str]:
         root, _, name = DEST.rpartition("/")
         open_storage(root).delete_prefix(name)  # shards of an earlier source must not linger
         subprocess.run(
-            [sys.executable, str(REPO / "datasets/imagenet.py"), "--src", str(src), "--dest", DEST,
-             "--shard-size-mb", "16", "--workers", str(os.cpu_count() or 1)],
+            [
+                sys.executable,
+                str(REPO / "datasets/imagenet.py"),
+                "--src",
+                str(src),
+                "--dest",
+                DEST,
+                "--shard-size-mb",
+                "16",
+                "--workers",
+                str(os.cpu_count() or 1),
+            ],
             check=True,
-        )  # fmt: skip
+        )
     return src, DEST
 
 
@@ -313,9 +335,12 @@ def main() -> None:
         folder, batch_size=a.batch, shuffle=True, num_workers=a.workers, prefetch_factor=2
     )
     jpegs = [path.read_bytes() for path, _ in folder.items[:200]]
-    print(f"{len(folder)} images ({sum(map(len, jpegs)) / len(jpegs) / 1e3:.0f} KB avg), "
-          f"{a.workers} workers, batch {a.batch}; load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores", flush=True)  # fmt: skip
+    print(
+        f"{len(folder)} images ({sum(map(len, jpegs)) / len(jpegs) / 1e3:.0f} KB avg), "
+        f"{a.workers} workers, batch {a.batch}; load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} cores",
+        flush=True,
+    )
 
     print(f"CPU JPEG decoder: {T.cpu_decoder()}")
     with open_url(ours_loader.shards[0].url) as f:
@@ -333,10 +358,14 @@ def main() -> None:
         base.append(n_b / secs_b)
         base_cpu.append(cpu_b / n_b * 1e3)
         decode.append(decode_rate(jpegs))
-        print(f"pass {i}: ours {ours[-1]:.0f} img/s ({n} in {secs:.1f} s, first batch after "
-              f"{first:.2f} s, {ours_cpu[-1]:.2f} CPU-ms/img), baseline {base[-1]:.0f} img/s ({n_b} in {secs_b:.1f} s, "
-              f"{base_cpu[-1]:.2f} CPU-ms/img), full decode alone {1e3 / decode[-1]:.2f} "
-              f"CPU-ms/img; load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+        print(
+            f"pass {i}: ours {ours[-1]:.0f} img/s ({n} in {secs:.1f} s, first batch after "
+            f"{first:.2f} s, {ours_cpu[-1]:.2f} CPU-ms/img), "
+            f"baseline {base[-1]:.0f} img/s ({n_b} in {secs_b:.1f} s, "
+            f"{base_cpu[-1]:.2f} CPU-ms/img), full decode alone {1e3 / decode[-1]:.2f} "
+            f"CPU-ms/img; load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
 
     # a long pass for the memory trend of our workers
     long_cfg = DataConfig(
@@ -362,10 +391,12 @@ def main() -> None:
         first, last = max(r for _, r in points[:q]), max(r for _, r in points[-q:])
         trend.append(f"pid {pid}: {first / 2**20:.0f} -> {last / 2**20:.0f} MB")
     bound_long = statistics.median(decode) * a.workers
-    print(f"long pass: {n_long} images at {n_long / secs_long:.0f} img/s "
-          f"({n_long / secs_long / bound_long:.2f} of the decode bound), "
-          f"{stats['bytes_per_s'] / 1e6:.1f} MB/s from S3; peak worker RSS first -> last quarter: "
-          f"{'; '.join(trend) or 'n/a'}")  # fmt: skip
+    print(
+        f"long pass: {n_long} images at {n_long / secs_long:.0f} img/s "
+        f"({n_long / secs_long / bound_long:.2f} of the decode bound), "
+        f"{stats['bytes_per_s'] / 1e6:.1f} MB/s from S3; peak worker RSS first -> last quarter: "
+        f"{'; '.join(trend) or 'n/a'}"
+    )
 
     x, y, z = (
         statistics.median(ours),
@@ -377,13 +408,17 @@ def main() -> None:
     # each pass pairs ours and the baseline a few seconds apart: the median of the paired
     # ratios is steadier than a ratio of medians when other processes come and go
     ratio = statistics.median(o / b for o, b in zip(ours, base, strict=True))
-    print(f"CPU per image (workers + main process; the S3 server's not counted): ours {oc:.2f} "
-          f"ms, baseline {bc:.2f} ms, full decode alone {dc:.2f} ms -> CPU ratio {bc / oc:.2f}, "
-          f"ours/decode-bound by CPU {dc / oc:.2f}")  # fmt: skip
+    print(
+        f"CPU per image (workers + main process; the S3 server's not counted): ours {oc:.2f} "
+        f"ms, baseline {bc:.2f} ms, full decode alone {dc:.2f} ms -> CPU ratio {bc / oc:.2f}, "
+        f"ours/decode-bound by CPU {dc / oc:.2f}"
+    )
     if T.simplejpeg is not None:  # the decoder ours uses: a higher bound, quoted beside
         fast = decode_rate(jpegs, lambda data: T.simplejpeg.decode_jpeg(data, colorspace="RGB"))
-        print(f"simplejpeg full decode alone {1e3 / fast:.2f} CPU-ms/img: ours / its decode "
-              f"bound = {x / (fast * a.workers):.2f}")  # fmt: skip
+        print(
+            f"simplejpeg full decode alone {1e3 / fast:.2f} CPU-ms/img: ours / its decode "
+            f"bound = {x / (fast * a.workers):.2f}"
+        )
     print(f"ours/decode-bound = {x / z:.2f} (target >= 0.8); ours/baseline target >= 1.5")
     print(
         f"loader: ratio={ratio:.2f} (ours {x:.0f} img/s, baseline {y:.0f} img/s, "

@@ -1,6 +1,6 @@
 """Overhead of the whole stack: our job through `ray job submit` vs a plain PyTorch loop.
 
-    python bench/overhead.py [--steps 60]     # needs the local stack: python -m orchestrator.stack up
+    python bench/overhead.py [--steps 60]   # needs the local stack: make up
 
 Same model (cifar_resnet20), same batch (128), same in-memory data (one batch made once and
 reused), same thread count, on CPU; measured side by side in one run. Ours: the steady-state
@@ -55,14 +55,27 @@ def ours(steps: int, threads: int) -> tuple[float, float]:
     """Our job through the Ray head; returns (steps/s, seconds from submit to first step)."""
     name = f"overhead-{uuid.uuid4().hex[:8]}"
     t_submit = time.time()
-    job = submit([
-        f"name={name}", "data.source=synthetic", "data.image_size=32", "data.synthetic_classes=10",
-        "data.pca_lighting=0", "scaling.num_workers=1", "scaling.global_batch=128",
-        f"scaling.cpus_per_worker={threads}", f"scaling.torch_threads={threads}",
-        f"schedule.max_iters={steps}", "tracking.log_every=10", "tracking.enabled=false",
-        "eval.every_iters=0", "eval.at_end=false", "checkpoint.every_iters=0",
-        "checkpoint.at_epoch_end=false", "checkpoint.storage=/tmp/overhead-bench",
-    ])  # fmt: skip
+    job = submit(
+        [
+            f"name={name}",
+            "data.source=synthetic",
+            "data.image_size=32",
+            "data.synthetic_classes=10",
+            "data.pca_lighting=0",
+            "scaling.num_workers=1",
+            "scaling.global_batch=128",
+            f"scaling.cpus_per_worker={threads}",
+            f"scaling.torch_threads={threads}",
+            f"schedule.max_iters={steps}",
+            "tracking.log_every=10",
+            "tracking.enabled=false",
+            "eval.every_iters=0",
+            "eval.at_end=false",
+            "checkpoint.every_iters=0",
+            "checkpoint.at_epoch_end=false",
+            "checkpoint.storage=/tmp/overhead-bench",
+        ]
+    )
     t_first = None
     while t_first is None:  # poll the job's log for its first finished step (0.25 s resolution)
         if re.search(r"\bstep 1 train/loss=", logs(job)):
@@ -73,7 +86,9 @@ def ours(steps: int, threads: int) -> tuple[float, float]:
     status = wait(job)
     text = logs(job)
     assert status == "SUCCEEDED" and t_first, text[-3000:]
-    windows = [float(m) for m in re.findall(r"step \d+ train/loss=.*?system/step_time_s=([\d.e+-]+)", text)]
+    windows = [
+        float(m) for m in re.findall(r"step \d+ train/loss=.*?system/step_time_s=([\d.e+-]+)", text)
+    ]
     assert len(windows) >= 3, f"no step timings in the job log:\n{text[-3000:]}"
     return 1.0 / statistics.median(windows[2:]), t_first - t_submit  # skip step 1 and warm-up
 
@@ -84,12 +99,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     if "RAY_ADDRESS" not in os.environ:
-        sys.exit('the local stack is not in the environment: run `eval "$(python -m orchestrator.stack env)"`')
+        sys.exit(
+            "the local stack is not in the environment: run "
+            '`eval "$(python -m orchestrator.stack env)"`'
+        )
     ray_rate, first = ours(args.steps, args.threads)
     plain_rate = plain_loop(args.steps, args.threads)
     print(f"threads={args.threads} batch=128 model=cifar_resnet20 steps={args.steps}")
-    print(f"overhead: ratio={ray_rate / plain_rate:.3f} (ray {ray_rate:.2f} steps/s, "
-          f"plain {plain_rate:.2f} steps/s, first step after {first:.1f} s)")  # fmt: skip
+    print(
+        f"overhead: ratio={ray_rate / plain_rate:.3f} (ray {ray_rate:.2f} steps/s, "
+        f"plain {plain_rate:.2f} steps/s, first step after {first:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 imagenet writes the ILSVRC2012 layout that datasets/imagenet.py reads:
     DIR/train/<wnid>/<wnid>_<i>.JPEG      wnids n00000000, n00000001, ... (sorted = class index)
     DIR/val/ILSVRC2012_val_<8 digits>.JPEG
-    DIR/LOC_val_solution.csv              Kaggle style: ImageId,PredictionString ("wnid x0 y0 x1 y1")
+    DIR/LOC_val_solution.csv              Kaggle style: ImageId,PredictionString
+                                          ("wnid x0 y0 x1 y1")
     DIR/LOC_synset_mapping.txt            "wnid name" per line, sorted
 cifar10 writes DIR/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} in the
 python-pickle format of the real download (see datasets/cifar10.py).

@@ -23,7 +23,7 @@ from orchestrator.spec import (
     ScalingConfig,
     ScheduleConfig,
     TrackingConfig,
-)  # fmt: skip
+)
 
 SPEC = JobSpec(
     name="cifar10_resnet",
@@ -37,7 +37,9 @@ SPEC = JobSpec(
         pca_lighting=0.0,
         num_workers=2,
     ),
-    optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4),  # the paper's lr at batch 128
+    optim=OptimConfig(
+        name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4
+    ),  # the paper's lr at batch 128
     schedule=ScheduleConfig(kind="step", max_iters=64_000, milestones=[32_000, 48_000], gamma=0.1),
     scaling=ScalingConfig(strategy="ddp", num_workers=2, global_batch=128),
     checkpoint=CheckpointConfig(storage="s3://resnet/runs", every_iters=2000, keep_last=2),
@@ -50,7 +52,9 @@ def paper_warmup(spec: JobSpec) -> JobSpec:
     """ResNet-110 (and deeper) starts at a tenth of the lr for ~400 iterations (Sec. 4.2)."""
     depth = int(spec.model.name.rsplit("resnet", 1)[-1] or 0) if "resnet" in spec.model.name else 0
     if depth >= 110 and spec.schedule.warmup_iters == 0:
-        spec = dataclasses.replace(spec, schedule=dataclasses.replace(spec.schedule, warmup_iters=400, warmup_factor=0.1))
+        spec = dataclasses.replace(
+            spec, schedule=dataclasses.replace(spec.schedule, warmup_iters=400, warmup_factor=0.1)
+        )
     return spec
 
 

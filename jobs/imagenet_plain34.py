@@ -2,7 +2,8 @@
 
     ray job submit -- python jobs/imagenet_plain34.py [section.key=value ...]
 
-The paper's number to compare with: Table 2 (28.54% top-1, 10-crop): the plain half of the degradation pair, no shortcuts.
+The paper's number to compare with: Table 2 (28.54% top-1, 10-crop): the plain half of the
+degradation pair, no shortcuts.
 """
 
 import dataclasses

@@ -24,7 +24,7 @@ from orchestrator.spec import (
     ScalingConfig,
     ScheduleConfig,
     TrackingConfig,
-)  # fmt: skip
+)
 
 SPEC = JobSpec(
     name="imagenet_r152",

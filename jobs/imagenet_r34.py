@@ -2,7 +2,8 @@
 
     ray job submit -- python jobs/imagenet_r34.py [section.key=value ...]
 
-The paper's number to compare with: Table 2 (25.03% top-1, 10-crop), the residual half of the degradation pair.
+The paper's number to compare with: Table 2 (25.03% top-1, 10-crop), the residual half of the
+degradation pair.
 """
 
 import dataclasses
@@ -15,7 +16,9 @@ from orchestrator.spec import ModelConfig
 SPEC = dataclasses.replace(
     R152_RECIPE,
     name="imagenet_r34",
-    model=ModelConfig(name="resnet34", shortcut="B"),  # Table 3 compares A, B and C: model.shortcut=A
+    model=ModelConfig(
+        name="resnet34", shortcut="B"
+    ),  # Table 3 compares A, B and C: model.shortcut=A
 )
 
 if __name__ == "__main__":

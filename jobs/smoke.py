@@ -18,7 +18,7 @@ from orchestrator.spec import (
     ScalingConfig,
     ScheduleConfig,
     TrackingConfig,
-)  # fmt: skip
+)
 
 SPEC = JobSpec(
     name="smoke",

@@ -254,9 +254,14 @@ def evaluate(
     try:
         for views_kind, scale in passes:
             batches = eval_loader(
-                cfg, rank=rank, world_size=world_size, batch_size=batch_size, views=views_kind,
-                scale=scale, with_index=True,
-            )  # fmt: skip
+                cfg,
+                rank=rank,
+                world_size=world_size,
+                batch_size=batch_size,
+                views=views_kind,
+                scale=scale,
+                with_index=True,
+            )
             for i, (images, labels, index) in enumerate(batches):
                 if max_batches and i >= max_batches:
                     break

@@ -27,8 +27,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved spec and exit")
-    parser.add_argument("--local", action="store_true", help="run without Ray (torchrun for N workers)")
-    parser.add_argument("--resume-from", help="fork from a checkpoint folder: .../checkpoints/step-NNNNNNNN")
+    parser.add_argument(
+        "--local", action="store_true", help="run without Ray (torchrun for N workers)"
+    )
+    parser.add_argument(
+        "--resume-from", help="fork from a checkpoint folder: .../checkpoints/step-NNNNNNNN"
+    )
     return parser.parse_args(argv)
 
 
@@ -44,7 +48,9 @@ def resolve(
 
 
 def main(
-    spec: JobSpec, argv: list[str] | None = None, finalize: Callable[[JobSpec], JobSpec] | None = None
+    spec: JobSpec,
+    argv: list[str] | None = None,
+    finalize: Callable[[JobSpec], JobSpec] | None = None,
 ) -> int:
     """Entry point of every job file; `finalize` adjusts the spec after overrides (a recipe
     rule that depends on an overridden field, like ResNet-110's warm-up)."""
@@ -76,7 +82,14 @@ def run_local(spec: JobSpec) -> dict[str, float]:
         # torchrun's parser would take --local for one of its own options: say it by environment
         args = [a for a in sys.argv if a != "--local"]
         os.environ["ORCH_LOCAL"] = "1"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={n}",
+            *args,
+        ]
         os.execv(sys.executable, cmd)
     from orchestrator.runtime import Runtime, destroy_process_group
     from orchestrator.train import run_worker
@@ -137,7 +150,8 @@ def run_ray(spec: JobSpec) -> Any:
     if os.environ.get("RAY_ADDRESS", "").startswith("http"):
         raise SystemExit(
             "RAY_ADDRESS points at a Ray job server: submit the job there with "
-            f"`ray job submit -- python {' '.join(sys.argv)}` (or unset RAY_ADDRESS for a local Ray)"
+            f"`ray job submit -- python {' '.join(sys.argv)}` "
+            "(or unset RAY_ADDRESS for a local Ray)"
         )
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
@@ -155,7 +169,10 @@ def run_ray(spec: JobSpec) -> Any:
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": spec.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker={
+                "CPU": spec.scaling.cpus_per_worker,
+                **({"GPU": 1} if use_gpu else {}),
+            },
             placement_strategy=spec.scaling.placement,
         ),
         run_config=RunConfig(
@@ -201,7 +218,9 @@ def run_ray(spec: JobSpec) -> Any:
             f"Resubmit the same name to resume from it. Cause: {type(err).__name__}: {err}",
             file=sys.stderr,
         )
-        mark_job_run(spec.tracking.experiment, spec.name, "FAILED", error=f"{type(err).__name__}: {err}")
+        mark_job_run(
+            spec.tracking.experiment, spec.name, "FAILED", error=f"{type(err).__name__}: {err}"
+        )
         raise SystemExit(1) from None
     print(f"job {spec.name} finished; checkpoints under {checkpoints}")
     return result

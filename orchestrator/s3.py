@@ -70,7 +70,9 @@ def is_s3(url: str) -> bool:
     return url.startswith("s3://")
 
 
-def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: float = 0.5) -> T:
+def with_retries(
+    fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: float = 0.5
+) -> T:
     """Call fn, retrying connection errors and 5xx with exponential backoff.
 
     botocore retries single requests; this covers whole operations (a streamed read that

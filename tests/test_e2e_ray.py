@@ -22,16 +22,27 @@ pytestmark = pytest.mark.slow
 def submit(stack: Stack, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     ray = Path(sys.executable).parent / "ray"
     return subprocess.run(
-        [str(ray), "job", "submit", "--", "python", *args], cwd=ROOT, capture_output=True,
-        text=True, timeout=timeout, check=False, env={**__import__("os").environ, **stack.env()},
-    )  # fmt: skip
+        [str(ray), "job", "submit", "--", "python", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**__import__("os").environ, **stack.env()},
+    )
 
 
 def test_skeleton_job_via_ray_job_submit(stack: Stack, smoke_dataset: str) -> None:
     name = f"smoke-{uuid.uuid4().hex[:6]}"
     experiment = f"e2e-{name}"
-    proc = submit(stack, "jobs/smoke.py", f"name={name}", f"data.url={smoke_dataset}",
-                  f"tracking.experiment={experiment}", "eval.every_iters=10")  # fmt: skip
+    proc = submit(
+        stack,
+        "jobs/smoke.py",
+        f"name={name}",
+        f"data.url={smoke_dataset}",
+        f"tracking.experiment={experiment}",
+        "eval.every_iters=10",
+    )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
 
@@ -62,9 +73,17 @@ def test_skeleton_job_via_ray_job_submit(stack: Stack, smoke_dataset: str) -> No
 def test_deepspeed_zero1_two_workers_via_ray(stack: Stack, smoke_dataset: str) -> None:
     """The same loop under DeepSpeed ZeRO-1 (CPU, gloo): every rank's shard is persisted."""
     name = f"smoke-ds-{uuid.uuid4().hex[:6]}"
-    proc = submit(stack, "jobs/smoke.py", f"name={name}", f"data.url={smoke_dataset}",
-                  "scaling.strategy=deepspeed", "scaling.zero_stage=1", "schedule.max_iters=10",
-                  "checkpoint.every_iters=10", "tracking.enabled=false")  # fmt: skip
+    proc = submit(
+        stack,
+        "jobs/smoke.py",
+        f"name={name}",
+        f"data.url={smoke_dataset}",
+        "scaling.strategy=deepspeed",
+        "scaling.zero_stage=1",
+        "schedule.max_iters=10",
+        "checkpoint.every_iters=10",
+        "tracking.enabled=false",
+    )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     marker = json.loads(read_url(f"s3://resnet/runs/{name}/checkpoints/step-00000010/COMMITTED"))
     shards = [f for f in marker["files"] if f.startswith("shards/")]
@@ -82,8 +101,15 @@ def test_ray_job_stop_marks_the_run_killed(stack: Stack, smoke_dataset: str) -> 
     chaos = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(chaos)
     name, experiment = f"stop-{uuid.uuid4().hex[:6]}", f"e2e-stop-{uuid.uuid4().hex[:6]}"
-    job = chaos.submit([f"name={name}", f"data.url={smoke_dataset}", "schedule.max_iters=500",
-                        "checkpoint.every_iters=4", f"tracking.experiment={experiment}"])  # fmt: skip
+    job = chaos.submit(
+        [
+            f"name={name}",
+            f"data.url={smoke_dataset}",
+            "schedule.max_iters=500",
+            "checkpoint.every_iters=4",
+            f"tracking.experiment={experiment}",
+        ]
+    )
     chaos.wait_for_checkpoint(chaos.store("s3://resnet/runs", name), 4, job)
     chaos.client().stop_job(job)
     assert chaos.wait(job) == "STOPPED"

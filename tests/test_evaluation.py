@@ -36,8 +36,16 @@ from orchestrator.spec import EvalConfig
 
 def odd_cfg(url: Path | str, **kw) -> DataConfig:
     """odd_local_shards (64x48 images, 3 classes, 21 val samples) shrunk to 32 px views."""
-    base = {"url": str(url), "train_transform": "rrc", "image_size": 32, "eval_resize": 36,
-            "scale_range": (36, 48), "num_workers": 1, "shuffle_buffer": 8, "pca_lighting": 0.0}  # fmt: skip
+    base = {
+        "url": str(url),
+        "train_transform": "rrc",
+        "image_size": 32,
+        "eval_resize": 36,
+        "scale_range": (36, 48),
+        "num_workers": 1,
+        "shuffle_buffer": 8,
+        "pca_lighting": 0.0,
+    }
     return DataConfig(**{**base, **kw})
 
 
@@ -99,10 +107,14 @@ def _write_one_image_dataset(root: Path, arr: np.ndarray, label: int, classes: i
     with wds.TarWriter(str(root / "val-000000.tar"), encoder=False) as tw:
         tw.write({"__key__": "img0", "png": buf.getvalue(), "cls": str(label).encode()})
     manifest = {
-        "format": "webdataset", "version": 1, "num_classes": classes,
-        "classes": [str(i) for i in range(classes)], "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
+        "format": "webdataset",
+        "version": 1,
+        "num_classes": classes,
+        "classes": [str(i) for i in range(classes)],
+        "mean": [0.0, 0.0, 0.0],
+        "std": [1.0, 1.0, 1.0],
         "splits": {"val": {"samples": 1, "shards": [{"name": "val-000000.tar", "samples": 1}]}},
-    }  # fmt: skip
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -283,13 +295,26 @@ def test_training_loop_validates_with_the_specs_protocol(
     from tests.conftest import run_script
 
     run_script(
-        "jobs/smoke.py", "--local", "name=tc", f"checkpoint.storage={tmp_path}",
-        f"data.url={odd_local_shards}", "data.scale_range=[36,48]", "data.eval_resize=36",
-        "data.num_workers=1", "data.shuffle_buffer=16", "tracking.enabled=false",
-        "scaling.num_workers=1", "scaling.global_batch=8", "schedule.max_iters=2",
-        "schedule.milestones=[1]", "eval.every_iters=2", "eval.protocol=ten_crop",
-        "eval.batch_size=4", "checkpoint.every_iters=2", env={"OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        "jobs/smoke.py",
+        "--local",
+        "name=tc",
+        f"checkpoint.storage={tmp_path}",
+        f"data.url={odd_local_shards}",
+        "data.scale_range=[36,48]",
+        "data.eval_resize=36",
+        "data.num_workers=1",
+        "data.shuffle_buffer=16",
+        "tracking.enabled=false",
+        "scaling.num_workers=1",
+        "scaling.global_batch=8",
+        "schedule.max_iters=2",
+        "schedule.milestones=[1]",
+        "eval.every_iters=2",
+        "eval.protocol=ten_crop",
+        "eval.batch_size=4",
+        "checkpoint.every_iters=2",
+        env={"OMP_NUM_THREADS": "1"},
+    )
     step = tmp_path / "tc" / "checkpoints" / "step-00000002"
     marker = json.loads((step / "COMMITTED").read_text())["metrics"]
     state = torch.load(step / "trainer.pt", weights_only=False)

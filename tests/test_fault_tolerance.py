@@ -30,14 +30,21 @@ EXPERIMENT = f"fault-tolerance-{uuid.uuid4().hex[:6]}"
 
 
 def common(dataset: str) -> list[str]:
-    return [f"data.url={dataset}", f"checkpoint.storage={STORAGE}", f"tracking.experiment={EXPERIMENT}",
-            *chaos.CHAOS_SPEC, "schedule.max_iters=16"]  # fmt: skip
+    return [
+        f"data.url={dataset}",
+        f"checkpoint.storage={STORAGE}",
+        f"tracking.experiment={EXPERIMENT}",
+        *chaos.CHAOS_SPEC,
+        "schedule.max_iters=16",
+    ]
 
 
 def losses(stack: Stack, name: str) -> list[tuple[int, float]]:
     client = MlflowClient(stack.env()["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(EXPERIMENT)
-    (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`orchestrator.job` = '{name}'")
+    (run,) = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`orchestrator.job` = '{name}'"
+    )
     history = client.get_metric_history(run.info.run_id, "train/loss")
     return [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
 
@@ -52,13 +59,17 @@ def baseline(stack: Stack, smoke_dataset: str) -> tuple[dict, list]:
 
 def assert_same_run(stack: Stack, name: str, baseline: tuple[dict, list]) -> None:
     weights, history = baseline
-    assert chaos.identical(chaos.final_weights(chaos.store(STORAGE, name)), weights), "final weights differ"
+    assert chaos.identical(chaos.final_weights(chaos.store(STORAGE, name)), weights), (
+        "final weights differ"
+    )
     got = losses(stack, name)
     assert [s for s, _ in got] == list(range(1, 17)), "each step logged once, strictly increasing"
     assert got == history, "per-step losses differ from the uninterrupted run"
 
 
-def test_worker_sigkilled_twice_resumes_bit_identical(stack: Stack, smoke_dataset: str, baseline: tuple) -> None:
+def test_worker_sigkilled_twice_resumes_bit_identical(
+    stack: Stack, smoke_dataset: str, baseline: tuple
+) -> None:
     name = f"ft-kill-{uuid.uuid4().hex[:6]}"
     job = chaos.submit([f"name={name}", *common(smoke_dataset)])
     st = chaos.store(STORAGE, name)
@@ -72,7 +83,9 @@ def test_worker_sigkilled_twice_resumes_bit_identical(stack: Stack, smoke_datase
     assert_same_run(stack, name, baseline)
 
 
-def test_job_sigkilled_then_resubmitted_resumes(stack: Stack, smoke_dataset: str, baseline: tuple) -> None:
+def test_job_sigkilled_then_resubmitted_resumes(
+    stack: Stack, smoke_dataset: str, baseline: tuple
+) -> None:
     name = f"ft-job-{uuid.uuid4().hex[:6]}"
     job = chaos.submit([f"name={name}", *common(smoke_dataset)])
     st = chaos.store(STORAGE, name)
@@ -109,5 +122,7 @@ def test_failure_budget_exhausted_gives_a_summary(stack: Stack, smoke_dataset: s
     assert "Latest committed checkpoint: step" in text and "Resubmit the same name" in text
     client = MlflowClient(stack.env()["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(EXPERIMENT)
-    (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`orchestrator.job` = '{name}'")
+    (run,) = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`orchestrator.job` = '{name}'"
+    )
     assert run.info.status == "FAILED" and "orchestrator.error" in run.data.tags

@@ -43,7 +43,9 @@ def test_paper_boxes_follow_scale_augmentation() -> None:
     boxes = paper_boxes(sizes, 224, (256, 480), gen)
     short = sizes.min(1).values.double()
     side = boxes[:, 2]
-    assert torch.all(side >= 224 * short / 480 - 1e-6) and torch.all(side <= 224 * short / 256 + 1e-6)
+    assert torch.all(side >= 224 * short / 480 - 1e-6) and torch.all(
+        side <= 224 * short / 256 + 1e-6
+    )
     assert torch.all(boxes[:, 0] >= 0) and torch.all(boxes[:, 0] + side <= sizes[:, 0] + 1e-6)
     assert torch.all(boxes[:, 1] >= 0) and torch.all(boxes[:, 1] + side <= sizes[:, 1] + 1e-6)
     assert side.std() > 1  # the scale really varies
@@ -64,8 +66,13 @@ def test_rrc_boxes_respect_scale_and_ratio() -> None:
 
 
 def test_device_augment_batch() -> None:
-    aug = DeviceAugment("paper", out=32, mean=(128.0, 128.0, 128.0), std=(64.0, 64.0, 64.0), scale_range=(36, 48))
-    imgs = [torch.full((3, 40, 50), 192, dtype=torch.uint8), torch.full((3, 60, 44), 64, dtype=torch.uint8)]
+    aug = DeviceAugment(
+        "paper", out=32, mean=(128.0, 128.0, 128.0), std=(64.0, 64.0, 64.0), scale_range=(36, 48)
+    )
+    imgs = [
+        torch.full((3, 40, 50), 192, dtype=torch.uint8),
+        torch.full((3, 60, 44), 64, dtype=torch.uint8),
+    ]
     x = aug(imgs, torch.Generator().manual_seed(0))
     assert x.shape == (2, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(x[0], torch.full_like(x[0], 1.0))  # (192-128)/64
@@ -87,13 +94,18 @@ def _jpeg(w: int, h: int) -> bytes:
 def test_cutting_to_boxes_changes_no_pixel_of_the_output() -> None:
     """Cut-then-pad gives what pad-whole-images gave, for boxes anywhere (edges included)."""
     gen = torch.Generator().manual_seed(2)
-    imgs = [torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8) for h, w in [(60, 80), (90, 50), (41, 41)]]
+    imgs = [
+        torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8)
+        for h, w in [(60, 80), (90, 50), (41, 41)]
+    ]
     batch, sizes = pad_batch(imgs)
     for seed in range(5):
         boxes = paper_boxes(sizes, 24, (28, 40), torch.Generator().manual_seed(seed))
         flips = torch.tensor([False, True, seed % 2 == 0])
         cuts, moved = cut_to_boxes(imgs, boxes)
-        for cut, img in zip(cuts, imgs, strict=True):  # box side 24 * shorter / s, s >= 28; +margins
+        for cut, img in zip(
+            cuts, imgs, strict=True
+        ):  # box side 24 * shorter / s, s >= 28; +margins
             assert max(cut.shape[-2:]) <= 24 * min(img.shape[-2:]) / 28 + 3
         whole = crop_resize(batch, boxes, 24, flips)
         cut = crop_resize(pad_batch(cuts)[0], moved, 24, flips)
@@ -102,7 +114,9 @@ def test_cutting_to_boxes_changes_no_pixel_of_the_output() -> None:
 
 def test_big_images_are_shrunk_and_cut_before_padding() -> None:
     """A 3000x2000 photo beside a small portrait one: the padded batch stays box-sized."""
-    aug = DeviceAugment("paper", out=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), scale_range=(36, 48))
+    aug = DeviceAugment(
+        "paper", out=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), scale_range=(36, 48)
+    )
     big = torch.full((3, 2000, 3000), 200, dtype=torch.uint8)
     small = torch.full((3, 60, 40), 50, dtype=torch.uint8)
     assert shrink_to(big, 48).shape == (3, 48, 72) and shrink_to(small, 48) is small
@@ -117,7 +131,9 @@ def test_big_images_are_shrunk_and_cut_before_padding() -> None:
 def test_decode_on_cpu_device_and_without_torchvision_on_gpu() -> None:
     # a CPU device decodes on the host (the decode=gpu/split plumbing runs without a GPU)
     (img,) = decode_jpegs([_jpeg(20, 10)], "cpu")
-    assert img.shape == (3, 10, 20) and img.dtype == torch.uint8 and int(img[0].float().mean()) > 250
+    assert (
+        img.shape == (3, 10, 20) and img.dtype == torch.uint8 and int(img[0].float().mean()) > 250
+    )
     # damaged past the header: a black image and a warning, not a dead training step
     (black,) = decode_jpegs([_jpeg(20, 10)[:40]], "cpu")
     assert black.dtype == torch.uint8 and int(black.max()) == 0
@@ -147,12 +163,21 @@ def test_gpu_decode_batches_carry_every_jpeg_with_its_label(odd_local_shards) ->
     from orchestrator.data import DataConfig, MixedBatch, TrainLoader
 
     truth = _shard_labels(odd_local_shards)
-    cfg = DataConfig(url=str(odd_local_shards), decode="gpu", train_transform="rrc", image_size=32,
-                     scale_range=(36, 48), num_workers=1, shuffle_buffer=8)  # fmt: skip
+    cfg = DataConfig(
+        url=str(odd_local_shards),
+        decode="gpu",
+        train_transform="rrc",
+        image_size=32,
+        scale_range=(36, 48),
+        num_workers=1,
+        shuffle_buffer=8,
+    )
     loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=8, seed=0)
     seen = []
     for batch, labels in loader:
-        assert isinstance(batch, MixedBatch) and len(batch.pixels) == 0 and len(batch) == len(labels)
+        assert (
+            isinstance(batch, MixedBatch) and len(batch.pixels) == 0 and len(batch) == len(labels)
+        )
         for jpeg, label in zip(batch.jpegs(), labels.tolist(), strict=True):
             assert truth[jpeg.numpy().tobytes()] == label
             seen.append(jpeg.numpy().tobytes())
@@ -166,11 +191,23 @@ def test_split_batches_are_the_cpu_batches_cut_in_two(odd_local_shards) -> None:
     from orchestrator.data import DataConfig, TrainLoader
 
     truth = _shard_labels(odd_local_shards)
-    common = {"url": str(odd_local_shards), "train_transform": "rrc", "image_size": 32, "scale_range": (36, 48),
-              "num_workers": 1, "shuffle_buffer": 8, "prefetch_factor": 1}  # fmt: skip
+    common = {
+        "url": str(odd_local_shards),
+        "train_transform": "rrc",
+        "image_size": 32,
+        "scale_range": (36, 48),
+        "num_workers": 1,
+        "shuffle_buffer": 8,
+        "prefetch_factor": 1,
+    }
     cpu = list(TrainLoader(DataConfig(**common), rank=0, world_size=1, batch_size=8, seed=3))
-    split = TrainLoader(DataConfig(**common, decode="split", split_cpu_share=0.5), rank=0, world_size=1,
-                        batch_size=8, seed=3)  # fmt: skip
+    split = TrainLoader(
+        DataConfig(**common, decode="split", split_cpu_share=0.5),
+        rank=0,
+        world_size=1,
+        batch_size=8,
+        seed=3,
+    )
     shares = []
     for i, ((batch, labels), (images, cpu_labels)) in enumerate(zip(split, cpu, strict=True)):
         k = len(batch.pixels)
@@ -181,8 +218,13 @@ def test_split_batches_are_the_cpu_batches_cut_in_two(odd_local_shards) -> None:
         if i == 0:
             split.cpu_share = 0.0  # batches already queued keep 0.5; later ones have none decoded
     assert shares[0] == 0.5 and shares[-1] == 0.0
-    whole = TrainLoader(DataConfig(**common, decode="split", split_cpu_share=1.0), rank=0, world_size=1,
-                        batch_size=8, seed=3)  # fmt: skip
+    whole = TrainLoader(
+        DataConfig(**common, decode="split", split_cpu_share=1.0),
+        rank=0,
+        world_size=1,
+        batch_size=8,
+        seed=3,
+    )
     batch, labels = next(iter(whole))
     assert len(batch.pixels) == len(labels) == 8 and batch.jpegs() == []  # all decoded by workers
 
@@ -218,6 +260,8 @@ def test_gpu_decode_rejects_cifar_transform() -> None:
     from orchestrator.data import DataConfig
 
     with pytest.raises(ValueError, match="decode=gpu does the paper and rrc transforms"):
-        DataConfig(url="x", decode="gpu", train_transform="cifar", image_size=32, scale_range=(32, 32))
+        DataConfig(
+            url="x", decode="gpu", train_transform="cifar", image_size=32, scale_range=(32, 32)
+        )
     with pytest.raises(ValueError, match="split_cpu_share=1.5: expected 0..1"):
         DataConfig(url="x", decode="split", split_cpu_share=1.5)

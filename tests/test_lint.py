@@ -1,4 +1,5 @@
-"""The linter's verdict is part of the tests, so a change that breaks it fails CI, not a reviewer."""
+"""The linter's and the formatter's verdicts are part of the tests, so a change that breaks
+either fails CI, not a reviewer."""
 
 from __future__ import annotations
 
@@ -8,9 +9,26 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
+RUFF = Path(sys.executable).parent / "ruff"
+TREES = ["orchestrator", "jobs", "datasets", "tests", "bench"]
 
-def test_ruff_finds_nothing() -> None:
-    ruff = Path(sys.executable).parent / "ruff"
-    out = subprocess.run([str(ruff), "check", "--output-format", "concise", "orchestrator", "jobs", "datasets",
-                          "tests", "bench"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
-    assert out.returncode == 0, f"ruff found problems (fix them, or `ruff check --fix`):\n{out.stdout}{out.stderr}"
+
+def ruff(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(RUFF), *args, *TREES],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_ruff_check_finds_nothing() -> None:
+    out = ruff("check", "--output-format", "concise")
+    assert out.returncode == 0, f"ruff check (or `ruff check --fix`):\n{out.stdout}{out.stderr}"
+
+
+def test_the_tree_is_ruff_formatted() -> None:
+    out = ruff("format", "--check")
+    assert out.returncode == 0, f"run `ruff format` on:\n{out.stdout}{out.stderr}"

@@ -91,9 +91,12 @@ def expected_layout(name: str, shortcut: str | None = "default") -> dict[str, tu
     else:
         bottleneck = depth >= 50
         stages = {
-            18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3],
-            101: [3, 4, 23, 3], 152: [3, 8, 36, 3],
-        }[depth]  # fmt: skip
+            18: [2, 2, 2, 2],
+            34: [3, 4, 6, 3],
+            50: [3, 4, 6, 3],
+            101: [3, 4, 23, 3],
+            152: [3, 8, 36, 3],
+        }[depth]
         widths, classes = [64, 128, 256, 512], 1000
         stem = {"conv1.weight": (64, 3, 7, 7)}
 

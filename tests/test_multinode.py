@@ -71,10 +71,20 @@ def second_node(cluster_head: Stack, tmp_path: Path) -> Iterator[None]:
     agent_port = next(p for p in range(23391, 23600, 7) if port_is_free(p))
     log = (tmp_path / "node2.log").open("wb")
     proc = subprocess.Popen(
-        [str(ray_bin), "start", f"--address={cluster_head.gcs_address}", "--num-cpus=1", "--block",
-         f"--dashboard-agent-listen-port={agent_port}", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(ray_bin),
+            "start",
+            f"--address={cluster_head.gcs_address}",
+            "--num-cpus=1",
+            "--block",
+            f"--dashboard-agent-listen-port={agent_port}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     import ray
 
     ray.init(address=cluster_head.gcs_address, logging_level="ERROR")
@@ -96,12 +106,26 @@ def test_the_test_stacks_ray_is_the_default_loopback_one(stack: Stack) -> None:
 
 
 def test_workers_spread_over_two_nodes_match_one_worker(second_node: None) -> None:
-    common = ["data.source=synthetic", "data.image_size=32", "data.synthetic_classes=10", "data.pca_lighting=0",
-              "scaling.global_batch=16", "scaling.micro_batch=8", "schedule.max_iters=4", "tracking.enabled=false",
-              "eval.every_iters=0", "eval.at_end=false", "checkpoint.every_iters=4", "checkpoint.at_epoch_end=false",
-              "checkpoint.storage=s3://resnet/runs", "scaling.torch_threads=1"]  # fmt: skip
+    common = [
+        "data.source=synthetic",
+        "data.image_size=32",
+        "data.synthetic_classes=10",
+        "data.pca_lighting=0",
+        "scaling.global_batch=16",
+        "scaling.micro_batch=8",
+        "schedule.max_iters=4",
+        "tracking.enabled=false",
+        "eval.every_iters=0",
+        "eval.at_end=false",
+        "checkpoint.every_iters=4",
+        "checkpoint.at_epoch_end=false",
+        "checkpoint.storage=s3://resnet/runs",
+        "scaling.torch_threads=1",
+    ]
     spread, single = f"mn-spread-{uuid.uuid4().hex[:6]}", f"mn-one-{uuid.uuid4().hex[:6]}"
-    job = chaos.submit([f"name={spread}", "scaling.num_workers=2", "scaling.placement=STRICT_SPREAD", *common])
+    job = chaos.submit(
+        [f"name={spread}", "scaling.num_workers=2", "scaling.placement=STRICT_SPREAD", *common]
+    )
     assert chaos.wait(job) == "SUCCEEDED", chaos.logs(job)[-3000:]
     job1 = chaos.submit([f"name={single}", "scaling.num_workers=1", *common])
     assert chaos.wait(job1) == "SUCCEEDED", chaos.logs(job1)[-3000:]

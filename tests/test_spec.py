@@ -15,8 +15,16 @@ JOB_FILES = sorted(p.name for p in (ROOT / "jobs").glob("*.py"))
 
 
 def test_overrides_are_typed() -> None:
-    spec = apply_overrides(JobSpec(name="x"), ["optim.lr=0.2", "scaling.num_workers=4", "schedule.milestones=[10,20]",
-                                               "model.shortcut=A", "model.num_classes=null"])  # fmt: skip
+    spec = apply_overrides(
+        JobSpec(name="x"),
+        [
+            "optim.lr=0.2",
+            "scaling.num_workers=4",
+            "schedule.milestones=[10,20]",
+            "model.shortcut=A",
+            "model.num_classes=null",
+        ],
+    )
     assert spec.optim.lr == 0.2 and spec.scaling.num_workers == 4
     assert spec.schedule.milestones == [10, 20] and spec.model.shortcut == "A"
     assert apply_overrides(JobSpec(name="x"), ["optim.weight_decay=0"]).optim.weight_decay == 0.0
@@ -29,9 +37,15 @@ def test_overrides_are_typed() -> None:
         ("nosuch.key=1", r"nosuch.key: 'nosuch' is not a section; sections: model, data"),
         ("optim.lr=fast", r"optim.lr: expected float, got str 'fast'"),
         ("scaling.num_workers=2.5", r"scaling.num_workers: expected int"),
-        ("scaling.strategy=horovod", r"'horovod' is not allowed; choose one of \['ddp', 'deepspeed'\]"),
+        (
+            "scaling.strategy=horovod",
+            r"'horovod' is not allowed; choose one of \['ddp', 'deepspeed'\]",
+        ),
         ("model.shortcut=D", r"model.shortcut: .*'D'"),
-        ("scaling.num_workers=3", r"global_batch: 256 is not a multiple of micro_batch x num_workers"),
+        (
+            "scaling.num_workers=3",
+            r"global_batch: 256 is not a multiple of micro_batch x num_workers",
+        ),
         ("scaling.zero_stage=2", r"zero_stage: set only with scaling.strategy=deepspeed"),
         ("data.scale_range=[480,256]", r"data: .*low > high"),
         ("optim.lr", r"expected section.key=value"),
@@ -63,20 +77,37 @@ def test_yaml_dump_round_trips_values() -> None:
 
 @pytest.mark.parametrize("job", JOB_FILES)
 def test_every_job_file_resolves(job: str) -> None:
-    out = subprocess.run([sys.executable, f"jobs/{job}", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, f"jobs/{job}", "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert f'name: "{Path(job).stem}"' in out.stdout
 
 
 def test_job_file_reports_bad_override_and_exits_2() -> None:
-    out = subprocess.run([sys.executable, "jobs/imagenet_r152.py", "--dry-run", "optim.momentun=0.8"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "jobs/imagenet_r152.py", "--dry-run", "optim.momentun=0.8"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 2 and "optim.momentun: unknown key" in out.stderr
 
 
 def test_paper_recipes() -> None:
     r152 = _load("imagenet_r152")
-    assert (r152.scaling.global_batch, r152.optim.momentum, r152.optim.weight_decay) == (256, 0.9, 1e-4)
+    assert (r152.scaling.global_batch, r152.optim.momentum, r152.optim.weight_decay) == (
+        256,
+        0.9,
+        1e-4,
+    )
     assert r152.lr() == pytest.approx(0.1) and r152.schedule.kind == "plateau"
     assert r152.schedule.max_iters == 600_000 and r152.data.scale_range == (256, 480)
     cifar = _load("cifar10_resnet")
@@ -85,11 +116,23 @@ def test_paper_recipes() -> None:
 
 
 def test_resnet110_gets_the_papers_warmup() -> None:
-    out = subprocess.run([sys.executable, "jobs/cifar10_resnet.py", "--dry-run", "model.name=cifar_resnet110"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "jobs/cifar10_resnet.py", "--dry-run", "model.name=cifar_resnet110"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert "warmup_iters: 400" in out.stdout
-    out = subprocess.run([sys.executable, "jobs/cifar10_resnet.py", "--dry-run", "model.name=cifar_resnet56"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "jobs/cifar10_resnet.py", "--dry-run", "model.name=cifar_resnet56"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert "warmup_iters: 0" in out.stdout
 
 

@@ -24,7 +24,9 @@ from tests.conftest import ROOT, free_weed_ports, port_is_free, test_stack_confi
 
 def _status(url: str, headers: dict[str, str] | None = None) -> int:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as r:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers or {}), timeout=5
+        ) as r:
             return r.status
     except urllib.error.HTTPError as err:
         return err.code
@@ -43,53 +45,106 @@ def test_services_answer_on_loopback(stack: Stack) -> None:
 
 def test_second_up_is_idempotent(stack: Stack) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "orchestrator.stack", "up", "--state-dir", str(stack.dir),
-         *[f"--{k.replace('_', '-')}={getattr(stack.cfg, k)}" for k in vars(stack.cfg) if k.endswith("_port")]],
-        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.stack",
+            "up",
+            "--state-dir",
+            str(stack.dir),
+            *[
+                f"--{k.replace('_', '-')}={getattr(stack.cfg, k)}"
+                for k in vars(stack.cfg)
+                if k.endswith("_port")
+            ],
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("already up") == 3
 
 
 def test_env_prints_exports(stack: Stack) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "orchestrator.stack", "env", "--state-dir", str(stack.dir),
-         f"--s3-port={stack.cfg.s3_port}"], capture_output=True, text=True, cwd=ROOT, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.stack",
+            "env",
+            "--state-dir",
+            str(stack.dir),
+            f"--s3-port={stack.cfg.s3_port}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     keys = {line.split("=", 1)[0].removeprefix("export ") for line in out.stdout.splitlines()}
-    assert {"AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
-            "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"} <= keys  # fmt: skip
+    assert {
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_REGION",
+        "MLFLOW_TRACKING_URI",
+        "RAY_ADDRESS",
+        "RAY_AUTH_MODE",
+        "RAY_AUTH_TOKEN_PATH",
+    } <= keys
 
 
 def test_s3_refuses_anonymous_and_wrong_secret(stack: Stack) -> None:
     endpoint = stack.env()["AWS_ENDPOINT_URL_S3"]
-    anonymous = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                             config=Config(signature_version=UNSIGNED))  # fmt: skip
+    anonymous = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        config=Config(signature_version=UNSIGNED),
+    )
     with pytest.raises(ClientError) as err:
         anonymous.list_objects_v2(Bucket="resnet")
     assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
-    wrong = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                         aws_access_key_id=stack.access_key, aws_secret_access_key="wrong")  # fmt: skip
+    wrong = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=stack.access_key,
+        aws_secret_access_key="wrong",
+    )
     with pytest.raises(ClientError):
         wrong.put_object(Bucket="resnet", Key="x", Body=b"x")
-    right = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                         aws_access_key_id=stack.access_key, aws_secret_access_key=stack.secret_key)  # fmt: skip
+    right = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=stack.access_key,
+        aws_secret_access_key=stack.secret_key,
+    )
     right.put_object(Bucket="resnet", Key="tests/ok", Body=b"ok")
     assert right.get_object(Bucket="resnet", Key="tests/ok")["Body"].read() == b"ok"
-
 
 
 def test_data_survives_down_up_and_stale_pids_recover(tmp_path: Path, capsys) -> None:
     import mlflow
 
-    st = Stack(test_stack_config(state_dir=tmp_path / "stack", **free_weed_ports(), mlflow_port=25100))
+    st = Stack(
+        test_stack_config(state_dir=tmp_path / "stack", **free_weed_ports(), mlflow_port=25100)
+    )
     services = ("s3", "mlflow")
     try:
         st.up(services)
         env = st.env()
-        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
-                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL_S3"],
+            region_name="us-east-1",
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        )
         s3.put_object(Bucket="resnet", Key="persist/me", Body=b"still here")
         client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
         exp = client.create_experiment(f"persist-{uuid.uuid4().hex[:6]}")
@@ -101,7 +156,9 @@ def test_data_survives_down_up_and_stale_pids_recover(tmp_path: Path, capsys) ->
         # a crashed run leaves a record whose process is gone: `up` must notice and recover
         dead = subprocess.Popen(["true"])
         dead.wait()
-        (st.dir / "pids" / "s3.json").write_text(json.dumps({"pid": dead.pid, "marker": "mini -dir", "log": ""}))
+        (st.dir / "pids" / "s3.json").write_text(
+            json.dumps({"pid": dead.pid, "marker": "mini -dir", "log": ""})
+        )
         capsys.readouterr()
         st.up(services)
         assert "stale record" in capsys.readouterr().out
@@ -118,7 +175,9 @@ def test_port_clash_names_port_and_fix(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         st = Stack(test_stack_config(state_dir=tmp_path, mlflow_port=port))
-        with pytest.raises(StackError, match=rf"port {port} for MLflow server .* already in use.*STACK_MLFLOW_PORT"):
+        with pytest.raises(
+            StackError, match=rf"port {port} for MLflow server .* already in use.*STACK_MLFLOW_PORT"
+        ):
             st.up(("mlflow",))
 
 
@@ -138,24 +197,34 @@ def test_ports_in_rays_worker_range_are_refused(tmp_path: Path) -> None:
     assert f"--min-worker-port={defaults.ray_min_worker_port}" in cmd
     assert f"--max-worker-port={defaults.ray_max_worker_port}" in cmd
     assert defaults.ephemeral_clashes() == []  # nothing in the kernel's ephemeral range either
-    with pytest.raises(StackError, match=r"port 15500 for SeaweedFS filer gRPC \(setting weed_filer_port \+ 10000\) "
-                                         r"lies in Ray's worker-port range 10002-17999"):  # fmt: skip
+    with pytest.raises(
+        StackError,
+        match=r"port 15500 for SeaweedFS filer gRPC \(setting weed_filer_port \+ 10000\) "
+        r"lies in Ray's worker-port range 10002-17999",
+    ):
         StackConfig.load(state_dir=tmp_path, weed_filer_port=5500)
     with pytest.raises(StackError, match="port 12000 for MLflow server"):
         StackConfig.load(state_dir=tmp_path, mlflow_port=12000)
-    with pytest.raises(StackError, match="ray_min_worker_port 9000, ray_max_worker_port 8000: expected 0 < min <= max"):
+    with pytest.raises(
+        StackError,
+        match="ray_min_worker_port 9000, ray_max_worker_port 8000: expected 0 < min <= max",
+    ):
         StackConfig.load(state_dir=tmp_path, ray_min_worker_port=9000, ray_max_worker_port=8000)
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     clashes = StackConfig.load(state_dir=tmp_path, ray_agent_port=low + 5).ephemeral_clashes()
     assert clashes == [f"{low + 5} (Ray dashboard agent (setting ray_agent_port))"]
 
 
-def test_loopback_switch_follows_the_config_not_the_shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_loopback_switch_follows_the_config_not_the_shell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A shell that ran `eval "$(stack env)"` for a loopback-only stack holds Ray's loopback
     switch; a joinable (ray_loopback_only=false) head started from it must not inherit it, or
     it would quietly be loopback-only and no node could join."""
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    _, cluster_env = Stack(test_stack_config(tmp_path / "a", ray_loopback_only=False))._command("ray")
+    _, cluster_env = Stack(test_stack_config(tmp_path / "a", ray_loopback_only=False))._command(
+        "ray"
+    )
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in cluster_env
     _, loopback_env = Stack(test_stack_config(tmp_path / "b"))._command("ray")
     assert loopback_env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
@@ -182,17 +251,39 @@ def test_default_ray_listens_on_loopback_only_and_runs_jobs(tmp_path: Path) -> N
         assert (state / "ray").resolve() == st.ray_dir and any(st.ray_dir.glob("session_*"))
         env = {**os.environ, **st.env()}
         job = subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "job", "submit", "--", sys.executable, "-c",
-             "import ray; ray.init(); print('alive', sum(n['Alive'] for n in ray.nodes()))"],
-            env=env, capture_output=True, text=True, timeout=300, check=False,
-        )  # fmt: skip
-        assert job.returncode == 0 and "alive 1" in job.stdout, job.stdout[-2000:] + job.stderr[-2000:]
+            [
+                str(Path(sys.executable).parent / "ray"),
+                "job",
+                "submit",
+                "--",
+                sys.executable,
+                "-c",
+                "import ray; ray.init(); print('alive', sum(n['Alive'] for n in ray.nodes()))",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert job.returncode == 0 and "alive 1" in job.stdout, (
+            job.stdout[-2000:] + job.stderr[-2000:]
+        )
         joined = subprocess.run(
-            [sys.executable, "-c", (f"import ray; ray.init(address='{st.gcs_address}'); "
-                                    "print('cpus', ray.cluster_resources()['CPU'])")],
-            env={k: v for k, v in env.items() if k != "RAY_ADDRESS"}, capture_output=True, text=True,
-            timeout=300, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-c",
+                (
+                    f"import ray; ray.init(address='{st.gcs_address}'); "
+                    "print('cpus', ray.cluster_resources()['CPU'])"
+                ),
+            ],
+            env={k: v for k, v in env.items() if k != "RAY_ADDRESS"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert joined.returncode == 0 and "cpus" in joined.stdout, joined.stderr[-2000:]
         root = psutil.Process(st._running_pid("ray"))
         listening = {
@@ -202,9 +293,10 @@ def test_default_ray_listens_on_loopback_only_and_runs_jobs(tmp_path: Path) -> N
             if c.status == psutil.CONN_LISTEN
         }
         assert {port for *_, port in listening} >= {cfg.ray_port, cfg.ray_dashboard_port}
-        outside = {item for item in listening if item[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")}
+        outside = {
+            item for item in listening if item[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+        }
         assert not outside, f"Ray listens beyond loopback: {sorted(outside)}"
     finally:
         st.down(purge=True)
     assert not state.exists() and not st.ray_dir.exists()
-

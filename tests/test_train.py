@@ -13,10 +13,17 @@ import torch
 from tests.conftest import run_script
 
 TINY = [  # cifar_resnet20 on 32x32 synthetic batches: the loop's mechanics, fast
-    "model.name=cifar_resnet20", "model.channels_last=false", "data.source=synthetic",
-    "data.image_size=32", "data.synthetic_classes=10", "data.pca_lighting=0", "tracking.enabled=false",
-    "eval.every_iters=0", "eval.at_end=false", "checkpoint.at_epoch_end=false",
-]  # fmt: skip
+    "model.name=cifar_resnet20",
+    "model.channels_last=false",
+    "data.source=synthetic",
+    "data.image_size=32",
+    "data.synthetic_classes=10",
+    "data.pca_lighting=0",
+    "tracking.enabled=false",
+    "eval.every_iters=0",
+    "eval.at_end=false",
+    "checkpoint.at_epoch_end=false",
+]
 
 
 def _final_state(storage: Path, name: str) -> dict:
@@ -26,16 +33,28 @@ def _final_state(storage: Path, name: str) -> dict:
 
 
 def _local(tmp_path: Path, name: str, *overrides: str) -> str:
-    return run_script("jobs/smoke.py", "--local", f"name={name}", f"checkpoint.storage={tmp_path}", *TINY, *overrides,
-                      env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    return run_script(
+        "jobs/smoke.py",
+        "--local",
+        f"name={name}",
+        f"checkpoint.storage={tmp_path}",
+        *TINY,
+        *overrides,
+        env={"OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
 def test_accumulation_matches_more_workers(tmp_path: Path, strategy: str) -> None:
     """1 worker x 2 micro-batches of 8 == 2 workers x 1 micro-batch of 8 (same global batch 16).
     The synthetic source gives every rank the same batch, so both see the same 16 samples."""
-    common = ["scaling.global_batch=16", "scaling.micro_batch=8", "schedule.max_iters=3",
-              "checkpoint.every_iters=1", f"scaling.strategy={strategy}"]  # fmt: skip
+    common = [
+        "scaling.global_batch=16",
+        "scaling.micro_batch=8",
+        "schedule.max_iters=3",
+        "checkpoint.every_iters=1",
+        f"scaling.strategy={strategy}",
+    ]
     _local(tmp_path, "one", *common, "scaling.num_workers=1")
     _local(tmp_path, "two", *common, "scaling.num_workers=2")
     one = _final_state(tmp_path, "one")["strategy"]["model"]
@@ -47,26 +66,55 @@ def test_accumulation_matches_more_workers(tmp_path: Path, strategy: str) -> Non
         if one[key].is_floating_point() and "running_" not in key:
             torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5, msg=key)
     # equal weights prove nothing if nothing trained: the last step must have moved them
-    before = torch.load(tmp_path / "one" / "checkpoints" / "step-00000002" / "trainer.pt", weights_only=False)
+    before = torch.load(
+        tmp_path / "one" / "checkpoints" / "step-00000002" / "trainer.pt", weights_only=False
+    )
     assert not torch.equal(before["strategy"]["model"]["fc.weight"], one["fc.weight"])
 
 
 def test_nonfinite_loss_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(AssertionError) as failed:
-        _local(tmp_path, "nan", "optim.lr=1e12", "schedule.max_iters=20", "scaling.global_batch=8",
-               "scaling.num_workers=1", "checkpoint.every_iters=0")  # fmt: skip
+        _local(
+            tmp_path,
+            "nan",
+            "optim.lr=1e12",
+            "schedule.max_iters=20",
+            "scaling.global_batch=8",
+            "scaling.num_workers=1",
+            "checkpoint.every_iters=0",
+        )
     assert "NonFiniteLoss: non-finite loss at step" in str(failed.value)
     assert "on rank(s) [0]" in str(failed.value)
-    assert not (tmp_path / "nan" / "checkpoints").exists() or not list((tmp_path / "nan" / "checkpoints").glob("*/COMMITTED"))
+    assert not (tmp_path / "nan" / "checkpoints").exists() or not list(
+        (tmp_path / "nan" / "checkpoints").glob("*/COMMITTED")
+    )
 
 
-def test_exact_validation_counts_and_identical_plateau_decisions(tmp_path: Path, odd_local_shards: Path) -> None:
+def test_exact_validation_counts_and_identical_plateau_decisions(
+    tmp_path: Path, odd_local_shards: Path
+) -> None:
     """2 ranks, 21 validation samples: counted once each; the plateau rule decides alike."""
-    _local(tmp_path, "plateau", f"data.url={odd_local_shards}", "data.source=shards", "data.image_size=32",
-           "data.train_transform=rrc", "data.scale_range=[36,48]", "data.eval_resize=36", "data.num_workers=1",
-           "data.shuffle_buffer=16", "scaling.num_workers=2", "scaling.global_batch=8",
-           "schedule.kind=plateau", "schedule.plateau_patience=1", "schedule.plateau_threshold=0.5",
-           "schedule.max_iters=6", "eval.every_iters=2", "eval.batch_size=4", "checkpoint.every_iters=6")  # fmt: skip
+    _local(
+        tmp_path,
+        "plateau",
+        f"data.url={odd_local_shards}",
+        "data.source=shards",
+        "data.image_size=32",
+        "data.train_transform=rrc",
+        "data.scale_range=[36,48]",
+        "data.eval_resize=36",
+        "data.num_workers=1",
+        "data.shuffle_buffer=16",
+        "scaling.num_workers=2",
+        "scaling.global_batch=8",
+        "schedule.kind=plateau",
+        "schedule.plateau_patience=1",
+        "schedule.plateau_threshold=0.5",
+        "schedule.max_iters=6",
+        "eval.every_iters=2",
+        "eval.batch_size=4",
+        "checkpoint.every_iters=6",
+    )
     step_dir = max((tmp_path / "plateau" / "checkpoints").glob("step-*"))
     marker = json.loads((step_dir / "COMMITTED").read_text())
     assert marker["metrics"]["val/samples"] == 21
@@ -79,11 +127,24 @@ def test_exact_validation_counts_and_identical_plateau_decisions(tmp_path: Path,
 def test_device_decode_paths_train(tmp_path: Path, odd_local_shards: Path, decode: str) -> None:
     """decode=gpu/split end to end; on a CPU the "device" decoder is the host's libjpeg-turbo,
     so the plumbing (MixedBatch, device augmentation, the share in the checkpoint) is real."""
-    out = _local(tmp_path, decode, f"data.url={odd_local_shards}", "data.source=shards", "data.image_size=32",
-                 "data.train_transform=rrc", "data.scale_range=[36,48]", "data.eval_resize=36", "data.num_workers=1",
-                 "data.shuffle_buffer=16", f"data.decode={decode}", "data.split_cpu_share=0.25",
-                 "scaling.global_batch=8", "schedule.max_iters=4", "tracking.log_every=1",
-                 "checkpoint.every_iters=4")  # fmt: skip
+    out = _local(
+        tmp_path,
+        decode,
+        f"data.url={odd_local_shards}",
+        "data.source=shards",
+        "data.image_size=32",
+        "data.train_transform=rrc",
+        "data.scale_range=[36,48]",
+        "data.eval_resize=36",
+        "data.num_workers=1",
+        "data.shuffle_buffer=16",
+        f"data.decode={decode}",
+        "data.split_cpu_share=0.25",
+        "scaling.global_batch=8",
+        "schedule.max_iters=4",
+        "tracking.log_every=1",
+        "checkpoint.every_iters=4",
+    )
     state = _final_state(tmp_path, decode)
     assert state["step"] == 4
     if decode == "split":

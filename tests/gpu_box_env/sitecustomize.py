@@ -19,10 +19,23 @@ import tempfile
 from pathlib import Path
 
 ALLOWED = {
-    "torch", "torchvision", "torchgen", "functorch", "numpy", "pil", "pillow",
+    "torch",
+    "torchvision",
+    "torchgen",
+    "functorch",
+    "numpy",
+    "pil",
+    "pillow",
     # torch's own requirements, installed beside it on the GPU machine
-    "filelock", "typing_extensions", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "fsspec",
-}  # fmt: skip
+    "filelock",
+    "typing_extensions",
+    "sympy",
+    "mpmath",
+    "networkx",
+    "jinja2",
+    "markupsafe",
+    "fsspec",
+}
 
 
 def _top_name(entry: Path) -> str:
@@ -43,8 +56,12 @@ def _hide_other_packages() -> None:
     sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) not in sites] + [str(farm)]
     # nor is this repository installed there (`pip install -e .` puts a finder here): scripts
     # must find the package from the checkout
-    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")
-                        and "__editable__" not in getattr(type(f), "__module__", "")]  # fmt: skip
+    sys.meta_path[:] = [
+        f
+        for f in sys.meta_path
+        if "__editable__" not in getattr(f, "__module__", "")
+        and "__editable__" not in getattr(type(f), "__module__", "")
+    ]
 
 
 class _NoBuildOutputs:
