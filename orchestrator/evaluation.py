@@ -68,6 +68,7 @@ from orchestrator.data import (
 )
 from orchestrator.models import unwrap
 from orchestrator.runtime import all_reduce, distributed, rank_and_world
+from orchestrator.spec import EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +339,21 @@ def evaluate(
         if len(np.unique(result.indices)) != len(result.indices):  # a bug, never data
             raise AssertionError("a validation sample was counted twice across ranks")
     return result
+
+
+def evaluate_as(model: nn.Module, data: DataConfig, ev: EvalConfig, **kwargs: Any) -> EvalResult:
+    """`evaluate` under a spec's eval section (protocol, scales, flips, batch size, limit);
+    `kwargs` are evaluate's other arguments (rank, device, ...)."""
+    return evaluate(
+        model,
+        data,
+        protocol=ev.protocol,
+        scales=ev.scales,
+        flips=ev.flips,
+        batch_size=ev.batch_size,
+        max_batches=ev.max_batches,
+        **kwargs,
+    )
 
 
 def _model_classes(net: nn.Module, default: int) -> int:

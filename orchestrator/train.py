@@ -303,7 +303,7 @@ class Trainer:
         across ranks, sums all-reduced. With eval.bn_recalibrate, a copy of the net with BN
         statistics averaged over that many training batches is evaluated (training state is
         untouched)."""
-        from orchestrator.evaluation import evaluate, recalibrate_bn_on_data
+        from orchestrator.evaluation import evaluate_as, recalibrate_bn_on_data
 
         cfg, ev = self.spec.data, self.spec.eval
         if cfg.synthetic:
@@ -321,14 +321,10 @@ class Trainer:
                 device=self.device,
                 seed=self.spec.seed + 1,
             )
-        result = evaluate(
+        result = evaluate_as(
             model,
             cfg,
-            protocol=ev.protocol,
-            scales=ev.scales,
-            flips=ev.flips,
-            batch_size=ev.batch_size,
-            max_batches=ev.max_batches,
+            ev,
             rank=self.rt.rank,
             world_size=self.rt.world_size,
             device=self.device,

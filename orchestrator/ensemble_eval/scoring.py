@@ -40,7 +40,7 @@ def evaluate_member(
     with probabilities, plus where it ran (device), its BN batches and seconds."""
     import torch
 
-    from orchestrator.evaluation import evaluate, recalibrate_bn_on_data
+    from orchestrator.evaluation import evaluate_as, recalibrate_bn_on_data
     from orchestrator.models import create_model
 
     t0 = time.perf_counter()
@@ -66,14 +66,10 @@ def evaluate_member(
             device=device,
             seed=payload["seed"],
         )
-    result = evaluate(
+    result = evaluate_as(
         model,
         data,
-        protocol=ev.protocol,
-        scales=ev.scales,
-        flips=ev.flips,
-        batch_size=ev.batch_size,
-        max_batches=ev.max_batches,
+        ev,
         rank=0,
         world_size=1,
         device=device,
