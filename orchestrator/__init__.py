@@ -1,7 +1,13 @@
 """Train the ResNet family of He et al. (2016) at cluster scale.
 
-The engine behind `jobs/*.py`: typed specs (spec), launch on Ray Train (launch), the worker
-loop (train), models, data, evaluation, tracking, checkpoints and the local stack (stack).
+The engine behind `jobs/*.py`, in layers (README's Layout section has the whole map):
+
+- the spec side, torch-free: spec (typed job specs), runtime (rank, device, distributed
+  helpers, signals), storage and s3 (local or s3:// objects), metrics (metric names);
+- the worker side: train (the loop), checkpoint, strategy, models, data, evaluation, schedule;
+- MLflow: tracking, redaction, run_report, paper_report, plots, lineage, mlflow_internals;
+- the drivers: launch, ensemble_eval, plan, stack. They import the spec side and the runtime,
+  never the loop (only launch's worker entry points run it).
 """
 
 __version__ = "0.1.0"
