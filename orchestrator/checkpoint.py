@@ -299,6 +299,3 @@ class Checkpointer:
             rank = None
         self.saved_step = step
         return Restored(step, store.root, trainer, rank)
-
-    def close(self) -> None:
-        self._uploader.shutdown(wait=True)
