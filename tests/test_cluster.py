@@ -828,9 +828,6 @@ def test_launcher_placeholders_are_the_documented_ones() -> None:
             "SECURITY_GROUP_ID",
         )
     }
-    guide = GUIDE.read_text()
-    for what in ("region", "AMI", "instance profiles", "git URL and ref"):
-        assert what in guide
 
 
 def makefile_targets() -> set[str]:
