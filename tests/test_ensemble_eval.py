@@ -493,10 +493,11 @@ def test_a_checkpoint_missing_on_local_disk_names_the_machine_and_the_fix(
     with pytest.raises(EnsembleError) as err:
         read_trainer_state(url, "member a")
     text = str(err.value)
-    assert text.startswith(f"member a: cannot read {url}/trainer.pt: FileNotFoundError")
+    assert text.startswith(f"member a: cannot read {url}/trainer.pt: it does not exist")
     assert socket.gethostname() in text and "every node mounts" in text and "--local" in text
     with pytest.raises(EnsembleError) as err:
         read_trainer_state(f"{s3_prefix}/nothing/checkpoints/step-00000003", "member b")
+    assert "trainer.pt: it does not exist" in str(err.value)
     assert "every node mounts" not in str(err.value)
 
 

@@ -46,17 +46,17 @@ def read_trainer_state(url: str, what: str) -> dict[str, Any]:
     try:
         return CheckpointStore(root).read(step, "trainer.pt")
     except Exception as err:
+        why = "it does not exist" if isinstance(err, FileNotFoundError) else ""
         hint = ""
-        if isinstance(err, FileNotFoundError) and "://" not in url.removeprefix("file://"):
+        if why and "://" not in url.removeprefix("file://"):
             # a Ray task may run on another node than the one that wrote the checkpoint
             hint = (
                 f" (a local path is read on the machine doing the evaluation, here "
                 f"{socket.gethostname()}: on a multi-node Ray cluster, checkpoint.storage must be "
                 "S3 or a filesystem every node mounts; or run with --local where it is)"
             )
-        raise EnsembleError(
-            f"{what}: cannot read {url}/trainer.pt: {type(err).__name__}: {err}{hint}"
-        ) from err
+        why = why or f"{type(err).__name__}: {err}"
+        raise EnsembleError(f"{what}: cannot read {url}/trainer.pt: {why}{hint}") from err
 
 
 def _load_member(
