@@ -33,6 +33,11 @@ LEGACY_NAMES = {
 }
 
 
+# The loop's own figures in the system/ group, stepped by training step (MLflow's sampler steps
+# its CPU/GPU samples by sample count: the two are told apart by name)
+LOOP_SYSTEM_METRICS = frozenset(n for n in LEGACY_NAMES.values() if n.startswith("system/"))
+
+
 def canonical(name: str) -> str:
     """The current name of a metric, given its current or its pre-scheme name."""
     return LEGACY_NAMES.get(name, name)

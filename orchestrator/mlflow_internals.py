@@ -10,13 +10,16 @@ this breaks here, and only here. Everything else in the project uses MLflow's pu
 - `SystemMetrics`: MLflow's CPU/memory/disk/network/GPU sampler against a run of our choosing.
   The public way (`mlflow.enable_system_metrics_logging` + `mlflow.start_run`) makes the run the
   process's active fluent run; the tracker works through `MlflowClient` with a run it may have
-  to reopen after an outage, so it drives `SystemMetricsMonitor` (an internal class) itself.
+  to reopen after an outage, so it drives `SystemMetricsMonitor` (an internal class) itself,
+  and sets where its steps resume (MLflow's rule would count the loop's system/ figures too).
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+
+from orchestrator.metrics import LOOP_SYSTEM_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +37,24 @@ def last_steps(client: Any, run: Any) -> dict[str, int]:
 
 class SystemMetrics:
     """MLflow's system-metrics sampler for one run, started at once; its steps continue from the
-    run's last `system/*` step. It stops itself when the server fails (see `alive`)."""
+    last step of its own samples in the run. It stops itself when the server fails (`alive`)."""
 
-    def __init__(self, run_id: str, interval_s: float) -> None:
+    def __init__(self, client: Any, run_id: str, interval_s: float) -> None:
         from mlflow.system_metrics import system_metrics_monitor
 
         self.monitor = system_metrics_monitor.SystemMetricsMonitor(
-            run_id, sampling_interval=interval_s, resume_logging=True
+            run_id, sampling_interval=interval_s
         )
-        # private: the next step to publish; still the first one at `stop` means nothing was
-        # published yet
-        self.first_step = self.monitor._logging_step
+        # private: the next step to publish. MLflow's own resume continues after the largest
+        # step of any system/ metric, but the loop's system/ figures are stepped by training
+        # step (a resumed run's samples would jump from step 30 to 60,001): continue after
+        # MLflow's own samples only. Still the first step at `stop` means nothing was published.
+        own = [
+            m.step
+            for m in client.get_run(run_id).data._metric_objs  # private: see last_steps
+            if m.key.startswith("system/") and m.key not in LOOP_SYSTEM_METRICS
+        ]
+        self.monitor._logging_step = self.first_step = max(own) + 1 if own else 0
         self.monitor.start()
 
     def alive(self) -> bool:

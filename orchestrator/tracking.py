@@ -323,7 +323,7 @@ class MlflowTracker:
             return
         try:
             self._monitor = mlflow_internals.SystemMetrics(
-                self.run_id, self.system_metrics_interval_s
+                self.client, self.run_id, self.system_metrics_interval_s
             )
         except Exception as err:  # noqa: BLE001
             log.warning("system metrics off: %s", scrub(err)[:300])

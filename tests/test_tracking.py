@@ -374,6 +374,9 @@ def test_system_metrics_continue_across_attempts(resumed: dict[str, Any]) -> Non
     sys_steps = steps(resumed["run_id"], "system/cpu_utilization_percentage")
     assert sys_steps[: len(first)] == first and len(sys_steps) >= len(first) + 2
     assert strictly_increasing(sys_steps), sys_steps
+    # right after the first attempt's samples, not after the loop's own system/ figures
+    # (system/images_per_s, logged at training steps up to 10)
+    assert sys_steps[len(first)] == first[-1] + 1, (first, sys_steps)
     assert (
         "system/system_memory_usage_megabytes" in client().get_run(resumed["run_id"]).data.metrics
     )
