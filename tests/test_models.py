@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from orchestrator import paper
 from orchestrator.models import (
     ResNet,
     UnknownModelError,
@@ -41,16 +42,9 @@ ALL_NAMES = (
     + [f"cifar_plain{d}" for d in CIFAR_PLAIN_DEPTHS]
 )
 
-# Table 1 (torchvision's exact counts) and Table 6 (rounded as the paper prints them).
-PAPER_IMAGENET_PARAMS = {
-    18: 11_689_512,
-    34: 21_797_672,
-    50: 25_557_032,
-    101: 44_549_160,
-    152: 60_192_808,
-}
-PAPER_CIFAR_PARAMS_M = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7, 1202: 19.4}
-PAPER_MACS_G = {18: 1.8, 34: 3.6, 50: 3.8, 101: 7.6, 152: 11.3}
+PAPER_IMAGENET_PARAMS = paper.IMAGENET_PARAMS  # Table 1 (torchvision's exact counts)
+PAPER_CIFAR_PARAMS_M = paper.CIFAR_PARAMS_M  # Table 6 (rounded as the paper prints them)
+PAPER_MACS_G = paper.IMAGENET_MACS_G
 # torchvision's documented GFLOPS (really multiply-adds) for its v1.5 nets.
 TORCHVISION_V15_MACS_G = {18: 1.81, 34: 3.66, 50: 4.09, 101: 7.80, 152: 11.51}
 

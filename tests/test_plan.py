@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import plan
+from orchestrator import paper, plan
 from orchestrator.plan import formulas, job, report
 from orchestrator.spec import CheckpointConfig, DataConfig, JobSpec, ScalingConfig, ScheduleConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 R152 = str(ROOT / "jobs" / "imagenet_r152.py")
-R152_PARAMS = 60_192_808  # PAPER.md, Table 1 (torchvision's count)
+R152_PARAMS = paper.IMAGENET_PARAMS[152]  # Table 1, as torchvision counts it
 
 # ------------------------------------------------------------------- formulas, by hand
 
@@ -203,7 +203,7 @@ def test_throughput_anchors_follow_compile_and_precision(r152: JobSpec) -> None:
 
 def test_parameters_are_counted_on_the_meta_device(r152: JobSpec) -> None:
     spec = job.resolve_for_cluster(r152, ["model.name=resnet50"], 8).spec
-    assert job.count_model_parameters(spec) == 25_557_032  # PAPER.md, Table 1
+    assert job.count_model_parameters(spec) == paper.IMAGENET_PARAMS[50]
     bad = job.resolve_for_cluster(r152, ["model.name=resnet999"], 8).spec
     with pytest.raises(job.PlanError, match="unknown model"):
         job.count_model_parameters(bad)
@@ -243,7 +243,7 @@ def test_cli_prints_the_table_for_64_p5_nodes(capsys: pytest.CaptureFixture[str]
     assert rc == 0
     for expected in [
         "on 64 nodes x 8 GPUs = 512 GPUs",
-        "60,192,808",  # counted on the meta device: PAPER.md's number
+        f"{R152_PARAMS:,}",  # counted on the meta device: Table 1's number
         "240.8 MB",  # fp32 gradients
         "480.6 MB",  # 2 x 511/512 x 240.8 MB per GPU
         "2(N-1)/N = 1.9961",
