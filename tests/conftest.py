@@ -171,6 +171,20 @@ def smoke_dataset(stack: Stack, generated_imagenet: Path) -> str:
     return url
 
 
+def odd_shards_data(url: Path | str, num_workers: int = 1) -> list[str]:
+    """The data overrides that train on `odd_local_shards` at 32 px (whole-image crops)."""
+    return [
+        f"data.url={url}",
+        "data.source=shards",
+        "data.image_size=32",
+        "data.train_transform=rrc",
+        "data.scale_range=[36,48]",
+        "data.eval_resize=36",
+        f"data.num_workers={num_workers}",
+        "data.shuffle_buffer=16",
+    ]
+
+
 @pytest.fixture(scope="session")
 def odd_local_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Local shards with an odd validation count (3 classes x 7 = 21) for exact-count tests."""

@@ -15,7 +15,7 @@ from orchestrator.checkpoint import (
     best_checkpoint,
     split_checkpoint_url,
 )
-from tests.conftest import run_script
+from tests.conftest import odd_shards_data, run_script
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -132,13 +132,7 @@ def test_a_run_from_before_the_rename_resumes_and_keeps_its_best(
         f"checkpoint.storage={tmp_path}",
         "model.name=cifar_resnet20",
         "model.channels_last=false",
-        f"data.url={odd_local_shards}",
-        "data.image_size=32",
-        "data.train_transform=rrc",
-        "data.scale_range=[36,48]",
-        "data.eval_resize=36",
-        "data.num_workers=0",
-        "data.shuffle_buffer=16",
+        *odd_shards_data(odd_local_shards, num_workers=0),
         "scaling.global_batch=8",
         "eval.every_iters=2",
         "eval.batch_size=8",

@@ -31,7 +31,6 @@ from orchestrator.evaluation import (
     topk_errors,
 )
 from orchestrator.models import create_model
-from orchestrator.spec import EvalConfig
 
 
 def odd_cfg(url: Path | str, **kw) -> DataConfig:
@@ -283,10 +282,6 @@ def test_combine_probs_and_topk_errors() -> None:
 # ------------------------------------------------------------------- in the training loop
 
 
-@pytest.mark.skipif(
-    not hasattr(EvalConfig(), "scales"),
-    reason="needs EvalConfig.scales/flips (the train/spec diff)",
-)
 def test_training_loop_validates_with_the_specs_protocol(
     odd_local_shards: Path, tmp_path: Path
 ) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_script
+from tests.conftest import odd_shards_data, run_script
 
 TINY = [  # cifar_resnet20 on 32x32 synthetic batches: the loop's mechanics, fast
     "model.name=cifar_resnet20",
@@ -97,14 +97,7 @@ def test_exact_validation_counts_and_identical_plateau_decisions(
     _local(
         tmp_path,
         "plateau",
-        f"data.url={odd_local_shards}",
-        "data.source=shards",
-        "data.image_size=32",
-        "data.train_transform=rrc",
-        "data.scale_range=[36,48]",
-        "data.eval_resize=36",
-        "data.num_workers=1",
-        "data.shuffle_buffer=16",
+        *odd_shards_data(odd_local_shards),
         "scaling.num_workers=2",
         "scaling.global_batch=8",
         "schedule.kind=plateau",
@@ -130,14 +123,7 @@ def test_device_decode_paths_train(tmp_path: Path, odd_local_shards: Path, decod
     out = _local(
         tmp_path,
         decode,
-        f"data.url={odd_local_shards}",
-        "data.source=shards",
-        "data.image_size=32",
-        "data.train_transform=rrc",
-        "data.scale_range=[36,48]",
-        "data.eval_resize=36",
-        "data.num_workers=1",
-        "data.shuffle_buffer=16",
+        *odd_shards_data(odd_local_shards),
         f"data.decode={decode}",
         "data.split_cpu_share=0.25",
         "scaling.global_batch=8",
