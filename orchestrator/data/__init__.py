@@ -29,7 +29,17 @@ from typing import Any
 _HOMES = {
     "DataConfig": "orchestrator.spec",
     **dict.fromkeys(
-        ["IMAGENET_MEAN", "IMAGENET_STD", "DataError", "Shard", "load_manifest", "split_shards"],
+        [
+            "IMAGENET_MEAN",
+            "IMAGENET_STD",
+            "IMAGE_EXTS",
+            "DataError",
+            "SampleLayout",
+            "Shard",
+            "load_manifest",
+            "sample_layout",
+            "split_shards",
+        ],
         "orchestrator.data.manifest",
     ),
     **dict.fromkeys(
@@ -37,7 +47,7 @@ _HOMES = {
         "orchestrator.data.streams",
     ),
     **dict.fromkeys(
-        ["IMAGE_EXTS", "RawSample", "Segment", "read_segment", "tar_files"],
+        ["RawSample", "Segment", "read_segment", "tar_files", "tar_groups"],
         "orchestrator.data.tar",
     ),
     **dict.fromkeys(

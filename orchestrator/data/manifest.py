@@ -5,6 +5,10 @@ sample a `<key>.jpg|png` + `<key>.cls` (decimal class) pair, and `manifest.json`
 as the dataset's commit marker (per-shard sample counts, classes, mean/std). Nothing is read
 without a manifest: the counts it holds are what make exact epochs possible without a scan.
 
+Shards other tools wrote are read where they lie once datasets/index_shards.py has written a
+manifest for them: its `layout` section says which members hold the image and the label
+(`SampleLayout`), and a shard's `name` may be a full URL when the manifest lives elsewhere.
+
 No torch, PIL or webdataset here: the dataset converters (datasets/*.py) import this module
 for the ImageNet statistics.
 """
@@ -12,7 +16,8 @@ for the ImageNet statistics.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.storage import NotFound, read_url
@@ -23,11 +28,16 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")  # member names an image goes by
+
+
 class DataError(RuntimeError):
     """The dataset cannot be used as configured; the message says which URL or shards."""
 
 
 def _join(root: str, name: str) -> str:
+    if "://" in name or name.startswith("/"):  # indexed where it lies, outside the manifest's root
+        return name
     return root.rstrip("/") + "/" + name
 
 
@@ -59,17 +69,114 @@ def load_manifest(url: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class SampleLayout:
+    """Which members of a sample hold its image and its label, and what the label is.
+
+    This project's shards: the image under one of IMAGE_EXTS, the class index in decimal in
+    `.cls`. Indexed shards of other tools may keep the label in a JSON member's field
+    (`label_field`) or give class names (`label_kind="name"`, looked up in the manifest's
+    classes)."""
+
+    image_keys: tuple[str, ...] = IMAGE_EXTS
+    label_key: str = "cls"
+    label_field: str = ""  # the label member is JSON: its field (dotted for nested objects)
+    label_kind: str = "index"  # "index": a class number; "name": a class name in `classes`
+    num_classes: int = 0  # labels outside 0..num_classes-1 are bad samples (0: not checked)
+    # label_kind="name": name -> index (left out of the hash: a dict has none)
+    class_index: Mapping[str, int] = field(default_factory=dict, hash=False)
+
+    def image(self, files: Mapping[str, bytes]) -> bytes | None:
+        """The image member's bytes, or None when the sample has none of `image_keys`."""
+        return next((files[k] for k in self.image_keys if k in files), None)
+
+    def raw_label(self, files: Mapping[str, bytes]) -> str:
+        """The label as written in the sample (a number or a class name); ValueError saying
+        what is missing or unreadable."""
+        if self.label_key not in files:
+            raise ValueError(f"no .{self.label_key} member (has {sorted(files)})")
+        data = files[self.label_key]
+        try:
+            if not self.label_field:
+                return data.decode().strip()
+            value: Any = json.loads(data)
+            for part in self.label_field.split("."):
+                value = value[part]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as err:
+            what = f"field {self.label_field!r} of " if self.label_field else ""
+            raise ValueError(
+                f"no readable label in {what}.{self.label_key} {data[:40]!r} ({err})"
+            ) from None
+        return str(value).strip()
+
+    def label(self, files: Mapping[str, bytes]) -> int:
+        """The sample's class index; ValueError when it has none or one out of range."""
+        raw = self.raw_label(files)
+        if self.label_kind == "name":
+            if raw not in self.class_index:
+                raise ValueError(f"class name {raw[:40]!r} is not among the manifest's classes")
+            return self.class_index[raw]
+        try:
+            label = int(raw)
+        except ValueError:
+            raise ValueError(f"bad .{self.label_key} label {raw[:20]!r}: not a number") from None
+        if label < 0 or (self.num_classes and label >= self.num_classes):
+            raise ValueError(f"label {label} outside 0..{self.num_classes - 1}")
+        return label
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The manifest's `layout` section (classes and their count live beside it)."""
+        return {
+            "image_keys": list(self.image_keys),
+            "label_key": self.label_key,
+            "label_field": self.label_field,
+            "label_kind": self.label_kind,
+        }
+
+
+OWN_LAYOUT = SampleLayout()  # what datasets/*.py write
+
+
+def sample_layout(manifest: dict[str, Any], url: str = "") -> SampleLayout:
+    """The manifest's SampleLayout: its `layout` section, or this project's own layout."""
+    num_classes = int(manifest.get("num_classes") or 0)
+    section = manifest.get("layout") or {}
+    if not isinstance(section, dict):
+        raise DataError(f"dataset {url}: manifest.json's layout is not an object")
+    kind = section.get("label_kind", "index")
+    if kind not in ("index", "name"):
+        raise DataError(f"dataset {url}: layout.label_kind {kind!r}, expected index or name")
+    classes = [str(c) for c in manifest.get("classes") or []]
+    if kind == "name" and len(classes) != num_classes:
+        raise DataError(
+            f"dataset {url}: labels are class names but the manifest lists {len(classes)} "
+            f"classes for num_classes={num_classes}"
+        )
+    return SampleLayout(
+        image_keys=tuple(section.get("image_keys") or IMAGE_EXTS),
+        label_key=str(section.get("label_key") or "cls"),
+        label_field=str(section.get("label_field") or ""),
+        label_kind=kind,
+        num_classes=num_classes,
+        class_index={c: i for i, c in enumerate(classes)} if kind == "name" else {},
+    )
+
+
+@dataclass(frozen=True)
 class Shard:
     url: str
     samples: int
+    layout: SampleLayout = OWN_LAYOUT
 
 
 def split_shards(manifest: dict[str, Any], url: str, split: str) -> list[Shard]:
-    """The shards of one split, in manifest order, with their sample counts."""
+    """The shards of one split, in manifest order, with their sample counts and layout."""
     splits = manifest["splits"]
     if split not in splits:
         raise DataError(f"dataset {url} has no split {split!r} (it has {sorted(splits)})")
-    shards = [Shard(_join(url, s["name"]), int(s["samples"])) for s in splits[split]["shards"]]
+    layout = sample_layout(manifest, url)
+    shards = [
+        Shard(_join(url, s["name"]), int(s["samples"]), layout) for s in splits[split]["shards"]
+    ]
     if not shards or sum(s.samples for s in shards) == 0:
         raise DataError(f"dataset {url}: split {split!r} is empty")
     return shards

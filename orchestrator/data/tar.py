@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.data.manifest import OWN_LAYOUT, SampleLayout
 from orchestrator.data.streams import Counted, open_url
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset: key = path to first dot
 
 
@@ -96,7 +96,7 @@ def tar_files(f: Any) -> Iterator[tuple[str, bytes]]:
             long_name = None
 
 
-def _tar_groups(f: Any) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+def tar_groups(f: Any) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """(index, key, {ext: bytes}) for each run of tar members sharing a key."""
     index, key, files = -1, None, {}
     for name, data in tar_files(f):
@@ -113,18 +113,18 @@ def _tar_groups(f: Any) -> Iterator[tuple[int, str, dict[str, bytes]]]:
         yield index, key, files
 
 
-def _to_sample(shard: int, index: int, url: str, key: str, files: dict[str, bytes]) -> RawSample:
+def _to_sample(
+    shard: int, index: int, url: str, key: str, files: dict[str, bytes], layout: SampleLayout
+) -> RawSample:
     sample = RawSample(shard, index, url, key)
-    sample.image = next((files[e] for e in IMAGE_EXTS if e in files), None)
+    sample.image = layout.image(files)
     if sample.image is None:
         sample.error = f"no image member (has {sorted(files)})"
-    elif "cls" not in files:
-        sample.error = "no .cls member"
-    else:
-        try:
-            sample.label = int(files["cls"].decode().strip())
-        except (UnicodeDecodeError, ValueError):
-            sample.error = f"bad .cls {files['cls'][:20]!r}"
+        return sample
+    try:
+        sample.label = layout.label(files)
+    except ValueError as err:
+        sample.error = str(err)
     return sample
 
 
@@ -144,22 +144,24 @@ def read_segment(
     want: Callable[[int], bool],
     counter: list[int],
     *,
+    layout: SampleLayout = OWN_LAYOUT,
     retry_s: float = 120.0,
 ) -> Iterator[RawSample | None]:
     """Exactly one item per index in [seg.start, seg.stop): a RawSample for wanted indices
     (possibly with `error` set), None for the others. Missing samples (truncated or unreadable
-    shard) come out as RawSamples with an error, so positions never shift."""
+    shard) come out as RawSamples with an error, so positions never shift. `layout` says which
+    members hold the image and the label."""
     reached = seg.start
     error = "shard holds fewer samples than its manifest says (truncated?)"
     f: Any = None
     try:
         f = Counted(open_url(url, retry_s=retry_s), counter)
-        for index, key, files in _tar_groups(f):
+        for index, key, files in tar_groups(f):
             if index < seg.start:
                 continue
             if index >= seg.stop:
                 break
-            sample = _to_sample(seg.shard, index, url, key, files) if want(index) else None
+            sample = _to_sample(seg.shard, index, url, key, files, layout) if want(index) else None
             if sample is not None:
                 sample.salt = seg.salt
             reached = index + 1

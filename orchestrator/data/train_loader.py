@@ -186,6 +186,18 @@ def _train_batches(
         yield build_batch([last_good] * h_size, cfg, ring), batch_info(h_size, h_bad, h_bytes)
 
 
+def _check_decodable(manifest: dict[str, Any], cfg: DataConfig) -> None:
+    """decode=gpu/split read JPEG only: refuse a split the manifest says holds other formats
+    (indexed shards count them), before a worker finds every sample bad."""
+    kinds = manifest["splits"][cfg.train_split].get("image_types") or {}
+    other = {k: n for k, n in kinds.items() if k != "jpeg" and n}
+    if cfg.decode != "cpu" and other:
+        raise DataError(
+            f"dataset {cfg.url}: data.decode={cfg.decode} decodes JPEG only, but split "
+            f"{cfg.train_split!r} holds {other} images; use data.decode=cpu"
+        )
+
+
 def _fill(items: list[_Item | None]) -> list[_Item]:
     """Give each bad slot a copy of the nearest good slot (the previous one if any)."""
     first = next(item for item in items if item is not None)
@@ -307,6 +319,7 @@ class TrainLoader:
         else:
             self.manifest = load_manifest(cfg.url)
             self.shards = split_shards(self.manifest, cfg.url, cfg.train_split)
+            _check_decodable(self.manifest, cfg)
             self.num_classes = int(self.manifest["num_classes"])
             self.num_samples = sum(s.samples for s in self.shards)
             total = self.num_samples

@@ -45,7 +45,8 @@ def plan_samples(
         def want(index: int, base: int = base, start: int = seg.start) -> bool:
             return bool(needed[base + index - start])
 
-        yield from read_segment(seg, shards[seg.shard].url, want, counter, retry_s=retry_s)
+        shard = shards[seg.shard]
+        yield from read_segment(seg, shard.url, want, counter, layout=shard.layout, retry_s=retry_s)
         base += seg.stop - seg.start
 
 

@@ -1,0 +1,705 @@
+"""Index WebDataset shards that other tools wrote, where they lie: only a manifest is written.
+
+    python datasets/index_shards.py SOURCE [SOURCE ...] [--dest URL] [--split NAME=GLOB ...]
+        [--label-key cls | json:FIELD | txt] [--classes FILE] [--image-keys jpg,png,...]
+
+SOURCE is a folder or s3:// prefix (every .tar below it), one shard, or a brace pattern
+(`s3://bucket/imagenet1k-train-{0000..1023}.tar`). Each shard is streamed once, in parallel
+(--workers), and never rewritten. What lands at --dest (default: the folder holding the shards):
+
+    shards.index.json   per shard: its fingerprint (size + ETag on S3, size + mtime on disk), its
+                        sample count, bytes, sha256, label counts and bad samples; a rerun
+                        re-reads only shards whose fingerprint changed, and writes nothing when
+                        none did
+    manifest.json       written last, the commit marker the loaders read: per split its shards
+                        with sample count, bytes and sha256; the classes; the `layout` section
+                        saying which members hold the image and the label; the bad samples
+
+A shard's split comes from its name (train, val/valid/validation, test, as a word of the name or
+of a folder) or from --split NAME=GLOB. Labels come from `.cls` (a class number), a JSON member's
+field, or a text member; numbers are class indices, anything else a class name, mapped through
+--classes FILE (one name per line, or a JSON list) or else sorted, as torchvision's ImageFolder
+does. A damaged image (it does not decode; --check header only parses headers) is counted and
+named; the loaders skip and count it as they do any bad sample. Anything the loaders could not
+read as intended (no label, keys out of order, class-sorted training shards) is refused with
+the shard, the member and the flag that fixes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import fnmatch
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import statistics
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from shardwriter import MANIFEST, ConversionError, log, progress, run_cli
+
+from orchestrator import s3, storage
+from orchestrator.data.manifest import (
+    IMAGE_EXTS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SampleLayout,
+    load_manifest,
+)
+from orchestrator.data.streams import open_url
+from orchestrator.data.tar import tar_groups
+
+INDEX = "shards.index.json"
+INDEX_VERSION = 1
+SPLIT_WORDS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
+SORTED_SHARE = 0.9  # a training shard whose top class holds this share of it is class-sorted
+
+
+@dataclass(frozen=True)
+class Extract:
+    """What is read out of each sample: the options a shard's index entry depends on."""
+
+    image_keys: tuple[str, ...] = IMAGE_EXTS
+    label_key: str = "cls"
+    label_field: str = ""
+    check: str = "decode"  # decode: decode each image (JPEG at 1/8 scale); header: parse only
+
+    def layout(self) -> SampleLayout:
+        return SampleLayout(self.image_keys, self.label_key, self.label_field)
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """A shard found at the source: its URL, its name in the manifest and its fingerprint."""
+
+    url: str
+    name: str  # relative to the manifest's root when below it, else the URL itself
+    size: int
+    fingerprint: str
+
+
+# ---------------------------------------------------------------- finding the shards
+
+
+def _is_s3(url: str) -> bool:
+    return s3.is_s3(url)
+
+
+def _local(url: str) -> str:
+    return str(Path(url).expanduser().resolve())
+
+
+def _fingerprint(url: str) -> tuple[int, str] | None:
+    """(size, fingerprint) without reading the shard: S3's ETag, a local file's mtime."""
+    if _is_s3(url):
+        root, _, name = url.rpartition("/")
+        return storage.S3Storage(root).head(name)
+    try:
+        st = os.stat(url)
+    except FileNotFoundError:
+        return None
+    return st.st_size, f"mtime_ns:{st.st_mtime_ns}"
+
+
+def _expand(source: str) -> list[str]:
+    """The shard URLs a SOURCE names: a brace pattern, a single .tar, or a folder/prefix."""
+    if "{" in source:
+        import braceexpand
+
+        urls = [u if _is_s3(u) else _local(u) for u in braceexpand.braceexpand(source)]
+        missing = [u for u in urls if _fingerprint(u) is None]
+        if missing:
+            raise ConversionError(
+                f"{len(missing)} of the {len(urls)} shards {source} names do not exist, e.g. "
+                f"{missing[0]}: fix the pattern's range"
+            )
+        return urls
+    url = source.rstrip("/") if _is_s3(source) else _local(source)
+    if url.endswith(".tar") and _fingerprint(url) is not None:
+        return [url]
+    if not _is_s3(url) and not Path(url).is_dir():
+        raise ConversionError(f"{source}: no such folder or shard")
+    names = sorted(storage.open_storage(url).sizes())
+    tars = [n for n in names if n.endswith(".tar") and not Path(n).name.startswith(".")]
+    if not tars:
+        packed = [n for n in names if n.endswith((".tgz", ".tar.gz"))]
+        hint = (
+            f" (it holds {len(packed)} compressed shards, e.g. {packed[0]}: the loaders read "
+            "plain tar; decompress them with gunzip)"
+            if packed
+            else ""
+        )
+        raise ConversionError(f"{source}: no .tar shards found{hint}")
+    return [f"{url}/{n}" for n in tars]
+
+
+def _root_of(urls: Sequence[str]) -> str:
+    """The deepest folder holding every shard: where the manifest goes by default."""
+    parts = [u.split("/")[:-1] for u in urls]
+    common = parts[0]
+    for p in parts[1:]:
+        n = 0
+        while n < min(len(common), len(p)) and common[n] == p[n]:
+            n += 1
+        common = common[:n]
+    return "/".join(common).rstrip("/") or "/"
+
+
+def find_shards(sources: Sequence[str], root: str) -> list[ShardRef]:
+    """Every shard the sources name, once, with its name relative to `root` where below it."""
+    seen: dict[str, ShardRef] = {}
+    for source in sources:
+        for url in _expand(source):
+            if url in seen:
+                continue
+            head = _fingerprint(url)
+            if head is None:
+                raise ConversionError(f"{url} disappeared while it was being listed")
+            name = url[len(root) + 1 :] if url.startswith(root.rstrip("/") + "/") else url
+            seen[url] = ShardRef(url, name, head[0], head[1])
+    return list(seen.values())
+
+
+def split_of(name: str, rules: Sequence[tuple[str, str]]) -> str:
+    """A shard's split: the first --split rule whose glob matches, else a word of its name."""
+    base = name.rpartition("/")[2]
+    for split, pattern in rules:
+        if fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(base, pattern):
+            return split
+    words = {SPLIT_WORDS[w] for w in re.split(r"[^a-z]+", name.lower()) if w in SPLIT_WORDS}
+    if len(words) == 1:
+        return words.pop()
+    why = f"names several splits ({sorted(words)})" if words else "names no split"
+    raise ConversionError(
+        f"shard {name}: its name {why} (train, val/validation or test); say which with "
+        f"--split NAME=GLOB, e.g. --split train='{base}'"
+    )
+
+
+# ---------------------------------------------------------------- one shard, in a worker
+
+
+class _Hashing(io.RawIOBase):
+    """Reads through a stream, hashing and counting every byte."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner, self.sha, self.bytes = inner, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        data = self.inner.read(len(buf))
+        buf[: len(data)] = data
+        self.sha.update(data)
+        self.bytes += len(data)
+        return len(data)
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _check_image(data: bytes, check: str) -> tuple[str, str | None]:
+    """(format, why it is damaged or None). decode: JPEGs decode at 1/8 scale (in the DCT
+    domain: several times cheaper than a full decode, and a truncated or corrupt body still
+    fails), other formats whole."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            kind = (im.format or "unknown").lower()
+            if check == "decode":
+                if im.format == "JPEG":
+                    w, h = im.size
+                    im.draft(None, (max(1, w // 8), max(1, h // 8)))
+                im.load()
+    except Image.DecompressionBombError as err:
+        return "unknown", f"refused: {err}"
+    except Exception as err:  # noqa: BLE001 - PIL raises many kinds for corrupt data
+        return "unknown", f"does not decode: {type(err).__name__}: {err}"
+    return ("jpeg" if kind == "jpeg" else kind), None
+
+
+def index_shard(job: tuple[ShardRef, Extract]) -> dict[str, Any]:
+    """Stream one shard once: its sample count, bytes, sha256, raw label counts, image
+    formats and every sample the loaders would find bad, with the member and the reason."""
+    ref, extract = job
+    layout = extract.layout()
+    labels: Counter[str] = Counter()
+    formats: Counter[str] = Counter()
+    bad: list[dict[str, str]] = []
+    unlabeled: list[dict[str, str]] = []
+    keys: set[str] = set()
+    out_of_order: list[str] = []
+    samples, error, f = 0, None, None
+    try:
+        f = _Hashing(open_url(ref.url))
+        for _, key, files in tar_groups(f):
+            samples += 1
+            if key in keys:
+                out_of_order.append(key)
+            keys.add(key)
+            image = layout.image(files)
+            if image is None:
+                reason = f"no image member among {list(extract.image_keys)} (has {sorted(files)})"
+                bad.append({"shard": ref.name, "key": key, "member": "", "reason": reason})
+                continue
+            member = next(k for k in extract.image_keys if k in files)
+            kind, damaged = _check_image(image, extract.check)
+            formats[kind] += 1
+            if damaged:
+                bad.append({"shard": ref.name, "key": key, "member": member, "reason": damaged})
+            try:
+                labels[layout.raw_label(files)] += 1
+            except ValueError as err:
+                unlabeled.append({"shard": ref.name, "key": key, "reason": str(err)})
+        f.drain()
+    except Exception as err:  # noqa: BLE001 - a damaged tar: reported, the shard refused
+        error = f"{type(err).__name__}: {err}"
+    finally:
+        if f is not None:
+            f.inner.close()
+    return {
+        "url": ref.url,
+        "name": ref.name,
+        "fingerprint": ref.fingerprint,
+        "size": ref.size,
+        "samples": samples,
+        "bytes": f.bytes if f else 0,
+        "sha256": f.sha.hexdigest() if f else "",
+        "labels": dict(labels),
+        "formats": dict(formats),
+        "bad": bad,
+        "unlabeled": unlabeled,
+        "out_of_order": out_of_order[:5],
+        "error": error,
+    }
+
+
+# ---------------------------------------------------------------- the whole dataset
+
+
+@dataclass
+class Options:
+    """The command line, checked."""
+
+    sources: list[str]
+    dest: str
+    extract: Extract
+    split_rules: list[tuple[str, str]]
+    classes_file: str = ""
+    num_classes: int = 0
+    unlabeled: str = "refuse"  # or "bad": kept, and counted bad by the loaders
+    allow_class_sorted: bool = False
+    max_bad_fraction: float = 0.001
+    workers: int = 1
+
+
+def _read_classes(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConversionError(f"--classes {path}: {err.strerror or err}") from None
+    if text.lstrip().startswith("["):
+        classes = [str(c) for c in json.loads(text)]
+    else:
+        classes = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(set(classes)) != len(classes) or not classes:
+        raise ConversionError(f"--classes {path}: names must be unique, one per line")
+    return classes
+
+
+def _load_index(store: storage.Storage, extract: Extract) -> dict[str, dict[str, Any]]:
+    """The earlier run's entries by URL, if it read the shards the same way."""
+    try:
+        index = json.loads(store.get(INDEX))
+    except (storage.NotFound, ValueError):
+        return {}
+    if index.get("version") != INDEX_VERSION or index.get("extract") != _jsonable(extract):
+        return {}
+    return {e["url"]: e for e in index.get("shards", [])}
+
+
+def _jsonable(extract: Extract) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(extract)))
+
+
+def _first(items: list[dict[str, str]]) -> str:
+    return "; ".join(
+        f"{b['shard']}: {b['key']}{'.' + b['member'] if b.get('member') else ''} ({b['reason']})"
+        for b in items[:3]
+    )
+
+
+def _classes(opts: Options, entries: list[dict[str, Any]]) -> tuple[list[str], str]:
+    """(class names, label kind) from the labels found and --classes / --num-classes."""
+    raw = Counter[str]()
+    for e in entries:
+        raw.update(e["labels"])
+    kind = "index" if all(re.fullmatch(r"-?\d+", v) for v in raw) else "name"
+    named = _read_classes(opts.classes_file) if opts.classes_file else None
+    if kind == "index":
+        top = max((int(v) for v in raw), default=-1)
+        n = opts.num_classes or (len(named) if named else top + 1)
+        if named is not None and opts.num_classes and opts.num_classes != len(named):
+            raise ConversionError(
+                f"--num-classes {opts.num_classes} but --classes lists {len(named)} names"
+            )
+        for e in entries:
+            wrong = sorted(int(v) for v in e["labels"] if not 0 <= int(v) < n)
+            if wrong:
+                raise ConversionError(
+                    f"shard {e['name']} holds label {wrong[-1]}, outside 0..{n - 1} ({n} classes "
+                    "from --num-classes, --classes or the largest label found): give the right "
+                    "--num-classes or --classes"
+                )
+        return (named or [str(i) for i in range(n)]), kind
+    classes = named or sorted(raw)
+    known = set(classes)
+    for e in entries:
+        stray = sorted(v for v in e["labels"] if v not in known)
+        if stray:
+            raise ConversionError(
+                f"shard {e['name']} holds class name {stray[0]!r}, which --classes "
+                f"{opts.classes_file} does not list: add it there"
+            )
+    return classes, kind
+
+
+def _refuse_unusable(opts: Options, entries: list[dict[str, Any]], total: int) -> None:
+    """Everything the loaders could not read as intended, with the shard and the flag."""
+    broken = [e for e in entries if e["error"]]
+    if broken:
+        raise ConversionError(
+            f"{len(broken)} shards cannot be read, e.g. {broken[0]['name']}: "
+            f"{broken[0]['error']}. Fix or replace them, or leave them out of SOURCE"
+        )
+    tangled = [e for e in entries if e["out_of_order"]]
+    if tangled:
+        e = tangled[0]
+        raise ConversionError(
+            f"shard {e['name']}: the members of sample {e['out_of_order'][0]!r} are not next to "
+            "each other; WebDataset readers (this project's too) take a sample as a run of "
+            "members sharing a key. Rewrite the shard with each sample's members together"
+        )
+    images = sum(sum(e["formats"].values()) for e in entries)
+    if total and not images:
+        bad = [b for e in entries for b in e["bad"]]
+        raise ConversionError(
+            f"no sample has an image member: {_first(bad)}. Name the image's member with "
+            "--image-keys (e.g. --image-keys jpg,png)"
+        )
+    unlabeled = [u for e in entries for u in e["unlabeled"]]
+    if unlabeled and opts.unlabeled == "refuse":
+        u = unlabeled[0]
+        raise ConversionError(
+            f"{len(unlabeled)} samples have no label, e.g. shard {u['shard']}: sample "
+            f"{u['key']!r}: {u['reason']}. Name the member holding the label with --label-key "
+            "(cls, txt, json:FIELD), or pass --unlabeled bad to keep them as bad samples that "
+            "the loaders skip and count"
+        )
+
+
+def _refuse_class_sorted(opts: Options, entries: list[dict[str, Any]], n: int) -> None:
+    """Training shards that each hold one class would give the loader batches of one class:
+    it mixes shards only through its shuffle buffer."""
+    train = [e for e in entries if e["split"] == "train" and e["samples"]]
+    if n < 2 or len(train) < 2 or opts.allow_class_sorted:
+        return
+    shares = [max(e["labels"].values(), default=0) / e["samples"] for e in train]
+    if statistics.median(shares) >= SORTED_SHARE:
+        e = train[shares.index(max(shares))]
+        top = max(e["labels"], key=e["labels"].get)
+        raise ConversionError(
+            f"the training shards are sorted by class (shard {e['name']}: "
+            f"{e['labels'][top]} of its {e['samples']} samples have label {top!r}): the loader "
+            "mixes shards only through its shuffle buffer, so batches would hold one or two "
+            "classes and BN statistics would be wrong. Re-shard with shuffling (e.g. unpack and "
+            "convert with datasets/imagenet.py), or pass --allow-class-sorted to index them "
+            "anyway"
+        )
+
+
+def _check_bad(opts: Options, bad: list[dict[str, str]], total: int) -> None:
+    if len(bad) > opts.max_bad_fraction * total:
+        raise ConversionError(
+            f"{len(bad)} of {total} samples are bad, more than --max-bad-fraction="
+            f"{opts.max_bad_fraction} allows. First: {_first(bad)}. Fix or replace those "
+            "shards, or raise --max-bad-fraction. No manifest was written"
+        )
+
+
+def build_manifest(
+    opts: Options, entries: list[dict[str, Any]], store: storage.Storage
+) -> dict[str, Any]:
+    """The manifest for `entries` (each with its split), after every check passed."""
+    total = sum(e["samples"] for e in entries)
+    _refuse_unusable(opts, entries, total)
+    classes, kind = _classes(opts, entries)
+    _refuse_class_sorted(opts, entries, len(classes))
+    bad = [b for e in entries for b in e["bad"]]
+    if opts.unlabeled == "bad":
+        bad += [{**u, "member": opts.extract.label_key} for e in entries for u in e["unlabeled"]]
+    _check_bad(opts, bad, total)
+    splits: dict[str, dict[str, Any]] = {}
+    for e in sorted(entries, key=lambda e: (e["split"], e["name"])):
+        split = splits.setdefault(e["split"], {"samples": 0, "shards": [], "image_types": {}})
+        split["samples"] += e["samples"]
+        split["shards"].append({k: e[k] for k in ("name", "samples", "bytes", "sha256")})
+        for fmt, count in e["formats"].items():
+            split["image_types"][fmt] = split["image_types"].get(fmt, 0) + count
+    layout = replace(opts.extract.layout(), label_kind=kind)
+    return {
+        "name": store.root.rstrip("/").rpartition("/")[2] or store.root,
+        "format": "webdataset",
+        "version": 1,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "source": {
+            "indexed": opts.sources,
+            "by": "datasets/index_shards.py",
+            "check": opts.extract.check,
+            "classes": opts.classes_file
+            or ("sorted label names" if kind == "name" else "class indices"),
+        },
+        "classes": classes,
+        "num_classes": len(classes),
+        "layout": layout.to_manifest(),
+        "splits": splits,
+        "skipped": [],  # indexing skips nothing: bad samples stay in the shards, listed below
+        "bad_samples": sorted(bad, key=lambda b: (b["shard"], b["key"])),
+        "converted": [],
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "mean_std_source": "ImageNet's usual values (indexed shards: not computed)",
+    }
+
+
+def _pool_map(workers: int, jobs: list[tuple[ShardRef, Extract]]) -> Iterator[dict[str, Any]]:
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(index_shard, jobs)
+        return
+    with multiprocessing.Pool(min(workers, len(jobs))) as pool:
+        yield from pool.imap_unordered(index_shard, jobs)
+
+
+def index_dataset(opts: Options) -> dict[str, Any] | None:
+    """Index the sources and write the manifest at opts.dest; None when nothing changed (and
+    nothing was written)."""
+    urls = [u for s in opts.sources for u in _expand(s)]
+    dest = opts.dest or _root_of(urls)
+    if not _is_s3(dest):
+        dest = _local(dest)
+    store = storage.open_storage(dest)
+    _refuse_foreign_manifest(store)
+    refs = find_shards(opts.sources, dest)
+    split_for = {r.url: split_of(r.name, opts.split_rules) for r in refs}
+    earlier = _load_index(store, opts.extract)
+    reuse = {
+        r.url: earlier[r.url]
+        for r in refs
+        if r.url in earlier and earlier[r.url]["fingerprint"] == r.fingerprint
+    }
+    todo = [r for r in refs if r.url not in reuse]
+    changed = [r.name for r in todo if r.url in earlier]
+    log(
+        f"{dest}: {len(refs)} shards, {len(reuse)} unchanged since the last index, "
+        f"{len(changed)} changed, {len(todo) - len(changed)} new"
+    )
+    if changed:
+        log(f"changed since the last index: {', '.join(changed[:5])}")
+    if not todo and set(reuse) == set(earlier) and store.exists(MANIFEST):
+        manifest = load_manifest(dest)
+        if _same_outcome(manifest, opts, reuse, split_for):
+            log(f"{dest}/{MANIFEST} is up to date: nothing written")
+            return None
+    entries = list(reuse.values())
+    if todo:
+        bar = progress(sum(r.size for r in todo), f"indexing {len(todo)} shards", unit="B")
+        for entry in _pool_map(opts.workers, [(r, opts.extract) for r in todo]):
+            entries.append(entry)
+            bar.update(entry["size"])
+        bar.close()
+    for e in entries:
+        e["split"] = split_for[e["url"]]
+    manifest = build_manifest(opts, entries, store)
+    manifest["source"]["options"] = _outcome_options(opts)
+    index = {
+        "version": INDEX_VERSION,
+        "extract": _jsonable(opts.extract),
+        "shards": sorted(entries, key=lambda e: e["url"]),
+    }
+    store.put(INDEX, json.dumps(index).encode())
+    store.put(MANIFEST, json.dumps(manifest, indent=1).encode())  # the commit marker
+    for split, info in manifest["splits"].items():
+        log(f"{split}: {info['samples']} samples in {len(info['shards'])} shards")
+    log(
+        f"wrote {dest}/{MANIFEST}: {manifest['num_classes']} classes, "
+        f"{len(manifest['bad_samples'])} bad samples (train with data.url={dest})"
+    )
+    return manifest
+
+
+def _refuse_foreign_manifest(store: storage.Storage) -> None:
+    """A manifest this tool did not write (a converted dataset's) is never replaced."""
+    try:
+        manifest = json.loads(store.get(MANIFEST))
+    except (storage.NotFound, ValueError):
+        return
+    if manifest.get("source", {}).get("by") != "datasets/index_shards.py":
+        raise ConversionError(
+            f"{store.root} already has a {MANIFEST} that this tool did not write (a converted "
+            "dataset needs no indexing): it is left as it is. Give another --dest"
+        )
+
+
+def _outcome_options(opts: Options) -> dict[str, Any]:
+    """The options that shape the manifest beyond the shards' entries."""
+    classes = Path(opts.classes_file).read_text() if opts.classes_file else ""
+    return {
+        "split_rules": [list(r) for r in opts.split_rules],
+        "classes_sha256": hashlib.sha256(classes.encode()).hexdigest() if classes else "",
+        "num_classes": opts.num_classes,
+        "unlabeled": opts.unlabeled,
+        "allow_class_sorted": opts.allow_class_sorted,
+        "max_bad_fraction": opts.max_bad_fraction,
+    }
+
+
+def _same_outcome(
+    manifest: dict[str, Any],
+    opts: Options,
+    entries: dict[str, dict[str, Any]],
+    split_for: dict[str, str],
+) -> bool:
+    listed = {
+        (split, s["name"], s["sha256"])
+        for split, info in manifest["splits"].items()
+        for s in info["shards"]
+    }
+    current = {(split_for[u], e["name"], e["sha256"]) for u, e in entries.items()}
+    return listed == current and manifest.get("source", {}).get("options") == _outcome_options(opts)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    p = argparse.ArgumentParser(
+        description="Write a manifest for WebDataset shards that other tools wrote, so the "
+        "loaders read them where they lie. The shards are read once and never rewritten.",
+    )
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="a folder or s3:// prefix (every .tar below it), a shard, or a brace pattern "
+        "such as s3://bucket/imagenet1k-train-{0000..1023}.tar",
+    )
+    p.add_argument(
+        "--dest",
+        default="",
+        help="where manifest.json goes (default: the folder holding the shards); data.url of "
+        "the jobs that train on them",
+    )
+    p.add_argument(
+        "--split",
+        action="append",
+        default=[],
+        metavar="NAME=GLOB",
+        help="shards matching GLOB (their name or path below the root) belong to split NAME; "
+        "default: the word train, val/validation or test in the name",
+    )
+    p.add_argument(
+        "--label-key",
+        default="cls",
+        help="the member holding the label: cls (a class number, default), txt (a number or a "
+        "class name), or json:FIELD for a field of a JSON member (dotted for nested ones)",
+    )
+    p.add_argument(
+        "--image-keys",
+        default=",".join(IMAGE_EXTS),
+        help=f"members that may hold the image, in order of preference ({','.join(IMAGE_EXTS)})",
+    )
+    p.add_argument(
+        "--classes",
+        default="",
+        metavar="FILE",
+        help="class names, one per line (line i = class i) or a JSON list; maps name labels to "
+        "indices, names index labels",
+    )
+    p.add_argument("--num-classes", type=int, default=0, help="default: the largest label + 1")
+    p.add_argument(
+        "--unlabeled",
+        choices=("refuse", "bad"),
+        default="refuse",
+        help="samples without a label: refuse (default) or keep them as bad samples",
+    )
+    p.add_argument(
+        "--allow-class-sorted",
+        action="store_true",
+        help="index training shards that each hold (nearly) one class",
+    )
+    p.add_argument(
+        "--check",
+        choices=("decode", "header"),
+        default="decode",
+        help="decode each image to find damaged ones (default), or only parse its header",
+    )
+    p.add_argument("--max-bad-fraction", type=float, default=0.001)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    a = p.parse_args(argv)
+    member, _, fld = a.label_key.partition(":")
+    if not member or (member == "json") != bool(fld):
+        raise ConversionError(
+            f"--label-key {a.label_key!r}: expected cls, txt, or json:FIELD (the field is needed "
+            "for a JSON member, and only there)"
+        )
+    rules = []
+    for rule in a.split:
+        name, _, glob = rule.partition("=")
+        if not name or not glob:
+            raise ConversionError(f"--split {rule!r}: expected NAME=GLOB, e.g. train='*train*'")
+        rules.append((name, glob))
+    keys = tuple(k.strip().lower().lstrip(".") for k in a.image_keys.split(",") if k.strip())
+    if not keys or a.num_classes < 0 or not 0 <= a.max_bad_fraction <= 1 or a.workers < 1:
+        raise ConversionError(
+            "--image-keys must name a member, --num-classes be >= 0, --max-bad-fraction in "
+            "0..1 and --workers >= 1"
+        )
+    return Options(
+        sources=a.sources,
+        dest=a.dest,
+        extract=Extract(keys, member.lower(), fld, a.check),
+        split_rules=rules,
+        classes_file=a.classes,
+        num_classes=a.num_classes,
+        unlabeled=a.unlabeled,
+        allow_class_sorted=a.allow_class_sorted,
+        max_bad_fraction=a.max_bad_fraction,
+        workers=a.workers,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    index_dataset(parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))
