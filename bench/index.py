@@ -17,9 +17,9 @@ speed and the figures are CPU):
   header/W    --check header: only the image headers parsed
 The manifest and index are deleted before each indexer run, so every run reads every shard.
 MB/s and img/s are medians over passes; "x tar tvf" is each run's time over tar tvf's in the
-same pass, and the last line's ratio is decode/W's rate over tar tvf's (median of the passes). The time
-for ImageNet (140 GB) is extrapolated from decode/1's per-process rate: the work is one
-process per shard, so it scales with cores until storage bandwidth caps it.
+same pass, and the last line's ratio is decode/W's rate over tar tvf's (median of the passes).
+The time for ImageNet (140 GB) is extrapolated from decode/1's per-process rate: the work is
+one process per shard, so it scales with cores until storage bandwidth caps it.
 """
 
 from __future__ import annotations
