@@ -131,28 +131,23 @@ def _converted(tmp_path: Path, src: Path) -> Path:
     return dest
 
 
-def _epoch(url: Path | str, **cfg: Any) -> tuple[list[tuple[bytes, int]], Any]:
-    """(JPEG file, label) of every sample of one decode=gpu epoch (a CPU stands in for the
-    device: the batches carry the stored JPEG bytes, so samples can be told apart)."""
+def _epoch(
+    url: Path | str, decode: str = "gpu", **cfg: Any
+) -> tuple[list[tuple[bytes, int]], list[int], Any]:
+    """One epoch's (JPEG file, label) of the samples the batches carry as files (all of them
+    with decode=gpu: a CPU stands in for the device, so the stored bytes tell samples apart),
+    and every label."""
     from orchestrator.data import DataConfig, TrainLoader
 
-    data = DataConfig(
-        url=str(url),
-        decode="gpu",
-        train_transform="rrc",
-        image_size=32,
-        scale_range=(36, 48),
-        num_workers=1,
-        shuffle_buffer=16,
-        **cfg,
-    )
-    loader = TrainLoader(data, rank=0, world_size=1, batch_size=16, seed=0)
-    seen = [
-        (jpeg.numpy().tobytes(), label)
-        for batch, labels in loader
-        for jpeg, label in zip(batch.jpegs(), labels.tolist(), strict=True)
-    ]
-    return seen, loader
+    data = DataConfig(**{**_cfg(url), "decode": decode, **cfg})
+    loader = TrainLoader(data, rank=0, world_size=1, **_bs())
+    files, labels = [], []
+    for batch, y in loader:
+        y = y.tolist()
+        labels += y
+        carried = y[len(batch.pixels) :]  # the workers' decoded samples come first
+        files += [(j.numpy().tobytes(), c) for j, c in zip(batch.jpegs(), carried, strict=True)]
+    return files, labels, loader
 
 
 def test_loaders_read_indexed_shards_as_they_read_converted_ones(
@@ -163,10 +158,14 @@ def test_loaders_read_indexed_shards_as_they_read_converted_ones(
     _index(peer_shards)
     converted = _converted(tmp_path, generated_imagenet)
     # the same epoch: every image once, with the label the converter gave it
-    peer, loader = _epoch(peer_shards)
-    own, _ = _epoch(converted)
+    peer, labels, loader = _epoch(peer_shards)
+    own, _, _ = _epoch(converted)
     assert len(peer) == len(set(peer)) == loader.num_samples == 160
     assert sorted(peer) == sorted(own)
+    # decode=split: the same samples, half of each batch decoded by the workers
+    files, split_labels, _ = _epoch(peer_shards, "split", split_cpu_share=0.5, split_adapt=False)
+    assert sorted(split_labels) == sorted(labels) and len(files) == 80
+    assert set(files) <= set(peer)
 
     # exact mid-epoch resume on them: batches 4.. after a restart are the epoch's batches 4..
     cpu = DataConfig(**{**_cfg(peer_shards), "decode": "cpu"})
@@ -311,15 +310,21 @@ def test_foreign_layouts_are_read_or_refused_with_the_flag_that_fixes_them(
     assert "does not decode" in bad[(peer_images["val"][3][0], "jpeg")]
 
     # the loaders: labels mapped through the class names; the two bad samples counted
-    from orchestrator.data import DataConfig, eval_loader
+    from orchestrator.data import DataConfig, TrainLoader, eval_loader
 
     truth = {data: label for _, data, label in peer_images["train"]}
-    seen, _ = _epoch(root)
+    seen, _, _ = _epoch(root)
     assert len(seen) == 160 and all(truth[jpeg] == label for jpeg, label in seen)
     cfg = DataConfig(**{**_cfg(root), "eval_resize": 36, "bad_check_after": 1000})
     labels = [int(x) for _, y in eval_loader(cfg, rank=0, world_size=1, batch_size=8) for x in y]
     want = [lbl for i, (_, _, lbl) in enumerate(peer_images["val"]) if i not in (3, 5)]
     assert labels == want
+    # as a training split: the two bad samples replaced and counted, the rest in one epoch each
+    cfg = DataConfig(**{**_cfg(root), "train_split": "val", "bad_check_after": 1000})
+    loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=8, seed=0)
+    trained = sorted(int(x) for _, y in loader for x in y)
+    assert loader.stats()["bad_samples"] == 2 and len(trained) == 40
+    assert set(trained) <= set(want)
 
 
 def test_shards_the_loaders_would_misread_are_refused(tmp_path: Path, peer_images: dict) -> None:
