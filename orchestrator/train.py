@@ -22,8 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.checkpoint import Checkpointer, best_checkpoint, rng_state, set_rng_state
-from orchestrator.data import DeviceNormalize, MixedBatch, SplitBalancer, TrainLoader
-from orchestrator.data.gpu_augment import DeviceAugment, decode_jpegs
+from orchestrator.data import (
+    DataError,
+    DeviceNormalize,
+    MixedBatch,
+    SplitBalancer,
+    TrainLoader,
+)
+from orchestrator.data.gpu_augment import DeviceAugment, decode_jpegs, replace_undecodable
 from orchestrator.models import create_model, unwrap
 from orchestrator.runtime import Runtime, Terminated, all_reduce, raise_on_sigterm
 from orchestrator.schedule import LRSchedule
@@ -237,10 +243,7 @@ class Trainer:
             hash((self.spec.seed, self.step, self.batch_in_epoch, self.rt.rank)) & (2**63 - 1)
         )
         if isinstance(images, MixedBatch):  # decode=gpu/split: the device decodes the JPEGs
-            parts = [images.pixels.to(self.device, non_blocking=True).float()]
-            if len(images.jpeg_ends):  # nvJPEG, then batched crops (0-255, like the pixels)
-                parts.append(self.augment(decode_jpegs(images.jpegs(), self.device), gen))
-            images = torch.cat(parts)
+            images, labels = self._device_decode(images, labels, gen)
         x = self.normalize(images, train=True, generator=gen)
         y = labels.to(self.device, non_blocking=True)
         smoothing = self.spec.optim.label_smoothing
@@ -252,6 +255,26 @@ class Trainer:
             self.strategy.backward(loss)
         hits = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
         self.window.add(loss.detach(), torch.stack([hits[:, 0].sum(), hits.any(1).sum()]), len(y))
+
+    def _device_decode(
+        self, batch: MixedBatch, labels: torch.Tensor, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """nvJPEG, then batched crops (0-255, like the workers' pixels). A file that does not
+        decode is replaced within the batch and counted with the loader's bad samples."""
+        parts = [batch.pixels.to(self.device, non_blocking=True).float()]
+        if len(batch.jpeg_ends):
+            k = len(batch.pixels)
+            decoded, tail, bad = replace_undecodable(
+                decode_jpegs(batch.jpegs(), self.device), labels[k:]
+            )
+            if bad:
+                labels = torch.cat([labels[:k], tail])
+                self.loader.count_bad(bad, f"{bad} JPEG(s) the device could not decode")
+            if decoded:
+                parts.append(self.augment(decoded, gen))
+        if not len(labels):
+            raise DataError("a decode=gpu batch held no decodable JPEG; see the warnings above")
+        return torch.cat(parts), labels
 
     def _check_finite(self) -> None:
         """Raise if any rank saw a non-finite loss since the last check. Called at log steps and

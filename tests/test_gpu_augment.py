@@ -12,9 +12,11 @@ from orchestrator.data.gpu_augment import (
     decode_jpegs,
     pad_batch,
     paper_boxes,
+    replace_undecodable,
     rrc_boxes,
     shrink_to,
 )
+from tests.conftest import odd_shards_data, run_script
 
 
 def _image(h: int, w: int) -> torch.Tensor:
@@ -134,9 +136,8 @@ def test_decode_on_cpu_device_and_without_torchvision_on_gpu() -> None:
     assert (
         img.shape == (3, 10, 20) and img.dtype == torch.uint8 and int(img[0].float().mean()) > 250
     )
-    # damaged past the header: a black image and a warning, not a dead training step
-    (black,) = decode_jpegs([_jpeg(20, 10)[:40]], "cpu")
-    assert black.dtype == torch.uint8 and int(black.max()) == 0
+    # damaged past the header: None and a warning (the loop replaces and counts it)
+    assert decode_jpegs([_jpeg(20, 10)[:40]], "cpu") == [None]
     try:
         import torchvision.io  # noqa: F401
     except Exception:  # noqa: BLE001 - torchvision does not import beside this CPU torch
@@ -265,3 +266,94 @@ def test_gpu_decode_rejects_cifar_transform() -> None:
         )
     with pytest.raises(ValueError, match="split_cpu_share=1.5: expected 0..1"):
         DataConfig(url="x", decode="split", split_cpu_share=1.5)
+
+
+def _damaged_shards(root) -> tuple[str, str]:
+    """24 good JPEGs, one cut short (no end marker) and one whose header is whole and whose
+    scan is missing (it passes the workers' checks; no decoder reads it), as indexed shards.
+    Returns the two damaged samples' keys."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    members, rng = [], np.random.default_rng(0)
+    for i in range(26):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, "JPEG")
+        data = buf.getvalue()
+        if i == 5:
+            data = data[: len(data) // 2]
+        if i == 17:
+            data = data[: data.index(b"\xff\xda")] + b"\xff\xd9"
+        members += [(f"s{i:02d}.jpg", data), (f"s{i:02d}.cls", str(i % 2).encode())]
+    root.mkdir()
+    with tarfile.open(root / "train-000000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (root / "val-000000.tar").write_bytes((root / "train-000000.tar").read_bytes())
+    run_script("datasets/index_shards.py", str(root), "--check", "header")
+    return "s05", "s17"
+
+
+def test_gpu_decode_replaces_and_counts_damaged_jpegs(tmp_path) -> None:
+    """decode=gpu, a CPU standing in for the device: a cut-short JPEG is caught by the
+    workers' end-marker check, one that only fails to decode by the device step; both are
+    replaced within their batch and counted with the loader's bad samples."""
+    from orchestrator.data import DataConfig, MixedBatch, TrainLoader
+
+    _damaged_shards(tmp_path / "d")
+    cfg = DataConfig(
+        url=str(tmp_path / "d"),
+        decode="gpu",
+        train_transform="rrc",
+        image_size=32,
+        scale_range=(36, 48),
+        num_workers=1,
+        shuffle_buffer=8,
+        bad_check_after=1000,
+    )
+    loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=8, seed=0)
+    sizes = []
+    for batch, labels in loader:
+        assert isinstance(batch, MixedBatch)
+        images, kept, bad = replace_undecodable(decode_jpegs(batch.jpegs(), "cpu"), labels)
+        if bad:
+            loader.count_bad(bad, "device")
+            assert all(img is not None for img in images) and len(images) == len(labels)
+            assert set(kept.tolist()) <= set(labels.tolist())
+        sizes.append(len(images))
+    assert loader.stats()["bad_samples"] == 2
+    assert sum(sizes) == 26 and len(sizes) == 4  # every batch full: bad ones replaced
+
+    # the loop: trains through both, and says what it replaced
+    out = run_script(
+        "jobs/smoke.py",
+        "--local",
+        "name=damaged",
+        f"checkpoint.storage={tmp_path / 'ckpt'}",
+        "model.name=cifar_resnet20",
+        "model.num_classes=2",
+        *odd_shards_data(tmp_path / "d"),
+        "data.decode=gpu",
+        "data.bad_check_after=1000",
+        "scaling.global_batch=8",
+        "schedule.max_iters=4",
+        "tracking.enabled=false",
+        "eval.every_iters=0",
+        "eval.at_end=false",
+        "checkpoint.every_iters=4",
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert "JPEG without its end marker" in out and "undecodable JPEG body" in out
+
+
+def test_replace_undecodable_keeps_the_batch_size_and_labels_aligned() -> None:
+    a, b = torch.zeros(3, 2, 2), torch.ones(3, 2, 2)
+    images, labels, bad = replace_undecodable([None, a, None, b], torch.tensor([7, 1, 8, 2]))
+    assert bad == 2 and labels.tolist() == [1, 1, 2, 2]
+    assert images[0] is a and images[2] is b
+    assert replace_undecodable([None], torch.tensor([3]))[1].numel() == 0

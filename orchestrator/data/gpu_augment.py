@@ -207,10 +207,11 @@ class DeviceAugment:
 
 def decode_jpegs(
     jpegs: Sequence[bytes | torch.Tensor], device: torch.device | str
-) -> list[torch.Tensor]:
+) -> list[torch.Tensor | None]:
     """Decode a batch of JPEGs to uint8 CHW tensors on `device`: with nvJPEG on a GPU
     (torchvision, the `gpu` extra); on a CPU device, with the loader's own host decoder, so
-    the decode=gpu/split paths also run (and are tested) where there is no GPU."""
+    the decode=gpu/split paths also run (and are tested) where there is no GPU. None for a
+    file no decoder can read (see `replace_undecodable`)."""
     blobs = [
         j if isinstance(j, torch.Tensor) else torch.frombuffer(bytearray(j), dtype=torch.uint8)
         for j in jpegs
@@ -232,14 +233,15 @@ def decode_jpegs(
             try:
                 out.append(decode_jpeg(blob, mode=ImageReadMode.RGB, device=device))
             except RuntimeError:
-                out.append(_host_decode(blob).to(device))
+                img = _host_decode(blob)
+                out.append(None if img is None else img.to(device))
         return out
 
 
-def _host_decode(blob: torch.Tensor) -> torch.Tensor:
-    """libjpeg-turbo or Pillow on the host (CMYK and other JPEGs nvJPEG refuses included). A
-    file no decoder can read becomes a black image, with a warning: the loader already
-    checked its header, so this is a damaged body, rarer still."""
+def _host_decode(blob: torch.Tensor) -> torch.Tensor | None:
+    """libjpeg-turbo or Pillow on the host (CMYK and other JPEGs nvJPEG refuses included);
+    None, with a warning, for a file no decoder can read. The loader's workers already checked
+    its header and its end marker, so this is a body damaged inside, rarer still."""
     from orchestrator.data.transforms import decode
 
     try:
@@ -248,5 +250,25 @@ def _host_decode(blob: torch.Tensor) -> torch.Tensor:
         log.warning(
             "undecodable JPEG body (%d bytes) in a decode=gpu/split batch: %s", len(blob), err
         )
-        return torch.zeros(3, 8, 8, dtype=torch.uint8)
+        return None
     return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def replace_undecodable(
+    images: Sequence[torch.Tensor | None], labels: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """(images, labels, how many were replaced): each undecodable image (None) replaced by a
+    decodable one of the same batch, with its label, so the batch keeps its size, as the
+    loader's workers replace the bad samples they find. Empty when none decoded."""
+    good = [i for i, img in enumerate(images) if img is not None]
+    bad = len(images) - len(good)
+    if not bad:
+        return list(images), labels, 0  # type: ignore[arg-type]  # no None among them
+    if not good:
+        return [], labels[:0], bad
+    source, replaced = [], 0
+    for i, img in enumerate(images):  # the k-th bad image takes the k-th good one (cycling)
+        source.append(i if img is not None else good[replaced % len(good)])
+        replaced += img is None
+    picked = torch.tensor(source, device=labels.device)
+    return [images[i] for i in source], labels[picked], bad  # type: ignore[misc]

@@ -76,11 +76,18 @@ def train_transform(cfg: DataConfig) -> Callable[[bytes, np.random.Generator], n
     return functools.partial(T.cifar_train, size=cfg.image_size)
 
 
+JPEG_TAIL = 4096  # where a JPEG's end marker is looked for: some writers append a few bytes
+
+
 def _checked_jpeg(data: bytes) -> np.ndarray:
-    """A JPEG whose header parses (the device decodes the rest), as a uint8 array."""
+    """A JPEG whose header parses and whose end marker is there (the device decodes the
+    rest), as a uint8 array. The marker check costs nothing and finds a cut-short body, the
+    usual damage, here, where the sample can still be replaced and counted."""
     if data[:2] != b"\xff\xd8":
         raise ValueError("not a JPEG: decode=gpu/split need JPEG shards")
     T.image_size(data)  # raises on a header no decoder can read
+    if data.rfind(b"\xff\xd9", max(0, len(data) - JPEG_TAIL)) < 0:
+        raise ValueError("JPEG without its end marker: the file is cut short")
     return np.frombuffer(data, dtype=np.uint8)
 
 
@@ -392,6 +399,11 @@ class TrainLoader:
                 if ring is not None:
                     ring.close()
         self._epoch, self._start = epoch + 1, 0
+
+    def count_bad(self, n: int, what: str) -> None:
+        """Count n samples the training device could not decode (decode=gpu/split) with the
+        workers' bad samples, under the same max_bad_fraction."""
+        self._totals.add_bad(self.cfg, n, what)
 
     def stats(self) -> dict[str, float]:
         """Throughput and data health so far: samples, samples_per_s, bytes_per_s (read from

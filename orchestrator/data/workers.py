@@ -120,6 +120,15 @@ class Totals:
         self.bad += info["bad"]
         self.bad_shards.update(info["bad_shards"])
         self.bad_examples.extend(info["bad_examples"][: max(0, 5 - len(self.bad_examples))])
+        self._check(cfg, what)
+
+    def add_bad(self, cfg: DataConfig, n: int, what: str) -> None:
+        """Count n more bad samples among those already seen (found after the workers)."""
+        self.bad += n
+        self.bad_examples.extend([what] * min(n, max(0, 5 - len(self.bad_examples))))
+        self._check(cfg, what)
+
+    def _check(self, cfg: DataConfig, what: str) -> None:
         if self.seen >= cfg.bad_check_after and self.bad > cfg.max_bad_fraction * self.seen:
             raise DataError(
                 f"{what}: {self.bad} of {self.seen} samples bad ({self.bad / self.seen:.1%} > "
