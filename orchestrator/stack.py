@@ -3,8 +3,9 @@
     python -m orchestrator.stack up | down [--purge] | status | env
 
 `up` starts SeaweedFS (`weed mini`, S3 with credentials; anonymous requests refused), an
-`mlflow server` (sqlite under the state folder, artifacts proxied to the object store) and a Ray
-head (dashboard on 127.0.0.1, token auth on), waits until each answers, and records their PIDs
+`mlflow server` (sqlite under the state folder, artifacts proxied to the object store; MLflow's
+basic-auth app: user admin, a generated password, anonymous requests refused) and a Ray head
+(dashboard on 127.0.0.1, token auth on), waits until each answers, and records their PIDs
 under the state folder. `down` stops exactly those process trees. Data survives `down` + `up`;
 `down --purge` deletes it. `env` prints the `export` lines clients need: the same variables a
 user sets to point the project at a real cluster.
@@ -37,6 +38,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS_FILE = REPO_ROOT / "cluster" / "local.toml"
 SERVICES = ("s3", "mlflow", "ray")
+MLFLOW_USER = "admin"  # the local MLflow's one user; its password is in the secrets folder
 
 
 # Ray's unix sockets live in {temp dir}/session_<date>_<time>_<pid>/sockets/plasma_store: 62
@@ -186,6 +188,29 @@ class Stack:
         return self._secret("s3-secret-key", lambda: secrets.token_urlsafe(30))
 
     @property
+    def mlflow_password(self) -> str:
+        """The MLflow server's admin password (user `MLFLOW_USER`)."""
+        return self._secret("mlflow-admin-password", lambda: secrets.token_urlsafe(24))
+
+    def _mlflow_auth_config(self) -> Path:
+        """MLflow's basic-auth app settings, in the secrets folder: they hold the password."""
+        path = self.dir / "secrets" / "mlflow-auth.ini"
+        path.write_text(
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = sqlite:///{self.dir / 'mlflow-auth.db'}\n"
+            f"admin_username = {MLFLOW_USER}\n"
+            f"admin_password = {self.mlflow_password}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            # each check is a PBKDF2 hash (about 0.5 s here): cached per server worker, so the
+            # loop's requests do not wait on it; a password change reaches the other worker
+            # after this long (there is one user, the admin, on the local stack)
+            "auth_cache_ttl_seconds = 3600\n"
+        )
+        path.chmod(0o600)
+        return path
+
+    @property
     def ray_token_path(self) -> Path:
         self._secret("ray-token", lambda: secrets.token_hex(32))
         return self.dir / "secrets" / "ray-token"
@@ -199,6 +224,8 @@ class Stack:
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_REGION": "us-east-1",
             "MLFLOW_TRACKING_URI": f"http://{host}:{self.cfg.mlflow_port}",
+            "MLFLOW_TRACKING_USERNAME": MLFLOW_USER,
+            "MLFLOW_TRACKING_PASSWORD": self.mlflow_password,
             "RAY_ADDRESS": f"http://{host}:{self.cfg.ray_dashboard_port}",
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.ray_token_path),
@@ -312,10 +339,18 @@ class Stack:
                 AWS_ACCESS_KEY_ID=self.access_key,
                 AWS_SECRET_ACCESS_KEY=self.secret_key,
                 AWS_REGION="us-east-1",
+                MLFLOW_AUTH_CONFIG_PATH=str(self._mlflow_auth_config()),
+                # the auth app's CSRF protection signs with it; kept, so sessions survive `up`
+                MLFLOW_FLASK_SERVER_SECRET_KEY=self._secret(
+                    "mlflow-flask-secret", lambda: secrets.token_hex(32)
+                ),
+                MLFLOW_DISABLE_TELEMETRY="true",  # MLflow sends usage data out unless told not to
             )
             return [
                 self._binary("mlflow", "mlflow"),
                 "server",
+                "--app-name",
+                "basic-auth",
                 "--host",
                 c.host,
                 "--port",
@@ -554,7 +589,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             stack.up()
             print(
-                f"MLflow UI:      {stack.urls()['mlflow']}\nRay dashboard:  {stack.urls()['ray']}"
+                f"MLflow UI:      {stack.urls()['mlflow']}  (user {MLFLOW_USER}, password in "
+                f"{stack.dir / 'secrets' / 'mlflow-admin-password'})\n"
+                f"Ray dashboard:  {stack.urls()['ray']}"
             )
             print('Clients: eval "$(python -m orchestrator.stack env)"')
         elif args.command == "down":

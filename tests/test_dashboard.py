@@ -93,6 +93,20 @@ def browser(tmp_path: Path) -> Iterator[object]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
+def log_in(driver: object, stack: Stack) -> None:
+    """Send the stack's MLflow credentials with every request the browser makes, as a user's
+    browser does once its basic-auth prompt is answered (headless Chromium shows none)."""
+    import base64
+
+    env = stack.env()
+    user, password = env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd(
+        "Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}}
+    )
+
+
 def wait_for(
     driver: object, what: str, cond: Callable[[], object], timeout: float = TIMEOUT_S
 ) -> object:
@@ -123,6 +137,7 @@ def test_experiment_runs_compare_in_chromium(stack: Stack, browser: object) -> N
 
     d = browser
     (ARTIFACTS / "mlflow-ui-failure.png").unlink(missing_ok=True)  # from an earlier failure
+    log_in(d, stack)
     experiment = f"dashboard-{uuid.uuid4().hex[:6]}"
     jobs = [f"{experiment}-seed{seed}" for seed in (0, 1)]
     run_ids = [log_demo_run(experiment, job, seed) for seed, job in enumerate(jobs)]

@@ -91,10 +91,40 @@ def test_env_prints_exports(stack: Stack) -> None:
         "AWS_SECRET_ACCESS_KEY",
         "AWS_REGION",
         "MLFLOW_TRACKING_URI",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
         "RAY_ADDRESS",
         "RAY_AUTH_MODE",
         "RAY_AUTH_TOKEN_PATH",
     } <= keys
+
+
+def test_mlflow_refuses_anonymous_and_wrong_password(stack: Stack) -> None:
+    """MLflow's basic-auth app: the API and the UI need the admin's password from `env`."""
+    import base64
+
+    from mlflow import MlflowClient
+
+    env = stack.env()
+    api = env["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1"
+
+    def basic(user: str, password: str) -> dict[str, str]:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+    user, password = env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]
+    assert len(password) >= 24 and password not in (stack.secret_key, stack.access_key)
+    assert _status(api) == 401
+    assert _status(env["MLFLOW_TRACKING_URI"] + "/") == 401  # the UI too
+    assert _status(api, basic(user, password + "x")) == 401
+    assert _status(api, basic("someone", password)) == 401
+    assert _status(api, basic(user, password)) == 200
+    assert _status(env["MLFLOW_TRACKING_URI"] + "/health") == 200  # health checks stay open
+    # the standard client variables are all a client needs (the fixture exported them)
+    assert MlflowClient().search_experiments(max_results=1) is not None
+    secrets = stack.dir / "secrets"
+    assert (secrets / "mlflow-admin-password").stat().st_mode & 0o077 == 0
+    assert (secrets / "mlflow-auth.ini").stat().st_mode & 0o077 == 0
 
 
 def test_s3_refuses_anonymous_and_wrong_secret(stack: Stack) -> None:
@@ -128,7 +158,9 @@ def test_s3_refuses_anonymous_and_wrong_secret(stack: Stack) -> None:
     assert right.get_object(Bucket="resnet", Key="tests/ok")["Body"].read() == b"ok"
 
 
-def test_data_survives_down_up_and_stale_pids_recover(tmp_path: Path, capsys) -> None:
+def test_data_survives_down_up_and_stale_pids_recover(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow
 
     st = Stack(
@@ -146,6 +178,8 @@ def test_data_survives_down_up_and_stale_pids_recover(tmp_path: Path, capsys) ->
             aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         )
         s3.put_object(Bucket="resnet", Key="persist/me", Body=b"still here")
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # this stack's
+            monkeypatch.setenv(name, env[name])
         client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
         exp = client.create_experiment(f"persist-{uuid.uuid4().hex[:6]}")
         run_id = client.create_run(exp).info.run_id
