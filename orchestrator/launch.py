@@ -188,6 +188,10 @@ def run_ray(spec: JobSpec) -> Any:
     from orchestrator.tracking import load_mlflow, mark_job_run
 
     load_mlflow()  # now, not inside the SIGTERM handler below, where every second counts
+    if spec.tracking.enabled:  # runs of this experiment whose job died unseen: close them
+        from orchestrator.liveness import sweep_experiment
+
+        sweep_experiment(spec.tracking.experiment)
     # `ray job stop`, a preempted head node: Ray's fit() aborts in order on KeyboardInterrupt.
     # The loop runs in Ray's worker threads, which never see the signal, so the run is marked
     # here, first: Ray SIGKILLs the driver RAY_JOB_STOP_WAIT_TIME_S after the SIGTERM (3 s

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 from orchestrator import mlflow_internals
 from orchestrator.lineage import dataset_input, git_commit, manifest_sha256
+from orchestrator.liveness import ERROR_TAG, HEARTBEAT_S, JOB_TAG, Heartbeat
 from orchestrator.redaction import redact, redact_tags, scrub
 from orchestrator.run_report import log_paper_report, register_best
 
@@ -58,9 +59,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-JOB_TAG = "orchestrator.job"
 JOB_NAME_TAGS = (JOB_TAG, "job")  # the job's name, as given
-ERROR_TAG = "orchestrator.error"
 LOST_TAG = "orchestrator.metrics_lost"
 EXPERIMENT_KIND = "mlflow.experimentKind"
 # MLflow's client retries an unreachable server for minutes by default; the tracker queues and
@@ -140,6 +139,7 @@ class MlflowTracker:
         max_pending: int = 100_000,
         finish_timeout_s: float = 15.0,
         max_backoff_s: float = 30.0,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         load_mlflow()
         from mlflow import MlflowClient
@@ -166,6 +166,8 @@ class MlflowTracker:
         self._monitor_broken = False  # it failed to start: retrying each flush would not help
         self._finished = self._closing = False
         self._lost_reported = 0
+        self.heartbeat_s = heartbeat_s
+        self._heartbeat: Heartbeat | None = None
         self._flush(force=True)  # opens the run; if the server is down, later calls retry
 
     # ------------------------------------------------------------------ opening the run
@@ -254,6 +256,8 @@ class MlflowTracker:
         for m in self.pending:
             self.last_steps[m.key] = max(self.last_steps.get(m.key, -1), m.step)
         self.opened = True
+        # stamps the run while this process lives, so a hard kill is seen (orchestrator.liveness)
+        self._heartbeat = Heartbeat(self.client, self.run_id, self.heartbeat_s).start()
 
     def _set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -429,6 +433,8 @@ class MlflowTracker:
             return
         self._closing = True  # no monitor restarts from here on
         self._stop_system_metrics()
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         deadline = time.monotonic() + self.finish_timeout_s
         while not self._flush(force=True) and time.monotonic() < deadline:
             time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))

@@ -1,4 +1,5 @@
-"""Nothing is lost: SIGKILLed workers, a SIGKILLed job, the object store restarting mid-run.
+"""Nothing is lost: SIGKILLed workers, a SIGKILLed job, the object store restarting mid-run,
+a DeepSpeed ZeRO-1/2 worker SIGKILLed (resumed from every rank's shards).
 
 Every run here is the smoke job (2 Ray Train workers, DDP over gloo, shards on the real S3)
 through the real Ray head; each faulted run must end with weights bit-identical to an
@@ -8,8 +9,11 @@ uninterrupted run of the same spec, and with per-step losses identical in MLflow
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -39,13 +43,17 @@ def common(dataset: str) -> list[str]:
     ]
 
 
-def losses(stack: Stack, name: str) -> list[tuple[int, float]]:
-    client = MlflowClient(stack.env()["MLFLOW_TRACKING_URI"])
+def job_runs(name: str) -> list:
+    client = MlflowClient()
     exp = client.get_experiment_by_name(EXPERIMENT)
-    (run,) = client.search_runs(
+    return client.search_runs(
         [exp.experiment_id], filter_string=f"tags.`orchestrator.job` = '{name}'"
     )
-    history = client.get_metric_history(run.info.run_id, "train/loss")
+
+
+def losses(stack: Stack, name: str) -> list[tuple[int, float]]:
+    (run,) = job_runs(name)
+    history = MlflowClient().get_metric_history(run.info.run_id, "train/loss")
     return [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
 
 
@@ -93,6 +101,19 @@ def test_job_sigkilled_then_resubmitted_resumes(
     time.sleep(1.0)
     os.kill(chaos.driver_pid(name), signal.SIGKILL)  # the whole job: its driver dies
     assert chaos.wait(job) != "SUCCEEDED"
+    # nothing closed its run; the sweep sees its Ray job ended and does
+    (run,) = job_runs(name)
+    assert run.info.status == "RUNNING"
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.liveness", "--experiment", EXPERIMENT],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    ).stdout
+    assert f"{run.info.run_id}: its Ray job" in out and "ended FAILED" in out
+    (run,) = job_runs(name)
+    assert run.info.status == "FAILED" and "driver killed?" in run.data.tags["orchestrator.error"]
     again = chaos.submit([f"name={name}", *common(smoke_dataset)])  # same name, no flag
     assert chaos.wait(again) == "SUCCEEDED", chaos.logs(again)[-3000:]
     assert "resumed: True" in chaos.logs(again)
@@ -108,6 +129,41 @@ def test_object_store_restart_mid_run(stack: Stack, smoke_dataset: str, baseline
     stack.up(("s3",))
     assert chaos.wait(job) == "SUCCEEDED", chaos.logs(job)[-3000:]
     assert_same_run(stack, name, baseline)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_worker_sigkilled_resumes_from_every_ranks_shards(
+    stack: Stack, smoke_dataset: str, stage: int
+) -> None:
+    """DeepSpeed keeps each rank's optimizer partition (ZeRO-1: momentum; ZeRO-2: gradients
+    too) in its own shard: a resumed group must load all of them, or the momentum of the
+    parameters a rank owns restarts at zero and the weights drift from the uninterrupted run."""
+    from orchestrator.storage import read_url
+
+    spec = [
+        *common(smoke_dataset),
+        "scaling.strategy=deepspeed",
+        f"scaling.zero_stage={stage}",
+        "schedule.max_iters=8",
+    ]
+    base, name = (f"ft-zero{stage}-{kind}-{uuid.uuid4().hex[:6]}" for kind in ("base", "kill"))
+    job = chaos.submit([f"name={base}", *spec])
+    assert chaos.wait(job) == "SUCCEEDED", chaos.logs(job)[-3000:]
+    job = chaos.submit([f"name={name}", *spec])
+    st = chaos.store(STORAGE, name)
+    step = chaos.wait_for_checkpoint(st, 4, job)
+    marker = json.loads(read_url(f"{STORAGE}/{name}/checkpoints/step-{step:08d}/COMMITTED"))
+    optim = [f for f in marker["files"] if f.startswith("shards/") and "optim_states" in f]
+    assert sorted("rank_1" in f for f in optim) == [False, True], f"a shard per rank: {optim}"
+    time.sleep(1.0)
+    os.kill(chaos.worker_pid(st, step, 1), signal.SIGKILL)
+    assert chaos.wait(job) == "SUCCEEDED", chaos.logs(job)[-3000:]
+    assert chaos.logs(job).count("resumed from") >= 2, "every rank resumed from the checkpoint"
+    assert chaos.identical(
+        chaos.final_weights(st), chaos.final_weights(chaos.store(STORAGE, base))
+    ), f"ZeRO-{stage}: final weights differ from the uninterrupted run"
+    got = losses(stack, name)
+    assert [s for s, _ in got] == list(range(1, 9)) and got == losses(stack, base)
 
 
 def test_failure_budget_exhausted_gives_a_summary(stack: Stack, smoke_dataset: str) -> None:

@@ -34,6 +34,8 @@ from orchestrator.run_report import metric_history
 from orchestrator.stack import Stack
 from orchestrator.storage import open_storage
 from orchestrator.tracking import (
+    ERROR_TAG,
+    JOB_TAG,
     LOST_TAG,
     MlflowTracker,
     NullTracker,
@@ -797,3 +799,72 @@ def test_tracking_server_down_mid_run(mlflow_restored: Stack) -> None:
     sys_hist = client().get_metric_history(run_id, "system/cpu_utilization_percentage")
     assert strictly_increasing([m.step for m in sorted(sys_hist, key=lambda m: m.timestamp)])
     assert any(m.timestamp > back for m in sys_hist), "system metrics resume after the outage"
+
+
+# ----------------------------------------------------------------------------- liveness
+
+
+def test_runs_whose_job_died_are_marked_and_live_ones_kept(stack: Stack) -> None:
+    """A RUNNING run is closed when its Ray job has ended or its heartbeat is ten minutes old;
+    live runs, finished ones, runs without a heartbeat and other tools' runs are left alone."""
+    from orchestrator import liveness
+
+    c = client()
+    exp = c.create_experiment(f"liveness-{uid()}")
+    now = time.time()
+
+    def run(job: str, beat: float | None = None, ray_job: str = "", status: str = "") -> str:
+        tags = {JOB_TAG: job, **({"ray_job_id": ray_job} if ray_job else {})}
+        if beat is not None:
+            tags[liveness.HEARTBEAT_TAG] = str(int(beat))
+        run_id = c.create_run(exp, tags=tags, run_name=job).info.run_id
+        if status:
+            c.set_terminated(run_id, status)
+        return run_id
+
+    stale = run("stale", now - 1200)
+    live = run("live", now - 30)
+    gone = run("gone", now - 30, "0a000000")
+    stopped = run("stopped", now - 30, "0b000000")
+    going = run("going", now - 30, "0c000000")
+    done = run("done", now - 5000, status="FINISHED")
+    unstamped = run("unstamped")  # an older version's run: nothing to judge it by
+    foreign = c.create_run(exp).info.run_id
+    jobs = {"0a000000": "FAILED", "0b000000": "STOPPED", "0c000000": "RUNNING"}
+    marked = dict(liveness.sweep(c, [exp], jobs=jobs, now=now))
+    assert set(marked) == {stale, gone, stopped}
+    status = {r: c.get_run(r).info.status for r in (stale, live, gone, stopped, going, done)}
+    assert status == {
+        stale: "FAILED",
+        live: "RUNNING",
+        gone: "FAILED",
+        stopped: "KILLED",
+        going: "RUNNING",
+        done: "FINISHED",
+    }
+    assert {c.get_run(r).info.status for r in (unstamped, foreign)} == {"RUNNING"}
+    assert "no heartbeat for 20 min" in c.get_run(stale).data.tags[ERROR_TAG]
+    assert "Ray job 0a000000 ended FAILED" in c.get_run(gone).data.tags[ERROR_TAG]
+    assert liveness.sweep(c, [exp], jobs=jobs, now=now) == []  # nothing twice
+
+
+def test_tracker_stamps_a_heartbeat_until_it_finishes(stack: Stack) -> None:
+    from orchestrator.liveness import HEARTBEAT_TAG
+
+    tracker = MlflowTracker(
+        f"beat-{uid()}", f"beat-{uid()}", {}, {}, system_metrics_interval_s=None, heartbeat_s=0.3
+    )
+    beat = lambda: int(client().get_run(tracker.run_id).data.tags.get(HEARTBEAT_TAG, "0"))
+    deadline = time.monotonic() + 20
+    first = 0
+    while not first and time.monotonic() < deadline:
+        first = beat()
+        time.sleep(0.2)
+    assert abs(first - time.time()) < 60
+    while beat() <= first and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert beat() > first, "the heartbeat keeps beating"
+    tracker.finish("FINISHED")
+    last = beat()
+    time.sleep(1.6)
+    assert beat() == last, "a finished run is not stamped"
