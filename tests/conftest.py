@@ -210,3 +210,29 @@ def odd_local_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "datasets/imagenet.py", "--src", str(src), "--dest", str(dest), "--shard-size-mb", "0.05"
     )
     return dest
+
+
+def assert_no_secret_in_runs(run_ids: list[str], secrets: list[str], *texts: str) -> None:
+    """None of `secrets` in the runs' names, params, tags, metric names and every artifact (all
+    downloaded), nor in `texts` (a job's output): one check for every kind of run."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    places: dict[str, str] = {f"text {i}": t for i, t in enumerate(texts)}
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        places[f"{run_id} name"] = run.info.run_name or ""
+        places[f"{run_id} params"] = repr(run.data.params)
+        places[f"{run_id} tags"] = repr(run.data.tags)
+        places[f"{run_id} metric names"] = repr(sorted(run.data.metrics))
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(client.download_artifacts(run_id, "", tmp))
+            for f in sorted(p for p in root.rglob("*") if p.is_file()):
+                places[f"{run_id} artifact {f.relative_to(root)}"] = f.read_bytes().decode(
+                    "utf-8", "replace"
+                )
+    for where, text in places.items():
+        for secret in secrets:
+            assert secret not in text, f"a secret reached {where}"

@@ -33,7 +33,7 @@ from orchestrator.spec import EvalConfig
 from orchestrator.stack import Stack
 from orchestrator.storage import open_storage
 from orchestrator.tracking import JOB_TAG
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, assert_no_secret_in_runs, run_script
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +125,14 @@ def _nothing_logged(client: MlflowClient, experiment: str) -> bool:
 
 
 def test_local_ensemble_matches_numpy_over_the_members_probabilities(
-    trained: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out_exp = f"ens-out-{uuid.uuid4().hex[:8]}"
+    token = f"hf_{uuid.uuid4().hex}"  # a secret in the environment, beside the stack's own
+    monkeypatch.setenv("HF_TOKEN", token)
     code = main(
         [
             "--runs",
@@ -151,6 +156,9 @@ def test_local_ensemble_matches_numpy_over_the_members_probabilities(
     children = _children(client, parent)
     assert [c.data.params["source_run_id"] for c in children] == trained["ids"]
     assert all(c.info.status == "FINISHED" for c in children)
+    secrets = [token, os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["MLFLOW_TRACKING_PASSWORD"]]
+    ids = [parent.info.run_id, *(c.info.run_id for c in children)]
+    assert_no_secret_in_runs(ids, secrets, printed)
     # best = the committed step with the lowest val/top1_err in its marker
     for child, name in zip(children, trained["names"]):
         step, err = _best(trained["storage"], name)

@@ -42,7 +42,7 @@ from orchestrator.tracking import (
     manifest_sha256,
     start_tracker,
 )
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, assert_no_secret_in_runs, run_script
 
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -666,7 +666,8 @@ def test_training_job_logs_lineage_paper_and_best_checkpoint(
     from orchestrator.data import load_manifest
 
     job, exp = f"loop-{uid()}", f"track-loop-{uid()}"
-    run_script(
+    token = f"hf_{uuid.uuid4().hex}"  # a secret in the job's environment, beside the stack's own
+    output = run_script(
         "jobs/smoke.py",
         "--local",
         f"name={job}",
@@ -680,10 +681,12 @@ def test_training_job_logs_lineage_paper_and_best_checkpoint(
         "checkpoint.every_iters=3",
         "tracking.log_every=2",
         "data.num_workers=0",
-        env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"},
+        env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "HF_TOKEN": token},
     )
     c = client()
     [run] = c.search_runs([c.get_experiment_by_name(exp).experiment_id])
+    secrets = [token, os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["MLFLOW_TRACKING_PASSWORD"]]
+    assert_no_secret_in_runs([run.info.run_id], secrets, output)
     run_id, t, m = run.info.run_id, run.data.tags, run.data.metrics
     assert run.info.status == "FINISHED"
     assert (
