@@ -20,6 +20,7 @@ The harness functions here are also what tests/test_fault_tolerance.py uses.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import shlex
@@ -252,6 +253,8 @@ def main() -> None:
             "the local stack is not in the environment: run `python -m orchestrator.stack up` "
             'and `eval "$(python -m orchestrator.stack env)"`'
         )
+    # the harness polls checkpoint folders while they upload: each poll would warn about them
+    logging.getLogger("orchestrator.checkpoint").setLevel(logging.ERROR)
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = set(kinds) - set(KINDS)
     if unknown:

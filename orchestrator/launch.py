@@ -105,9 +105,12 @@ def run_local(spec: JobSpec) -> dict[str, float]:
 
         dist.init_process_group("nccl" if use_gpu else "gloo")
     try:
-        return run_worker(spec.to_dict(), Runtime(rank, world, local_rank, device))
+        result = run_worker(spec.to_dict(), Runtime(rank, world, local_rank, device))
     finally:
         destroy_process_group()
+    if rank == 0:
+        _print_runs_view(spec)
+    return result
 
 
 # ------------------------------------------------------------------------ on Ray
@@ -227,4 +230,15 @@ def run_ray(spec: JobSpec) -> Any:
         )
         raise SystemExit(1) from None
     print(f"job {spec.name} finished; checkpoints under {checkpoints}")
+    _print_runs_view(spec)
     return result
+
+
+def _print_runs_view(spec: JobSpec) -> None:
+    """Where the job's runs are compared: the experiment's runs table (not MLflow's home)."""
+    if spec.tracking.enabled:
+        from orchestrator.tracking import experiment_runs_view
+
+        view = experiment_runs_view(spec.tracking.experiment)
+        if view:
+            print(f"MLflow: runs of experiment {spec.tracking.experiment!r}: {view}")

@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 JOB_NAME_TAGS = (JOB_TAG, "job")  # the job's name, as given
 LOST_TAG = "orchestrator.metrics_lost"
 EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"  # MLflow 3's kind for model training
 # MLflow's client retries an unreachable server for minutes by default; the tracker queues and
 # retries on its own, so each call may fail fast. Users can still set these themselves.
 HTTP_DEFAULTS = {
@@ -75,6 +76,47 @@ HTTP_DEFAULTS = {
 
 def _error_code(err: BaseException) -> str | None:
     return getattr(err, "error_code", None)
+
+
+def experiment_id(client: Any, name: str) -> str:
+    """The id of experiment `name`: restored if it was deleted, created if missing, with the
+    model-training kind, so MLflow 3's UI opens it on the runs table, not the GenAI overview
+    of traces (every experiment this project writes to: training, ensembles)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            log.warning("experiment %s was deleted: restoring it", name)
+            client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND not in exp.tags:  # made by hand or by an older version
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+    except MlflowException as err:  # created meanwhile by another job
+        if _error_code(err) != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def runs_view(tracking_uri: str, exp_id: str) -> str:
+    """The address of an experiment's runs table in MLflow's UI (charts: one toggle away)."""
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs"
+
+
+def experiment_runs_view(experiment: str) -> str | None:
+    """`runs_view` of an experiment by name, or None (no server, no such experiment)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith("http"):
+        return None
+    try:
+        from mlflow import MlflowClient
+
+        exp = MlflowClient().get_experiment_by_name(experiment)
+        return runs_view(uri, exp.experiment_id) if exp else None
+    except Exception:  # noqa: BLE001 - only a hint printed at the end of a job
+        return None
 
 
 def find_job_run(client: Any, experiment_id: str, job: str) -> Any:
@@ -173,22 +215,7 @@ class MlflowTracker:
     # ------------------------------------------------------------------ opening the run
 
     def _experiment_id(self) -> str:
-        from mlflow.exceptions import MlflowException
-
-        exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is not None:
-            if exp.lifecycle_stage == "deleted":
-                log.warning("experiment %s was deleted: restoring it", self.experiment)
-                self.client.restore_experiment(exp.experiment_id)
-            return exp.experiment_id
-        try:
-            # the kind tells MLflow 3's UI to open on the runs table (not the GenAI overview)
-            kind = {EXPERIMENT_KIND: "custom_model_development"}
-            return self.client.create_experiment(self.experiment, tags=kind)
-        except MlflowException as err:  # created meanwhile by another job
-            if _error_code(err) != "RESOURCE_ALREADY_EXISTS":
-                raise
-            return self.client.get_experiment_by_name(self.experiment).experiment_id
+        return experiment_id(self.client, self.experiment)
 
     def _find_run(self, exp_id: str) -> Any:
         from mlflow.exceptions import MlflowException

@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.stack import Stack
-from orchestrator.tracking import MlflowTracker
+from orchestrator.tracking import MlflowTracker, experiment_runs_view
 from tests.conftest import ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -147,7 +147,10 @@ def test_experiment_runs_compare_in_chromium(stack: Stack, browser: object) -> N
     body = lambda: d.find_element(By.TAG_NAME, "body").text
 
     # the experiment: its runs table (the "Model training" view of MLflow 3's UI)
-    d.get(f"{stack.urls()['mlflow']}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
+    # the address a job prints at its end: the runs table, thanks to the experiment's kind
+    view = experiment_runs_view(experiment)
+    assert view == f"{stack.urls()['mlflow']}/#/experiments/{exp_id}/runs"
+    d.get(view)
     wait_for(d, "run names", lambda: all(job in body() for job in jobs))
     for close in d.find_elements(
         By.CSS_SELECTOR, "button[aria-label=Close]"

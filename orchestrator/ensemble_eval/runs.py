@@ -20,7 +20,7 @@ from orchestrator.ensemble_eval.members import ENSEMBLE_TAG, PARENT_TAG, Member
 from orchestrator.ensemble_eval.scoring import Scores
 from orchestrator.evaluation import EvalResult
 from orchestrator.redaction import redact, redact_tags, scrub
-from orchestrator.tracking import ERROR_TAG
+from orchestrator.tracking import ERROR_TAG, experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,7 @@ class EnsembleRuns:
         self, client: Any, cfg: EnsembleConfig, members: list[Member], data_url: str
     ) -> None:
         self.client = client
-        exp = client.get_experiment_by_name(cfg.output_experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.output_experiment)
+        exp_id = experiment_id(client, cfg.output_experiment)
         name = cfg.name or f"ensemble-{cfg.eval.protocol}-{len(members)}"
         tags = {
             ENSEMBLE_TAG: "parent",
