@@ -47,7 +47,7 @@ def test_overrides_are_typed() -> None:
             r"global_batch: 256 is not a multiple of micro_batch x num_workers",
         ),
         ("scaling.zero_stage=2", r"zero_stage: set only with scaling.strategy=deepspeed"),
-        ("data.scale_range=[480,256]", r"data: .*low > high"),
+        ("data.scale_range=[480,256]", r"data.scale_range \(480, 256\): low > high"),
         ("optim.lr", r"expected section.key=value"),
     ],
 )
