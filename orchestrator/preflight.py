@@ -71,10 +71,10 @@ def preflight(spec: JobSpec) -> list[str]:
     run(check_model_spec, num_classes)
     if problems:  # read-only checks failed: nothing is written, not even a probe
         raise PreflightError(problems)
-    run(check_storage)
-    run(check_resume)
-    if problems:
-        raise PreflightError(problems)
+    for check in (check_storage, check_resume):  # the resume reads what the probe reached
+        run(check)
+        if problems:
+            raise PreflightError(problems)
     return done
 
 
