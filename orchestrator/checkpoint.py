@@ -2,11 +2,13 @@
 
 Layout under `{checkpoint.storage}/{job name}/checkpoints/`:
 
-    step-00001000/trainer.pt      replicated state, written by rank 0 (model, optimizer, ...)
-    step-00001000/rank-00000.pt   per-rank state, written by every rank (RNG, data position)
+    step-00001000/trainer.pt      replicated state, written by rank 0 (model, optimizer, data
+                                  position, ...)
+    step-00001000/rank-00000.pt   per-rank state, written by every rank (RNG)
     step-00001000/shards/...      per-rank strategy shards (DeepSpeed ZeRO), every rank
     step-00001000/COMMITTED       written last by rank 0, after a barrier: lists every file
-                                  with its size, so a missing or truncated file is detected
+                                  with its size, so a missing or truncated file is detected;
+                                  also the metrics and the data position (JSON, torch-free)
 
 Uploads run in the background (the loop pays only for serialising the state in memory); a step
 is committed when the next checkpoint is taken, or at the end of the run, after every rank's

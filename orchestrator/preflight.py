@@ -13,7 +13,8 @@ the sections themselves, orchestrator.spec) and before Ray or torchrun start a w
 3. checkpoint storage: a probe object is written, read back and deleted under the job's
    checkpoint folder (only once 1-2 passed, so a refused job writes nothing);
 4. resume: the checkpoint the job would resume from is committed, and its data position is
-   exact with this run's world size, loader workers and micro-batch (`data.epochs`).
+   exact with this run's world size, loader workers, micro-batch, shuffle buffer and seed
+   (`data.epochs.resume_problem`).
 
 Every refusal names the field and the fix; all of one stage's refusals are reported together.
 Imports no torch: the driver stays light.
@@ -234,6 +235,8 @@ def check_resume(spec: JobSpec) -> tuple[str, None]:
         "world_size": spec.scaling.num_workers,
         "loader_workers": spec.data.num_workers,
         "micro_batch": spec.micro_batch(),
+        "shuffle_buffer": spec.data.shuffle_buffer,
+        "seed": spec.seed,
         "source": "synthetic" if spec.data.synthetic else "shards",
     }
     problem = resume_problem(latest.position, now)

@@ -167,8 +167,8 @@ class Trainer:
 
     def data_position(self) -> dict[str, Any]:
         """Where the data stream stands and what its plan depends on (orchestrator.data.epochs:
-        a mid-epoch resume is exact only with the same world size, loader workers and
-        micro-batch). Also written into the commit marker, for the driver's pre-flight."""
+        a mid-epoch resume is exact only with the same world size, loader workers,
+        micro-batch, shuffle buffer and seed). Also in the commit marker, for the pre-flight."""
         return {
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
@@ -176,6 +176,8 @@ class Trainer:
             "world_size": self.rt.world_size,
             "loader_workers": self.spec.data.num_workers,
             "micro_batch": self.spec.micro_batch(),
+            "shuffle_buffer": self.spec.data.shuffle_buffer,
+            "seed": self.spec.seed,
             "source": "synthetic" if self.spec.data.synthetic else "shards",
         }
 
@@ -505,6 +507,8 @@ def _old_position(state: dict[str, Any]) -> dict[str, Any]:
         "world_size": workers,
         "loader_workers": data.get("num_workers", 0),
         "micro_batch": scaling.get("micro_batch") or scaling.get("global_batch", 0) // workers,
+        "shuffle_buffer": data.get("shuffle_buffer"),
+        "seed": spec.get("seed"),
         "source": "synthetic" if synthetic else "shards",
     }
 

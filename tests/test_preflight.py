@@ -246,17 +246,23 @@ MID_EPOCH = {
     "world_size": 2,
     "loader_workers": 1,
     "micro_batch": 8,
+    "shuffle_buffer": 16,
+    "seed": 0,
     "source": "shards",
 }
 
 
 def test_resume_rule() -> None:
-    same = {k: MID_EPOCH[k] for k in ("world_size", "loader_workers", "micro_batch", "source")}
+    same = {k: v for k, v in MID_EPOCH.items() if "epoch" not in k}
     assert resume_problem(MID_EPOCH, same) is None
     problem = resume_problem(MID_EPOCH, {**same, "world_size": 4})
     assert problem and "scaling.num_workers was 2 and is now 4" in problem
     problem = resume_problem(MID_EPOCH, {**same, "loader_workers": 3, "micro_batch": 4})
     assert "data.num_workers was 1 and is now 3" in problem and "micro-batch" in problem
+    problem = resume_problem(MID_EPOCH, {**same, "seed": 1})
+    assert problem and "seed was 0 and is now 1" in problem
+    old = {k: v for k, v in MID_EPOCH.items() if k != "shuffle_buffer"}  # an older marker
+    assert resume_problem(old, {**same, "shuffle_buffer": 99}) is None
     assert resume_problem({**MID_EPOCH, "loader_workers": 0}, same) is None  # 0 plans as 1
     for boundary in (0, 3):  # an epoch's start, or its end before the roll-over
         assert (
@@ -361,6 +367,8 @@ def test_a_checkpoint_from_before_positions_gets_its_position_from_its_spec() ->
         "world_size": 2,
         "loader_workers": 3,
         "micro_batch": 32,
+        "shuffle_buffer": 64,
+        "seed": 0,
         "source": "shards",
     }
 

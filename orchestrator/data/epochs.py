@@ -29,9 +29,9 @@ number in resampled mode), never of worker state (`augmentation_rng`), so the pi
 depend on W or K.
 
 Resuming: a checkpoint holds the data position as (epoch, batches of B consumed by each rank).
-Which samples those batches held depends on W, K and B (steps 2-4), so the position is exact
-mid-epoch only with all three unchanged; at an epoch boundary any W, K and B resume exactly,
-the next epoch being planned afresh (`resume_problem`).
+Which samples those batches held depends on W, K and B (steps 2-4), and their order on the
+shuffle buffer and the seed, so the position is exact mid-epoch only with all of them unchanged;
+at an epoch boundary any resume exactly, the next epoch being planned afresh (`resume_problem`).
 """
 
 from __future__ import annotations
@@ -207,6 +207,8 @@ POSITION_FIELDS = {
     "world_size": "scaling.num_workers",
     "loader_workers": "data.num_workers",
     "micro_batch": "the micro-batch (scaling.global_batch / scaling.num_workers, or micro_batch)",
+    "shuffle_buffer": "data.shuffle_buffer",
+    "seed": "seed",
 }
 
 
@@ -217,10 +219,11 @@ def at_epoch_boundary(position: dict[str, Any]) -> bool:
 
 
 def resume_problem(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
-    """Why resuming the saved data position with `now`'s world size, loader workers and
-    micro-batch would not be exact, naming both values of each field that changed; None when
-    it is exact (nothing changed, or the checkpoint lies at an epoch boundary). K = 0 and 1
-    plan alike (one stream per rank)."""
+    """Why resuming the saved data position with `now`'s world size, loader workers,
+    micro-batch, shuffle buffer and seed (POSITION_FIELDS) would not be exact, naming both
+    values of each field that changed; None when it is exact (nothing changed, or the
+    checkpoint lies at an epoch boundary). K = 0 and 1 plan alike (one stream per rank); a
+    field the saved position lacks (an older checkpoint) is not compared."""
     if saved.get("source") == "synthetic" or now.get("source") == "synthetic":
         return None  # random batches: no position to keep
     if at_epoch_boundary(saved):
@@ -232,7 +235,7 @@ def resume_problem(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
     changed = [
         f"{field} was {saved[key]} and is now {now[key]}"
         for key, field in POSITION_FIELDS.items()
-        if key in saved and norm(key, saved[key]) != norm(key, now[key])
+        if key in saved and key in now and norm(key, saved[key]) != norm(key, now[key])
     ]
     if not changed:
         return None
