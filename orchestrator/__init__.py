@@ -3,7 +3,9 @@
 The engine behind `jobs/*.py`, in layers (README's Layout section has the whole map):
 
 - the spec side, torch-free: spec (typed job specs), runtime (rank, device, distributed
-  helpers, signals), storage and s3 (local or s3:// objects), metrics (metric names);
+  helpers, signals), storage and s3 (local or s3:// objects), metrics (metric names), and
+  preflight, with what it reads torch-free: the model registry, dataset manifests and epoch
+  rules, checkpoint markers (tests/test_layout.py lists them);
 - the worker side: train (the loop), checkpoint, strategy, models, data, evaluation, schedule;
 - MLflow: tracking, redaction, run_report, paper_report, plots, lineage, mlflow_internals;
 - the drivers: launch, ensemble_eval, plan, stack. They import the spec side and the runtime,

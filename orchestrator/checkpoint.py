@@ -2,11 +2,13 @@
 
 Layout under `{checkpoint.storage}/{job name}/checkpoints/`:
 
-    step-00001000/trainer.pt      replicated state, written by rank 0 (model, optimizer, ...)
-    step-00001000/rank-00000.pt   per-rank state, written by every rank (RNG, data position)
+    step-00001000/trainer.pt      replicated state, written by rank 0 (model, optimizer, data
+                                  position, ...)
+    step-00001000/rank-00000.pt   per-rank state, written by every rank (RNG)
     step-00001000/shards/...      per-rank strategy shards (DeepSpeed ZeRO), every rank
     step-00001000/COMMITTED       written last by rank 0, after a barrier: lists every file
-                                  with its size, so a missing or truncated file is detected
+                                  with its size, so a missing or truncated file is detected;
+                                  also the metrics and the data position (JSON, torch-free)
 
 Uploads run in the background (the loop pays only for serialising the state in memory); a step
 is committed when the next checkpoint is taken, or at the end of the run, after every rank's
@@ -33,13 +35,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
+# torch and numpy are imported where state is (de)serialised: the driver's pre-flight reads
+# the commit markers (JSON) through CheckpointStore without them.
 from orchestrator.metrics import canonical, canonical_metrics
 from orchestrator.runtime import barrier
 from orchestrator.spec import CheckpointConfig
@@ -51,6 +52,8 @@ MARKER = "COMMITTED"
 
 def to_bytes(obj: Any) -> bytes:
     """torch.save into memory: a snapshot that later training steps cannot change."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
@@ -65,6 +68,8 @@ class Committed:
     step: int
     url: str
     metrics: dict[str, float]
+    # where the data stream stood (Trainer.data_position); empty in markers older than it
+    position: dict[str, Any] = field(default_factory=dict)
 
 
 class CheckpointStore:
@@ -89,11 +94,14 @@ class CheckpointStore:
             rel = path.relative_to(local)
             self.storage.put(f"{_step_dir(step)}/{prefix}/{rel.as_posix()}", path.read_bytes())
 
-    def commit(self, step: int, metrics: dict[str, float]) -> str:
-        """Rank 0, after every rank's files are written: the marker makes the step count."""
+    def commit(
+        self, step: int, metrics: dict[str, float], position: dict[str, Any] | None = None
+    ) -> str:
+        """Rank 0, after every rank's files are written: the marker makes the step count. It
+        holds the data position too, so a driver can check a resume without torch."""
         files = self.storage.sizes(_step_dir(step))
         files.pop(MARKER, None)
-        marker = {"step": step, "files": files, "metrics": metrics}
+        marker = {"step": step, "files": files, "metrics": metrics, "position": position or {}}
         self.storage.put(f"{_step_dir(step)}/{MARKER}", json.dumps(marker).encode())
         return self.storage.url(_step_dir(step))
 
@@ -110,7 +118,8 @@ class CheckpointStore:
                 broken.append((int(m.group(1)), name, problem))
             else:
                 metrics = canonical_metrics(marker.get("metrics", {}))  # old markers: old names
-                out.append(Committed(int(m.group(1)), self.storage.url(name), metrics))
+                url, position = self.storage.url(name), marker.get("position") or {}
+                out.append(Committed(int(m.group(1)), url, metrics, position))
         newest = max((c.step for c in out), default=-1)
         for step, name, problem in broken:
             if step > newest:  # older debris is a retention delete or crash already superseded
@@ -131,7 +140,13 @@ class CheckpointStore:
         found = self.committed()
         return found[-1] if found else None
 
+    def find(self, step: int) -> Committed | None:
+        """The committed checkpoint at `step`, or None (missing, uncommitted or broken)."""
+        return next((c for c in self.committed() if c.step == step), None)
+
     def read(self, step: int, name: str) -> Any:
+        import torch
+
         return torch.load(
             io.BytesIO(self.storage.get(f"{_step_dir(step)}/{name}")),
             map_location="cpu",
@@ -190,6 +205,9 @@ def split_checkpoint_url(url: str) -> tuple[str, int]:
 
 def rng_state() -> dict[str, Any]:
     """Every random stream of this process, to resume augmentation and shuffling exactly."""
+    import numpy as np
+    import torch
+
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -201,6 +219,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -229,7 +250,7 @@ class Checkpointer:
         self.store = CheckpointStore(f"{cfg.storage.rstrip('/')}/{job}/checkpoints")
         self.saved_step = -1  # the step of the last save (committed or pending)
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
-        self._pending: tuple[int, dict[str, float], Future] | None = None
+        self._pending: tuple[int, dict[str, float], dict[str, Any], Future] | None = None
 
     def save(
         self,
@@ -237,17 +258,19 @@ class Checkpointer:
         states: dict[str, Any],
         write_shards: Callable[[Path], None],
         metrics: dict[str, float],
+        position: dict[str, Any] | None = None,
     ) -> float:
         """Snapshot this rank's `states` (file name -> object) and the strategy's shards, and
         upload them in the background; returns the stall (s) training paid. The previous save
-        is committed first; this one is committed at the next save or at `commit()`."""
+        is committed first; this one is committed at the next save or at `commit()`, its
+        marker holding `metrics` and the data `position`."""
         t0 = time.perf_counter()
         self.commit()
         files = {name: to_bytes(obj) for name, obj in states.items()}  # later steps can't alter it
         shards = Path(tempfile.mkdtemp(prefix="shards-"))
         write_shards(shards)  # collective for DeepSpeed; local files
         upload = self._uploader.submit(self._upload, step, files, shards)
-        self._pending = (step, dict(metrics), upload)
+        self._pending = (step, dict(metrics), dict(position or {}), upload)
         self.saved_step = step
         return time.perf_counter() - t0
 
@@ -263,12 +286,12 @@ class Checkpointer:
         """Wait for this rank's upload; rank 0 writes the marker once every rank is done."""
         if self._pending is None:
             return
-        step, metrics, upload = self._pending
+        step, metrics, position, upload = self._pending
         self._pending = None
         upload.result()  # an upload that failed for good raises here, before any marker
         barrier()  # every rank's files exist before the marker says so
         if self.rank == 0:
-            self.store.commit(step, metrics)
+            self.store.commit(step, metrics, position)
             self.store.retain(self.cfg.keep_last, self.cfg.best_metric)
         barrier()
 

@@ -7,6 +7,11 @@ Every job file ends with `main(SPEC)`:
 
 `--local` runs the same worker loop in this process, or in N processes under torchrun when
 scaling.num_workers > 1; it needs only torch (how GPU checks run where Ray is absent).
+
+Before either starts a worker, the pre-flight (orchestrator.preflight) checks the model, the
+dataset, the checkpoint storage and the resume; a refusal exits 2 with a message per problem.
+On Ray, a worker error no restart can fix (`runtime.retryable`) ends the job at once instead
+of after scaling.max_failures restarts (`FailFast`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator import s3
+from orchestrator.preflight import in_torchrun_child, preflight
+from orchestrator.runtime import NotRetried, retryable
 from orchestrator.spec import JobSpec, SpecError, apply_overrides, to_yaml
 
 
@@ -26,7 +33,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Run a job spec. Overrides are section.key=value, e.g. optim.lr=0.2.",
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved spec and exit")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved spec, run the pre-flight checks, print them and exit",
+    )
     parser.add_argument(
         "--local", action="store_true", help="run without Ray (torchrun for N workers)"
     )
@@ -62,6 +73,19 @@ def main(
         return 2
     if args.dry_run:
         print(to_yaml(spec), end="")
+    checked: list[str] = []
+    if not in_torchrun_child():  # under torchrun the parent process checked already
+        try:
+            checked = preflight(spec)
+        except SpecError as err:
+            problems = getattr(err, "problems", [str(err)])
+            print(f"error: pre-flight refused job {spec.name}:", file=sys.stderr)
+            for problem in problems:
+                print(f"  - {problem}", file=sys.stderr)
+            return 2
+    for line in checked:  # comments, so that a dry run's output stays the spec's YAML
+        print(f"# pre-flight ok: {line}", flush=True)
+    if args.dry_run:
         return 0
     if args.local or os.environ.get("ORCH_LOCAL") == "1":
         run_local(spec)
@@ -137,6 +161,31 @@ def _ray_worker(config: dict[str, Any]) -> None:
     run_worker(config["spec"], rt)
 
 
+def fail_fast() -> Any:
+    """A Ray Train callback that ends the run at once when a worker fails with an error no
+    restart can fix (`runtime.retryable`: a bad spec, missing data, NonFiniteLoss).
+
+    Ray Train (2.x, V2) retries every worker-group error up to FailureConfig.max_failures
+    and has no per-error setting; an exception raised by a callback on the controller is a
+    ControllerError, which its DefaultFailurePolicy never retries. Lost workers and other
+    errors still go through max_failures."""
+    from ray.train import UserCallback
+
+    class FailFast(UserCallback):
+        def after_exception(
+            self, run_context: Any, worker_exceptions: dict[int, Exception]
+        ) -> None:
+            for rank, wrapped in sorted(worker_exceptions.items()):
+                # Ray wraps a worker's exception in UserExceptionWithTraceback, which keeps the
+                # original as `_base_exc` (ray/train/v2/_internal/exceptions.py); a lost
+                # worker's RayActorError has none and stays retryable
+                err = getattr(wrapped, "_base_exc", wrapped)
+                if not retryable(err):
+                    raise NotRetried(f"rank {rank}: {type(err).__name__}: {err}")
+
+    return FailFast()
+
+
 def storage_for_ray(storage: str) -> tuple[str, Any]:
     """Ray Train's storage_path and filesystem for s3:// (same endpoint as every client)."""
     if s3.is_s3(storage):
@@ -183,6 +232,7 @@ def run_ray(spec: JobSpec) -> Any:
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+            callbacks=[fail_fast()],
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not use_gpu else None,
         ),
     )
@@ -214,20 +264,26 @@ def run_ray(spec: JobSpec) -> Any:
         print(f"job {spec.name} stopped; resubmit the same name to resume", file=sys.stderr)
         raise SystemExit(143) from None
     except Exception as err:  # noqa: BLE001 - any failure: report it, then re-raise
-        # the failure budget is spent: say where the job stands and what killed it, in one place
+        # say where the job stands and what killed it, in one place
         from orchestrator.checkpoint import CheckpointStore
 
         latest = CheckpointStore(checkpoints).latest()
         where = f"step {latest.step} ({latest.url})" if latest else "none yet"
+        cause = getattr(err, "controller_failure", None)  # ray.train.ControllerError's
+        if isinstance(cause, NotRetried):
+            error = str(cause)
+            how = "at once, not restarted: a restart cannot fix this error"
+            then = "Fix the cause, then resubmit the same name to resume from it"
+        else:
+            error = f"{type(err).__name__}: {err}"
+            how = f"after {spec.scaling.max_failures} restarts (scaling.max_failures)"
+            then = "Resubmit the same name to resume from it"
         print(
-            f"job {spec.name} FAILED after {spec.scaling.max_failures} restarts "
-            f"(scaling.max_failures). Latest committed checkpoint: {where}. "
-            f"Resubmit the same name to resume from it. Cause: {type(err).__name__}: {err}",
+            f"job {spec.name} FAILED {how}. Latest committed checkpoint: {where}. {then}. "
+            f"Cause: {error}",
             file=sys.stderr,
         )
-        mark_job_run(
-            spec.tracking.experiment, spec.name, "FAILED", error=f"{type(err).__name__}: {err}"
-        )
+        mark_job_run(spec.tracking.experiment, spec.name, "FAILED", error=error)
         raise SystemExit(1) from None
     print(f"job {spec.name} finished; checkpoints under {checkpoints}")
     _print_runs_view(spec)

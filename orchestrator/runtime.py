@@ -96,3 +96,18 @@ def raise_on_sigterm(
         signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread (Ray runs the loop in a thread): Ray handles it
         pass
+
+
+class NotRetried(RuntimeError):
+    """A worker failed with an error `retryable` says no restart can fix; the message names
+    the rank and the error (raised on Ray's controller by launch.fail_fast)."""
+
+    retryable = False
+
+
+def retryable(err: BaseException) -> bool:
+    """Whether restarting the workers could fix `err`. An error class says no with
+    `retryable = False` (a bad spec, missing or bad data, a non-finite loss, a resume that
+    cannot be exact): the same spec on the same data fails the same way. Anything else (a
+    lost worker, S3 down, a collective that timed out) may pass on a restart."""
+    return getattr(type(err), "retryable", True) is not False

@@ -78,11 +78,13 @@ def with_retries(
     botocore retries single requests; this covers whole operations (a streamed read that
     dies midway, an endpoint that restarts) where a fresh request is the fix.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     for attempt in range(attempts):
         try:
             return fn()
+        except NoCredentialsError:
+            raise  # no credentials now, none in a few seconds: waiting only delays the message
         except ClientError as err:
             status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if status < 500 or attempt == attempts - 1:

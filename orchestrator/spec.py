@@ -18,6 +18,29 @@ from typing import Any, Literal
 class SpecError(ValueError):
     """A spec field is unknown or has a bad value; the message names it and what is allowed."""
 
+    retryable = False  # a restart runs the same spec again (orchestrator.runtime.retryable)
+
+
+def check_ranges(section: str, config: Any, **rules: str) -> None:
+    """Raise ValueError naming the first field of `config` outside its range. A rule is
+    ">= 1", "> 0" or "0..1" (both ends included); a None value (an unset optional field)
+    passes. Every comparison is written so that NaN, false against anything, fails."""
+    for name, rule in rules.items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if ".." in rule:
+            low, high = (float(x) for x in rule.split(".."))
+            ok, allowed = low <= value <= high, f"between {rule.replace('..', ' and ')}"
+        elif rule.startswith(">="):
+            ok, allowed = value >= float(rule[2:]), rule
+        elif rule.startswith(">"):
+            ok, allowed = value > float(rule[1:]), rule
+        else:
+            raise AssertionError(f"bad range rule {rule!r} for {section}.{name}")
+        if not ok:
+            raise ValueError(f"{section}.{name}={value!r} is out of range: set it {allowed}")
+
 
 @dataclass
 class ModelConfig:
@@ -28,6 +51,9 @@ class ModelConfig:
     zero_init_residual: bool = False
     channels_last: bool = True
     compile: bool = False
+
+    def __post_init__(self) -> None:
+        check_ranges("model", self, num_classes=">= 1")
 
     def options(self) -> dict[str, Any]:
         """The options create_model takes; unset ones keep the net's defaults."""
@@ -93,20 +119,30 @@ class DataConfig:
                 f"data.decode={self.decode} does the paper and rrc transforms; "
                 "use decode=cpu for cifar"
             )
-        if not 0 <= self.split_cpu_share <= 1:
-            raise ValueError(f"data.split_cpu_share={self.split_cpu_share}: expected 0..1")
+        check_ranges("data", self, split_cpu_share="0..1", max_bad_fraction="0..1")
         if self.train_transform == "paper" and self.scale_range[0] < self.image_size:
             raise ValueError(
                 f"data.scale_range {self.scale_range} starts below image_size {self.image_size}"
             )
         if self.scale_range[0] > self.scale_range[1]:
             raise ValueError(f"data.scale_range {self.scale_range}: low > high")
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction}: expected 0..1")
-        if self.eval_hold_mb < 1:
-            raise ValueError(f"data.eval_hold_mb={self.eval_hold_mb}: expected >= 1 (MiB)")
-        if self.num_workers < 0 or self.shuffle_buffer < 0 or self.image_size < 1:
-            raise ValueError("data.num_workers, shuffle_buffer and image_size must be >= 0 / >= 1")
+        check_ranges(
+            "data",
+            self,
+            image_size=">= 1",
+            eval_resize=">= 1",
+            pca_lighting=">= 0",
+            num_workers=">= 0",
+            prefetch_factor=">= 1",
+            shuffle_buffer=">= 0",
+            bad_check_after=">= 0",
+            samples_per_epoch=">= 0",
+            eval_hold_mb=">= 1",
+            timeout_s="> 0",
+            io_retry_s=">= 0",
+            synthetic_samples=">= 1",
+            synthetic_classes=">= 1",
+        )
 
     @property
     def synthetic(self) -> bool:
@@ -123,6 +159,17 @@ class OptimConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_ranges(
+            "optim",
+            self,
+            lr="> 0",
+            base_lr="> 0",
+            momentum="0..1",
+            weight_decay=">= 0",
+            label_smoothing="0..1",
+        )
+
 
 @dataclass
 class ScheduleConfig:
@@ -136,6 +183,19 @@ class ScheduleConfig:
     plateau_patience: int = 3  # plateau: evaluations without improvement before lr *= gamma
     plateau_threshold: float = 1e-3  # improvement smaller than this (absolute) does not count
     min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            "schedule",
+            self,
+            max_iters=">= 1",
+            gamma="> 0",
+            warmup_iters=">= 0",
+            warmup_factor="0..1",
+            plateau_patience=">= 0",
+            plateau_threshold=">= 0",
+            min_lr=">= 0",
+        )
 
 
 @dataclass
@@ -152,6 +212,18 @@ class ScalingConfig:
     max_failures: int = 3
     torch_threads: int = 0  # 0: leave torch's default
 
+    def __post_init__(self) -> None:
+        check_ranges(
+            "scaling",
+            self,
+            num_workers=">= 1",
+            cpus_per_worker=">= 0",
+            global_batch=">= 1",
+            micro_batch=">= 1",
+            max_failures=">= -1",  # Ray's -1: retry without end
+            torch_threads=">= 0",
+        )
+
 
 @dataclass
 class CheckpointConfig:
@@ -162,12 +234,19 @@ class CheckpointConfig:
     best_metric: str = "val/top1_err"  # lower is better (orchestrator.metrics names)
     resume_from: str | None = None  # fork from any checkpoint (s3://... or a folder)
 
+    def __post_init__(self) -> None:
+        # keep_last=0 would let retention delete the checkpoint it has just committed
+        check_ranges("checkpoint", self, every_iters=">= 0", keep_last=">= 1")
+
 
 @dataclass
 class TrackingConfig:
     enabled: bool = True
     experiment: str = "resnet"
     log_every: int = 50
+
+    def __post_init__(self) -> None:
+        check_ranges("tracking", self, log_every=">= 1")  # the loop logs at step % log_every
 
 
 @dataclass
@@ -184,6 +263,18 @@ class EvalConfig:
     bn_recalibrate: int = 0  # > 0: evaluate a copy with BN statistics averaged over N train batches
     batch_size: int = 100
     max_batches: int = 0  # 0: the whole validation split
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            "eval",
+            self,
+            every_iters=">= 0",
+            bn_recalibrate=">= 0",
+            batch_size=">= 1",
+            max_batches=">= 0",
+        )
+        if not self.scales or any(not s >= 1 for s in self.scales):
+            raise ValueError(f"eval.scales={self.scales}: set one or more sizes >= 1")
 
 
 @dataclass
@@ -216,8 +307,6 @@ class JobSpec:
         s = self.scaling
         if not self.name or any(c in self.name for c in "/ \\"):
             raise SpecError(f"name: {self.name!r} must be non-empty, without spaces or slashes")
-        if s.num_workers < 1:
-            raise SpecError(f"scaling.num_workers: {s.num_workers} must be >= 1")
         if self.micro_batch() < 1:
             raise SpecError(
                 f"scaling.global_batch: {s.global_batch} is smaller than "
@@ -238,12 +327,6 @@ class JobSpec:
             self.schedule.milestones
         ):
             raise SpecError(f"schedule.milestones: {self.schedule.milestones} must rise and be > 0")
-        if self.schedule.max_iters <= 0:
-            raise SpecError("schedule.max_iters: must be > 0")
-        if not self.eval.scales or any(s < 1 for s in self.eval.scales):
-            raise SpecError(f"eval.scales: {self.eval.scales} must be one or more sizes >= 1")
-        if self.eval.bn_recalibrate < 0 or self.eval.batch_size < 1:
-            raise SpecError("eval.bn_recalibrate must be >= 0 and eval.batch_size >= 1")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -283,7 +366,10 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:  # a section's own checks (__post_init__)
-        raise SpecError(f"{where.rstrip('.') or 'spec'}: {err}") from None
+        message = str(err)
+        if where and message.startswith(where):  # it names its field already: no prefix
+            raise SpecError(message) from None
+        raise SpecError(f"{where.rstrip('.') or 'spec'}: {message}") from None
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

@@ -29,11 +29,12 @@ from orchestrator.data import (
     SplitBalancer,
     TrainLoader,
 )
+from orchestrator.data.epochs import at_epoch_boundary, resume_problem
 from orchestrator.data.gpu_augment import DeviceAugment, decode_jpegs, replace_undecodable
 from orchestrator.models import create_model, unwrap
 from orchestrator.runtime import Runtime, Terminated, all_reduce, raise_on_sigterm
 from orchestrator.schedule import LRSchedule
-from orchestrator.spec import JobSpec, to_yaml
+from orchestrator.spec import JobSpec, SpecError, to_yaml
 from orchestrator.strategy import build_strategy
 from orchestrator.tracking import NullTracker, Tracker, manifest_sha256, scrub, start_tracker
 
@@ -41,7 +42,9 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(FloatingPointError):
-    pass
+    """The loss went NaN/inf; the same spec from the same checkpoint would again."""
+
+    retryable = False  # orchestrator.runtime.retryable: fail the job at once
 
 
 class MetricsWindow:
@@ -162,18 +165,43 @@ class Trainer:
             "strategy": self.strategy.state_dict(),
             "spec": self.spec.to_dict(),
             "manifest_sha256": self.manifest_sha256,
+            "position": self.data_position(),
             "cpu_decode_share": self.loader.cpu_share,
             # the tracker opens its run late when MLflow was down at the start
             "tracking_run_id": self.tracker.run_id or self.tracking_run_id,
         }
 
+    def data_position(self) -> dict[str, Any]:
+        """Where the data stream stands and what its plan depends on (orchestrator.data.epochs:
+        a mid-epoch resume is exact only with the same world size, loader workers,
+        micro-batch, shuffle buffer and seed). Also in the commit marker, for the pre-flight."""
+        return {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "batches_per_epoch": self.loader.batches_per_epoch,
+            "world_size": self.rt.world_size,
+            "loader_workers": self.spec.data.num_workers,
+            "micro_batch": self.spec.micro_batch(),
+            "shuffle_buffer": self.spec.data.shuffle_buffer,
+            "seed": self.spec.seed,
+            "source": "synthetic" if self.spec.data.synthetic else "shards",
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["manifest_sha256"] != self.manifest_sha256:
             log.warning("the dataset manifest changed since this checkpoint was written")
+        saved = state.get("position") or _old_position(state)
+        problem = resume_problem(saved, self.data_position())
+        if problem:  # before any weights are loaded; a restart would not change it
+            raise SpecError(f"step {state['step']}: {problem}")
         self.strategy.load_state_dict(state["strategy"])
         self.schedule.load_state_dict(state["schedule"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch, self.samples_seen = state["batch_in_epoch"], state["samples_seen"]
+        if self.batch_in_epoch and at_epoch_boundary(saved):
+            # the epoch ran out at that step: start the next one (its M may differ from the
+            # saved one when the world size or micro-batch changed)
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self.tracking_run_id = state.get("tracking_run_id")
         if self.spec.data.decode == "split":  # resume at the balance found, not at the start
             self.loader.cpu_share = state.get("cpu_decode_share", self.loader.cpu_share)
@@ -198,7 +226,9 @@ class Trainer:
         states: dict[str, Any] = {f"rank-{self.rt.rank:05d}.pt": self.rank_state()}
         if self.rt.rank == 0:
             states["trainer.pt"] = self.state_dict()
-        return self.checkpointer.save(self.step, states, self.strategy.save_shards, metrics)
+        return self.checkpointer.save(
+            self.step, states, self.strategy.save_shards, metrics, self.data_position()
+        )
 
     def resume(self) -> bool:
         """Load the latest committed checkpoint of this job (or --resume-from's); True if any."""
@@ -208,7 +238,7 @@ class Trainer:
         self._finite_step = self.step
         if restored.rank is not None:
             set_rng_state(restored.rank["rng"])
-        else:  # a different world size: the data position still resumes exactly
+        else:  # a different world size, allowed at an epoch boundary (load_state_dict)
             log.warning("no RNG state for rank %d at step %d; reseeding", self.rt.rank, self.step)
         log.info("rank %d resumed from %s step %d", self.rt.rank, restored.root, restored.step)
         return True
@@ -486,6 +516,24 @@ class Trainer:
             self.tracker.log_metrics(metrics, self.step)
             log.info("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         self.rt.report(metrics)
+
+
+def _old_position(state: dict[str, Any]) -> dict[str, Any]:
+    """The data position of a checkpoint written before it was stored: from its spec."""
+    spec = state.get("spec") or {}
+    scaling, data = spec.get("scaling") or {}, spec.get("data") or {}
+    workers = scaling.get("num_workers", 1)
+    synthetic = data.get("source") == "synthetic" or not data.get("url")
+    return {
+        "epoch": state["epoch"],
+        "batch_in_epoch": state["batch_in_epoch"],
+        "world_size": workers,
+        "loader_workers": data.get("num_workers", 0),
+        "micro_batch": scaling.get("micro_batch") or scaling.get("global_batch", 0) // workers,
+        "shuffle_buffer": data.get("shuffle_buffer"),
+        "seed": spec.get("seed"),
+        "source": "synthetic" if synthetic else "shards",
+    }
 
 
 def run_worker(spec_dict: dict[str, Any], rt: Runtime) -> dict[str, float]:

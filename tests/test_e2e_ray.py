@@ -98,3 +98,27 @@ def test_ray_job_stop_marks_the_run_killed(stack: Stack, smoke_dataset: str) -> 
         assert time.monotonic() < deadline, "the run stayed RUNNING after the job was stopped"
         time.sleep(1)
     assert status == "KILLED"
+
+
+def test_an_error_no_restart_can_fix_fails_the_ray_job_at_once(stack: Stack) -> None:
+    """A NonFiniteLoss in the workers ends the job on its first attempt, with its message,
+    although scaling.max_failures allows 3 restarts (orchestrator.launch.fail_fast)."""
+    name = f"nan-{uuid.uuid4().hex[:6]}"
+    proc = submit(
+        stack,
+        "jobs/smoke.py",
+        f"name={name}",
+        "data.source=synthetic",
+        "data.synthetic_classes=10",
+        "optim.lr=1e12",
+        "scaling.max_failures=3",
+        "checkpoint.every_iters=0",
+        "tracking.enabled=false",
+        "checkpoint.storage=s3://resnet/tests/nan-runs",
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-5000:]
+    assert f"job {name} FAILED at once, not restarted" in text, text[-5000:]
+    assert "Cause: rank " in text and "NonFiniteLoss: non-finite loss at step" in text
+    assert "after 3 restarts" not in text
+    assert "RETRY" not in text, "Ray's failure policy restarted the workers"

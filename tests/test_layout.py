@@ -16,7 +16,17 @@ PACKAGE = ROOT / "orchestrator"
 # What resolving and checking a spec needs: no torch, no data pipeline, no loop.
 LIGHT = {
     "orchestrator",
+    "orchestrator.checkpoint",  # the pre-flight reads commit markers; torch only to (de)serialise
+    "orchestrator.data",
+    "orchestrator.data.epochs",
+    "orchestrator.data.manifest",
+    "orchestrator.data.streams",
+    "orchestrator.data.tar",
     "orchestrator.metrics",
+    "orchestrator.models",
+    "orchestrator.models.registry",
+    "orchestrator.models.zoo",
+    "orchestrator.preflight",
     "orchestrator.runtime",
     "orchestrator.s3",
     "orchestrator.spec",
@@ -75,9 +85,8 @@ def test_only_the_launchers_worker_entry_points_import_the_loop(path: Path) -> N
 
 @pytest.mark.parametrize("name", sorted(LIGHT))
 def test_spec_side_modules_import_nothing_heavy_at_import_time(name: str) -> None:
-    path = (
-        PACKAGE / "__init__.py" if name == "orchestrator" else ROOT / f"{name.replace('.', '/')}.py"
-    )
+    folder = ROOT / name.replace(".", "/")
+    path = folder / "__init__.py" if folder.is_dir() else folder.with_suffix(".py")
     for imported, function in imports(path):
         if function is not None:
             continue  # a lazy import inside a function runs only when that function is called
@@ -88,11 +97,14 @@ def test_spec_side_modules_import_nothing_heavy_at_import_time(name: str) -> Non
             assert owner in LIGHT, f"{name} imports {imported}, outside the light modules {LIGHT}"
 
 
-def test_a_dry_run_loads_no_torch() -> None:
-    """`python jobs/imagenet_r152.py --dry-run` resolves and prints the spec without torch."""
+def test_a_dry_run_loads_no_torch(tmp_path: Path) -> None:
+    """`python jobs/imagenet_r152.py --dry-run` resolves and prints the spec, and runs the
+    pre-flight (model, storage, resume) without torch. With a dataset: tests/test_preflight.py."""
+    argv = ["jobs/imagenet_r152.py", "--dry-run", "data.source=synthetic"]
+    argv.append(f"checkpoint.storage={tmp_path}")
     probe = (
         "import runpy, sys\n"
-        "sys.argv = ['jobs/imagenet_r152.py', '--dry-run']\n"
+        f"sys.argv = {argv!r}\n"
         "try:\n    runpy.run_path('jobs/imagenet_r152.py', run_name='__main__')\n"
         "except SystemExit as e:\n    assert not e.code, e.code\n"
         f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY_THIRD_PARTY!r})\n"
@@ -108,4 +120,5 @@ def test_a_dry_run_loads_no_torch() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "name: " in out.stdout and "scaling:" in out.stdout  # the resolved spec was printed
+    assert "# pre-flight ok: model: resnet152" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "HEAVY []", out.stdout[-500:]

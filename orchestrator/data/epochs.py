@@ -27,17 +27,27 @@ epoch, rank, worker)) through the same shuffle buffer; every batch is full, and 
 Augmentation randomness is a function of (seed, epoch, shard, index in shard) (plus the draw
 number in resampled mode), never of worker state (`augmentation_rng`), so the pixels do not
 depend on W or K.
+
+Resuming: a checkpoint holds the data position as (epoch, batches of B consumed by each rank).
+Which samples those batches held depends on W, K and B (steps 2-4), and their order on the
+shuffle buffer and the seed, so the position is exact mid-epoch only with all of them unchanged;
+at an epoch boundary any resume exactly, the next epoch being planned afresh (`resume_problem`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.data.manifest import DataError
 from orchestrator.data.tar import RawSample, Segment
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported where a plan is drawn, not here: the driver's pre-flight checks a split
+# against the equal-batch rule (`epoch_batches`) without it.
 
 
 def batches_per_epoch(total: int, world_size: int, batch_size: int) -> int:
@@ -59,6 +69,22 @@ def batch_sizes(n: int, num_batches: int, batch_size: int) -> list[int]:
     return [batch_size - q - (1 if i >= num_batches - d else 0) for i in range(num_batches)]
 
 
+def epoch_batches(
+    num_samples: int,
+    world_size: int,
+    batch_size: int,
+    mode: str = "exact",
+    samples_per_epoch: int = 0,
+) -> int:
+    """M, the batches every rank yields per epoch, for a split of `num_samples`; in exact mode
+    a DataError when the smallest rank's slice cannot fill M batches (`batch_sizes`)."""
+    total = (samples_per_epoch or num_samples) if mode == "resampled" else num_samples
+    m = batches_per_epoch(total, world_size, batch_size)
+    if mode == "exact":
+        batch_sizes(num_samples // world_size, m, batch_size)  # rank slices differ by <= 1
+    return m
+
+
 def rank_slice(total: int, world_size: int, rank: int) -> tuple[int, int]:
     """Rank `rank`'s contiguous [lo, hi) of the global sequence; sizes differ by at most 1."""
     return total * rank // world_size, total * (rank + 1) // world_size
@@ -66,6 +92,8 @@ def rank_slice(total: int, world_size: int, rank: int) -> tuple[int, int]:
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
     """The epoch's shard permutation: identical on every rank."""
+    import numpy as np
+
     return np.random.default_rng([seed, epoch, 0]).permutation(num_shards)
 
 
@@ -89,6 +117,8 @@ def shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
     buffer, then each arriving item replaces a random buffered one, which is emitted; the rest
     leave in random order at the end. Output t is always among the first t + buffer + 1
     arrivals, so a reader never holds more than `buffer` samples it has read but not emitted."""
+    import numpy as np
+
     if buffer <= 1 or n <= 1:
         return np.arange(n)
     fill = min(buffer, n)
@@ -135,6 +165,8 @@ def plan_train_worker(
     Slot s handles global batches start_batch + s, start_batch + s + K, ...: those of the
     original worker w = (start_batch + s) % K from its local batch (start_batch + s) // K on.
     """
+    import numpy as np
+
     k = max(1, num_workers)
     total = sum(counts)
     w = (start_batch + slot) % k
@@ -165,4 +197,54 @@ def plan_train_worker(
 
 def augmentation_rng(seed: int, epoch: int, sample: RawSample) -> np.random.Generator:
     """The per-sample generator: a function of the sample's identity, not of worker state."""
+    import numpy as np  # a dictionary look-up once numpy is loaded
+
     return np.random.default_rng([seed, epoch, 2, sample.shard, sample.index, *sample.salt])
+
+
+# the position fields a mid-epoch resume needs unchanged, and the spec fields that set them
+POSITION_FIELDS = {
+    "world_size": "scaling.num_workers",
+    "loader_workers": "data.num_workers",
+    "micro_batch": "the micro-batch (scaling.global_batch / scaling.num_workers, or micro_batch)",
+    "shuffle_buffer": "data.shuffle_buffer",
+    "seed": "seed",
+}
+
+
+def at_epoch_boundary(position: dict[str, Any]) -> bool:
+    """Whether a saved position stands between two epochs (none of the next one consumed)."""
+    done, per_epoch = position.get("batch_in_epoch", 0), position.get("batches_per_epoch")
+    return done == 0 or (per_epoch is not None and done >= per_epoch)
+
+
+def resume_problem(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """Why resuming the saved data position with `now`'s world size, loader workers,
+    micro-batch, shuffle buffer and seed (POSITION_FIELDS) would not be exact, naming both
+    values of each field that changed; None when it is exact (nothing changed, or the
+    checkpoint lies at an epoch boundary). K = 0 and 1 plan alike (one stream per rank); a
+    field the saved position lacks (an older checkpoint) is not compared."""
+    if saved.get("source") == "synthetic" or now.get("source") == "synthetic":
+        return None  # random batches: no position to keep
+    if at_epoch_boundary(saved):
+        return None
+
+    def norm(key: str, value: Any) -> Any:
+        return max(1, value) if key == "loader_workers" and value is not None else value
+
+    changed = [
+        f"{field} was {saved[key]} and is now {now[key]}"
+        for key, field in POSITION_FIELDS.items()
+        if key in saved and key in now and norm(key, saved[key]) != norm(key, now[key])
+    ]
+    if not changed:
+        return None
+    per_epoch = saved.get("batches_per_epoch")
+    where = f"batch {saved['batch_in_epoch']}" + (f" of {per_epoch}" if per_epoch else "")
+    return (
+        f"cannot resume exactly: the checkpoint stopped mid-epoch (epoch {saved['epoch']}, "
+        f"{where}) and {'; '.join(changed)}. Mid-epoch, which samples were consumed depends on "
+        "these (orchestrator/data/epochs.py), so some would be seen twice and others not at "
+        "all. Resubmit with the checkpoint's values, or fork from a checkpoint taken at an "
+        "epoch end (checkpoint.at_epoch_end) under a new job name with --resume-from"
+    )

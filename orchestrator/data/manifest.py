@@ -18,9 +18,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.storage import NotFound, read_url
+
+if TYPE_CHECKING:
+    from orchestrator.spec import DataConfig
 
 # The usual ImageNet statistics (0-255 scale, RGB), as used by torchvision and the ResNet
 # recipes: the converters write them into ImageNet's manifest, the loaders fall back on them.
@@ -34,6 +37,14 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")  # member names an ima
 class DataError(RuntimeError):
     """The dataset cannot be used as configured; the message says which URL or shards."""
 
+    retryable = False  # missing or bad data stays so on a restart (orchestrator.runtime)
+
+
+class DataUnavailable(DataError):
+    """The dataset's store did not answer (down, refused, timed out): a restart may succeed."""
+
+    retryable = True
+
 
 def _join(root: str, name: str) -> str:
     if "://" in name or name.startswith("/"):  # indexed where it lies, outside the manifest's root
@@ -46,13 +57,13 @@ def load_manifest(url: str) -> dict[str, Any]:
     upload or wrong URL) or it is not a version-1 WebDataset manifest."""
     try:
         raw = read_url(_join(url, "manifest.json"))
+    except NotFound as err:
+        raise DataError(
+            f"cannot read dataset {url}: it has no manifest.json (not written yet: an unfinished "
+            "or failed conversion? the manifest is written last, as the commit marker)"
+        ) from err
     except Exception as err:  # whichever backend failed: one message
-        why = (
-            "it has no manifest.json (not written yet: an unfinished or failed conversion?)"
-            if isinstance(err, NotFound)
-            else str(err)
-        )
-        raise DataError(f"cannot read dataset {url}: {why}") from err
+        raise DataUnavailable(f"cannot read dataset {url}: {err}") from err
     try:
         manifest = json.loads(raw)
     except json.JSONDecodeError as err:
@@ -180,3 +191,15 @@ def split_shards(manifest: dict[str, Any], url: str, split: str) -> list[Shard]:
     if not shards or sum(s.samples for s in shards) == 0:
         raise DataError(f"dataset {url}: split {split!r} is empty")
     return shards
+
+
+def check_decodable(manifest: dict[str, Any], cfg: DataConfig) -> None:
+    """decode=gpu/split read JPEG only: refuse a split the manifest says holds other formats
+    (indexed shards count them), before a worker finds every sample bad."""
+    kinds = manifest["splits"][cfg.train_split].get("image_types") or {}
+    other = {k: n for k, n in kinds.items() if k != "jpeg" and n}
+    if cfg.decode != "cpu" and other:
+        raise DataError(
+            f"dataset {cfg.url}: data.decode={cfg.decode} decodes JPEG only, but split "
+            f"{cfg.train_split!r} holds {other} images; use data.decode=cpu"
+        )

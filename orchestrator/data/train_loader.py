@@ -43,8 +43,7 @@ from orchestrator.data.batch_ring import BatchRing, RingWriter, SlotRef
 from orchestrator.data.epochs import (
     WorkerPlan,
     augmentation_rng,
-    batch_sizes,
-    batches_per_epoch,
+    epoch_batches,
     plan_train_worker,
 )
 from orchestrator.data.manifest import (
@@ -52,6 +51,7 @@ from orchestrator.data.manifest import (
     IMAGENET_STD,
     DataError,
     Shard,
+    check_decodable,
     load_manifest,
     split_shards,
 )
@@ -193,18 +193,6 @@ def _train_batches(
         yield build_batch([last_good] * h_size, cfg, ring), batch_info(h_size, h_bad, h_bytes)
 
 
-def _check_decodable(manifest: dict[str, Any], cfg: DataConfig) -> None:
-    """decode=gpu/split read JPEG only: refuse a split the manifest says holds other formats
-    (indexed shards count them), before a worker finds every sample bad."""
-    kinds = manifest["splits"][cfg.train_split].get("image_types") or {}
-    other = {k: n for k, n in kinds.items() if k != "jpeg" and n}
-    if cfg.decode != "cpu" and other:
-        raise DataError(
-            f"dataset {cfg.url}: data.decode={cfg.decode} decodes JPEG only, but split "
-            f"{cfg.train_split!r} holds {other} images; use data.decode=cpu"
-        )
-
-
 def _fill(items: list[_Item | None]) -> list[_Item]:
     """Give each bad slot a copy of the nearest good slot (the previous one if any)."""
     first = next(item for item in items if item is not None)
@@ -326,15 +314,13 @@ class TrainLoader:
         else:
             self.manifest = load_manifest(cfg.url)
             self.shards = split_shards(self.manifest, cfg.url, cfg.train_split)
-            _check_decodable(self.manifest, cfg)
+            check_decodable(self.manifest, cfg)
             self.num_classes = int(self.manifest["num_classes"])
             self.num_samples = sum(s.samples for s in self.shards)
-            total = self.num_samples
-            if cfg.epoch_mode == "resampled":
-                total = cfg.samples_per_epoch or self.num_samples
-            self.batches_per_epoch = batches_per_epoch(total, world_size, batch_size)
-            if cfg.epoch_mode == "exact":  # fail now, not in a worker, if a rank cannot fill M
-                batch_sizes(self.num_samples // world_size, self.batches_per_epoch, batch_size)
+            # fails now, not in a worker, if a rank cannot fill M batches (exact mode)
+            self.batches_per_epoch = epoch_batches(
+                self.num_samples, world_size, batch_size, cfg.epoch_mode, cfg.samples_per_epoch
+            )
         self.mean = tuple(self.manifest.get("mean") or IMAGENET_MEAN)
         self.std = tuple(self.manifest.get("std") or IMAGENET_STD)
 

@@ -8,11 +8,17 @@
 32
 """
 
-# Importing the modules registers their nets.
-from . import cifar as cifar
-from . import resnet as resnet
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Importing the zoo registers every net; neither it nor the registry imports torch, so a
+# driver checks a spec's model (check_model) without it. The classes below load on first use.
+from . import zoo as zoo
 from .registry import (
     UnknownModelError,
+    check_model,
     count_parameters,
     create_model,
     list_models,
@@ -20,7 +26,15 @@ from .registry import (
     register_model,
     unwrap,
 )
-from .resnet import BasicBlock, Bottleneck, ResNet, ZeroPadShortcut
+
+_FROM_RESNET = ("BasicBlock", "Bottleneck", "ResNet", "ZeroPadShortcut")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_RESNET:
+        return getattr(importlib.import_module(f"{__name__}.resnet"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BasicBlock",
@@ -28,6 +42,7 @@ __all__ = [
     "ResNet",
     "UnknownModelError",
     "ZeroPadShortcut",
+    "check_model",
     "count_parameters",
     "create_model",
     "list_models",

@@ -8,12 +8,9 @@ completeness). Built from the same ``ResNet`` class and blocks as the ImageNet n
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from .registry import register_model
 from .resnet import BasicBlock, ResNet, Shortcut
 
-__all__: list[str] = []  # the nets are reached through the registry
+__all__ = ["cifar_net"]  # the registered names are in zoo.py
 
 CIFAR_WIDTHS = (16, 32, 64)
 
@@ -38,100 +35,3 @@ def cifar_net(
         shortcut=shortcut,
         zero_init_residual=zero_init_residual,
     )
-
-
-def _cifar(depth: int, residual: bool) -> Callable[[Callable[..., ResNet]], Callable[..., ResNet]]:
-    """``register_model`` shorthand for the CIFAR family (32x32 input, basic blocks)."""
-    return register_model(
-        family="cifar", depth=depth, block="basic", residual=residual, input_size=32
-    )
-
-
-@_cifar(20, residual=True)
-def cifar_resnet20(
-    num_classes: int = 10, *, shortcut: Shortcut = "A", zero_init_residual: bool = False
-) -> ResNet:
-    """ResNet-20 (0.27M parameters)."""
-    return cifar_net(
-        20, num_classes=num_classes, shortcut=shortcut, zero_init_residual=zero_init_residual
-    )
-
-
-@_cifar(32, residual=True)
-def cifar_resnet32(
-    num_classes: int = 10, *, shortcut: Shortcut = "A", zero_init_residual: bool = False
-) -> ResNet:
-    """ResNet-32 (0.46M parameters)."""
-    return cifar_net(
-        32, num_classes=num_classes, shortcut=shortcut, zero_init_residual=zero_init_residual
-    )
-
-
-@_cifar(44, residual=True)
-def cifar_resnet44(
-    num_classes: int = 10, *, shortcut: Shortcut = "A", zero_init_residual: bool = False
-) -> ResNet:
-    """ResNet-44 (0.66M parameters)."""
-    return cifar_net(
-        44, num_classes=num_classes, shortcut=shortcut, zero_init_residual=zero_init_residual
-    )
-
-
-@_cifar(56, residual=True)
-def cifar_resnet56(
-    num_classes: int = 10, *, shortcut: Shortcut = "A", zero_init_residual: bool = False
-) -> ResNet:
-    """ResNet-56 (0.85M parameters)."""
-    return cifar_net(
-        56, num_classes=num_classes, shortcut=shortcut, zero_init_residual=zero_init_residual
-    )
-
-
-@_cifar(110, residual=True)
-def cifar_resnet110(
-    num_classes: int = 10, *, shortcut: Shortcut = "A", zero_init_residual: bool = False
-) -> ResNet:
-    """ResNet-110 (1.7M parameters; the paper warms up at lr 0.01)."""
-    return cifar_net(
-        110, num_classes=num_classes, shortcut=shortcut, zero_init_residual=zero_init_residual
-    )
-
-
-@_cifar(1202, residual=True)
-def cifar_resnet1202(
-    num_classes: int = 10, *, shortcut: Shortcut = "A", zero_init_residual: bool = False
-) -> ResNet:
-    """ResNet-1202 (19.4M parameters)."""
-    return cifar_net(
-        1202, num_classes=num_classes, shortcut=shortcut, zero_init_residual=zero_init_residual
-    )
-
-
-@_cifar(20, residual=False)
-def cifar_plain20(num_classes: int = 10) -> ResNet:
-    """Plain-20 (Fig. 6)."""
-    return cifar_net(20, num_classes=num_classes, shortcut=None)
-
-
-@_cifar(32, residual=False)
-def cifar_plain32(num_classes: int = 10) -> ResNet:
-    """Plain-32 (Fig. 6)."""
-    return cifar_net(32, num_classes=num_classes, shortcut=None)
-
-
-@_cifar(44, residual=False)
-def cifar_plain44(num_classes: int = 10) -> ResNet:
-    """Plain-44 (Fig. 6)."""
-    return cifar_net(44, num_classes=num_classes, shortcut=None)
-
-
-@_cifar(56, residual=False)
-def cifar_plain56(num_classes: int = 10) -> ResNet:
-    """Plain-56 (Fig. 6)."""
-    return cifar_net(56, num_classes=num_classes, shortcut=None)
-
-
-@_cifar(110, residual=False)
-def cifar_plain110(num_classes: int = 10) -> ResNet:
-    """Plain-110 (Fig. 6 mentions it fails to converge well; kept for completeness)."""
-    return cifar_net(110, num_classes=num_classes, shortcut=None)

@@ -12,12 +12,14 @@ import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from torch import nn
+if TYPE_CHECKING:  # torch only where a net is built or walked: a driver checks specs without it
+    from torch import nn
 
 __all__ = [
     "UnknownModelError",
+    "check_model",
     "count_parameters",
     "create_model",
     "list_models",
@@ -27,7 +29,7 @@ __all__ = [
 
 Family = Literal["imagenet", "cifar"]
 BlockKind = Literal["basic", "bottleneck"]
-Factory = TypeVar("Factory", bound=Callable[..., nn.Module])
+Factory = TypeVar("Factory", bound=Callable[..., "nn.Module"])
 
 
 class UnknownModelError(KeyError, ValueError):
@@ -97,20 +99,33 @@ def _entry(name: str) -> _Entry:
         ) from None
 
 
-def create_model(name: str, num_classes: int | None = None, **options: Any) -> nn.Module:
-    """Build a registered model; ``num_classes=None`` keeps the variant's default.
+def check_model(name: str, num_classes: int | None = None, **options: Any) -> None:
+    """What ``create_model`` checks before it builds anything, without torch: the name is
+    registered, the variant takes every option, ``num_classes`` is at least 1.
 
-    Raises ``UnknownModelError`` for an unknown name and ``TypeError`` for an option the
-    variant does not take; bad option values raise ``ValueError`` from the model itself.
+    Raises ``UnknownModelError``, ``TypeError`` (an option the variant does not take) or
+    ``ValueError`` (num_classes).
     """
     entry = _entry(name)
     for option in options:
         if option not in entry.options:
             takes = ", ".join(entry.options) or "no options"
             raise TypeError(f"{name} does not take option {option!r}; it takes: {takes}")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1 (got {num_classes})")
+
+
+def create_model(name: str, num_classes: int | None = None, **options: Any) -> nn.Module:
+    """Build a registered model; ``num_classes=None`` keeps the variant's default.
+
+    Raises ``UnknownModelError`` for an unknown name and ``TypeError`` for an option the
+    variant does not take (``check_model``); bad option values raise ``ValueError`` from the
+    model itself.
+    """
+    check_model(name, num_classes, **options)
     if num_classes is not None:
         options["num_classes"] = num_classes
-    return entry.factory(**options)
+    return _entry(name).factory(**options)
 
 
 def model_info(name: str) -> dict[str, Any]:
@@ -143,6 +158,8 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain net under DDP / DeepSpeed (`.module`) and torch.compile (`._orig_mod`)."""
+    from torch import nn
+
     while True:
         inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
         if not isinstance(inner, nn.Module):

@@ -21,14 +21,12 @@ and torchvision. The fc layer keeps PyTorch's ``nn.Linear`` default (uniform, bo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from .registry import BlockKind, register_model
 
 __all__ = [
     "BasicBlock",
@@ -285,7 +283,7 @@ class ResNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# ImageNet nets (Table 1). Option B by default, v1 bottleneck (stride in the first 1x1).
+# ImageNet nets (Table 1), built by depth; the registered names are in zoo.py.
 
 _IMAGENET_STAGES: dict[int, tuple[type[BasicBlock | Bottleneck], tuple[int, ...]]] = {
     18: (BasicBlock, (2, 2, 2, 2)),
@@ -296,122 +294,7 @@ _IMAGENET_STAGES: dict[int, tuple[type[BasicBlock | Bottleneck], tuple[int, ...]
 }
 
 
-def _imagenet_net(depth: int, **kwargs: object) -> ResNet:
+def imagenet_net(depth: int, **kwargs: object) -> ResNet:
+    """An ImageNet net of Table 1 by depth (18, 34, 50, 101, 152); kwargs go to ResNet."""
     block, blocks_per_stage = _IMAGENET_STAGES[depth]
     return ResNet(block, blocks_per_stage, stem="imagenet", **kwargs)  # type: ignore[arg-type]
-
-
-def _imagenet(
-    depth: int, block: BlockKind, residual: bool
-) -> Callable[[Callable[..., ResNet]], Callable[..., ResNet]]:
-    """``register_model`` shorthand for the ImageNet family (224x224 input)."""
-    return register_model(
-        family="imagenet", depth=depth, block=block, residual=residual, input_size=224
-    )
-
-
-@_imagenet(18, "basic", residual=True)
-def resnet18(
-    num_classes: int = 1000, *, shortcut: Shortcut = "B", zero_init_residual: bool = False
-) -> ResNet:
-    """ResNet-18."""
-    return _imagenet_net(
-        18, num_classes=num_classes, shortcut=shortcut, zero_init_residual=zero_init_residual
-    )
-
-
-@_imagenet(34, "basic", residual=True)
-def resnet34(
-    num_classes: int = 1000, *, shortcut: Shortcut = "B", zero_init_residual: bool = False
-) -> ResNet:
-    """ResNet-34 (Table 3 compares its options A, B and C)."""
-    return _imagenet_net(
-        34, num_classes=num_classes, shortcut=shortcut, zero_init_residual=zero_init_residual
-    )
-
-
-@_imagenet(50, "bottleneck", residual=True)
-def resnet50(
-    num_classes: int = 1000,
-    *,
-    shortcut: Shortcut = "B",
-    stride_in_1x1: bool = True,
-    zero_init_residual: bool = False,
-) -> ResNet:
-    """ResNet-50."""
-    return _imagenet_net(
-        50,
-        num_classes=num_classes,
-        shortcut=shortcut,
-        stride_in_1x1=stride_in_1x1,
-        zero_init_residual=zero_init_residual,
-    )
-
-
-@_imagenet(101, "bottleneck", residual=True)
-def resnet101(
-    num_classes: int = 1000,
-    *,
-    shortcut: Shortcut = "B",
-    stride_in_1x1: bool = True,
-    zero_init_residual: bool = False,
-) -> ResNet:
-    """ResNet-101."""
-    return _imagenet_net(
-        101,
-        num_classes=num_classes,
-        shortcut=shortcut,
-        stride_in_1x1=stride_in_1x1,
-        zero_init_residual=zero_init_residual,
-    )
-
-
-@_imagenet(152, "bottleneck", residual=True)
-def resnet152(
-    num_classes: int = 1000,
-    *,
-    shortcut: Shortcut = "B",
-    stride_in_1x1: bool = True,
-    zero_init_residual: bool = False,
-) -> ResNet:
-    """ResNet-152."""
-    return _imagenet_net(
-        152,
-        num_classes=num_classes,
-        shortcut=shortcut,
-        stride_in_1x1=stride_in_1x1,
-        zero_init_residual=zero_init_residual,
-    )
-
-
-# Plain counterparts: the same layers without shortcuts, so no shortcut option.
-
-
-@_imagenet(18, "basic", residual=False)
-def plain18(num_classes: int = 1000) -> ResNet:
-    """Plain-18 (Table 2)."""
-    return _imagenet_net(18, num_classes=num_classes, shortcut=None)
-
-
-@_imagenet(34, "basic", residual=False)
-def plain34(num_classes: int = 1000) -> ResNet:
-    """Plain-34 (Table 2, Fig. 4)."""
-    return _imagenet_net(34, num_classes=num_classes, shortcut=None)
-
-
-@_imagenet(50, "bottleneck", residual=False)
-def plain50(num_classes: int = 1000, *, stride_in_1x1: bool = True) -> ResNet:
-    """Plain-50: ResNet-50's layers without shortcuts (not trained in the paper)."""
-    return _imagenet_net(50, num_classes=num_classes, shortcut=None, stride_in_1x1=stride_in_1x1)
-
-
-@_imagenet(101, "bottleneck", residual=False)
-def plain101(num_classes: int = 1000, *, stride_in_1x1: bool = True) -> ResNet:
-    """Plain-101: ResNet-101's layers without shortcuts (not trained in the paper)."""
-    return _imagenet_net(101, num_classes=num_classes, shortcut=None, stride_in_1x1=stride_in_1x1)
-
-
-@_imagenet(152, "bottleneck", residual=False)
-def plain152(num_classes: int = 1000, *, stride_in_1x1: bool = True) -> ResNet:
-    """Plain-152: ResNet-152's layers without shortcuts (not trained in the paper)."""
-    return _imagenet_net(152, num_classes=num_classes, shortcut=None, stride_in_1x1=stride_in_1x1)

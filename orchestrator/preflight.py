@@ -1,0 +1,255 @@
+"""Pre-flight: what a job can be refused for, checked by the driver before it takes anything.
+
+`launch.main` runs `preflight(spec)` after the spec has resolved (its ranges are checked by
+the sections themselves, orchestrator.spec) and before Ray or torchrun start a worker;
+`--dry-run` prints what was checked. In order:
+
+1. model: the name is registered and the net takes every option the spec sets
+   (`models.check_model`, create_model's own checks, without building or importing torch);
+2. data (data.source=shards): the manifest exists and is committed (manifest.json is written
+   last), the splits the job reads exist, decode=gpu gets JPEGs only, the class count matches
+   model.num_classes, and the split fills every rank's batches under the equal-batch rule
+   (`data.epochs.epoch_batches`, what the loader itself enforces);
+3. checkpoint storage: a probe object is written, read back and deleted under the job's
+   checkpoint folder (only once 1-2 passed, so a refused job writes nothing);
+4. resume: the checkpoint the job would resume from is committed, and its data position is
+   exact with this run's world size, loader workers, micro-batch, shuffle buffer and seed
+   (`data.epochs.resume_problem`).
+
+Every refusal names the field and the fix; all of one stage's refusals are reported together.
+Imports no torch: the driver stays light.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from orchestrator.checkpoint import CheckpointStore, split_checkpoint_url
+from orchestrator.data.epochs import epoch_batches, resume_problem
+from orchestrator.data.manifest import (
+    DataError,
+    DataUnavailable,
+    check_decodable,
+    load_manifest,
+    split_shards,
+)
+from orchestrator.models import UnknownModelError, check_model, model_info
+from orchestrator.spec import JobSpec, SpecError
+from orchestrator.storage import LocalStorage, open_storage
+
+
+class PreflightError(SpecError):
+    """The pre-flight refused the job; `problems` holds one message per refusal."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Refused(Exception):
+    """One check's refusal (collected by `preflight`)."""
+
+
+def preflight(spec: JobSpec) -> list[str]:
+    """Check the job before any resource is taken; returns what was checked, one line each.
+    Raises PreflightError listing every refusal."""
+    done: list[str] = []
+    problems: list[str] = []
+
+    def run(check: Any, *args: Any) -> Any:
+        try:
+            line, value = check(spec, *args)
+        except _Refused as refused:
+            problems.append(str(refused))
+            return None
+        done.append(line)
+        return value
+
+    num_classes = run(check_data)
+    run(check_model_spec, num_classes)
+    if problems:  # read-only checks failed: nothing is written, not even a probe
+        raise PreflightError(problems)
+    for check in (check_storage, check_resume):  # the resume reads what the probe reached
+        run(check)
+        if problems:
+            raise PreflightError(problems)
+    return done
+
+
+def check_model_spec(spec: JobSpec, num_classes: int | None) -> tuple[str, None]:
+    """The model is registered and takes every option the spec sets."""
+    m = spec.model
+    options = m.options()
+    try:
+        check_model(m.name, num_classes or m.num_classes, **options)
+    except UnknownModelError as err:
+        raise _Refused(f"model.name={m.name}: {err}") from None
+    except TypeError:
+        takes = model_info(m.name)["options"]
+        bad = [o for o in options if o not in takes]
+        unset = ", ".join(
+            f"model.{o}={'false' if o == 'zero_init_residual' else 'null'}" for o in bad
+        )
+        raise _Refused(
+            f"model.{bad[0]}={_json(options[bad[0]])}: {m.name} does not take option "
+            f"{', '.join(bad)} (it takes: {', '.join(takes) or 'no options'}); set {unset}, "
+            "or choose a net that takes it"
+        ) from None
+    except ValueError as err:
+        raise _Refused(f"model.num_classes: {err}") from None
+    shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "its defaults"
+    classes = num_classes or m.num_classes or model_info(m.name)["num_classes"]
+    return f"model: {m.name} ({shown}, {classes} classes) is registered and takes them", None
+
+
+def check_data(spec: JobSpec) -> tuple[str, int | None]:
+    """The dataset's manifest, its splits, its classes and its size for this world size."""
+    d, s = spec.data, spec.scaling
+    if d.synthetic:
+        return f"data: synthetic ({d.synthetic_classes} classes), no dataset to read", (
+            spec.model.num_classes or d.synthetic_classes
+        )
+    try:
+        manifest = load_manifest(d.url)
+    except DataUnavailable as err:
+        raise _Refused(
+            f"data.url={d.url}: {err}. Fix: check the store's endpoint and credentials "
+            "(AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...; `python -m orchestrator.stack env` "
+            "for the local stack), then resubmit"
+        ) from None
+    except DataError as err:
+        raise _Refused(
+            f"data.url={d.url}: {err}. Fix: convert the dataset there (datasets/*.py), or "
+            "point data.url at a committed one"
+        ) from None
+    try:
+        train = split_shards(manifest, d.url, d.train_split)
+    except DataError as err:
+        raise _Refused(f"data.train_split={d.train_split}: {err}") from None
+    needs_val = spec.eval.every_iters > 0 or spec.eval.at_end
+    val_note = ""
+    if needs_val:
+        try:
+            val = split_shards(manifest, d.url, d.val_split)
+        except DataError as err:
+            raise _Refused(
+                f"data.val_split={d.val_split}: {err} (evaluation needs it: or set "
+                "eval.every_iters=0 and eval.at_end=false)"
+            ) from None
+        val_note = f", val {sum(x.samples for x in val)}"
+    try:
+        check_decodable(manifest, d)
+    except DataError as err:
+        raise _Refused(f"data.decode={d.decode}: {err}") from None
+    classes = int(manifest["num_classes"])
+    if spec.model.num_classes is not None and spec.model.num_classes != classes:
+        raise _Refused(
+            f"model.num_classes={spec.model.num_classes}, but dataset {d.url} has {classes} "
+            f"classes: set model.num_classes={classes}, or null to take the manifest's"
+        )
+    samples = sum(x.samples for x in train)
+    batch = spec.micro_batch()
+    try:
+        per_epoch = epoch_batches(samples, s.num_workers, batch, d.epoch_mode, d.samples_per_epoch)
+    except DataError as err:
+        raise _Refused(
+            f"scaling.num_workers={s.num_workers}: split {d.train_split!r} of {d.url} has "
+            f"{samples} samples, too few for {s.num_workers} ranks x micro-batch {batch} ({err}); "
+            "lower scaling.num_workers or scaling.global_batch, or use a larger dataset"
+        ) from None
+    return (
+        f"data: {d.url} committed (manifest.json), train {samples} samples in {len(train)} "
+        f"shards{val_note}, {classes} classes; {s.num_workers} ranks x micro-batch {batch}: "
+        f"{per_epoch} batches per rank per epoch ({d.epoch_mode})"
+    ), classes
+
+
+def checkpoint_root(spec: JobSpec) -> str:
+    """The job's checkpoint folder, as the Checkpointer names it."""
+    return f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/checkpoints"
+
+
+def check_storage(spec: JobSpec) -> tuple[str, None]:
+    """Write, read back and delete a probe object under the job's checkpoint folder."""
+    root = checkpoint_root(spec)
+    store = open_storage(root)
+    probe, data = f".preflight-{uuid.uuid4().hex[:12]}", b"pre-flight probe"
+    created = _missing_dirs(store.path) if isinstance(store, LocalStorage) else []
+    try:
+        store.put(probe, data)
+        if store.get(probe) != data:
+            raise OSError("the probe read back differs from what was written")
+        store.delete(probe)
+    except Exception as err:  # noqa: BLE001 - any backend's failure is a refusal, named
+        raise _Refused(
+            f"checkpoint.storage={spec.checkpoint.storage}: cannot write, read and delete a "
+            f"probe under {root} ({type(err).__name__}: {err}); fix the credentials or the "
+            "permissions there, or point checkpoint.storage at a writable place"
+        ) from None
+    finally:
+        for folder in created:  # leave a local store as it was found
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (another writer) or gone: leave the rest
+    return f"checkpoint storage: wrote, read and deleted a probe under {root}", None
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The folders a write under `path` would create, deepest first."""
+    out = []
+    while not path.exists() and path != path.parent:
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def check_resume(spec: JobSpec) -> tuple[str, None]:
+    """The checkpoint the workers would resume from, and whether its data position is exact
+    here (orchestrator.data.epochs.resume_problem), as Checkpointer.restore chooses it."""
+    root = checkpoint_root(spec)
+    latest = CheckpointStore(root).latest()
+    resume_from = spec.checkpoint.resume_from
+    if latest is None and resume_from:
+        try:
+            fork_root, step = split_checkpoint_url(resume_from)
+        except ValueError as err:
+            raise _Refused(f"checkpoint.resume_from: {err}") from None
+        latest = CheckpointStore(fork_root).find(step)
+        if latest is None:
+            raise _Refused(
+                f"checkpoint.resume_from={resume_from}: no committed checkpoint there (no "
+                "COMMITTED marker, or a file missing or truncated); pick one the job listed"
+            )
+    if latest is None:
+        return f"resume: no committed checkpoint under {root}: starts at step 0", None
+    if not latest.position:
+        return (
+            f"resume: from {latest.url} (its marker predates data positions: the workers "
+            "check it against this run)"
+        ), None
+    now = {
+        "world_size": spec.scaling.num_workers,
+        "loader_workers": spec.data.num_workers,
+        "micro_batch": spec.micro_batch(),
+        "shuffle_buffer": spec.data.shuffle_buffer,
+        "seed": spec.seed,
+        "source": "synthetic" if spec.data.synthetic else "shards",
+    }
+    problem = resume_problem(latest.position, now)
+    if problem:
+        raise _Refused(f"resume from {latest.url}: {problem}")
+    return f"resume: from {latest.url}, exact with this run's ranks and loader workers", None
+
+
+def _json(value: Any) -> str:
+    return "true" if value is True else "false" if value is False else str(value)
+
+
+def in_torchrun_child() -> bool:
+    """Whether this process is one of the ranks `--local` re-executed under torchrun: the
+    parent ran the pre-flight already."""
+    return os.environ.get("ORCH_LOCAL") == "1" and "LOCAL_RANK" in os.environ

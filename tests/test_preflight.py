@@ -1,0 +1,401 @@
+"""The driver's pre-flight: every bad spec of the audit is refused before a worker starts, with
+a message naming the field and the fix, and nothing written; a worker error no restart can fix
+is not retried by Ray (orchestrator.launch.fail_fast)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator import launch
+from orchestrator.checkpoint import CheckpointStore
+from orchestrator.data.epochs import resume_problem
+from orchestrator.spec import JobSpec
+from tests.conftest import ROOT, odd_shards_data, run_script
+
+HEAVY = ("torch", "numpy", "PIL", "webdataset", "deepspeed", "mlflow", "ray")
+
+
+def job_spec(stem: str) -> JobSpec:
+    """A job file's SPEC, imported as the job would be."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    try:
+        found = importlib.util.spec_from_file_location(stem, ROOT / "jobs" / f"{stem}.py")
+        module = importlib.util.module_from_spec(found)
+        found.loader.exec_module(module)
+        return module.SPEC
+    finally:
+        sys.path.remove(str(ROOT / "jobs"))
+
+
+def run_job(job: str, *args: str) -> tuple[int, str, str, list[str]]:
+    """Run a job file as `python jobs/JOB ARGS` would, in a child process: (exit code, stdout,
+    stderr, the heavy modules it had loaded when main returned). Without --dry-run a job
+    that passed would go on to start Ray: the heavy list says whether it got that far."""
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = {[f'jobs/{job}', *args]!r}\n"
+        "code = 0\n"
+        f"try:\n    runpy.run_path('jobs/{job}', run_name='__main__')\n"
+        "except SystemExit as e:\n    code = e.code or 0\n"
+        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        # should a job get past the pre-flight, run_ray imports ray and stops at once (a job
+        # server address is refused) instead of starting a Ray cluster
+        env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:9"},
+    )
+    heavy_line = [line for line in out.stderr.splitlines() if line.startswith("HEAVY ")]
+    assert heavy_line, out.stderr[-2000:]
+    return out.returncode, out.stdout, out.stderr, ast.literal_eval(heavy_line[-1][6:])
+
+
+# ------------------------------------------------------------- the job files, as a user runs them
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "fix"),
+    [
+        ("model.name=resnet999", "model.name=resnet999: unknown model", "valid names: resnet18"),
+        (  # the R152 recipe's stride_in_1x1=True, which basic blocks refuse
+            "model.name=resnet34",
+            "model.stride_in_1x1=true: resnet34 does not take option stride_in_1x1",
+            "set model.stride_in_1x1=null",
+        ),
+        ("tracking.log_every=0", "tracking.log_every=0 is out of range", "set it >= 1"),
+        ("checkpoint.keep_last=-5", "checkpoint.keep_last=-5 is out of range", "set it >= 1"),
+        ("optim.lr=NaN", "optim.lr=nan is out of range", "set it > 0"),
+    ],
+)
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "submit"])
+def test_the_audits_bad_specs_are_refused_before_anything_starts(
+    tmp_path: Path, override: str, field: str, fix: str, dry_run: bool
+) -> None:
+    storage = tmp_path / "runs"
+    args = [override, "data.source=synthetic", f"checkpoint.storage={storage}"]
+    code, _, err, heavy = run_job("imagenet_r152.py", *(["--dry-run"] if dry_run else []), *args)
+    assert code == 2, err[-2000:]
+    assert field in err and fix in err, err[-2000:]
+    assert heavy == [], f"refused, yet it loaded {heavy}"  # no torch, no Ray: nothing started
+    assert not storage.exists(), "a refused job wrote to its checkpoint storage"
+
+
+def test_a_good_spec_passes_and_the_dry_run_says_what_it_checked(
+    tmp_path: Path, odd_local_shards: Path
+) -> None:
+    storage = tmp_path / "runs"
+    args = [*odd_shards_data(odd_local_shards), f"checkpoint.storage={storage}"]
+    code, out, err, heavy = run_job("smoke.py", "--dry-run", *args)
+    assert code == 0, err[-2000:]
+    checked = [line for line in out.splitlines() if line.startswith("# pre-flight ok: ")]
+    kinds = [line.split(": ", 2)[1].split(":")[0] for line in checked]
+    assert kinds == ["data", "model", "checkpoint storage", "resume"], checked
+    assert "train 48 samples" in out and "3 classes" in out, (
+        out
+    )  # 3 classes x 16, from the manifest
+    assert "cifar_resnet20" in out and "starts at step 0" in out
+    assert heavy == [], f"a dry run loaded {heavy}"  # the manifest and markers read torch-free
+    assert not storage.exists(), "the probe left folders behind"
+
+
+# --------------------------------------------------- through main() with a real small dataset
+
+
+@pytest.fixture
+def smoke() -> JobSpec:
+    return job_spec("smoke")
+
+
+@pytest.fixture
+def no_workers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records a worker start: a refused job must never reach run_ray or run_local."""
+    started: list[str] = []
+    monkeypatch.setattr(launch, "run_ray", lambda spec: started.append("ray"))
+    monkeypatch.setattr(launch, "run_local", lambda spec: started.append("local"))
+    return started
+
+
+def refused(
+    smoke: JobSpec, capsys: pytest.CaptureFixture[str], *overrides: str, dry_run: bool = False
+) -> str:
+    code = launch.main(smoke, [*(["--dry-run"] if dry_run else []), *overrides])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "pre-flight refused job" in err, err
+    return err
+
+
+def test_a_dataset_without_a_manifest_is_refused(
+    tmp_path: Path, odd_local_shards: Path, smoke: JobSpec, capsys: Any, no_workers: list[str]
+) -> None:
+    unfinished = tmp_path / "unfinished"  # shards copied, the manifest (written last) not yet
+    unfinished.mkdir()
+    for shard in odd_local_shards.glob("*.tar"):
+        (unfinished / shard.name).write_bytes(shard.read_bytes())
+    storage = tmp_path / "runs"
+    err = refused(smoke, capsys, *odd_shards_data(unfinished), f"checkpoint.storage={storage}")
+    assert f"data.url={unfinished}: cannot read dataset" in err and "no manifest.json" in err
+    assert "Fix: convert the dataset there" in err
+    assert no_workers == [] and not storage.exists()
+
+
+def test_a_class_count_other_than_the_datasets_is_refused(
+    tmp_path: Path, odd_local_shards: Path, smoke: JobSpec, capsys: Any, no_workers: list[str]
+) -> None:
+    storage = tmp_path / "runs"
+    data = odd_shards_data(odd_local_shards)
+    err = refused(smoke, capsys, *data, "model.num_classes=10", f"checkpoint.storage={storage}")
+    assert "model.num_classes=10, but dataset" in err and "has 3 classes" in err
+    assert "set model.num_classes=3, or null" in err
+    assert no_workers == [] and not storage.exists()
+
+
+def test_too_few_samples_for_the_world_size_is_refused(
+    tmp_path: Path, odd_local_shards: Path, smoke: JobSpec, capsys: Any, no_workers: list[str]
+) -> None:
+    storage = tmp_path / "runs"
+    data = odd_shards_data(odd_local_shards)  # 48 training samples
+    too_many = ["scaling.num_workers=64", "scaling.global_batch=64"]  # 64 ranks, 1 sample each
+    err = refused(smoke, capsys, *data, *too_many, f"checkpoint.storage={storage}")
+    assert "scaling.num_workers=64: split 'train'" in err and "has 48 samples" in err
+    assert "lower scaling.num_workers or scaling.global_batch" in err
+    assert no_workers == [] and not storage.exists()
+    # the same rule the loader enforces: 48 ranks of one sample each do fit
+    fits = ["scaling.num_workers=48", "scaling.global_batch=48", f"checkpoint.storage={storage}"]
+    assert launch.main(smoke, ["--dry-run", *data, *fits]) == 0, capsys.readouterr().err
+
+
+def test_problems_of_one_stage_are_reported_together(
+    tmp_path: Path, odd_local_shards: Path, smoke: JobSpec, capsys: Any, no_workers: list[str]
+) -> None:
+    data = odd_shards_data(odd_local_shards)
+    err = refused(smoke, capsys, *data, "model.name=resnet999", "model.num_classes=7", dry_run=True)
+    assert "model.num_classes=7" in err and "model.name=resnet999" in err
+    assert no_workers == []
+
+
+def test_unwritable_checkpoint_storage_is_refused(
+    tmp_path: Path, smoke: JobSpec, capsys: Any, no_workers: list[str]
+) -> None:
+    blocked = tmp_path / "a-file"  # a file where the storage folder should be
+    blocked.write_text("not a folder")
+    err = refused(smoke, capsys, "data.source=synthetic", f"checkpoint.storage={blocked}")
+    assert f"checkpoint.storage={blocked}: cannot write, read and delete a probe" in err
+    assert "point checkpoint.storage at a writable place" in err
+    assert no_workers == [] and blocked.read_text() == "not a folder"
+
+
+def test_s3_storage_and_data_are_checked_on_s3(
+    s3_prefix: str,
+    smoke: JobSpec,
+    capsys: Any,
+    no_workers: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from orchestrator import s3
+    from orchestrator.storage import open_storage
+
+    ok = launch.main(
+        smoke, ["--dry-run", "data.source=synthetic", f"checkpoint.storage={s3_prefix}"]
+    )
+    assert ok == 0, capsys.readouterr().err
+    assert "wrote, read and deleted a probe under s3://" in capsys.readouterr().out
+    assert open_storage(s3_prefix).sizes() == {}, "the probe is gone"
+    err = refused(smoke, capsys, f"data.url={s3_prefix}/no-such-dataset", dry_run=True)
+    assert "no manifest.json" in err
+    # credentials the store refuses (not a missing bucket: SeaweedFS creates one on a write)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    monkeypatch.setattr(s3, "_clients", {})  # clients are cached per process
+    err = refused(smoke, capsys, "data.source=synthetic", f"checkpoint.storage={s3_prefix}")
+    assert f"checkpoint.storage={s3_prefix}: cannot write, read and delete a probe" in err
+    assert "fix the credentials or the permissions" in err
+
+
+# ------------------------------------------------------------------------------- resuming
+
+
+def commit_step(storage: Path, name: str, step: int, position: dict[str, Any] | None) -> None:
+    """A committed checkpoint as the Checkpointer leaves it, minus the torch files' contents
+    (the pre-flight reads only the marker)."""
+    store = CheckpointStore(f"{storage}/{name}/checkpoints")
+    store.put(step, "trainer.pt", b"state")
+    store.commit(step, {}, position)
+
+
+MID_EPOCH = {
+    "epoch": 0,
+    "batch_in_epoch": 2,
+    "batches_per_epoch": 3,
+    "world_size": 2,
+    "loader_workers": 1,
+    "micro_batch": 8,
+    "shuffle_buffer": 16,
+    "seed": 0,
+    "source": "shards",
+}
+
+
+def test_resume_rule() -> None:
+    same = {k: v for k, v in MID_EPOCH.items() if "epoch" not in k}
+    assert resume_problem(MID_EPOCH, same) is None
+    problem = resume_problem(MID_EPOCH, {**same, "world_size": 4})
+    assert problem and "scaling.num_workers was 2 and is now 4" in problem
+    problem = resume_problem(MID_EPOCH, {**same, "loader_workers": 3, "micro_batch": 4})
+    assert "data.num_workers was 1 and is now 3" in problem and "micro-batch" in problem
+    problem = resume_problem(MID_EPOCH, {**same, "seed": 1})
+    assert problem and "seed was 0 and is now 1" in problem
+    old = {k: v for k, v in MID_EPOCH.items() if k != "shuffle_buffer"}  # an older marker
+    assert resume_problem(old, {**same, "shuffle_buffer": 99}) is None
+    assert resume_problem({**MID_EPOCH, "loader_workers": 0}, same) is None  # 0 plans as 1
+    for boundary in (0, 3):  # an epoch's start, or its end before the roll-over
+        assert (
+            resume_problem({**MID_EPOCH, "batch_in_epoch": boundary}, {**same, "world_size": 4})
+            is None
+        )
+    assert resume_problem({**MID_EPOCH, "source": "synthetic"}, {**same, "world_size": 4}) is None
+
+
+def test_a_resume_that_cannot_be_exact_is_refused_naming_both_values(
+    tmp_path: Path, odd_local_shards: Path, smoke: JobSpec, capsys: Any, no_workers: list[str]
+) -> None:
+    storage = tmp_path / "runs"
+    commit_step(storage, "smoke", 4, MID_EPOCH)  # 2 ranks x 1 loader worker, mid-epoch
+    data = odd_shards_data(odd_local_shards)  # 1 loader worker; smoke runs 2 ranks x 16
+    common = [*data, f"checkpoint.storage={storage}", "scaling.micro_batch=8"]
+    common.append("scaling.global_batch=16")
+    assert launch.main(smoke, [*common, "--dry-run"]) == 0, capsys.readouterr().err
+    assert "exact with this run's ranks" in capsys.readouterr().out
+    err = refused(smoke, capsys, *common, "scaling.num_workers=1")
+    assert "scaling.num_workers was 2 and is now 1" in err
+    assert "stopped mid-epoch (epoch 0, batch 2 of 3)" in err
+    err = refused(smoke, capsys, *common, "data.num_workers=2")
+    assert "data.num_workers was 1 and is now 2" in err
+    assert no_workers == []
+
+    at_end = tmp_path / "at-end"  # at an epoch boundary any world size resumes exactly
+    commit_step(at_end, "smoke", 6, {**MID_EPOCH, "batch_in_epoch": 0, "epoch": 1})
+    args = [*data, f"checkpoint.storage={at_end}", "scaling.num_workers=1", "--dry-run"]
+    assert launch.main(smoke, args) == 0, capsys.readouterr().err
+
+
+def test_resume_from_a_checkpoint_that_is_not_committed_is_refused(
+    tmp_path: Path, smoke: JobSpec, capsys: Any, no_workers: list[str]
+) -> None:
+    fork = tmp_path / "other" / "checkpoints" / "step-00000005"
+    fork.mkdir(parents=True)
+    (fork / "trainer.pt").write_bytes(b"half a save")  # no COMMITTED marker
+    storage = tmp_path / "runs"
+    err = refused(
+        smoke,
+        capsys,
+        "data.source=synthetic",
+        f"checkpoint.storage={storage}",
+        f"--resume-from={fork}",
+    )
+    assert f"checkpoint.resume_from={fork}: no committed checkpoint there" in err
+    assert no_workers == []
+
+
+def test_the_worker_refuses_an_inexact_resume_of_an_older_checkpoint(
+    tmp_path: Path, odd_local_shards: Path
+) -> None:
+    """A checkpoint whose marker predates data positions passes the pre-flight; the worker
+    reads the position from its trainer state and refuses, before loading any weights."""
+    storage = tmp_path / "runs"
+    train = [
+        "--local",
+        "name=old",
+        *odd_shards_data(odd_local_shards, num_workers=0),
+        f"checkpoint.storage={storage}",
+        "scaling.num_workers=1",
+        "scaling.global_batch=8",
+        "schedule.max_iters=2",
+        "schedule.milestones=[]",
+        "checkpoint.every_iters=1",
+        "tracking.enabled=false",
+        "eval.at_end=false",
+    ]
+    run_script("jobs/smoke.py", *train, env={"OMP_NUM_THREADS": "1"})  # 2 of 6 batches
+    marker_path = storage / "old" / "checkpoints" / "step-00000002" / "COMMITTED"
+    marker = json.loads(marker_path.read_text())
+    assert marker["position"]["batch_in_epoch"] == 2 and marker["position"]["world_size"] == 1
+    del marker["position"]  # as a checkpoint written before markers held it
+    marker_path.write_text(json.dumps(marker))
+    more = [*train, "schedule.max_iters=4", "data.num_workers=2"]
+    proc = subprocess.run(
+        [sys.executable, "jobs/smoke.py", *more],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode != 0
+    assert "marker predates data positions" in proc.stdout
+    assert "SpecError: step 2: cannot resume exactly" in proc.stderr, proc.stderr[-3000:]
+    assert "data.num_workers was 0 and is now 2" in proc.stderr
+    assert not (storage / "old" / "checkpoints" / "step-00000003").exists()
+
+
+def test_a_checkpoint_from_before_positions_gets_its_position_from_its_spec() -> None:
+    from orchestrator.spec import apply_overrides
+    from orchestrator.train import _old_position
+
+    spec = apply_overrides(job_spec("smoke"), ["data.num_workers=3", "scaling.global_batch=64"])
+    state = {"epoch": 1, "batch_in_epoch": 5, "spec": spec.to_dict()}
+    assert _old_position(state) == {
+        "epoch": 1,
+        "batch_in_epoch": 5,
+        "world_size": 2,
+        "loader_workers": 3,
+        "micro_batch": 32,
+        "shuffle_buffer": 64,
+        "seed": 0,
+        "source": "shards",
+    }
+
+
+# -------------------------------------------------------------------------- Ray's restarts
+
+
+def test_fail_fast_stops_ray_retrying_only_what_a_restart_cannot_fix() -> None:
+    """The callback against the installed Ray's own wrapping of a worker's exception."""
+    from ray.exceptions import RayActorError
+    from ray.train.v2._internal.util import construct_user_exception_with_traceback
+
+    from orchestrator.data.manifest import DataError, DataUnavailable
+    from orchestrator.runtime import NotRetried
+    from orchestrator.spec import SpecError
+    from orchestrator.train import NonFiniteLoss
+
+    def as_ray_reports(err: Exception) -> Exception:
+        try:
+            raise err
+        except Exception as raised:  # noqa: BLE001 - wrapped as Ray's worker does
+            return construct_user_exception_with_traceback(raised)
+
+    callback = launch.fail_fast()
+    for err in (SpecError("bad"), DataError("no manifest"), NonFiniteLoss("nan at step 3")):
+        with pytest.raises(NotRetried, match=f"rank 1: {type(err).__name__}: "):
+            callback.after_exception(None, {0: RayActorError(), 1: as_ray_reports(err)})
+    for err in (DataUnavailable("S3 down"), ConnectionError("reset"), RuntimeError("?")):
+        callback.after_exception(None, {0: as_ray_reports(err)})  # left to max_failures
+    callback.after_exception(None, {0: RayActorError()})  # a lost worker
