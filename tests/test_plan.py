@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -498,3 +499,102 @@ def test_module_docstring_documents_every_formula() -> None:
     ]:
         assert term in doc
     assert math.isclose(report.DEFAULT_KB_PER_IMAGE, 110)
+
+
+# ------------------------------------------------------- --from-run, against the real MLflow
+
+
+def table(out: str) -> dict[str, str]:
+    """The printed table as {quantity: value} (columns are two or more spaces apart)."""
+    rows = {}
+    for line in out.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) >= 2 and not line.startswith("note:"):
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def log_training_run(
+    world: int, global_batch: int, step_s: list[float], model: str = "resnet152"
+) -> str:
+    """A run as the loop logs it (orchestrator/train.py): the spec's dotted params, and
+    system/images_per_s (the whole job) and system/step_time_s every log window."""
+    import uuid
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.create_experiment(f"plan-{uuid.uuid4().hex[:10]}")
+    run_id = client.create_run(experiment).info.run_id
+    params = {
+        "model.name": model,
+        "scaling.num_workers": str(world),
+        "scaling.global_batch": str(global_batch),
+        "scaling.micro_batch": "None",
+        "scaling.strategy": "ddp",
+        "scaling.zero_stage": "0",
+        "scaling.precision": "auto",
+    }
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    for i, seconds in enumerate(step_s):
+        step = 50 * (i + 1)
+        client.log_metric(run_id, "system/step_time_s", seconds, step=step)
+        client.log_metric(run_id, "system/images_per_s", global_batch / seconds, step=step)
+    client.set_terminated(run_id)
+    return run_id
+
+
+def test_from_run_one_gpu_calibrates_the_compute_rate(
+    stack: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # first window slow (warm-up), then 32, 33 and 31 ms: the median of the last three is 32 ms
+    run_id = log_training_run(world=1, global_batch=32, step_s=[0.080, 0.032, 0.033, 0.031])
+    rc = plan.main([R152, "--nodes", "1", "--gpus-per-node", "1", "--from-run", run_id])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = table(out)
+    # one GPU has no communication to take out: 32 images / 32 ms = 1,000 img/s
+    assert rows["run's img/s per GPU"] == "1,000"  # median of 32/0.032, 32/0.033, 32/0.031
+    assert rows["run's step time"] == "32.0 ms"
+    assert rows["img/s per GPU, compute"] == "1,000"
+    assert f"--from-run {run_id}" in out
+    # the schedule's 153.6M images (600,000 x 256) at 1,000 img/s on one GPU
+    assert rows["expected time"] == f"{600_000 * 256 / 1000 / 3600:.1f} h"
+
+
+def test_from_run_takes_the_runs_own_communication_out(
+    stack: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run on 2 nodes x 8 GPUs with a 40 ms step over 100 Gbit/s: the calibrated compute
+    rate is faster than the run's measured img/s, and planning the run's own cluster with it
+    predicts the run's own step time back."""
+    run_id = log_training_run(world=16, global_batch=512, step_s=[0.2, 0.040, 0.040])
+    argv = [R152, "--nodes", "2", "--from-run", run_id, "--interconnect-gbps", "100"]
+    rc = plan.main(argv)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = table(out)
+    assert rows["run's img/s per GPU"] == "800"  # 512 / 16 GPUs / 40 ms
+    assert rows["step time"] == "40.0 ms"  # the run's cluster, predicted: the measurement
+    assert int(rows["img/s per GPU, compute"].replace(",", "")) > 800
+    # the same compute rate on 64 nodes of the same network is slower per GPU than on 2
+    rc = plan.main([R152, "--nodes", "64", "--from-run", run_id, "--interconnect-gbps", "100"])
+    far = capsys.readouterr().out
+    far_rows = table(far)
+    assert rc == 0 and far_rows["img/s per GPU, compute"] == rows["img/s per GPU, compute"]
+    assert float(far_rows["step time"].split()[0]) > 40.0
+
+
+def test_from_run_errors_are_one_clear_line(
+    stack: object, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = log_training_run(world=1, global_batch=32, step_s=[0.05], model="resnet50")
+    assert plan.main([R152, "--nodes", "1", "--from-run", other]) == 2
+    assert "trained resnet50, the job trains resnet152" in capsys.readouterr().err
+    assert plan.main([R152, "--nodes", "1", "--from-run", "0" * 32]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --from-run 00000000") and err.count("\n") == 1
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert plan.main([R152, "--nodes", "1", "--from-run", other]) == 2
+    assert "needs MLFLOW_TRACKING_URI" in capsys.readouterr().err
