@@ -494,7 +494,11 @@ def test_module_docstring_documents_every_formula() -> None:
         "P x 4 x 2",
         "110 KB",
         "292",
-        "ASSUMING",
+        "2(g-1)/g",
+        "2(n-1)/n",
+        "25 MiB",
+        "2/3",
+        "2 Psi",
         "linear scaling",
     ]:
         assert term in doc
