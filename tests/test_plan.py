@@ -3,7 +3,9 @@ for a cluster size, and the command line, including its errors."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -74,6 +76,125 @@ def test_scale_iterations() -> None:
     assert formulas.scale_iterations(0, 0.5) == 0  # 0 means "off" and stays off
 
 
+# ------------------------------------------------------------- communication, by hand
+
+MIB = 2**20
+P5 = formulas.Links(nodes=64, gpus_per_node=8, intra_gbps=3600, inter_gbps=3200)
+
+
+@pytest.mark.parametrize(("n", "factor"), [(1, 0.0), (2, 0.5), (8, 0.875), (64, 63 / 64)])
+def test_reduce_scatter_factor_is_n_minus_1_over_n(n: int, factor: float) -> None:
+    assert formulas.reduce_scatter_factor(n) == pytest.approx(factor)
+
+
+def test_hierarchical_all_reduce_levels_by_hand() -> None:
+    g = 240_771_232  # ResNet-152's fp32 gradients
+    intra, inter = formulas.level_times_s(g, P5, passes=2)
+    assert intra == pytest.approx(2 * 7 / 8 * g * 8 / 3600e9)  # NVLink, per GPU
+    assert inter == pytest.approx(2 * 63 / 64 * g * 8 / 3200e9)  # the node's NICs
+    assert formulas.collective_time_s(g, P5, passes=2) == pytest.approx(inter)  # the slower
+    one_node = formulas.Links(nodes=1, gpus_per_node=8, intra_gbps=3600, inter_gbps=3200)
+    assert formulas.level_times_s(g, one_node, passes=2)[1] == 0  # nothing leaves the node
+    half = formulas.collective_time_s(g, P5, passes=1)  # a reduce-scatter is half the traffic
+    assert half == pytest.approx(inter / 2)
+
+
+def test_ddp_buckets_are_one_mib_then_25_mib_then_the_rest() -> None:
+    assert formulas.ddp_bucket_bytes(60 * MIB) == [MIB, 25 * MIB, 25 * MIB, 9 * MIB]
+    assert formulas.ddp_bucket_bytes(0.5 * MIB) == [0.5 * MIB]
+    assert formulas.ddp_bucket_bytes(0) == []
+    # ResNet-152: 240,771,232 - 1 MiB - 9 x 25 MiB = 3,793,056 bytes in the last of 11 buckets
+    r152 = formulas.ddp_bucket_bytes(240_771_232)
+    assert len(r152) == 11 and r152[-1] == 3_793_056
+
+
+def test_overlap_hides_all_but_the_last_bucket_when_backward_is_long_enough() -> None:
+    # 60 MiB at 1 s per 100 MiB of traffic: buckets take 10, 250, 250 and 90 ms
+    buckets = [MIB, 25 * MIB, 25 * MIB, 9 * MIB]
+    times = [b / (100 * MIB) for b in buckets]
+    # backward of 2 s fills 25 MiB every ~0.83 s, longer than each bucket's 250 ms on the wire
+    assert formulas.exposed_after_backward_s(buckets, times, 2.0) == pytest.approx(0.09)
+
+
+def test_overlap_exposes_what_backward_cannot_hide() -> None:
+    # two 2-byte buckets of 3 s and 1 s, backward 4 s: the first is ready at 2 s and done at 5 s,
+    # the second ready at 4 s waits for it and is done at 6 s: 2 s after backward, not just 1 s
+    assert formulas.exposed_after_backward_s([2, 2], [3, 1], 4) == pytest.approx(2)
+    # no backward to hide behind (all gradients ready at once): the whole traffic is exposed
+    assert formulas.exposed_after_backward_s([2, 2], [3, 1], 0) == pytest.approx(4)
+    # a single bucket is ready only when backward ends: all of it is exposed however long
+    assert formulas.exposed_after_backward_s([5], [0.3], 100) == pytest.approx(0.3)
+
+
+def test_zero_volumes_match_the_zero_paper() -> None:
+    g, n = 100e6, 16
+    # stage 1/2: reduce-scatter Psi + all-gather Psi = 2 Psi x (N-1)/N, DDP's all-reduce volume
+    for stage in (1, 2):
+        zero = formulas.zero_bytes_per_gpu(stage, g, g, n, accumulation=1)
+        assert zero == pytest.approx(2 * 15 / 16 * g)
+        assert zero == pytest.approx(formulas.allreduce_bytes_per_gpu(g, n))
+    # stage 2 reduce-scatters after every micro-batch: 4 micro-batches, 4 scatters, 1 gather
+    assert formulas.zero_bytes_per_gpu(2, g, g, n, 4) == pytest.approx(15 / 16 * 5 * g)
+    assert formulas.zero_bytes_per_gpu(1, g, g, n, 4) == pytest.approx(15 / 16 * 2 * g)
+    assert formulas.zero_bytes_per_gpu(0, g, g, n, 4) == pytest.approx(2 * 15 / 16 * g)
+
+
+def test_zero_exposes_its_whole_traffic() -> None:
+    one_node = formulas.Links(nodes=1, gpus_per_node=8, intra_gbps=8, inter_gbps=1)
+    g = 1e9  # 8 Gbit: one pass of 7/8 of it at 8 Gbit/s is 0.875 s
+    assert formulas.zero_exposed_s(1, g, g, one_node, accumulation=4) == pytest.approx(2 * 0.875)
+    assert formulas.zero_exposed_s(2, g, g, one_node, accumulation=4) == pytest.approx(5 * 0.875)
+    assert formulas.zero_exposed_s(0, g, g, one_node, accumulation=4) == pytest.approx(2 * 0.875)
+    # the all-gather moves the weights in their dtype: half the bytes, half the time
+    assert formulas.zero_exposed_s(1, g, g / 2, one_node, 1) == pytest.approx(1.5 * 0.875)
+
+
+def shape(**kw: object) -> formulas.StepShape:
+    base: dict[str, object] = {"strategy": "ddp", "zero_stage": 0, "micro_batch": 32}
+    base |= {"accumulation": 1, "grad_bytes": 240_771_232, "param_bytes": 240_771_232}
+    return formulas.StepShape(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_step_time_falls_as_bandwidth_rises() -> None:
+    steps = []
+    for gbps in [10, 25, 50, 100, 200, 400, 800, 1600, 3200, 6400]:
+        links = formulas.Links(nodes=64, gpus_per_node=8, intra_gbps=3600, inter_gbps=gbps)
+        steps.append(formulas.predicted_step_s(shape(), links, 2233))
+    assert all(a >= b for a, b in itertools.pairwise(steps))
+    assert steps[0] > steps[4] > steps[-1]  # strictly, while the network is the bound
+    assert steps[-1] >= 32 / 2233  # never below compute alone
+
+
+def test_gradient_accumulation_hides_behind_the_last_micro_batch_only() -> None:
+    slow = formulas.Links(nodes=4, gpus_per_node=8, intra_gbps=3600, inter_gbps=100)
+    one = formulas.exposed_comm_s(shape(micro_batch=32, accumulation=1), slow, 2233)
+    four = formulas.exposed_comm_s(shape(micro_batch=8, accumulation=4), slow, 2233)
+    assert four > one  # the same 32 images, a quarter of the backward to hide behind
+
+
+def test_calibration_inverts_the_step_model() -> None:
+    links = formulas.Links(nodes=2, gpus_per_node=8, intra_gbps=3600, inter_gbps=400)
+    for s in (shape(), shape(strategy="deepspeed", zero_stage=2, accumulation=2)):
+        rate = formulas.compute_rate_from_step(s, links, 0.05)
+        assert formulas.predicted_step_s(s, links, rate) == pytest.approx(0.05, rel=1e-9)
+        assert rate > s.micro_batch * s.accumulation / 0.05  # communication taken out
+    single = formulas.Links(nodes=1, gpus_per_node=1, intra_gbps=3600, inter_gbps=400)
+    assert formulas.compute_rate_from_step(shape(), single, 0.032) == pytest.approx(1000)
+    with pytest.raises(ValueError, match="shorter than the model's communication"):
+        formulas.compute_rate_from_step(shape(), links, 1e-4)
+
+
+def test_gradient_dtype_follows_strategy_and_precision(r152: JobSpec) -> None:
+    def dtype(*overrides: str, flag: str | None = None) -> int:
+        spec = job.resolve_for_cluster(r152, list(overrides), 8).spec
+        return report.gradient_dtype(spec, flag)[0]
+
+    assert dtype() == 4  # DDP: fp32 weights under autocast
+    assert dtype("scaling.strategy=deepspeed", "scaling.zero_stage=2") == 2  # bf16 weights
+    assert dtype("scaling.strategy=deepspeed", "scaling.precision=fp32") == 4
+    assert dtype(flag="bf16") == 2
+
+
 # ------------------------------------------------------- a tiny cluster, end to end by hand
 
 
@@ -105,28 +226,37 @@ def test_tiny_cluster_by_hand() -> None:
         "schedule.warmup_iters=100",
         "eval.every_iters=1250",
     ]
-    assert x.step_s == pytest.approx(0.032)  # 32 images at 1,000 img/s
+    assert x.compute_step_s == pytest.approx(0.032)  # 32 images at 1,000 img/s
     assert x.grad_bytes == 4_000_000  # 1M x 4 bytes
-    assert x.allreduce_bytes_per_gpu == pytest.approx(6_000_000)  # 2 x 3/4 x 4 MB
+    assert x.sent_bytes_per_gpu == pytest.approx(6_000_000)  # 2 x 3/4 x 4 MB
     assert x.allreduce_gbps_needed == pytest.approx(1.5)  # 48 Mbit per 32 ms
-    assert x.read_bytes_per_s_per_node == pytest.approx(2.2e8)  # 2 GPUs x 1,000 x 110 KB
+    # DDP's buckets: 1 MiB first, the remaining 2,951,424 bytes last. Backward (2/3 x 32 ms) is
+    # far longer than the traffic, so only the last bucket is exposed: 2 x 1/2 x its bytes over
+    # the 3,200 Gbit/s per node between the 2 nodes (slower than 2 x 1/2 x them at 3,600 inside)
+    assert x.buckets == [1_048_576, 2_951_424]
+    assert x.exposed_s == pytest.approx(2_951_424 * 8 / 3200e9)
+    assert x.step_s == pytest.approx(0.032 + 2_951_424 * 8 / 3200e9)
+    # 2 GPUs x the predicted img/s (32 images per step) x 110 KB
+    assert x.read_bytes_per_s_per_node == pytest.approx(2 * 32 / x.step_s * 110e3)
     assert x.shards == 16  # 2 nodes x 2 GPUs x 4 workers
     assert x.checkpoint_bytes == 8_000_000
     assert x.checkpoint_write_s == pytest.approx(0.064)  # 64 Mbit at 1 Gbit/s
     assert x.checkpoint_every_iters == 5000  # an epoch is ceil(1,281,167 / 128) = 10,010
-    # 150,000 iterations x 128 images = 19.2M images at 4,000 img/s
-    assert x.train_s == pytest.approx(4800)
-    assert x.train_s == pytest.approx(150_000 * x.step_s)
+    # 150,000 iterations x 128 images = 19.2M images at 4,000 img/s, plus the exposed traffic
+    assert x.train_s == pytest.approx(4800 + 150_000 * 2_951_424 * 8 / 3200e9)
 
 
 def test_one_gpu_has_nothing_to_all_reduce() -> None:
     resolved = job.resolve_for_cluster(tiny_job(), [], num_gpus=1)
     inputs = report.ClusterInputs(nodes=1, gpus_per_node=1, img_per_s_per_gpu=1000)
     x = report.compute(resolved, params=1_000_000, inputs=inputs)
-    assert x.allreduce_bytes_per_gpu == 0
+    assert x.sent_bytes_per_gpu == 0 and x.exposed_s == 0
+    assert x.step_s == x.compute_step_s == pytest.approx(0.032)
+    assert x.efficiency_vs_one_node == 1.0 and x.efficiency_vs_compute == 1.0
     assert resolved.added == ["scaling.num_workers=1"]
     rows = {q.strip(): v for q, v, _ in report.plan_rows("tiny.py", resolved, x, inputs)}
     assert rows["bandwidth to hide it"] == "none"
+    assert rows["scaling efficiency"] == "100.0%" and rows["vs compute alone"] == "100.0%"
 
 
 # ------------------------------------------------------------------ resolving a real job
@@ -238,7 +368,7 @@ def test_bad_job_files(tmp_path: Path) -> None:
 
 
 def test_cli_prints_the_table_for_64_p5_nodes(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = plan.main([R152, "--nodes", "64", "--gpus-per-node", "8", "--interconnect-gbps", "400"])
+    rc = plan.main([R152, "--nodes", "64", "--gpus-per-node", "8"])
     out = capsys.readouterr().out
     assert rc == 0
     for expected in [
@@ -251,18 +381,72 @@ def test_cli_prints_the_table_for_64_p5_nodes(capsys: pytest.CaptureFixture[str]
         "anchor (docs/performance-anchors.md): resnet152, eager",  # the source of the img/s
         "14.3 ms",  # 32 / 2,233 img/s
         "268.3 Gbit/s per GPU",  # 480.6 MB x 8 / 14.3 ms
-        "fits within one step",  # 9.6 ms at 400 Gbit/s
+        "at 3,600 Gbit/s per GPU (default: NVLink 4",
+        "at 3,200 Gbit/s per node (default: 8 x 400 Gbit/s NICs",
+        "the last 3.8 MB is ready when backward ends",  # 240,771,232 - 1 MiB - 9 x 25 MiB
+        "11  ",  # buckets
+        # the last bucket alone is exposed: 2 x 63/64 x 3,793,056 bytes at 3,200 Gbit/s
+        f"the last bucket's {2 * 63 / 64 * 3_793_056 * 8 / 3200e9 * 1e6:.0f} us; the others hide",
         ">= 4,096",  # shards: 64 x 8 x 8 loader workers
         "481.5 MB",  # checkpoint
-        "ASSUMING linear scaling",
-        # what not rescaling would mean
+        "max_iters x predicted step time",
         "the job file's 600,000 iterations at 16,384 = 7,673 epochs",
         "ray job submit -- python",
         "scaling.num_workers=512 scaling.global_batch=16384 schedule.max_iters=9375",
     ]:
         assert expected in out, f"{expected!r} missing from:\n{out}"
-    # the time follows from the numbers it printed: 9,375 x 16,384 images at 512 x 2,233 img/s
+    # linear scaling, by hand: 9,375 x 16,384 images at 512 x 2,233 img/s
     assert f"{9375 * 16384 / (512 * 2233) / 60:.1f} min" in out
+
+
+def test_cli_slow_network_by_hand(capsys: pytest.CaptureFixture[str]) -> None:
+    """64 nodes at 100 Gbit/s each: from the second bucket on the link cannot keep up with
+    backward, so the buckets queue and the queue's tail is exposed."""
+    rc = plan.main([R152, "--nodes", "64", "--interconnect-gbps", "100"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    grads, compute = 240_771_232, 32 / 2233
+    backward = 2 / 3 * compute
+    per_byte = 2 * 63 / 64 * 8 / 100e9  # inter-node; NVLink's 2 x 7/8 x 8 / 3,600e9 is less
+    assert per_byte > backward / grads  # slower than backward fills buckets
+    # the 1 MiB first bucket is done before the second (26 MiB in) is ready; from the second on
+    # the link never idles, so it finishes the other G - 1 MiB bytes after that
+    second_ready = backward * 26 * 2**20 / grads
+    assert backward * 2**20 / grads + 2**20 * per_byte < second_ready
+    exposed = second_ready + (grads - 2**20) * per_byte - backward
+    step = compute + exposed
+    one_node_last = 2 * 7 / 8 * 3_793_056 * 8 / 3600e9  # one node: only its last bucket shows
+    efficiency = (compute + one_node_last) / step
+    for expected in [
+        f"{exposed * 1e3:.1f} ms",
+        f"{step * 1e3:.1f} ms",
+        f"{32 / step:,.0f}",  # img/s per GPU
+        f"{efficiency:.1%}",
+        f"{compute / step:.1%}",
+        "that backward did not hide",
+        f"{9375 * step / 60:.1f} min",  # time to train
+    ]:
+        assert expected in out, f"{expected!r} missing from:\n{out}"
+
+
+def test_cli_zero2_with_accumulation(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = plan.main(
+        [R152, "--nodes", "2", "scaling.strategy=deepspeed", "scaling.zero_stage=2"]
+        + ["scaling.micro_batch=16", "scaling.global_batch=512"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    grads = R152_PARAMS * 2  # bf16
+    # 2 reduce-scatters (one per micro-batch) + 1 all-gather, each 15/16 x bf16 bytes per GPU
+    assert bytes_text_by_hand(15 / 16 * 3 * grads) in out
+    # each half-collective: max(7/8 x bytes at 3,600, 1/2 x bytes at 3,200 per node)
+    half = max(7 / 8 * grads * 8 / 3600e9, 1 / 2 * grads * 8 / 3200e9)
+    assert f"{3 * half * 1e6:.0f} us" in out  # 2 scatters + 1 gather, none hidden
+    assert "ZeRO-2, not overlapped" in out and "reduce-scatter at every micro-batch" in out
+
+
+def bytes_text_by_hand(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
 
 
 def test_cli_takes_overrides_after_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
@@ -310,8 +494,111 @@ def test_module_docstring_documents_every_formula() -> None:
         "P x 4 x 2",
         "110 KB",
         "292",
-        "ASSUMING",
+        "2(g-1)/g",
+        "2(n-1)/n",
+        "25 MiB",
+        "2/3",
+        "2 Psi",
         "linear scaling",
     ]:
         assert term in doc
     assert math.isclose(report.DEFAULT_KB_PER_IMAGE, 110)
+
+
+# ------------------------------------------------------- --from-run, against the real MLflow
+
+
+def table(out: str) -> dict[str, str]:
+    """The printed table as {quantity: value} (columns are two or more spaces apart)."""
+    rows = {}
+    for line in out.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) >= 2 and not line.startswith("note:"):
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def log_training_run(
+    world: int, global_batch: int, step_s: list[float], model: str = "resnet152"
+) -> str:
+    """A run as the loop logs it (orchestrator/train.py): the spec's dotted params, and
+    system/images_per_s (the whole job) and system/step_time_s every log window."""
+    import uuid
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.create_experiment(f"plan-{uuid.uuid4().hex[:10]}")
+    run_id = client.create_run(experiment).info.run_id
+    params = {
+        "model.name": model,
+        "scaling.num_workers": str(world),
+        "scaling.global_batch": str(global_batch),
+        "scaling.micro_batch": "None",
+        "scaling.strategy": "ddp",
+        "scaling.zero_stage": "0",
+        "scaling.precision": "auto",
+    }
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    for i, seconds in enumerate(step_s):
+        step = 50 * (i + 1)
+        client.log_metric(run_id, "system/step_time_s", seconds, step=step)
+        client.log_metric(run_id, "system/images_per_s", global_batch / seconds, step=step)
+    client.set_terminated(run_id)
+    return run_id
+
+
+def test_from_run_one_gpu_calibrates_the_compute_rate(
+    stack: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # first window slow (warm-up), then 32, 33 and 31 ms: the median of the last three is 32 ms
+    run_id = log_training_run(world=1, global_batch=32, step_s=[0.080, 0.032, 0.033, 0.031])
+    rc = plan.main([R152, "--nodes", "1", "--gpus-per-node", "1", "--from-run", run_id])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = table(out)
+    # one GPU has no communication to take out: 32 images / 32 ms = 1,000 img/s
+    assert rows["run's img/s per GPU"] == "1,000"  # median of 32/0.032, 32/0.033, 32/0.031
+    assert rows["run's step time"] == "32.0 ms"
+    assert rows["img/s per GPU, compute"] == "1,000"
+    assert f"--from-run {run_id}" in out
+    # the schedule's 153.6M images (600,000 x 256) at 1,000 img/s on one GPU
+    assert rows["expected time"] == f"{600_000 * 256 / 1000 / 3600:.1f} h"
+
+
+def test_from_run_takes_the_runs_own_communication_out(
+    stack: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run on 2 nodes x 8 GPUs with a 40 ms step over 100 Gbit/s: the calibrated compute
+    rate is faster than the run's measured img/s, and planning the run's own cluster with it
+    predicts the run's own step time back."""
+    run_id = log_training_run(world=16, global_batch=512, step_s=[0.2, 0.040, 0.040])
+    argv = [R152, "--nodes", "2", "--from-run", run_id, "--interconnect-gbps", "100"]
+    rc = plan.main(argv)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = table(out)
+    assert rows["run's img/s per GPU"] == "800"  # 512 / 16 GPUs / 40 ms
+    assert rows["step time"] == "40.0 ms"  # the run's cluster, predicted: the measurement
+    assert int(rows["img/s per GPU, compute"].replace(",", "")) > 800
+    # the same compute rate on 64 nodes of the same network is slower per GPU than on 2
+    rc = plan.main([R152, "--nodes", "64", "--from-run", run_id, "--interconnect-gbps", "100"])
+    far = capsys.readouterr().out
+    far_rows = table(far)
+    assert rc == 0 and far_rows["img/s per GPU, compute"] == rows["img/s per GPU, compute"]
+    assert float(far_rows["step time"].split()[0]) > 40.0
+
+
+def test_from_run_errors_are_one_clear_line(
+    stack: object, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = log_training_run(world=1, global_batch=32, step_s=[0.05], model="resnet50")
+    assert plan.main([R152, "--nodes", "1", "--from-run", other]) == 2
+    assert "trained resnet50, the job trains resnet152" in capsys.readouterr().err
+    assert plan.main([R152, "--nodes", "1", "--from-run", "0" * 32]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --from-run 00000000") and err.count("\n") == 1
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert plan.main([R152, "--nodes", "1", "--from-run", other]) == 2
+    assert "needs MLFLOW_TRACKING_URI" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """The scale model: what a job asks of a cluster of a given size, before you rent it.
 
     python -m orchestrator.plan jobs/imagenet_r152.py --nodes 64 --gpus-per-node 8 \\
-        [section.key=value ...] [--img-per-s-per-gpu 3084] [--interconnect-gbps 400] \\
+        [section.key=value ...] [--img-per-s-per-gpu 3084 | --from-run RUN_ID] \\
+        [--interconnect-gbps 3200] [--intra-node-gbps 3600] [--grad-dtype bf16] \\
         [--storage-gbps 10] [--kb-per-image 110] [--train-images 1281167]
 
 It loads the job file's SPEC, applies the overrides (orchestrator.spec.apply_overrides) with
@@ -9,6 +10,7 @@ scaling.num_workers = N = nodes x GPUs per node, and prints one table. Nothing i
 every number comes from the formulas below and the inputs, and the output names its sources.
 
   anchors.py   the measured figures it starts from (docs/performance-anchors.md)
+  calibrate.py --from-run: a real run's img/s and step time, read from MLflow
   formulas.py  the formulas below, one function each
   job.py       a job file resolved for N GPUs: the batch policy below
   report.py    the numbers for one job on one cluster, and the table and notes that show them
@@ -25,14 +27,27 @@ Formulas (units: MB = 10^6 bytes, Gbit/s = 10^9 bits/s):
                are scaled by B0 / B so the schedule covers the same images; a count you
                override yourself is left alone. The plan prints every override it added, and
                the `ray job submit` command that runs the job it describes.
-  step time    t = b x a / r, with r the images per second one GPU trains (the anchors of
-               docs/performance-anchors.md unless --img-per-s-per-gpu is given).
-  gradients    G = P x 4 bytes for P parameters: DDP all-reduces fp32 gradients even when the
-               forward pass runs in bf16 autocast.
-  all-reduce   A ring all-reduce sends (and receives) 2(N-1)/N x G per GPU per step. Hiding it
-               within one step needs 2(N-1)/N x G x 8 / t bit/s per GPU (NCCL calls this the
-               bus bandwidth). DDP overlaps it with the backward pass only, so treat this as a
-               lower bound.
+  compute      t_c = b x a / r, with r the images per second one GPU computes (the anchors of
+               docs/performance-anchors.md, --img-per-s-per-gpu, or --from-run: the run's
+               median system/step_time_s with the model's share of its own communication
+               taken out, so that the model predicts that run's step back).
+  gradients    G = P x 4 bytes for P parameters under DDP (fp32 gradients even under bf16
+               autocast), P x 2 under DeepSpeed bf16; --grad-dtype overrides.
+  all-reduce   A ring all-reduce sends 2(N-1)/N x G per GPU. Hierarchically, on n nodes of g
+               GPUs: 2(g-1)/g x G per GPU over NVLink (--intra-node-gbps) and 2(n-1)/n x G
+               per node through its NICs (--interconnect-gbps); NCCL pipelines the two, so
+               the slower level sets the time.
+  overlap      DDP fills 25 MiB buckets (1 MiB first) as backward (2/3 of the last
+               micro-batch's compute) produces gradients at an even rate; each bucket's
+               all-reduce starts when it is full and the previous one is done. The last bucket
+               is ready only when backward ends: it, and whatever the link could not keep up
+               with, is exposed.
+  ZeRO         DeepSpeed stage 1/2: reduce-scatter of G ((N-1)/N x G; stage 2 after every
+               micro-batch) and all-gather of the weights ((N-1)/N x their bytes): the ZeRO
+               paper's 2 Psi, DDP's volume. With overlap_comm off (the default below stage 3)
+               none of it hides behind backward. Stage 0: one all-reduce after backward.
+  step         t = t_c + exposed; img/s per GPU = b x a / t; scaling efficiency = that / the
+               same on one node of g GPUs. Bandwidth only: no per-message latency.
   object store Per node: GPUs per node x r x image size (about 110 KB per ImageNet JPEG).
   JPEG decode  Per node: GPUs per node x r / 292 cores (docs/performance-anchors.md: one
                core decodes and resizes about 292 ImageNet images per second with PIL).
@@ -42,9 +57,8 @@ Formulas (units: MB = 10^6 bytes, Gbit/s = 10^9 bits/s):
                in C x 8 / S seconds, every checkpoint.every_iters iterations or every epoch
                (ceil(train images / B) iterations) with checkpoint.at_epoch_end, whichever
                comes first.
-  time         schedule.max_iters x t = max_iters x B / (N x r) seconds, ASSUMING throughput
-               scales linearly with N (no communication or input stalls). When the schedule was
-               rescaled, the job file's own max_iters at this step time is shown too.
+  time         schedule.max_iters x t (and max_iters x t_c: linear scaling). When the
+               schedule was rescaled, the job file's own max_iters at this step time is shown too.
 """
 
 from orchestrator.plan.cli import main

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 
+from orchestrator.plan.calibrate import read_run
 from orchestrator.plan.job import (
     PlanError,
     count_model_parameters,
@@ -13,8 +15,11 @@ from orchestrator.plan.job import (
     resolve_for_cluster,
 )
 from orchestrator.plan.report import (
+    DEFAULT_INTERCONNECT_GBPS,
+    DEFAULT_INTRA_NODE_GBPS,
     DEFAULT_KB_PER_IMAGE,
     DEFAULT_STORAGE_GBPS,
+    GRAD_DTYPE_BYTES,
     IMAGENET_TRAIN_IMAGES,
     ClusterInputs,
     compute,
@@ -42,9 +47,10 @@ def _number(kind: type[int | float], minimum: float) -> Callable[[str], int | fl
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m orchestrator.plan",
-        description="What a job asks of a cluster: batch, all-reduce, object-store reads, shards, "
-        "checkpoints, time to train. Formulas: orchestrator/plan/__init__.py and "
-        "docs/operators-guide.md; measured figures: docs/performance-anchors.md.",
+        description="What a job asks of a cluster: batch, communication, predicted step time and "
+        "scaling efficiency, object-store reads, shards, checkpoints, time to train. Formulas: "
+        "orchestrator/plan/__init__.py and docs/scaling-model.md; measured figures: "
+        "docs/performance-anchors.md.",
     )
     parser.add_argument("job", help="a job file, e.g. jobs/imagenet_r152.py")
     parser.add_argument(
@@ -56,17 +62,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--gpus-per-node", type=_number(int, 1), default=8, help="GPUs per node (default 8)"
     )
-    parser.add_argument(
+    rate = parser.add_mutually_exclusive_group()
+    rate.add_argument(
         "--img-per-s-per-gpu",
         type=_number(float, 1e-9),
-        help="training images/s one GPU sustains (default: the model's anchor, "
-        "docs/performance-anchors.md)",
+        help="training images/s one GPU computes, communication excluded (default: the model's "
+        "anchor, docs/performance-anchors.md)",
+    )
+    rate.add_argument(
+        "--from-run",
+        metavar="RUN_ID",
+        help="calibrate from a training run in MLflow (MLFLOW_TRACKING_URI): its "
+        "system/images_per_s and system/step_time_s, communication taken out",
     )
     parser.add_argument(
         "--interconnect-gbps",
         type=_number(float, 1e-9),
-        help="network bandwidth per GPU for the all-reduce, Gbit/s "
-        "(p5.48xlarge: 3200 per node with EFA = 400 per GPU)",
+        default=DEFAULT_INTERCONNECT_GBPS,
+        help="network bandwidth per node between nodes, Gbit/s, all NICs together (default "
+        f"{DEFAULT_INTERCONNECT_GBPS:g}: 8 x 400 Gbit/s, a p5.48xlarge's EFA or a DGX H100)",
+    )
+    parser.add_argument(
+        "--intra-node-gbps",
+        type=_number(float, 1e-9),
+        default=DEFAULT_INTRA_NODE_GBPS,
+        help="bandwidth per GPU inside a node, one direction, Gbit/s (default "
+        f"{DEFAULT_INTRA_NODE_GBPS:g}: NVLink 4 on H100/H200 SXM, 900 GB/s both ways)",
+    )
+    parser.add_argument(
+        "--grad-dtype",
+        choices=sorted(GRAD_DTYPE_BYTES),
+        help="dtype of the reduced gradients (default: what the job's strategy and precision "
+        "reduce: fp32 under DDP, bf16 under DeepSpeed bf16)",
     )
     parser.add_argument(
         "--storage-gbps",
@@ -98,11 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         gpus_per_node=args.gpus_per_node,
         img_per_s_per_gpu=args.img_per_s_per_gpu,
         interconnect_gbps=args.interconnect_gbps,
+        intra_node_gbps=args.intra_node_gbps,
+        grad_dtype=args.grad_dtype,
         storage_gbps=args.storage_gbps,
         kb_per_image=args.kb_per_image,
         train_images=args.train_images,
     )
     try:
+        if args.from_run:
+            inputs = replace(inputs, from_run=read_run(args.from_run))
         base = load_job_spec(args.job)
         resolved = resolve_for_cluster(
             base, list(args.overrides), inputs.nodes * inputs.gpus_per_node
@@ -113,6 +144,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_table(plan_rows(args.job, resolved, numbers, inputs)))
     print()
-    for line in notes(args.job, resolved, numbers):
+    for line in notes(args.job, resolved, numbers, inputs):
         print(f"note: {line}")
     return 0
