@@ -7,10 +7,11 @@ Each trial submits the smoke job (2 Ray Train workers, DDP over gloo, shards on 
 MLflow) to the Ray head, waits for its first committed checkpoint, and kills one thing, in turn:
 a training worker (SIGKILL: FailureConfig restarts the group from the latest commit), the driver
 (SIGKILL, then the same job resubmitted: it resumes), the S3 server while a checkpoint uploads
-(stopped 6 s: uploads and reads retry), or the MLflow server (stopped 8 s: the tracker queues
-and catches up). Each run's final weights are compared bit for bit with an uninterrupted run of
-the same spec measured first, and its MLflow `train/loss` history must hold every step exactly
-once with the uninterrupted run's values. Without --dataset the bench makes its own data (the
+(stopped 6 s: uploads and reads retry), or the MLflow server (stopped, started again 8 s
+later: the tracker queues and catches up; the line says how long it was down, start-up
+included). Each run's final weights are compared bit for bit with an uninterrupted run of the
+same spec measured first, and its MLflow `train/loss` history must hold every step exactly once
+with the uninterrupted run's values. Without --dataset the bench makes its own data (the
 project's generator and converter, kept at s3://resnet/datasets/chaos-smoke). Last line:
 `chaos: K/N identical (worker a/b, driver c/d, s3 e/f, mlflow g/h)`.
 
@@ -200,10 +201,11 @@ def trial(
         what = f"stopped S3 for 6 s while step {uploading} uploaded"
     else:
         time.sleep(rng.uniform(0.0, 3.0))
+        t0 = time.monotonic()
         _stack().stop_service("mlflow")
         time.sleep(8)
-        _stack().up(("mlflow",))
-        what = f"stopped MLflow for 8 s after checkpoint step {step}"
+        _stack().up(("mlflow",))  # returns once it answers again
+        what = f"MLflow down {time.monotonic() - t0:.0f} s after checkpoint step {step}"
     status = wait(job)
     weights, history = baseline
     same = status == "SUCCEEDED" and identical(final_weights(st), weights)

@@ -179,7 +179,7 @@ class MlflowTracker:
         manifest: dict[str, Any] | None = None,
         system_metrics_interval_s: float | None = 10.0,
         max_pending: int = 100_000,
-        finish_timeout_s: float = 15.0,
+        finish_timeout_s: float = 120.0,
         max_backoff_s: float = 30.0,
         heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
@@ -455,14 +455,18 @@ class MlflowTracker:
         best_checkpoint_url: str | None = None,
     ) -> None:
         """Close the run with `status`; on FINISHED also the paper comparison, plots and the
-        best checkpoint's registration. Waits up to finish_timeout_s for a down server."""
+        best checkpoint's registration. A down server is waited for: up to finish_timeout_s
+        for a run that finished (its whole history is the record of the job; a restarting
+        server can take half a minute to answer again), at most 15 s otherwise (a failed
+        attempt is restarted, a stopped job is SIGKILLed soon)."""
         if self._finished:
             return
         self._closing = True  # no monitor restarts from here on
         self._stop_system_metrics()
         if self._heartbeat is not None:
             self._heartbeat.stop()
-        deadline = time.monotonic() + self.finish_timeout_s
+        wait_s = self.finish_timeout_s if status == "FINISHED" else min(15.0, self.finish_timeout_s)
+        deadline = time.monotonic() + wait_s
         while not self._flush(force=True) and time.monotonic() < deadline:
             time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
         lost = self.dropped + len(self.pending)
