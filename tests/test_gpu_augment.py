@@ -264,7 +264,7 @@ def test_gpu_decode_rejects_cifar_transform() -> None:
         DataConfig(
             url="x", decode="gpu", train_transform="cifar", image_size=32, scale_range=(32, 32)
         )
-    with pytest.raises(ValueError, match="split_cpu_share=1.5: expected 0..1"):
+    with pytest.raises(ValueError, match=r"data.split_cpu_share=1.5 is out of range: set it between 0 and 1"):
         DataConfig(url="x", decode="split", split_cpu_share=1.5)
 
 
