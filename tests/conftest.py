@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -183,6 +184,36 @@ def odd_shards_data(url: Path | str, num_workers: int = 1) -> list[str]:
         f"data.num_workers={num_workers}",
         "data.shuffle_buffer=16",
     ]
+
+
+def odd_shards_config(url: Path | str, **overrides: Any) -> Any:
+    """`odd_shards_data` as a DataConfig, for tests that drive the loaders directly."""
+    from orchestrator.spec import DataConfig
+
+    settings: dict[str, Any] = {
+        "url": str(url),
+        "train_transform": "rrc",
+        "image_size": 32,
+        "scale_range": (36, 48),
+        "eval_resize": 36,
+        "num_workers": 1,
+        "shuffle_buffer": 16,
+    }
+    return DataConfig(**{**settings, **overrides})
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar shard of (member name, bytes), as another tool might write it."""
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import re
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchestrator.data import DataConfig, DataError, TrainLoader
-from tests.conftest import ROOT
+from orchestrator.data import DataError, TrainLoader
+from tests.conftest import ROOT, odd_shards_config, write_tar
 
 GOOD = 7  # good samples next to the bad one, in the same shard
 
@@ -92,12 +91,8 @@ def _dataset(root: Path, bad: dict[str, bytes] | None) -> Path:
     root.mkdir(parents=True)
     samples = [{"jpg": _jpeg(i), "cls": str(i % 4).encode()} for i in range(GOOD)]
     samples += [bad] if bad is not None else []
-    with tarfile.open(root / "train-000000.tar", "w") as tar:
-        for i, members in enumerate(samples):
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"s{i:03d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    members = [(f"s{i:03d}.{ext}", data) for i, m in enumerate(samples) for ext, data in m.items()]
+    write_tar(root / "train-000000.tar", members)
     shard = {"name": "train-000000.tar", "samples": len(samples)}
     manifest = {
         "format": "webdataset",
@@ -112,14 +107,7 @@ def _dataset(root: Path, bad: dict[str, bytes] | None) -> Path:
 
 def _read(root: Path) -> tuple[list[int], float]:
     """Every label of one epoch, and the bad samples counted."""
-    cfg = DataConfig(
-        url=str(root),
-        train_transform="rrc",
-        image_size=32,
-        scale_range=(36, 48),
-        num_workers=0,
-        bad_check_after=1000,
-    )
+    cfg = odd_shards_config(root, num_workers=0, bad_check_after=1000)
     loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=4, seed=0)
     labels = [int(v) for _, y in loader for v in y]
     return labels, loader.stats()["bad_samples"]

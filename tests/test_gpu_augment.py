@@ -16,7 +16,7 @@ from orchestrator.data.gpu_augment import (
     rrc_boxes,
     shrink_to,
 )
-from tests.conftest import odd_shards_data, run_script
+from tests.conftest import odd_shards_config, odd_shards_data, run_script, write_tar
 
 
 def _image(h: int, w: int) -> torch.Tensor:
@@ -264,7 +264,9 @@ def test_gpu_decode_rejects_cifar_transform() -> None:
         DataConfig(
             url="x", decode="gpu", train_transform="cifar", image_size=32, scale_range=(32, 32)
         )
-    with pytest.raises(ValueError, match=r"data.split_cpu_share=1.5 is out of range: set it between 0 and 1"):
+    with pytest.raises(
+        ValueError, match=r"data.split_cpu_share=1.5 is out of range: set it between 0 and 1"
+    ):
         DataConfig(url="x", decode="split", split_cpu_share=1.5)
 
 
@@ -273,7 +275,6 @@ def _damaged_shards(root) -> tuple[str, str]:
     scan is missing (it passes the workers' checks; no decoder reads it), as indexed shards.
     Returns the two damaged samples' keys."""
     import io
-    import tarfile
 
     import numpy as np
     from PIL import Image
@@ -288,12 +289,7 @@ def _damaged_shards(root) -> tuple[str, str]:
         if i == 17:
             data = data[: data.index(b"\xff\xda")] + b"\xff\xd9"
         members += [(f"s{i:02d}.jpg", data), (f"s{i:02d}.cls", str(i % 2).encode())]
-    root.mkdir()
-    with tarfile.open(root / "train-000000.tar", "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_tar(root / "train-000000.tar", members)
     (root / "val-000000.tar").write_bytes((root / "train-000000.tar").read_bytes())
     run_script("datasets/index_shards.py", str(root), "--check", "header")
     return "s05", "s17"
@@ -303,19 +299,10 @@ def test_gpu_decode_replaces_and_counts_damaged_jpegs(tmp_path) -> None:
     """decode=gpu, a CPU standing in for the device: a cut-short JPEG is caught by the
     workers' end-marker check, one that only fails to decode by the device step; both are
     replaced within their batch and counted with the loader's bad samples."""
-    from orchestrator.data import DataConfig, MixedBatch, TrainLoader
+    from orchestrator.data import MixedBatch, TrainLoader
 
     _damaged_shards(tmp_path / "d")
-    cfg = DataConfig(
-        url=str(tmp_path / "d"),
-        decode="gpu",
-        train_transform="rrc",
-        image_size=32,
-        scale_range=(36, 48),
-        num_workers=1,
-        shuffle_buffer=8,
-        bad_check_after=1000,
-    )
+    cfg = odd_shards_config(tmp_path / "d", decode="gpu", shuffle_buffer=8, bad_check_after=1000)
     loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=8, seed=0)
     sizes = []
     for batch, labels in loader:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, odd_shards_data, run_script
+from tests.conftest import ROOT, odd_shards_config, odd_shards_data, run_script, write_tar
 
 INDEX = "datasets/index_shards.py"
 
@@ -137,9 +137,9 @@ def _epoch(
     """One epoch's (JPEG file, label) of the samples the batches carry as files (all of them
     with decode=gpu: a CPU stands in for the device, so the stored bytes tell samples apart),
     and every label."""
-    from orchestrator.data import DataConfig, TrainLoader
+    from orchestrator.data import TrainLoader
 
-    data = DataConfig(**{**_cfg(url), "decode": decode, **cfg})
+    data = odd_shards_config(url, decode=decode, **cfg)
     loader = TrainLoader(data, rank=0, world_size=1, **_bs())
     files, labels = [], []
     for batch, y in loader:
@@ -153,7 +153,7 @@ def _epoch(
 def test_loaders_read_indexed_shards_as_they_read_converted_ones(
     tmp_path: Path, peer_shards: Path, generated_imagenet: Path
 ) -> None:
-    from orchestrator.data import DataConfig, TrainLoader, eval_loader
+    from orchestrator.data import TrainLoader, eval_loader
 
     _index(peer_shards)
     converted = _converted(tmp_path, generated_imagenet)
@@ -168,7 +168,7 @@ def test_loaders_read_indexed_shards_as_they_read_converted_ones(
     assert set(files) <= set(peer)
 
     # exact mid-epoch resume on them: batches 4.. after a restart are the epoch's batches 4..
-    cpu = DataConfig(**{**_cfg(peer_shards), "decode": "cpu"})
+    cpu = odd_shards_config(peer_shards)
     full = [labels.tolist() for _, labels in TrainLoader(cpu, rank=0, world_size=1, **_bs())]
     resumed = TrainLoader(cpu, rank=0, world_size=1, **_bs())
     resumed.set_epoch(0, start_batch=4)
@@ -183,7 +183,7 @@ def test_loaders_read_indexed_shards_as_they_read_converted_ones(
 
     # evaluation: the same pixels with the same labels
     def val(url: Path) -> list[tuple[int, str]]:
-        cfg = DataConfig(**{**_cfg(url), "eval_resize": 36})
+        cfg = odd_shards_config(url)
         return sorted(
             (int(label), hashlib.sha1(image.numpy().tobytes()).hexdigest())
             for images, labels in eval_loader(cfg, rank=0, world_size=1, batch_size=8)
@@ -191,17 +191,6 @@ def test_loaders_read_indexed_shards_as_they_read_converted_ones(
         )
 
     assert val(peer_shards) == val(converted) and len(val(peer_shards)) == 40
-
-
-def _cfg(url: Path | str) -> dict[str, Any]:
-    return {
-        "url": str(url),
-        "train_transform": "rrc",
-        "image_size": 32,
-        "scale_range": (36, 48),
-        "num_workers": 1,
-        "shuffle_buffer": 16,
-    }
 
 
 def _bs() -> dict[str, int]:
@@ -242,15 +231,6 @@ def test_train_a_few_steps_on_indexed_shards(
     assert state["step"] == 3
 
 
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def _label_json(name: str) -> bytes:
     return json.dumps({"label": name, "source": "hub"}).encode()
 
@@ -268,7 +248,7 @@ def test_foreign_layouts_are_read_or_refused_with_the_flag_that_fixes_them(
         members = []
         for key, data, label in train[s * 80 : (s + 1) * 80]:
             members += [(f"{key}.jpeg", data), (f"{key}.json", _label_json(wnids[label]))]
-        _tar(root / f"imagenet1k-train-{s:04d}.tar", members)
+        write_tar(root / f"imagenet1k-train-{s:04d}.tar", members)
     val = []
     for i, (key, data, label) in enumerate(peer_images["val"]):
         if i == 3:
@@ -276,7 +256,7 @@ def test_foreign_layouts_are_read_or_refused_with_the_flag_that_fixes_them(
         val.append((f"{key}.jpeg", data))
         if i != 5:  # sample 5 has no label
             val.append((f"{key}.json", _label_json(wnids[label])))
-    _tar(root / "imagenet1k-validation-00.tar", val)
+    write_tar(root / "imagenet1k-validation-00.tar", val)
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(wnids) + "\n")
     pattern = f"{root}/imagenet1k-train-{{0000..0001}}.tar"
@@ -310,17 +290,17 @@ def test_foreign_layouts_are_read_or_refused_with_the_flag_that_fixes_them(
     assert "does not decode" in bad[(peer_images["val"][3][0], "jpeg")]
 
     # the loaders: labels mapped through the class names; the two bad samples counted
-    from orchestrator.data import DataConfig, TrainLoader, eval_loader
+    from orchestrator.data import TrainLoader, eval_loader
 
     truth = {data: label for _, data, label in peer_images["train"]}
     seen, _, _ = _epoch(root)
     assert len(seen) == 160 and all(truth[jpeg] == label for jpeg, label in seen)
-    cfg = DataConfig(**{**_cfg(root), "eval_resize": 36, "bad_check_after": 1000})
+    cfg = odd_shards_config(root, bad_check_after=1000)
     labels = [int(x) for _, y in eval_loader(cfg, rank=0, world_size=1, batch_size=8) for x in y]
     want = [lbl for i, (_, _, lbl) in enumerate(peer_images["val"]) if i not in (3, 5)]
     assert labels == want
     # as a training split: the two bad samples replaced and counted, the rest in one epoch each
-    cfg = DataConfig(**{**_cfg(root), "train_split": "val", "bad_check_after": 1000})
+    cfg = odd_shards_config(root, train_split="val", bad_check_after=1000)
     loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=8, seed=0)
     trained = sorted(int(x) for _, y in loader for x in y)
     assert loader.stats()["bad_samples"] == 2 and len(trained) == 40
@@ -330,7 +310,7 @@ def test_foreign_layouts_are_read_or_refused_with_the_flag_that_fixes_them(
 def test_shards_the_loaders_would_misread_are_refused(tmp_path: Path, peer_images: dict) -> None:
     images = peer_images["train"]
     # no split in the name
-    _tar(tmp_path / "a" / "shard-0.tar", [(f"{k}.jpg", d) for k, d, _ in images[:2]])
+    write_tar(tmp_path / "a" / "shard-0.tar", [(f"{k}.jpg", d) for k, d, _ in images[:2]])
     err = _index(tmp_path / "a", ok=False).stderr
     assert "shard shard-0.tar: its name names no split" in err and "--split NAME=GLOB" in err
     out = _index(
@@ -352,7 +332,7 @@ def test_shards_the_loaders_would_misread_are_refused(tmp_path: Path, peer_image
         for k, d, label in images:
             if label == c:
                 members += [(f"{k}.jpg", d), (f"{k}.cls", str(label).encode())]
-        _tar(by_class / f"train-{c:03d}.tar", members)
+        write_tar(by_class / f"train-{c:03d}.tar", members)
     err = _index(by_class, ok=False).stderr
     assert "sorted by class" in err and "--allow-class-sorted" in err
     _index(by_class, "--allow-class-sorted")
@@ -360,7 +340,7 @@ def test_shards_the_loaders_would_misread_are_refused(tmp_path: Path, peer_image
     # members of one sample apart from each other
     k0, d0, _ = images[0]
     k1, d1, _ = images[1]
-    _tar(
+    write_tar(
         tmp_path / "t" / "train-0.tar",
         [(f"{k0}.jpg", d0), (f"{k1}.jpg", d1), (f"{k0}.cls", b"0"), (f"{k1}.cls", b"1")],
     )
@@ -368,7 +348,7 @@ def test_shards_the_loaders_would_misread_are_refused(tmp_path: Path, peer_image
     assert f"the members of sample {k0!r} are not next to each other" in err
 
     # a label past --num-classes names the shard and the flag
-    _tar(tmp_path / "n" / "train-0.tar", [(f"{k0}.jpg", d0), (f"{k0}.cls", b"7")])
+    write_tar(tmp_path / "n" / "train-0.tar", [(f"{k0}.jpg", d0), (f"{k0}.cls", b"7")])
     err = _index(tmp_path / "n", "--num-classes", "4", ok=False).stderr
     assert "shard train-0.tar holds label 7, outside 0..3" in err and "--num-classes" in err
 
@@ -391,22 +371,22 @@ def test_shards_the_loaders_would_misread_are_refused(tmp_path: Path, peer_image
 def test_gpu_decode_refuses_a_split_of_png_images(tmp_path: Path) -> None:
     from PIL import Image
 
-    from orchestrator.data import DataConfig, DataError, TrainLoader
+    from orchestrator.data import DataError, TrainLoader
 
     members = []
     for i in range(8):
         buf = io.BytesIO()
         Image.fromarray(np.full((40, 40, 3), i * 20, np.uint8)).save(buf, "PNG")
         members += [(f"s{i}.png", buf.getvalue()), (f"s{i}.cls", str(i % 2).encode())]
-    _tar(tmp_path / "png" / "train-0.tar", members)
+    write_tar(tmp_path / "png" / "train-0.tar", members)
     _index(tmp_path / "png")
     manifest = json.loads((tmp_path / "png" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["image_types"] == {"png": 8}
     with pytest.raises(DataError, match=r"decode=gpu decodes JPEG only.*'png': 8.*decode=cpu"):
         TrainLoader(
-            DataConfig(**{**_cfg(tmp_path / "png"), "decode": "gpu"}), rank=0, world_size=1, **_bs()
+            odd_shards_config(tmp_path / "png", decode="gpu"), rank=0, world_size=1, **_bs()
         )
     loader = TrainLoader(
-        DataConfig(**_cfg(tmp_path / "png")), rank=0, world_size=1, batch_size=4, seed=0
+        odd_shards_config(tmp_path / "png"), rank=0, world_size=1, batch_size=4, seed=0
     )
     assert sorted(x for _, y in loader for x in y.tolist()) == [0] * 4 + [1] * 4
