@@ -9,6 +9,8 @@ Layout under `{checkpoint.storage}/{job name}/checkpoints/`:
     step-00001000/COMMITTED       written last by rank 0, after a barrier: lists every file
                                   with its size, so a missing or truncated file is detected;
                                   also the metrics and the data position (JSON, torch-free)
+    step-00001000/PINNED          optional, after the commit: an MLflow model version reads its
+                                  weights here (orchestrator.publish), so retention keeps it
 
 Uploads run in the background (the loop pays only for serialising the state in memory); a step
 is committed when the next checkpoint is taken, or at the end of the run, after every rank's
@@ -48,6 +50,7 @@ from orchestrator.storage import open_storage
 
 log = logging.getLogger(__name__)
 MARKER = "COMMITTED"
+PIN = "PINNED"  # a registered model reads this step's weights: retention never deletes it
 
 
 def to_bytes(obj: Any) -> bytes:
@@ -70,6 +73,7 @@ class Committed:
     metrics: dict[str, float]
     # where the data stream stood (Trainer.data_position); empty in markers older than it
     position: dict[str, Any] = field(default_factory=dict)
+    pinned: bool = False  # a registered model version reads it (PIN): retention keeps it
 
 
 class CheckpointStore:
@@ -113,28 +117,38 @@ class CheckpointStore:
             m = re.fullmatch(r"step-(\d+)", name)
             if not m:
                 continue
-            problem, marker = self._check(name)
+            problem, marker, sizes = self._check(name)
             if problem:
                 broken.append((int(m.group(1)), name, problem))
             else:
                 metrics = canonical_metrics(marker.get("metrics", {}))  # old markers: old names
                 url, position = self.storage.url(name), marker.get("position") or {}
-                out.append(Committed(int(m.group(1)), url, metrics, position))
+                out.append(Committed(int(m.group(1)), url, metrics, position, PIN in sizes))
         newest = max((c.step for c in out), default=-1)
         for step, name, problem in broken:
             if step > newest:  # older debris is a retention delete or crash already superseded
                 log.warning("skipping checkpoint %s: %s", self.storage.url(name), problem)
         return sorted(out, key=lambda c: c.step)
 
-    def _check(self, name: str) -> tuple[str | None, dict[str, Any]]:
+    def _check(self, name: str) -> tuple[str | None, dict[str, Any], dict[str, int]]:
         sizes = self.storage.sizes(name)
         if MARKER not in sizes:
-            return "no commit marker (an interrupted save)", {}
+            return "no commit marker (an interrupted save)", {}, sizes
         marker = json.loads(self.storage.get(f"{name}/{MARKER}"))
         for rel, size in marker["files"].items():
             if sizes.get(rel) != size:
-                return f"{rel} is missing or truncated ({sizes.get(rel)} of {size} bytes)", marker
-        return None, marker
+                problem = f"{rel} is missing or truncated ({sizes.get(rel)} of {size} bytes)"
+                return problem, marker, sizes
+        return None, marker, sizes
+
+    def pin(self, step: int, why: dict[str, Any]) -> None:
+        """Keep committed step `step` for good (retention skips it): a registered model reads
+        its weights. `why` (who pinned it) is written into the pin, for whoever cleans up."""
+        self.storage.put(f"{_step_dir(step)}/{PIN}", json.dumps(why, indent=1).encode())
+
+    def read_bytes(self, step: int, name: str) -> bytes:
+        """A checkpoint file's bytes as stored (to hash them, or torch.load them later)."""
+        return self.storage.get(f"{_step_dir(step)}/{name}")
 
     def latest(self) -> Committed | None:
         found = self.committed()
@@ -163,9 +177,11 @@ class CheckpointStore:
         return local
 
     def retain(self, keep_last: int, best_metric: str) -> None:
-        """Delete all but the newest `keep_last` and the best by `best_metric` (lower wins)."""
+        """Delete all but the newest `keep_last`, the best by `best_metric` (lower wins) and
+        the pinned ones (registered model versions read them)."""
         found = self.committed()
         keep = {c.step for c in found[-keep_last:]} if keep_last > 0 else set()
+        keep |= {c.step for c in found if c.pinned}
         best = best_checkpoint(found, best_metric)
         if best is not None:
             keep.add(best.step)

@@ -15,8 +15,9 @@ What the run holds:
 - at a successful end (orchestrator.run_report): the paper's number for the same model and
   protocol beside this run's (metrics `paper/*`, `achieved/*`, `gap/*`,
   `paper/comparison.{md,csv}`), training curves in the paper's style (`plots/*.png`), both
-  from the run's whole history; the best checkpoint registered as a model version (registered
-  model = job name, alias `best`, source = its S3 URL).
+  from the run's whole history; the best and the last committed checkpoints logged as MLflow
+  models and registered (registered model = job name, aliases `best` and `latest`;
+  orchestrator.publish), retried and reported, never failing the run.
 
 Secrets never reach params, tags, artifacts or log messages: everything written goes through
 orchestrator.redaction (`scrub`, `redact`, `redact_tags`).
@@ -40,7 +41,7 @@ from orchestrator import mlflow_internals
 from orchestrator.lineage import dataset_input, git_commit, manifest_sha256
 from orchestrator.liveness import ERROR_TAG, HEARTBEAT_S, JOB_TAG, Heartbeat
 from orchestrator.redaction import redact, redact_tags, scrub
-from orchestrator.run_report import log_paper_report, register_best
+from orchestrator.run_report import log_paper_report
 
 # what the loop and the launcher take from here (scrub and manifest_sha256 live elsewhere)
 __all__ = [
@@ -487,9 +488,9 @@ class MlflowTracker:
         if checkpoint_url:
             tag = {"checkpoint_url": checkpoint_url}
             steps.append(("record the checkpoint", lambda: self._set_tags(tag)))
-        if best_checkpoint_url:
-            best = best_checkpoint_url
-            steps.append(("register the best checkpoint", lambda: self._register_best(best)))
+        if best_checkpoint_url or (checkpoint_url and status == "FINISHED"):
+            best, last = best_checkpoint_url, checkpoint_url if status == "FINISHED" else None
+            steps.append(("register the models", lambda: self._publish_models(best, last)))
         if status == "FINISHED":
             steps.append(("compare with the paper", self._paper_report))
         if lost > self._lost_reported:
@@ -504,9 +505,21 @@ class MlflowTracker:
                 )
         self._finished = True
 
-    def _register_best(self, url: str) -> Any:
+    def _publish_models(self, best: str | None, latest: str | None) -> Any:
+        """The best and the last committed checkpoints as MLflow models (@best, @latest):
+        retried, reported, never raising (orchestrator.publish)."""
+        from orchestrator.publish.register import publish_run_models
+
         metric = str(self.params.get("checkpoint.best_metric", ""))
-        return register_best(self.client, self.run_id, self.job, url, metric, {JOB_TAG: self.job})
+        return publish_run_models(
+            self.client,
+            self.run_id,
+            self.job,
+            best_url=best,
+            latest_url=latest,
+            metric=metric,
+            tags={JOB_TAG: self.job},
+        )
 
     def _paper_report(self) -> dict[str, float]:
         return log_paper_report(

@@ -146,7 +146,8 @@ def member_from_run(run: Any, checkpoint: str, selected_by: str) -> Member:
 
 
 def member_from_version(client: Any, ref: str) -> Member:
-    """A registered model version whose source is a checkpoint URL."""
+    """A registered model version: its checkpoint is its tag `checkpoint_url` (versions that
+    orchestrator.publish logged) or its source (URL-only versions)."""
     from orchestrator.checkpoint import split_checkpoint_url
 
     name, alias, version = parse_model_ref(ref)
@@ -158,16 +159,19 @@ def member_from_version(client: Any, ref: str) -> Member:
     except Exception as err:
         raise EnsembleError(f"model {ref}: not found in the MLflow registry: {err}") from err
     what = f"model {ref} (version {mv.version}, run {mv.run_id or '-'})"
+    # a logged model's version (source models:/m-...) names its checkpoint in a tag; an older,
+    # URL-only version's source is the checkpoint itself
+    url = (mv.tags or {}).get("checkpoint_url") or mv.source or ""
     try:
-        root, step = split_checkpoint_url(mv.source or "")
+        root, step = split_checkpoint_url(url)
     except ValueError:
         raise EnsembleError(
-            f"{what}: source {mv.source!r} is not a checkpoint URL (.../checkpoints/step-NNNNNNNN)"
+            f"{what}: source {url!r} is not a checkpoint URL (.../checkpoints/step-NNNNNNNN)"
         ) from None
     found = {c.step: c for c in _committed(root, what)}
     if step not in found:
         raise EnsembleError(
-            f"{what}: checkpoint {mv.source} is not committed or its files are missing/unreachable"
+            f"{what}: checkpoint {url} is not committed or its files are missing/unreachable"
         )
     run_name = None
     if mv.run_id:

@@ -1,0 +1,185 @@
+"""python -m orchestrator.publish: register a finished run's checkpoint as an MLflow model, or
+export a net's weights for torchvision.
+
+    python -m orchestrator.publish --run ID [--checkpoint best|latest] [--copy-weights]
+    python -m orchestrator.publish --checkpoint-url s3://.../step-NNNNNNNN --name NAME [--run ID]
+    python -m orchestrator.publish --model NAME@best --torchvision resnet50.pth
+    python -m orchestrator.publish --run ID --checkpoint best --torchvision resnet50.pth
+
+Exit code 2, with the reason, on bad input (no such run, no committed checkpoint, a net that
+has no torchvision equivalent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from orchestrator.publish.register import (
+    ALIAS_OF,
+    PublishError,
+    publish_checkpoint,
+    read_checkpoint,
+)
+from orchestrator.publish.torchvision_export import NotTorchvisionEquivalent, export_torchvision
+from orchestrator.redaction import scrub
+
+log = logging.getLogger(__name__)
+
+
+class UsageError(ValueError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m orchestrator.publish",
+        description="Log a committed checkpoint as an MLflow model and register it under the "
+        "job's name (aliases best/last), or export its weights for torchvision.",
+    )
+    src = p.add_argument_group("which checkpoint (one of)")
+    src.add_argument("--run", help="MLflow run id of a training job")
+    src.add_argument("--model", help="a registered version, NAME@ALIAS or NAME/VERSION")
+    src.add_argument("--checkpoint-url", help=".../checkpoints/step-NNNNNNNN (with --name)")
+    p.add_argument(
+        "--checkpoint",
+        choices=sorted(ALIAS_OF),
+        default="best",
+        help="with --run: the best committed step (by checkpoint.best_metric, alias best) or "
+        "the last (alias last: MLflow reserves 'latest')",
+    )
+    p.add_argument("--name", help="registered model name (default: the run's job name)")
+    p.add_argument(
+        "--alias", action="append", help="aliases to set (default: the --checkpoint choice)"
+    )
+    p.add_argument(
+        "--copy-weights",
+        action="store_true",
+        help="copy the weights into MLflow's artifact store (default: read from the checkpoint)",
+    )
+    p.add_argument("--torchvision", type=Path, help="write torchvision weights here instead")
+    return p
+
+
+def _run_checkpoint(client: Any, run_id: str, which: str) -> tuple[str, str, str]:
+    """(checkpoint URL, job name, best metric) of a training run's best or latest step."""
+    from orchestrator.checkpoint import CheckpointStore, best_checkpoint
+    from orchestrator.spec import CheckpointConfig
+    from orchestrator.tracking import JOB_TAG
+
+    try:
+        run = client.get_run(run_id)
+    except Exception as err:
+        raise UsageError(f"run {run_id}: not found in MLflow: {scrub(err)[:300]}") from err
+    job = run.data.tags.get(JOB_TAG)
+    storage = run.data.params.get("checkpoint.storage")
+    if not job or not storage:
+        raise UsageError(f"run {run_id} is not an orchestrator training run (no job or storage)")
+    root = f"{storage.rstrip('/')}/{job}/checkpoints"
+    found = CheckpointStore(root).committed()
+    metric = run.data.params.get("checkpoint.best_metric", CheckpointConfig().best_metric)
+    chosen = found[-1] if which == "latest" and found else best_checkpoint(found, metric)
+    if chosen is None:
+        raise UsageError(f"run {run_id}: no committed checkpoint under {root} for {which!r}")
+    return chosen.url, job, metric
+
+
+def _model_checkpoint(client: Any, ref: str) -> str:
+    from orchestrator.ensemble_eval.config import EnsembleError, parse_model_ref
+    from orchestrator.publish.register import CHECKPOINT_TAG
+
+    try:
+        name, alias, version = parse_model_ref(ref)
+        mv = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, version)
+        )
+    except EnsembleError as err:
+        raise UsageError(str(err)) from err
+    except Exception as err:
+        raise UsageError(f"model {ref}: not in the MLflow registry: {scrub(err)[:300]}") from err
+    return (mv.tags or {}).get(CHECKPOINT_TAG) or mv.source
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; prints what it did as JSON on the last line."""
+    logging.basicConfig(
+        level=os.environ.get("ORCH_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(args)
+    except (UsageError, PublishError, NotTorchvisionEquivalent) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    from mlflow import MlflowClient
+
+    # --run names the checkpoint, or (beside --checkpoint-url) only the run to log the model to
+    given = [
+        bool(args.model),
+        bool(args.checkpoint_url),
+        bool(args.run and not args.checkpoint_url),
+    ]
+    if sum(given) != 1:
+        raise UsageError("give one of --run, --model or --checkpoint-url")
+    client = MlflowClient()
+    metric = ""
+    if args.checkpoint_url:
+        url, job = args.checkpoint_url, args.name
+        if not job:
+            raise UsageError("--checkpoint-url needs --name (the registered model's name)")
+    elif args.model:
+        url, job = _model_checkpoint(client, args.model), args.name
+    else:
+        url, job, metric = _run_checkpoint(client, args.run, args.checkpoint)
+        job = args.name or job
+    if args.torchvision:
+        ck = read_checkpoint(url)
+        out = export_torchvision(ck.model, ck.weights, args.torchvision)
+        print(json.dumps({"torchvision": str(out), "model": ck.model, "checkpoint_url": ck.url}))
+        return 0
+    if not job:
+        raise UsageError("--model needs --name to register again (or use --torchvision)")
+    from orchestrator.tracking import JOB_TAG
+
+    published = publish_checkpoint(
+        client,
+        url,
+        job,
+        run_id=args.run,
+        aliases=args.alias or [ALIAS_OF[args.checkpoint]],
+        copy_weights=args.copy_weights,
+        tags={JOB_TAG: job},
+        metric=metric,
+    )
+    print(
+        json.dumps(
+            {
+                "model": job,
+                "version": published.version.version,
+                "aliases": published.aliases,
+                "model_uri": published.model_uri,
+                "checkpoint_url": published.checkpoint_url,
+                "weights": published.weights,
+                "seconds": round(published.seconds, 2),
+                "artifact_bytes": published.artifact_bytes,
+                "reused": published.reused,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

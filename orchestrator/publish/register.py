@@ -1,0 +1,440 @@
+"""A committed checkpoint as a registered MLflow model: logged, registered, aliased.
+
+`publish_checkpoint` logs one checkpoint as an MLflow model (orchestrator.publish.flavor) and
+registers it as a version of the registered model named after the job, with the given aliases;
+a version already registered for the same checkpoint (and the same weights mode) is reused, so
+publishing again only moves aliases. `publish_run_models` is what a run's end calls: the best
+checkpoint (alias `best`) and the last committed one (alias `last`: MLflow reserves `latest`),
+each retried on registry trouble, never raising.
+
+Where the weights live (`copy_weights`):
+- False (the default): in the committed checkpoint on S3 only. The model holds the net's spec,
+  classes, transform and the checkpoint's URL and sha256 (a few kB); loading reads trainer.pt
+  (weights and optimizer state: about twice the weights) and checks its sha256. The step is
+  pinned (checkpoint.PIN) so retention keeps it. Loading needs the S3 credentials too.
+- True: the weights (no optimizer state) are copied into MLflow's artifact store: a model
+  that stands alone (MLflow's credentials suffice), at the cost of a second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from orchestrator.publish.classifier import FORMAT, NetByReference, build_net, trainer_weights
+from orchestrator.redaction import redact_tags, scrub
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_TAG = "checkpoint_url"  # on a version: the committed checkpoint it came from
+FORMAT_TAG = "orchestrator.model_format"  # on a version: a loadable model of this format
+WEIGHTS_TAG = "orchestrator.weights"  # on a version: "reference" (S3 checkpoint) or "copy"
+REGISTRATION_TAG = "orchestrator.registration"  # on a run: why its models are not registered
+# MLflow reserves the alias `latest` (models:/NAME/latest is the newest version): the last
+# committed checkpoint is `last`
+ALIAS_OF = {"best": "best", "latest": "last"}  # --checkpoint choice -> alias
+ALIASES = tuple(ALIAS_OF.values())
+# registry answers that a retry would only repeat
+FINAL_ERRORS = {"INVALID_PARAMETER_VALUE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+
+
+class PublishError(RuntimeError):
+    """The checkpoint cannot be made a model (unreadable, not a training checkpoint): retrying
+    will not help, unlike registry trouble."""
+
+
+@dataclass
+class Published:
+    """A registered version and what logging it cost."""
+
+    version: Any  # mlflow ModelVersion
+    model_uri: str  # models:/m-... (the logged model)
+    checkpoint_url: str
+    weights: str  # "reference" | "copy"
+    seconds: float
+    artifact_bytes: int
+    aliases: list[str] = field(default_factory=list)
+    reused: bool = False
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("resnet-orchestrator")
+    except PackageNotFoundError:
+        return "0.1.0"
+
+
+def _requirements() -> list[str]:
+    import mlflow
+    import torch
+
+    # the project itself: its nets and transforms are the model's code
+    return [
+        f"resnet-orchestrator=={_package_version()}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"mlflow=={mlflow.__version__}",
+    ]
+
+
+def _signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.binary, "image")]),
+        outputs=Schema(
+            [
+                ColSpec(Array(DataType.long), "class_ids"),
+                ColSpec(Array(DataType.string), "class_names"),
+                ColSpec(Array(DataType.double), "probabilities"),
+            ]
+        ),
+    )
+
+
+def example_jpeg(width: int, height: int) -> bytes:
+    """A small generated JPEG (a colour gradient): the model's input example."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256])
+    buf = io.BytesIO()
+    Image.fromarray(rgb.transpose(1, 2, 0).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@dataclass
+class _Checkpoint:
+    url: str
+    step: int
+    sha256: str
+    size: int
+    model: dict[str, Any]  # name, num_classes, options
+    data: dict[str, Any]  # the eval transform's fields of the run's data section
+    weights: Any  # the model's state dict
+    marker_metrics: dict[str, float]
+    store: Any
+
+
+def read_checkpoint(url: str) -> _Checkpoint:
+    """A committed checkpoint's model: spec and weights (strictly loadable), its sha256."""
+    from orchestrator.checkpoint import CheckpointStore, split_checkpoint_url
+    from orchestrator.spec import JobSpec, from_dict
+
+    try:
+        root, step = split_checkpoint_url(url)
+        store = CheckpointStore(root)
+        committed = {c.step: c for c in store.committed()}
+        if step not in committed:
+            raise PublishError(f"{url} is not a committed checkpoint (no valid COMMITTED marker)")
+        raw = store.read_bytes(step, "trainer.pt")
+        spec_dict, weights = trainer_weights(raw)
+        spec = from_dict(JobSpec, spec_dict)
+        fc = weights.get("fc.weight")
+        if fc is None:
+            raise PublishError(f"{url}/trainer.pt: the model state has no fc.weight")
+        model = {
+            "name": spec.model.name,
+            "num_classes": int(fc.shape[0]),
+            "options": spec.model.options(),
+        }
+        build_net(model, weights)  # fails here, not at a user's load, if they do not fit
+    except PublishError:
+        raise
+    except Exception as err:
+        raise PublishError(f"cannot read checkpoint {url}: {type(err).__name__}: {err}") from err
+    data = {
+        "train_transform": spec.data.train_transform,
+        "image_size": spec.data.image_size,
+        "eval_resize": spec.data.eval_resize,
+    }
+    return _Checkpoint(
+        url=scrub(url),
+        step=step,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        size=len(raw),
+        model=model,
+        data={**data, "url": spec.data.url},
+        weights=weights,
+        marker_metrics=committed[step].metrics,
+        store=store,
+    )
+
+
+def _classes_and_stats(data_url: str, num_classes: int) -> tuple[list[str], Any, Any]:
+    """Class names and mean/std (0-255) from the dataset's manifest, as the run evaluated."""
+    from orchestrator.data import IMAGENET_MEAN, IMAGENET_STD, load_manifest
+
+    manifest: dict[str, Any] = {}
+    if data_url:
+        try:
+            manifest = load_manifest(data_url)
+        except Exception as err:  # noqa: BLE001 - names are a convenience, ids still work
+            log.warning(
+                "dataset manifest %s unreadable (%s): classes named by number", data_url, err
+            )
+    names = [str(c) for c in manifest.get("classes") or []]
+    if len(names) != num_classes:
+        names = [str(i) for i in range(num_classes)]
+    mean = list(manifest.get("mean") or IMAGENET_MEAN)
+    std = list(manifest.get("std") or IMAGENET_STD)
+    return names, mean, std
+
+
+def _existing_version(client: Any, job: str, url: str, weights: str) -> Any:
+    name = job.replace("'", "\\'")
+    for mv in client.search_model_versions(f"name='{name}'"):
+        tags = mv.tags or {}
+        if (
+            tags.get(CHECKPOINT_TAG) == url
+            and tags.get(FORMAT_TAG) == str(FORMAT)
+            and tags.get(WEIGHTS_TAG) == weights
+        ):
+            return mv
+    return None
+
+
+def _ensure_registered_model(client: Any, job: str, tags: dict[str, str]) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(
+            job, tags=tags, description=f"Trained nets of job {job} (orchestrator.publish)."
+        )
+    except MlflowException as err:
+        if getattr(err, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _artifact_bytes(client: Any, model_id: str) -> int:
+    """The logged model's size in MLflow's artifact store (every file, listed)."""
+    total, todo = 0, [None]
+    while todo:
+        path = todo.pop()
+        for f in client.list_logged_model_artifacts(model_id, path):
+            if f.is_dir:
+                todo.append(f.path)
+            else:
+                total += f.file_size or 0
+    return total
+
+
+def publish_checkpoint(
+    client: Any,
+    url: str,
+    job: str,
+    *,
+    run_id: str | None = None,
+    aliases: tuple[str, ...] | list[str] = ("best",),
+    copy_weights: bool = False,
+    tags: dict[str, str] | None = None,
+    metric: str = "",
+) -> Published:
+    """Log committed checkpoint `url` as an MLflow model of run `run_id` and register it as a
+    version of model `job` with `aliases`. PublishError where the checkpoint cannot be a model;
+    MLflow's own errors (an unreachable registry) pass through for the caller to retry."""
+    from mlflow.models import Model
+
+    from orchestrator.publish import flavor
+
+    t0 = time.perf_counter()
+    ck = read_checkpoint(url)
+    weights = "copy" if copy_weights else "reference"
+    tags = redact_tags(tags or {})
+    _ensure_registered_model(client, job, tags)
+    version = _existing_version(client, job, ck.url, weights)
+    reused = version is not None
+    artifact_bytes = 0
+    if version is None:
+        classes, mean, std = _classes_and_stats(ck.data.pop("url"), ck.model["num_classes"])
+        ref = {"model": ck.model, "checkpoint_url": ck.url, "trainer_sha256": ck.sha256}
+        meta = {
+            "format": FORMAT,
+            "model": ck.model,
+            "classes": classes,
+            "data": ck.data,
+            "mean": mean,
+            "std": std,
+            "protocol": "center",
+            "weights": weights,
+            "checkpoint_url": ck.url,
+            "step": ck.step,
+            "trainer_sha256": ck.sha256,
+            "job": job,
+            "run_id": run_id,
+            "checkpoint_metrics": ck.marker_metrics,
+        }
+        if copy_weights:
+            net = build_net(ck.model, ck.weights)
+        else:
+            # pinned before it is registered: retention must never delete what a version reads
+            ck.store.pin(ck.step, {"model": job, "run_id": run_id, "sha256": ck.sha256})
+            net = NetByReference(ref)
+        size = ck.data["eval_resize"]
+        example = _example_frame(example_jpeg(size + size // 3, size))
+        info = Model.log(
+            artifact_path=None,
+            flavor=flavor,
+            name=f"{job}-step-{ck.step}",
+            run_id=run_id,
+            net=net,
+            meta=meta,
+            signature=_signature(),
+            input_example=example,
+            pip_requirements=_requirements(),
+            metadata={k: meta[k] for k in ("job", "checkpoint_url", "step", "weights")},
+            serialization_format="pickle",
+            validate_serving_input=False,  # it would load the net (read the checkpoint) again
+        )
+        where = "" if copy_weights else f"; weights read from {ck.url}/trainer.pt"
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(ck.marker_metrics.items()))
+        version = client.create_model_version(
+            job,
+            source=info.model_uri,
+            run_id=run_id,
+            tags={
+                **tags,
+                CHECKPOINT_TAG: ck.url,
+                FORMAT_TAG: str(FORMAT),
+                WEIGHTS_TAG: weights,
+                "step": str(ck.step),
+                **({"best_metric": metric} if metric else {}),
+            },
+            description=f"Step {ck.step} of job {job} ({metrics}){where}.",
+            model_id=info.model_id,
+        )
+        artifact_bytes = _artifact_bytes(client, info.model_id)
+    for alias in aliases:
+        client.set_registered_model_alias(job, alias, version.version)
+    seconds = time.perf_counter() - t0
+    log.info(
+        "checkpoint %s %s model %s version %s (@%s, weights: %s) in %.1f s",
+        ck.url,
+        "already registered as" if reused else "registered as",
+        job,
+        version.version,
+        ",".join(aliases),
+        weights,
+        seconds,
+    )
+    return Published(
+        version=version,
+        model_uri=version.source,
+        checkpoint_url=ck.url,
+        weights=weights,
+        seconds=seconds,
+        artifact_bytes=artifact_bytes,
+        aliases=list(aliases),
+        reused=reused,
+    )
+
+
+def _example_frame(jpeg: bytes) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame({"image": [jpeg]})
+
+
+def _set_run_tags(client: Any, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in redact_tags(tags).items()])
+
+
+def publish_run_models(
+    client: Any,
+    run_id: str,
+    job: str,
+    *,
+    best_url: str | None,
+    latest_url: str | None,
+    metric: str,
+    tags: dict[str, str],
+    attempts: int = 3,
+    backoff_s: float = 2.0,
+) -> dict[str, Published]:
+    """A finished run's models: `best_url` as alias `best`, `latest_url` as `last` (one
+    version where they are the same checkpoint). Never raises: registry trouble is retried
+    `attempts` times, then reported (a warning, and the run's tag REGISTRATION_TAG); a
+    checkpoint that cannot be a model is registered by its URL only, as before models were
+    logged (orchestrator.run_report.register_best). The checkpoints on S3 are untouched."""
+    from orchestrator.run_report import register_best
+
+    wanted: dict[str, list[str]] = {}
+    for url, alias in ((best_url, "best"), (latest_url, "last")):
+        if url:
+            wanted.setdefault(scrub(url), []).append(alias)
+    if best_url:
+        _try(lambda: _set_run_tags(client, run_id, {"best_checkpoint_url": scrub(best_url)}))
+    done: dict[str, Published] = {}
+    problems: list[str] = []
+    for url, aliases in wanted.items():
+        if not re.match(r"^[a-z][a-z0-9+.-]*://", url, re.IGNORECASE) or url.startswith("file:"):
+            # a local folder: only this machine could read the weights; recorded, as before
+            if "best" in aliases:
+                _try(lambda u=url: register_best(client, run_id, job, u, metric, tags))
+            continue
+        for attempt in range(1, attempts + 1):
+            try:
+                published = publish_checkpoint(
+                    client, url, job, run_id=run_id, aliases=aliases, tags=tags, metric=metric
+                )
+            except PublishError as err:
+                log.warning("%s; registering it by its URL only (not loadable by MLflow)", err)
+                problems.append(f"{'/'.join(aliases)}: {err}")
+                if "best" in aliases:
+                    _try(lambda u=url: register_best(client, run_id, job, u, metric, tags))
+                break
+            except Exception as err:  # noqa: BLE001 - the registry is down or refusing
+                why = f"{type(err).__name__}: {(scrub(err).splitlines() or [''])[0][:300]}"
+                if attempt < attempts and getattr(err, "error_code", None) not in FINAL_ERRORS:
+                    log.warning(
+                        "registering %s (@%s) failed (%s); retry %d of %d in %.0f s",
+                        url,
+                        ",".join(aliases),
+                        why,
+                        attempt,
+                        attempts - 1,
+                        backoff_s * attempt,
+                    )
+                    time.sleep(backoff_s * attempt)
+                    continue
+                log.warning(
+                    "could not register %s (@%s) after %d attempts (%s): the checkpoint is safe "
+                    "on S3; register it later with: python -m orchestrator.publish --run %s "
+                    "--checkpoint %s",
+                    url,
+                    ",".join(aliases),
+                    attempt,
+                    why,
+                    run_id,
+                    "best" if "best" in aliases else "latest",
+                )
+                problems.append(f"{'/'.join(aliases)}: {why}")
+            else:
+                done.update({alias: published for alias in aliases})
+                version = f"{job}/{published.version.version}"
+                run_tags = {f"{alias}_model_version": version for alias in aliases}
+                _try(lambda t=run_tags: _set_run_tags(client, run_id, t))  # type: ignore[misc]
+                break
+    if problems:
+        _try(lambda: _set_run_tags(client, run_id, {REGISTRATION_TAG: "; ".join(problems)[:4900]}))
+    return done
+
+
+def _try(step: Any) -> None:
+    """A bookkeeping call that must not stop the others."""
+    try:
+        step()
+    except Exception as err:  # noqa: BLE001
+        log.warning("MLflow bookkeeping failed: %s", scrub(err)[:300])
