@@ -172,6 +172,39 @@ def smoke_dataset(stack: Stack, generated_imagenet: Path) -> str:
     return url
 
 
+@pytest.fixture(scope="session")
+def tracked_smoke_job(stack: Stack, smoke_dataset: str) -> dict[str, str]:
+    """jobs/smoke.py --local, tracked, once a session (CIFAR ResNet-20 on the smoke dataset, 6
+    steps, checkpoints at 3 and 6), with a secret in its environment beside the stack's own:
+    test_tracking reads its run, test_publish its registered models. Returns job, experiment,
+    dataset, output, token."""
+    job, exp = f"loop-{uuid.uuid4().hex[:8]}", f"track-loop-{uuid.uuid4().hex[:8]}"
+    token = f"hf_{uuid.uuid4().hex}"
+    output = run_script(
+        "jobs/smoke.py",
+        "--local",
+        f"name={job}",
+        f"data.url={smoke_dataset}",
+        f"tracking.experiment={exp}",
+        "scaling.num_workers=1",
+        "scaling.global_batch=16",
+        "schedule.max_iters=6",
+        "schedule.milestones=[]",
+        "eval.every_iters=3",
+        "checkpoint.every_iters=3",
+        "tracking.log_every=2",
+        "data.num_workers=0",
+        env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "HF_TOKEN": token},
+    )
+    return {
+        "job": job,
+        "experiment": exp,
+        "dataset": smoke_dataset,
+        "output": output,
+        "token": token,
+    }
+
+
 def odd_shards_data(url: Path | str, num_workers: int = 1) -> list[str]:
     """The data overrides that train on `odd_local_shards` at 32 px (whole-image crops)."""
     return [

@@ -42,7 +42,7 @@ from orchestrator.tracking import (
     manifest_sha256,
     start_tracker,
 )
-from tests.conftest import ROOT, assert_no_secret_in_runs, run_script
+from tests.conftest import ROOT, assert_no_secret_in_runs
 
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -658,31 +658,16 @@ def test_secrets_never_reach_mlflow_or_the_logs(
 
 
 def test_training_job_logs_lineage_paper_and_best_checkpoint(
-    stack: Stack, smoke_dataset: str, tmp_path: Path
+    tracked_smoke_job: dict[str, str], tmp_path: Path
 ) -> None:
     """jobs/smoke.py --local with tracking on: the loop's own params, tags, metrics; the dataset
     manifest as the run's input; CIFAR ResNet-20 beside Table 6; the best committed checkpoint
-    registered under the job's name."""
+    registered under the job's name (tests/test_publish.py loads and serves it)."""
     from orchestrator.data import load_manifest
 
-    job, exp = f"loop-{uid()}", f"track-loop-{uid()}"
-    token = f"hf_{uuid.uuid4().hex}"  # a secret in the job's environment, beside the stack's own
-    output = run_script(
-        "jobs/smoke.py",
-        "--local",
-        f"name={job}",
-        f"data.url={smoke_dataset}",
-        f"tracking.experiment={exp}",
-        "scaling.num_workers=1",
-        "scaling.global_batch=16",
-        "schedule.max_iters=6",
-        "schedule.milestones=[]",
-        "eval.every_iters=3",
-        "checkpoint.every_iters=3",
-        "tracking.log_every=2",
-        "data.num_workers=0",
-        env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "HF_TOKEN": token},
-    )
+    job, exp = tracked_smoke_job["job"], tracked_smoke_job["experiment"]
+    smoke_dataset, token = tracked_smoke_job["dataset"], tracked_smoke_job["token"]
+    output = tracked_smoke_job["output"]
     c = client()
     [run] = c.search_runs([c.get_experiment_by_name(exp).experiment_id])
     secrets = [token, os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["MLFLOW_TRACKING_PASSWORD"]]
@@ -738,10 +723,15 @@ def test_training_job_logs_lineage_paper_and_best_checkpoint(
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(c.download_artifacts(run_id, "plots", str(tmp_path / "download")), out)
     version = c.get_model_version_by_alias(job, "best")
-    assert version.source == t["best_checkpoint_url"] and version.run_id == run_id
-    assert open_storage(version.source).exists("COMMITTED"), (
+    assert version.tags["checkpoint_url"] == t["best_checkpoint_url"] and version.run_id == run_id
+    assert version.source.startswith("models:/m-"), "a logged MLflow model, not a bare URL"
+    assert t["best_model_version"] == f"{job}/{version.version}"
+    assert open_storage(version.tags["checkpoint_url"]).exists("COMMITTED"), (
         "the registered checkpoint is committed"
     )
+    last = c.get_model_version_by_alias(job, "last")
+    assert last.tags["checkpoint_url"] == t["checkpoint_url"], "@last: the last committed step"
+    assert "orchestrator.registration" not in t, t.get("orchestrator.registration")
 
 
 # ----------------------------------------------------------------------------- faults
