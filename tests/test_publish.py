@@ -251,7 +251,7 @@ def _classes(dataset: str) -> list[str]:
 
 
 def test_best_loads_as_pyfunc_and_pytorch_and_answers_as_evaluation_does(
-    registered: dict[str, Any], tracked_smoke_job: dict[str, str]
+    registered: dict[str, Any], tracked_smoke_job: dict[str, str], tmp_path: Path
 ) -> None:
     import mlflow.pyfunc
     import mlflow.pytorch
@@ -278,15 +278,19 @@ def test_best_loads_as_pyfunc_and_pytorch_and_answers_as_evaluation_does(
     both = model.predict({"image": [pixels, png.getvalue()]})
     assert both.iloc[0].to_dict() == both.iloc[1].to_dict()
 
+    assert isinstance(model.get_raw_model(), ResNet)
     net = mlflow.pytorch.load_model(uri)
     assert isinstance(net, ResNet) and not net.training
     assert net.fc.out_features == registered["classes"]
     # the same answer from the plain net, through the run's own eval transform
+    import mlflow.artifacts
+
     from orchestrator.data import DeviceNormalize
     from orchestrator.data.eval_loader import eval_transform
-
-    meta = model.get_raw_model().meta
     from orchestrator.spec import DataConfig, from_dict
+
+    local = mlflow.artifacts.download_artifacts(f"{uri}", dst_path=str(tmp_path))
+    meta = json.loads((Path(local) / "data" / "orchestrator.json").read_text())
 
     view = eval_transform(from_dict(DataConfig, meta["data"]), "center")(registered["image"])
     x = DeviceNormalize(meta["mean"], meta["std"], 0.0)(torch.from_numpy(view[None]), train=False)
@@ -328,7 +332,8 @@ def test_mlflow_models_serve_answers_a_jpeg_as_evaluation_does(
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=dict(os.environ),
+            # as from an activated virtualenv: the server runs `uvicorn` from PATH
+            env={**os.environ, "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ['PATH']}"},
             start_new_session=True,  # the server's workers go with it
         )
     try:
@@ -357,8 +362,9 @@ def test_mlflow_models_serve_answers_a_jpeg_as_evaluation_does(
         with urllib.request.urlopen(request, timeout=60) as r:
             answer = json.loads(r.read())
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
     [row] = answer["predictions"]
     _answer_matches(row, registered["expected"], _classes(tracked_smoke_job["dataset"]))
 
@@ -429,7 +435,7 @@ def test_the_command_line_registers_a_finished_runs_checkpoint(registered: dict[
     """On demand, for a run already finished: the same version again, alias `last` moved."""
     run_id = registered["run"].info.run_id
     out = run_script("-m", "orchestrator.publish", "--run", run_id, "--checkpoint", "latest")
-    info = json.loads(out.strip().splitlines()[-1])
+    [info] = [json.loads(line) for line in out.splitlines() if line.startswith('{"model"')]
     last = client().get_model_version_by_alias(registered["job"], "last")
     assert info["version"] == last.version and info["aliases"] == ["last"] and info["reused"]
 
@@ -451,7 +457,11 @@ class FlakyRegistry:
 
 
 def test_a_registry_outage_is_retried(registered: dict[str, Any]) -> None:
-    name, run_id = f"flaky-{uuid.uuid4().hex[:8]}", registered["run"].info.run_id
+    name = f"flaky-{uuid.uuid4().hex[:8]}"
+    from orchestrator.tracking import experiment_id
+
+    # a run of its own (publishing tags the run with its versions), in an experiment of its own
+    run_id = client().create_run(experiment_id(client(), f"publish-{name}")).info.run_id
     flaky = FlakyRegistry(failures=2)
     done = publish_run_models(
         flaky,

@@ -156,6 +156,10 @@ class ImageClassifier:
         self.view = eval_transform(from_dict(DataConfig, meta["data"]), "center")
         self.normalize = DeviceNormalize(meta["mean"], meta["std"], 0.0, self.device)
 
+    def get_raw_model(self) -> nn.Module:
+        """The net itself (what `PyFuncModel.get_raw_model()` returns)."""
+        return self.net
+
     @torch.no_grad()
     def probabilities(self, images: list[bytes], batch_size: int = 64) -> np.ndarray:
         """Softmax probabilities [N, C] of encoded images, as the centre protocol computes
