@@ -774,7 +774,9 @@ RUN_BY_DEMO_OR_TESTS = re.compile(
     r"|python datasets/(synthetic|imagenet)\.py "
     r"|ray job submit -- python jobs/"
     r"|python jobs/\S+\.py --dry-run"
-    r"|python -m orchestrator\.plan )"
+    r"|python -m orchestrator\.plan "
+    r"|python -m orchestrator\.publish --run "  # tests/test_publish.py
+    r"|mlflow models serve )"
 )
 
 
