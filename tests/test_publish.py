@@ -375,6 +375,9 @@ def test_registered_models_hold_no_secret_and_pin_their_checkpoint(
     import mlflow.artifacts
 
     version = registered["version"]
+    logged = client().get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.experiment_id == registered["run"].info.experiment_id, "in the run's experiment"
+    assert logged.source_run_id == registered["run"].info.run_id
     root = Path(mlflow.artifacts.download_artifacts(version.source, dst_path=str(tmp_path)))
     secrets = [
         tracked_smoke_job["token"],
@@ -474,6 +477,10 @@ def test_a_registry_outage_is_retried(registered: dict[str, Any]) -> None:
         backoff_s=0.1,
     )
     assert flaky.calls == 3 and done["best"].version.tags["checkpoint_url"] == registered["url"]
+    logged = client().search_logged_models(
+        experiment_ids=[client().get_run(run_id).info.experiment_id]
+    )
+    assert len(logged) == 1, "a retry registers the model already logged, not another"
     assert client().get_model_version_by_alias(name, "best").version == done["best"].version.version
 
 

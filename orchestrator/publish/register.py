@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.liveness import JOB_TAG
 from orchestrator.publish.classifier import FORMAT, NetByReference, build_net, trainer_weights
 from orchestrator.redaction import redact_tags, scrub
 
@@ -121,6 +122,7 @@ class _Checkpoint:
     size: int
     model: dict[str, Any]  # name, num_classes, options
     data: dict[str, Any]  # the eval transform's fields of the run's data section
+    data_url: str  # the run's dataset (its manifest has the class names, mean and std)
     weights: Any  # the model's state dict
     marker_metrics: dict[str, float]
     store: Any
@@ -164,7 +166,8 @@ def read_checkpoint(url: str) -> _Checkpoint:
         sha256=hashlib.sha256(raw).hexdigest(),
         size=len(raw),
         model=model,
-        data={**data, "url": spec.data.url},
+        data=data,
+        data_url=spec.data.url,
         weights=weights,
         marker_metrics=committed[step].metrics,
         store=store,
@@ -239,16 +242,21 @@ def publish_checkpoint(
     copy_weights: bool = False,
     tags: dict[str, str] | None = None,
     metric: str = "",
+    attempts: dict[str, Any] | None = None,
 ) -> Published:
     """Log committed checkpoint `url` as an MLflow model of run `run_id` and register it as a
     version of model `job` with `aliases`. PublishError where the checkpoint cannot be a model;
-    MLflow's own errors (an unreachable registry) pass through for the caller to retry."""
+    MLflow's own errors (an unreachable registry) pass through for the caller to retry, giving
+    the same `attempts` dict each time: what an attempt read and logged is kept there, so a
+    retry neither reads the checkpoint again nor logs a second model."""
     from mlflow.models import Model
 
     from orchestrator.publish import flavor
 
     t0 = time.perf_counter()
-    ck = read_checkpoint(url)
+    attempts = {} if attempts is None else attempts
+    ck = attempts.get("checkpoint") or read_checkpoint(url)
+    attempts["checkpoint"] = ck
     weights = "copy" if copy_weights else "reference"
     tags = redact_tags(tags or {})
     _ensure_registered_model(client, job, tags)
@@ -256,7 +264,7 @@ def publish_checkpoint(
     reused = version is not None
     artifact_bytes = 0
     if version is None:
-        classes, mean, std = _classes_and_stats(ck.data.pop("url"), ck.model["num_classes"])
+        classes, mean, std = _classes_and_stats(ck.data_url, ck.model["num_classes"])
         ref = {"model": ck.model, "checkpoint_url": ck.url, "trainer_sha256": ck.sha256}
         meta = {
             "format": FORMAT,
@@ -282,10 +290,15 @@ def publish_checkpoint(
             net = NetByReference(ref)
         size = ck.data["eval_resize"]
         example = _example_frame(example_jpeg(size + size // 3, size))
-        info = Model.log(
+        # created here, not by Model.log: that would file it under the process's current
+        # experiment (Default), not the run's
+        logged = attempts.get("model") or _create_logged_model(client, job, ck.step, run_id)
+        attempts["model"] = logged
+        info = attempts.get("logged") or Model.log(
             artifact_path=None,
             flavor=flavor,
-            name=f"{job}-step-{ck.step}",
+            name=logged.name,
+            model_id=logged.model_id,
             run_id=run_id,
             net=net,
             meta=meta,
@@ -296,6 +309,7 @@ def publish_checkpoint(
             serialization_format="pickle",
             validate_serving_input=False,  # it would load the net (read the checkpoint) again
         )
+        attempts["logged"] = info
         where = "" if copy_weights else f"; weights read from {ck.url}/trainer.pt"
         metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(ck.marker_metrics.items()))
         version = client.create_model_version(
@@ -311,9 +325,9 @@ def publish_checkpoint(
                 **({"best_metric": metric} if metric else {}),
             },
             description=f"Step {ck.step} of job {job} ({metrics}){where}.",
-            model_id=info.model_id,
+            model_id=logged.model_id,
         )
-        artifact_bytes = _artifact_bytes(client, info.model_id)
+        artifact_bytes = _artifact_bytes(client, logged.model_id)
     for alias in aliases:
         client.set_registered_model_alias(job, alias, version.version)
     seconds = time.perf_counter() - t0
@@ -336,6 +350,19 @@ def publish_checkpoint(
         artifact_bytes=artifact_bytes,
         aliases=list(aliases),
         reused=reused,
+    )
+
+
+def _create_logged_model(client: Any, job: str, step: int, run_id: str | None) -> Any:
+    """The MLflow logged model (models:/m-...) in the run's experiment, with the run's params
+    (already redacted by the tracker); without a run, in MLflow's default experiment."""
+    run = client.get_run(run_id) if run_id else None
+    return client.create_logged_model(
+        experiment_id=run.info.experiment_id if run else "0",
+        name=f"{job}-step-{step}",
+        source_run_id=run_id,
+        params=dict(run.data.params) if run else None,
+        tags={JOB_TAG: job},
     )
 
 
@@ -384,10 +411,18 @@ def publish_run_models(
             if "best" in aliases:
                 _try(lambda u=url: register_best(client, run_id, job, u, metric, tags))
             continue
+        kept: dict[str, Any] = {}  # what one attempt read and logged, for the next
         for attempt in range(1, attempts + 1):
             try:
                 published = publish_checkpoint(
-                    client, url, job, run_id=run_id, aliases=aliases, tags=tags, metric=metric
+                    client,
+                    url,
+                    job,
+                    run_id=run_id,
+                    aliases=aliases,
+                    tags=tags,
+                    metric=metric,
+                    attempts=kept,
                 )
             except PublishError as err:
                 log.warning("%s; registering it by its URL only (not loadable by MLflow)", err)
