@@ -96,17 +96,13 @@ class ShardRef:
 # ---------------------------------------------------------------- finding the shards
 
 
-def _is_s3(url: str) -> bool:
-    return s3.is_s3(url)
-
-
 def _local(url: str) -> str:
     return str(Path(url).expanduser().resolve())
 
 
 def _fingerprint(url: str) -> tuple[int, str] | None:
     """(size, fingerprint) without reading the shard: S3's ETag, a local file's mtime."""
-    if _is_s3(url):
+    if s3.is_s3(url):
         root, _, name = url.rpartition("/")
         return storage.S3Storage(root).head(name)
     try:
@@ -121,7 +117,7 @@ def _expand(source: str) -> list[str]:
     if "{" in source:
         import braceexpand
 
-        urls = [u if _is_s3(u) else _local(u) for u in braceexpand.braceexpand(source)]
+        urls = [u if s3.is_s3(u) else _local(u) for u in braceexpand.braceexpand(source)]
         missing = [u for u in urls if _fingerprint(u) is None]
         if missing:
             raise ConversionError(
@@ -129,10 +125,10 @@ def _expand(source: str) -> list[str]:
                 f"{missing[0]}: fix the pattern's range"
             )
         return urls
-    url = source.rstrip("/") if _is_s3(source) else _local(source)
+    url = source.rstrip("/") if s3.is_s3(source) else _local(source)
     if url.endswith(".tar") and _fingerprint(url) is not None:
         return [url]
-    if not _is_s3(url) and not Path(url).is_dir():
+    if not s3.is_s3(url) and not Path(url).is_dir():
         raise ConversionError(f"{source}: no such folder or shard")
     names = sorted(storage.open_storage(url).sizes())
     tars = [n for n in names if n.endswith(".tar") and not Path(n).name.startswith(".")]
@@ -160,18 +156,18 @@ def _root_of(urls: Sequence[str]) -> str:
     return "/".join(common).rstrip("/") or "/"
 
 
-def find_shards(sources: Sequence[str], root: str) -> list[ShardRef]:
-    """Every shard the sources name, once, with its name relative to `root` where below it."""
+def find_shards(urls: Sequence[str], root: str) -> list[ShardRef]:
+    """Every shard of `urls` (from `_expand`), once, with its name relative to `root` where
+    below it."""
     seen: dict[str, ShardRef] = {}
-    for source in sources:
-        for url in _expand(source):
-            if url in seen:
-                continue
-            head = _fingerprint(url)
-            if head is None:
-                raise ConversionError(f"{url} disappeared while it was being listed")
-            name = url[len(root) + 1 :] if url.startswith(root.rstrip("/") + "/") else url
-            seen[url] = ShardRef(url, name, head[0], head[1])
+    for url in urls:
+        if url in seen:
+            continue
+        head = _fingerprint(url)
+        if head is None:
+            raise ConversionError(f"{url} disappeared while it was being listed")
+        name = url[len(root) + 1 :] if url.startswith(root.rstrip("/") + "/") else url
+        seen[url] = ShardRef(url, name, head[0], head[1])
     return list(seen.values())
 
 
@@ -504,11 +500,11 @@ def index_dataset(opts: Options) -> dict[str, Any] | None:
     nothing was written)."""
     urls = [u for s in opts.sources for u in _expand(s)]
     dest = opts.dest or _root_of(urls)
-    if not _is_s3(dest):
+    if not s3.is_s3(dest):
         dest = _local(dest)
     store = storage.open_storage(dest)
     _refuse_foreign_manifest(store)
-    refs = find_shards(opts.sources, dest)
+    refs = find_shards(urls, dest)
     split_for = {r.url: split_of(r.name, opts.split_rules) for r in refs}
     earlier = _load_index(store, opts.extract)
     reuse = {

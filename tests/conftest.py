@@ -300,3 +300,18 @@ def assert_no_secret_in_runs(run_ids: list[str], secrets: list[str], *texts: str
     for where, text in places.items():
         for secret in secrets:
             assert secret not in text, f"a secret reached {where}"
+
+
+def load_job_spec(stem: str) -> Any:
+    """A job file's SPEC (jobs/STEM.py), imported as the job would be."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    try:
+        found = importlib.util.spec_from_file_location(stem, ROOT / "jobs" / f"{stem}.py")
+        module = importlib.util.module_from_spec(found)
+        found.loader.exec_module(module)
+        return module.SPEC
+    finally:
+        sys.path.remove(str(ROOT / "jobs"))

@@ -18,23 +18,8 @@ from orchestrator import launch
 from orchestrator.checkpoint import CheckpointStore
 from orchestrator.data.epochs import resume_problem
 from orchestrator.spec import JobSpec
-from tests.conftest import ROOT, odd_shards_data, run_script
-
-HEAVY = ("torch", "numpy", "PIL", "webdataset", "deepspeed", "mlflow", "ray")
-
-
-def job_spec(stem: str) -> JobSpec:
-    """A job file's SPEC, imported as the job would be."""
-    import importlib.util
-
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        found = importlib.util.spec_from_file_location(stem, ROOT / "jobs" / f"{stem}.py")
-        module = importlib.util.module_from_spec(found)
-        found.loader.exec_module(module)
-        return module.SPEC
-    finally:
-        sys.path.remove(str(ROOT / "jobs"))
+from tests.conftest import ROOT, load_job_spec, odd_shards_data, run_script
+from tests.test_layout import HEAVY_THIRD_PARTY
 
 
 def run_job(job: str, *args: str) -> tuple[int, str, str, list[str]]:
@@ -47,7 +32,7 @@ def run_job(job: str, *args: str) -> tuple[int, str, str, list[str]]:
         "code = 0\n"
         f"try:\n    runpy.run_path('jobs/{job}', run_name='__main__')\n"
         "except SystemExit as e:\n    code = e.code or 0\n"
-        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
+        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY_THIRD_PARTY!r})\n"
         "print('HEAVY', heavy, file=sys.stderr)\n"
         "sys.exit(code)\n"
     )
@@ -120,7 +105,7 @@ def test_a_good_spec_passes_and_the_dry_run_says_what_it_checked(
 
 @pytest.fixture
 def smoke() -> JobSpec:
-    return job_spec("smoke")
+    return load_job_spec("smoke")
 
 
 @pytest.fixture
@@ -359,7 +344,9 @@ def test_a_checkpoint_from_before_positions_gets_its_position_from_its_spec() ->
     from orchestrator.spec import apply_overrides
     from orchestrator.train import _old_position
 
-    spec = apply_overrides(job_spec("smoke"), ["data.num_workers=3", "scaling.global_batch=64"])
+    spec = apply_overrides(
+        load_job_spec("smoke"), ["data.num_workers=3", "scaling.global_batch=64"]
+    )
     state = {"epoch": 1, "batch_in_epoch": 5, "spec": spec.to_dict()}
     assert _old_position(state) == {
         "epoch": 1,

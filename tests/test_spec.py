@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.spec import JobSpec, ScalingConfig, SpecError, apply_overrides, from_dict, to_yaml
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_job_spec
 
 JOB_FILES = sorted(p.name for p in (ROOT / "jobs").glob("*.py"))
 
@@ -112,7 +112,7 @@ def test_job_file_reports_bad_override_and_exits_2() -> None:
 
 
 def test_paper_recipes() -> None:
-    r152 = _load("imagenet_r152")
+    r152 = load_job_spec("imagenet_r152")
     assert (r152.scaling.global_batch, r152.optim.momentum, r152.optim.weight_decay) == (
         256,
         0.9,
@@ -120,7 +120,7 @@ def test_paper_recipes() -> None:
     )
     assert r152.lr() == pytest.approx(0.1) and r152.schedule.kind == "plateau"
     assert r152.schedule.max_iters == 600_000 and r152.data.scale_range == (256, 480)
-    cifar = _load("cifar10_resnet")
+    cifar = load_job_spec("cifar10_resnet")
     assert cifar.scaling.global_batch == 128 and cifar.lr() == pytest.approx(0.1)
     assert cifar.schedule.milestones == [32_000, 48_000] and cifar.schedule.max_iters == 64_000
 
@@ -156,16 +156,3 @@ def test_resnet110_gets_the_papers_warmup(tmp_path: Path) -> None:
         check=True,
     )
     assert "warmup_iters: 0" in out.stdout
-
-
-def _load(stem: str) -> JobSpec:
-    import importlib.util
-
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        spec = importlib.util.spec_from_file_location(stem, ROOT / "jobs" / f"{stem}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.SPEC
-    finally:
-        sys.path.remove(str(ROOT / "jobs"))
