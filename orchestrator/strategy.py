@@ -186,6 +186,9 @@ class DeepSpeedStrategy:
             "zero_optimization": {"stage": scaling.zero_stage},
             "bf16": {"enabled": bf16},
             "zero_allow_untested_optimizer": True,  # our torch SGD is the paper's optimizer
+            # DeepSpeed clips the gradient norm at 1.0 unless told otherwise (its default); the
+            # paper does not clip, nor does the DDP strategy
+            "gradient_clipping": 0.0,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
