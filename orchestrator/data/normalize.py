@@ -48,7 +48,7 @@ class DeviceNormalize:
         pca_lighting: float = 0.1,
         device: torch.device | str = "cpu",
         *,
-        mean_image: np.ndarray | torch.Tensor | None = None,
+        mean_image: np.ndarray | None = None,
         dtype: torch.dtype = torch.float32,
     ):
         self.device = torch.device(device)
@@ -61,7 +61,7 @@ class DeviceNormalize:
         self._mean_images: dict[tuple[int, int], torch.Tensor] = {}  # (H, W) -> mean image
         self.per_pixel = mean_image is not None
         if mean_image is not None:
-            image = torch.as_tensor(np.asarray(mean_image, dtype=np.float32), device=self.device)
+            image = torch.tensor(np.asarray(mean_image, dtype=np.float32), device=self.device)
             if image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"mean_image: expected [3, H, W], got {list(image.shape)}")
             self._mean_images[tuple(image.shape[1:])] = image
