@@ -49,6 +49,12 @@ def test_overrides_are_typed() -> None:
         ("scaling.zero_stage=2", r"zero_stage: set only with scaling.strategy=deepspeed"),
         ("data.scale_range=[480,256]", r"data.scale_range \(480, 256\): low > high"),
         ("optim.lr", r"expected section.key=value"),
+        (
+            "data.normalize=per_image",
+            r"data.normalize: 'per_image' is not allowed; choose one of \['per_channel', ",
+        ),
+        ("optim.momentum_form=torch", r"optim.momentum_form: 'torch' is not allowed"),
+        ("schedule.warmup_check_every=0", r"schedule.warmup_check_every=0 is out of range"),
     ],
 )
 def test_bad_overrides_name_the_field(override: str, message: str) -> None:
@@ -123,6 +129,19 @@ def test_paper_recipes() -> None:
     cifar = load_job_spec("cifar10_resnet")
     assert cifar.scaling.global_batch == 128 and cifar.lr() == pytest.approx(0.1)
     assert cifar.schedule.milestones == [32_000, 48_000] and cifar.schedule.max_iters == 64_000
+
+
+RECIPES = ["cifar10_resnet", "cifar10_plain"] + sorted(
+    p.stem for p in (ROOT / "jobs").glob("imagenet_*.py")
+)
+
+
+@pytest.mark.parametrize("job", RECIPES)
+def test_the_papers_recipes_subtract_the_mean_image_and_use_caffes_momentum(job: str) -> None:
+    spec = load_job_spec(job)
+    assert spec.data.normalize == "per_pixel_mean" and spec.optim.momentum_form == "caffe"
+    defaults = JobSpec(name="x")  # what other jobs get: the per-channel form, torch's SGD
+    assert defaults.data.normalize == "per_channel" and defaults.optim.momentum_form == "pytorch"
 
 
 def test_resnet110_gets_the_papers_warmup(tmp_path: Path) -> None:
