@@ -494,7 +494,10 @@ class Trainer:
             "manifest_sha256": self.manifest_sha256,
             "num_classes": str(self.num_classes),
             **self.rt.tags,
+            **spec.tracking.tags,
         }
+        if spec.tracking.parent_run_id:  # MLflow's own tag: the UI nests the run under it
+            tags["mlflow.parentRunId"] = spec.tracking.parent_run_id
         self.tracker = start_tracker(
             spec.tracking.enabled,
             spec.tracking.experiment,
