@@ -13,7 +13,7 @@ import itertools
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.spec import JobSpec, SpecError, apply_overrides
@@ -81,7 +81,6 @@ class Study:
     finalize: Callable[[JobSpec], JobSpec] | None = None
     img_per_s: float = 0.0  # measured training img/s per GPU, for the dry run's GPU-hours
     paper: str = ""  # which table or figure of the paper it reproduces, for the parent run
-    labels: dict[str, str] = field(default_factory=dict)  # cell key -> a shorter label
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/ \\"):
@@ -98,19 +97,22 @@ class Study:
         return self.base.tracking.experiment
 
     def grid_cells(self) -> list[Cell]:
+        """The cells, labelled: a cell's "label" key, else its values joined
+        ("resnet34-A")."""
         cells, seen = [], {}
-        for overrides in self.cells:
+        for given in self.cells:
+            overrides = {k: v for k, v in given.items() if k != "label"}
             if "seed" in overrides or "name" in overrides:
                 raise SpecError(
                     f"study {self.name}: a cell sets {'seed' if 'seed' in overrides else 'name'}"
                     "; seeds come from study.seeds and trial names from the study"
                 )
-            label = "-".join(self.labels.get(k, "") + _slug(v) for k, v in overrides.items())
-            label = label or "base"
+            label = _slug(given["label"]) if "label" in given else None
+            label = label or "-".join(_slug(v) for v in overrides.values()) or "base"
             if label in seen:
-                raise SpecError(f"study {self.name}: cells {seen[label]} and {overrides} repeat")
-            seen[label] = overrides
-            cells.append(Cell(dict(overrides), label))
+                raise SpecError(f"study {self.name}: cells {seen[label]} and {given} repeat")
+            seen[label] = given
+            cells.append(Cell(overrides, label))
         return cells
 
     def trials(
@@ -163,9 +165,10 @@ def apply_study_overrides(study: Study, overrides: Sequence[str]) -> tuple[Study
     study = dataclasses.replace(study, **changes)
     if keep is not None:
         wanted = str(keep).split(",")
-        cells = {c.label: c.overrides for c in study.grid_cells()}
-        missing = [w for w in wanted if w not in cells]
+        labels = [c.label for c in study.grid_cells()]
+        missing = [w for w in wanted if w not in labels]
         if missing:
-            raise SpecError(f"study.cells: no cell {missing}; cells: {', '.join(cells)}")
-        study = dataclasses.replace(study, cells=[cells[w] for w in wanted])
+            raise SpecError(f"study.cells: no cell {missing}; cells: {', '.join(labels)}")
+        given = dict(zip(labels, study.cells))
+        study = dataclasses.replace(study, cells=[given[w] for w in wanted])
     return study, rest
