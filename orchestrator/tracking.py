@@ -70,6 +70,9 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # no usage data sent out; and MLflow's telemetry thread, when it gives up on its server,
+    # unsets an environment variable while a request may be iterating os.environ (KeyError)
+    "MLFLOW_DISABLE_TELEMETRY": "true",
 }
 
 # ----------------------------------------------------------------------------- helpers

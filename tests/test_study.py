@@ -133,10 +133,11 @@ def test_study_overrides_and_their_errors() -> None:
 
     base = load_job_spec("cifar10_resnet")
     study = Study("s", base, study_grid({"model.name": ["cifar_resnet20", "cifar_resnet32"]}))
-    changed, rest = apply_study_overrides(
+    changed = apply_study_overrides(
         study, ["study.seeds=4", "study.cells=cifar_resnet32", "optim.lr=0.2"]
     )
-    assert changed.seeds == 4 and rest == ["optim.lr=0.2"]
+    assert changed.seeds == 4 and changed.base.optim.lr == 0.2
+    assert all(t.spec.optim.lr == 0.2 for t in changed.trials())
     assert [c.label for c in changed.grid_cells()] == ["cifar_resnet32"]
     with pytest.raises(SpecError, match="no cell"):
         apply_study_overrides(study, ["study.cells=cifar_resnet99"])

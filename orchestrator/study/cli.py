@@ -41,9 +41,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(study: Study, argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        study, overrides = apply_study_overrides(study, args.overrides)
-        trials = study.trials(overrides)
-        fingerprint = study.fingerprint(overrides)
+        study = apply_study_overrides(study, args.overrides)
+        trials = study.trials()
+        fingerprint = study.fingerprint()
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -56,7 +56,7 @@ def main(study: Study, argv: list[str] | None = None) -> int:
         from orchestrator.study.parent import open_parent
 
         parent = open_parent(client, study, trials, fingerprint)
-        trials = study.trials(overrides, parent_run_id=parent)
+        trials = study.trials(parent_run_id=parent)
     if args.local or os.environ.get("ORCH_LOCAL") == "1":
         from orchestrator.study.run import run_locally
 

@@ -147,9 +147,10 @@ class Study:
         return hashlib.sha256(json.dumps(specs, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def apply_study_overrides(study: Study, overrides: Sequence[str]) -> tuple[Study, list[str]]:
-    """Split `study.KEY=VALUE` from the job overrides; returns the study with them applied
-    and the rest. study.cells=LABEL,LABEL keeps only those cells (a quick rerun of a few)."""
+def apply_study_overrides(study: Study, overrides: Sequence[str]) -> Study:
+    """The study with the command line's overrides applied: `study.KEY=VALUE` to the study
+    (study.cells=LABEL,LABEL keeps only those cells: a quick rerun of a few), the others
+    (section.key=value) to its base spec, so they reach every trial."""
     from orchestrator.spec import parse_value
 
     rest, changes = [], {}
@@ -162,7 +163,7 @@ def apply_study_overrides(study: Study, overrides: Sequence[str]) -> tuple[Study
             raise SpecError(f"{item}: expected study.KEY=VALUE with KEY one of {STUDY_KEYS}")
         changes[key] = parse_value(text)
     keep = changes.pop("cells", None)
-    study = dataclasses.replace(study, **changes)
+    study = dataclasses.replace(study, base=apply_overrides(study.base, rest), **changes)
     if keep is not None:
         wanted = str(keep).split(",")
         labels = [c.label for c in study.grid_cells()]
@@ -171,4 +172,4 @@ def apply_study_overrides(study: Study, overrides: Sequence[str]) -> tuple[Study
             raise SpecError(f"study.cells: no cell {missing}; cells: {', '.join(labels)}")
         given = dict(zip(labels, study.cells))
         study = dataclasses.replace(study, cells=[given[w] for w in wanted])
-    return study, rest
+    return study

@@ -1,7 +1,7 @@
 """Running a study's trials: on Ray Tune (a Tuner whose trials each run one ordinary job), or
 `--local`, one job after another in subprocesses without Ray.
 
-On Tune, each trial is a small driver (no CPU reserved) that runs its job exactly as `ray job
+On Tune, each trial is a small driver (no CPU reserved: TRIAL_DRIVER) that runs its job exactly as `ray job
 submit -- python jobs/X.py` would (orchestrator.launch.fit_on_ray: its Ray Train worker group,
 restarts, checkpoints, MLflow run); the job's workers hold the resources. Tune runs as many
 trials at once as the cluster's CPUs (or GPUs) fit trials' worker groups, or
@@ -30,6 +30,11 @@ from orchestrator.spec import JobSpec, from_dict
 from orchestrator.study.grid import Study, Trial
 
 log = logging.getLogger(__name__)
+
+# What a trial itself reserves: no CPU (its job's worker group holds those, and a CPU per trial
+# would keep a 2-CPU machine to one trial), but Tune needs a non-empty request: 64 MiB of
+# Ray's logical memory, for the trial's Python process.
+TRIAL_DRIVER = {"memory": 64 * 2**20}
 
 
 @dataclass
@@ -135,7 +140,7 @@ def run_on_tune(study: Study, trials: Sequence[Trial], fingerprint: str) -> list
     cluster = ray.cluster_resources()
     at_once = concurrency(study, trials, cluster)
     storage, name, filesystem = tune_experiment(study, fingerprint)
-    trainable = tune.with_resources(run_trial, {"CPU": 0})
+    trainable = tune.with_resources(run_trial, TRIAL_DRIVER)
     space = {
         "spec": tune.grid_search([t.spec.to_dict() for t in trials]),
         "cwd": os.getcwd(),
@@ -175,7 +180,9 @@ def run_on_tune(study: Study, trials: Sequence[Trial], fingerprint: str) -> list
         f"({_resources_text(trials[0].spec, cluster)} each)",
         flush=True,
     )
+    t0 = time.perf_counter()
     grid = tuner.fit()
+    wall = time.perf_counter() - t0
     outcomes: dict[str, Outcome] = {}
     for result in grid:
         job = result.config["spec"]["name"]
@@ -186,6 +193,13 @@ def run_on_tune(study: Study, trials: Sequence[Trial], fingerprint: str) -> list
             outcomes[job] = Outcome(
                 job, True, skipped=bool(metrics.get("skipped")), wall_s=metrics.get("job_wall_s", 0)
             )
+    ran = [o for o in outcomes.values() if o.ok and not o.skipped]
+    # what Tune adds: its trials' time beyond their jobs' own (bench/study.py reads this line)
+    print(
+        f"study timing: Tune wall {wall:.1f} s; {len(ran)} trials ran, their jobs' own time "
+        f"{sum(o.wall_s for o in ran):.1f} s in all, up to {at_once} at once",
+        flush=True,
+    )
     return [outcomes.get(t.job, Outcome(t.job, False, "Tune has no result")) for t in trials]
 
 
