@@ -86,14 +86,14 @@ class LayerResponsesError(ValueError):
 
 
 def response_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name of the 3x3 conv, the BN that follows it) for every 3x3 conv, in forward order.
+    """(name of the 3x3 conv, the BN that follows it) for every 3x3 conv, in the order the net
+    registers them (its forward order, in the project's ResNets).
 
     The BN is the conv's sibling `bn<k>` for a conv named `conv<k>` (the project's ResNets and
     torchvision's), or the next module of an nn.Sequential. Raises LayerResponsesError for a
     3x3 conv with no BN after it, or a net without 3x3 convs."""
     net = unwrap(model)
     found: list[tuple[str, nn.Module]] = []
-    # named_modules walks in registration order, which is forward order in these nets
     for parent_name, parent in net.named_modules():
         children = list(parent.named_children())
         for i, (name, child) in enumerate(children):
@@ -156,14 +156,14 @@ def layer_response_stds(
         raise LayerResponsesError(f"batch_size={batch_size}: expected >= 1")
     net = unwrap(model)
     layers = response_layers(net)
-    moments = {name: _Moments() for name, _ in layers}
+    moments: dict[str, _Moments] = {}  # filled as the hooks fire: in forward order
     device = next(net.parameters()).device
 
     def hook_for(name: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             # measured here, not kept: the block's ReLU is in place and overwrites this tensor
             var, mean = torch.var_mean(output.detach().float(), correction=0)
-            moments[name].add(output.numel(), mean.item(), var.item())
+            moments.setdefault(name, _Moments()).add(output.numel(), mean.item(), var.item())
 
         return hook
 
@@ -177,6 +177,9 @@ def layer_response_stds(
         for handle in handles:
             handle.remove()
         net.train(was_training)
+    unused = [name for name, _ in layers if name not in moments]
+    if unused:
+        raise LayerResponsesError(f"the forward pass never reached the BN after {unused}")
     return {name: m.std for name, m in moments.items()}
 
 
