@@ -399,7 +399,7 @@ def layer_responses_figure(
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
         ax.grid(True, color="#dddddd", linewidth=0.6)
-        ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+        ax.legend(loc="best", fontsize=8, framealpha=0.9)
     fig.tight_layout()
     return fig
 
