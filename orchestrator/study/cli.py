@@ -178,7 +178,7 @@ def summarize(
         print(f"  FAILED {o.job}: {o.error}", file=sys.stderr)
     if client is None or parent is None:
         return 1 if failed else 0
-    from orchestrator.study.parent import close_parent, log_results
+    from orchestrator.study.parent import close_parent, log_layer_responses, log_results
     from orchestrator.study.results import read_trial
     from orchestrator.tracking import experiment_id, runs_view
 
@@ -193,6 +193,9 @@ def summarize(
             r.status = "FAILED"
     dataset = trials[0].spec.data.url or "synthetic"
     print(log_results(client, parent, study, results, dataset))
+    measured = log_layer_responses(client, parent, results)
+    if measured:
+        print(f"Fig. 7: layer responses of {measured} trial(s) logged to their runs")
     status = close_parent(client, parent, results)
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     print(

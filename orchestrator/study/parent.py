@@ -128,6 +128,44 @@ def log_results(
     return md
 
 
+def log_layer_responses(client: Any, run_id: str, results: Sequence[TrialResult]) -> int:
+    """Fig. 7 for a CIFAR study: each finished trial's layer responses logged to its own run
+    (once: a run already measured at its last checkpoint is left alone), and one figure on the
+    parent with a net per cell (its first finished seed). Returns the trials measured now.
+    Never raises: a figure must not fail a study whose trials finished."""
+    from orchestrator import layer_responses as fig7
+
+    done = [r for r in results if r.finished and r.run_id]
+    if not done or not all(r.trial.spec.model.name.startswith("cifar_") for r in done):
+        return 0
+    measured, per_cell = 0, {}
+    for r in done:
+        try:
+            run = client.get_run(r.run_id)
+            logged = run.data.tags.get("layer_responses.checkpoint_url")
+            first_of_cell = r.trial.cell.label not in per_cell
+            if logged and logged == run.data.tags.get("checkpoint_url") and not first_of_cell:
+                continue
+            responses = fig7.responses_for_run(client, r.run_id, "last")
+            if logged != responses.checkpoint_url:
+                fig7.log_layer_responses(client, r.run_id, responses)
+                measured += 1
+            per_cell.setdefault(r.trial.cell.label, responses)
+        except Exception as err:  # noqa: BLE001 - reported, the study goes on
+            log.warning("layer responses of %s not measured: %s", r.trial.job, scrub(err)[:500])
+    series = {}
+    for responses in per_cell.values():
+        series.setdefault(responses.label, responses)  # one per net (cells may repeat a net)
+    if series:
+        try:
+            fig7.log_combined_layer_responses(
+                client, run_id, list(series.values()), title="Fig. 7: std of layer responses"
+            )
+        except Exception as err:  # noqa: BLE001
+            log.warning("the study's Fig. 7 was not logged: %s", scrub(err)[:500])
+    return measured
+
+
 def close_parent(client: Any, run_id: str, results: Sequence[TrialResult]) -> str:
     """FINISHED when every trial finished, else FAILED with the trials named."""
     from orchestrator.liveness import ERROR_TAG
@@ -137,5 +175,7 @@ def close_parent(client: Any, run_id: str, results: Sequence[TrialResult]) -> st
     if failed:
         names = ", ".join(f"{r.trial.job} ({r.status})" for r in failed)
         client.set_tag(run_id, ERROR_TAG, scrub(f"{len(failed)} trial(s) not finished: {names}"))
+    elif ERROR_TAG in client.get_run(run_id).data.tags:  # an earlier submission's failure
+        client.delete_tag(run_id, ERROR_TAG)
     client.set_terminated(run_id, status)
     return status

@@ -1,8 +1,8 @@
 """Running a study's trials: on Ray Tune (a Tuner whose trials each run one ordinary job), or
 `--local`, one job after another in subprocesses without Ray.
 
-On Tune, each trial is a small driver (no CPU reserved: TRIAL_DRIVER) that runs its job exactly as `ray job
-submit -- python jobs/X.py` would (orchestrator.launch.fit_on_ray: its Ray Train worker group,
+On Tune, each trial is a small driver (no CPU reserved: TRIAL_DRIVER) that runs its job
+as `ray job submit -- python jobs/X.py` would (orchestrator.launch.fit_on_ray: its Ray Train worker group,
 restarts, checkpoints, MLflow run); the job's workers hold the resources. Tune runs as many
 trials at once as the cluster's CPUs (or GPUs) fit trials' worker groups, or
 study.max_concurrent. Tune's state lives in the checkpoint storage under
@@ -180,19 +180,20 @@ def run_on_tune(study: Study, trials: Sequence[Trial], fingerprint: str) -> list
         f"({_resources_text(trials[0].spec, cluster)} each)",
         flush=True,
     )
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     grid = tuner.fit()
     wall = time.perf_counter() - t0
     outcomes: dict[str, Outcome] = {}
     for result in grid:
         job = result.config["spec"]["name"]
         metrics = result.metrics or {}
+        # a trial Tune restored as finished reports its old result: it did not run now
+        before = metrics.get("timestamp", started) < started
         if result.error is not None:
             outcomes[job] = Outcome(job, False, _error_text(result.error))
         else:
-            outcomes[job] = Outcome(
-                job, True, skipped=bool(metrics.get("skipped")), wall_s=metrics.get("job_wall_s", 0)
-            )
+            skipped = before or bool(metrics.get("skipped"))
+            outcomes[job] = Outcome(job, True, skipped=skipped, wall_s=metrics.get("job_wall_s", 0))
     ran = [o for o in outcomes.values() if o.ok and not o.skipped]
     # what Tune adds: its trials' time beyond their jobs' own (bench/study.py reads this line)
     print(
