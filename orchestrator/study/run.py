@@ -2,9 +2,9 @@
 `--local`, one job after another in subprocesses without Ray.
 
 On Tune, each trial is a small driver (no CPU reserved: TRIAL_DRIVER) that runs its job
-as `ray job submit -- python jobs/X.py` would (orchestrator.launch.fit_on_ray: its Ray Train worker group,
-restarts, checkpoints, MLflow run); the job's workers hold the resources. Tune runs as many
-trials at once as the cluster's CPUs (or GPUs) fit trials' worker groups, or
+as `ray job submit -- python jobs/X.py` would (orchestrator.launch.fit_on_ray: its Ray Train
+worker group, restarts, checkpoints, MLflow run); the job's workers hold the resources.
+Tune runs as many trials at once as the cluster's CPUs (or GPUs) fit trials' worker groups, or
 study.max_concurrent. Tune's state lives in the checkpoint storage under
 studies/<study>-<grid fingerprint>; a resubmitted study restores it (Tuner.restore), so trials
 that finished are not run again and the others restart, each job resuming from its own
