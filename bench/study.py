@@ -34,21 +34,28 @@ from orchestrator import storage
 
 DATASET = "s3://resnet/datasets/bench-cifar"
 CELLS = "cifar_resnet20,cifar_resnet32,cifar_plain20,cifar_plain32"
-TINY = [
-    "scaling.num_workers=1",
-    "scaling.global_batch=16",
-    "scaling.torch_threads=1",
-    "schedule.max_iters=4",
-    "schedule.milestones=[]",
-    "eval.every_iters=2",
-    "eval.batch_size=50",
-    "checkpoint.every_iters=2",
-    "tracking.log_every=2",
-    "data.num_workers=0",
-    "data.shuffle_buffer=32",
-    f"study.cells={CELLS}",
-    "study.seeds=2",
-]
+
+
+def tiny_study_args(dataset: str, experiment: str, name: str, *extra: str) -> list[str]:
+    """The small study's overrides (tests/test_study.py runs it too): a few CPU steps per
+    trial, 1 worker, batch 16, validation at steps 2 and 4."""
+    return [
+        f"study.name={name}",
+        f"data.url={dataset}",
+        f"tracking.experiment={experiment}",
+        "scaling.num_workers=1",
+        "scaling.global_batch=16",
+        "scaling.torch_threads=1",
+        "schedule.max_iters=4",
+        "schedule.milestones=[]",
+        "eval.every_iters=2",
+        "eval.batch_size=50",
+        "checkpoint.every_iters=2",
+        "tracking.log_every=2",
+        "data.num_workers=0",
+        "data.shuffle_buffer=32",
+        *extra,
+    ]
 
 
 def make_dataset(url: str) -> str:
@@ -69,10 +76,13 @@ def run_study(dataset: str, at_once: int) -> tuple[float, float, int]:
     name = f"bench{uuid.uuid4().hex[:6]}"
     ray = Path(sys.executable).with_name("ray")
     cmd = [str(ray), "job", "submit", "--", "python", "jobs/cifar10_table6.py"]
-    args = [f"study.name={name}", f"data.url={dataset}", "tracking.experiment=bench-study"]
+    args = tiny_study_args(
+        dataset, "bench-study", name,
+        f"study.cells={CELLS}", "study.seeds=2", f"study.max_concurrent={at_once}",
+    )  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [*cmd, *args, *TINY, f"study.max_concurrent={at_once}"],
+        [*cmd, *args],
         cwd=REPO,
         capture_output=True,
         text=True,

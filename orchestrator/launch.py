@@ -197,9 +197,12 @@ def storage_for_ray(storage: str) -> tuple[str, Any]:
 class JobFailed(RuntimeError):
     """A job's Ray Train run failed; the message says where it stands and what killed it."""
 
-    def __init__(self, message: str, error: str) -> None:
+    def __init__(self, message: str, error: str = "") -> None:
         super().__init__(message)
-        self.error = error  # the cause alone, as the job's MLflow run records it
+        self.error = error or message  # the cause alone, as the job's MLflow run records it
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # a Tune trial's error travels pickled
+        return type(self), (str(self), self.error)
 
 
 def _check_ray_address() -> None:

@@ -22,63 +22,15 @@ import pytest
 from orchestrator.stack import Stack
 from orchestrator.study.grid import CELL_TAG, ROLE_TAG, STUDY_TAG, Study, apply_study_overrides
 from orchestrator.study.grid import grid as study_grid
-from tests.conftest import ROOT, load_job_spec, run_script
+from tests.conftest import (
+    ROOT,
+    STUDY_CELLS,
+    load_job_spec,
+    submit_study,
+    tiny_study_args,
+)
 
-CELLS = "cifar_resnet20,cifar_resnet32,cifar_plain20,cifar_plain32"
-
-
-def tiny(dataset: str, experiment: str, name: str, *extra: str) -> list[str]:
-    """A few CPU steps per trial: 1 worker, batch 16, validation at steps 2 and 4."""
-    return [
-        f"study.name={name}",
-        f"data.url={dataset}",
-        f"tracking.experiment={experiment}",
-        "scaling.num_workers=1",
-        "scaling.global_batch=16",
-        "scaling.torch_threads=1",
-        "schedule.max_iters=4",
-        "schedule.milestones=[]",
-        "eval.every_iters=2",
-        "eval.batch_size=50",
-        "checkpoint.every_iters=2",
-        "tracking.log_every=2",
-        "data.num_workers=0",
-        "data.shuffle_buffer=32",
-        *extra,
-    ]
-
-
-def submit(stack: Stack, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    ray = Path(sys.executable).with_name("ray")
-    return subprocess.run(
-        # the script by its full path: the Ray head runs drivers in the folder it started in
-        [str(ray), "job", "submit", "--", "python", str(ROOT / "jobs/cifar10_table6.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-@pytest.fixture(scope="session")
-def cifar_dataset(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A generated CIFAR-10-layout dataset (10 classes, 20 train and 5 test images each) in the
-    test stack's S3."""
-    src = tmp_path_factory.mktemp("cifar-src")
-    run_script(
-        "datasets/synthetic.py",
-        "cifar10",
-        "--out",
-        str(src),
-        "--train-per-class",
-        "20",
-        "--test-per-class",
-        "5",
-    )
-    url = f"s3://resnet/datasets/cifar-{uuid.uuid4().hex[:8]}"
-    run_script("datasets/cifar10.py", "--src", str(src), "--dest", url, "--shard-size-mb", "0.1")
-    return url
+CELLS = STUDY_CELLS
 
 
 def client():
@@ -193,17 +145,12 @@ def test_table_statistics_over_seeds() -> None:
 # ----------------------------------------------------------------------------- the stack
 
 
-def test_small_study_through_ray_job_submit(stack: Stack, cifar_dataset: str) -> None:
+def test_small_study_through_ray_job_submit(small_study: dict) -> None:
     """8 trials, 2 at a time on Ray Tune: all FINISHED, one parent with 8 nested runs and the
     table; resubmitted, it reruns nothing."""
-    exp, name = f"study-{uuid.uuid4().hex[:6]}", f"st{uuid.uuid4().hex[:6]}"
-    args = tiny(
-        cifar_dataset, exp, name, f"study.cells={CELLS}", "study.seeds=2", "study.max_concurrent=2"
-    )
-    proc = submit(stack, *args)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
+    exp, name, out = small_study["experiment"], small_study["name"], small_study["output"]
     assert "8/8 trials finished" in out, out[-4000:]
+    assert "up to 2 at once" in out
     parent, children = parent_and_children(exp, name)
     assert parent.info.status == "FINISHED"
     assert len(children) == 8 and {c.info.status for c in children} == {"FINISHED"}
@@ -227,7 +174,7 @@ def test_small_study_through_ray_job_submit(stack: Stack, cifar_dataset: str) ->
     assert metrics["cell/cifar_resnet20/n"] == 2 and "cell/cifar_plain32/final_err_mean" in metrics
     ids = {c.info.run_id for c in children}
 
-    again = submit(stack, *args)
+    again = submit_study("jobs/cifar10_table6.py", *small_study["args"])
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-6000:]
     assert "8/8 trials finished (8 before, not run again)" in out, out[-4000:]
@@ -247,7 +194,7 @@ def test_a_sigkilled_worker_resumes_and_a_failing_trial_stops_alone(
     from bench import chaos
 
     exp, name = f"study-{uuid.uuid4().hex[:6]}", f"sk{uuid.uuid4().hex[:6]}"
-    args = tiny(
+    args = tiny_study_args(
         cifar_dataset,
         exp,
         name,

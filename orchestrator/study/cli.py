@@ -111,8 +111,8 @@ def dry_run(study: Study, trials: Sequence[Trial]) -> int:
                 cell.label,
                 overrides,
                 str(len(mine)),
-                f"{spec.scaling.num_workers} x {spec.scaling.cpus_per_worker:g} CPU"
-                + (" + 1 GPU" if spec.scaling.use_gpu is not False else ""),
+                f"{spec.scaling.num_workers} workers x ({spec.scaling.cpus_per_worker:g} CPU"
+                + (" + 1 GPU)" if spec.scaling.use_gpu is not False else ")"),
                 f"{spec.schedule.max_iters} x {spec.scaling.global_batch}",
                 f"{est.img_per_s_per_gpu:,.0f}",
                 f"{est.gpu_hours:.2f}",
