@@ -26,6 +26,7 @@ from tests.conftest import (
     ROOT,
     STUDY_CELLS,
     load_job_spec,
+    run_script,
     submit_study,
     tiny_study_args,
 )
@@ -249,3 +250,29 @@ def test_a_sigkilled_worker_resumes_and_a_failing_trial_stops_alone(
     bad = next(t for t in trials if t["cell"] == "cifar_plain20")
     assert bad["status"] == "FAILED" and "NonFiniteLoss" in bad["error"]
     assert parent.info.status == "FAILED"
+
+
+def test_trials_at_once_follow_the_cluster_and_the_cap() -> None:
+    from orchestrator.study.run import concurrency
+
+    base = load_job_spec("cifar10_resnet")  # 2 workers x 1 CPU, a GPU each where there are any
+    study = Study("s", base, study_grid({"model.name": ["cifar_resnet20", "cifar_plain20"]}), 4)
+    trials = study.trials()
+    assert concurrency(study, trials, {"CPU": 8}) == 4  # CPUs only: 2 per trial
+    assert concurrency(study, trials, {"CPU": 64, "GPU": 6}) == 3  # 2 GPUs per trial
+    assert concurrency(study, trials, {"CPU": 1}) == 1  # never 0: one waits for its workers
+    capped = Study("s", base, study.cells, 4, max_concurrent=2)
+    assert concurrency(capped, capped.trials(), {"CPU": 64, "GPU": 64}) == 2
+
+
+def test_a_local_study_runs_its_trials_one_after_another(stack: Stack, cifar_dataset: str) -> None:
+    """--local: no Ray; the trial runs as a --local job, nested under the study's parent."""
+    exp, name = f"study-{uuid.uuid4().hex[:6]}", f"lo{uuid.uuid4().hex[:6]}"
+    args = tiny_study_args(cifar_dataset, exp, name, "study.cells=cifar_resnet20")
+    out = run_script("jobs/cifar10_table6.py", "--local", *args, timeout=900)
+    assert "1/1 trials finished" in out and "Ray Tune" not in out
+    parent, children = parent_and_children(exp, name)
+    assert parent.info.status == "FINISHED" and len(children) == 1
+    assert children[0].info.run_name == f"{name}-cifar_resnet20-s0"
+    assert children[0].info.status == "FINISHED"
+    assert "| cifar_resnet20 |" in artifact_text(parent.info.run_id, "study/table.md")

@@ -30,14 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def find_parent(client: Any, experiment_id: str, study: str) -> Any:
-    name = study.replace("'", "\\'")
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{STUDY_TAG}` = '{name}' and tags.`{ROLE_TAG}` = 'study'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return found[0] if found else None
+    from orchestrator.tracking import newest_run
+
+    return newest_run(client, experiment_id, {STUDY_TAG: study, ROLE_TAG: "study"})
 
 
 def open_parent(client: Any, study: Study, trials: Sequence[Trial], fingerprint: str) -> str:
