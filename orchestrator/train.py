@@ -394,7 +394,9 @@ class Trainer:
         spec, accum = self.spec, self.spec.accumulation()
         resumed = self.resume()
         self._start_tracking()
-        weights = sum(float(p.double().sum()) for p in unwrap(self.strategy.model).parameters())
+        weights = sum(
+            float(p.detach().double().sum()) for p in unwrap(self.strategy.model).parameters()
+        )
         log.info(
             "rank %d: %s from step %d (resumed: %s, weight checksum %.10g)",
             self.rt.rank,
