@@ -53,7 +53,10 @@ def main(study: Study, argv: list[str] | None = None) -> int:
     client = _mlflow_client(study)
     parent = None
     if client is not None:
+        from orchestrator.liveness import sweep_experiment
         from orchestrator.study.parent import open_parent
+
+        sweep_experiment(study.experiment)  # trial runs of a study stopped before: close them
 
         parent = open_parent(client, study, trials, fingerprint)
         trials = study.trials(parent_run_id=parent)
