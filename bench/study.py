@@ -11,7 +11,7 @@ s3://resnet/datasets/bench-cifar), 1 worker per trial. Each round submits it twi
 baseline: one trial after another, on Tune too) and study.max_concurrent=2. Printed per round:
 both wall times (the whole `ray job submit`) and their ratio, and Tune's overhead per trial in
 the sequential run: (Tune's wall time - the jobs' own time) / trials, from the study's
-`study timing:` line. Last line: the medians.
+`study timing:` line. Last line: `study: ratio=R (...)`, the medians.
 """
 
 from __future__ import annotations
@@ -125,8 +125,9 @@ def main() -> None:
             flush=True,
         )
     print(
-        f"study: 2 at a time / 1 at a time = {statistics.median(ratios):.3f} (median of "
-        f"{len(ratios)}); Tune overhead per trial {statistics.median(overheads):.2f} s"
+        f"study: ratio={statistics.median(ratios):.3f} (wall time, 2 trials at a time / one "
+        f"after another, median of {len(ratios)}; Tune overhead per trial "
+        f"{statistics.median(overheads):.2f} s)"
     )
 
 
