@@ -6,7 +6,9 @@ DIR/cifar-10-batches-py is cifar-10-python.tar.gz extracted: data_batch_1..5, te
 batches.meta, each a pickled dict (b"data": uint8 [N, 3072] rows of red, green and blue 32x32
 planes; b"labels"; b"filenames"; b"batch_label"; batches.meta holds b"label_names").
 train = data_batch_1..5, val = test_batch; classes in label_names order (label = index).
-Images are stored losslessly as PNG; mean and std are computed exactly over the train pixels.
+Images are stored losslessly as PNG; mean and std are computed exactly over the train pixels,
+and so is the mean image (`mean_image.npy`, float32 [3, 32, 32], 0-255: each pixel's mean
+over the 50,000 train images, the paper's "per-pixel mean", for data.normalize=per_pixel_mean).
 Rerunning with the same arguments resumes: shards already at --dest are skipped.
 """
 
@@ -91,6 +93,15 @@ def mean_std(data: np.ndarray) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
+def mean_image(data: np.ndarray) -> np.ndarray:
+    """Each pixel's mean over uint8 rows [N, 3072] (0-255 scale): float64 [3, 32, 32], exact
+    (summed as integers)."""
+    total = np.zeros(3072, dtype=np.int64)
+    for start in range(0, len(data), 4096):
+        total += data[start : start + 4096].astype(np.int64).sum(axis=0)
+    return (total / len(data)).reshape(3, 32, 32)
+
+
 def _samples(batch: str, data: np.ndarray, labels: list[int]) -> list[Sample]:
     return [
         Sample(
@@ -137,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         train += _samples(batch, data, labels)
         train_rows.append(data)
     val_data, val_labels = read_batch(src / VAL_BATCH, len(names))
-    mean, std = mean_std(np.concatenate(train_rows))
+    train_data = np.concatenate(train_rows)
+    mean, std = mean_std(train_data)
     write_dataset(
         args.dest,
         {"train": train, "val": _samples(VAL_BATCH, val_data, val_labels)},
@@ -156,6 +168,12 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         workers=args.workers,
         max_bad_fraction=0.0,  # decoded arrays cannot be corrupt files
+        mean_image=mean_image(train_data),
+        mean_image_info={
+            "of": "every train image, exact (the paper's per-pixel mean)",
+            "samples": len(train_data),
+            "split_samples": len(train_data),
+        },
     )
 
 

@@ -11,6 +11,8 @@ What lands at DEST (an s3:// prefix, or a local folder for machines without S3):
                                  disk, its ETag on S3), a digest of the inputs that went into it,
                                  and the samples it had to skip. A rerun skips every shard whose
                                  sidecar still matches both the inputs and the stored object.
+    mean_image.npy               the mean image of the train split (float32 [3, H, W], 0-255
+                                 RGB), where the converter computed one; the manifest names it
     manifest.json                written last: the dataset's commit marker. Loaders read only it.
 
 For an S3 destination each shard is first written to a temporary folder ($TMPDIR, default /tmp:
@@ -52,6 +54,7 @@ except ImportError:  # a checkout where the package is not installed: the repo r
 FORMAT_VERSION = 1
 MB = 1_000_000  # --shard-size-mb counts in 10^6 bytes
 MANIFEST = "manifest.json"
+MEAN_IMAGE = "mean_image.npy"  # orchestrator.data.manifest.MEAN_IMAGE_FILE
 SIDECAR = ".json"  # suffix appended to a shard's name
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a closed archive to a multiple of this
@@ -407,8 +410,14 @@ def write_dataset(
     seed: int = 0,
     workers: int | None = None,
     max_bad_fraction: float = 0.001,
+    mean_image: Any = None,
+    mean_image_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Shard `splits` to dest_url (s3:// or a folder) and write manifest.json last.
+
+    `mean_image` (numpy float [3, H, W], 0-255) is written as MEAN_IMAGE just before the
+    manifest, which names it in its `mean_image` section with `mean_image_info` (what it is the
+    mean of, how many images).
 
     Raises ConversionError before writing anything if keys are bad or the destination cannot
     be used, and, while writing shards (so before the manifest), as soon as more than
@@ -457,6 +466,8 @@ def write_dataset(
     manifest = _manifest(
         dest, list(splits), jobs, done, classes, source, mean, std, mean_std_source
     )
+    if mean_image is not None:
+        manifest["mean_image"] = _put_mean_image(dest, mean_image, mean_image_info or {})
     dest.store.put(MANIFEST, json.dumps(manifest, indent=1).encode())  # the commit marker
     _remove_stale(dest, {j.name for j in jobs}, set(splits))
     for split, info in manifest["splits"].items():
@@ -548,6 +559,27 @@ def _manifest(
         "mean": [float(m) for m in mean],
         "std": [float(s) for s in std],
         "mean_std_source": mean_std_source,
+    }
+
+
+def _put_mean_image(dest: Dest, image: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """Store the mean image as float32 .npy; returns the manifest's `mean_image` section."""
+    import numpy as np
+
+    array = np.ascontiguousarray(image, dtype=np.float32)
+    if array.ndim != 3 or array.shape[0] != 3:
+        raise ConversionError(f"mean image of shape {array.shape}: expected [3, H, W]")
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    data = buf.getvalue()
+    dest.store.put(MEAN_IMAGE, data)
+    return {
+        "file": MEAN_IMAGE,
+        "shape": list(array.shape),
+        "dtype": "float32",
+        "scale": "0-255 RGB",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        **info,
     }
 
 

@@ -2,8 +2,9 @@
 
     ray job submit -- python jobs/cifar10_plain.py model.name=cifar_plain56
 
-Depth is the model name: cifar_plain20, 32, 44, 56 or 110. Same recipe as the ResNets: the
-paper shows the deeper plain nets train *worse* (the degradation problem).
+Depth is the model name: cifar_plain20, 32, 44, 56 or 110. Same recipe as the ResNets (per-pixel
+mean, the authors' Caffe momentum: see jobs/cifar10_resnet.py): the paper shows the deeper
+plain nets train *worse* (the degradation problem).
 """
 
 import dataclasses

@@ -11,6 +11,17 @@ weight decay 1e-4 on a mini-batch of 256; lr 0.1 (scaled with the global batch),
 when the validation error plateaus; 60x10^4 iterations; He init, BN, no dropout. Option-B
 shortcuts and the original (v1) bottleneck with the stride in the first 1x1 conv.
 On GPUs: bf16 autocast and channels_last.
+
+How the spec says it exactly:
+- data.normalize=per_pixel_mean: each pixel minus the dataset's mean image (datasets/imagenet.py
+  stores it: the mean of the train images' centre views, shorter side 256, central 224; resized
+  to the crop a batch has), divided by one scalar (the pooled std, so the lr keeps its meaning).
+  A dataset without one (converted before, or indexed by datasets/index_shards.py) is refused
+  by the pre-flight: reconvert it, or set data.normalize=per_channel.
+- optim.momentum_form=caffe: the authors' Caffe SGD (v = 0.9 v + lr g, w -= v): at each
+  plateau drop the velocity keeps the old lr's steps, as theirs did, where torch's form
+  (optim.momentum_form=pytorch) shrinks it tenfold at once.
+The other ImageNet jobs (r34, r50, r101, plain34) take this recipe.
 """
 
 from orchestrator.launch import main
@@ -36,9 +47,12 @@ SPEC = JobSpec(
         image_size=224,
         eval_resize=256,
         pca_lighting=0.1,
+        normalize="per_pixel_mean",  # "the per-pixel mean subtracted"
         num_workers=8,
     ),
-    optim=OptimConfig(name="sgd", base_lr=0.1, momentum=0.9, weight_decay=1e-4),
+    optim=OptimConfig(
+        name="sgd", base_lr=0.1, momentum=0.9, weight_decay=1e-4, momentum_form="caffe"
+    ),
     schedule=ScheduleConfig(
         kind="plateau",  # "divided by 10 when the error plateaus"
         max_iters=600_000,

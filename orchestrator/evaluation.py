@@ -63,6 +63,7 @@ from orchestrator.data import (
     DeviceNormalize,
     eval_loader,
     load_manifest,
+    load_mean_image,
     rank_slice,
     split_shards,
 )
@@ -199,6 +200,7 @@ def evaluate(
     device: torch.device | str | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    mean_image: np.ndarray | None = None,
     bf16: bool = False,
     return_probs: bool = False,
     progress: bool | Callable[..., Any] = False,
@@ -207,7 +209,8 @@ def evaluate(
     """Evaluate `model` on the validation split of `cfg` under `protocol`.
 
     Every rank must call it (collectives). `rank`/`world_size` default to torch.distributed's
-    (else 0/1); `device` to the model's; `mean`/`std` (0-255 scale) to the manifest's.
+    (else 0/1); `device` to the model's; `mean`/`std` (0-255 scale) to the manifest's, and
+    with cfg.normalize=per_pixel_mean `mean_image` ([3, H, W], 0-255) to the dataset's.
     `max_batches` > 0 stops each pass early (a quick look; counts then cover what was seen).
     `progress`: True for a tqdm bar on rank 0, or a tqdm-like factory(total=, desc=).
     The model is put in eval mode and left in the mode it came in.
@@ -230,7 +233,11 @@ def evaluate(
     num_classes = int(manifest["num_classes"])
     mean = tuple(mean or manifest.get("mean") or IMAGENET_MEAN)
     std = tuple(std or manifest.get("std") or IMAGENET_STD)
-    normalize = DeviceNormalize(mean, std, 0.0, device)
+    if cfg.normalize != "per_pixel_mean":
+        mean_image = None
+    elif mean_image is None:
+        mean_image = load_mean_image(manifest, cfg.url)
+    normalize = DeviceNormalize(mean, std, 0.0, device, mean_image=mean_image)
     total = sum(s.samples for s in split_shards(manifest, cfg.url, cfg.val_split))
     lo, hi = rank_slice(total, world_size, rank)  # the positions eval_loader gives this rank
     n_local = hi - lo
@@ -455,7 +462,7 @@ def recalibrate_bn_on_data(
     loader = TrainLoader(
         cfg, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed, device=device
     )
-    normalize = DeviceNormalize(loader.mean, loader.std, 0.0, device)
+    normalize = DeviceNormalize(loader.mean, loader.std, 0.0, device, mean_image=loader.mean_image)
     return recalibrate_bn(
         net, loader, num_batches, prepare=lambda item: normalize(item[0], train=False)
     )

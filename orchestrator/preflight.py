@@ -7,9 +7,10 @@ the sections themselves, orchestrator.spec) and before Ray or torchrun start a w
 1. model: the name is registered and the net takes every option the spec sets
    (`models.check_model`, create_model's own checks, without building or importing torch);
 2. data (data.source=shards): the manifest exists and is committed (manifest.json is written
-   last), the splits the job reads exist, decode=gpu gets JPEGs only, the class count matches
-   model.num_classes, and the split fills every rank's batches under the equal-batch rule
-   (`data.epochs.epoch_batches`, what the loader itself enforces);
+   last), the splits the job reads exist, decode=gpu gets JPEGs only, data.normalize=
+   per_pixel_mean finds the dataset's mean image (its manifest names it, its sha256 matches),
+   the class count matches model.num_classes, and the split fills every rank's batches under
+   the equal-batch rule (`data.epochs.epoch_batches`, what the loader itself enforces);
 3. checkpoint storage: a probe object is written, read back and deleted under the job's
    checkpoint folder (only once 1-2 passed, so a refused job writes nothing);
 4. resume: the checkpoint the job would resume from is committed, and its data position is
@@ -34,6 +35,7 @@ from orchestrator.data.manifest import (
     DataUnavailable,
     check_decodable,
     load_manifest,
+    mean_image_bytes,
     split_shards,
 )
 from orchestrator.models import UnknownModelError, check_model, model_info
@@ -144,6 +146,7 @@ def check_data(spec: JobSpec) -> tuple[str, int | None]:
         check_decodable(manifest, d)
     except DataError as err:
         raise _Refused(f"data.decode={d.decode}: {err}") from None
+    mean_note = check_mean_image(spec, manifest)
     classes = int(manifest["num_classes"])
     if spec.model.num_classes is not None and spec.model.num_classes != classes:
         raise _Refused(
@@ -162,9 +165,33 @@ def check_data(spec: JobSpec) -> tuple[str, int | None]:
         ) from None
     return (
         f"data: {d.url} committed (manifest.json), train {samples} samples in {len(train)} "
-        f"shards{val_note}, {classes} classes; {s.num_workers} ranks x micro-batch {batch}: "
+        f"shards{val_note}, {classes} classes{mean_note}; {s.num_workers} ranks x micro-batch "
+        f"{batch}: "
         f"{per_epoch} batches per rank per epoch ({d.epoch_mode})"
     ), classes
+
+
+def check_mean_image(spec: JobSpec, manifest: dict[str, Any]) -> str:
+    """data.normalize=per_pixel_mean: the dataset's mean image is there and intact (its bytes
+    against the manifest's sha256; numpy-free). Returns a note for the data line."""
+    d = spec.data
+    if d.normalize != "per_pixel_mean":
+        return ""
+    try:
+        mean_image_bytes(manifest, d.url)
+    except DataUnavailable as err:
+        raise _Refused(
+            f"data.url={d.url}: {err}. Fix: check the store's endpoint and credentials, then "
+            "resubmit"
+        ) from None
+    except DataError as err:
+        raise _Refused(
+            f"data.normalize=per_pixel_mean: {err}. Fix: set data.normalize=per_channel (the "
+            "manifest's per-channel mean and std), or reconvert the dataset with "
+            "datasets/cifar10.py or datasets/imagenet.py, which store its mean image"
+        ) from None
+    shape = manifest["mean_image"].get("shape") or []
+    return f", mean image {'x'.join(str(n) for n in shape)}"
 
 
 def checkpoint_root(spec: JobSpec) -> str:

@@ -79,6 +79,11 @@ class DataConfig:
     eval_resize: int = 256  # centre protocol: shorter side, then the centre image_size crop
     scale_range: tuple[int, int] = (256, 480)
     pca_lighting: float = 0.1  # AlexNet PCA lighting std; 0 disables
+    # per_channel: (x - mean) / std with the manifest's per-channel mean and std;
+    # per_pixel_mean: the paper's form, x minus the dataset's mean image (resized to the batch's
+    # H x W where they differ), divided by one scalar (the RMS of the per-channel stds, so the
+    # input keeps the scale per_channel gives); needs a dataset converted with its mean image
+    normalize: Literal["per_channel", "per_pixel_mean"] = "per_channel"
     num_workers: int = 4  # DataLoader workers per rank (0: decode in the training process)
     prefetch_factor: int = 2  # batches each worker keeps ready
     shuffle_buffer: int = 1000  # samples (raw bytes) each worker mixes
@@ -110,6 +115,7 @@ class DataConfig:
             "train_transform": ("paper", "rrc", "cifar"),
             "epoch_mode": ("exact", "resampled"),
             "decode": ("cpu", "gpu", "split"),
+            "normalize": ("per_channel", "per_pixel_mean"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -158,8 +164,15 @@ class OptimConfig:
     nesterov: bool = False
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
+    # pytorch: v = m*v + g, w -= lr*v; caffe (the authors'): v = m*v + lr*g, w -= v. They differ
+    # only after an lr change, where caffe's velocity still carries the old lr's steps
+    momentum_form: Literal["pytorch", "caffe"] = "pytorch"
 
     def __post_init__(self) -> None:
+        if self.momentum_form not in ("pytorch", "caffe"):
+            raise ValueError(
+                f"optim.momentum_form={self.momentum_form!r}: expected one of ('pytorch', 'caffe')"
+            )
         check_ranges(
             "optim",
             self,
@@ -180,6 +193,11 @@ class ScheduleConfig:
     warmup_iters: int = 0  # lr x warmup_factor until this iteration (ResNet-110's 0.01 start)
     warmup_factor: float = 0.1
     warmup_linear: bool = False  # ramp linearly from warmup_factor instead of a constant
+    # lr x warmup_factor until the training error (all ranks, the last warmup_check_every
+    # steps) is below this fraction, then the schedule's lr: ResNet-110's "0.01 until the
+    # training error is below 80%". None: no such rule (warmup_iters decides)
+    warmup_until_train_err: float | None = None
+    warmup_check_every: int = 20  # steps per decision window of warmup_until_train_err
     plateau_patience: int = 3  # plateau: evaluations without improvement before lr *= gamma
     plateau_threshold: float = 1e-3  # improvement smaller than this (absolute) does not count
     min_lr: float = 0.0
@@ -192,10 +210,18 @@ class ScheduleConfig:
             gamma="> 0",
             warmup_iters=">= 0",
             warmup_factor="0..1",
+            warmup_until_train_err="0..1",
+            warmup_check_every=">= 1",
             plateau_patience=">= 0",
             plateau_threshold=">= 0",
             min_lr=">= 0",
         )
+        if self.warmup_until_train_err is not None and (self.warmup_iters or self.warmup_linear):
+            raise ValueError(
+                "schedule.warmup_until_train_err: set either it or schedule.warmup_iters / "
+                "warmup_linear (a fixed warm-up), not both; e.g. schedule.warmup_iters=0 and "
+                "schedule.warmup_linear=false to warm up by the error rule"
+            )
 
 
 @dataclass

@@ -10,7 +10,9 @@
     strategy.state_dict() / load_state_dict(...)       # replicated state (rank 0 writes it)
     strategy.save_shards(dir) / load_shards(dir)       # per-rank state (DeepSpeed's ZeRO shards)
 
-The strategy owns gradient accumulation: the loop never scales the loss itself.
+The strategy owns gradient accumulation: the loop never scales the loss itself. It also owns
+the momentum form (optim.momentum_form, `MomentumForm`): torch's SGD, or the authors' Caffe
+SGD on top of it.
 """
 
 from __future__ import annotations
@@ -52,6 +54,40 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     ]
 
 
+class MomentumForm:
+    """optim.momentum_form on top of torch's SGD.
+
+    torch: b = m*b + g, w -= lr*b. Caffe (the authors' solver): v = m*v + lr*g, w -= v, with
+    weight decay inside g in both. At a constant lr, v = lr*b: the two are the same. When the
+    lr changes from lr_old to lr_new, Caffe's velocity still holds lr_old's steps while torch
+    rescales them by lr_new at once (a 10x smaller or larger step at each change). Scaling
+    every momentum buffer by lr_old / lr_new before the first step at lr_new keeps v = lr*b
+    exact, so torch's update is Caffe's (nesterov too: its correction term obeys the same
+    identity). The last lr is part of the strategy's state, so a resume scales from the right
+    one."""
+
+    def __init__(self, form: str) -> None:
+        self.caffe = form == "caffe"
+        self.last_lr: float | None = None  # the lr of the newest step (None: no step yet)
+
+    def before_step_at(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
+        """Call before the lr of the next step is set to `lr`; `optimizer` holds the momentum
+        buffers (for DeepSpeed its torch SGD, whose parameters are ZeRO's partitions)."""
+        if self.caffe and self.last_lr is not None and lr != self.last_lr:
+            if not lr > 0:
+                raise ValueError(
+                    f"optim.momentum_form=caffe: lr {lr} cannot carry Caffe's velocity (it "
+                    "needs lr > 0); use optim.momentum_form=pytorch, or a schedule with min_lr > 0"
+                )
+            scale = self.last_lr / lr
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    buf = optimizer.state.get(p, {}).get("momentum_buffer")
+                    if buf is not None:
+                        buf.mul_(scale)
+        self.last_lr = lr
+
+
 def make_sgd(
     model: nn.Module, cfg: OptimConfig, lr: float, device: torch.device
 ) -> torch.optim.SGD:
@@ -74,6 +110,7 @@ class DDPStrategy:
         device: torch.device,
     ) -> None:
         self.optimizer = make_sgd(model, optim, lr, device)
+        self.momentum = MomentumForm(optim.momentum_form)
         self.accumulation = accumulation
         self._base = model
         if distributed():
@@ -92,6 +129,7 @@ class DDPStrategy:
         (loss / self.accumulation).backward()
 
     def set_lr(self, lr: float) -> None:
+        self.momentum.before_step_at(self.optimizer, lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -100,11 +138,17 @@ class DDPStrategy:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self._base.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {
+            "model": self._base.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "last_lr": self.momentum.last_lr,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._base.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        # older checkpoints: the optimizer's own lr is the one its last step used
+        self.momentum.last_lr = state.get("last_lr", self.optimizer.param_groups[0]["lr"])
 
     def save_shards(self, directory: Path) -> None:
         """DDP state is replicated: rank 0's state_dict is the whole of it."""
@@ -142,6 +186,9 @@ class DeepSpeedStrategy:
             "zero_optimization": {"stage": scaling.zero_stage},
             "bf16": {"enabled": bf16},
             "zero_allow_untested_optimizer": True,  # our torch SGD is the paper's optimizer
+            # DeepSpeed clips the gradient norm at 1.0 unless told otherwise (its default); the
+            # paper does not clip, nor does the DDP strategy
+            "gradient_clipping": 0.0,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
@@ -153,6 +200,7 @@ class DeepSpeedStrategy:
         )
         self.model: nn.Module = self.engine
         self._base = model
+        self.momentum = MomentumForm(optim.momentum_form)
 
     @contextlib.contextmanager
     def micro_batch(self, last: bool) -> Iterator[None]:
@@ -165,6 +213,8 @@ class DeepSpeedStrategy:
         self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
 
     def set_lr(self, lr: float) -> None:
+        # the torch SGD DeepSpeed wraps holds the momentum (under ZeRO, of this rank's partition)
+        self.momentum.before_step_at(self.engine.basic_optimizer, lr)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
@@ -172,10 +222,12 @@ class DeepSpeedStrategy:
         self.engine.step()  # the update, then zeroed gradients
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self._base.state_dict()}  # the optimizer lives in the shards
+        # the optimizer lives in the shards
+        return {"model": self._base.state_dict(), "last_lr": self.momentum.last_lr}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._base.load_state_dict(state["model"])
+        self.momentum.last_lr = state.get("last_lr")  # older checkpoints: no rescale at resume
 
     def save_shards(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state")

@@ -121,7 +121,11 @@ class Trainer:
         if spec.model.compile:
             self.forward = torch.compile(self.strategy.model)
         self.normalize = DeviceNormalize(
-            self.loader.mean, self.loader.std, spec.data.pca_lighting, self.device
+            self.loader.mean,
+            self.loader.std,
+            spec.data.pca_lighting,
+            self.device,
+            mean_image=self.loader.mean_image,
         )
         self.augment = None
         self.balancer = None
@@ -148,6 +152,11 @@ class Trainer:
         self.latest: dict[str, float] = {}  # the newest value of every metric published
         self._batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None  # this epoch's
         self._nonfinite = torch.zeros((), device=self.device)  # set on device, read at checks
+        # schedule.warmup_until_train_err: top-1 hits (on the device) and samples since the
+        # rule's last decision
+        self._warmup_hits = torch.zeros((), device=self.device)
+        self._warmup_samples = 0
+        self._lr = spec.lr()  # the lr of the newest optimizer step
         self._finite_step = 0  # steps up to here were checked finite
         self.tracker: Tracker = NullTracker()
         self.tracking_run_id: str | None = None
@@ -285,6 +294,9 @@ class Trainer:
             self.strategy.backward(loss)
         hits = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
         self.window.add(loss.detach(), torch.stack([hits[:, 0].sum(), hits.any(1).sum()]), len(y))
+        if self.schedule.warming:  # summed on the device: read only at the rule's decisions
+            self._warmup_hits += hits[:, 0].sum()
+            self._warmup_samples += len(y)
 
     def _device_decode(
         self, batch: MixedBatch, labels: torch.Tensor, gen: torch.Generator
@@ -383,6 +395,7 @@ class Trainer:
             device=self.device,
             mean=self.loader.mean,
             std=self.loader.std,
+            mean_image=self.loader.mean_image,
             bf16=self.bf16,
         )
         return result.metrics()
@@ -409,7 +422,8 @@ class Trainer:
         self.window.reset()
         while self.step < spec.schedule.max_iters:
             self._watch_syncs(True)
-            self.strategy.set_lr(self.schedule.lr(self.step))
+            self._lr = self.schedule.lr(self.step)
+            self.strategy.set_lr(self._lr)
             for micro in range(accum):
                 images, labels = self._next_batch()
                 self._micro_step(images, labels, last=micro == accum - 1)
@@ -418,10 +432,21 @@ class Trainer:
             self.window.steps += 1
             self.samples_seen += spec.scaling.global_batch
             self._watch_syncs(False)  # below: log steps, evaluation, checkpoints may sync
+            if self.schedule.checks_warmup(self.step):
+                self._warmup_check()
             self._publish(self._scheduled_work())
             if self.batch_in_epoch >= self.loader.batches_per_epoch:
                 self._end_epoch()
         return self._finish()
+
+    def _warmup_check(self) -> None:
+        """schedule.warmup_until_train_err: decide on the window of steps since the last check,
+        then start the next window. The window is not checkpointed (the decision is, in the
+        schedule's state): after a resume the first window is the steps since the resume."""
+        samples, self._warmup_samples = self._warmup_samples, 0
+        if warmup_decision(self.schedule, self._warmup_hits, samples, self.step):
+            log.info("step %d: training error below the warm-up's threshold: full lr", self.step)
+        self._warmup_hits.zero_()
 
     def _scheduled_work(self) -> dict[str, float]:
         """Log, evaluate and checkpoint where this step falls on their schedules."""
@@ -467,7 +492,7 @@ class Trainer:
     def _train_metrics(self) -> dict[str, float]:
         self._check_finite()
         metrics = self.window.read(self.rt.world_size)  # the host sync of a log interval
-        metrics["train/lr"] = self.schedule.lr(self.step - 1)
+        metrics["train/lr"] = self._lr  # the lr the last step ran at
         metrics["train/epoch"] = float(self.epoch)
         metrics["train/samples_seen"] = float(self.samples_seen)
         if self.spec.data.decode == "split":
@@ -521,6 +546,16 @@ class Trainer:
             self.tracker.log_metrics(metrics, self.step)
             log.info("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         self.rt.report(metrics)
+
+
+def warmup_decision(schedule: LRSchedule, hits: torch.Tensor, samples: int, step: int) -> bool:
+    """The warm-up rule's decision after `step` steps (schedule.warmup_until_train_err), from
+    this rank's top-1 `hits` and `samples` since the last decision. Summed over every rank (a
+    collective: every rank calls it at the same steps), the training error is the same number
+    everywhere, so every rank ends the warm-up at the same step. True if it ended here."""
+    sums = torch.stack([hits.double(), hits.new_tensor(samples, dtype=torch.float64)])
+    total_hits, total = all_reduce(sums).tolist()
+    return bool(total) and schedule.observe_train_error(1 - total_hits / total, step)
 
 
 def _old_position(state: dict[str, Any]) -> dict[str, Any]:

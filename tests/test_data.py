@@ -24,6 +24,7 @@ from PIL import Image
 
 from orchestrator import data as D
 from orchestrator.data import (
+    IMAGENET_MEAN,
     DataConfig,
     DataError,
     DeviceNormalize,
@@ -746,6 +747,43 @@ def test_device_normalize_maths():
         rgb.view(2, 3, 1, 1).expand_as(a),
         atol=1e-3,
     )
+
+
+def test_device_normalize_per_pixel_mean_by_hand():
+    """data.normalize=per_pixel_mean: x minus the mean image, over one scalar (the RMS of the
+    per-channel stds), written out here pixel by pixel; other sizes get the mean image
+    resized; per-channel statistics play no part but through that scalar."""
+    rng = np.random.default_rng(0)
+    image = rng.uniform(40, 200, (3, 3, 2)).astype(np.float32)
+    std = (60.0, 55.0, 50.0)
+    scale = ((60.0**2 + 55.0**2 + 50.0**2) / 3) ** 0.5
+    x = torch.randint(0, 256, (2, 3, 3, 2), dtype=torch.uint8)
+    norm = DeviceNormalize((1.0, 2.0, 3.0), std, pca_lighting=0.0, mean_image=image)
+    out = norm(x, train=True).numpy()
+    pixels = x.numpy()
+    for b, c, i, j in np.ndindex(*pixels.shape):
+        want = (float(pixels[b, c, i, j]) - float(image[c, i, j])) / scale
+        assert out[b, c, i, j] == pytest.approx(want, abs=1e-5), (b, c, i, j)
+    # ten-crop batches [B, 10, 3, H, W]: every view the same way
+    views = torch.randint(0, 256, (2, 10, 3, 3, 2), dtype=torch.uint8)
+    got = norm(views, train=False).numpy()
+    np.testing.assert_allclose(got, (views.numpy() - image) / scale, atol=1e-5)
+    # another size (multiscale, or a crop other than the mean's): a flat mean image stays flat
+    flat = np.broadcast_to(np.array([90.0, 100.0, 110.0], np.float32)[:, None, None], (3, 4, 4))
+    norm = DeviceNormalize(IMAGENET_MEAN, std, pca_lighting=0.0, mean_image=flat)
+    big = torch.randint(0, 256, (1, 3, 7, 5), dtype=torch.uint8)
+    want = (big.numpy() - np.array([90.0, 100.0, 110.0])[:, None, None]) / scale
+    np.testing.assert_allclose(norm(big, train=False).numpy(), want, atol=1e-4)
+    # and a resized mean image is the mean image, bilinearly resampled (a 2x2 -> 4x4 ramp)
+    ramp = np.stack([np.array([[0.0, 8.0], [16.0, 24.0]], np.float32)] * 3)
+    norm = DeviceNormalize(IMAGENET_MEAN, (1.0, 1.0, 1.0), pca_lighting=0.0, mean_image=ramp)
+    zeros = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
+    # align_corners=False: output pixel k samples input position (k + 0.5) / 2 - 0.5
+    row = np.array([0.0, 2.0, 6.0, 8.0])  # along a row, 0..8 (edges clamp)
+    want = -(row[None, :] + 2 * row[:, None])  # down a column, 0..16
+    np.testing.assert_allclose(norm(zeros, train=False).numpy()[0, 0], want, atol=1e-4)
+    with pytest.raises(ValueError, match=r"mean_image: expected \[3, H, W\]"):
+        DeviceNormalize(mean_image=np.zeros((4, 4), np.float32))
 
 
 # ---------------------------------------------------------------------------- streams

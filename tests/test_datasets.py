@@ -270,6 +270,7 @@ def test_imagenet_local_manifest_and_shards(imagenet_src: Path, local_shards: Pa
         assert all(s["bytes"] <= target for s in shards)
         assert all(s["bytes"] >= 0.7 * target for s in shards[:-1])
     assert len(manifest["splits"]["train"]["shards"]) >= 4
+    check_imagenet_mean_image(imagenet_src, local_shards, manifest, size=224, resize=256)
     # Shuffled across classes: the first shard mixes them.
     first = read_shard((local_shards / "train-000000.tar").read_bytes())
     assert len({int(p["cls"]) for p in first.values()}) == CLASSES
@@ -282,6 +283,31 @@ def test_imagenet_local_manifest_and_shards(imagenet_src: Path, local_shards: Pa
     assert sample[0].mode == "RGB" and 0 <= sample[1] < CLASSES
 
 
+def check_imagenet_mean_image(
+    src: Path, dest: Path, manifest: dict, size: int, resize: int, samples: int = 0
+) -> None:
+    """The stored mean image is numpy's mean over the centre views (shorter side `resize`,
+    central `size`) of the train images (all of them, or `samples` of them) as the centre
+    protocol decodes them (orchestrator.data.transforms)."""
+    from orchestrator.data.transforms import center_view
+
+    entry = manifest["mean_image"]
+    raw = (dest / entry["file"]).read_bytes()
+    assert entry["sha256"] == sha256(raw) and entry["shape"] == [3, size, size]
+    image = np.load(io.BytesIO(raw))
+    assert image.dtype == np.float32 and image.shape == (3, size, size)
+    files = sorted((src / "train").glob("*/*.JPEG"))
+    assert entry["split_samples"] == len(files)
+    if samples:  # a seeded sample: its count, and a mean that is not the whole split's
+        assert entry["samples"] == samples and "seed" in entry["sampled"]
+        return
+    assert entry["samples"] == len(files) and entry["sampled"] == "every train image"
+    views = np.stack([center_view(f.read_bytes(), size=size, resize=resize) for f in files])
+    want = views.astype(np.float64).mean(axis=0)
+    # Pillow's bilinear resize and the loader's agree to a level or so per pixel
+    assert np.abs(image - want).max() <= 1.0 and np.abs(image - want).mean() < 0.3
+
+
 def test_imagenet_deterministic_and_resumable(
     imagenet_src: Path, local_shards: Path, tmp_path: Path
 ) -> None:
@@ -290,6 +316,7 @@ def test_imagenet_deterministic_and_resumable(
     first = json.loads((local_shards / "manifest.json").read_text())
     manifest = json.loads((dest / "manifest.json").read_text())
     assert manifest["splits"] == first["splits"]  # same names, sizes, sha256: byte-identical
+    assert manifest["mean_image"] == first["mean_image"]  # 1 worker or many: the same image
     reseeded = tmp_path / "reseeded"
     ok("imagenet.py", "--src", imagenet_src, "--dest", reseeded, *SHARDS, "--seed", 1)
     other = json.loads((reseeded / "manifest.json").read_text())
@@ -325,6 +352,7 @@ def test_imagenet_deterministic_and_resumable(
     ok("imagenet.py", "--src", imagenet_src, "--dest", dest, "--shard-size-mb", 10)
     assert sorted(p.name for p in dest.iterdir()) == [
         "manifest.json",
+        "mean_image.npy",
         "train-000000.tar",
         "train-000000.tar.json",
         "val-000000.tar",
@@ -375,8 +403,10 @@ def test_imagenet_val_label_sources_agree(
 
 def test_imagenet_resize_shorter(imagenet_src: Path, tmp_path: Path) -> None:
     dest = tmp_path / "small"
-    ok("imagenet.py", "--src", imagenet_src, "--dest", dest, "--resize-shorter", 40, *SHARDS)
+    mean = ["--mean-samples", 10, "--mean-resize", 40, "--mean-size", 32]
+    ok("imagenet.py", "--src", imagenet_src, "--dest", dest, "--resize-shorter", 40, *SHARDS, *mean)
     manifest = json.loads((dest / "manifest.json").read_text())
+    check_imagenet_mean_image(imagenet_src, dest, manifest, size=32, resize=40, samples=10)
     seen = check_dataset(
         manifest,
         lambda n: (dest / n).read_bytes(),
@@ -599,6 +629,16 @@ def test_cifar10_converter_counts_labels_and_exact_pixels(cifar_src: Path, tmp_p
     planes = np.concatenate(train_rows).reshape(-1, 3, 1024).astype(np.float64)
     assert np.allclose(manifest["mean"], planes.mean(axis=(0, 2)), atol=1e-9)
     assert np.allclose(manifest["std"], planes.std(axis=(0, 2)), atol=1e-9)
+    # the per-pixel mean: each pixel's mean over the 200 train images, float32 [3, 32, 32]
+    entry = manifest["mean_image"]
+    raw = (dest / entry["file"]).read_bytes()
+    assert entry["sha256"] == sha256(raw) and entry["shape"] == [3, 32, 32]
+    assert entry["samples"] == entry["split_samples"] == 200
+    image = np.load(io.BytesIO(raw))
+    assert image.dtype == np.float32
+    want = planes.reshape(-1, 3, 32, 32).mean(axis=0)
+    np.testing.assert_allclose(image, want, rtol=0, atol=1e-4)  # float32 rounding only
+    assert np.ptp(want) > 1  # pixels differ: a per-channel mean would not pass
 
     missing = tmp_path / "broken"
     shutil.copytree(cifar_src, missing)

@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from orchestrator.data import DataConfig, DeviceNormalize, eval_loader, load_manifest
+from orchestrator.data import (
+    DataConfig,
+    DeviceNormalize,
+    eval_loader,
+    load_manifest,
+    load_mean_image,
+)
 from orchestrator.evaluation import (
     PROTOCOLS,
     EvalResult,
@@ -70,13 +76,22 @@ def test_unknown_protocol_lists_the_valid_choices(odd_local_shards: Path) -> Non
     assert isinstance(err.value, ValueError)
 
 
-def test_center_matches_a_plain_forward_pass(odd_local_shards: Path) -> None:
-    """Top-1/top-5, loss and per-class accuracy against a loop written out here."""
-    cfg = odd_cfg(odd_local_shards, num_workers=0)
+@pytest.mark.parametrize("normalize", ["per_channel", "per_pixel_mean"])
+def test_center_matches_a_plain_forward_pass(odd_local_shards: Path, normalize: str) -> None:
+    """Top-1/top-5, loss and per-class accuracy against a loop written out here, under either
+    normalization (per_pixel_mean: the converter's 224 px mean image, resized to the 32 px
+    views)."""
+    cfg = odd_cfg(odd_local_shards, num_workers=0, normalize=normalize)
     net = tiny_net(seed=1)
     res = evaluate(net, cfg, protocol="center", batch_size=4, return_probs=True, progress=True)
     manifest = load_manifest(str(odd_local_shards))
-    norm = DeviceNormalize(manifest["mean"], manifest["std"], 0.0)
+    image = None
+    if normalize == "per_pixel_mean":
+        image = load_mean_image(manifest, str(odd_local_shards))
+        assert image.shape == (3, 224, 224)
+        other = evaluate(net, odd_cfg(odd_local_shards, num_workers=0), return_probs=True)
+        assert np.abs(other.probs - res.probs).max() > 1e-3  # the two forms differ
+    norm = DeviceNormalize(manifest["mean"], manifest["std"], 0.0, mean_image=image)
     logits, labels = [], []
     with torch.no_grad():
         for x, y in eval_loader(cfg, rank=0, world_size=1, batch_size=8):
@@ -286,7 +301,8 @@ def test_training_loop_validates_with_the_specs_protocol(
     odd_local_shards: Path, tmp_path: Path
 ) -> None:
     """eval.protocol=ten_crop in a job: the metrics in the commit marker are those of
-    evaluate(..., "ten_crop") on the checkpoint it commits."""
+    evaluate(..., "ten_crop") on the checkpoint it commits, normalized as the job says
+    (data.normalize=per_pixel_mean: the dataset's mean image)."""
     from tests.conftest import run_script
 
     run_script(
@@ -299,6 +315,7 @@ def test_training_loop_validates_with_the_specs_protocol(
         "data.eval_resize=36",
         "data.num_workers=1",
         "data.shuffle_buffer=16",
+        "data.normalize=per_pixel_mean",
         "tracking.enabled=false",
         "scaling.num_workers=1",
         "scaling.global_batch=8",
@@ -315,9 +332,12 @@ def test_training_loop_validates_with_the_specs_protocol(
     state = torch.load(step / "trainer.pt", weights_only=False)
     net = create_model("cifar_resnet20", 3)
     net.load_state_dict(state["strategy"]["model"])
-    res = evaluate(net, odd_cfg(odd_local_shards), protocol="ten_crop", device="cpu")
+    cfg = odd_cfg(odd_local_shards, normalize="per_pixel_mean")
+    res = evaluate(net, cfg, protocol="ten_crop", device="cpu")
     assert marker["val/samples"] == 21
     assert marker["val/top1_err"] == pytest.approx(res.top1_err)
     assert marker["val/loss"] == pytest.approx(res.loss, rel=1e-4)
-    center = evaluate(net, odd_cfg(odd_local_shards), protocol="center", device="cpu")
+    center = evaluate(net, cfg, protocol="center", device="cpu")
     assert marker["val/loss"] != pytest.approx(center.loss, rel=1e-4)  # not the centre crop
+    channel = evaluate(net, odd_cfg(odd_local_shards), protocol="ten_crop", device="cpu")
+    assert marker["val/loss"] != pytest.approx(channel.loss, rel=1e-4)  # nor per-channel

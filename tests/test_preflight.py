@@ -87,6 +87,7 @@ def test_a_good_spec_passes_and_the_dry_run_says_what_it_checked(
 ) -> None:
     storage = tmp_path / "runs"
     args = [*odd_shards_data(odd_local_shards), f"checkpoint.storage={storage}"]
+    args.append("data.normalize=per_pixel_mean")  # its mean image is read numpy-free too
     code, out, err, heavy = run_job("smoke.py", "--dry-run", *args)
     assert code == 0, err[-2000:]
     checked = [line for line in out.splitlines() if line.startswith("# pre-flight ok: ")]
@@ -96,6 +97,7 @@ def test_a_good_spec_passes_and_the_dry_run_says_what_it_checked(
         out
     )  # 3 classes x 16, from the manifest
     assert "cifar_resnet20" in out and "starts at step 0" in out
+    assert "3 classes, mean image 3x224x224;" in out
     assert heavy == [], f"a dry run loaded {heavy}"  # the manifest and markers read torch-free
     assert not storage.exists(), "the probe left folders behind"
 
@@ -139,6 +141,34 @@ def test_a_dataset_without_a_manifest_is_refused(
     assert f"data.url={unfinished}: cannot read dataset" in err and "no manifest.json" in err
     assert "Fix: convert the dataset there" in err
     assert no_workers == [] and not storage.exists()
+
+
+def test_per_pixel_mean_without_a_mean_image_is_refused(
+    tmp_path: Path, odd_local_shards: Path, smoke: JobSpec, capsys: Any, no_workers: list[str]
+) -> None:
+    """A dataset converted before mean images were stored (or indexed): its manifest names no
+    mean image. And one whose mean image changed after the conversion."""
+    older = tmp_path / "older"
+    older.mkdir()
+    for shard in odd_local_shards.glob("*.tar"):
+        (older / shard.name).write_bytes(shard.read_bytes())
+    manifest = json.loads((odd_local_shards / "manifest.json").read_text())
+    entry = manifest.pop("mean_image")
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    storage = tmp_path / "runs"
+    data = [*odd_shards_data(older), f"checkpoint.storage={storage}"]
+    err = refused(smoke, capsys, *data, "data.normalize=per_pixel_mean")
+    assert f"data.normalize=per_pixel_mean: dataset {older} has no mean image" in err
+    assert "Fix: set data.normalize=per_channel" in err
+    assert "reconvert the dataset with datasets/cifar10.py or datasets/imagenet.py" in err
+    assert no_workers == [] and not storage.exists()
+    # the same dataset passes with the per-channel statistics it has
+    assert launch.main(smoke, ["--dry-run", *data]) == 0, capsys.readouterr().err
+    # a mean image other than the one the manifest names
+    (older / "manifest.json").write_text(json.dumps({**manifest, "mean_image": entry}))
+    (older / entry["file"]).write_bytes(b"not the converter's")
+    err = refused(smoke, capsys, *data, "data.normalize=per_pixel_mean")
+    assert "not the manifest's" in err and "Fix: set data.normalize=per_channel" in err
 
 
 def test_a_class_count_other_than_the_datasets_is_refused(

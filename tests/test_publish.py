@@ -147,6 +147,71 @@ def test_a_v1_net_is_not_exported_and_says_why() -> None:
 # ----------------------------------------------------------------------------- units
 
 
+def _val_images(url: Path) -> list[bytes]:
+    """The validation split's encoded images in manifest order (evaluation's positions)."""
+    manifest = json.loads((url / "manifest.json").read_text())
+    images = []
+    for shard in manifest["splits"]["val"]["shards"]:
+        with tarfile.open(url / shard["name"]) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".jpg"):
+                    images.append(tar.extractfile(member).read())
+    return images
+
+
+@pytest.mark.parametrize("normalize", ["per_channel", "per_pixel_mean"])
+def test_a_saved_model_normalizes_as_its_run_did(
+    odd_local_shards: Path, tmp_path: Path, normalize: str
+) -> None:
+    """The model folder publish writes (flavor.save_model), loaded by the pyfunc loader,
+    answers as evaluation does under the run's data.normalize; per_pixel_mean models carry the
+    dataset's mean image and a format older readers refuse."""
+    from mlflow.models import Model
+
+    from orchestrator.data import DataConfig
+    from orchestrator.evaluation import evaluate
+    from orchestrator.publish import flavor
+    from orchestrator.publish.classifier import MEAN_IMAGE_FILE, _load_pyfunc, meta_format
+    from orchestrator.publish.register import PublishError, _classes_and_stats
+
+    torch.manual_seed(0)
+    net = create_model("cifar_resnet20", 3)
+    for m in net.modules():  # BN statistics other than the identity's, as a trained net has
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+    net.eval()
+    data = {"train_transform": "rrc", "image_size": 32, "eval_resize": 36, "normalize": normalize}
+    cfg = DataConfig(url=str(odd_local_shards), num_workers=0, **data)
+    want = evaluate(net, cfg, protocol="center", return_probs=True).probs
+    classes, mean, std, image = _classes_and_stats(str(odd_local_shards), 3, normalize)
+    assert (image is not None) == (normalize == "per_pixel_mean")
+    meta = {"format": meta_format(data), "model": {"name": "cifar_resnet20", "num_classes": 3}}
+    meta.update(classes=classes, data=data, mean=mean, std=std)
+    path = tmp_path / "model"
+    flavor.save_model(
+        str(path),
+        Model(),
+        net=net,
+        meta=meta,
+        signature=None,
+        input_example=None,
+        pip_requirements=[],
+        mean_image=image,
+    )
+    assert (path / "data" / MEAN_IMAGE_FILE).exists() == (normalize == "per_pixel_mean")
+    assert meta["format"] == (2 if normalize == "per_pixel_mean" else 1)
+    got = _load_pyfunc(str(path / "data")).probabilities(_val_images(odd_local_shards))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    if normalize == "per_pixel_mean":  # a dataset without its mean image: no model, a reason
+        older = tmp_path / "older"
+        older.mkdir()
+        manifest = json.loads((odd_local_shards / "manifest.json").read_text())
+        del manifest["mean_image"]
+        (older / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(PublishError, match="normalized with the mean image of dataset"):
+            _classes_and_stats(str(older), 3, normalize)
+
+
 def test_images_come_in_every_documented_form() -> None:
     import pandas as pd
     from PIL import Image

@@ -140,7 +140,7 @@ def test_resnet110_gets_the_papers_warmup(tmp_path: Path) -> None:
         timeout=60,
         check=True,
     )
-    assert "warmup_iters: 400" in out.stdout
+    assert "warmup_until_train_err: 0.8" in out.stdout and "warmup_iters: 0" in out.stdout
     out = subprocess.run(
         [
             sys.executable,
@@ -155,4 +155,4 @@ def test_resnet110_gets_the_papers_warmup(tmp_path: Path) -> None:
         timeout=60,
         check=True,
     )
-    assert "warmup_iters: 0" in out.stdout
+    assert "warmup_until_train_err: null" in out.stdout

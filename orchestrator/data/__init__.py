@@ -2,10 +2,13 @@
 
     loader = TrainLoader(cfg, rank=r, world_size=w, batch_size=32, seed=0)   # cfg: DataConfig
     for images, labels in loader: ...                # uint8 [B,3,S,S], int64 [B]
-    x = DeviceNormalize(loader.mean, loader.std, device="cuda")(images, train=True)
+    x = DeviceNormalize(loader.mean, loader.std, device="cuda", mean_image=loader.mean_image)(
+        images, train=True
+    )
 
 Which file owns what, from the dataset inwards:
-    manifest.py      the dataset's manifest.json, its shards per split, DataError, ImageNet mean/std
+    manifest.py      the dataset's manifest.json, its shards per split, its mean image,
+                     DataError, ImageNet mean/std
     streams.py       shard streams (s3, http(s), local) that reopen a dropped connection
     tar.py           the forward-only tar reader: shard bytes -> RawSample, a segment at a time
     epochs.py        epoch plans: which samples each rank and worker reads, in which order
@@ -39,6 +42,7 @@ _HOMES = {
             "Shard",
             "check_decodable",
             "load_manifest",
+            "load_mean_image",
             "sample_layout",
             "split_shards",
         ],

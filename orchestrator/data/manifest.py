@@ -2,8 +2,9 @@
 
 Dataset layout (written by datasets/*.py): a root URL holding `{split}-NNNNNN.tar` shards, each
 sample a `<key>.jpg|png` + `<key>.cls` (decimal class) pair, and `manifest.json`, written last
-as the dataset's commit marker (per-shard sample counts, classes, mean/std). Nothing is read
-without a manifest: the counts it holds are what make exact epochs possible without a scan.
+as the dataset's commit marker (per-shard sample counts, classes, mean/std, and the name of the
+mean image, `mean_image.npy`, where the converter stored one). Nothing is read without a
+manifest: the counts it holds are what make exact epochs possible without a scan.
 
 Shards other tools wrote are read where they lie once datasets/index_shards.py has written a
 manifest for them: its `layout` section says which members hold the image and the label
@@ -15,6 +16,8 @@ for the ImageNet statistics.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")  # member names an image goes by
+MEAN_IMAGE_FILE = "mean_image.npy"  # what the converters write beside manifest.json
 
 
 class DataError(RuntimeError):
@@ -77,6 +81,43 @@ def load_manifest(url: str) -> dict[str, Any]:
         if key not in manifest:
             raise DataError(f"dataset {url}: manifest.json has no {key!r}")
     return manifest
+
+
+def mean_image_bytes(manifest: dict[str, Any], url: str) -> bytes:
+    """The bytes of the dataset's mean image (the manifest's `mean_image` section names the
+    file and its sha256), checked; a DataError saying why when the dataset has none."""
+    entry = manifest.get("mean_image")
+    if not isinstance(entry, dict) or not entry.get("file"):
+        raise DataError(
+            f"dataset {url} has no mean image: its manifest.json names none (converted before "
+            "the converters stored one, or indexed by datasets/index_shards.py)"
+        )
+    try:
+        raw = read_url(_join(url, str(entry["file"])))
+    except NotFound as err:
+        raise DataError(f"dataset {url}: its mean image {entry['file']} is missing") from err
+    except Exception as err:  # whichever backend failed: one message
+        raise DataUnavailable(f"cannot read {entry['file']} of dataset {url}: {err}") from err
+    digest = hashlib.sha256(raw).hexdigest()
+    if entry.get("sha256") and digest != entry["sha256"]:
+        raise DataError(
+            f"dataset {url}: {entry['file']} has sha256 {digest}, not the manifest's "
+            f"{entry['sha256']} (replaced after the conversion?)"
+        )
+    return raw
+
+
+def load_mean_image(manifest: dict[str, Any], url: str) -> Any:
+    """The dataset's mean image: float32 numpy [3, H, W] on the 0-255 scale."""
+    import numpy as np  # here, not at import: the pre-flight reads manifests numpy-free
+
+    try:
+        image = np.load(io.BytesIO(mean_image_bytes(manifest, url)), allow_pickle=False)
+    except ValueError as err:
+        raise DataError(f"dataset {url}: its mean image is not a .npy array: {err}") from None
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise DataError(f"dataset {url}: its mean image has shape {image.shape}, not [3, H, W]")
+    return image.astype(np.float32)
 
 
 @dataclass(frozen=True)

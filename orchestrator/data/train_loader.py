@@ -53,6 +53,7 @@ from orchestrator.data.manifest import (
     Shard,
     check_decodable,
     load_manifest,
+    load_mean_image,
     split_shards,
 )
 from orchestrator.data.tar import RawSample
@@ -323,6 +324,15 @@ class TrainLoader:
             )
         self.mean = tuple(self.manifest.get("mean") or IMAGENET_MEAN)
         self.std = tuple(self.manifest.get("std") or IMAGENET_STD)
+        # data.normalize=per_pixel_mean: the dataset's mean image (synthetic data has none: a
+        # flat image of the per-channel mean); None for per_channel
+        self.mean_image: np.ndarray | None = None
+        if cfg.normalize == "per_pixel_mean":
+            self.mean_image = (
+                np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
+                if cfg.synthetic
+                else load_mean_image(self.manifest, cfg.url)
+            )
 
     @property
     def epoch(self) -> int:

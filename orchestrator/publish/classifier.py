@@ -7,7 +7,10 @@ S3 (`trainer.pt`, checked against the sha256 recorded at registration). With `--
 it is the net itself, weights included (a self-contained copy in MLflow's artifact store).
 
 `data/orchestrator.json` (`META_FILE`) holds what the pyfunc needs: the model's spec, class
-names, the run's evaluation transform (centre protocol) and the dataset's mean/std.
+names, the run's evaluation transform (centre protocol), its normalization and the dataset's
+mean/std; a run trained with data.normalize=per_pixel_mean also has the dataset's mean image
+beside it (`data/mean_image.npy`, `MEAN_IMAGE_FILE`), and format 2, which older readers refuse
+(they would ignore the mean image).
 `_load_pyfunc` is the pyfunc flavor's loader (MLmodel `loader_module`).
 """
 
@@ -28,9 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 META_FILE = "orchestrator.json"
-FORMAT = 1  # of META_FILE; a reader refuses a newer one
+FORMAT = 2  # the newest META_FILE format this code reads; a reader refuses a newer one
+MEAN_IMAGE_FILE = "mean_image.npy"  # beside META_FILE: data.normalize=per_pixel_mean's image
 TOP_K = 5
 OUTPUT_COLUMNS = ("class_ids", "class_names", "probabilities")
+
+
+def meta_format(data: dict[str, Any]) -> int:
+    """The META_FILE format a model with this data section needs: 2 where it normalizes with
+    the mean image (a format-1 reader would not), else 1 (every reader serves it)."""
+    return 2 if data.get("normalize") == "per_pixel_mean" else 1
 
 
 class WeightsChangedError(RuntimeError):
@@ -142,9 +152,16 @@ def as_images(model_input: Any) -> list[bytes]:
 
 class ImageClassifier:
     """The pyfunc: images in, the top-5 classes (ids, names, probabilities) out, through the
-    run's own centre-protocol evaluation transform and the dataset's mean/std."""
+    run's own centre-protocol evaluation transform and normalization (the dataset's mean/std,
+    or its `mean_image` where the run used data.normalize=per_pixel_mean)."""
 
-    def __init__(self, net: nn.Module, meta: dict[str, Any], device: str | None = None) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        meta: dict[str, Any],
+        device: str | None = None,
+        mean_image: np.ndarray | None = None,
+    ) -> None:
         from orchestrator.data import DeviceNormalize
         from orchestrator.data.eval_loader import eval_transform
         from orchestrator.spec import DataConfig, from_dict
@@ -153,8 +170,18 @@ class ImageClassifier:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net = net.to(self.device).eval()
         self.classes = list(meta["classes"])
-        self.view = eval_transform(from_dict(DataConfig, meta["data"]), "center")
-        self.normalize = DeviceNormalize(meta["mean"], meta["std"], 0.0, self.device)
+        data = from_dict(DataConfig, meta["data"])
+        self.view = eval_transform(data, "center")
+        if data.normalize != "per_pixel_mean":
+            mean_image = None
+        elif mean_image is None:
+            raise ValueError(
+                f"this model normalizes with its dataset's mean image ({MEAN_IMAGE_FILE}), "
+                "which was not given"
+            )
+        self.normalize = DeviceNormalize(
+            meta["mean"], meta["std"], 0.0, self.device, mean_image=mean_image
+        )
 
     def get_raw_model(self) -> nn.Module:
         """The net itself (what `PyFuncModel.get_raw_model()` returns)."""
@@ -217,4 +244,6 @@ def load_torch_net(data_path: str | Path) -> nn.Module:
 def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> ImageClassifier:
     """The pyfunc flavor's loader (MLmodel: loader_module orchestrator.publish.classifier)."""
     device = (model_config or {}).get("device")
-    return ImageClassifier(load_torch_net(data_path), read_meta(data_path), device)
+    image = Path(data_path) / MEAN_IMAGE_FILE
+    mean_image = np.load(image, allow_pickle=False) if image.is_file() else None
+    return ImageClassifier(load_torch_net(data_path), read_meta(data_path), device, mean_image)

@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
-from orchestrator.publish.classifier import META_FILE
+from orchestrator.publish.classifier import MEAN_IMAGE_FILE, META_FILE
 
 LOADER_MODULE = "orchestrator.publish.classifier"
 
@@ -30,11 +31,12 @@ def save_model(
     input_example: Any,
     pip_requirements: list[str],
     metadata: dict[str, Any] | None = None,
+    mean_image: np.ndarray | None = None,
     **_: Any,  # Model.log's own options (validate_serving_input, serialization_format, ...)
 ) -> None:
     """Write the model folder at `path`: mlflow.pytorch's layout (data/model.pth, pickled,
-    since a by-reference net is a pickled call), META_FILE beside it, and the pyfunc flavor
-    pointed at LOADER_MODULE."""
+    since a by-reference net is a pickled call), META_FILE beside it (and MEAN_IMAGE_FILE,
+    given a `mean_image`), and the pyfunc flavor pointed at LOADER_MODULE."""
     import mlflow.pytorch
 
     mlflow.pytorch.save_model(
@@ -48,6 +50,8 @@ def save_model(
         serialization_format="pickle",
     )
     (Path(path) / "data" / META_FILE).write_text(json.dumps(meta, indent=1))
+    if mean_image is not None:
+        np.save(Path(path) / "data" / MEAN_IMAGE_FILE, mean_image.astype(np.float32))
     pyfunc = mlflow_model.flavors["python_function"]
     pyfunc["loader_module"] = LOADER_MODULE
     pyfunc.pop("pickle_module_name", None)  # mlflow.pytorch's loader option, not ours

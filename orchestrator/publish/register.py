@@ -29,7 +29,12 @@ from typing import Any
 import numpy as np
 
 from orchestrator.liveness import JOB_TAG
-from orchestrator.publish.classifier import FORMAT, NetByReference, build_net, trainer_weights
+from orchestrator.publish.classifier import (
+    NetByReference,
+    build_net,
+    meta_format,
+    trainer_weights,
+)
 from orchestrator.redaction import redact_tags, scrub
 
 log = logging.getLogger(__name__)
@@ -159,6 +164,7 @@ def read_checkpoint(url: str) -> _Checkpoint:
         "train_transform": spec.data.train_transform,
         "image_size": spec.data.image_size,
         "eval_resize": spec.data.eval_resize,
+        "normalize": spec.data.normalize,
     }
     return _Checkpoint(
         url=scrub(url),
@@ -174,9 +180,12 @@ def read_checkpoint(url: str) -> _Checkpoint:
     )
 
 
-def _classes_and_stats(data_url: str, num_classes: int) -> tuple[list[str], Any, Any]:
-    """Class names and mean/std (0-255) from the dataset's manifest, as the run evaluated."""
-    from orchestrator.data import IMAGENET_MEAN, IMAGENET_STD, load_manifest
+def _classes_and_stats(
+    data_url: str, num_classes: int, normalize: str = "per_channel"
+) -> tuple[list[str], Any, Any, Any]:
+    """Class names, mean/std (0-255) and, for data.normalize=per_pixel_mean, the mean image
+    (else None) from the dataset's manifest, as the run evaluated."""
+    from orchestrator.data import IMAGENET_MEAN, IMAGENET_STD, load_manifest, load_mean_image
 
     manifest: dict[str, Any] = {}
     if data_url:
@@ -191,16 +200,25 @@ def _classes_and_stats(data_url: str, num_classes: int) -> tuple[list[str], Any,
         names = [str(i) for i in range(num_classes)]
     mean = list(manifest.get("mean") or IMAGENET_MEAN)
     std = list(manifest.get("std") or IMAGENET_STD)
-    return names, mean, std
+    mean_image = None
+    if normalize == "per_pixel_mean":  # without it the model would answer wrongly: refuse
+        try:
+            mean_image = load_mean_image(manifest, data_url)
+        except Exception as err:  # whichever way it failed, the same refusal
+            raise PublishError(
+                f"the run normalized with the mean image of dataset {data_url}, which cannot be "
+                f"read ({err}); restore the dataset, then publish again"
+            ) from err
+    return names, mean, std, mean_image
 
 
-def _existing_version(client: Any, job: str, url: str, weights: str) -> Any:
+def _existing_version(client: Any, job: str, url: str, weights: str, fmt: int) -> Any:
     name = job.replace("'", "\\'")
     for mv in client.search_model_versions(f"name='{name}'"):
         tags = mv.tags or {}
         if (
             tags.get(CHECKPOINT_TAG) == url
-            and tags.get(FORMAT_TAG) == str(FORMAT)
+            and tags.get(FORMAT_TAG) == str(fmt)
             and tags.get(WEIGHTS_TAG) == weights
         ):
             return mv
@@ -260,14 +278,17 @@ def publish_checkpoint(
     weights = "copy" if copy_weights else "reference"
     tags = redact_tags(tags or {})
     _ensure_registered_model(client, job, tags)
-    version = _existing_version(client, job, ck.url, weights)
+    fmt = meta_format(ck.data)
+    version = _existing_version(client, job, ck.url, weights, fmt)
     reused = version is not None
     artifact_bytes = 0
     if version is None:
-        classes, mean, std = _classes_and_stats(ck.data_url, ck.model["num_classes"])
+        classes, mean, std, mean_image = _classes_and_stats(
+            ck.data_url, ck.model["num_classes"], ck.data["normalize"]
+        )
         ref = {"model": ck.model, "checkpoint_url": ck.url, "trainer_sha256": ck.sha256}
         meta = {
-            "format": FORMAT,
+            "format": fmt,
             "model": ck.model,
             "classes": classes,
             "data": ck.data,
@@ -302,6 +323,7 @@ def publish_checkpoint(
             run_id=run_id,
             net=net,
             meta=meta,
+            mean_image=mean_image,
             signature=_signature(),
             input_example=example,
             pip_requirements=_requirements(),
@@ -319,7 +341,7 @@ def publish_checkpoint(
             tags={
                 **tags,
                 CHECKPOINT_TAG: ck.url,
-                FORMAT_TAG: str(FORMAT),
+                FORMAT_TAG: str(fmt),
                 WEIGHTS_TAG: weights,
                 "step": str(ck.step),
                 **({"best_metric": metric} if metric else {}),
