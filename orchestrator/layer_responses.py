@@ -185,15 +185,16 @@ def layer_response_stds(
 
 def validation_batch(data: Any, num_images: int = DEFAULT_IMAGES) -> torch.Tensor:
     """The first `num_images` images of `data`'s validation split (a DataConfig), in manifest
-    order, as orchestrator.evaluation feeds them: the centre view, normalised with the
-    manifest's mean/std (else ImageNet's). Float32 [n, 3, S, S] on the CPU; n < num_images
-    where the split is smaller."""
+    order, as orchestrator.evaluation feeds them: the centre view, normalised as the run's
+    data.normalize says (the manifest's mean/std, else ImageNet's; or its mean image).
+    Float32 [n, 3, S, S] on the CPU; n < num_images where the split is smaller."""
     from orchestrator.data import (
         IMAGENET_MEAN,
         IMAGENET_STD,
         DeviceNormalize,
         eval_loader,
         load_manifest,
+        load_mean_image,
     )
 
     if num_images < 1:
@@ -204,8 +205,14 @@ def validation_batch(data: Any, num_images: int = DEFAULT_IMAGES) -> torch.Tenso
             "--data-url DATASET (data_url=) with the images to measure on"
         )
     manifest = load_manifest(data.url)
+    # the run's own form: per channel, or the paper's per-pixel mean (data.normalize)
+    per_pixel = getattr(data, "normalize", "per_channel") == "per_pixel_mean"
     normalize = DeviceNormalize(
-        manifest.get("mean") or IMAGENET_MEAN, manifest.get("std") or IMAGENET_STD, 0.0, "cpu"
+        manifest.get("mean") or IMAGENET_MEAN,
+        manifest.get("std") or IMAGENET_STD,
+        0.0,
+        "cpu",
+        mean_image=load_mean_image(manifest, data.url) if per_pixel else None,
     )
     # no loader workers: each would start at its own part of the split; in this process the
     # stream is read in order, and no further than the images taken
