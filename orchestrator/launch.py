@@ -194,17 +194,33 @@ def storage_for_ray(storage: str) -> tuple[str, Any]:
     return os.path.abspath(storage), None
 
 
-def run_ray(spec: JobSpec) -> Any:
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+class JobFailed(RuntimeError):
+    """A job's Ray Train run failed; the message says where it stands and what killed it."""
 
+    def __init__(self, message: str, error: str = "") -> None:
+        super().__init__(message)
+        self.error = error or message  # the cause alone, as the job's MLflow run records it
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # a Tune trial's error travels pickled
+        return type(self), (str(self), self.error)
+
+
+def _check_ray_address() -> None:
     if os.environ.get("RAY_ADDRESS", "").startswith("http"):
         raise SystemExit(
             "RAY_ADDRESS points at a Ray job server: submit the job there with "
             f"`ray job submit -- python {' '.join(sys.argv)}` "
             "(or unset RAY_ADDRESS for a local Ray)"
         )
+
+
+def fit_on_ray(spec: JobSpec, callbacks: list[Any] | None = None) -> Any:
+    """Run one job as a Ray Train TorchTrainer and return its result; raises JobFailed.
+    A job driver (run_ray) and a study's trial (orchestrator.study) both run jobs this way."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     use_gpu = spec.scaling.use_gpu
@@ -221,10 +237,7 @@ def run_ray(spec: JobSpec) -> Any:
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=use_gpu,
-            resources_per_worker={
-                "CPU": spec.scaling.cpus_per_worker,
-                **({"GPU": 1} if use_gpu else {}),
-            },
+            resources_per_worker=worker_resources(spec, use_gpu),
             placement_strategy=spec.scaling.placement,
         ),
         run_config=RunConfig(
@@ -232,11 +245,51 @@ def run_ray(spec: JobSpec) -> Any:
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
-            callbacks=[fail_fast()],
+            callbacks=[fail_fast(), *(callbacks or [])],
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not use_gpu else None,
         ),
     )
-    checkpoints = f"{spec.checkpoint.storage}/{spec.name}/checkpoints"
+    try:
+        return trainer.fit()
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:
+        raise _failure(spec, err) from err
+
+
+def worker_resources(spec: JobSpec, use_gpu: bool) -> dict[str, float]:
+    """What each Ray Train worker of the job reserves."""
+    return {"CPU": spec.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+
+
+def _failure(spec: JobSpec, err: Exception) -> JobFailed:
+    from orchestrator.checkpoint import CheckpointStore
+
+    latest = CheckpointStore(checkpoints_url(spec)).latest()
+    where = f"step {latest.step} ({latest.url})" if latest else "none yet"
+    cause = getattr(err, "controller_failure", None)  # ray.train.ControllerError's
+    if isinstance(cause, NotRetried):
+        error = str(cause)
+        how = "at once, not restarted: a restart cannot fix this error"
+        then = "Fix the cause, then resubmit the same name to resume from it"
+    else:
+        error = f"{type(err).__name__}: {err}"
+        how = f"after {spec.scaling.max_failures} restarts (scaling.max_failures)"
+        then = "Resubmit the same name to resume from it"
+    message = (
+        f"job {spec.name} FAILED {how}. Latest committed checkpoint: {where}. {then}. "
+        f"Cause: {error}"
+    )
+    return JobFailed(message, error)
+
+
+def checkpoints_url(spec: JobSpec) -> str:
+    return f"{spec.checkpoint.storage}/{spec.name}/checkpoints"
+
+
+def run_ray(spec: JobSpec) -> Any:
+    """A job file's driver on Ray: the job, with `ray job stop` and failures reported."""
+    _check_ray_address()
     from orchestrator.runtime import raise_on_sigterm
     from orchestrator.tracking import load_mlflow, mark_job_run
 
@@ -258,34 +311,16 @@ def run_ray(spec: JobSpec) -> Any:
 
     raise_on_sigterm(KeyboardInterrupt, first=mark_killed)
     try:
-        result = trainer.fit()
+        result = fit_on_ray(spec)
     except KeyboardInterrupt:
         mark_killed()  # Ctrl-C; after SIGTERM the handler has marked it already
         print(f"job {spec.name} stopped; resubmit the same name to resume", file=sys.stderr)
         raise SystemExit(143) from None
-    except Exception as err:  # noqa: BLE001 - any failure: report it, then re-raise
-        # say where the job stands and what killed it, in one place
-        from orchestrator.checkpoint import CheckpointStore
-
-        latest = CheckpointStore(checkpoints).latest()
-        where = f"step {latest.step} ({latest.url})" if latest else "none yet"
-        cause = getattr(err, "controller_failure", None)  # ray.train.ControllerError's
-        if isinstance(cause, NotRetried):
-            error = str(cause)
-            how = "at once, not restarted: a restart cannot fix this error"
-            then = "Fix the cause, then resubmit the same name to resume from it"
-        else:
-            error = f"{type(err).__name__}: {err}"
-            how = f"after {spec.scaling.max_failures} restarts (scaling.max_failures)"
-            then = "Resubmit the same name to resume from it"
-        print(
-            f"job {spec.name} FAILED {how}. Latest committed checkpoint: {where}. {then}. "
-            f"Cause: {error}",
-            file=sys.stderr,
-        )
-        mark_job_run(spec.tracking.experiment, spec.name, "FAILED", error=error)
+    except JobFailed as err:
+        print(str(err), file=sys.stderr)
+        mark_job_run(spec.tracking.experiment, spec.name, "FAILED", error=err.error)
         raise SystemExit(1) from None
-    print(f"job {spec.name} finished; checkpoints under {checkpoints}")
+    print(f"job {spec.name} finished; checkpoints under {checkpoints_url(spec)}")
     _print_runs_view(spec)
     return result
 

@@ -56,7 +56,7 @@ def available() -> bool:
     return True
 
 
-def _iteration_scale(max_iter: float) -> tuple[float, str]:
+def iteration_scale(max_iter: float) -> tuple[float, str]:
     """The paper labels its x axis 'iter. (1e4)'; short runs keep plain iteration counts."""
     if max_iter >= 20_000:
         return 1e4, "iterations (×10⁴)"
@@ -77,7 +77,7 @@ def figure(plot: Plot, *, width_in: float = 7.0, height_in: float = 4.4, dpi: in
     xs = [x for c in plot.curves for pts in (c.train, c.val) for x, _ in pts]
     ys = [y for c in plot.curves for pts in (c.train, c.val) for _, y in pts]
     ys += [r.value for r in plot.references]
-    scale, xlabel = _iteration_scale(max(xs, default=1.0))
+    scale, xlabel = iteration_scale(max(xs, default=1.0))
     for i, curve in enumerate(plot.curves):
         colour = COLOURS[i % len(COLOURS)]
         prefix = f"{curve.label}: " if len(plot.curves) > 1 or curve.label else ""

@@ -270,6 +270,8 @@ class TrackingConfig:
     enabled: bool = True
     experiment: str = "resnet"
     log_every: int = 50
+    parent_run_id: str | None = None  # nest the job's run under this one (a study's parent)
+    tags: dict[str, str] = field(default_factory=dict)  # extra run tags (a study's name, cell)
 
     def __post_init__(self) -> None:
         check_ranges("tracking", self, log_every=">= 1")  # the loop logs at step % log_every

@@ -226,6 +226,9 @@ class Stack:
             "MLFLOW_TRACKING_URI": f"http://{host}:{self.cfg.mlflow_port}",
             "MLFLOW_TRACKING_USERNAME": MLFLOW_USER,
             "MLFLOW_TRACKING_PASSWORD": self.mlflow_password,
+            # clients too: MLflow's telemetry thread, unable to reach its server, unsets an
+            # environment variable while requests iterate os.environ (a KeyError in a request)
+            "MLFLOW_DISABLE_TELEMETRY": "true",
             "RAY_ADDRESS": f"http://{host}:{self.cfg.ray_dashboard_port}",
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.ray_token_path),

@@ -70,6 +70,9 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # no usage data sent out; and MLflow's telemetry thread, when it gives up on its server,
+    # unsets an environment variable while a request may be iterating os.environ (KeyError)
+    "MLFLOW_DISABLE_TELEMETRY": "true",
 }
 
 # ----------------------------------------------------------------------------- helpers
@@ -120,16 +123,24 @@ def experiment_runs_view(experiment: str) -> str | None:
         return None
 
 
-def find_job_run(client: Any, experiment_id: str, job: str) -> Any:
-    """The newest run tagged `orchestrator.job = job` in an experiment, or None."""
-    name = job.replace("\\", "\\\\").replace("'", "\\'")
+def newest_run(client: Any, experiment_id: str, tags: dict[str, str]) -> Any:
+    """The newest run of an experiment with every one of `tags`, or None."""
+
+    def quoted(value: str) -> str:
+        return value.replace("\\", "\\\\").replace("'", "\\'")
+
     found = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{JOB_TAG}` = '{name}'",
+        filter_string=" and ".join(f"tags.`{k}` = '{quoted(v)}'" for k, v in tags.items()),
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
     return found[0] if found else None
+
+
+def find_job_run(client: Any, experiment_id: str, job: str) -> Any:
+    """The newest run tagged `orchestrator.job = job` in an experiment, or None."""
+    return newest_run(client, experiment_id, {JOB_TAG: job})
 
 
 class Tracker(Protocol):

@@ -407,7 +407,9 @@ class Trainer:
         spec, accum = self.spec, self.spec.accumulation()
         resumed = self.resume()
         self._start_tracking()
-        weights = sum(float(p.double().sum()) for p in unwrap(self.strategy.model).parameters())
+        weights = sum(
+            float(p.detach().double().sum()) for p in unwrap(self.strategy.model).parameters()
+        )
         log.info(
             "rank %d: %s from step %d (resumed: %s, weight checksum %.10g)",
             self.rt.rank,
@@ -519,7 +521,10 @@ class Trainer:
             "manifest_sha256": self.manifest_sha256,
             "num_classes": str(self.num_classes),
             **self.rt.tags,
+            **spec.tracking.tags,
         }
+        if spec.tracking.parent_run_id:  # MLflow's own tag: the UI nests the run under it
+            tags["mlflow.parentRunId"] = spec.tracking.parent_run_id
         self.tracker = start_tracker(
             spec.tracking.enabled,
             spec.tracking.experiment,

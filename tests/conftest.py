@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from bench.study import CELLS as STUDY_CELLS  # the bench's small study, run by tests too
+from bench.study import tiny_study_args
 from orchestrator.stack import Stack, StackConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -315,3 +317,54 @@ def load_job_spec(stem: str) -> Any:
         return module.SPEC
     finally:
         sys.path.remove(str(ROOT / "jobs"))
+
+
+# --------------------------------------------------------------------------- a small study
+
+
+def submit_study(script: str, *args: str, timeout: float = 1200) -> Any:
+    """`ray job submit -- python SCRIPT ARGS` to the test stack's Ray head; the script by its
+    full path, since the head runs drivers in the folder it was started in."""
+    import subprocess
+    import sys
+
+    ray = Path(sys.executable).with_name("ray")
+    return subprocess.run(
+        [str(ray), "job", "submit", "--", "python", str(ROOT / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def cifar_dataset(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A generated CIFAR-10-layout dataset (10 classes, 20 train and 5 test images each) in the
+    test stack's S3."""
+    src = tmp_path_factory.mktemp("cifar-src")
+    run_script(
+        "datasets/synthetic.py", "cifar10", "--out", str(src),
+        "--train-per-class", "20", "--test-per-class", "5",
+    )  # fmt: skip
+    url = f"s3://resnet/datasets/cifar-{uuid.uuid4().hex[:8]}"
+    run_script("datasets/cifar10.py", "--src", str(src), "--dest", url, "--shard-size-mb", "0.1")
+    return url
+
+
+@pytest.fixture(scope="session")
+def small_study(stack: Stack, cifar_dataset: str) -> dict[str, Any]:
+    """jobs/cifar10_table6.py through `ray job submit`, once a session: 2 depths x plain and
+    residual x 2 seeds = 8 trials of 4 CPU steps, 2 at a time on Ray Tune. test_study checks
+    it, test_dashboard opens its parent run in a browser. Returns experiment, name, args,
+    output."""
+    experiment, name = f"study-{uuid.uuid4().hex[:6]}", f"st{uuid.uuid4().hex[:6]}"
+    args = tiny_study_args(
+        cifar_dataset, experiment, name,
+        f"study.cells={STUDY_CELLS}", "study.seeds=2", "study.max_concurrent=2",
+    )  # fmt: skip
+    proc = submit_study("jobs/cifar10_table6.py", *args)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    return {"experiment": experiment, "name": name, "args": args, "output": output}

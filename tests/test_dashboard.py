@@ -225,3 +225,58 @@ def test_experiment_runs_compare_in_chromium(stack: Stack, browser: object) -> N
     d.save_screenshot(str(shots[1]))
     for shot in shots:
         assert shot.stat().st_size > 20_000, f"{shot} is (nearly) blank"
+
+
+def test_a_study_parent_run_shows_its_table_and_nested_runs(
+    stack: Stack, browser: object, small_study: dict
+) -> None:
+    """The small study's parent run in Chromium: its Child runs are the 8 trials, and its
+    artifacts hold the study table (opened, its rows on screen)."""
+    from selenium.webdriver.common.by import By
+
+    from orchestrator.study.grid import ROLE_TAG, STUDY_TAG
+
+    d = browser
+    log_in(d, stack)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(small_study["experiment"])
+    found = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`{STUDY_TAG}` = '{small_study['name']}' and tags.`{ROLE_TAG}` = 'study'",
+    )
+    assert len(found) == 1
+    parent = found[0].info.run_id
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=50
+    )
+    names = sorted(c.info.run_name for c in children)
+    assert len(names) == 8
+    body = lambda: d.find_element(By.TAG_NAME, "body").text
+    base = f"{stack.urls()['mlflow']}/#/experiments/{exp.experiment_id}"
+
+    # the runs table: the parent, its children under it once expanded
+    d.get(f"{base}/runs")
+    wait_for(d, "the study's parent run", lambda: small_study["name"] in body())
+    for close in d.find_elements(By.CSS_SELECTOR, "button[aria-label=Close]"):
+        close.click()
+    expand = d.find_elements(By.XPATH, "//button[contains(@aria-label, 'xpand')]")
+    for button in expand:
+        button.click()
+    wait_for(d, "the trials nested under the parent", lambda: all(n in body() for n in names))
+    ARTIFACTS.mkdir(exist_ok=True)
+    d.save_screenshot(str(ARTIFACTS / "mlflow-study-runs.png"))
+
+    # the parent's artifacts: study/table.md, opened
+    d.get(f"{base}/runs/{parent}/artifacts")
+    wait_for(d, "the study folder", lambda: d.find_element(By.XPATH, "//*[text()='study']")).click()
+    wait_for(
+        d, "the table artifact", lambda: d.find_element(By.XPATH, "//*[text()='table.md']")
+    ).click()
+    wait_for(
+        d,
+        "the study table's rows",
+        lambda: all(cell in body() for cell in ("cifar_resnet20", "cifar_plain32", "±", "8.75")),
+    )
+    shot = ARTIFACTS / "mlflow-study-table.png"
+    d.save_screenshot(str(shot))
+    assert shot.stat().st_size > 20_000, f"{shot} is (nearly) blank"

@@ -1,0 +1,135 @@
+"""Studies on Ray Tune: the small study 2 trials at a time against the same trials one
+after another, in one run.
+
+    python -m orchestrator.stack up && eval "$(python -m orchestrator.stack env)"
+    python bench/study.py [--rounds 1]
+
+The study is tests/test_study.py's: jobs/cifar10_table6.py with 2 depths x plain/residual x 2
+seeds (8 trials), 4 CPU steps each on generated CIFAR-layout data (made here, kept at
+s3://resnet/datasets/bench-cifar), 1 worker per trial. Each round submits it twice through
+`ray job submit`, under fresh study names (nothing is skipped): study.max_concurrent=1 (the
+baseline: one trial after another, on Tune too) and study.max_concurrent=2. Printed per round:
+both wall times (the whole `ray job submit`) and their ratio, and Tune's overhead per trial in
+the sequential run: (Tune's wall time - the jobs' own time) / trials, from the study's
+`study timing:` line. Last line: `study: ratio=R (...)`, the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from orchestrator import storage
+
+DATASET = "s3://resnet/datasets/bench-cifar"
+CELLS = "cifar_resnet20,cifar_resnet32,cifar_plain20,cifar_plain32"
+
+
+def tiny_study_args(dataset: str, experiment: str, name: str, *extra: str) -> list[str]:
+    """The small study's overrides (tests/test_study.py runs it too): a few CPU steps per
+    trial, 1 worker, batch 16, validation at steps 2 and 4."""
+    return [
+        f"study.name={name}",
+        f"data.url={dataset}",
+        f"tracking.experiment={experiment}",
+        "scaling.num_workers=1",
+        "scaling.global_batch=16",
+        "scaling.torch_threads=1",
+        "schedule.max_iters=4",
+        "schedule.milestones=[]",
+        "eval.every_iters=2",
+        "eval.batch_size=50",
+        "checkpoint.every_iters=2",
+        "tracking.log_every=2",
+        "data.num_workers=0",
+        "data.shuffle_buffer=32",
+        *extra,
+    ]
+
+
+def make_dataset(url: str) -> str:
+    if storage.open_storage(url).exists("manifest.json"):
+        return url
+    with tempfile.TemporaryDirectory(prefix="bench-cifar-") as src:
+        for cmd in (
+            ["datasets/synthetic.py", "cifar10", "--out", src, "--train-per-class", "20"]
+            + ["--test-per-class", "5"],
+            ["datasets/cifar10.py", "--src", src, "--dest", url, "--shard-size-mb", "0.1"],
+        ):
+            subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
+    return url
+
+
+def run_study(dataset: str, at_once: int) -> tuple[float, float, int]:
+    """(wall s of `ray job submit`, Tune's wall s, the jobs' own s) of one study."""
+    name = f"bench{uuid.uuid4().hex[:6]}"
+    ray = Path(sys.executable).with_name("ray")
+    cmd = [str(ray), "job", "submit", "--", "python", "jobs/cifar10_table6.py"]
+    args = tiny_study_args(
+        dataset, "bench-study", name,
+        f"study.cells={CELLS}", "study.seeds=2", f"study.max_concurrent={at_once}",
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [*cmd, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    wall = time.perf_counter() - t0
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0 or "8/8 trials finished" not in out:
+        sys.exit(f"study {name} failed:\n{out[-5000:]}")
+    m = re.search(
+        r"study timing: Tune wall ([\d.]+) s; (\d+) trials ran, their jobs' own time "
+        r"([\d.]+) s",
+        out,
+    )
+    if m is None:
+        sys.exit(f"no timing line in the study's output:\n{out[-3000:]}")
+    return wall, float(m.group(1)), float(m.group(3))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    if "RAY_ADDRESS" not in os.environ or "MLFLOW_TRACKING_URI" not in os.environ:
+        sys.exit(
+            "the local stack is not in the environment: run `python -m orchestrator.stack up` "
+            'and `eval "$(python -m orchestrator.stack env)"`'
+        )
+    dataset = make_dataset(DATASET)
+    ratios, overheads = [], []
+    for i in range(args.rounds):
+        seq, seq_tune, seq_jobs = run_study(dataset, 1)
+        par, _, _ = run_study(dataset, 2)
+        ratios.append(par / seq)
+        overheads.append((seq_tune - seq_jobs) / 8)
+        print(
+            f"round {i + 1}: one at a time {seq:.1f} s, two at a time {par:.1f} s, "
+            f"ratio {par / seq:.3f}; Tune overhead per trial {overheads[-1]:.2f} s "
+            f"(Tune wall {seq_tune:.1f} s - jobs' own {seq_jobs:.1f} s, over 8 trials)",
+            flush=True,
+        )
+    print(
+        f"study: ratio={statistics.median(ratios):.3f} (wall time, 2 trials at a time / one "
+        f"after another, median of {len(ratios)}; Tune overhead per trial "
+        f"{statistics.median(overheads):.2f} s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

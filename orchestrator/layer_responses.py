@@ -1,0 +1,580 @@
+"""Fig. 7 of He et al. (2016): standard deviations of the layer responses.
+
+"The responses are the outputs of each 3x3 layer, after BN and before nonlinearity
+(ReLU/addition). Top: the layers are shown in their original order. Bottom: the responses are
+ranked in descending order." The paper's finding: residual functions are generally closer to
+zero than the plain net's, and deeper ResNets respond less.
+
+    python -m orchestrator.layer_responses --run RUN_ID [--checkpoint best|last] [--images N]
+
+What is measured, exactly:
+
+- the layers: every 3x3 conv of the net, in forward order, each read at the BN that follows
+  it (a forward hook on that BN: its output is what the ReLU or the shortcut's addition takes).
+  The CIFAR nets' first conv is 3x3, so it counts: a 6n+2-layer net has 6n+1 (ResNet-20: 19,
+  ResNet-56: 55, ResNet-110: 109; the plain nets the same layers). The ImageNet nets' 7x7 stem
+  does not count; a basic block has two 3x3 layers, a bottleneck block one (its middle conv):
+  ResNet-34 has 32, ResNet-50 16. A layer is named after its conv (`layer1.0.conv2`);
+- the statistic: the population standard deviation over every element of the response, batch,
+  channels, height and width together: sqrt(mean((x - mean(x))^2)). Computed in float32 per
+  chunk of images and combined exactly in float64 (Chan et al.'s pairwise update), so it does
+  not depend on the chunk size;
+- the net: the run's committed checkpoint (`best` or `last`), in eval mode (BN normalises with
+  its running statistics, as at test time), without gradients;
+- the images: the first N of the run's validation split in manifest order (the same images for
+  every run on that dataset), the centre view and the manifest's mean/std, as
+  orchestrator.evaluation feeds them.
+
+Logged to the run: `layer_responses.csv` (index from 1, layer, std, rank: 1 = largest),
+`plots/layer_responses.png` (the paper's two panels), metrics `responses/std_mean`,
+`responses/std_max`, `responses/std_min`, `responses/layers`, `responses/images` at the
+checkpoint's step, and tags `layer_responses.checkpoint_url`, `layer_responses.images`.
+`log_combined_layer_responses` draws several runs on one figure (a study's parent run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.models import model_info, unwrap
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CHECKPOINTS",
+    "LayerResponses",
+    "LayerResponsesError",
+    "layer_response_stds",
+    "log_combined_layer_responses",
+    "log_layer_responses",
+    "main",
+    "plot_layer_responses",
+    "response_layers",
+    "responses_for_run",
+    "validation_batch",
+]
+
+CHECKPOINTS = ("best", "last")
+# ensemble_eval's word for the last committed checkpoint (the alias is `last`: MLflow reserves
+# `latest`); both are accepted
+_MEMBER_CHOICE = {"best": "best", "last": "latest", "latest": "latest"}
+CSV_ARTIFACT = "layer_responses.csv"
+PLOT_ARTIFACT = "plots/layer_responses.png"
+DEFAULT_IMAGES = 500
+
+
+class LayerResponsesError(ValueError):
+    """Bad input: the message names the run, model or argument, and the fix."""
+
+
+# ============================================================================================
+# the measurement
+
+
+def response_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name of the 3x3 conv, the BN that follows it) for every 3x3 conv, in the order the net
+    registers them (its forward order, in the project's ResNets).
+
+    The BN is the conv's sibling `bn<k>` for a conv named `conv<k>` (the project's ResNets and
+    torchvision's), or the next module of an nn.Sequential. Raises LayerResponsesError for a
+    3x3 conv with no BN after it, or a net without 3x3 convs."""
+    net = unwrap(model)
+    found: list[tuple[str, nn.Module]] = []
+    for parent_name, parent in net.named_modules():
+        children = list(parent.named_children())
+        for i, (name, child) in enumerate(children):
+            if not (isinstance(child, nn.Conv2d) and tuple(child.kernel_size) == (3, 3)):
+                continue
+            full = f"{parent_name}.{name}" if parent_name else name
+            if isinstance(parent, nn.Sequential):
+                bn = children[i + 1][1] if i + 1 < len(children) else None
+                expected = "the next module of its nn.Sequential"
+            else:
+                bn_name = "bn" + name.removeprefix("conv") if name.startswith("conv") else None
+                bn = getattr(parent, bn_name, None) if bn_name else None
+                expected = f"a sibling {bn_name}" if bn_name else "a conv<k>/bn<k> pair"
+            if not isinstance(bn, nn.BatchNorm2d):
+                raise LayerResponsesError(
+                    f"{full} is a 3x3 conv without a BatchNorm2d after it (expected {expected}): "
+                    "layer responses are read after BN, as in the paper's Fig. 7"
+                )
+            found.append((full, bn))
+    if not found:
+        raise LayerResponsesError(
+            f"{type(net).__name__} has no 3x3 conv followed by BN: nothing to measure"
+        )
+    return found
+
+
+@dataclass
+class _Moments:
+    """Count, mean and sum of squared deviations, merged chunk by chunk (Chan et al. 1979)."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, n: int, mean: float, var: float) -> None:
+        total = self.n + n
+        delta = mean - self.mean
+        self.m2 += var * n + delta * delta * self.n * n / total
+        self.mean += delta * n / total
+        self.n = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.n) if self.n else math.nan
+
+
+@torch.no_grad()
+def layer_response_stds(
+    model: nn.Module, images: torch.Tensor, *, batch_size: int = 100
+) -> dict[str, float]:
+    """The std of each 3x3 layer's response (after its BN, before ReLU/addition) over
+    `images` (normalised, [N, 3, H, W]), in forward order: {conv name: std}.
+
+    Population std over every element (batch, channels, H, W); the net in eval mode (BN's
+    running statistics), no gradients, fed `batch_size` images at a time on its own device.
+    The net's mode is restored and the hooks removed afterwards."""
+    if images.dim() != 4 or len(images) == 0:
+        raise LayerResponsesError(f"images: expected a non-empty [N, 3, H, W] batch, got {images}")
+    if batch_size < 1:
+        raise LayerResponsesError(f"batch_size={batch_size}: expected >= 1")
+    net = unwrap(model)
+    layers = response_layers(net)
+    moments: dict[str, _Moments] = {}  # filled as the hooks fire: in forward order
+    device = next(net.parameters()).device
+
+    def hook_for(name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            # measured here, not kept: the block's ReLU is in place and overwrites this tensor
+            var, mean = torch.var_mean(output.detach().float(), correction=0)
+            moments.setdefault(name, _Moments()).add(output.numel(), mean.item(), var.item())
+
+        return hook
+
+    handles = [bn.register_forward_hook(hook_for(name)) for name, bn in layers]
+    was_training = net.training
+    net.eval()
+    try:
+        for chunk in images.split(batch_size):
+            net(chunk.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        net.train(was_training)
+    unused = [name for name, _ in layers if name not in moments]
+    if unused:
+        raise LayerResponsesError(f"the forward pass never reached the BN after {unused}")
+    return {name: m.std for name, m in moments.items()}
+
+
+def validation_batch(data: Any, num_images: int = DEFAULT_IMAGES) -> torch.Tensor:
+    """The first `num_images` images of `data`'s validation split (a DataConfig), in manifest
+    order, as orchestrator.evaluation feeds them: the centre view, normalised as the run's
+    data.normalize says (the manifest's mean/std, else ImageNet's; or its mean image).
+    Float32 [n, 3, S, S] on the CPU; n < num_images where the split is smaller."""
+    from orchestrator.data import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        DeviceNormalize,
+        eval_loader,
+        load_manifest,
+        load_mean_image,
+    )
+
+    if num_images < 1:
+        raise LayerResponsesError(f"--images {num_images}: expected >= 1")
+    if data.synthetic:
+        raise LayerResponsesError(
+            "the run trained on synthetic data, which has no validation images: pass "
+            "--data-url DATASET (data_url=) with the images to measure on"
+        )
+    manifest = load_manifest(data.url)
+    # the run's own form: per channel, or the paper's per-pixel mean (data.normalize)
+    per_pixel = getattr(data, "normalize", "per_channel") == "per_pixel_mean"
+    normalize = DeviceNormalize(
+        manifest.get("mean") or IMAGENET_MEAN,
+        manifest.get("std") or IMAGENET_STD,
+        0.0,
+        "cpu",
+        mean_image=load_mean_image(manifest, data.url) if per_pixel else None,
+    )
+    # no loader workers: each would start at its own part of the split; in this process the
+    # stream is read in order, and no further than the images taken
+    cfg = dataclasses.replace(data, num_workers=0)
+    chunks, left = [], num_images
+    batches = eval_loader(cfg, rank=0, world_size=1, batch_size=min(num_images, 256))
+    for images, _ in batches:
+        chunks.append(normalize(images[:left], train=False).contiguous())
+        left -= len(chunks[-1])
+        if left <= 0:
+            break
+    if not chunks:
+        raise LayerResponsesError(f"{data.url}: split {data.val_split!r} has no readable image")
+    return torch.cat(chunks)
+
+
+# ============================================================================================
+# a run's responses
+
+
+@dataclass
+class LayerResponses:
+    """One net's Fig. 7 series: its 3x3 layers in forward order and their response stds."""
+
+    model: str  # registered name, e.g. cifar_resnet20
+    layers: list[str]
+    stds: list[float]
+    images: int
+    run_id: str | None = None
+    checkpoint_url: str | None = None
+    step: int | None = None
+
+    @property
+    def residual(self) -> bool:
+        return bool(model_info(self.model)["residual"])
+
+    @property
+    def label(self) -> str:
+        """The paper's legend: `plain-20`, `ResNet-56`."""
+        depth = model_info(self.model)["depth"]
+        return f"ResNet-{depth}" if self.residual else f"plain-{depth}"
+
+    def ranks(self) -> list[int]:
+        """Each layer's rank by std, 1 = largest (ties: the earlier layer first)."""
+        order = sorted(range(len(self.stds)), key=lambda i: (-self.stds[i], i))
+        ranks = [0] * len(order)
+        for rank, i in enumerate(order, 1):
+            ranks[i] = rank
+        return ranks
+
+    def csv(self) -> str:
+        """`index,layer,std,rank`, one row per layer, index from 1."""
+        rows = zip(self.layers, self.stds, self.ranks(), strict=True)
+        lines = [f"{i},{name},{std:.6g},{rank}" for i, (name, std, rank) in enumerate(rows, 1)]
+        return "\n".join(["index,layer,std,rank", *lines]) + "\n"
+
+    def table(self) -> str:
+        """A human-readable table with a heading naming the net, checkpoint and images."""
+        where = f"step {self.step} ({self.checkpoint_url})" if self.checkpoint_url else "-"
+        heading = (
+            f"{self.label} ({self.model}): {len(self.layers)} 3x3 layers, {self.images} "
+            f"validation images, checkpoint {where}"
+        )
+        head = [heading, f"{'index':>5}  {'layer':<24} {'std':>10} {'rank':>5}"]
+        rows = zip(self.layers, self.stds, self.ranks(), strict=True)
+        body = [f"{i:>5}  {n:<24} {s:>10.4f} {r:>5}" for i, (n, s, r) in enumerate(rows, 1)]
+        return "\n".join(head + body)
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "responses/std_mean": sum(self.stds) / len(self.stds),
+            "responses/std_max": max(self.stds),
+            "responses/std_min": min(self.stds),
+            "responses/layers": float(len(self.stds)),
+            "responses/images": float(self.images),
+        }
+
+
+def _check_checkpoint(checkpoint: str) -> str:
+    if checkpoint not in _MEMBER_CHOICE:
+        raise LayerResponsesError(
+            f"checkpoint {checkpoint!r}: expected one of {', '.join(CHECKPOINTS)}"
+        )
+    return _MEMBER_CHOICE[checkpoint]
+
+
+def responses_for_run(
+    client: Any,
+    run_id: str,
+    checkpoint: str = "last",
+    num_images: int = DEFAULT_IMAGES,
+    *,
+    data_url: str | None = None,
+    batch_size: int = 100,
+    device: str | torch.device | None = None,
+) -> LayerResponses:
+    """The layer responses of a training run's `best` or `last` committed checkpoint on the
+    first `num_images` validation images of its dataset (or of `data_url`). The checkpoint is
+    found and read as ensemble_eval finds and reads a member's; `device` defaults to CUDA where
+    present. Raises LayerResponsesError or EnsembleError (both ValueError) with the reason."""
+    from orchestrator.ensemble_eval.members import member_from_run, read_trainer_state
+    from orchestrator.models import create_model
+
+    choice = _check_checkpoint(checkpoint)
+    if num_images < 1 or batch_size < 1:
+        raise LayerResponsesError(
+            f"--images {num_images}, --batch-size {batch_size}: expected both >= 1"
+        )
+    try:
+        run = client.get_run(run_id)
+    except Exception as err:
+        raise LayerResponsesError(f"run {run_id}: not found in MLflow: {err}") from err
+    member = member_from_run(run, choice, "run")
+    data = member.data
+    if data_url:
+        data = dataclasses.replace(data, url=data_url, source="shards")
+    images = validation_batch(data, num_images)
+    if len(images) < num_images:
+        log.warning(
+            "%s has only %d validation images (asked for %d)", data.url, len(images), num_images
+        )
+    net = create_model(member.model_name, member.num_classes, **member.model_options)
+    state = read_trainer_state(member.checkpoint_url, f"run {run_id}")
+    net.load_state_dict(state["strategy"]["model"])
+    del state  # the optimizer's state too
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stds = layer_response_stds(net.to(device), images, batch_size=batch_size)
+    return LayerResponses(
+        model=member.model_name,
+        layers=list(stds),
+        stds=list(stds.values()),
+        images=len(images),
+        run_id=run_id,
+        checkpoint_url=member.checkpoint_url,
+        step=member.step,
+    )
+
+
+# ============================================================================================
+# the figure
+
+LINE_STYLES = {True: "-", False: "--"}  # residual solid, plain dashed, as in the paper
+
+
+def _check_series(series: Mapping[str, Sequence[float]], plain: Collection[str]) -> None:
+    if not series:
+        raise LayerResponsesError("plot_layer_responses: no series to draw")
+    empty = [label for label, stds in series.items() if not len(stds)]
+    if empty:
+        raise LayerResponsesError(f"plot_layer_responses: series {empty} have no values")
+    unknown = sorted(set(plain) - set(series))
+    if unknown:
+        raise LayerResponsesError(
+            f"plot_layer_responses: plain={unknown} are not series labels ({', '.join(series)})"
+        )
+
+
+def layer_responses_figure(
+    series: Mapping[str, Sequence[float]],
+    plain: Collection[str] = (),
+    *,
+    title: str = "Standard deviations of layer responses",
+) -> Any:
+    """Fig. 7 as a matplotlib Figure (Agg canvas, no pyplot): top, each series' stds by layer
+    index (from 1); bottom, the same sorted in descending order. Labels in `plain` are drawn
+    dashed, the others solid."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from orchestrator.plots import COLOURS
+
+    _check_series(series, plain)
+    fig = Figure(figsize=(7.0, 6.4), dpi=130)
+    FigureCanvasAgg(fig)
+    top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
+    for i, (label, stds) in enumerate(series.items()):
+        style = {
+            "color": COLOURS[i % len(COLOURS)],
+            "linestyle": LINE_STYLES[label not in plain],
+            "linewidth": 1.4,
+            "label": label,
+        }
+        index = range(1, len(stds) + 1)
+        top.plot(index, list(stds), **style)
+        bottom.plot(index, sorted(stds, reverse=True), **style)
+    top.set_title(title, fontsize=11)
+    top.set_xlabel("layer index (original)")
+    bottom.set_xlabel("layer index (sorted by magnitude)")
+    for ax in (top, bottom):
+        ax.set_ylabel("std")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, color="#dddddd", linewidth=0.6)
+        ax.legend(loc="best", fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_responses(
+    series: Mapping[str, Sequence[float]],
+    path: str | Path,
+    plain: Collection[str] = (),
+    *,
+    title: str = "Standard deviations of layer responses",
+) -> Path:
+    """Draw `layer_responses_figure` (label -> stds in layer order; `plain` labels dashed) to a
+    PNG at `path`; returns the path. Needs matplotlib (the dev extra)."""
+    from orchestrator import plots
+
+    if not plots.available():
+        raise LayerResponsesError("plot_layer_responses needs matplotlib: pip install matplotlib")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    layer_responses_figure(series, plain, title=title).savefig(path, format="png")
+    return path
+
+
+# ============================================================================================
+# logging to MLflow
+
+
+def _log_figure(client: Any, run_id: str, results: Sequence[LayerResponses], title: str) -> None:
+    from orchestrator import plots
+
+    if not plots.available():
+        log.warning("matplotlib is not installed: no %s (pip install matplotlib)", PLOT_ARTIFACT)
+        return
+    series = {r.label: r.stds for r in results}
+    plain = {r.label for r in results if not r.residual}
+    with tempfile.TemporaryDirectory() as tmp:
+        local = plot_layer_responses(series, Path(tmp) / PLOT_ARTIFACT, plain, title=title)
+        client.log_artifact(run_id, str(local), str(Path(PLOT_ARTIFACT).parent))
+
+
+def log_layer_responses(
+    client: Any,
+    run_id: str,
+    responses: LayerResponses | None = None,
+    *,
+    checkpoint: str = "last",
+    num_images: int = DEFAULT_IMAGES,
+    **options: Any,
+) -> LayerResponses:
+    """Log a run's layer responses to it (`layer_responses.csv`, `plots/layer_responses.png`,
+    metrics `responses/*` at the checkpoint's step, tags); `responses` measured here by
+    `responses_for_run(client, run_id, checkpoint, num_images, **options)` unless given."""
+    from mlflow.entities import Metric, RunTag
+
+    from orchestrator.redaction import redact_tags
+
+    if responses is None:
+        responses = responses_for_run(client, run_id, checkpoint, num_images, **options)
+    client.log_text(run_id, responses.csv(), CSV_ARTIFACT)
+    step = responses.step or 0
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, step) for k, v in responses.metrics().items()]
+    tags = {"layer_responses.images": str(responses.images)}
+    if responses.checkpoint_url:
+        tags["layer_responses.checkpoint_url"] = responses.checkpoint_url
+    items = [RunTag(k, v) for k, v in redact_tags(tags).items()]
+    client.log_batch(run_id, metrics=metrics, tags=items)
+    title = f"{responses.label}: std of layer responses ({responses.images} images)"
+    _log_figure(client, run_id, [responses], title)
+    return responses
+
+
+def log_combined_layer_responses(
+    client: Any,
+    run_id: str,
+    results: Sequence[LayerResponses],
+    *,
+    title: str = "Standard deviations of layer responses",
+) -> None:
+    """Several nets on one Fig. 7 (plain dashed, residual solid; labels as the paper's legend),
+    logged to `run_id` (a study's parent run) as `plots/layer_responses.png`, with
+    `layer_responses.csv` holding every series (`label,run_id,index,layer,std,rank`)."""
+    if not results:
+        raise LayerResponsesError("log_combined_layer_responses: no results")
+    labels = [r.label for r in results]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise LayerResponsesError(
+            f"log_combined_layer_responses: several results are labelled {dupes} (one per net: "
+            "average seeds first, or draw them on separate figures)"
+        )
+    lines = ["label,run_id,index,layer,std,rank"]
+    for r in results:
+        rows = zip(r.layers, r.stds, r.ranks(), strict=True)
+        lines += [
+            f"{r.label},{r.run_id or ''},{i},{name},{std:.6g},{rank}"
+            for i, (name, std, rank) in enumerate(rows, 1)
+        ]
+    client.log_text(run_id, "\n".join(lines) + "\n", CSV_ARTIFACT)
+    _log_figure(client, run_id, results, title)
+
+
+# ============================================================================================
+# the command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m orchestrator.layer_responses",
+        description="The paper's Fig. 7 for a training run: the std of each 3x3 layer's "
+        "response (after BN, before ReLU/addition) on validation images; printed, and logged "
+        f"to the run ({CSV_ARTIFACT}, {PLOT_ARTIFACT}, metrics responses/*).",
+    )
+    p.add_argument("--run", required=True, metavar="RUN_ID", help="MLflow run id of a training job")
+    p.add_argument(
+        "--checkpoint",
+        choices=[*CHECKPOINTS, "latest"],
+        default="last",
+        help="the run's best committed checkpoint (by checkpoint.best_metric) or its last "
+        "(default; latest: the same)",
+    )
+    p.add_argument(
+        "--images",
+        type=int,
+        default=DEFAULT_IMAGES,
+        metavar="N",
+        help=f"the first N validation images (default {DEFAULT_IMAGES})",
+    )
+    p.add_argument("--batch-size", type=int, default=100, help="images per forward pass")
+    p.add_argument("--data-url", help="measure on this dataset instead of the run's own")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda where present)")
+    p.add_argument("--no-log", action="store_true", help="print only; log nothing to the run")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: prints the table; exit code 2, with the reason, on bad input."""
+    from orchestrator.data import DataError
+    from orchestrator.ensemble_eval.config import EnsembleError
+    from orchestrator.redaction import scrub
+
+    logging.basicConfig(
+        level=os.environ.get("ORCH_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        print(
+            'error: MLFLOW_TRACKING_URI is not set (eval "$(python -m orchestrator.stack env)" '
+            "for the local stack)",
+            file=sys.stderr,
+        )
+        return 2
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    options = {"data_url": args.data_url, "batch_size": args.batch_size, "device": args.device}
+    try:
+        responses = responses_for_run(client, args.run, args.checkpoint, args.images, **options)
+        print(responses.table())
+        if not args.no_log:
+            log_layer_responses(client, args.run, responses)
+            print(f"logged {CSV_ARTIFACT} and {PLOT_ARTIFACT} to run {args.run}")
+    except (LayerResponsesError, EnsembleError, DataError) as err:
+        print(f"error: {scrub(err)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,208 @@
+"""Entry point of every study file: `main(STUDY)`.
+
+    ray job submit -- python jobs/cifar10_table6.py [section.key=value ...] [study.KEY=VALUE ...]
+    python jobs/cifar10_table6.py --dry-run     # the grid, resources, GPU-hours; runs nothing
+    python jobs/cifar10_table6.py --local       # trials one after another, without Ray
+
+Overrides apply to every trial's spec (before its cell's own); study.seeds, study.name,
+study.max_concurrent, study.img_per_s (the dry run's measured img/s per GPU) and
+study.cells=LABEL,LABEL (a subset) change the study itself.
+The exit status is 0 when every trial finished, 1 when one did not (the summary names it),
+2 for a bad study or spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from orchestrator.spec import SpecError
+from orchestrator.study.grid import Study, Trial, apply_study_overrides
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Run a study: a grid of jobs (overrides: section.key=value, study.KEY=VALUE)."
+    )
+    parser.add_argument("overrides", nargs="*", help="section.key=value or study.KEY=VALUE")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the grid and its cost, check, run nothing"
+    )
+    parser.add_argument("--local", action="store_true", help="trials one after another, no Ray")
+    return parser.parse_args(argv)
+
+
+def main(study: Study, argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        study = apply_study_overrides(study, args.overrides)
+        trials = study.trials()
+        fingerprint = study.fingerprint()
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return dry_run(study, trials)
+    logging.basicConfig(level=os.environ.get("ORCH_LOG_LEVEL", "INFO"))
+    client = _mlflow_client(study)
+    parent = None
+    if client is not None:
+        from orchestrator.liveness import sweep_experiment
+        from orchestrator.study.parent import open_parent
+
+        sweep_experiment(study.experiment)  # trial runs of a study stopped before: close them
+
+        parent = open_parent(client, study, trials, fingerprint)
+        trials = study.trials(parent_run_id=parent)
+    if args.local or os.environ.get("ORCH_LOCAL") == "1":
+        from orchestrator.study.run import run_locally
+
+        outcomes = run_locally(trials)
+    else:
+        from orchestrator.study.run import run_on_tune
+
+        outcomes = run_on_tune(study, trials, fingerprint)
+    return summarize(study, trials, outcomes, client, parent)
+
+
+def _mlflow_client(study: Study) -> Any:
+    if not (study.base.tracking.enabled and os.environ.get("MLFLOW_TRACKING_URI")):
+        print("MLflow: tracking off (no MLFLOW_TRACKING_URI): no parent run, no study table")
+        return None
+    from orchestrator.tracking import load_mlflow
+
+    load_mlflow()
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+# ---------------------------------------------------------------------------- dry run
+
+
+def dry_run(study: Study, trials: Sequence[Trial]) -> int:
+    """The grid: cells, seeds, each trial's resources and GPU-hours, and the checks."""
+    from orchestrator.paper_report import markdown_table
+    from orchestrator.preflight import preflight
+    from orchestrator.study.estimate import estimate
+
+    print(f"study {study.name}" + (f" ({study.paper})" if study.paper else ""))
+    print(
+        f"{len(study.cells)} cells x {study.seeds} seeds = {len(trials)} trials; MLflow "
+        f"experiment {study.experiment!r}; trials at once: "
+        + (
+            f"{study.max_concurrent} (study.max_concurrent)"
+            if study.max_concurrent
+            else "as many as the cluster's resources fit"
+        )
+    )
+    rows, total, problems = [], 0.0, {}
+    for cell in study.grid_cells():
+        mine = [t for t in trials if t.cell.label == cell.label]
+        spec = mine[0].spec
+        est = estimate(spec, study.img_per_s or None)
+        total += est.gpu_hours * len(mine)
+        overrides = " ".join(f"{k}={v}" for k, v in cell.overrides.items())
+        rows.append(
+            [
+                cell.label,
+                overrides,
+                str(len(mine)),
+                f"{spec.scaling.num_workers} workers x ({spec.scaling.cpus_per_worker:g} CPU"
+                + (" + 1 GPU)" if spec.scaling.use_gpu is not False else ")"),
+                f"{spec.schedule.max_iters} x {spec.scaling.global_batch}",
+                f"{est.img_per_s_per_gpu:,.0f}",
+                f"{est.gpu_hours:.2f}",
+                est.how,
+            ]
+        )
+        try:
+            preflight(spec)
+        except SpecError as err:
+            for problem in getattr(err, "problems", [str(err)]):
+                problems.setdefault(problem, []).append(cell.label)
+    head = [
+        "cell",
+        "overrides",
+        "seeds",
+        "per trial",
+        "iters x batch",
+        "img/s/GPU",
+        "GPU-h/trial",
+        "rate from",
+    ]
+    print(markdown_table(head, rows, "llrlrrrl"))
+    print(
+        f"\ntotal: {total:.1f} GPU-hours on H200-class GPUs (compute only; "
+        "orchestrator/study/estimate.py states the formula)"
+    )
+    print(
+        "trial jobs: " + ", ".join(t.job for t in trials[:4]) + (", ..." if len(trials) > 4 else "")
+    )
+    if problems:
+        print("\npre-flight problems (each fails its trials alone when run):", file=sys.stderr)
+        for problem, cells in problems.items():
+            where = "every cell" if len(cells) == len(study.cells) else ", ".join(cells)
+            print(f"  - {where}: {problem}", file=sys.stderr)
+        return 2
+    print("pre-flight ok for every cell")
+    return 0
+
+
+# ---------------------------------------------------------------------------- the end
+
+
+def summarize(
+    study: Study,
+    trials: Sequence[Trial],
+    outcomes: Sequence[Any],
+    client: Any,
+    parent: str | None,
+) -> int:
+    """Read every trial back from MLflow, log the study table and figures on the parent run,
+    and print the trials' states and the table; 1 if any trial did not finish."""
+    by_job = {o.job: o for o in outcomes}
+    failed = [o for o in outcomes if not o.ok]
+    print(
+        f"\nstudy {study.name}: {len(outcomes) - len(failed)}/{len(outcomes)} trials finished"
+        + (
+            f" ({sum(o.skipped for o in outcomes)} before, not run again)"
+            if any(o.skipped for o in outcomes)
+            else ""
+        )
+    )
+    for o in failed:
+        print(f"  FAILED {o.job}: {o.error}", file=sys.stderr)
+    if client is None or parent is None:
+        return 1 if failed else 0
+    from orchestrator.study.parent import close_parent, log_layer_responses, log_results
+    from orchestrator.study.results import read_trial
+    from orchestrator.tracking import experiment_id, runs_view
+
+    exp_id = experiment_id(client, study.experiment)
+    results = [
+        read_trial(client, exp_id, t, by_job[t.job].error if t.job in by_job else "")
+        for t in trials
+    ]
+    for r in results:  # the runner's word wins over a run left RUNNING by a dead trial
+        outcome = by_job.get(r.trial.job)
+        if outcome is not None and not outcome.ok and r.finished:
+            r.status = "FAILED"
+    dataset = trials[0].spec.data.url or "synthetic"
+    print(log_results(client, parent, study, results, dataset))
+    measured = log_layer_responses(client, parent, results)
+    if measured:
+        print(f"Fig. 7: layer responses of {measured} trial(s) logged to their runs")
+    status = close_parent(client, parent, results)
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    print(
+        f"MLflow: study {study.name} parent run {parent} ({status}); its trials are nested "
+        f"under it: {runs_view(uri, exp_id)} (filter: tags.orchestrator.study = '{study.name}')"
+    )
+    return 1 if failed else 0

@@ -1,0 +1,89 @@
+"""What a study asks of a GPU cluster: GPU-hours per trial and in all, for the dry run.
+
+A trial's compute time is max_iters x global_batch / rate, its GPU-hours that time x its GPUs
+(communication left out: the paper's trials use 2 to 8 GPUs of one node, where the planner,
+orchestrator.plan, finds it hidden behind backward). The rate is the planner's measured
+anchor for the net (docs/performance-anchors.md) where there is one, else the ResNet-50
+anchor scaled by multiply-adds per image (counted here on the meta device, at the trial's crop
+size), or a kernel-launch floor where that is slower (LAUNCH_FLOOR_S_PER_LAYER: small CIFAR
+nets at batch 64 per GPU are bound by launches, not multiply-adds). Both are estimates until
+measured: run one trial and pass its rate (`study.img_per_s=...`) for a calibrated figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.plan import anchors
+from orchestrator.spec import JobSpec
+
+REFERENCE = "resnet50"  # the anchor other nets are scaled from
+# An assumption, not a measurement: eager PyTorch launches ~10 kernels per conv layer per
+# training step (forward, backward, BN, ReLU, optimizer) at >= ~5 us each, so a step takes at
+# least this long per conv layer however few multiply-adds it has. It decides for the CIFAR
+# nets; bench/gpu_check.py's figures, or study.img_per_s, replace it.
+LAUNCH_FLOOR_S_PER_LAYER = 50e-6
+
+
+def multiply_adds(
+    model_name: str, image_size: int, num_classes: int | None = None
+) -> tuple[int, int]:
+    """Multiply-adds of one image's forward pass through convolutions and linear layers, and
+    the number of conv layers."""
+    import torch
+    from torch import nn
+
+    from orchestrator.models import create_model
+
+    total, convs = 0, 0
+
+    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total, convs
+        if isinstance(module, nn.Conv2d):
+            convs += 1
+            kh, kw = module.kernel_size
+            total += output.numel() * (module.in_channels // module.groups) * kh * kw
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+
+    with torch.device("meta"):
+        model = create_model(model_name, num_classes or (10 if "cifar" in model_name else 1000))
+        hooks = [m.register_forward_hook(count) for m in model.modules()]
+        with torch.no_grad():
+            model(torch.empty(1, 3, image_size, image_size))
+    for hook in hooks:
+        hook.remove()
+    return total, convs
+
+
+@dataclass(frozen=True)
+class TrialEstimate:
+    gpus: int
+    img_per_s_per_gpu: float
+    how: str
+    hours: float  # wall-clock, compute only
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.hours * self.gpus
+
+
+def estimate(spec: JobSpec, img_per_s_per_gpu: float | None = None) -> TrialEstimate:
+    """GPU-hours of one trial on GPUs like the anchors' (one H200 each, bf16)."""
+    gpus = spec.scaling.num_workers
+    mode = "compiled" if spec.model.compile else "eager"
+    if img_per_s_per_gpu:
+        rate, how = img_per_s_per_gpu, "study.img_per_s (given)"
+    elif (spec.model.name, mode) in anchors.IMG_PER_S_PER_GPU:
+        rate = anchors.IMG_PER_S_PER_GPU[(spec.model.name, mode)]
+        how = f"anchor ({anchors.SOURCE}, {mode})"
+    else:
+        ours, layers = multiply_adds(spec.model.name, spec.data.image_size, spec.model.num_classes)
+        ref, _ = multiply_adds(REFERENCE, 224)
+        rate = anchors.IMG_PER_S_PER_GPU[(REFERENCE, mode)] * ref / ours
+        how = f"{REFERENCE} anchor x multiply-adds {ref / 1e9:.2f}G/{ours / 1e9:.3f}G"
+        floor = spec.micro_batch() / (layers * LAUNCH_FLOOR_S_PER_LAYER)
+        if floor < rate:
+            rate, how = floor, f"launch floor: {layers} conv layers x 50 us per step (assumed)"
+    seconds = spec.schedule.max_iters * spec.scaling.global_batch / (rate * gpus)
+    return TrialEstimate(gpus, rate, how, seconds / 3600)

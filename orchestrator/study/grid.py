@@ -1,0 +1,175 @@
+"""A study's grid: a base job spec, cells (each a set of overrides) and seeds -> trial specs.
+
+Torch-free, like orchestrator.spec: a dry run, the planner and the tests expand grids without
+the loop. Every trial is an ordinary job; its name is derived from the study, its cell and
+its seed, so a resubmitted study finds each trial's checkpoints and MLflow run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.spec import JobSpec, SpecError, apply_overrides
+
+STUDY_TAG = "orchestrator.study"  # on the parent run and on every trial's run
+ROLE_TAG = "orchestrator.role"  # "study" on the parent run
+CELL_TAG = "orchestrator.cell"  # a trial's cell label
+# What a user may set with study.KEY=VALUE on the command line
+STUDY_KEYS = ("name", "seeds", "max_concurrent", "img_per_s", "cells")
+
+
+def grid(axes: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """The product of axes, each a dotted spec key over its values, as a list of cells:
+    grid({"model.name": ["resnet18", "resnet34"], "model.shortcut": ["A", "B"]}) -> 4 cells."""
+    keys = list(axes)
+    for key in keys:
+        if isinstance(axes[key], (str, bytes)) or not len(axes[key]):
+            raise SpecError(f"study axis {key}: give a list of one or more values")
+    return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def _slug(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid: its overrides and the label its trials and table rows carry."""
+
+    overrides: dict[str, Any]
+    label: str
+
+    def family(self, base: JobSpec) -> str:
+        """'plain' or 'residual': how the paper's figures split nets (dashed vs solid)."""
+        name = self.overrides.get("model.name", base.model.name)
+        return "plain" if "plain" in str(name) else "residual"
+
+
+@dataclass(frozen=True)
+class Trial:
+    cell: Cell
+    seed: int
+    spec: JobSpec
+
+    @property
+    def job(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class Study:
+    """A grid of jobs declared like the paper's experiment: the recipe (`base`), the cells
+    (`grid(...)` products or hand-written lists) and seeds 0..seeds-1.
+
+    `finalize` is the job file's recipe rule, applied to every trial after its overrides
+    (ResNet-110's warm-up depends on the depth a cell sets). `max_concurrent` caps the trials
+    running at once (0: as many as the cluster's resources allow)."""
+
+    name: str
+    base: JobSpec
+    cells: list[dict[str, Any]]
+    seeds: int = 1
+    max_concurrent: int = 0
+    finalize: Callable[[JobSpec], JobSpec] | None = None
+    img_per_s: float = 0.0  # measured training img/s per GPU, for the dry run's GPU-hours
+    paper: str = ""  # which table or figure of the paper it reproduces, for the parent run
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/ \\"):
+            raise SpecError(f"study.name: {self.name!r} must be non-empty, without spaces or /")
+        if not self.cells:
+            raise SpecError(f"study {self.name}: no cells; give cells=grid({{...}})")
+        if not (isinstance(self.seeds, int) and self.seeds >= 1):
+            raise SpecError(f"study.seeds={self.seeds!r}: set it to 1 or more")
+        if not (isinstance(self.max_concurrent, int) and self.max_concurrent >= 0):
+            raise SpecError(f"study.max_concurrent={self.max_concurrent!r}: set it >= 0")
+
+    @property
+    def experiment(self) -> str:
+        return self.base.tracking.experiment
+
+    def grid_cells(self) -> list[Cell]:
+        """The cells, labelled: a cell's "label" key, else its values joined
+        ("resnet34-A")."""
+        cells, seen = [], {}
+        for given in self.cells:
+            overrides = {k: v for k, v in given.items() if k != "label"}
+            if "seed" in overrides or "name" in overrides:
+                raise SpecError(
+                    f"study {self.name}: a cell sets {'seed' if 'seed' in overrides else 'name'}"
+                    "; seeds come from study.seeds and trial names from the study"
+                )
+            label = _slug(given["label"]) if "label" in given else None
+            label = label or "-".join(_slug(v) for v in overrides.values()) or "base"
+            if label in seen:
+                raise SpecError(f"study {self.name}: cells {seen[label]} and {given} repeat")
+            seen[label] = given
+            cells.append(Cell(overrides, label))
+        return cells
+
+    def trials(
+        self, overrides: Sequence[str] = (), parent_run_id: str | None = None
+    ) -> list[Trial]:
+        """Every trial's resolved, validated spec; `overrides` (section.key=value, the command
+        line's) apply to the base of every trial, before the cell's own."""
+        base = apply_overrides(self.base, list(overrides))
+        out = []
+        for cell in self.grid_cells():
+            for seed in range(self.seeds):
+                job = f"{self.name}-{cell.label}-s{seed}"
+                items = [f"{k}={json.dumps(v)}" for k, v in cell.overrides.items()]
+                try:
+                    spec = apply_overrides(base, [*items, f"seed={seed}", f"name={job}"])
+                    if self.finalize:
+                        spec = self.finalize(spec).validate()
+                except SpecError as err:
+                    raise SpecError(f"study {self.name}, cell {cell.label}: {err}") from None
+                tracking = dataclasses.replace(
+                    spec.tracking,
+                    parent_run_id=parent_run_id,
+                    tags={**spec.tracking.tags, STUDY_TAG: self.name, CELL_TAG: cell.label},
+                )
+                out.append(Trial(cell, seed, dataclasses.replace(spec, tracking=tracking)))
+        return out
+
+    def fingerprint(self, overrides: Sequence[str] = ()) -> str:
+        """Changes when the grid or a trial's spec does: names the study's Tune experiment,
+        so a resubmitted study restores Tune's state only for the grid it was made for."""
+        specs = [t.spec.to_dict() for t in self.trials(overrides)]
+        return hashlib.sha256(json.dumps(specs, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def apply_study_overrides(study: Study, overrides: Sequence[str]) -> Study:
+    """The study with the command line's overrides applied: `study.KEY=VALUE` to the study
+    (study.cells=LABEL,LABEL keeps only those cells: a quick rerun of a few), the others
+    (section.key=value) to its base spec, so they reach every trial."""
+    from orchestrator.spec import parse_value
+
+    rest, changes = [], {}
+    for item in overrides:
+        if not item.startswith("study."):
+            rest.append(item)
+            continue
+        key, _, text = item[len("study.") :].partition("=")
+        if key not in STUDY_KEYS or not _:
+            raise SpecError(f"{item}: expected study.KEY=VALUE with KEY one of {STUDY_KEYS}")
+        changes[key] = parse_value(text)
+    keep = changes.pop("cells", None)
+    study = dataclasses.replace(study, base=apply_overrides(study.base, rest), **changes)
+    if keep is not None:
+        wanted = str(keep).split(",")
+        labels = [c.label for c in study.grid_cells()]
+        missing = [w for w in wanted if w not in labels]
+        if missing:
+            raise SpecError(f"study.cells: no cell {missing}; cells: {', '.join(labels)}")
+        given = dict(zip(labels, study.cells))
+        study = dataclasses.replace(study, cells=[given[w] for w in wanted])
+    return study

@@ -1,0 +1,252 @@
+"""Running a study's trials: on Ray Tune (a Tuner whose trials each run one ordinary job), or
+`--local`, one job after another in subprocesses without Ray.
+
+On Tune, each trial is a small driver (no CPU reserved: TRIAL_DRIVER) that runs its job
+as `ray job submit -- python jobs/X.py` would (orchestrator.launch.fit_on_ray: its Ray Train
+worker group, restarts, checkpoints, MLflow run); the job's workers hold the resources.
+Tune runs as many trials at once as the cluster's CPUs (or GPUs) fit trials' worker groups, or
+study.max_concurrent. Tune's state lives in the checkpoint storage under
+studies/<study>-<grid fingerprint>; a resubmitted study restores it (Tuner.restore), so trials
+that finished are not run again and the others restart, each job resuming from its own
+checkpoints. Should Tune's state be gone or the grid have changed, a trial whose job already
+FINISHED at its last iteration returns at once instead of training again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.launch import storage_for_ray
+from orchestrator.spec import JobSpec, from_dict
+from orchestrator.study.grid import Study, Trial
+
+log = logging.getLogger(__name__)
+
+# What a trial itself reserves: no CPU (its job's worker group holds those, and a CPU per trial
+# would keep a 2-CPU machine to one trial), but Tune needs a non-empty request: 64 MiB of
+# Ray's logical memory, for the trial's Python process.
+TRIAL_DRIVER = {"memory": 64 * 2**20}
+
+
+@dataclass
+class Outcome:
+    """How a trial's execution ended, as its runner saw it (MLflow holds the figures)."""
+
+    job: str
+    ok: bool
+    error: str = ""
+    skipped: bool = False  # finished before: not run again
+    wall_s: float = 0.0  # the job's own time, in the trial
+
+
+# ---------------------------------------------------------------------------- one trial
+
+
+def finished_before(spec: JobSpec) -> bool:
+    """The job has committed its last iteration and its MLflow run is FINISHED (or tracking
+    is off): there is nothing left to run."""
+    from orchestrator.checkpoint import CheckpointStore
+    from orchestrator.launch import checkpoints_url
+
+    latest = CheckpointStore(checkpoints_url(spec)).latest()
+    if latest is None or latest.step < spec.schedule.max_iters:
+        return False
+    if not (spec.tracking.enabled and os.environ.get("MLFLOW_TRACKING_URI")):
+        return True
+    try:
+        from mlflow import MlflowClient
+
+        from orchestrator.tracking import find_job_run
+
+        client = MlflowClient()
+        exp = client.get_experiment_by_name(spec.tracking.experiment)
+        run = exp and find_job_run(client, exp.experiment_id, spec.name)
+        return bool(run) and run.info.status == "FINISHED"
+    except Exception as err:  # noqa: BLE001 - not known: run the job (it resumes at its end)
+        log.warning("could not read the MLflow run of %s: %s", spec.name, err)
+        return False
+
+
+def run_trial(config: dict[str, Any]) -> dict[str, Any]:
+    """Tune's trainable: one job, resumed from its own checkpoints where it has any."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.launch import JobFailed, fit_on_ray
+    from orchestrator.preflight import preflight
+    from orchestrator.tracking import mark_job_run
+
+    os.chdir(config["cwd"])  # the study's folder: relative data and storage paths
+    spec = from_dict(JobSpec, config["spec"])
+    if finished_before(spec):
+        return {"job": spec.name, "skipped": 1, "job_wall_s": 0.0}
+    preflight(spec)  # a refusal fails this trial alone, with its problems as the error
+    t0 = time.perf_counter()
+    try:
+        fit_on_ray(spec, [TuneReportCallback()])
+    except JobFailed as err:
+        mark_job_run(spec.tracking.experiment, spec.name, "FAILED", error=err.error)
+        raise
+    return {"job": spec.name, "skipped": 0, "job_wall_s": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------- on Ray Tune
+
+
+def trial_resources(spec: JobSpec, cluster: dict[str, float]) -> dict[str, float]:
+    """What one trial's job holds while it runs: its worker group."""
+    from orchestrator.launch import worker_resources
+
+    use_gpu = spec.scaling.use_gpu
+    if use_gpu is None:
+        use_gpu = cluster.get("GPU", 0) > 0
+    each = worker_resources(spec, use_gpu)
+    return {k: v * spec.scaling.num_workers for k, v in each.items()}
+
+
+def concurrency(study: Study, trials: Sequence[Trial], cluster: dict[str, float]) -> int:
+    """How many trials fit the cluster at once (the largest trial's worker group decides),
+    capped by study.max_concurrent; at least 1."""
+    fits = len(trials)
+    for trial in trials:
+        for resource, amount in trial_resources(trial.spec, cluster).items():
+            if amount > 0:
+                fits = min(fits, int(cluster.get(resource, 0) // amount))
+    if study.max_concurrent:
+        fits = min(fits, study.max_concurrent)
+    return max(1, fits)
+
+
+def tune_experiment(study: Study, fingerprint: str) -> tuple[str, str, Any]:
+    """(Tune's storage_path, the experiment's name, its pyarrow filesystem or None)."""
+    storage, filesystem = storage_for_ray(f"{study.base.checkpoint.storage}/studies")
+    return storage, f"{study.name}-{fingerprint}", filesystem
+
+
+def run_on_tune(study: Study, trials: Sequence[Trial], fingerprint: str) -> list[Outcome]:
+    import ray
+    from ray import tune
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    cluster = ray.cluster_resources()
+    at_once = concurrency(study, trials, cluster)
+    storage, name, filesystem = tune_experiment(study, fingerprint)
+    trainable = tune.with_resources(run_trial, TRIAL_DRIVER)
+    space = {
+        "spec": tune.grid_search([t.spec.to_dict() for t in trials]),
+        "cwd": os.getcwd(),
+    }
+    path = f"{storage}/{name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        print(f"study {study.name}: restoring Tune's state from {path}", flush=True)
+        tuner = tune.Tuner.restore(
+            path,
+            trainable,
+            resume_unfinished=True,
+            restart_errored=True,  # the job resumes from its own checkpoints
+            param_space=space,
+            storage_filesystem=filesystem,
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=at_once,
+                trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                storage_filesystem=filesystem,
+                # a job restarts its own workers (scaling.max_failures); a trial that still
+                # fails is reported, and a resubmitted study restarts it
+                failure_config=tune.FailureConfig(max_failures=0),
+                verbose=1,
+            ),
+        )
+    print(
+        f"study {study.name}: {len(trials)} trials on Ray Tune, up to {at_once} at once "
+        f"({_resources_text(trials[0].spec, cluster)} each)",
+        flush=True,
+    )
+    t0, started = time.perf_counter(), time.time()
+    grid = tuner.fit()
+    wall = time.perf_counter() - t0
+    outcomes: dict[str, Outcome] = {}
+    for result in grid:
+        job = result.config["spec"]["name"]
+        metrics = result.metrics or {}
+        # a trial Tune restored as finished reports its old result: it did not run now
+        before = metrics.get("timestamp", started) < started
+        if result.error is not None:
+            outcomes[job] = Outcome(job, False, _error_text(result.error))
+        else:
+            skipped = before or bool(metrics.get("skipped"))
+            outcomes[job] = Outcome(job, True, skipped=skipped, wall_s=metrics.get("job_wall_s", 0))
+    ran = [o for o in outcomes.values() if o.ok and not o.skipped]
+    # what Tune adds: its trials' time beyond their jobs' own (bench/study.py reads this line)
+    print(
+        f"study timing: Tune wall {wall:.1f} s; {len(ran)} trials ran, their jobs' own time "
+        f"{sum(o.wall_s for o in ran):.1f} s in all, up to {at_once} at once",
+        flush=True,
+    )
+    return [outcomes.get(t.job, Outcome(t.job, False, "Tune has no result")) for t in trials]
+
+
+def _trial_name(trial: Any) -> str:
+    return str(trial.config["spec"]["name"])
+
+
+def _resources_text(spec: JobSpec, cluster: dict[str, float]) -> str:
+    need = trial_resources(spec, cluster)
+    return " + ".join(f"{v:g} {k}" for k, v in need.items())
+
+
+def _error_text(error: BaseException) -> str:
+    """The job's own error where Tune wrapped it (RayTaskError keeps the original as cause)."""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return (text[-1] if text else type(cause).__name__)[:2000]
+
+
+# ---------------------------------------------------------------------------- --local
+
+
+def run_locally(trials: Sequence[Trial]) -> list[Outcome]:
+    """One trial after another, each `python -m orchestrator.study.trial SPEC --local` (so a
+    trial of N workers runs under torchrun like any --local job)."""
+    outcomes = []
+    for trial in trials:
+        if finished_before(trial.spec):
+            print(f"trial {trial.job}: finished before, not run again", flush=True)
+            outcomes.append(Outcome(trial.job, True, skipped=True))
+            continue
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(trial.spec.to_dict(), f)
+        print(f"trial {trial.job}: running", flush=True)
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "orchestrator.study.trial", f.name, "--local"]
+        proc = subprocess.run(cmd, check=False, stderr=subprocess.PIPE, text=True)
+        os.unlink(f.name)
+        sys.stderr.write(proc.stderr[-20_000:])
+        wall = time.perf_counter() - t0
+        error = "" if proc.returncode == 0 else _last_error(proc.stderr, proc.returncode)
+        outcomes.append(Outcome(trial.job, proc.returncode == 0, error, wall_s=wall))
+    return outcomes
+
+
+def _last_error(stderr: str, code: int) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or ln.startswith("error")]
+    return (errors[-1] if errors else f"exit status {code}")[:2000]
