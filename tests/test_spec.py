@@ -131,8 +131,9 @@ def test_paper_recipes() -> None:
     assert cifar.schedule.milestones == [32_000, 48_000] and cifar.schedule.max_iters == 64_000
 
 
+# the single-job recipes (the studies, jobs/*_table*.py, run them)
 RECIPES = ["cifar10_resnet", "cifar10_plain"] + sorted(
-    p.stem for p in (ROOT / "jobs").glob("imagenet_*.py")
+    p.stem for p in (ROOT / "jobs").glob("imagenet_*.py") if "_table" not in p.stem
 )
 
 
