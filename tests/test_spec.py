@@ -99,6 +99,11 @@ def test_every_job_file_resolves(job: str, tmp_path: Path) -> None:
         check=False,
     )
     assert out.returncode == 0, out.stderr
+    if "STUDY = Study(" in (ROOT / "jobs" / job).read_text():  # a grid of jobs: its own dry run
+        assert f"study {Path(job).stem} (" in out.stdout and "GPU-hours" in out.stdout
+        assert "pre-flight ok for every cell" in out.stdout
+        assert list(tmp_path.iterdir()) == []
+        return
     assert f'name: "{Path(job).stem}"' in out.stdout
     if overrides:
         assert "# pre-flight ok: model: " in out.stdout

@@ -268,7 +268,7 @@ def test_trials_at_once_follow_the_cluster_and_the_cap() -> None:
 def test_a_local_study_runs_its_trials_one_after_another(stack: Stack, cifar_dataset: str) -> None:
     """--local: no Ray; the trial runs as a --local job, nested under the study's parent."""
     exp, name = f"study-{uuid.uuid4().hex[:6]}", f"lo{uuid.uuid4().hex[:6]}"
-    args = tiny_study_args(cifar_dataset, exp, name, "study.cells=cifar_resnet20")
+    args = tiny_study_args(cifar_dataset, exp, name, "study.cells=cifar_resnet20", "study.seeds=1")
     out = run_script("jobs/cifar10_table6.py", "--local", *args, timeout=900)
     assert "1/1 trials finished" in out and "Ray Tune" not in out
     parent, children = parent_and_children(exp, name)
