@@ -347,7 +347,18 @@ class MlflowTracker:
         have = {
             (d.dataset.name, d.dataset.digest) for d in (inputs.dataset_inputs if inputs else [])
         }
-        if (item.dataset.name, item.dataset.digest) not in have:
+        if (item.dataset.name, item.dataset.digest) in have:
+            return
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.log_inputs(self.run_id, datasets=[item])
+        except MlflowException as err:
+            # runs of one experiment starting together (a study's trials) each create the
+            # experiment's dataset entity; the loser's insert breaks a UNIQUE constraint,
+            # and a second call finds the entity the winner made
+            if "UNIQUE constraint" not in str(err) and "Duplicate" not in str(err):
+                raise
             self.client.log_inputs(self.run_id, datasets=[item])
 
     # ------------------------------------------------------------------ system metrics
