@@ -259,9 +259,16 @@ def test_a_study_parent_run_shows_its_table_and_nested_runs(
     wait_for(d, "the study's parent run", lambda: small_study["name"] in body())
     for close in d.find_elements(By.CSS_SELECTOR, "button[aria-label=Close]"):
         close.click()
-    expand = d.find_elements(By.XPATH, "//button[contains(@aria-label, 'xpand')]")
-    for button in expand:
-        button.click()
+    # the parent's expander: the small button before its name in the Run Name cell
+    wait_for(
+        d,
+        "the parent's expander",
+        lambda: d.find_element(
+            By.XPATH,
+            f"//a[normalize-space()='{small_study['name']}']"
+            "/ancestor::*[contains(@class, 'ag-cell')][1]//button",
+        ),
+    ).click()
     wait_for(d, "the trials nested under the parent", lambda: all(n in body() for n in names))
     ARTIFACTS.mkdir(exist_ok=True)
     d.save_screenshot(str(ARTIFACTS / "mlflow-study-runs.png"))
