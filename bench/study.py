@@ -115,13 +115,14 @@ def main() -> None:
     ratios, overheads = [], []
     for i in range(args.rounds):
         seq, seq_tune, seq_jobs = run_study(dataset, 1)
-        par, _, _ = run_study(dataset, 2)
+        par, par_tune, _ = run_study(dataset, 2)
         ratios.append(par / seq)
         overheads.append((seq_tune - seq_jobs) / 8)
         print(
             f"round {i + 1}: one at a time {seq:.1f} s, two at a time {par:.1f} s, "
             f"ratio {par / seq:.3f}; Tune overhead per trial {overheads[-1]:.2f} s "
-            f"(Tune wall {seq_tune:.1f} s - jobs' own {seq_jobs:.1f} s, over 8 trials)",
+            f"(Tune wall {seq_tune:.1f} s - jobs' own {seq_jobs:.1f} s, over 8 trials); "
+            f"Tune's wall alone: ratio {par_tune / seq_tune:.3f}",
             flush=True,
         )
     print(
