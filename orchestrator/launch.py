@@ -290,8 +290,13 @@ def checkpoints_url(spec: JobSpec) -> str:
 def run_ray(spec: JobSpec) -> Any:
     """A job file's driver on Ray: the job, with `ray job stop` and failures reported."""
     _check_ray_address()
+    import ray
+
     from orchestrator.runtime import raise_on_sigterm
     from orchestrator.tracking import load_mlflow, mark_job_run
+
+    if not ray.is_initialized():  # before our SIGTERM handler: ray.init installs its own
+        ray.init(log_to_driver=True)
 
     load_mlflow()  # now, not inside the SIGTERM handler below, where every second counts
     if spec.tracking.enabled:  # runs of this experiment whose job died unseen: close them
