@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from orchestrator.redaction import scrub
 from orchestrator.spec import SpecError
 from orchestrator.study.grid import Study, Trial, apply_study_overrides
 
@@ -57,9 +58,17 @@ def main(study: Study, argv: list[str] | None = None) -> int:
         from orchestrator.study.parent import open_parent
 
         sweep_experiment(study.experiment)  # trial runs of a study stopped before: close them
-
-        parent = open_parent(client, study, trials, fingerprint)
-        trials = study.trials(parent_run_id=parent)
+        try:
+            parent = open_parent(client, study, trials, fingerprint)
+            trials = study.trials(parent_run_id=parent)
+        except Exception as err:  # noqa: BLE001 - a down server never stops training
+            print(
+                f"MLflow: no parent run ({type(err).__name__}: {scrub(err)[:300]}); the trials "
+                "run and track on their own; resubmit the study once the server answers to get "
+                "its table (finished trials are not run again)",
+                file=sys.stderr,
+            )
+            client = None
     if args.local or os.environ.get("ORCH_LOCAL") == "1":
         from orchestrator.study.run import run_locally
 
