@@ -62,7 +62,8 @@ def artifact_text(run_id: str, path: str) -> str:
 def test_grid_names_every_trial_from_study_cell_and_seed() -> None:
     base = load_job_spec("cifar10_resnet")
     study = Study("s", base, study_grid({"model.name": ["cifar_resnet20", "cifar_plain20"]}), 3)
-    trials = study.trials(["schedule.max_iters=10"], parent_run_id="p")
+    ten = apply_study_overrides(study, ["schedule.max_iters=10"])
+    trials = ten.trials(parent_run_id="p")
     assert [t.job for t in trials][:4] == [
         "s-cifar_resnet20-s0",
         "s-cifar_resnet20-s1",
@@ -75,10 +76,9 @@ def test_grid_names_every_trial_from_study_cell_and_seed() -> None:
     assert trials[0].spec.tracking.parent_run_id == "p"
     assert trials[0].spec.tracking.tags == {STUDY_TAG: "s", CELL_TAG: "cifar_resnet20"}
     # the fingerprint follows the grid and the overrides, not the parent run
-    assert study.fingerprint(["schedule.max_iters=10"]) == study.fingerprint(
-        ["schedule.max_iters=10"]
-    )
-    assert study.fingerprint(["schedule.max_iters=10"]) != study.fingerprint([])
+    again = apply_study_overrides(study, ["schedule.max_iters=10"])
+    assert ten.fingerprint() == again.fingerprint()
+    assert ten.fingerprint() != study.fingerprint()
     assert len(study_grid({"a.b": [1, 2], "c.d": ["x", "y", "z"]})) == 6
 
 

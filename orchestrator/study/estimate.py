@@ -12,6 +12,7 @@ measured: run one trial and pass its rate (`study.img_per_s=...`) for a calibrat
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from orchestrator.plan import anchors
@@ -25,6 +26,7 @@ REFERENCE = "resnet50"  # the anchor other nets are scaled from
 LAUNCH_FLOOR_S_PER_LAYER = 50e-6
 
 
+@functools.cache  # a dry run asks for the reference net once per cell
 def multiply_adds(
     model_name: str, image_size: int, num_classes: int | None = None
 ) -> tuple[int, int]:

@@ -115,12 +115,10 @@ class Study:
             cells.append(Cell(overrides, label))
         return cells
 
-    def trials(
-        self, overrides: Sequence[str] = (), parent_run_id: str | None = None
-    ) -> list[Trial]:
-        """Every trial's resolved, validated spec; `overrides` (section.key=value, the command
-        line's) apply to the base of every trial, before the cell's own."""
-        base = apply_overrides(self.base, list(overrides))
+    def trials(self, parent_run_id: str | None = None) -> list[Trial]:
+        """Every trial's resolved, validated spec: the base (the command line's overrides are
+        in it: `apply_study_overrides`), then the cell's own, the seed and the trial's name."""
+        base = self.base
         out = []
         for cell in self.grid_cells():
             for seed in range(self.seeds):
@@ -140,10 +138,10 @@ class Study:
                 out.append(Trial(cell, seed, dataclasses.replace(spec, tracking=tracking)))
         return out
 
-    def fingerprint(self, overrides: Sequence[str] = ()) -> str:
+    def fingerprint(self) -> str:
         """Changes when the grid or a trial's spec does: names the study's Tune experiment,
         so a resubmitted study restores Tune's state only for the grid it was made for."""
-        specs = [t.spec.to_dict() for t in self.trials(overrides)]
+        specs = [t.spec.to_dict() for t in self.trials()]
         return hashlib.sha256(json.dumps(specs, sort_keys=True).encode()).hexdigest()[:10]
 
 
