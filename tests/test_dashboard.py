@@ -131,6 +131,18 @@ def wait_for(
         time.sleep(0.5)
 
 
+def click_when_shown(driver: object, what: str, xpath: str) -> None:
+    """Click the first displayed element matching `xpath`, retrying until it takes the click
+    (the artifact tree renders a row before it can be clicked, and keeps hidden copies)."""
+
+    def click() -> bool:
+        shown = [e for e in driver.find_elements("xpath", xpath) if e.is_displayed()]
+        shown[0].click()  # IndexError or not-interactable: wait_for polls again
+        return True
+
+    wait_for(driver, what, click)
+
+
 def test_experiment_runs_compare_in_chromium(stack: Stack, browser: object) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -165,13 +177,11 @@ def test_experiment_runs_compare_in_chromium(stack: Stack, browser: object) -> N
         lambda: d.find_element(By.CSS_SELECTOR, "input[placeholder='Search columns']"),
     )
     search.send_keys(METRIC)
-    wait_for(
+    click_when_shown(
         d,
         f"{METRIC} in the column chooser",
-        lambda: d.find_element(
-            By.XPATH, f"//*[@role='dialog']//*[normalize-space(text())='{METRIC}']"
-        ),
-    ).click()
+        f"//*[@role='dialog']//*[normalize-space(text())='{METRIC}']",
+    )
     search.send_keys(Keys.ESCAPE)
     headers = lambda: [
         h.text.strip() for h in d.find_elements(By.CSS_SELECTOR, "[role=columnheader]")
@@ -194,11 +204,7 @@ def test_experiment_runs_compare_in_chromium(stack: Stack, browser: object) -> N
         d.find_element(
             By.CSS_SELECTOR, f"div[role=row][row-index='{row_index}'] input[type=checkbox]"
         ).click()
-    wait_for(
-        d,
-        "the Compare button",
-        lambda: d.find_element(By.XPATH, "//button[normalize-space()='Compare']"),
-    ).click()
+    click_when_shown(d, "the Compare button", "//button[normalize-space()='Compare']")
     wait_for(d, "the compare view", lambda: "Comparing 2 Runs" in body())
     wait_for(d, "both runs in the compare view", lambda: all(r in body() for r in run_ids))
     assert "compare-runs" in d.current_url
@@ -284,10 +290,8 @@ def test_a_study_parent_run_shows_its_table_and_nested_runs(
 
     # the parent's artifacts: study/table.md, opened
     d.get(f"{base}/runs/{parent}/artifacts")
-    wait_for(d, "the study folder", lambda: d.find_element(By.XPATH, "//*[text()='study']")).click()
-    wait_for(
-        d, "the table artifact", lambda: d.find_element(By.XPATH, "//*[text()='table.md']")
-    ).click()
+    click_when_shown(d, "the study folder", "//*[text()='study']")
+    click_when_shown(d, "the table artifact", "//*[text()='table.md']")
     wait_for(
         d,
         "the study table's rows",
