@@ -61,7 +61,9 @@ __all__ = [
     "layer_response_stds",
     "log_combined_layer_responses",
     "log_layer_responses",
+    "logged_responses",
     "main",
+    "measure_once",
     "plot_layer_responses",
     "response_layers",
     "responses_for_run",
@@ -477,6 +479,36 @@ def log_layer_responses(
     title = f"{responses.label}: std of layer responses ({responses.images} images)"
     _log_figure(client, run_id, [responses], title)
     return responses
+
+
+def logged_responses(client: Any, run_id: str, model: str) -> LayerResponses | None:
+    """The responses already logged to a run (`layer_responses.csv`), or None where there are
+    none or they were measured at an older checkpoint than the run's last."""
+    import mlflow.artifacts
+
+    tags = client.get_run(run_id).data.tags
+    url = tags.get("layer_responses.checkpoint_url")
+    if not url or url != tags.get("checkpoint_url"):
+        return None
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/{CSV_ARTIFACT}")
+    rows = [line.split(",") for line in text.strip().splitlines()[1:]]
+    return LayerResponses(
+        model=model,
+        layers=[row[1] for row in rows],
+        stds=[float(row[2]) for row in rows],
+        images=int(tags.get("layer_responses.images", "0")),
+        run_id=run_id,
+        checkpoint_url=url,
+    )
+
+
+def measure_once(client: Any, run_id: str, model: str) -> tuple[LayerResponses, bool]:
+    """A run's responses at its last checkpoint: read back where they are logged already, else
+    measured and logged now. Returns them and whether they were measured now."""
+    responses = logged_responses(client, run_id, model)
+    if responses is not None:
+        return responses, False
+    return log_layer_responses(client, run_id, checkpoint="last"), True
 
 
 def log_combined_layer_responses(

@@ -30,7 +30,9 @@ from orchestrator.layer_responses import (
     layer_response_stds,
     layer_responses_figure,
     log_combined_layer_responses,
+    logged_responses,
     main,
+    measure_once,
     plot_layer_responses,
     response_layers,
     responses_for_run,
@@ -364,3 +366,20 @@ def test_bad_runs_get_a_reason_and_exit_code_2(
     untracked = c.create_run(exp).info.run_id  # not a training run: no job, no checkpoints
     assert main(["--run", untracked, "--no-log"]) == 2
     assert "not an orchestrator training run" in capsys.readouterr().err
+
+
+def test_measure_once_reads_back_what_was_logged(smoke_run: str) -> None:
+    """A study's trial measures its own Fig. 7; the study's driver reads it back, and measures
+    again only where it was taken at an older checkpoint than the run's last."""
+    c = client()
+    first, _ = measure_once(c, smoke_run, "cifar_resnet20")
+    tags = c.get_run(smoke_run).data.tags
+    assert tags["layer_responses.checkpoint_url"] == tags["checkpoint_url"]
+    again, measured_now = measure_once(c, smoke_run, "cifar_resnet20")
+    assert not measured_now
+    assert again.layers == first.layers and again.images == first.images
+    np.testing.assert_allclose(again.stds, first.stds, rtol=1e-5)
+    c.set_tag(smoke_run, "layer_responses.checkpoint_url", "s3://resnet/older/step-2")
+    assert logged_responses(c, smoke_run, "cifar_resnet20") is None
+    _, measured_now = measure_once(c, smoke_run, "cifar_resnet20")
+    assert measured_now

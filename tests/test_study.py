@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.layer_responses import CSV_ARTIFACT, PLOT_ARTIFACT
 from orchestrator.stack import Stack
 from orchestrator.study.grid import CELL_TAG, ROLE_TAG, STUDY_TAG, Study, apply_study_overrides
 from orchestrator.study.grid import grid as study_grid
@@ -173,12 +174,22 @@ def test_small_study_through_ray_job_submit(small_study: dict) -> None:
     assert {"study/curves.png", "study/test_error.png", "study/table.md"} <= arts
     metrics = parent.data.metrics
     assert metrics["cell/cifar_resnet20/n"] == 2 and "cell/cifar_plain32/final_err_mean" in metrics
+    # Fig. 7: each trial measured its own, the parent drew one net per cell from them
+    assert "measured here" not in out, out[-4000:]
+    for c in children:
+        assert c.data.tags["layer_responses.checkpoint_url"] == c.data.tags["checkpoint_url"]
+        assert c.data.metrics["responses/layers"] in (19, 31)  # 6n+1 3x3 layers, n = 3 or 5
+    fig7 = list(csv.DictReader(io.StringIO(artifact_text(parent.info.run_id, CSV_ARTIFACT))))
+    assert {r["label"] for r in fig7} == {"ResNet-20", "ResNet-32", "plain-20", "plain-32"}
+    assert {r["run_id"] for r in fig7} <= {c.info.run_id for c in children}
+    assert PLOT_ARTIFACT in {a.path for a in client().list_artifacts(parent.info.run_id, "plots")}
     ids = {c.info.run_id for c in children}
 
     again = submit_study("jobs/cifar10_table6.py", *small_study["args"])
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-6000:]
     assert "8/8 trials finished (8 before, not run again)" in out, out[-4000:]
+    assert "measured here" not in out  # Fig. 7 read back from the runs, not measured again
     parent2, children2 = parent_and_children(exp, name)
     assert parent2.info.run_id == parent.info.run_id
     assert {c.info.run_id for c in children2} == ids

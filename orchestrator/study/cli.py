@@ -207,7 +207,7 @@ def summarize(
     print(log_results(client, parent, study, results, dataset))
     measured = log_layer_responses(client, parent, results)
     if measured:
-        print(f"Fig. 7: layer responses of {measured} trial(s) logged to their runs")
+        print(f"Fig. 7: {measured} trial(s) without their own layer responses measured here")
     status = close_parent(client, parent, results)
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     print(

@@ -124,10 +124,11 @@ def log_results(
 
 
 def log_layer_responses(client: Any, run_id: str, results: Sequence[TrialResult]) -> int:
-    """Fig. 7 for a CIFAR study: each finished trial's layer responses logged to its own run
-    (once: a run already measured at its last checkpoint is left alone), and one figure on the
-    parent with a net per cell (its first finished seed). Returns the trials measured now.
-    Never raises: a figure must not fail a study whose trials finished."""
+    """Fig. 7 for a CIFAR study: one figure on the parent with a net per cell (its first
+    finished seed), from the responses each trial logged to its run (a trial measures its own
+    when its job finishes: study.run.measure_trial); a finished trial without them is measured
+    here. Returns the trials measured here. Never raises: a figure must not fail a study whose
+    trials finished."""
     from orchestrator import layer_responses as fig7
 
     done = [r for r in results if r.finished and r.run_id]
@@ -136,15 +137,8 @@ def log_layer_responses(client: Any, run_id: str, results: Sequence[TrialResult]
     measured, per_cell = 0, {}
     for r in done:
         try:
-            run = client.get_run(r.run_id)
-            logged = run.data.tags.get("layer_responses.checkpoint_url")
-            first_of_cell = r.trial.cell.label not in per_cell
-            if logged and logged == run.data.tags.get("checkpoint_url") and not first_of_cell:
-                continue
-            responses = fig7.responses_for_run(client, r.run_id, "last")
-            if logged != responses.checkpoint_url:
-                fig7.log_layer_responses(client, r.run_id, responses)
-                measured += 1
+            responses, now = fig7.measure_once(client, r.run_id, r.trial.spec.model.name)
+            measured += now
             per_cell.setdefault(r.trial.cell.label, responses)
         except Exception as err:  # noqa: BLE001 - reported, the study goes on
             log.warning("layer responses of %s not measured: %s", r.trial.job, scrub(err)[:500])

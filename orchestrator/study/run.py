@@ -45,7 +45,7 @@ class Outcome:
     ok: bool
     error: str = ""
     skipped: bool = False  # finished before: not run again
-    wall_s: float = 0.0  # the job's own time, in the trial
+    wall_s: float = 0.0  # the job's own time in the trial (training, then its Fig. 7)
 
 
 # ---------------------------------------------------------------------------- one trial
@@ -76,6 +76,34 @@ def finished_before(spec: JobSpec) -> bool:
         return False
 
 
+def measure_trial(spec: JobSpec) -> bool:
+    """Fig. 7 of a finished CIFAR trial, measured in the trial (so trials measure in parallel,
+    not one after another in the study's driver) and logged to its run. Never raises: the
+    driver measures whatever a trial could not. Returns whether it was measured."""
+    if not spec.model.name.startswith("cifar_") or not spec.tracking.enabled:
+        return False
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        return False
+    try:
+        from mlflow import MlflowClient
+
+        from orchestrator import layer_responses as fig7
+        from orchestrator.tracking import find_job_run
+
+        client = MlflowClient()
+        exp = client.get_experiment_by_name(spec.tracking.experiment)
+        run = exp and find_job_run(client, exp.experiment_id, spec.name)
+        if not run:
+            return False
+        fig7.measure_once(client, run.info.run_id, spec.model.name)
+        return True
+    except Exception as err:  # noqa: BLE001 - the driver measures it instead
+        from orchestrator.redaction import scrub
+
+        log.warning("layer responses of %s not measured: %s", spec.name, scrub(err)[:500])
+        return False
+
+
 def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     """Tune's trainable: one job, resumed from its own checkpoints where it has any."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -95,6 +123,7 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     except JobFailed as err:
         mark_job_run(spec.tracking.experiment, spec.name, "FAILED", error=err.error)
         raise
+    measure_trial(spec)
     return {"job": spec.name, "skipped": 0, "job_wall_s": time.perf_counter() - t0}
 
 
