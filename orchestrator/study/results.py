@@ -31,6 +31,7 @@ class TrialResult:
     status: str = "MISSING"
     error: str = ""  # the run's error tag, or Tune's error for the trial
     history: dict[str, History] = field(default_factory=dict)
+    num_classes: int | None = None  # the trained dataset's (the loop's run tag)
 
     @property
     def finished(self) -> bool:
@@ -85,12 +86,14 @@ def read_trial(client: Any, experiment_id: str, trial: Trial, error: str = "") -
     if run is None:
         return TrialResult(trial, error=error or "no MLflow run: the trial never started")
     history = {key: metric_history(client, run.info.run_id, key) for key in CURVES}
+    classes = run.data.tags.get("num_classes")
     return TrialResult(
         trial,
         run.info.run_id,
         run.info.status,
         error or run.data.tags.get(ERROR_TAG, ""),
         history,
+        int(classes) if classes else None,
     )
 
 
@@ -102,7 +105,10 @@ def cell_rows(study: Study, results: Sequence[TrialResult]) -> list[CellRow]:
         spec = mine[0].trial.spec
         final_mean, final_std = mean_std([r.final() for r in done])  # type: ignore[misc]
         best_mean, best_std = mean_std([r.best() for r in done])  # type: ignore[misc]
-        ref = paper.lookup(spec.model.name, spec.eval.protocol, spec.model.shortcut)
+        # the paper's numbers are for its datasets' class counts: a 10-class ImageNet-layout
+        # subset has nothing to compare with
+        classes = next((r.num_classes for r in mine if r.num_classes), spec.model.num_classes)
+        ref = paper.lookup(spec.model.name, spec.eval.protocol, spec.model.shortcut, classes)
         rows.append(
             CellRow(
                 label=cell.label,
