@@ -64,6 +64,7 @@ __all__ = [
     "logged_responses",
     "main",
     "measure_once",
+    "measured_at_last_checkpoint",
     "plot_layer_responses",
     "response_layers",
     "responses_for_run",
@@ -481,15 +482,21 @@ def log_layer_responses(
     return responses
 
 
+def measured_at_last_checkpoint(tags: Mapping[str, str]) -> bool:
+    """A run's tags say its logged responses are of its last checkpoint."""
+    url = tags.get("layer_responses.checkpoint_url")
+    return bool(url) and url == tags.get("checkpoint_url")
+
+
 def logged_responses(client: Any, run_id: str, model: str) -> LayerResponses | None:
     """The responses already logged to a run (`layer_responses.csv`), or None where there are
     none or they were measured at an older checkpoint than the run's last."""
     import mlflow.artifacts
 
     tags = client.get_run(run_id).data.tags
-    url = tags.get("layer_responses.checkpoint_url")
-    if not url or url != tags.get("checkpoint_url"):
+    if not measured_at_last_checkpoint(tags):
         return None
+    url = tags["layer_responses.checkpoint_url"]
     text = mlflow.artifacts.load_text(f"runs:/{run_id}/{CSV_ARTIFACT}")
     rows = [line.split(",") for line in text.strip().splitlines()[1:]]
     return LayerResponses(

@@ -51,6 +51,7 @@ __all__ = [
     "NullTracker",
     "Tracker",
     "find_job_run",
+    "job_run",
     "load_mlflow",
     "manifest_sha256",
     "mark_job_run",
@@ -586,22 +587,29 @@ def load_mlflow() -> None:
         pass
 
 
+def job_run(experiment: str, job: str) -> tuple[Any, Any] | None:
+    """An MLflow client and the newest run of `job` in `experiment`; None where there is no
+    tracking server (MLFLOW_TRACKING_URI unset), no such experiment or no such run. A server
+    that does not answer raises."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    run = exp and find_job_run(client, exp.experiment_id, job)
+    return (client, run) if run else None
+
+
 def mark_job_run(experiment: str, job: str, status: str, error: str | None = None) -> str | None:
     """Set the status of a job's run from outside its workers (the driver on Ray, where the loop
     runs off the main thread and cannot catch SIGTERM). Only a RUNNING run is changed; returns
     its id, or None where there is no tracking server or no such run."""
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        return None
     try:
-        from mlflow import MlflowClient
-
-        client = MlflowClient()
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
+        found = job_run(experiment, job)
+        if found is None or found[1].info.status != "RUNNING":
             return None
-        run = find_job_run(client, exp.experiment_id, job)
-        if run is None or run.info.status != "RUNNING":
-            return None
+        client, run = found
         run_id = run.info.run_id
         if error:
             client.set_tag(run_id, ERROR_TAG, redact_tags({ERROR_TAG: error})[ERROR_TAG])

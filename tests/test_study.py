@@ -144,7 +144,7 @@ def test_table_statistics_over_seeds() -> None:
     assert parsed[0]["final_std"] == "2.0000" and parsed[1]["paper"] == ""
     # trained on 100 classes: CIFAR-10's number is not beside it
     for r in results:
-        r.num_classes = 100
+        r.tags["num_classes"] = "100"
     assert cell_rows(study, results)[0].paper is None
 
 

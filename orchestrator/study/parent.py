@@ -137,6 +137,8 @@ def log_layer_responses(client: Any, run_id: str, results: Sequence[TrialResult]
     measured, per_cell = 0, {}
     for r in done:
         try:
+            if r.trial.cell.label in per_cell and fig7.measured_at_last_checkpoint(r.tags):
+                continue  # its cell has its series: nothing to read or measure
             responses, now = fig7.measure_once(client, r.run_id, r.trial.spec.model.name)
             measured += now
             per_cell.setdefault(r.trial.cell.label, responses)

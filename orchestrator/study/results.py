@@ -31,7 +31,13 @@ class TrialResult:
     status: str = "MISSING"
     error: str = ""  # the run's error tag, or Tune's error for the trial
     history: dict[str, History] = field(default_factory=dict)
-    num_classes: int | None = None  # the trained dataset's (the loop's run tag)
+    tags: dict[str, str] = field(default_factory=dict)  # the run's, as read
+
+    @property
+    def num_classes(self) -> int | None:
+        """The trained dataset's class count (the loop's run tag), None where not known."""
+        classes = self.tags.get("num_classes")
+        return int(classes) if classes else None
 
     @property
     def finished(self) -> bool:
@@ -86,14 +92,13 @@ def read_trial(client: Any, experiment_id: str, trial: Trial, error: str = "") -
     if run is None:
         return TrialResult(trial, error=error or "no MLflow run: the trial never started")
     history = {key: metric_history(client, run.info.run_id, key) for key in CURVES}
-    classes = run.data.tags.get("num_classes")
     return TrialResult(
         trial,
         run.info.run_id,
         run.info.status,
         error or run.data.tags.get(ERROR_TAG, ""),
         history,
-        int(classes) if classes else None,
+        dict(run.data.tags),
     )
 
 

@@ -63,45 +63,33 @@ def finished_before(spec: JobSpec) -> bool:
     if not (spec.tracking.enabled and os.environ.get("MLFLOW_TRACKING_URI")):
         return True
     try:
-        from mlflow import MlflowClient
+        from orchestrator.tracking import job_run
 
-        from orchestrator.tracking import find_job_run
-
-        client = MlflowClient()
-        exp = client.get_experiment_by_name(spec.tracking.experiment)
-        run = exp and find_job_run(client, exp.experiment_id, spec.name)
-        return bool(run) and run.info.status == "FINISHED"
+        found = job_run(spec.tracking.experiment, spec.name)
+        return bool(found) and found[1].info.status == "FINISHED"
     except Exception as err:  # noqa: BLE001 - not known: run the job (it resumes at its end)
         log.warning("could not read the MLflow run of %s: %s", spec.name, err)
         return False
 
 
-def measure_trial(spec: JobSpec) -> bool:
+def measure_trial(spec: JobSpec) -> None:
     """Fig. 7 of a finished CIFAR trial, measured in the trial (so trials measure in parallel,
     not one after another in the study's driver) and logged to its run. Never raises: the
-    driver measures whatever a trial could not. Returns whether it was measured."""
+    driver measures whatever a trial could not."""
     if not spec.model.name.startswith("cifar_") or not spec.tracking.enabled:
-        return False
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        return False
+        return
     try:
-        from mlflow import MlflowClient
-
         from orchestrator import layer_responses as fig7
-        from orchestrator.tracking import find_job_run
+        from orchestrator.tracking import job_run
 
-        client = MlflowClient()
-        exp = client.get_experiment_by_name(spec.tracking.experiment)
-        run = exp and find_job_run(client, exp.experiment_id, spec.name)
-        if not run:
-            return False
-        fig7.measure_once(client, run.info.run_id, spec.model.name)
-        return True
+        found = job_run(spec.tracking.experiment, spec.name)
+        if found:
+            client, run = found
+            fig7.measure_once(client, run.info.run_id, spec.model.name)
     except Exception as err:  # noqa: BLE001 - the driver measures it instead
         from orchestrator.redaction import scrub
 
         log.warning("layer responses of %s not measured: %s", spec.name, scrub(err)[:500])
-        return False
 
 
 def run_trial(config: dict[str, Any]) -> dict[str, Any]:
