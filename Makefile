@@ -59,7 +59,7 @@ demo: install
 	@echo "Done. Two ResNet-152 runs (seeds 0 and 1) are in MLflow, experiment 'demo' (24 CPU steps"
 	@echo "on 10 generated classes: validation top-1 error about 15-25%, chance is 90%);"
 	@echo "their ensemble (parent run + one child per member) in experiment 'demo-ensembles':"
-	@$(STACK_ENV) && $(PY) -c "from orchestrator.tracking import experiment_runs_view as v; \
+	@$(STACK_ENV) && $(PY) -c "from orchestrator.tracking.tracker import experiment_runs_view as v; \
 		print('  MLflow runs:    ' + str(v('demo')) + '   (the two runs: table; Chart view to compare)')"
 	@echo "  MLflow UI:      http://127.0.0.1:5000   (user admin, password in"
 	@echo "                  .stack/secrets/mlflow-admin-password)"

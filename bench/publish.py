@@ -36,7 +36,8 @@ def main() -> int:
     from orchestrator.models import count_parameters, create_model
     from orchestrator.spec import CheckpointConfig, DataConfig, JobSpec, ModelConfig, OptimConfig
     from orchestrator.strategy import make_sgd
-    from orchestrator.tracking import JOB_TAG, experiment_id
+    from orchestrator.tracking.runs import experiment_id
+    from orchestrator.tracking.tags import JOB_TAG
 
     job = f"bench-publish-{args.model}-{uuid.uuid4().hex[:6]}"
     spec = JobSpec(

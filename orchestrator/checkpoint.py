@@ -41,12 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# torch and numpy are imported where state is (de)serialised: the driver's pre-flight reads
-# the commit markers (JSON) through CheckpointStore without them.
-from orchestrator.metrics import canonical, canonical_metrics
 from orchestrator.runtime import barrier
 from orchestrator.spec import CheckpointConfig
 from orchestrator.storage import open_storage
+
+# torch and numpy are imported where state is (de)serialised: the driver's pre-flight reads
+# the commit markers (JSON) through CheckpointStore without them.
+from orchestrator.tracking.metrics import canonical, canonical_metrics
 
 log = logging.getLogger(__name__)
 MARKER = "COMMITTED"

@@ -293,14 +293,15 @@ def run_ray(spec: JobSpec) -> Any:
     import ray
 
     from orchestrator.runtime import raise_on_sigterm
-    from orchestrator.tracking import load_mlflow, mark_job_run
+    from orchestrator.tracking.runs import mark_job_run
+    from orchestrator.tracking.tracker import load_mlflow
 
     if not ray.is_initialized():  # before our SIGTERM handler: ray.init installs its own
         ray.init(log_to_driver=True)
 
     load_mlflow()  # now, not inside the SIGTERM handler below, where every second counts
     if spec.tracking.enabled:  # runs of this experiment whose job died unseen: close them
-        from orchestrator.liveness import sweep_experiment
+        from orchestrator.tracking.liveness import sweep_experiment
 
         sweep_experiment(spec.tracking.experiment)
     # `ray job stop`, a preempted head node: Ray's fit() aborts in order on KeyboardInterrupt.
@@ -333,7 +334,7 @@ def run_ray(spec: JobSpec) -> Any:
 def _print_runs_view(spec: JobSpec) -> None:
     """Where the job's runs are compared: the experiment's runs table (not MLflow's home)."""
     if spec.tracking.enabled:
-        from orchestrator.tracking import experiment_runs_view
+        from orchestrator.tracking.runs import experiment_runs_view
 
         view = experiment_runs_view(spec.tracking.experiment)
         if view:

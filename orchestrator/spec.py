@@ -257,7 +257,7 @@ class CheckpointConfig:
     every_iters: int = 1000
     at_epoch_end: bool = True
     keep_last: int = 2
-    best_metric: str = "val/top1_err"  # lower is better (orchestrator.metrics names)
+    best_metric: str = "val/top1_err"  # lower is better (orchestrator.tracking.metrics names)
     resume_from: str | None = None  # fork from any checkpoint (s3://... or a folder)
 
     def __post_init__(self) -> None:

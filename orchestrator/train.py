@@ -4,7 +4,7 @@ It needs only torch (and the data pipeline): Ray, MLflow and DeepSpeed are reach
 `Runtime.report`, the tracker and the strategy, so `--local` runs the same code where Ray is
 absent. One code path for precision: bf16 autocast where the device is a GPU, fp32 on CPU.
 Checkpoints are the Checkpointer's business (orchestrator.checkpoint); metric names follow
-orchestrator.metrics.
+orchestrator.tracking.metrics.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ from orchestrator.runtime import Runtime, Terminated, all_reduce, raise_on_sigte
 from orchestrator.schedule import LRSchedule
 from orchestrator.spec import JobSpec, SpecError, to_yaml
 from orchestrator.strategy import build_strategy
-from orchestrator.tracking import NullTracker, Tracker, manifest_sha256, scrub, start_tracker
+from orchestrator.tracking.lineage import manifest_sha256
+from orchestrator.tracking.redaction import scrub
+from orchestrator.tracking.tracker import NullTracker, Tracker, start_tracker
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.stack import Stack
-from orchestrator.tracking import MlflowTracker, experiment_runs_view
+from orchestrator.tracking.runs import experiment_runs_view
+from orchestrator.tracking.tracker import MlflowTracker
 from tests.conftest import ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -27,12 +27,12 @@ from mlflow.artifacts import download_artifacts
 
 from orchestrator.checkpoint import CheckpointStore
 from orchestrator.ensemble_eval import EnsembleConfig, Member, Scores, argv_of, main, parse_args
-from orchestrator.metrics import canonical_metrics
-from orchestrator.paper_report import ensemble_markdown, ensemble_rows
+from orchestrator.paper.comparison import ensemble_markdown, ensemble_rows
 from orchestrator.spec import EvalConfig
 from orchestrator.stack import Stack
 from orchestrator.storage import open_storage
-from orchestrator.tracking import JOB_TAG
+from orchestrator.tracking.metrics import canonical_metrics
+from orchestrator.tracking.tags import JOB_TAG
 from tests.conftest import ROOT, assert_no_secret_in_runs, run_script
 
 

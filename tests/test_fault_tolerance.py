@@ -105,7 +105,7 @@ def test_job_sigkilled_then_resubmitted_resumes(
     (run,) = job_runs(name)
     assert run.info.status == "RUNNING"
     out = subprocess.run(
-        [sys.executable, "-m", "orchestrator.liveness", "--experiment", EXPERIMENT],
+        [sys.executable, "-m", "orchestrator.tracking.liveness", "--experiment", EXPERIMENT],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -1,4 +1,4 @@
-"""orchestrator.layer_responses: the paper's Fig. 7 (std of each 3x3 layer's response).
+"""orchestrator.paper.layer_responses: the paper's Fig. 7 (std of each 3x3 layer's response).
 
 Unit tests build nets from the registry (on the meta device where only their layout matters)
 and check the measurement against forward passes written out by hand. The integration tests
@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from orchestrator.layer_responses import (
+from orchestrator.models import create_model
+from orchestrator.models.resnet import BasicBlock, ResNet
+from orchestrator.paper.layer_responses import (
     CSV_ARTIFACT,
     PLOT_ARTIFACT,
     LayerResponses,
@@ -38,8 +40,6 @@ from orchestrator.layer_responses import (
     responses_for_run,
     validation_batch,
 )
-from orchestrator.models import create_model
-from orchestrator.models.resnet import BasicBlock, ResNet
 from tests.conftest import odd_shards_config, run_script
 
 # ----------------------------------------------------------------------------- which layers
@@ -300,7 +300,7 @@ def _artifact(run_id: str, path: str, tmp_path: Path) -> Path:
 
 def test_the_command_line_logs_fig_7_to_the_run(smoke_run: str, tmp_path: Path) -> None:
     argv = ["--run", smoke_run, "--checkpoint", "best", "--images", "24", "--batch-size", "10"]
-    out = run_script("-m", "orchestrator.layer_responses", *argv)
+    out = run_script("-m", "orchestrator.paper.layer_responses", *argv)
     assert "ResNet-20 (cifar_resnet20): 19 3x3 layers, 24 validation images" in out
     assert f"logged {CSV_ARTIFACT} and {PLOT_ARTIFACT} to run {smoke_run}" in out
 

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from orchestrator import paper
 from orchestrator.models import (
     ResNet,
     UnknownModelError,
@@ -31,6 +30,7 @@ from orchestrator.models import (
     model_info,
 )
 from orchestrator.models.resnet import BasicBlock, Bottleneck
+from orchestrator.paper import numbers as paper
 
 IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
 CIFAR_RESNET_DEPTHS = (20, 32, 44, 56, 110, 1202)

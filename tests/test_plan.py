@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import paper, plan
+from orchestrator import plan
+from orchestrator.paper import numbers as paper
 from orchestrator.plan import formulas, job, report
 from orchestrator.spec import CheckpointConfig, DataConfig, JobSpec, ScalingConfig, ScheduleConfig
 

@@ -526,7 +526,7 @@ class FlakyRegistry:
 
 def test_a_registry_outage_is_retried(registered: dict[str, Any]) -> None:
     name = f"flaky-{uuid.uuid4().hex[:8]}"
-    from orchestrator.tracking import experiment_id
+    from orchestrator.tracking.runs import experiment_id
 
     # a run of its own (publishing tags the run with its versions), in an experiment of its own
     run_id = client().create_run(experiment_id(client(), f"publish-{name}")).info.run_id
@@ -553,7 +553,7 @@ def test_a_registry_that_stays_down_never_fails_the_run(
     registered: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The run closes FINISHED; the warning and the run's tag say what was not registered."""
-    from orchestrator.tracking import MlflowTracker
+    from orchestrator.tracking.tracker import MlflowTracker
 
     job = f"down-{uuid.uuid4().hex[:8]}"
     tracker = MlflowTracker(f"publish-{job}", job, {}, {}, system_metrics_interval_s=None)

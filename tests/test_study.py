@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.layer_responses import CSV_ARTIFACT, PLOT_ARTIFACT
+from orchestrator.paper.layer_responses import CSV_ARTIFACT, PLOT_ARTIFACT
 from orchestrator.stack import Stack
 from orchestrator.study.grid import CELL_TAG, ROLE_TAG, STUDY_TAG, Study, apply_study_overrides
 from orchestrator.study.grid import grid as study_grid

@@ -26,22 +26,17 @@ from typing import Any
 
 import pytest
 
-from orchestrator import paper, plots
-from orchestrator.metrics import canonical
-from orchestrator.paper_report import training_csv, training_markdown, training_rows
-from orchestrator.redaction import redact, redact_tags, scrub
-from orchestrator.run_report import metric_history
+from orchestrator.paper import numbers as paper
+from orchestrator.paper import plots
+from orchestrator.paper.comparison import training_csv, training_markdown, training_rows
 from orchestrator.stack import Stack
 from orchestrator.storage import open_storage
-from orchestrator.tracking import (
-    ERROR_TAG,
-    JOB_TAG,
-    LOST_TAG,
-    MlflowTracker,
-    NullTracker,
-    manifest_sha256,
-    start_tracker,
-)
+from orchestrator.tracking.lineage import manifest_sha256
+from orchestrator.tracking.metrics import canonical
+from orchestrator.tracking.redaction import redact, redact_tags, scrub
+from orchestrator.tracking.run_report import metric_history
+from orchestrator.tracking.tags import ERROR_TAG, JOB_TAG, LOST_TAG
+from orchestrator.tracking.tracker import MlflowTracker, NullTracker, start_tracker
 from tests.conftest import ROOT, assert_no_secret_in_runs
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -281,7 +276,7 @@ SPEC_YAML = "model:\n  name: resnet34\n"
 # the first attempt of a job, in a process of its own that is SIGKILLed after logging
 KILLED_ATTEMPT = """
 import json, os, signal, sys, time
-from orchestrator.tracking import MlflowTracker
+from orchestrator.tracking.tracker import MlflowTracker
 
 a = json.loads(sys.argv[1])
 tracker = MlflowTracker(a["experiment"], a["job"], a["params"], a["tags"], a["spec_yaml"],
@@ -800,7 +795,7 @@ def test_tracking_server_down_mid_run(mlflow_restored: Stack) -> None:
 def test_runs_whose_job_died_are_marked_and_live_ones_kept(stack: Stack) -> None:
     """A RUNNING run is closed when its Ray job has ended or its heartbeat is ten minutes old;
     live runs, finished ones, runs without a heartbeat and other tools' runs are left alone."""
-    from orchestrator import liveness
+    from orchestrator.tracking import liveness
 
     c = client()
     exp = c.create_experiment(f"liveness-{uid()}")
@@ -842,7 +837,7 @@ def test_runs_whose_job_died_are_marked_and_live_ones_kept(stack: Stack) -> None
 
 
 def test_tracker_stamps_a_heartbeat_until_it_finishes(stack: Stack) -> None:
-    from orchestrator.liveness import HEARTBEAT_TAG
+    from orchestrator.tracking.liveness import HEARTBEAT_TAG
 
     tracker = MlflowTracker(
         f"beat-{uid()}", f"beat-{uid()}", {}, {}, system_metrics_interval_s=None, heartbeat_s=0.3

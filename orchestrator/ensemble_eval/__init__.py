@@ -26,7 +26,7 @@ split of its own data section (`--data-url`/`--split` override it; all members m
 same split) with `orchestrator.evaluation.evaluate`: per-sample probabilities, lined up by
 the samples' positions in the split. The ensemble is the (weighted, `--weights`) mean of the
 members' probabilities. Top-1/top-5 errors are compared with the paper's Tables 3-5
-(`orchestrator.paper_report`) in a table that is printed and logged.
+(`orchestrator.paper.comparison`) in a table that is printed and logged.
 
 Where it runs: one Ray task per member (a GPU each where the cluster has GPUs), or in this
 process with `--local`. A tqdm bar shows progress.
@@ -39,7 +39,7 @@ parent's `ensemble/top1_err`, `ensemble/top5_err`, `ensemble/loss` (mean -log p(
 member's `val/top1_err`, `val/top5_err`, `val/loss`, `val/samples`, `val/eval_seconds`,
 `val/bn_batches`; per_class_accuracy.json on every run; with --log-probs, probs.npz (probs
 [N, C], labels, indices = positions in the split). Params, tags and texts are redacted
-(orchestrator.redaction) like a training run's. `--bn-recalibrate N` first recomputes each
+(orchestrator.tracking.redaction) like a training run's. `--bn-recalibrate N` first recomputes each
 member's BN statistics as the exact average over N training batches (the authors' practice).
 Everything is checked before the parent run is created: an unknown protocol, a member without
 a committed checkpoint, an unreachable run, checkpoint or dataset, members with different

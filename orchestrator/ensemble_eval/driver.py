@@ -23,10 +23,10 @@ from orchestrator.ensemble_eval.scoring import (
     evaluate_members,
 )
 from orchestrator.evaluation import EvalResult, UnknownProtocolError
-from orchestrator.paper_report import ensemble_markdown, ensemble_rows
-from orchestrator.redaction import scrub
+from orchestrator.paper.comparison import ensemble_markdown, ensemble_rows
 from orchestrator.runtime import Terminated, raise_on_sigterm
 from orchestrator.spec import to_yaml
+from orchestrator.tracking.redaction import scrub
 
 
 def run(cfg: EnsembleConfig) -> dict[str, Any]:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.ensemble_eval.config import EnsembleConfig, EnsembleError, parse_model_ref
-from orchestrator.metrics import canonical, canonical_metrics
 from orchestrator.spec import CheckpointConfig
-from orchestrator.tracking import JOB_TAG
+from orchestrator.tracking.metrics import canonical, canonical_metrics
+from orchestrator.tracking.tags import JOB_TAG
 
 log = logging.getLogger(__name__)
 

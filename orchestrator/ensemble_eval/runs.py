@@ -1,7 +1,7 @@
 """An ensemble evaluation in MLflow: a parent run in `--output-experiment` with the ensemble's
 metrics (`ensemble/...`) and the comparison with the paper, and one nested child run per
 member (tag mlflow.parentRunId) with its own (`val/...`). Every param, tag and text goes
-through orchestrator.redaction, as a training run's do."""
+through orchestrator.tracking.redaction, as a training run's do."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from orchestrator.ensemble_eval.config import EnsembleConfig
 from orchestrator.ensemble_eval.members import ENSEMBLE_TAG, PARENT_TAG, Member
 from orchestrator.ensemble_eval.scoring import Scores
 from orchestrator.evaluation import EvalResult
-from orchestrator.redaction import redact, redact_tags, scrub
-from orchestrator.tracking import ERROR_TAG, experiment_id
+from orchestrator.tracking.redaction import redact, redact_tags, scrub
+from orchestrator.tracking.runs import experiment_id
+from orchestrator.tracking.tags import ERROR_TAG
 
 log = logging.getLogger(__name__)
 

@@ -65,7 +65,7 @@ def _int(text: str, key: str, run_id: str) -> int:
 
 def read_run(run_id: str, client: Any = None) -> RunFigures:
     """Read a training run's figures from MLflow (MLFLOW_TRACKING_URI)."""
-    from orchestrator.run_report import metric_history  # imports no mlflow itself
+    from orchestrator.tracking.run_report import metric_history  # imports no mlflow itself
 
     if client is None:
         if not os.environ.get("MLFLOW_TRACKING_URI"):

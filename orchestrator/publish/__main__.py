@@ -28,7 +28,7 @@ from orchestrator.publish.register import (
     read_checkpoint,
 )
 from orchestrator.publish.torchvision_export import NotTorchvisionEquivalent, export_torchvision
-from orchestrator.redaction import scrub
+from orchestrator.tracking.redaction import scrub
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _run_checkpoint(client: Any, run_id: str, which: str) -> tuple[str, str, str
     """(checkpoint URL, job name, best metric) of a training run's best or latest step."""
     from orchestrator.checkpoint import CheckpointStore, best_checkpoint
     from orchestrator.spec import CheckpointConfig
-    from orchestrator.tracking import JOB_TAG
+    from orchestrator.tracking.tags import JOB_TAG
 
     try:
         run = client.get_run(run_id)
@@ -151,7 +151,7 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     if not job:
         raise UsageError("--model needs --name to register again (or use --torchvision)")
-    from orchestrator.tracking import JOB_TAG
+    from orchestrator.tracking.tags import JOB_TAG
 
     published = publish_checkpoint(
         client,

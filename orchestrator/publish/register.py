@@ -28,14 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.liveness import JOB_TAG
 from orchestrator.publish.classifier import (
     NetByReference,
     build_net,
     meta_format,
     trainer_weights,
 )
-from orchestrator.redaction import redact_tags, scrub
+from orchestrator.tracking.liveness import JOB_TAG
+from orchestrator.tracking.redaction import redact_tags, scrub
 
 log = logging.getLogger(__name__)
 
@@ -416,8 +416,8 @@ def publish_run_models(
     version where they are the same checkpoint). Never raises: registry trouble is retried
     `attempts` times, then reported (a warning, and the run's tag REGISTRATION_TAG); a
     checkpoint that cannot be a model is registered by its URL only, as before models were
-    logged (orchestrator.run_report.register_best). The checkpoints on S3 are untouched."""
-    from orchestrator.run_report import register_best
+    logged (orchestrator.tracking.run_report.register_best). The checkpoints on S3 are untouched."""
+    from orchestrator.tracking.run_report import register_best
 
     wanted: dict[str, list[str]] = {}
     for url, alias in ((best_url, "best"), (latest_url, "last")):

@@ -20,9 +20,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from orchestrator.redaction import scrub
 from orchestrator.spec import SpecError
 from orchestrator.study.grid import Study, Trial, apply_study_overrides
+from orchestrator.tracking.redaction import scrub
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ def main(study: Study, argv: list[str] | None = None) -> int:
     client = _mlflow_client(study)
     parent = None
     if client is not None:
-        from orchestrator.liveness import sweep_experiment
         from orchestrator.study.parent import open_parent
+        from orchestrator.tracking.liveness import sweep_experiment
 
         sweep_experiment(study.experiment)  # trial runs of a study stopped before: close them
         try:
@@ -84,7 +84,7 @@ def _mlflow_client(study: Study) -> Any:
     if not (study.base.tracking.enabled and os.environ.get("MLFLOW_TRACKING_URI")):
         print("MLflow: tracking off (no MLFLOW_TRACKING_URI): no parent run, no study table")
         return None
-    from orchestrator.tracking import load_mlflow
+    from orchestrator.tracking.tracker import load_mlflow
 
     load_mlflow()
     from mlflow import MlflowClient
@@ -97,7 +97,7 @@ def _mlflow_client(study: Study) -> Any:
 
 def dry_run(study: Study, trials: Sequence[Trial]) -> int:
     """The grid: cells, seeds, each trial's resources and GPU-hours, and the checks."""
-    from orchestrator.paper_report import markdown_table
+    from orchestrator.paper.comparison import markdown_table
     from orchestrator.preflight import preflight
     from orchestrator.study.estimate import estimate
 
@@ -192,7 +192,7 @@ def summarize(
         return 1 if failed else 0
     from orchestrator.study.parent import close_parent, log_layer_responses, log_results
     from orchestrator.study.results import read_trial
-    from orchestrator.tracking import experiment_id, runs_view
+    from orchestrator.tracking.runs import experiment_id, runs_view
 
     exp_id = experiment_id(client, study.experiment)
     results = [

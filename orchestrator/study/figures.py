@@ -6,7 +6,7 @@ and the seeds' range (min to max) as a band.
   training error thin and dashed, test error bold;
 - `test_error.png`: every cell's test error on one panel, plain nets dashed and residual nets
   solid, so depth-for-depth the two families meet in one picture.
-Drawn with matplotlib's object API on the Agg canvas (orchestrator.plots).
+Drawn with matplotlib's object API on the Agg canvas (orchestrator.paper.plots).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.plots import COLOURS, iteration_scale
+from orchestrator.paper.plots import COLOURS, iteration_scale
 from orchestrator.study.results import TrialResult
 
 Band = tuple[list[float], list[float], list[float], list[float]]  # steps, mean, low, high

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.redaction import redact, scrub
 from orchestrator.spec import to_yaml
 from orchestrator.study.grid import ROLE_TAG, STUDY_TAG, Study, Trial
 from orchestrator.study.results import (
@@ -25,12 +24,13 @@ from orchestrator.study.results import (
     table_markdown,
     table_metrics,
 )
+from orchestrator.tracking.redaction import redact, scrub
 
 log = logging.getLogger(__name__)
 
 
 def find_parent(client: Any, experiment_id: str, study: str) -> Any:
-    from orchestrator.tracking import newest_run
+    from orchestrator.tracking.runs import newest_run
 
     return newest_run(client, experiment_id, {STUDY_TAG: study, ROLE_TAG: "study"})
 
@@ -39,7 +39,7 @@ def open_parent(client: Any, study: Study, trials: Sequence[Trial], fingerprint:
     """The study's parent run id: reopened (RUNNING again) or created, with the grid logged."""
     from mlflow.entities import Param, RunTag
 
-    from orchestrator.tracking import experiment_id
+    from orchestrator.tracking.runs import experiment_id
 
     exp_id = experiment_id(client, study.experiment)
     run = find_parent(client, exp_id, study.name)
@@ -84,7 +84,7 @@ def log_results(
     table's markdown."""
     from mlflow.entities import Metric
 
-    from orchestrator import plots
+    from orchestrator.paper import plots
     from orchestrator.study import figures
 
     rows = cell_rows(study, results)
@@ -129,7 +129,7 @@ def log_layer_responses(client: Any, run_id: str, results: Sequence[TrialResult]
     when its job finishes: study.run.measure_trial); a finished trial without them is measured
     here. Returns the trials measured here. Never raises: a figure must not fail a study whose
     trials finished."""
-    from orchestrator import layer_responses as fig7
+    from orchestrator.paper import layer_responses as fig7
 
     done = [r for r in results if r.finished and r.run_id]
     if not done or not all(r.trial.spec.model.name.startswith("cifar_") for r in done):
@@ -159,7 +159,7 @@ def log_layer_responses(client: Any, run_id: str, results: Sequence[TrialResult]
 
 def close_parent(client: Any, run_id: str, results: Sequence[TrialResult]) -> str:
     """FINISHED when every trial finished, else FAILED with the trials named."""
-    from orchestrator.liveness import ERROR_TAG
+    from orchestrator.tracking.liveness import ERROR_TAG
 
     failed = [r for r in results if not r.finished]
     status = "FAILED" if failed else "FINISHED"

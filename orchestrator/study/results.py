@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator import paper
-from orchestrator.paper_report import markdown_table, pct_cell
+from orchestrator.paper import numbers as paper
+from orchestrator.paper.comparison import markdown_table, pct_cell
 from orchestrator.study.grid import Study, Trial
 
 History = list[tuple[int, float]]  # (step, value)
@@ -84,9 +84,9 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def read_trial(client: Any, experiment_id: str, trial: Trial, error: str = "") -> TrialResult:
-    from orchestrator.liveness import ERROR_TAG
-    from orchestrator.run_report import metric_history
-    from orchestrator.tracking import find_job_run
+    from orchestrator.tracking.liveness import ERROR_TAG
+    from orchestrator.tracking.run_report import metric_history
+    from orchestrator.tracking.runs import find_job_run
 
     run = find_job_run(client, experiment_id, trial.job)
     if run is None:

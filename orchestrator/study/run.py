@@ -63,7 +63,7 @@ def finished_before(spec: JobSpec) -> bool:
     if not (spec.tracking.enabled and os.environ.get("MLFLOW_TRACKING_URI")):
         return True
     try:
-        from orchestrator.tracking import job_run
+        from orchestrator.tracking.runs import job_run
 
         found = job_run(spec.tracking.experiment, spec.name)
         return bool(found) and found[1].info.status == "FINISHED"
@@ -79,15 +79,15 @@ def measure_trial(spec: JobSpec) -> None:
     if not spec.model.name.startswith("cifar_") or not spec.tracking.enabled:
         return
     try:
-        from orchestrator import layer_responses as fig7
-        from orchestrator.tracking import job_run
+        from orchestrator.paper import layer_responses as fig7
+        from orchestrator.tracking.runs import job_run
 
         found = job_run(spec.tracking.experiment, spec.name)
         if found:
             client, run = found
             fig7.measure_once(client, run.info.run_id, spec.model.name)
     except Exception as err:  # noqa: BLE001 - the driver measures it instead
-        from orchestrator.redaction import scrub
+        from orchestrator.tracking.redaction import scrub
 
         log.warning("layer responses of %s not measured: %s", spec.name, scrub(err)[:500])
 
@@ -98,7 +98,7 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
 
     from orchestrator.launch import JobFailed, fit_on_ray
     from orchestrator.preflight import preflight
-    from orchestrator.tracking import mark_job_run
+    from orchestrator.tracking.runs import mark_job_run
 
     os.chdir(config["cwd"])  # the study's folder: relative data and storage paths
     spec = from_dict(JobSpec, config["spec"])

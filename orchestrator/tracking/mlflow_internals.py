@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from orchestrator.metrics import LOOP_SYSTEM_METRICS
+from orchestrator.tracking.metrics import LOOP_SYSTEM_METRICS
 
 log = logging.getLogger(__name__)
 

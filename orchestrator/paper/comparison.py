@@ -3,13 +3,13 @@
 Two reports, one formatter:
 - a training run: its final (and best) validation errors beside the paper's number for the same
   model, protocol and shortcut (`training_rows`, `training_markdown`, `training_csv`), logged
-  by orchestrator.tracking as `paper/comparison.{md,csv}`;
+  by orchestrator.tracking.tracker as `paper/comparison.{md,csv}`;
 - an ensemble: each member and their ensemble beside the paper's Tables 2-6
   (`ensemble_rows`, `ensemble_markdown`), logged by orchestrator.ensemble_eval as
   `comparison.{md,json}`.
 
 The numbers come from orchestrator.paper; errors are in percent here, as the paper prints them.
-The curves are orchestrator.plots'.
+The curves are orchestrator.paper.plots'.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from orchestrator.paper import PaperResult, lookup
+from orchestrator.paper.numbers import PaperResult, lookup
 
 ERRORS = (("top-1", "top1"), ("top-5", "top5"))  # (how a table names it, the metric's key)
 CSV_COLUMNS = (

@@ -6,7 +6,7 @@
                   checkpoint_stall_s, cpu_decode_share, gpu_mem_gib (MLflow's own system
                   metrics, CPU, memory, GPU, land in the same group)
     ensemble/...  an ensemble run's own errors; its members' runs use val/...
-    responses/... Fig. 7's layer responses of a checkpoint (orchestrator.layer_responses):
+    responses/... Fig. 7's layer responses of a checkpoint (orchestrator.paper.layer_responses):
                   std_mean, std_max, std_min, layers, images, at the checkpoint's step
     paper/..., achieved/..., gap/...   the comparison with the paper's tables
 

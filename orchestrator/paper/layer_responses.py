@@ -5,7 +5,7 @@
 ranked in descending order." The paper's finding: residual functions are generally closer to
 zero than the plain net's, and deeper ResNets respond less.
 
-    python -m orchestrator.layer_responses --run RUN_ID [--checkpoint best|last] [--images N]
+    python -m orchestrator.paper.layer_responses --run RUN_ID [--checkpoint best|last] [--images N]
 
 What is measured, exactly:
 
@@ -385,7 +385,7 @@ def layer_responses_figure(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from orchestrator.plots import COLOURS
+    from orchestrator.paper.plots import COLOURS
 
     _check_series(series, plain)
     fig = Figure(figsize=(7.0, 6.4), dpi=130)
@@ -423,7 +423,7 @@ def plot_layer_responses(
 ) -> Path:
     """Draw `layer_responses_figure` (label -> stds in layer order; `plain` labels dashed) to a
     PNG at `path`; returns the path. Needs matplotlib (the dev extra)."""
-    from orchestrator import plots
+    from orchestrator.paper import plots
 
     if not plots.available():
         raise LayerResponsesError("plot_layer_responses needs matplotlib: pip install matplotlib")
@@ -438,7 +438,7 @@ def plot_layer_responses(
 
 
 def _log_figure(client: Any, run_id: str, results: Sequence[LayerResponses], title: str) -> None:
-    from orchestrator import plots
+    from orchestrator.paper import plots
 
     if not plots.available():
         log.warning("matplotlib is not installed: no %s (pip install matplotlib)", PLOT_ARTIFACT)
@@ -464,7 +464,7 @@ def log_layer_responses(
     `responses_for_run(client, run_id, checkpoint, num_images, **options)` unless given."""
     from mlflow.entities import Metric, RunTag
 
-    from orchestrator.redaction import redact_tags
+    from orchestrator.tracking.redaction import redact_tags
 
     if responses is None:
         responses = responses_for_run(client, run_id, checkpoint, num_images, **options)
@@ -554,7 +554,7 @@ def log_combined_layer_responses(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m orchestrator.layer_responses",
+        prog="python -m orchestrator.paper.layer_responses",
         description="The paper's Fig. 7 for a training run: the std of each 3x3 layer's "
         "response (after BN, before ReLU/addition) on validation images; printed, and logged "
         f"to the run ({CSV_ARTIFACT}, {PLOT_ARTIFACT}, metrics responses/*).",
@@ -585,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line: prints the table; exit code 2, with the reason, on bad input."""
     from orchestrator.data import DataError
     from orchestrator.ensemble_eval.config import EnsembleError
-    from orchestrator.redaction import scrub
+    from orchestrator.tracking.redaction import scrub
 
     logging.basicConfig(
         level=os.environ.get("ORCH_LOG_LEVEL", "INFO"),

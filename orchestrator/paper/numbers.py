@@ -1,4 +1,4 @@
-"""The paper's numbers as data (He et al. 2016, Tables 1-6); orchestrator.paper_report puts
+"""The paper's numbers as data (He et al. 2016, Tables 1-6); orchestrator.paper.comparison puts
 them beside a run's in tables and metrics, and the tests check the model zoo against Table 1.
 
 Errors are in percent, as the paper prints them. Protocols: "ten_crop" (Tables 2-3),

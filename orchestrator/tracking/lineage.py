@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from orchestrator.redaction import has_credentials, scrub
+from orchestrator.tracking.redaction import has_credentials, scrub
 
 log = logging.getLogger(__name__)
 

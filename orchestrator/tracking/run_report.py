@@ -9,7 +9,7 @@
 
 Both read the run's whole history from the server (`metric_history`), under current and
 legacy metric names, so a run resumed across attempts, or across the metric rename, is
-reported whole. orchestrator.tracking calls them when a job finishes.
+reported whole. orchestrator.tracking.tracker calls them when a job finishes.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.metrics import legacy_names
-from orchestrator.paper_report import training_csv, training_markdown, training_rows
-from orchestrator.redaction import redact_tags, scrub
+from orchestrator.paper.comparison import training_csv, training_markdown, training_rows
+from orchestrator.tracking.metrics import legacy_names
+from orchestrator.tracking.redaction import redact_tags, scrub
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ History = list[tuple[int, float]]  # (step, value)
 
 def metric_history(client: Any, run_id: str, name: str) -> History:
     """(step, value) of metric `name`, one point per step (the last logged). Its legacy names
-    are read too (orchestrator.metrics): a run written before the rename and resumed after it
-    holds its history under both; at a step under both, the current name wins."""
+    are read too (orchestrator.tracking.metrics): a run written before the rename and
+    resumed after it holds its history under both; at a step under both, the current name wins."""
     points: dict[int, float] = {}
     for key in [*legacy_names(name), name]:  # the current name last, so it wins
         history = client.get_metric_history(run_id, key)
@@ -74,7 +74,7 @@ def log_paper_report(
     metrics are logged once per step, so a finished job submitted again reports nothing twice."""
     from mlflow.entities import Metric
 
-    from orchestrator import paper
+    from orchestrator.paper import numbers as paper
 
     model = str(params.get("model.name", ""))
     protocol = str(params.get("eval.protocol", "center"))
@@ -109,9 +109,9 @@ def log_paper_report(
 
 
 def log_plots(client: Any, run_id: str, title: str, ref: Any, hist: dict[str, History]) -> None:
-    """The training curves (orchestrator.plots) as plots/*.png; skipped, with a warning, where
+    """The training curves (orchestrator.paper.plots) as plots/*.png; skipped, with a warning, where
     matplotlib is not installed."""
-    from orchestrator import plots
+    from orchestrator.paper import plots
 
     if not plots.available():
         log.warning("matplotlib is not installed: no training-curve plots (pip install matplotlib)")

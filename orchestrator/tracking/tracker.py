@@ -9,10 +9,10 @@ again.
 What the run holds:
 - params: the resolved spec as dotted keys; tags: job, model, strategy, world size, device,
   git commit, Ray job id, dataset URL and manifest hash; `spec.yaml`; the dataset manifest as
-  the run's input dataset (orchestrator.lineage);
+  the run's input dataset (orchestrator.tracking.lineage);
 - metrics from the loop, and system metrics (CPU, memory, disk, network, GPU where present)
-  from MLflow's sampler (orchestrator.mlflow_internals);
-- at a successful end (orchestrator.run_report): the paper's number for the same model and
+  from MLflow's sampler (orchestrator.tracking.mlflow_internals);
+- at a successful end (orchestrator.tracking.run_report): the paper's number for the same model and
   protocol beside this run's (metrics `paper/*`, `achieved/*`, `gap/*`,
   `paper/comparison.{md,csv}`), training curves in the paper's style (`plots/*.png`), both
   from the run's whole history; the best and the last committed checkpoints logged as MLflow
@@ -20,7 +20,7 @@ What the run holds:
   orchestrator.publish), retried and reported, never failing the run.
 
 Secrets never reach params, tags, artifacts or log messages: everything written goes through
-orchestrator.redaction (`scrub`, `redact`, `redact_tags`).
+orchestrator.tracking.redaction (`scrub`, `redact`, `redact_tags`).
 
 A tracking server that is down never stops training: the client's HTTP retries are kept short,
 metrics are queued and flushed when the server answers again (retries back off), and what could
@@ -37,34 +37,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from orchestrator import mlflow_internals
-from orchestrator.lineage import dataset_input, git_commit, manifest_sha256
-from orchestrator.liveness import ERROR_TAG, HEARTBEAT_S, JOB_TAG, Heartbeat
-from orchestrator.redaction import redact, redact_tags, scrub
-from orchestrator.run_report import log_paper_report
-
-# what the loop and the launcher take from here (scrub and manifest_sha256 live elsewhere)
-__all__ = [
-    "JOB_TAG",
-    "LOST_TAG",
-    "MlflowTracker",
-    "NullTracker",
-    "Tracker",
-    "find_job_run",
-    "job_run",
-    "load_mlflow",
-    "manifest_sha256",
-    "mark_job_run",
-    "scrub",
-    "start_tracker",
-]
+from orchestrator.tracking import mlflow_internals
+from orchestrator.tracking.lineage import dataset_input, git_commit
+from orchestrator.tracking.liveness import HEARTBEAT_S, Heartbeat
+from orchestrator.tracking.redaction import redact, redact_tags, scrub
+from orchestrator.tracking.run_report import log_paper_report
+from orchestrator.tracking.runs import experiment_id, find_job_run
+from orchestrator.tracking.tags import ERROR_TAG, JOB_TAG, LOST_TAG
 
 log = logging.getLogger(__name__)
 
 JOB_NAME_TAGS = (JOB_TAG, "job")  # the job's name, as given
-LOST_TAG = "orchestrator.metrics_lost"
-EXPERIMENT_KIND = "mlflow.experimentKind"
-MODEL_TRAINING = "custom_model_development"  # MLflow 3's kind for model training
 # MLflow's client retries an unreachable server for minutes by default; the tracker queues and
 # retries on its own, so each call may fail fast. Users can still set these themselves.
 HTTP_DEFAULTS = {
@@ -75,73 +58,6 @@ HTTP_DEFAULTS = {
     # unsets an environment variable while a request may be iterating os.environ (KeyError)
     "MLFLOW_DISABLE_TELEMETRY": "true",
 }
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _error_code(err: BaseException) -> str | None:
-    return getattr(err, "error_code", None)
-
-
-def experiment_id(client: Any, name: str) -> str:
-    """The id of experiment `name`: restored if it was deleted, created if missing, with the
-    model-training kind, so MLflow 3's UI opens it on the runs table, not the GenAI overview
-    of traces (every experiment this project writes to: training, ensembles)."""
-    from mlflow.exceptions import MlflowException
-
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            log.warning("experiment %s was deleted: restoring it", name)
-            client.restore_experiment(exp.experiment_id)
-        if EXPERIMENT_KIND not in exp.tags:  # made by hand or by an older version
-            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, tags={EXPERIMENT_KIND: MODEL_TRAINING})
-    except MlflowException as err:  # created meanwhile by another job
-        if _error_code(err) != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return client.get_experiment_by_name(name).experiment_id
-
-
-def runs_view(tracking_uri: str, exp_id: str) -> str:
-    """The address of an experiment's runs table in MLflow's UI (charts: one toggle away)."""
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs"
-
-
-def experiment_runs_view(experiment: str) -> str | None:
-    """`runs_view` of an experiment by name, or None (no server, no such experiment)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri.startswith("http"):
-        return None
-    try:
-        from mlflow import MlflowClient
-
-        exp = MlflowClient().get_experiment_by_name(experiment)
-        return runs_view(uri, exp.experiment_id) if exp else None
-    except Exception:  # noqa: BLE001 - only a hint printed at the end of a job
-        return None
-
-
-def newest_run(client: Any, experiment_id: str, tags: dict[str, str]) -> Any:
-    """The newest run of an experiment with every one of `tags`, or None."""
-
-    def quoted(value: str) -> str:
-        return value.replace("\\", "\\\\").replace("'", "\\'")
-
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=" and ".join(f"tags.`{k}` = '{quoted(v)}'" for k, v in tags.items()),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return found[0] if found else None
-
-
-def find_job_run(client: Any, experiment_id: str, job: str) -> Any:
-    """The newest run tagged `orchestrator.job = job` in an experiment, or None."""
-    return newest_run(client, experiment_id, {JOB_TAG: job})
 
 
 class Tracker(Protocol):
@@ -243,7 +159,7 @@ class MlflowTracker:
                     self.run_id,
                 )
             except MlflowException as err:
-                if _error_code(err) != "RESOURCE_DOES_NOT_EXIST":
+                if getattr(err, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
                     raise  # the server is down: open again later
                 log.warning(
                     "MLflow run %s from the checkpoint is not on this server; looking up the job",
@@ -296,7 +212,7 @@ class MlflowTracker:
         for m in self.pending:
             self.last_steps[m.key] = max(self.last_steps.get(m.key, -1), m.step)
         self.opened = True
-        # stamps the run while this process lives, so a hard kill is seen (orchestrator.liveness)
+        # stamps the run while this process lives, so a hard kill is seen (tracking.liveness)
         self._heartbeat = Heartbeat(self.client, self.run_id, self.heartbeat_s).start()
 
     def _set_tags(self, tags: dict[str, str]) -> None:
@@ -585,36 +501,3 @@ def load_mlflow() -> None:
         import mlflow  # noqa: F401
     except ImportError:
         pass
-
-
-def job_run(experiment: str, job: str) -> tuple[Any, Any] | None:
-    """An MLflow client and the newest run of `job` in `experiment`; None where there is no
-    tracking server (MLFLOW_TRACKING_URI unset), no such experiment or no such run. A server
-    that does not answer raises."""
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        return None
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    run = exp and find_job_run(client, exp.experiment_id, job)
-    return (client, run) if run else None
-
-
-def mark_job_run(experiment: str, job: str, status: str, error: str | None = None) -> str | None:
-    """Set the status of a job's run from outside its workers (the driver on Ray, where the loop
-    runs off the main thread and cannot catch SIGTERM). Only a RUNNING run is changed; returns
-    its id, or None where there is no tracking server or no such run."""
-    try:
-        found = job_run(experiment, job)
-        if found is None or found[1].info.status != "RUNNING":
-            return None
-        client, run = found
-        run_id = run.info.run_id
-        if error:
-            client.set_tag(run_id, ERROR_TAG, redact_tags({ERROR_TAG: error})[ERROR_TAG])
-        client.set_terminated(run_id, status=status)
-        return run_id
-    except Exception as err:  # noqa: BLE001 - status bookkeeping must never mask the job's own error
-        log.warning("could not mark MLflow run of %s %s: %s", job, status, scrub(err))
-        return None

@@ -12,7 +12,7 @@ run from a live one:
 `orchestrator.error`. It runs at every job's
 start (for the job's experiment, before its workers start) and on demand:
 
-    python -m orchestrator.liveness [--experiment NAME ...] [--stale-min 10]
+    python -m orchestrator.tracking.liveness [--experiment NAME ...] [--stale-min 10]
 
 (every experiment when none is named; cron it on a team's server). A resubmitted job
 continues the same run and sets it RUNNING again, whoever marked it.
@@ -28,13 +28,15 @@ import threading
 import time
 from typing import Any
 
+from orchestrator.tracking.tags import ERROR_TAG, HEARTBEAT_TAG, JOB_TAG
+
 log = logging.getLogger(__name__)
 
-HEARTBEAT_TAG = "orchestrator.heartbeat"
+
 HEARTBEAT_S = 60.0
 STALE_S = 600.0  # ten beats missed: longer than any pause of a live process (a GC, a slow save)
-JOB_TAG = "orchestrator.job"  # a run's job name: how a job finds its run again (tracking)
-ERROR_TAG = "orchestrator.error"  # why a run failed
+
+
 ENDED = ("FAILED", "STOPPED")  # Ray job states of a driver that is gone
 
 
@@ -147,7 +149,7 @@ def sweep_experiment(name: str) -> list[tuple[str, str]]:
         exp = client.get_experiment_by_name(name)
         return sweep(client, [exp.experiment_id], jobs=ray_job_states()) if exp else []
     except Exception as err:  # noqa: BLE001
-        from orchestrator.redaction import scrub
+        from orchestrator.tracking.redaction import scrub
 
         log.warning("could not check experiment %s for dead runs: %s", name, scrub(err)[:300])
         return []
@@ -155,7 +157,7 @@ def sweep_experiment(name: str) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m orchestrator.liveness",
+        prog="python -m orchestrator.tracking.liveness",
         description="Mark FAILED the RUNNING runs whose job died without a word.",
     )
     p.add_argument("--experiment", action="append", default=[], help="default: all")
