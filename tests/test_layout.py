@@ -72,6 +72,94 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 
+# The engine's layers, lowest first: a module may import its own layer and those below, never
+# one above (a lazy import inside a function counts too: it runs all the same). A module takes
+# the layer of the longest prefix listed here.
+LAYERS: list[tuple[str, ...]] = [
+    (  # foundation: what everything may use
+        "orchestrator",
+        "orchestrator.errors",
+        "orchestrator.cli",
+        "orchestrator.spec",
+        "orchestrator.runtime",
+        "orchestrator.s3",
+        "orchestrator.storage",
+        "orchestrator.stack",
+        "orchestrator.schedule",
+        "orchestrator.models",
+        "orchestrator.paper.numbers",
+        "orchestrator.tracking",  # the package's face only (it imports nothing)
+        "orchestrator.tracking.tags",
+        "orchestrator.tracking.metrics",
+        "orchestrator.tracking.redaction",
+    ),
+    (  # the parts a job is built from
+        "orchestrator.data",
+        "orchestrator.checkpoint",
+        "orchestrator.checkpoint_refs",
+        "orchestrator.strategy",
+        "orchestrator.evaluation",
+        "orchestrator.paper",
+    ),
+    ("orchestrator.tracking.",),  # MLflow: the tracker logs and closes, nothing more
+    (  # what runs a model: the loop, and what reads a finished job's checkpoints
+        "orchestrator.train",
+        "orchestrator.publish",
+        "orchestrator.ensemble_eval",
+        "orchestrator.paper.layer_responses",
+    ),
+    ("orchestrator.preflight", "orchestrator.launch", "orchestrator.plan"),  # a job's driver
+    ("orchestrator.study",),  # many jobs
+]
+
+
+def layer_of(module: str) -> int:
+    best, found = -1, None
+    for level, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            whole = prefix.rstrip(".")
+            hit = module == whole or module.startswith(whole + ".")
+            if prefix.endswith(".") and module == whole:
+                hit = False  # "pkg." is the package's modules, not its face
+            if hit and len(prefix) > best:
+                best, found = len(prefix), level
+    assert found is not None, f"{module} has no layer: add it to LAYERS in tests/test_layout.py"
+    return found
+
+
+def own_module(name: str) -> str:
+    """The orchestrator module an imported name lives in (`a.b.func` -> `a.b`)."""
+    while name and not (
+        (ROOT / name.replace(".", "/")).with_suffix(".py").exists()
+        or (ROOT / name.replace(".", "/") / "__init__.py").exists()
+    ):
+        name = name.rpartition(".")[0]
+    return name
+
+
+@pytest.mark.parametrize(
+    "path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_no_module_imports_from_a_higher_layer(path: Path) -> None:
+    me = module_name(path)
+    mine = layer_of(me)
+    for name, function in imports(path):
+        if not name.startswith("orchestrator"):
+            continue
+        target = own_module(name)
+        if target and not me.startswith(target + ".") and layer_of(target) > mine:
+            where = f"in {function}" if function else "at import time"
+            raise AssertionError(
+                f"{me} (layer {mine}) imports {target} (layer {layer_of(target)}) {where}: "
+                "a lower layer must not reach up; move the call to the caller"
+            )
+
+
+def test_the_tracker_does_not_import_publish() -> None:
+    tracker = PACKAGE / "tracking" / "tracker.py"
+    names = [name for name, _ in imports(tracker)]
+    assert not [n for n in names if n.startswith("orchestrator.publish")], names
+
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_only_the_launchers_worker_entry_points_import_the_loop(path: Path) -> None:
