@@ -122,8 +122,12 @@ def test_a_v15_export_has_torchvisions_keys_and_shapes(name: str) -> None:
     assert all(torch.equal(sd[k], v) for k, v in net.state_dict().items())
     try:
         import torchvision
-    except Exception:  # noqa: BLE001 - not importable beside the CPU torch here: the layout above
-        return
+    except Exception as exc:  # noqa: BLE001 - e.g. its C ops built for another torch
+        # the keys, shapes and sizes above are checked; only the forward-pass equivalence waits
+        pytest.skip(
+            f"torchvision does not import beside this torch: {exc!r}; the forward pass against "
+            "torchvision's net is not compared (the gpu extra installs it)"
+        )
     tv = getattr(torchvision.models, name)()
     tv.load_state_dict(sd, strict=True)
     x = torch.randn(1, 3, 64, 64)

@@ -220,9 +220,8 @@ def test_a_sigkilled_worker_resumes_and_a_failing_trial_stops_alone(
         "scaling.max_failures=2",
     )
     ray = Path(sys.executable).with_name("ray")
-    # the plain cell gets an lr no net survives, through the cell-level override a study file
-    # can carry: here the command line sets it for one cell via a tiny study of its own
-    env = {**os.environ, "ORCH_TEST_BAD_CELL": "cifar_plain20"}
+    # the plain cell gets an lr no net survives through a cell-level override, which a study
+    # file can carry: tests/study_with_bad_cell.py, a tiny study of its own, declares it
     proc = subprocess.Popen(
         [
             str(ray),
@@ -237,7 +236,6 @@ def test_a_sigkilled_worker_resumes_and_a_failing_trial_stops_alone(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
     )
     job = f"{name}-cifar_resnet20-s0"
     st = chaos.store("s3://resnet/runs", job)
