@@ -776,7 +776,7 @@ RUN_BY_DEMO_OR_TESTS = re.compile(
     r"|python jobs/\S+\.py --dry-run"
     r"|python -m orchestrator\.plan "
     r"|python -m orchestrator\.publish --run "  # tests/test_publish.py
-    r"|python -m orchestrator\.layer_responses --run "  # tests/test_layer_responses.py
+    r"|python -m orchestrator\.paper\.layer_responses --run "  # tests/test_layer_responses.py
     r"|mlflow models serve )"
 )
 
