@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import sys
@@ -67,6 +68,7 @@ from orchestrator.data import (
     rank_slice,
     split_shards,
 )
+from orchestrator.errors import UsageError
 from orchestrator.models import unwrap
 from orchestrator.runtime import all_reduce, distributed, rank_and_world
 from orchestrator.spec import EvalConfig
@@ -77,7 +79,7 @@ PROTOCOLS = ("center", "ten_crop", "multiscale")
 PAPER_SCALES = (224, 256, 384, 480, 640)
 
 
-class UnknownProtocolError(ValueError):
+class UnknownProtocolError(UsageError, ValueError):
     """A protocol name that is not one of `PROTOCOLS`; the message lists the valid ones."""
 
 
@@ -165,7 +167,114 @@ def combine_probs(
 
 
 # ============================================================================================
+# the protocols: what each asks of the loader and of the net
+
+
+@dataclass(frozen=True)
+class _Protocol:
+    """One protocol's passes over the split, its views per sample, and its batch scoring."""
+
+    passes: tuple[tuple[str, int | None], ...]  # (eval_loader's views, scale) of each pass
+    views: int  # views averaged per sample
+    batch_probs: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # [B, C], rows sum to 1
+
+
+def _center(net: nn.Module, scales: Sequence[int], flips: bool) -> _Protocol:
+    """One view per sample: the centre crop (a CIFAR image as it is)."""
+
+    def batch_probs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(net(x).float(), dim=1)
+
+    return _Protocol(passes=(("center", None),), views=1, batch_probs=batch_probs)
+
+
+def _ten_crop(net: nn.Module, scales: Sequence[int], flips: bool) -> _Protocol:
+    """Ten views per sample (corners, centre, and their mirrors), probabilities averaged."""
+
+    def batch_probs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:  # x: [B, 10, 3, S, S]
+        b, v = x.shape[:2]
+        flat = x.reshape(b * v, *x.shape[2:]).contiguous(memory_format=torch.channels_last)
+        return F.softmax(net(flat).float(), dim=1).view(b, v, -1).mean(1)
+
+    return _Protocol(passes=(("ten_crop", None),), views=10, batch_probs=batch_probs)
+
+
+def _multiscale(net: nn.Module, scales: Sequence[int], flips: bool) -> _Protocol:
+    """One pass per scale over whole images; scores averaged over space, then the softmax
+    averaged over flips (here) and over scales (by the accumulation across passes)."""
+    scales = check_scales(scales)
+    if not hasattr(net, "score_map"):
+        raise TypeError(
+            f"{type(net).__name__} has no score_map(): the multiscale protocol needs a fully "
+            "convolutional net (orchestrator.models.ResNet)"
+        )
+
+    def batch_probs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:  # one scale, same sizes
+        b = x.shape[0]
+        if flips:  # the image and its mirror in one forward pass
+            x = torch.cat([x, x.flip(3)]).contiguous(memory_format=torch.channels_last)
+        probs = F.softmax(net.score_map(x).float().mean((2, 3)), dim=1)
+        return probs.view(-1, b, probs.shape[1]).mean(0)
+
+    return _Protocol(
+        passes=tuple(("full", s) for s in scales),
+        views=len(scales) * (2 if flips else 1),
+        batch_probs=batch_probs,
+    )
+
+
+_PROTOCOL_BUILDERS: dict[str, Callable[[nn.Module, Sequence[int], bool], _Protocol]] = {
+    "center": _center,
+    "ten_crop": _ten_crop,
+    "multiscale": _multiscale,
+}
+assert tuple(_PROTOCOL_BUILDERS) == PROTOCOLS
+
+
+# ============================================================================================
 # the evaluator
+
+
+@dataclass
+class _Tally:
+    """This rank's per-sample sums over its slice [lo, lo + n) of the split: every view of a
+    sample adds to the row of its global position, whatever pass or batch it came in."""
+
+    lo: int
+    counts: torch.Tensor  # [n] int32, views seen per sample
+    labels: torch.Tensor  # [n] int64, -1 until seen
+    prob_sum: torch.Tensor | None = None  # [n, C] float32, allocated at the first batch
+
+    @classmethod
+    def empty(cls, lo: int, n: int, device: torch.device) -> _Tally:
+        counts = torch.zeros(n, dtype=torch.int32, device=device)
+        return cls(lo, counts, torch.full((n,), -1, dtype=torch.int64, device=device))
+
+    def add(self, probs: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> None:
+        device = self.counts.device
+        if self.prob_sum is None:
+            n = len(self.counts)
+            self.prob_sum = torch.zeros(n, probs.shape[1], dtype=torch.float32, device=device)
+        slots = index.to(device) - self.lo
+        self.prob_sum.index_add_(0, slots, probs)
+        self.counts.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
+        self.labels[slots] = labels.to(device)
+
+    def per_sample(self, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels, view-averaged probabilities) of the samples seen, in position order;
+        `classes` sizes the empty result of a rank that saw nothing (it still joins the
+        collectives)."""
+        seen = self.counts > 0
+        prob_sum = self.prob_sum
+        if prob_sum is None:
+            prob_sum = torch.zeros(
+                len(self.counts), classes, dtype=torch.float32, device=self.counts.device
+            )
+        return self.labels[seen], prob_sum[seen] / self.counts[seen, None].float()
+
+    def positions(self) -> np.ndarray:
+        """Global positions of the samples seen, in the order of `per_sample`."""
+        return (torch.nonzero(self.counts > 0).squeeze(1) + self.lo).cpu().numpy()
 
 
 def _progress(enabled: bool | Callable[..., Any], total: int, desc: str) -> Any:
@@ -215,113 +324,111 @@ def evaluate(
     `progress`: True for a tqdm bar on rank 0, or a tqdm-like factory(total=, desc=).
     The model is put in eval mode and left in the mode it came in.
     """
-    check_protocol(protocol)
-    scales = check_scales(scales) if protocol == "multiscale" else ()
+    net = unwrap(model)
+    plan = _PROTOCOL_BUILDERS[check_protocol(protocol)](net, scales, flips)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected >= 1")
     rank, world_size = rank_and_world(rank, world_size)
-    net = unwrap(model)
-    if device is None:
-        device = next(net.parameters()).device
-    device = torch.device(device)
-    if protocol == "multiscale" and not hasattr(net, "score_map"):
-        raise TypeError(
-            f"{type(net).__name__} has no score_map(): the multiscale protocol needs a fully "
-            "convolutional net (orchestrator.models.ResNet)"
-        )
+    device = torch.device(device if device is not None else next(net.parameters()).device)
     manifest = load_manifest(cfg.url)
     num_classes = int(manifest["num_classes"])
+    normalize = _normalizer(cfg, manifest, device, mean, std, mean_image)
+    total = sum(s.samples for s in split_shards(manifest, cfg.url, cfg.val_split))
+    lo, hi = rank_slice(total, world_size, rank)  # the positions eval_loader gives this rank
+    tally = _Tally.empty(lo, hi - lo, device)
+    bar = _progress(progress if rank == 0 else False, (hi - lo) * len(plan.passes), desc)
+    loader = functools.partial(
+        eval_loader, cfg, rank=rank, world_size=world_size, batch_size=batch_size, with_index=True
+    )
+    autocast = functools.partial(
+        torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"
+    )
+    try:
+        _accumulate(net, plan, loader, normalize, tally, max_batches, autocast, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    y, probs = tally.per_sample(_model_classes(net, num_classes))
+    if len(y) and int(y.max()) >= probs.shape[1]:
+        raise DataError(
+            f"{cfg.url}: label {int(y.max())} but the model has {probs.shape[1]} classes "
+            f"(the dataset has {num_classes})"
+        )
+    result = _result_from_sums(protocol, plan.views, _reduced_sums(y, probs), probs.shape[1])
+    if return_probs:
+        _gather_probs(result, tally.positions(), y, probs)
+    return result
+
+
+def _accumulate(
+    net: nn.Module,
+    plan: _Protocol,
+    loader: Callable[..., Iterable[Any]],
+    normalize: DeviceNormalize,
+    tally: _Tally,
+    max_batches: int,
+    autocast: Callable[[], Any],
+    bar: Any,
+) -> None:
+    """Every pass of `plan` over this rank's slice into `tally`, at most `max_batches` batches
+    a pass when > 0; the net in eval mode, and left in the mode it came in."""
+    was_training = net.training
+    net.eval()
+    try:
+        for views_kind, scale in plan.passes:
+            batches = loader(views=views_kind, scale=scale)
+            for images, labels, index in itertools.islice(batches, max_batches or None):
+                with autocast():
+                    probs = plan.batch_probs(net, normalize(images, train=False))
+                tally.add(probs, labels, index)
+                if bar is not None:
+                    bar.update(len(labels))
+    finally:
+        net.train(was_training)
+
+
+def _normalizer(
+    cfg: DataConfig,
+    manifest: dict[str, Any],
+    device: torch.device,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    mean_image: np.ndarray | None,
+) -> DeviceNormalize:
+    """The eval normalization: given mean/std, else the manifest's, else ImageNet's; the
+    dataset's mean image only under cfg.normalize=per_pixel_mean."""
     mean = tuple(mean or manifest.get("mean") or IMAGENET_MEAN)
     std = tuple(std or manifest.get("std") or IMAGENET_STD)
     if cfg.normalize != "per_pixel_mean":
         mean_image = None
     elif mean_image is None:
         mean_image = load_mean_image(manifest, cfg.url)
-    normalize = DeviceNormalize(mean, std, 0.0, device, mean_image=mean_image)
-    total = sum(s.samples for s in split_shards(manifest, cfg.url, cfg.val_split))
-    lo, hi = rank_slice(total, world_size, rank)  # the positions eval_loader gives this rank
-    n_local = hi - lo
+    return DeviceNormalize(mean, std, 0.0, device, mean_image=mean_image)
 
-    passes: list[tuple[str, int | None]]
-    if protocol == "multiscale":
-        passes = [("full", s) for s in scales]
-        views = len(scales) * (2 if flips else 1)
-    else:
-        passes = [(protocol, None)]
-        views = 10 if protocol == "ten_crop" else 1
 
-    was_training = net.training
-    net.eval()
-    autocast = functools.partial(
-        torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"
-    )
-    prob_sum: torch.Tensor | None = None  # [n_local, C], allocated at the first batch
-    counts = torch.zeros(n_local, dtype=torch.int32, device=device)
-    labels_local = torch.full((n_local,), -1, dtype=torch.int64, device=device)
-    bar = _progress(progress if rank == 0 else False, n_local * len(passes), desc)
-    try:
-        for views_kind, scale in passes:
-            batches = eval_loader(
-                cfg,
-                rank=rank,
-                world_size=world_size,
-                batch_size=batch_size,
-                views=views_kind,
-                scale=scale,
-                with_index=True,
-            )
-            for i, (images, labels, index) in enumerate(batches):
-                if max_batches and i >= max_batches:
-                    break
-                with autocast():
-                    probs = _batch_probs(net, normalize(images, train=False), protocol, flips)
-                if prob_sum is None:
-                    prob_sum = torch.zeros(
-                        n_local, probs.shape[1], dtype=torch.float32, device=device
-                    )
-                slots = index.to(device) - lo
-                prob_sum.index_add_(0, slots, probs)
-                counts.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
-                labels_local[slots] = labels.to(device)
-                if bar is not None:
-                    bar.update(len(labels))
-    finally:
-        if bar is not None:
-            bar.close()
-        net.train(was_training)
-
-    # per-sample probabilities -> sums every rank adds up
-    seen = counts > 0
-    if prob_sum is None:  # this rank saw nothing: still join the collectives
-        out_classes = _model_classes(net, num_classes)
-        prob_sum = torch.zeros(n_local, out_classes, dtype=torch.float32, device=device)
-    classes = prob_sum.shape[1]
-    probs_local = prob_sum[seen] / counts[seen, None].float()
-    y = labels_local[seen]
-    if len(y) and int(y.max()) >= classes:
-        raise DataError(
-            f"{cfg.url}: label {int(y.max())} but the model has {classes} classes "
-            f"(the dataset has {num_classes})"
-        )
+def _reduced_sums(y: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """The sums behind every metric, added up across ranks, on the host: [loss, top-1 hits,
+    top-5 hits, samples, samples per class (C), top-1 hits per class (C)]."""
+    classes = probs.shape[1]
     k = min(5, classes)
-    top = (
-        probs_local.topk(k, dim=1).indices
-        if len(y)
-        else torch.zeros(0, k, dtype=torch.int64, device=device)
-    )
+    top = probs.topk(k, dim=1).indices if len(y) else y.new_zeros(0, k)
     hits = top == y[:, None]
     hit1 = hits[:, 0] if k else torch.zeros_like(y, dtype=torch.bool)
-    p_true = probs_local.gather(1, y[:, None]).squeeze(1) if len(y) else probs_local.new_zeros(0)
-    sums = torch.zeros(4 + 2 * classes, dtype=torch.float64, device=device)
+    p_true = probs.gather(1, y[:, None]).squeeze(1) if len(y) else probs.new_zeros(0)
+    sums = torch.zeros(4 + 2 * classes, dtype=torch.float64, device=probs.device)
     sums[0] = -torch.log(p_true.double().clamp_min(1e-12)).sum()
     sums[1] = hit1.sum()
     sums[2] = hits.any(1).sum()
     sums[3] = len(y)
     sums[4 : 4 + classes] = torch.bincount(y, minlength=classes)[:classes].double()
     sums[4 + classes :] = torch.bincount(y[hit1], minlength=classes)[:classes].double()
-    sums = all_reduce(sums).cpu()
+    return all_reduce(sums).cpu()
+
+
+def _result_from_sums(protocol: str, views: int, sums: torch.Tensor, classes: int) -> EvalResult:
     n = int(sums[3].item())
-    result = EvalResult(
+    return EvalResult(
         protocol=protocol,
         samples=n,
         top1_err=1.0 - sums[1].item() / n if n else math.nan,
@@ -331,21 +438,25 @@ def evaluate(
         class_correct=sums[4 + classes :].numpy().astype(np.int64),
         views=views,
     )
-    if return_probs:
-        index_local = (torch.nonzero(seen).squeeze(1) + lo).cpu().numpy()
-        parts = [(index_local, y.cpu().numpy(), probs_local.float().cpu().numpy())]
-        if distributed():
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, parts[0])
-            parts = gathered
-        index = np.concatenate([p[0] for p in parts]).astype(np.int64)
-        order = np.argsort(index, kind="stable")
-        result.indices = index[order]
-        result.labels = np.concatenate([p[1] for p in parts]).astype(np.int64)[order]
-        result.probs = np.concatenate([p[2] for p in parts]).astype(np.float32)[order]
-        if len(np.unique(result.indices)) != len(result.indices):  # a bug, never data
-            raise AssertionError("a validation sample was counted twice across ranks")
-    return result
+
+
+def _gather_probs(
+    result: EvalResult, positions: np.ndarray, y: torch.Tensor, probs: torch.Tensor
+) -> None:
+    """Give `result` every rank's samples (positions, labels, probabilities), sorted by
+    position."""
+    parts = [(positions, y.cpu().numpy(), probs.float().cpu().numpy())]
+    if distributed():
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, parts[0])
+        parts = gathered
+    index = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    order = np.argsort(index, kind="stable")
+    result.indices = index[order]
+    result.labels = np.concatenate([p[1] for p in parts]).astype(np.int64)[order]
+    result.probs = np.concatenate([p[2] for p in parts]).astype(np.float32)[order]
+    if len(np.unique(result.indices)) != len(result.indices):  # a bug, never data
+        raise AssertionError("a validation sample was counted twice across ranks")
 
 
 def evaluate_as(model: nn.Module, data: DataConfig, ev: EvalConfig, **kwargs: Any) -> EvalResult:
@@ -366,22 +477,6 @@ def evaluate_as(model: nn.Module, data: DataConfig, ev: EvalConfig, **kwargs: An
 def _model_classes(net: nn.Module, default: int) -> int:
     fc = getattr(net, "fc", None)
     return int(fc.out_features) if isinstance(fc, nn.Linear) else default
-
-
-def _batch_probs(net: nn.Module, x: torch.Tensor, protocol: str, flips: bool) -> torch.Tensor:
-    """Per-sample probabilities of one normalized batch, averaged over its views."""
-    if protocol == "center":
-        return F.softmax(net(x).float(), dim=1)
-    if protocol == "ten_crop":  # [B, 10, 3, S, S]
-        b, v = x.shape[:2]
-        flat = x.reshape(b * v, *x.shape[2:]).contiguous(memory_format=torch.channels_last)
-        return F.softmax(net(flat).float(), dim=1).view(b, v, -1).mean(1)
-    # multiscale: one scale, same-size images; mean scores over space, softmax, mean over flips
-    b = x.shape[0]
-    if flips:  # the image and its mirror in one forward pass
-        x = torch.cat([x, x.flip(3)]).contiguous(memory_format=torch.channels_last)
-    probs = F.softmax(net.score_map(x).float().mean((2, 3)), dim=1)
-    return probs.view(-1, b, probs.shape[1]).mean(0)
 
 
 # ============================================================================================
