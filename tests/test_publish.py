@@ -38,15 +38,12 @@ from orchestrator.publish.classifier import (
     as_images,
     load_net,
 )
-from orchestrator.publish.register import (
-    REGISTRATION_TAG,
-    publish_checkpoint,
-    publish_run_models,
-)
+from orchestrator.publish.register import publish_checkpoint, publish_run_models
 from orchestrator.publish.torchvision_export import (
     NotTorchvisionEquivalent,
     torchvision_state_dict,
 )
+from orchestrator.tracking.tags import REGISTRATION_TAG
 from tests.conftest import run_script
 
 

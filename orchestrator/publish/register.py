@@ -34,19 +34,27 @@ from orchestrator.publish.classifier import (
     meta_format,
     trainer_weights,
 )
-from orchestrator.tracking.liveness import JOB_TAG
-from orchestrator.tracking.redaction import redact_tags, scrub
+from orchestrator.tracking.redaction import log_tags, redact_tags, scrub
+from orchestrator.tracking.tags import (
+    BEST_CHECKPOINT_TAG,
+    BEST_METRIC_TAG,
+    BEST_MODEL_VERSION_TAG,
+    CHECKPOINT_TAG,
+    FORMAT_TAG,
+    JOB_TAG,
+    LAST_MODEL_VERSION_TAG,
+    REGISTRATION_TAG,
+    STEP_TAG,
+    WEIGHTS_TAG,
+)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_TAG = "checkpoint_url"  # on a version: the committed checkpoint it came from
-FORMAT_TAG = "orchestrator.model_format"  # on a version: a loadable model of this format
-WEIGHTS_TAG = "orchestrator.weights"  # on a version: "reference" (S3 checkpoint) or "copy"
-REGISTRATION_TAG = "orchestrator.registration"  # on a run: why its models are not registered
 # MLflow reserves the alias `latest` (models:/NAME/latest is the newest version): the last
 # committed checkpoint is `last`
 ALIAS_OF = {"best": "best", "latest": "last"}  # --checkpoint choice -> alias
 ALIASES = tuple(ALIAS_OF.values())
+MODEL_VERSION_TAG_OF = {"best": BEST_MODEL_VERSION_TAG, "last": LAST_MODEL_VERSION_TAG}
 # registry answers that a retry would only repeat
 FINAL_ERRORS = {"INVALID_PARAMETER_VALUE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
 
@@ -267,10 +275,6 @@ def publish_checkpoint(
     MLflow's own errors (an unreachable registry) pass through for the caller to retry, giving
     the same `attempts` dict each time: what an attempt read and logged is kept there, so a
     retry neither reads the checkpoint again nor logs a second model."""
-    from mlflow.models import Model
-
-    from orchestrator.publish import flavor
-
     t0 = time.perf_counter()
     attempts = {} if attempts is None else attempts
     ck = attempts.get("checkpoint") or read_checkpoint(url)
@@ -283,55 +287,7 @@ def publish_checkpoint(
     reused = version is not None
     artifact_bytes = 0
     if version is None:
-        classes, mean, std, mean_image = _classes_and_stats(
-            ck.data_url, ck.model["num_classes"], ck.data["normalize"]
-        )
-        ref = {"model": ck.model, "checkpoint_url": ck.url, "trainer_sha256": ck.sha256}
-        meta = {
-            "format": fmt,
-            "model": ck.model,
-            "classes": classes,
-            "data": ck.data,
-            "mean": mean,
-            "std": std,
-            "protocol": "center",
-            "weights": weights,
-            "checkpoint_url": ck.url,
-            "step": ck.step,
-            "trainer_sha256": ck.sha256,
-            "job": job,
-            "run_id": run_id,
-            "checkpoint_metrics": ck.marker_metrics,
-        }
-        if copy_weights:
-            net = build_net(ck.model, ck.weights)
-        else:
-            # pinned before it is registered: retention must never delete what a version reads
-            ck.store.pin(ck.step, {"model": job, "run_id": run_id, "sha256": ck.sha256})
-            net = NetByReference(ref)
-        size = ck.data["eval_resize"]
-        example = _example_frame(example_jpeg(size + size // 3, size))
-        # created here, not by Model.log: that would file it under the process's current
-        # experiment (Default), not the run's
-        logged = attempts.get("model") or _create_logged_model(client, job, ck.step, run_id)
-        attempts["model"] = logged
-        info = attempts.get("logged") or Model.log(
-            artifact_path=None,
-            flavor=flavor,
-            name=logged.name,
-            model_id=logged.model_id,
-            run_id=run_id,
-            net=net,
-            meta=meta,
-            mean_image=mean_image,
-            signature=_signature(),
-            input_example=example,
-            pip_requirements=_requirements(),
-            metadata={k: meta[k] for k in ("job", "checkpoint_url", "step", "weights")},
-            serialization_format="pickle",
-            validate_serving_input=False,  # it would load the net (read the checkpoint) again
-        )
-        attempts["logged"] = info
+        logged, info = _log_model(client, ck, job, run_id, weights, attempts)
         where = "" if copy_weights else f"; weights read from {ck.url}/trainer.pt"
         metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(ck.marker_metrics.items()))
         version = client.create_model_version(
@@ -343,8 +299,8 @@ def publish_checkpoint(
                 CHECKPOINT_TAG: ck.url,
                 FORMAT_TAG: str(fmt),
                 WEIGHTS_TAG: weights,
-                "step": str(ck.step),
-                **({"best_metric": metric} if metric else {}),
+                STEP_TAG: str(ck.step),
+                **({BEST_METRIC_TAG: metric} if metric else {}),
             },
             description=f"Step {ck.step} of job {job} ({metrics}){where}.",
             model_id=logged.model_id,
@@ -375,6 +331,72 @@ def publish_checkpoint(
     )
 
 
+def _log_model(
+    client: Any,
+    ck: _Checkpoint,
+    job: str,
+    run_id: str | None,
+    weights: str,
+    attempts: dict[str, Any],
+) -> tuple[Any, Any]:
+    """The checkpoint logged as an MLflow model: (the logged model, Model.log's info). What
+    is logged is kept in `attempts`, so a retry after an outage logs no second model."""
+    from mlflow.models import Model
+
+    from orchestrator.publish import flavor
+
+    classes, mean, std, mean_image = _classes_and_stats(
+        ck.data_url, ck.model["num_classes"], ck.data["normalize"]
+    )
+    meta = {
+        "format": meta_format(ck.data),
+        "model": ck.model,
+        "classes": classes,
+        "data": ck.data,
+        "mean": mean,
+        "std": std,
+        "protocol": "center",
+        "weights": weights,
+        "checkpoint_url": ck.url,
+        "step": ck.step,
+        "trainer_sha256": ck.sha256,
+        "job": job,
+        "run_id": run_id,
+        "checkpoint_metrics": ck.marker_metrics,
+    }
+    if weights == "copy":
+        net = build_net(ck.model, ck.weights)
+    else:
+        # pinned before it is registered: retention must never delete what a version reads
+        ck.store.pin(ck.step, {"model": job, "run_id": run_id, "sha256": ck.sha256})
+        ref = {"model": ck.model, "checkpoint_url": ck.url, "trainer_sha256": ck.sha256}
+        net = NetByReference(ref)
+    size = ck.data["eval_resize"]
+    example = _example_frame(example_jpeg(size + size // 3, size))
+    # created here, not by Model.log: that would file it under the process's current
+    # experiment (Default), not the run's
+    logged = attempts.get("model") or _create_logged_model(client, job, ck.step, run_id)
+    attempts["model"] = logged
+    info = attempts.get("logged") or Model.log(
+        artifact_path=None,
+        flavor=flavor,
+        name=logged.name,
+        model_id=logged.model_id,
+        run_id=run_id,
+        net=net,
+        meta=meta,
+        mean_image=mean_image,
+        signature=_signature(),
+        input_example=example,
+        pip_requirements=_requirements(),
+        metadata={k: meta[k] for k in ("job", "checkpoint_url", "step", "weights")},
+        serialization_format="pickle",
+        validate_serving_input=False,  # it would load the net (read the checkpoint) again
+    )
+    attempts["logged"] = info
+    return logged, info
+
+
 def _create_logged_model(client: Any, job: str, step: int, run_id: str | None) -> Any:
     """The MLflow logged model (models:/m-...) in the run's experiment, with the run's params
     (already redacted by the tracker); without a run, in MLflow's default experiment."""
@@ -394,12 +416,6 @@ def _example_frame(jpeg: bytes) -> Any:
     return pd.DataFrame({"image": [jpeg]})
 
 
-def _set_run_tags(client: Any, run_id: str, tags: dict[str, str]) -> None:
-    from mlflow.entities import RunTag
-
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in redact_tags(tags).items()])
-
-
 def publish_run_models(
     client: Any,
     run_id: str,
@@ -414,79 +430,94 @@ def publish_run_models(
 ) -> dict[str, Published]:
     """A finished run's models: `best_url` as alias `best`, `latest_url` as `last` (one
     version where they are the same checkpoint). Never raises: registry trouble is retried
-    `attempts` times, then reported (a warning, and the run's tag REGISTRATION_TAG); a
-    checkpoint that cannot be a model is registered by its URL only, as before models were
-    logged (orchestrator.tracking.run_report.register_best). The checkpoints on S3 are untouched."""
-    from orchestrator.tracking.run_report import register_best
-
+    `attempts` times, then reported (a warning, and the run's tag REGISTRATION_TAG), as is a
+    checkpoint that cannot be a model. A local folder is only recorded (the run's tag
+    BEST_CHECKPOINT_TAG): only this machine could read its weights. The checkpoints on S3 are
+    untouched."""
     wanted: dict[str, list[str]] = {}
     for url, alias in ((best_url, "best"), (latest_url, "last")):
         if url:
             wanted.setdefault(scrub(url), []).append(alias)
     if best_url:
-        _try(lambda: _set_run_tags(client, run_id, {"best_checkpoint_url": scrub(best_url)}))
+        _try(lambda: log_tags(client, run_id, {BEST_CHECKPOINT_TAG: scrub(best_url)}))
     done: dict[str, Published] = {}
     problems: list[str] = []
     for url, aliases in wanted.items():
         if not re.match(r"^[a-z][a-z0-9+.-]*://", url, re.IGNORECASE) or url.startswith("file:"):
-            # a local folder: only this machine could read the weights; recorded, as before
-            if "best" in aliases:
-                _try(lambda u=url: register_best(client, run_id, job, u, metric, tags))
+            log.info("checkpoint %s is a local folder: recorded, not registered", url)
             continue
-        kept: dict[str, Any] = {}  # what one attempt read and logged, for the next
-        for attempt in range(1, attempts + 1):
-            try:
-                published = publish_checkpoint(
-                    client,
-                    url,
-                    job,
-                    run_id=run_id,
-                    aliases=aliases,
-                    tags=tags,
-                    metric=metric,
-                    attempts=kept,
-                )
-            except PublishError as err:
-                log.warning("%s; registering it by its URL only (not loadable by MLflow)", err)
-                problems.append(f"{'/'.join(aliases)}: {err}")
-                if "best" in aliases:
-                    _try(lambda u=url: register_best(client, run_id, job, u, metric, tags))
-                break
-            except Exception as err:  # noqa: BLE001 - the registry is down or refusing
-                why = f"{type(err).__name__}: {(scrub(err).splitlines() or [''])[0][:300]}"
-                if attempt < attempts and getattr(err, "error_code", None) not in FINAL_ERRORS:
-                    log.warning(
-                        "registering %s (@%s) failed (%s); retry %d of %d in %.0f s",
-                        url,
-                        ",".join(aliases),
-                        why,
-                        attempt,
-                        attempts - 1,
-                        backoff_s * attempt,
-                    )
-                    time.sleep(backoff_s * attempt)
-                    continue
+        published = _publish_retrying(
+            client, url, aliases, run_id, job, metric, tags, attempts, backoff_s, problems
+        )
+        if published is not None:
+            done.update({alias: published for alias in aliases})
+            version = f"{job}/{published.version.version}"
+            run_tags = {MODEL_VERSION_TAG_OF[alias]: version for alias in aliases}
+            _try(lambda t=run_tags: log_tags(client, run_id, t))  # type: ignore[misc]
+    if problems:
+        _try(lambda: log_tags(client, run_id, {REGISTRATION_TAG: "; ".join(problems)[:4900]}))
+    return done
+
+
+def _publish_retrying(
+    client: Any,
+    url: str,
+    aliases: list[str],
+    run_id: str,
+    job: str,
+    metric: str,
+    tags: dict[str, str],
+    attempts: int,
+    backoff_s: float,
+    problems: list[str],
+) -> Published | None:
+    """`publish_checkpoint`, retried on registry trouble; None where it was not published,
+    with the reason appended to `problems`."""
+    kept: dict[str, Any] = {}  # what one attempt read and logged, for the next
+    for attempt in range(1, attempts + 1):
+        try:
+            return publish_checkpoint(
+                client,
+                url,
+                job,
+                run_id=run_id,
+                aliases=aliases,
+                tags=tags,
+                metric=metric,
+                attempts=kept,
+            )
+        except PublishError as err:
+            log.warning("%s: not registered", err)
+            problems.append(f"{'/'.join(aliases)}: {err}")
+            return None
+        except Exception as err:  # noqa: BLE001 - the registry is down or refusing
+            why = f"{type(err).__name__}: {(scrub(err).splitlines() or [''])[0][:300]}"
+            if attempt < attempts and getattr(err, "error_code", None) not in FINAL_ERRORS:
                 log.warning(
-                    "could not register %s (@%s) after %d attempts (%s): the checkpoint is safe "
-                    "on S3; register it later with: python -m orchestrator.publish --run %s "
-                    "--checkpoint %s",
+                    "registering %s (@%s) failed (%s); retry %d of %d in %.0f s",
                     url,
                     ",".join(aliases),
-                    attempt,
                     why,
-                    run_id,
-                    "best" if "best" in aliases else "latest",
+                    attempt,
+                    attempts - 1,
+                    backoff_s * attempt,
                 )
-                problems.append(f"{'/'.join(aliases)}: {why}")
-            else:
-                done.update({alias: published for alias in aliases})
-                version = f"{job}/{published.version.version}"
-                run_tags = {f"{alias}_model_version": version for alias in aliases}
-                _try(lambda t=run_tags: _set_run_tags(client, run_id, t))  # type: ignore[misc]
-                break
-    if problems:
-        _try(lambda: _set_run_tags(client, run_id, {REGISTRATION_TAG: "; ".join(problems)[:4900]}))
-    return done
+                time.sleep(backoff_s * attempt)
+                continue
+            log.warning(
+                "could not register %s (@%s) after %d attempts (%s): the checkpoint is safe "
+                "on S3; register it later with: python -m orchestrator.publish --run %s "
+                "--checkpoint %s",
+                url,
+                ",".join(aliases),
+                attempt,
+                why,
+                run_id,
+                "best" if "best" in aliases else "latest",
+            )
+            problems.append(f"{'/'.join(aliases)}: {why}")
+            return None
+    return None
 
 
 def _try(step: Any) -> None:

@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any
 
-from orchestrator.tracking.tags import ERROR_TAG, HEARTBEAT_TAG, JOB_TAG
+from orchestrator.tracking.tags import ERROR_TAG, HEARTBEAT_TAG, JOB_TAG, RAY_JOB_TAG
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def ray_job_states() -> dict[str, str] | None:
 
 def _why_dead(run: Any, now: float, stale_s: float, jobs: dict[str, str] | None) -> str | None:
     tags = run.data.tags
-    job_id = tags.get("ray_job_id", "")
+    job_id = tags.get(RAY_JOB_TAG, "")
     state = (jobs or {}).get(job_id, "")
     if state in ENDED:
         return f"its Ray job {job_id} ended {state} while the run was RUNNING (driver killed?)"

@@ -5,7 +5,8 @@ messages about them) passes what it writes through this module:
 
 - `scrub(text)`: free text (tags, artifacts, error messages, log lines) with credentials masked;
 - `redact(params)`: params, masked by name (the whole value) or by content;
-- `redact_tags(tags)`: tags, masked by content.
+- `redact_tags(tags)`: tags, masked by content;
+- `log_tags(client, run_id, tags)`: tags redacted and set on a run, in one call.
 
 A secret is: a URL's user-info (`s3://KEY:SECRET@bucket`), an AWS access key id, a query
 parameter named like a key, token, signature or password, and the value of any environment
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 MASK = "***"
@@ -80,3 +81,14 @@ def redact_tags(tags: Mapping[str, Any]) -> dict[str, str]:
     """Tags as MLflow stores them (strings, at most TAG_LIMIT characters), values scrubbed;
     None values are left out."""
     return {k: scrub(v)[:TAG_LIMIT] for k, v in tags.items() if v is not None}
+
+
+def log_tags(
+    client: Any, run_id: str, tags: Mapping[str, Any], *, exact: Collection[str] = ()
+) -> None:
+    """Set `tags` on a run in one request, redacted (`redact_tags`); the keys in `exact` keep
+    their values as given (a job's name, which is how the job finds its run again)."""
+    from mlflow.entities import RunTag
+
+    safe = {**redact_tags(tags), **{k: str(tags[k]) for k in exact if tags.get(k) is not None}}
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in safe.items()])

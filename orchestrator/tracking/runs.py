@@ -8,11 +8,10 @@ import os
 from typing import Any
 
 from orchestrator.tracking.redaction import redact_tags, scrub
-from orchestrator.tracking.tags import ERROR_TAG, JOB_TAG
+from orchestrator.tracking.tags import ERROR_TAG, EXPERIMENT_KIND_TAG, JOB_TAG
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"  # MLflow 3's kind for model training
 
 
@@ -31,11 +30,11 @@ def experiment_id(client: Any, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             log.warning("experiment %s was deleted: restoring it", name)
             client.restore_experiment(exp.experiment_id)
-        if EXPERIMENT_KIND not in exp.tags:  # made by hand or by an older version
-            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made by hand or by an older version
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return exp.experiment_id
     try:
-        return client.create_experiment(name, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     except MlflowException as err:  # created meanwhile by another job
         if _error_code(err) != "RESOURCE_ALREADY_EXISTS":
             raise
