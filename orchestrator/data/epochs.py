@@ -177,7 +177,8 @@ def plan_train_worker(
         sizes = batch_sizes(hi - lo, m, batch_size)
         per_worker = [sum(sizes[j::k]) for j in range(k)]
         wlo = lo + sum(per_worker[:w])
-        segs = segments_for(counts, shard_order(len(counts), seed, epoch), wlo, wlo + per_worker[w])
+        order = shard_order(len(counts), seed, epoch).tolist()
+        segs = segments_for(counts, order, wlo, wlo + per_worker[w])
         local = sizes[w::k]
     else:
         m = batches_per_epoch(samples_per_epoch or total, world_size, batch_size)

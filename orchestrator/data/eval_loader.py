@@ -71,7 +71,7 @@ def batches_by_shape(
     batching only consecutive same-shape images gives batches of one or two on shuffled
     ImageNet, where a few shapes (500x375, 375x500, 500x333 ...) cover most images."""
     buckets: OrderedDict[Hashable, list[_Shaped]] = OrderedDict()
-    held = 0
+    held = 0.0
     for item in items:
         key = shape(item)
         bucket = buckets.setdefault(key, [])
@@ -126,7 +126,7 @@ class _EvalSplit(IterableDataset):
             for pos, sample in enumerate(stream):
                 assert sample is not None
                 seen += 1
-                pixels = decode_or_error(lambda s=sample: transform(s.image), sample)
+                pixels = decode_or_error(functools.partial(transform, sample.image or b""), sample)
                 if pixels is None:
                     bad.append(sample)
                 else:

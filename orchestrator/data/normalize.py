@@ -64,7 +64,7 @@ class DeviceNormalize:
             image = torch.tensor(np.asarray(mean_image, dtype=np.float32), device=self.device)
             if image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"mean_image: expected [3, H, W], got {list(image.shape)}")
-            self._mean_images[tuple(image.shape[1:])] = image
+            self._mean_images[(int(image.shape[1]), int(image.shape[2]))] = image
             self._native = image
             self.inv_std = torch.tensor(1.0 / pixel_scale(std), device=self.device)
         # column i of EIGVEC is eigenvector i; scaled to 0-255 pixels once here
@@ -80,7 +80,8 @@ class DeviceNormalize:
         key = (int(height), int(width))
         if key not in self._mean_images:
             if len(self._mean_images) >= MAX_MEAN_SIZES:
-                self._mean_images = {tuple(self._native.shape[1:]): self._native}
+                native = (int(self._native.shape[1]), int(self._native.shape[2]))
+                self._mean_images = {native: self._native}
             self._mean_images[key] = F.interpolate(
                 self._native[None], size=key, mode="bilinear", align_corners=False, antialias=True
             )[0]

@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 from orchestrator import s3
 
@@ -33,6 +33,8 @@ _READ_BUFSIZE = 1 << 20  # storage is read in 1 MiB requests
 
 class _Permanent(Exception):
     """Wraps an error that retrying cannot fix (missing object, access denied)."""
+
+    # no OrchestratorError: control flow inside this module, unwrapped before it leaves
 
 
 class ReopeningStream(io.RawIOBase):
@@ -169,7 +171,7 @@ class Counted:
         self.f.close()
 
 
-def open_url(url: str, *, retry_s: float = 120.0) -> io.BufferedIOBase:
+def open_url(url: str, *, retry_s: float = 120.0) -> BinaryIO:
     """Open a shard for streaming: s3://, http(s):// (both resuming after dropped
     connections) or a local path / file:// URL."""
     if s3.is_s3(url):
@@ -183,7 +185,7 @@ def open_url(url: str, *, retry_s: float = 120.0) -> io.BufferedIOBase:
     return open(url.removeprefix("file://"), "rb", buffering=_READ_BUFSIZE)
 
 
-def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> io.BufferedIOBase:
+def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> BinaryIO:
     """WebDataset gopen handler for s3:// (boto3 streaming; no `aws` CLI subprocess)."""
     if mode != "rb":
         raise ValueError(f"{url}: only reading is supported (mode {mode!r})")

@@ -98,7 +98,8 @@ def tar_files(f: Any) -> Iterator[tuple[str, bytes]]:
 
 def tar_groups(f: Any) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """(index, key, {ext: bytes}) for each run of tar members sharing a key."""
-    index, key, files = -1, None, {}
+    index, key = -1, None
+    files: dict[str, bytes] = {}
     for name, data in tar_files(f):
         match = _KEY_EXT.match(name)
         if match is None:

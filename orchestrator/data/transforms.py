@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 try:  # libjpeg-turbo without Pillow's overhead; Pillow below is the fallback
-    import simplejpeg  # type: ignore[import-not-found]
+    import simplejpeg
 except ImportError:  # pragma: no cover - a core dependency, missing only on bare machines
     simplejpeg = None
 
@@ -104,7 +104,8 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 def _not_a_bomb(w: int, h: int) -> None:
     """Refuse a header that claims more pixels than Pillow's limit, before any decode."""
-    if w * h > Image.MAX_IMAGE_PIXELS:
+    limit = Image.MAX_IMAGE_PIXELS  # None: the user turned Pillow's check off
+    if limit is not None and w * h > limit:
         raise ValueError(
             f"{w}x{h} image: over {Image.MAX_IMAGE_PIXELS} pixels (decompression bomb?)"
         )
@@ -137,7 +138,7 @@ def decode(data: bytes, need: tuple[int, int] | None = None) -> tuple[np.ndarray
             return arr, arr.shape[1] / w
         except ValueError:
             pass  # CMYK, progressive oddities, corrupt data: Pillow decides below
-    im = Image.open(io.BytesIO(data))
+    im: Image.Image = Image.open(io.BytesIO(data))
     _not_a_bomb(*im.size)  # Pillow itself only warns below twice its limit
     w = im.size[0]
     factor = 1.0

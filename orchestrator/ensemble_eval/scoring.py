@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.checkpoint_refs import read_trainer_state
 from orchestrator.ensemble_eval.config import EnsembleConfig, EnsembleError
-from orchestrator.ensemble_eval.members import Member, read_trainer_state
+from orchestrator.ensemble_eval.members import Member
 from orchestrator.evaluation import EvalResult, combine_probs, topk_errors
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ def evaluate_member(
     del state  # the optimizer state too: not needed to evaluate
     model.to(device)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        # torch's stubs leave out Module.to's memory_format keyword, which it takes
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     data, ev = payload["data"], payload["eval"]
     bn_batches = 0
     if ev.bn_recalibrate:
@@ -174,25 +176,38 @@ def ensemble_of(
     results: list[EvalResult], weights: list[float]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(indices, labels, probs) of the weighted mean over the samples every member scored."""
-    common = results[0].indices
-    for r in results[1:]:
-        if not np.array_equal(r.indices, common):
-            common = np.intersect1d(common, r.indices)
-    if any(len(r.indices) != len(common) for r in results):
+    scored = [_scored(r) for r in results]
+    common = scored[0][0]
+    for indices, _, _ in scored[1:]:
+        if not np.array_equal(indices, common):
+            common = np.intersect1d(common, indices)
+    if any(len(indices) != len(common) for indices, _, _ in scored):
         log.warning(
             "members scored different samples: the ensemble uses the %d they share", len(common)
         )
     aligned, labels = [], None
-    for r in results:
-        pick = np.searchsorted(r.indices, common)
-        aligned.append(r.probs[pick])
+    for indices, member_labels, probs in scored:
+        pick = np.searchsorted(indices, common)
+        aligned.append(probs[pick])
         if labels is None:
-            labels = r.labels[pick]
-        elif not np.array_equal(labels, r.labels[pick]):
+            labels = member_labels[pick]
+        elif not np.array_equal(labels, member_labels[pick]):
             raise RuntimeError(
                 "members disagree on the labels of the same samples: different data?"
             )
-    return common, labels, combine_probs(aligned, weights)  # type: ignore[return-value]
+    assert labels is not None  # results is never empty: the first member set it
+    return common, labels, combine_probs(aligned, weights)
+
+
+def _scored(r: EvalResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A member's (indices, labels, probs): only results evaluated with return_probs=True
+    have them."""
+    if r.indices is None or r.labels is None or r.probs is None:
+        raise ValueError(
+            f"{r.protocol} result without per-sample probabilities: "
+            "evaluate it with return_probs=True"
+        )
+    return r.indices, r.labels, r.probs
 
 
 def ensemble_scores(probs: np.ndarray, labels: np.ndarray) -> Scores:

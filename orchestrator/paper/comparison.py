@@ -209,7 +209,7 @@ def ensemble_rows(
                 "weight": m.weight,
                 "top1_err": _pct(s.top1_err),
                 "top5_err": _pct(s.top5_err),
-                **paper_cells(paper, paper and f"{paper.source}, {paper.protocol}"),
+                **paper_cells(paper, f"{paper.source}, {paper.protocol}" if paper else None),
             }
         )
     imagenet = all(model_info(m.model_name)["family"] == "imagenet" for m in members)
@@ -223,7 +223,7 @@ def ensemble_rows(
             "weight": None,
             "top1_err": _pct(ensemble.top1_err),
             "top5_err": _pct(ensemble.top5_err),
-            **paper_cells(paper, paper and f"{paper.source} ({paper.note})"),
+            **paper_cells(paper, f"{paper.source} ({paper.note})" if paper else None),
         }
     )
     return rows

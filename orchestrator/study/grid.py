@@ -99,7 +99,8 @@ class Study:
     def grid_cells(self) -> list[Cell]:
         """The cells, labelled: a cell's "label" key, else its values joined
         ("resnet34-A")."""
-        cells, seen = [], {}
+        cells: list[Any] = []
+        seen: dict[str, dict[str, Any]] = {}
         for given in self.cells:
             overrides = {k: v for k, v in given.items() if k != "label"}
             if "seed" in overrides or "name" in overrides:
