@@ -68,6 +68,7 @@ from orchestrator.data import (
     rank_slice,
     split_shards,
 )
+from orchestrator.errors import UsageError
 from orchestrator.models import unwrap
 from orchestrator.runtime import all_reduce, distributed, rank_and_world
 from orchestrator.spec import EvalConfig
@@ -78,7 +79,7 @@ PROTOCOLS = ("center", "ten_crop", "multiscale")
 PAPER_SCALES = (224, 256, 384, 480, 640)
 
 
-class UnknownProtocolError(ValueError):
+class UnknownProtocolError(UsageError, ValueError):
     """A protocol name that is not one of `PROTOCOLS`; the message lists the valid ones."""
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator import s3
+from orchestrator.errors import OrchestratorError
 from orchestrator.preflight import in_torchrun_child, preflight
 from orchestrator.runtime import NotRetried, retryable
 from orchestrator.spec import JobSpec, SpecError, apply_overrides, to_yaml
@@ -194,7 +195,7 @@ def storage_for_ray(storage: str) -> tuple[str, Any]:
     return os.path.abspath(storage), None
 
 
-class JobFailed(RuntimeError):
+class JobFailed(OrchestratorError, RuntimeError):
     """A job's Ray Train run failed; the message says where it stands and what killed it."""
 
     def __init__(self, message: str, error: str = "") -> None:

@@ -54,6 +54,8 @@ class PreflightError(SpecError):
 class _Refused(Exception):
     """One check's refusal (collected by `preflight`)."""
 
+    # no OrchestratorError: never leaves `preflight`, which raises PreflightError instead
+
 
 def preflight(spec: JobSpec) -> list[str]:
     """Check the job before any resource is taken; returns what was checked, one line each.

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.errors import OrchestratorError
+
 if TYPE_CHECKING:
     import torch
 
@@ -80,6 +82,9 @@ def destroy_process_group() -> None:
 class Terminated(BaseException):
     """SIGTERM arrived (a cancelled job, a preempted node): stop and mark the run KILLED."""
 
+    # a BaseException, not an OrchestratorError: `except Exception` on the way out must not
+    # swallow a stop, as it would not swallow KeyboardInterrupt
+
 
 def raise_on_sigterm(
     error: type[BaseException] = Terminated, first: Callable[[], object] | None = None
@@ -98,7 +103,7 @@ def raise_on_sigterm(
         pass
 
 
-class NotRetried(RuntimeError):
+class NotRetried(OrchestratorError, RuntimeError):
     """A worker failed with an error `retryable` says no restart can fix; the message names
     the rank and the error (raised on Ray's controller by launch.fail_fast)."""
 

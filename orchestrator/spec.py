@@ -14,8 +14,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from orchestrator.errors import UsageError
 
-class SpecError(ValueError):
+
+class SpecError(UsageError, ValueError):
     """A spec field is unknown or has a bad value; the message names it and what is allowed."""
 
     retryable = False  # a restart runs the same spec again (orchestrator.runtime.retryable)

@@ -35,6 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.errors import UsageError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS_FILE = REPO_ROOT / "cluster" / "local.toml"
 SERVICES = ("s3", "mlflow", "ray")
@@ -46,7 +48,7 @@ MLFLOW_USER = "admin"  # the local MLflow's one user; its password is in the sec
 _RAY_DIR_MAX = 107 - 62
 
 
-class StackError(RuntimeError):
+class StackError(UsageError, RuntimeError):
     """A problem the user can fix; the message says how."""
 
 

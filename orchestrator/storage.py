@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import s3
+from orchestrator.errors import OrchestratorError
 
 
-class NotFound(FileNotFoundError):
+class NotFound(OrchestratorError, FileNotFoundError):
     """No object at this URL."""
 
 

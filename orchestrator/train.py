@@ -31,6 +31,7 @@ from orchestrator.data import (
 )
 from orchestrator.data.epochs import at_epoch_boundary, resume_problem
 from orchestrator.data.gpu_augment import DeviceAugment, decode_jpegs, replace_undecodable
+from orchestrator.errors import OrchestratorError
 from orchestrator.models import create_model, unwrap
 from orchestrator.runtime import Runtime, Terminated, all_reduce, raise_on_sigterm
 from orchestrator.schedule import LRSchedule
@@ -43,7 +44,7 @@ from orchestrator.tracking.tracker import NullTracker, Tracker, start_tracker
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(OrchestratorError, FloatingPointError):
     """The loss went NaN/inf; the same spec from the same checkpoint would again."""
 
     retryable = False  # orchestrator.runtime.retryable: fail the job at once

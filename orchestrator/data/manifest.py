@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.errors import UsageError
 from orchestrator.storage import NotFound, read_url
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")  # member names an ima
 MEAN_IMAGE_FILE = "mean_image.npy"  # what the converters write beside manifest.json
 
 
-class DataError(RuntimeError):
+class DataError(UsageError, RuntimeError):
     """The dataset cannot be used as configured; the message says which URL or shards."""
 
     retryable = False  # missing or bad data stays so on a restart (orchestrator.runtime)
@@ -48,6 +49,7 @@ class DataUnavailable(DataError):
     """The dataset's store did not answer (down, refused, timed out): a restart may succeed."""
 
     retryable = True
+    exit_code = 1  # not bad input: the same command may pass once the store answers
 
 
 def _join(root: str, name: str) -> str:

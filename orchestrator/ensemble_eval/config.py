@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.errors import UsageError
 from orchestrator.evaluation import PAPER_SCALES, PROTOCOLS, check_protocol, check_scales
 from orchestrator.spec import EvalConfig
 
@@ -21,7 +22,7 @@ SELECTION = ("runs", "experiment", "filter", "models")
 EVAL_FLAGS = ("protocol", "scales", "flips", "batch_size", "max_batches", "bn_recalibrate")
 
 
-class EnsembleError(ValueError):
+class EnsembleError(UsageError, ValueError):
     """Bad input: the message names the run, the object or the valid choices."""
 
 

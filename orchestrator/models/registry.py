@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from orchestrator.errors import UsageError
+
 if TYPE_CHECKING:  # torch only where a net is built or walked: a driver checks specs without it
     from torch import nn
 
@@ -32,7 +34,7 @@ BlockKind = Literal["basic", "bottleneck"]
 Factory = TypeVar("Factory", bound=Callable[..., "nn.Module"])
 
 
-class UnknownModelError(KeyError, ValueError):
+class UnknownModelError(UsageError, KeyError, ValueError):
     """Raised for a name that is not registered; callers may catch KeyError or ValueError."""
 
     def __str__(self) -> str:

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from orchestrator.errors import UsageError
 from orchestrator.models import model_info, unwrap
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ PLOT_ARTIFACT = "plots/layer_responses.png"
 DEFAULT_IMAGES = 500
 
 
-class LayerResponsesError(ValueError):
+class LayerResponsesError(UsageError, ValueError):
     """Bad input: the message names the run, model or argument, and the fix."""
 
 

@@ -12,11 +12,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.errors import UsageError
 from orchestrator.plan.formulas import scale_iterations
 from orchestrator.spec import JobSpec, SpecError, apply_overrides, parse_value
 
 
-class PlanError(ValueError):
+class PlanError(UsageError, ValueError):
     """Bad input to the plan (a missing job file, a bad size, ...); the message says what to fix."""
 
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orchestrator.errors import OrchestratorError
+
 META_FILE = "orchestrator.json"
 FORMAT = 2  # the newest META_FILE format this code reads; a reader refuses a newer one
 MEAN_IMAGE_FILE = "mean_image.npy"  # beside META_FILE: data.normalize=per_pixel_mean's image
@@ -43,7 +45,7 @@ def meta_format(data: dict[str, Any]) -> int:
     return 2 if data.get("normalize") == "per_pixel_mean" else 1
 
 
-class WeightsChangedError(RuntimeError):
+class WeightsChangedError(OrchestratorError, RuntimeError):
     """The checkpoint a model version reads is no longer the one it was registered with."""
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.errors import UsageError
 from orchestrator.publish.classifier import (
     NetByReference,
     build_net,
@@ -59,7 +60,7 @@ MODEL_VERSION_TAG_OF = {"best": BEST_MODEL_VERSION_TAG, "last": LAST_MODEL_VERSI
 FINAL_ERRORS = {"INVALID_PARAMETER_VALUE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
 
 
-class PublishError(RuntimeError):
+class PublishError(UsageError, RuntimeError):
     """The checkpoint cannot be made a model (unreadable, not a training checkpoint): retrying
     will not help, unlike registry trouble."""
 

@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
+from orchestrator.errors import UsageError
+
 TORCHVISION_NETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
-class NotTorchvisionEquivalent(ValueError):
+class NotTorchvisionEquivalent(UsageError, ValueError):
     """The net has no torchvision counterpart computing the same function; says why."""
 
 
