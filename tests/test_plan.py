@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator import plan
 from orchestrator.paper import numbers as paper
-from orchestrator.plan import formulas, job, report
+from orchestrator.plan import formulas, job, numbers, report
 from orchestrator.spec import CheckpointConfig, DataConfig, JobSpec, ScalingConfig, ScheduleConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,7 +188,7 @@ def test_calibration_inverts_the_step_model() -> None:
 def test_gradient_dtype_follows_strategy_and_precision(r152: JobSpec) -> None:
     def dtype(*overrides: str, flag: str | None = None) -> int:
         spec = job.resolve_for_cluster(r152, list(overrides), 8).spec
-        return report.gradient_dtype(spec, flag)[0]
+        return numbers.gradient_dtype(spec, flag)[0]
 
     assert dtype() == 4  # DDP: fp32 weights under autocast
     assert dtype("scaling.strategy=deepspeed", "scaling.zero_stage=2") == 2  # bf16 weights
@@ -213,8 +213,8 @@ def tiny_job() -> JobSpec:
 def test_tiny_cluster_by_hand() -> None:
     """2 nodes x 2 GPUs, 1M parameters, 1,000 img/s per GPU, 110 KB images, storage 1 Gbit/s."""
     resolved = job.resolve_for_cluster(tiny_job(), [], num_gpus=4)
-    inputs = report.ClusterInputs(nodes=2, gpus_per_node=2, img_per_s_per_gpu=1000, storage_gbps=1)
-    x = report.compute(resolved, params=1_000_000, inputs=inputs)
+    inputs = numbers.ClusterInputs(nodes=2, gpus_per_node=2, img_per_s_per_gpu=1000, storage_gbps=1)
+    x = numbers.compute(resolved, params=1_000_000, inputs=inputs)
     spec = resolved.spec
     # per-GPU batch 32 kept: global 4 x 32 = 128, lr 0.1 x 128/256, schedule halved (32/128 x 2)
     assert (spec.micro_batch(), spec.accumulation(), spec.scaling.global_batch) == (32, 1, 128)
@@ -249,8 +249,8 @@ def test_tiny_cluster_by_hand() -> None:
 
 def test_one_gpu_has_nothing_to_all_reduce() -> None:
     resolved = job.resolve_for_cluster(tiny_job(), [], num_gpus=1)
-    inputs = report.ClusterInputs(nodes=1, gpus_per_node=1, img_per_s_per_gpu=1000)
-    x = report.compute(resolved, params=1_000_000, inputs=inputs)
+    inputs = numbers.ClusterInputs(nodes=1, gpus_per_node=1, img_per_s_per_gpu=1000)
+    x = numbers.compute(resolved, params=1_000_000, inputs=inputs)
     assert x.sent_bytes_per_gpu == 0 and x.exposed_s == 0
     assert x.step_s == x.compute_step_s == pytest.approx(0.032)
     assert x.efficiency_vs_one_node == 1.0 and x.efficiency_vs_compute == 1.0
@@ -322,7 +322,7 @@ def test_bad_overrides_are_plan_errors(
 
 def test_throughput_anchors_follow_compile_and_precision(r152: JobSpec) -> None:
     def anchor(*overrides: str) -> float:
-        return report.throughput_anchor(job.resolve_for_cluster(r152, list(overrides), 8).spec)[0]
+        return numbers.throughput_anchor(job.resolve_for_cluster(r152, list(overrides), 8).spec)[0]
 
     assert anchor() == 2233  # the job file: eager, bf16
     assert anchor("model.compile=true") == 3084
@@ -503,7 +503,7 @@ def test_module_docstring_documents_every_formula() -> None:
         "linear scaling",
     ]:
         assert term in doc
-    assert math.isclose(report.DEFAULT_KB_PER_IMAGE, 110)
+    assert math.isclose(numbers.DEFAULT_KB_PER_IMAGE, 110)
 
 
 # ------------------------------------------------------- --from-run, against the real MLflow

@@ -13,7 +13,8 @@ every number comes from the formulas below and the inputs, and the output names 
   calibrate.py --from-run: a real run's img/s and step time, read from MLflow
   formulas.py  the formulas below, one function each
   job.py       a job file resolved for N GPUs: the batch policy below
-  report.py    the numbers for one job on one cluster, and the table and notes that show them
+  numbers.py   the numbers for one job on one cluster
+  report.py    the table and notes that show them
   cli.py       the command line
 
 Formulas (units: MB = 10^6 bytes, Gbit/s = 10^9 bits/s):

@@ -14,7 +14,7 @@ from orchestrator.plan.job import (
     load_job_spec,
     resolve_for_cluster,
 )
-from orchestrator.plan.report import (
+from orchestrator.plan.numbers import (
     DEFAULT_INTERCONNECT_GBPS,
     DEFAULT_INTRA_NODE_GBPS,
     DEFAULT_KB_PER_IMAGE,
@@ -23,10 +23,8 @@ from orchestrator.plan.report import (
     IMAGENET_TRAIN_IMAGES,
     ClusterInputs,
     compute,
-    format_table,
-    notes,
-    plan_rows,
 )
+from orchestrator.plan.report import format_table, notes, plan_rows
 
 
 def _number(kind: type[int | float], minimum: float) -> Callable[[str], int | float]:
