@@ -46,10 +46,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 try:
-    from orchestrator import storage
+    from orchestrator import cli, storage
 except ImportError:  # a checkout where the package is not installed: the repo root is one up
     sys.path.append(str(Path(__file__).resolve().parent.parent))
-    from orchestrator import storage
+    from orchestrator import cli, storage
+from orchestrator.errors import UsageError
 
 FORMAT_VERSION = 1
 MB = 1_000_000  # --shard-size-mb counts in 10^6 bytes
@@ -62,7 +63,7 @@ SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-\d{6}\.tar(\.json)?$")
 SIZE_SAMPLE = 64  # samples encoded up front to estimate sizes when they are not known
 
 
-class ConversionError(Exception):
+class ConversionError(UsageError):
     """A problem the user must fix (bad input, unreachable store); shown without a traceback."""
 
 
@@ -592,15 +593,9 @@ def _remove_stale(dest: Dest, current: set[str], splits: set[str]) -> None:
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's main(): a ConversionError prints as one clear line and exits 2."""
-    try:
-        main()
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    """Run a script's main() (it reads sys.argv) under orchestrator.cli.run_cli: a
+    ConversionError prints as one clear line and exits 2, Ctrl-C exits 130."""
+    raise SystemExit(cli.run_cli(lambda _argv: main()))
 
 
 def add_shard_arguments(p: argparse.ArgumentParser) -> None:

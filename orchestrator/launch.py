@@ -23,7 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator import s3
-from orchestrator.errors import OrchestratorError
+from orchestrator.cli import run_cli
+from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.preflight import in_torchrun_child, preflight
 from orchestrator.runtime import NotRetried, retryable
 from orchestrator.spec import JobSpec, SpecError, apply_overrides, to_yaml
@@ -65,25 +66,23 @@ def main(
     finalize: Callable[[JobSpec], JobSpec] | None = None,
 ) -> int:
     """Entry point of every job file; `finalize` adjusts the spec after overrides (a recipe
-    rule that depends on an overridden field, like ResNet-110's warm-up)."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        spec, args = resolve(spec, argv, finalize)
-    except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    rule that depends on an overridden field, like ResNet-110's warm-up). Exit code 2, with
+    the reasons, for a bad or refused spec (orchestrator.cli.run_cli)."""
+    return run_cli(lambda args: _main(spec, args, finalize), argv)
+
+
+def _main(spec: JobSpec, argv: list[str], finalize: Callable[[JobSpec], JobSpec] | None) -> int:
+    spec, args = resolve(spec, argv, finalize)
     if args.dry_run:
         print(to_yaml(spec), end="")
     checked: list[str] = []
     if not in_torchrun_child():  # under torchrun the parent process checked already
         try:
             checked = preflight(spec)
-        except SpecError as err:
+        except SpecError as err:  # one line per refusal, under the job's name
             problems = getattr(err, "problems", [str(err)])
-            print(f"error: pre-flight refused job {spec.name}:", file=sys.stderr)
-            for problem in problems:
-                print(f"  - {problem}", file=sys.stderr)
-            return 2
+            listed = "".join(f"\n  - {problem}" for problem in problems)
+            raise UsageError(f"pre-flight refused job {spec.name}:{listed}") from err
     for line in checked:  # comments, so that a dry run's output stays the spec's YAML
         print(f"# pre-flight ok: {line}", flush=True)
     if args.dry_run:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.cli import run_cli
 from orchestrator.errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -578,6 +579,12 @@ def _stop_tree(pid: int, grace_s: float = 15.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: up, down, status (exit 3 when a service is not up), env; exit code 2,
+    with the fix, for a problem the user can fix (StackError, orchestrator.cli.run_cli)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m orchestrator.stack", description=__doc__.split("\n\n")[0]
     )
@@ -589,29 +596,25 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, dest=f.name)
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(StackConfig)}
-    try:
-        stack = Stack(StackConfig.load(**overrides))
-        if args.command == "up":
-            stack.up()
-            print(
-                f"MLflow UI:      {stack.urls()['mlflow']}  (user {MLFLOW_USER}, password in "
-                f"{stack.dir / 'secrets' / 'mlflow-admin-password'})\n"
-                f"Ray dashboard:  {stack.urls()['ray']}"
-            )
-            print('Clients: eval "$(python -m orchestrator.stack env)"')
-        elif args.command == "down":
-            stack.down(purge=args.purge)
-        elif args.command == "status":
-            states = stack.status()
-            for service, state in states.items():
-                print(f"{service:7s} {state:24s} {stack.urls()[service]}")
-            return 0 if all(s == "up" for s in states.values()) else 3
-        else:
-            for key, value in stack.env().items():
-                print(f"export {key}={value}")
-    except StackError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    stack = Stack(StackConfig.load(**overrides))
+    if args.command == "up":
+        stack.up()
+        print(
+            f"MLflow UI:      {stack.urls()['mlflow']}  (user {MLFLOW_USER}, password in "
+            f"{stack.dir / 'secrets' / 'mlflow-admin-password'})\n"
+            f"Ray dashboard:  {stack.urls()['ray']}"
+        )
+        print('Clients: eval "$(python -m orchestrator.stack env)"')
+    elif args.command == "down":
+        stack.down(purge=args.purge)
+    elif args.command == "status":
+        states = stack.status()
+        for service, state in states.items():
+            print(f"{service:7s} {state:24s} {stack.urls()[service]}")
+        return 0 if all(s == "up" for s in states.values()) else 3
+    else:
+        for key, value in stack.env().items():
+            print(f"export {key}={value}")
     return 0
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.checkpoint import Checkpointer, best_checkpoint, rng_state, set_rng_state
+from orchestrator.cli import setup_logging
 from orchestrator.data import (
     DataError,
     DeviceNormalize,
@@ -584,10 +585,7 @@ def run_worker(spec_dict: dict[str, Any], rt: Runtime) -> dict[str, float]:
     from orchestrator.spec import JobSpec, from_dict
 
     spec = from_dict(JobSpec, spec_dict)
-    logging.basicConfig(
-        level=os.environ.get("ORCH_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging()
     trainer = Trainer(spec, rt)
     raise_on_sigterm()
     try:

@@ -103,7 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         "with the paper's protocols; log a parent MLflow run with one child per member.",
         argument_default=argparse.SUPPRESS,  # unset flags keep the job file's values
     )
-    sel = p.add_argument_group("members (these add up)")
+    _member_flags(p.add_argument_group("members (these add up)"))
+    _evaluation_flags(p.add_argument_group("evaluation"))
+    _run_flags(p.add_argument_group("where and what to log"))
+    return p
+
+
+def _member_flags(sel: argparse._ArgumentGroup) -> None:
     sel.add_argument("--runs", nargs="+", metavar="RUN_ID", help="MLflow run ids")
     sel.add_argument("--experiment", metavar="NAME", help="select runs of this experiment")
     sel.add_argument(
@@ -121,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="best|latest",
         help="which committed checkpoint of a run (default: best)",
     )
-    how = p.add_argument_group("evaluation")
+
+
+def _evaluation_flags(how: argparse._ArgumentGroup) -> None:
     how.add_argument(
         "--protocol", dest="eval.protocol", metavar="|".join(PROTOCOLS), help="default: center"
     )
@@ -161,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="recompute BN statistics over N training batches first",
     )
-    run = p.add_argument_group("where and what to log")
+
+
+def _run_flags(run: argparse._ArgumentGroup) -> None:
     run.add_argument("--local", action="store_true", help="evaluate in this process, not on Ray")
     run.add_argument(
         "--gpu",
@@ -183,7 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="resolve and check the members, list them; evaluate and log nothing",
     )
     run.add_argument("--progress", action=argparse.BooleanOptionalAction)
-    return p
 
 
 def parse_args(argv: Sequence[str], base: EnsembleConfig | None = None) -> EnsembleConfig:

@@ -3,17 +3,16 @@ the ensemble; see the package's docstring."""
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from orchestrator.cli import run_cli
 from orchestrator.ensemble_eval.config import EnsembleConfig, EnsembleError, parse_args
-from orchestrator.ensemble_eval.members import check_members, resolve_members
+from orchestrator.ensemble_eval.members import Member, check_members, resolve_members
 from orchestrator.ensemble_eval.runs import EnsembleRuns
 from orchestrator.ensemble_eval.scoring import (
     Scores,
@@ -22,7 +21,7 @@ from orchestrator.ensemble_eval.scoring import (
     ensemble_scores,
     evaluate_members,
 )
-from orchestrator.evaluation import EvalResult, UnknownProtocolError
+from orchestrator.evaluation import EvalResult
 from orchestrator.paper.comparison import ensemble_markdown, ensemble_rows
 from orchestrator.runtime import Terminated, raise_on_sigterm
 from orchestrator.spec import to_yaml
@@ -56,6 +55,35 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
     save_dir = Path(cfg.save_probs) if cfg.save_probs else None
     if save_dir:
         save_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        rows, table, ens = _evaluate_and_log(cfg, members, runs, use_gpu, save_dir)
+    except (KeyboardInterrupt, Terminated) as err:
+        runs.fail(f"interrupted ({type(err).__name__}: {err})", status="KILLED")
+        raise
+    except BaseException as err:
+        runs.fail(f"{type(err).__name__}: {err}")
+        raise
+    print()
+    print(table, end="")
+    return {
+        "parent_run_id": runs.parent,
+        "child_run_ids": runs.children,
+        "rows": rows,
+        "top1_err": ens.top1_err,
+        "top5_err": ens.top5_err,
+        "members": members,
+    }
+
+
+def _evaluate_and_log(
+    cfg: EnsembleConfig,
+    members: list[Member],
+    runs: EnsembleRuns,
+    use_gpu: bool | None,
+    save_dir: Path | None,
+) -> tuple[list[dict[str, Any]], str, Scores]:
+    """Evaluate every member (each logged and closed as it finishes), then the ensemble;
+    returns the table's rows, the table, and the ensemble's scores."""
     scores: dict[int, Scores] = {}  # by member index, as each finishes
 
     def on_done(i: int, out: dict[str, Any]) -> None:
@@ -77,59 +105,38 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
             f"({r.samples} samples, {out['device']}, {out['seconds']:.1f} s)"
         )
 
-    try:
-        outs = evaluate_members(members, cfg, use_gpu, on_done)
-        results = [o["result"] for o in outs]
-        indices, labels, probs = ensemble_of(results, [m.weight for m in members])
-        ens = ensemble_scores(probs, labels)
-        member_scores = [scores[i] for i in range(len(members))]
-        rows = ensemble_rows(members, member_scores, ens, protocol)
-        title = (
-            f"Ensemble of {len(members)} (protocol {protocol}, checkpoint {cfg.checkpoint}, "
-            f"{len(labels)} samples of {data_url} [{split}]); errors in %"
-        )
-        table = scrub(ensemble_markdown(rows, title))
-        classes = members[0].num_classes
-        hit = probs.argmax(1) == labels
-        per_class = {
-            "class_total": np.bincount(labels, minlength=classes).tolist(),
-            "class_correct": np.bincount(labels[hit], minlength=classes).tolist(),
-        }
-        runs.log_ensemble(ens, member_scores, rows, table, per_class)
-        arrays = {"probs": probs, "labels": labels, "indices": indices}
-        if cfg.log_probs:
-            runs.log_npz(runs.parent, "probs.npz", **arrays)
-        if save_dir:
-            np.savez_compressed(save_dir / "ensemble.npz", **arrays)
-        runs.close(runs.parent)
-    except (KeyboardInterrupt, Terminated) as err:
-        runs.fail(f"interrupted ({type(err).__name__}: {err})", status="KILLED")
-        raise
-    except BaseException as err:
-        runs.fail(f"{type(err).__name__}: {err}")
-        raise
-    print()
-    print(table, end="")
-    return {
-        "parent_run_id": runs.parent,
-        "child_run_ids": runs.children,
-        "rows": rows,
-        "top1_err": ens.top1_err,
-        "top5_err": ens.top5_err,
-        "members": members,
+    outs = evaluate_members(members, cfg, use_gpu, on_done)
+    results = [o["result"] for o in outs]
+    indices, labels, probs = ensemble_of(results, [m.weight for m in members])
+    ens = ensemble_scores(probs, labels)
+    member_scores = [scores[i] for i in range(len(members))]
+    protocol, data = cfg.eval.protocol, members[0].data
+    rows = ensemble_rows(members, member_scores, ens, protocol)
+    title = (
+        f"Ensemble of {len(members)} (protocol {protocol}, checkpoint {cfg.checkpoint}, "
+        f"{len(labels)} samples of {data.url} [{data.val_split}]); errors in %"
+    )
+    table = scrub(ensemble_markdown(rows, title))
+    classes = members[0].num_classes
+    hit = probs.argmax(1) == labels
+    per_class = {
+        "class_total": np.bincount(labels, minlength=classes).tolist(),
+        "class_correct": np.bincount(labels[hit], minlength=classes).tolist(),
     }
+    runs.log_ensemble(ens, member_scores, rows, table, per_class)
+    arrays = {"probs": probs, "labels": labels, "indices": indices}
+    if cfg.log_probs:
+        runs.log_npz(runs.parent, "probs.npz", **arrays)
+    if save_dir:
+        np.savez_compressed(save_dir / "ensemble.npz", **arrays)
+    runs.close(runs.parent)
+    return rows, table, ens
 
 
 def main(argv: Sequence[str] | None = None, base: EnsembleConfig | None = None) -> int:
     """The command line (over a job file's `base` config); exit code 2 on bad input."""
-    logging.basicConfig(
-        level=os.environ.get("ORCH_LOG_LEVEL", "WARNING"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv, base)
-        run(cfg)
-    except (EnsembleError, UnknownProtocolError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    def evaluate(args: list[str]) -> None:
+        run(parse_args(args, base))
+
+    return run_cli(evaluate, argv, log_level="WARNING")

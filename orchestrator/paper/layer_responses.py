@@ -39,7 +39,6 @@ import dataclasses
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -50,6 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from orchestrator.cli import run_cli
 from orchestrator.errors import UsageError
 from orchestrator.models import model_info, unwrap
 
@@ -584,36 +584,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: prints the table; exit code 2, with the reason, on bad input."""
-    from orchestrator.data import DataError
-    from orchestrator.ensemble_eval.config import EnsembleError
-    from orchestrator.tracking.redaction import scrub
+    return run_cli(_main, argv)
 
-    logging.basicConfig(
-        level=os.environ.get("ORCH_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+
+def _main(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        print(
-            'error: MLFLOW_TRACKING_URI is not set (eval "$(python -m orchestrator.stack env)" '
-            "for the local stack)",
-            file=sys.stderr,
+        raise UsageError(
+            'MLFLOW_TRACKING_URI is not set (eval "$(python -m orchestrator.stack env)" '
+            "for the local stack)"
         )
-        return 2
     from mlflow import MlflowClient
 
     client = MlflowClient()
     options = {"data_url": args.data_url, "batch_size": args.batch_size, "device": args.device}
-    try:
-        responses = responses_for_run(client, args.run, args.checkpoint, args.images, **options)
-        print(responses.table())
-        if not args.no_log:
-            log_layer_responses(client, args.run, responses)
-            print(f"logged {CSV_ARTIFACT} and {PLOT_ARTIFACT} to run {args.run}")
-    except (LayerResponsesError, EnsembleError, DataError) as err:
-        print(f"error: {scrub(err)}", file=sys.stderr)
-        return 2
-    return 0
+    responses = responses_for_run(client, args.run, args.checkpoint, args.images, **options)
+    print(responses.table())
+    if not args.no_log:
+        log_layer_responses(client, args.run, responses)
+        print(f"logged {CSV_ARTIFACT} and {PLOT_ARTIFACT} to run {args.run}")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 
+from orchestrator.cli import run_cli
 from orchestrator.plan.calibrate import read_run
 from orchestrator.plan.job import (
-    PlanError,
     count_model_parameters,
     load_job_spec,
     resolve_for_cluster,
@@ -117,7 +116,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """The command line: prints the plan's table and notes; exit code 2, with the reason, on bad
+    input (orchestrator.cli.run_cli)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
     inputs = ClusterInputs(
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
@@ -129,17 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         kb_per_image=args.kb_per_image,
         train_images=args.train_images,
     )
-    try:
-        if args.from_run:
-            inputs = replace(inputs, from_run=read_run(args.from_run))
-        base = load_job_spec(args.job)
-        resolved = resolve_for_cluster(
-            base, list(args.overrides), inputs.nodes * inputs.gpus_per_node
-        )
-        numbers = compute(resolved, count_model_parameters(resolved.spec), inputs)
-    except PlanError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.from_run:
+        inputs = replace(inputs, from_run=read_run(args.from_run))
+    base = load_job_spec(args.job)
+    resolved = resolve_for_cluster(base, list(args.overrides), inputs.nodes * inputs.gpus_per_node)
+    numbers = compute(resolved, count_model_parameters(resolved.spec), inputs)
     print(format_table(plan_rows(args.job, resolved, numbers, inputs)))
     print()
     for line in notes(args.job, resolved, numbers, inputs):

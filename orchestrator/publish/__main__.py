@@ -15,26 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from orchestrator.cli import run_cli
+from orchestrator.errors import UsageError
 from orchestrator.publish.register import (
     ALIAS_OF,
-    PublishError,
     publish_checkpoint,
     read_checkpoint,
 )
-from orchestrator.publish.torchvision_export import NotTorchvisionEquivalent, export_torchvision
+from orchestrator.publish.torchvision_export import export_torchvision
 from orchestrator.tracking.redaction import scrub
 
 log = logging.getLogger(__name__)
-
-
-class UsageError(ValueError):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,19 +105,11 @@ def _model_checkpoint(client: Any, ref: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; prints what it did as JSON on the last line."""
-    logging.basicConfig(
-        level=os.environ.get("ORCH_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return _main(args)
-    except (UsageError, PublishError, NotTorchvisionEquivalent) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(_main, argv)
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)  # before importing MLflow: --help answers at once
     from mlflow import MlflowClient
 
     # --run names the checkpoint, or (beside --checkpoint-url) only the run to log the model to

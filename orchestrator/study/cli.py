@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from orchestrator.cli import run_cli
 from orchestrator.spec import SpecError
 from orchestrator.study.grid import Study, Trial, apply_study_overrides
 from orchestrator.tracking.redaction import scrub
@@ -40,17 +41,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(study: Study, argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        study = apply_study_overrides(study, args.overrides)
-        trials = study.trials()
-        fingerprint = study.fingerprint()
-    except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """Entry point of every study file; exit code 2, with the reason, for a bad study or spec
+    (orchestrator.cli.run_cli)."""
+    return run_cli(lambda args: _main(study, args), argv)
+
+
+def _main(study: Study, argv: list[str]) -> int:
+    args = parse_args(argv)
+    study = apply_study_overrides(study, args.overrides)
+    trials = study.trials()
+    fingerprint = study.fingerprint()
     if args.dry_run:
         return dry_run(study, trials)
-    logging.basicConfig(level=os.environ.get("ORCH_LOG_LEVEL", "INFO"))
     client = _mlflow_client(study)
     parent = None
     if client is not None:

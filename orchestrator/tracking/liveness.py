@@ -28,6 +28,8 @@ import threading
 import time
 from typing import Any
 
+from orchestrator.cli import run_cli
+from orchestrator.errors import UsageError
 from orchestrator.tracking.tags import ERROR_TAG, HEARTBEAT_TAG, JOB_TAG, RAY_JOB_TAG
 
 log = logging.getLogger(__name__)
@@ -156,6 +158,11 @@ def sweep_experiment(name: str) -> list[tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: mark the dead runs ended, one line each; exit code 2 on bad input."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="python -m orchestrator.tracking.liveness",
         description="Mark FAILED the RUNNING runs whose job died without a word.",
@@ -164,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stale-min", type=float, default=STALE_S / 60, help="heartbeat age")
     a = p.parse_args(argv)
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise SystemExit(
+        raise UsageError(
             "MLFLOW_TRACKING_URI is not set (local stack: python -m orchestrator.stack env)"
         )
     from mlflow import MlflowClient
@@ -174,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         found = {n: client.get_experiment_by_name(n) for n in a.experiment}
         missing = [n for n, e in found.items() if e is None]
         if missing:
-            raise SystemExit(f"no such experiment: {', '.join(missing)}")
+            raise UsageError(f"no such experiment: {', '.join(missing)}")
         ids = [e.experiment_id for e in found.values()]
     else:
         ids = [e.experiment_id for e in client.search_experiments()]

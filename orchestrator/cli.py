@@ -1,0 +1,59 @@
+"""What every command line shares: the logging set-up and the wrapper that turns errors into exit
+codes.
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        return run_cli(_main, argv)
+
+`run_cli` sets up logging (level from ORCH_LOG_LEVEL, one format), runs the entry point, and
+ends an `orchestrator.errors.OrchestratorError` with one `error: <message>` on stderr and the
+error's exit code (2 for bad input), Ctrl-C with 130. Anything else propagates with its
+traceback: a bug or a failed job should show where it happened. argparse's own usage errors
+exit 2 as they always do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from orchestrator.errors import OrchestratorError, UsageError
+from orchestrator.tracking.redaction import scrub
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVEL_ENV = "ORCH_LOG_LEVEL"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+def setup_logging(default_level: str = "INFO") -> None:
+    """Log to stderr at ORCH_LOG_LEVEL (else `default_level`) in the one format. Does nothing
+    where logging is set up already (a second call, Ray's or pytest's handlers): never twice."""
+    level = os.environ.get(LOG_LEVEL_ENV, default_level).strip().upper()
+    if level not in LOG_LEVELS:
+        raise UsageError(
+            f"{LOG_LEVEL_ENV}={os.environ.get(LOG_LEVEL_ENV)!r} is not a log level: "
+            f"use one of {', '.join(LOG_LEVELS)}"
+        )
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+
+
+def run_cli(
+    main: Callable[[list[str]], int | None],
+    argv: Sequence[str] | None = None,
+    log_level: str = "INFO",
+) -> int:
+    """Run `main` on `argv` (default: sys.argv[1:]) and return its exit code: 0 for None, an
+    OrchestratorError's `exit_code` (its message on stderr), 130 for Ctrl-C."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        setup_logging(log_level)
+        code = main(args)
+    except OrchestratorError as err:
+        print(f"error: {scrub(str(err))}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0 if code is None else code

@@ -1,0 +1,321 @@
+"""The one command-line wrapper (orchestrator.cli) and the error base (orchestrator.errors): exit
+codes, the one `error:` line, logging set up once, and every entry point answering the same."""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import logging
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator.cli import EXIT_INTERRUPTED, LOG_FORMAT, run_cli, setup_logging
+from orchestrator.errors import OrchestratorError, UsageError
+from tests.conftest import ROOT
+
+# ------------------------------------------------------------------------------ run_cli
+
+
+def test_the_entry_points_code_and_argv_come_through() -> None:
+    seen: list[list[str]] = []
+
+    def main(argv: list[str]) -> int:
+        seen.append(argv)
+        return 3
+
+    assert run_cli(main, ("a", "--b")) == 3
+    assert seen == [["a", "--b"]]
+    assert run_cli(lambda argv: None, []) == 0  # None is success
+
+
+def test_argv_defaults_to_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["prog", "x", "y"])
+    assert run_cli(lambda argv: len(argv)) == 2
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (UsageError("--nodes 0: expected >= 1"), 2),
+        (OrchestratorError("job smoke failed at step 3"), 1),
+    ],
+)
+def test_an_orchestrator_error_is_one_line_and_its_exit_code(
+    error: OrchestratorError, code: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def main(argv: list[str]) -> None:
+        print("before")
+        raise error
+
+    assert run_cli(main, []) == code
+    out, err = capsys.readouterr()
+    assert out == "before\n"
+    assert err == f"error: {error}\n"
+
+
+def test_a_subclass_sets_its_own_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    class Busy(OrchestratorError):
+        exit_code = 75
+
+    def main(argv: list[str]) -> None:
+        raise Busy("the store is busy: try again")
+
+    assert run_cli(main, []) == 75
+    assert capsys.readouterr().err == "error: the store is busy: try again\n"
+
+
+def test_a_multi_line_message_keeps_its_lines_under_one_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def main(argv: list[str]) -> None:
+        raise UsageError("pre-flight refused job smoke:\n  - model: bad\n  - data: missing")
+
+    assert run_cli(main, []) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "error: pre-flight refused job smoke:",
+        "  - model: bad",
+        "  - data: missing",
+    ]
+
+
+def test_the_message_is_scrubbed_of_credentials(capsys: pytest.CaptureFixture[str]) -> None:
+    def main(argv: list[str]) -> None:
+        raise UsageError("cannot read s3://AKIAABCDEFGHIJKLMNOP:hunter2secret@bucket/x")
+
+    assert run_cli(main, []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read s3://") and "hunter2secret" not in err, err
+
+
+def test_ctrl_c_exits_130(capsys: pytest.CaptureFixture[str]) -> None:
+    def main(argv: list[str]) -> None:
+        raise KeyboardInterrupt
+
+    assert run_cli(main, []) == EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_any_other_error_propagates_with_its_traceback() -> None:
+    def main(argv: list[str]) -> None:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(main, [])
+
+
+# ------------------------------------------------------------------------------ logging
+
+
+def bare_root_logger(monkeypatch: pytest.MonkeyPatch) -> logging.Logger:
+    """The root logger as a fresh process has it: pytest's handlers (added for each test phase,
+    so set aside here, in the test's body) and level restored after the test."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    return root
+
+
+def test_logging_is_set_up_once_at_orch_log_level(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = bare_root_logger(monkeypatch)
+    monkeypatch.setenv("ORCH_LOG_LEVEL", "debug")
+    assert run_cli(lambda argv: None, []) == 0
+    assert run_cli(lambda argv: None, []) == 0
+    setup_logging()
+    assert len(root.handlers) == 1
+    handler = root.handlers[0]
+    assert handler.formatter is not None and handler.formatter._fmt == LOG_FORMAT
+    assert root.level == logging.DEBUG
+
+
+def test_the_default_level_applies_without_orch_log_level(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = bare_root_logger(monkeypatch)
+    monkeypatch.delenv("ORCH_LOG_LEVEL", raising=False)
+    assert run_cli(lambda argv: None, [], log_level="WARNING") == 0
+    assert root.level == logging.WARNING
+
+
+def test_a_bad_orch_log_level_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = bare_root_logger(monkeypatch)
+    monkeypatch.setenv("ORCH_LOG_LEVEL", "LOUD")
+    ran: list[bool] = []
+    assert run_cli(lambda argv: ran.append(True), []) == 2
+    assert not ran and not root.handlers
+    err = capsys.readouterr().err
+    assert err.startswith("error: ORCH_LOG_LEVEL='LOUD' is not a log level") and "INFO" in err
+
+
+# ------------------------------------------------------------------------------ the error classes
+
+
+# the exception classes kept off the base, each for a reason its own comment gives
+OFF_THE_BASE = {"Terminated", "_Permanent", "_Refused"}
+
+
+def _classes() -> dict[str, tuple[type[BaseException], int, type[BaseException]]]:
+    """Name: (class, exit code, the builtin base its callers catch)."""
+    from orchestrator.checkpoint_refs import CheckpointRefError
+    from orchestrator.data.manifest import DataError, DataUnavailable
+    from orchestrator.ensemble_eval.config import EnsembleError
+    from orchestrator.evaluation import UnknownProtocolError
+    from orchestrator.launch import JobFailed
+    from orchestrator.models.registry import UnknownModelError
+    from orchestrator.paper.layer_responses import LayerResponsesError
+    from orchestrator.plan.job import PlanError
+    from orchestrator.preflight import PreflightError
+    from orchestrator.publish.classifier import WeightsChangedError
+    from orchestrator.publish.register import PublishError
+    from orchestrator.publish.torchvision_export import NotTorchvisionEquivalent
+    from orchestrator.runtime import NotRetried
+    from orchestrator.spec import SpecError
+    from orchestrator.stack import StackError
+    from orchestrator.storage import NotFound
+    from orchestrator.train import NonFiniteLoss
+
+    found = [
+        (SpecError, 2, ValueError),
+        (PreflightError, 2, ValueError),
+        (UnknownModelError, 2, KeyError),
+        (UnknownProtocolError, 2, ValueError),
+        (EnsembleError, 2, ValueError),
+        (CheckpointRefError, 2, ValueError),
+        (PlanError, 2, ValueError),
+        (LayerResponsesError, 2, ValueError),
+        (NotTorchvisionEquivalent, 2, ValueError),
+        (PublishError, 2, RuntimeError),
+        (StackError, 2, RuntimeError),
+        (DataError, 2, RuntimeError),
+        (DataUnavailable, 1, RuntimeError),
+        (NotFound, 1, FileNotFoundError),
+        (JobFailed, 1, RuntimeError),
+        (NotRetried, 1, RuntimeError),
+        (WeightsChangedError, 1, RuntimeError),
+        (NonFiniteLoss, 1, FloatingPointError),
+    ]
+    return {cls.__name__: (cls, code, builtin) for cls, code, builtin in found}
+
+
+def _exception_classes_in_the_source() -> set[str]:
+    """Every class under orchestrator/ that derives from an exception, by its source."""
+    bases: dict[str, set[str]] = {}
+    for path in (ROOT / "orchestrator").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                bases[node.name] = {
+                    b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases
+                }
+    builtin = {
+        name
+        for name, value in vars(builtins).items()
+        if isinstance(value, type) and issubclass(value, BaseException)
+    }
+    errors: set[str] = set()
+    while True:
+        more = {name for name, of in bases.items() if of & (builtin | errors)} - errors
+        if not more:
+            return errors
+        errors |= more
+
+
+ERROR_NAMES = (
+    "SpecError",
+    "PreflightError",
+    "UnknownModelError",
+    "UnknownProtocolError",
+    "EnsembleError",
+    "CheckpointRefError",
+    "PlanError",
+    "LayerResponsesError",
+    "NotTorchvisionEquivalent",
+    "PublishError",
+    "StackError",
+    "DataError",
+    "DataUnavailable",
+    "NotFound",
+    "JobFailed",
+    "NotRetried",
+    "WeightsChangedError",
+    "NonFiniteLoss",
+)
+
+
+@pytest.mark.parametrize("name", ERROR_NAMES)
+def test_every_user_facing_error_has_the_base_and_keeps_its_builtin(name: str) -> None:
+    from orchestrator.runtime import retryable
+
+    cls, code, builtin = _classes()[name]
+    error = cls(["one problem"]) if name == "PreflightError" else cls("what to fix")
+    assert isinstance(error, OrchestratorError) and error.exit_code == code, name
+    assert isinstance(error, builtin), f"{name} is no longer a {builtin.__name__}"
+    if code == 2:
+        assert not retryable(error), f"{name}: bad input cannot pass on a restart"
+
+
+def test_no_exception_class_is_left_off_the_base_unsaid() -> None:
+    assert set(_classes()) == set(ERROR_NAMES)
+    listed = set(ERROR_NAMES) | OFF_THE_BASE | {"OrchestratorError", "UsageError"}
+    assert _exception_classes_in_the_source() == listed
+
+
+def test_job_failed_survives_pickling_with_its_cause() -> None:
+    from orchestrator.launch import JobFailed
+
+    back = pickle.loads(pickle.dumps(JobFailed("job x failed at step 3", "NonFiniteLoss: nan")))
+    assert type(back) is JobFailed and str(back) == "job x failed at step 3"
+    assert back.error == "NonFiniteLoss: nan" and back.exit_code == 1
+
+
+def test_retryability_is_unchanged_where_a_restart_may_help() -> None:
+    from orchestrator.data.manifest import DataUnavailable
+    from orchestrator.launch import JobFailed
+    from orchestrator.runtime import retryable
+    from orchestrator.storage import NotFound
+
+    for error in (DataUnavailable("store down"), JobFailed("lost"), NotFound("x"), OSError()):
+        assert retryable(error), error
+
+
+# ------------------------------------------------------------------------------ every entry point
+
+ENTRY_POINTS = [
+    ["-m", "orchestrator.ensemble_eval"],
+    ["-m", "orchestrator.publish"],
+    ["-m", "orchestrator.plan"],
+    ["-m", "orchestrator.stack"],
+    ["-m", "orchestrator.tracking.liveness"],
+    ["-m", "orchestrator.paper.layer_responses"],
+    ["jobs/smoke.py"],  # launch.main: every job file
+    ["jobs/cifar10_table6.py"],  # orchestrator.study's main: every study file
+    ["jobs/ensemble_eval.py"],
+]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS, ids=lambda e: e[-1])
+def test_every_entry_point_answers_help_and_refuses_a_bad_argument(entry: list[str]) -> None:
+    helped = _run([*entry, "--help"])
+    assert helped.returncode == 0, helped.stderr[-3000:]
+    assert "usage:" in helped.stdout
+    refused = _run([*entry, "--no-such-flag"])
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "error:" in refused.stderr.strip().splitlines()[-1], refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr, refused.stderr[-3000:]
