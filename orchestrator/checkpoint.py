@@ -47,7 +47,6 @@ from orchestrator.storage import open_storage
 
 # torch and numpy are imported where state is (de)serialised: the driver's pre-flight reads
 # the commit markers (JSON) through CheckpointStore without them.
-from orchestrator.tracking.metrics import canonical, canonical_metrics
 
 log = logging.getLogger(__name__)
 MARKER = "COMMITTED"
@@ -122,7 +121,7 @@ class CheckpointStore:
             if problem:
                 broken.append((int(m.group(1)), name, problem))
             else:
-                metrics = canonical_metrics(marker.get("metrics", {}))  # old markers: old names
+                metrics = marker.get("metrics", {})
                 url, position = self.storage.url(name), marker.get("position") or {}
                 out.append(Committed(int(m.group(1)), url, metrics, position, PIN in sizes))
         newest = max((c.step for c in out), default=-1)
@@ -200,9 +199,7 @@ class CheckpointStore:
 def best_checkpoint(found: list[Committed], metric: str) -> Committed | None:
     """The committed checkpoint with the lowest `metric` in its marker; a tie goes to the newer
     step (it trained longer). None if no marker has the metric. Training's report, retention
-    and the ensemble's `--checkpoint best` all choose through here, so they agree. A metric's
-    pre-scheme name (`val_top1_err`) means its current one (`val/top1_err`)."""
-    metric = canonical(metric)
+    and the ensemble's `--checkpoint best` all choose through here, so they agree."""
     scored = [c for c in found if metric in c.metrics]
     return min(scored, key=lambda c: (c.metrics[metric], -c.step)) if scored else None
 

@@ -147,8 +147,7 @@ class DDPStrategy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._base.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        # older checkpoints: the optimizer's own lr is the one its last step used
-        self.momentum.last_lr = state.get("last_lr", self.optimizer.param_groups[0]["lr"])
+        self.momentum.last_lr = state["last_lr"]
 
     def save_shards(self, directory: Path) -> None:
         """DDP state is replicated: rank 0's state_dict is the whole of it."""
@@ -227,7 +226,7 @@ class DeepSpeedStrategy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._base.load_state_dict(state["model"])
-        self.momentum.last_lr = state.get("last_lr")  # older checkpoints: no rescale at resume
+        self.momentum.last_lr = state["last_lr"]
 
     def save_shards(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state")

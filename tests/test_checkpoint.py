@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from orchestrator.checkpoint import (
     best_checkpoint,
     split_checkpoint_url,
 )
-from tests.conftest import odd_shards_data, run_script
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -104,54 +102,3 @@ def test_resume_from_url_parsing() -> None:
 def test_s3_helpers_name_bad_urls() -> None:
     with pytest.raises(ValueError, match="not an s3:// URL"):
         s3.split_url("/local/path")
-
-
-def test_markers_from_before_the_metric_rename_still_rank(store: CheckpointStore) -> None:
-    """Markers written under the old flat names (val_top1_err) read under the new ones, so
-    retention and `best` still find the best of an old run, by either name."""
-    for step, metric in [(1, 0.2), (2, 0.5), (3, 0.6)]:
-        store.write(step, "trainer.pt", {"step": step})
-        store.commit(step, {"val_top1_err": metric, "images_per_s": 10.0})
-    found = store.committed()
-    assert found[0].metrics == {"val/top1_err": 0.2, "system/images_per_s": 10.0}
-    assert best_checkpoint(found, "val/top1_err").step == 1
-    assert best_checkpoint(found, "val_top1_err").step == 1  # an old spec's best_metric
-    store.retain(keep_last=1, best_metric="val/top1_err")
-    assert [c.step for c in store.committed()] == [1, 3]
-
-
-def test_a_run_from_before_the_rename_resumes_and_keeps_its_best(
-    tmp_path: Path, odd_local_shards: Path
-) -> None:
-    """A job whose checkpoints carry the old metric names (and whose spec names its best
-    metric the old way) resumes from its newest one, and its old best survives retention."""
-    job = [
-        "jobs/smoke.py",
-        "--local",
-        "name=old",
-        f"checkpoint.storage={tmp_path}",
-        "model.name=cifar_resnet20",
-        "model.channels_last=false",
-        *odd_shards_data(odd_local_shards, num_workers=0),
-        "scaling.global_batch=8",
-        "eval.every_iters=2",
-        "eval.batch_size=8",
-        "checkpoint.every_iters=2",
-        "checkpoint.keep_last=1",
-        "checkpoint.at_epoch_end=false",
-        "tracking.enabled=false",
-        "checkpoint.best_metric=val_top1_err",
-    ]
-    run_script(*job, "schedule.max_iters=4", "checkpoint.keep_last=5")
-    root = tmp_path / "old" / "checkpoints"
-    for step, err in [(2, 0.01), (4, 0.9)]:  # rewrite both markers as the old scheme wrote them
-        marker_path = root / f"step-{step:08d}" / "COMMITTED"
-        marker = json.loads(marker_path.read_text())
-        metrics = {k: v for k, v in marker["metrics"].items() if not k.startswith("val/top")}
-        marker["metrics"] = {**metrics, "val_top1_err": err, "val_top5_err": err}
-        marker_path.write_text(json.dumps(marker))
-    out = run_script(*job, "schedule.max_iters=6", env={"OMP_NUM_THREADS": "1"})
-    assert "resumed from" in out and "step 4" in out, out[-3000:]
-    found = CheckpointStore(str(root)).committed()
-    assert [c.step for c in found] == [2, 6]  # the newest, and the old best (0.01 at step 2)
-    assert "val/top1_err" in found[-1].metrics

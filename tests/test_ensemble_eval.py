@@ -31,7 +31,6 @@ from orchestrator.paper.comparison import ensemble_markdown, ensemble_rows
 from orchestrator.spec import EvalConfig
 from orchestrator.stack import Stack
 from orchestrator.storage import open_storage
-from orchestrator.tracking.metrics import canonical_metrics
 from orchestrator.tracking.tags import JOB_TAG
 from tests.conftest import ROOT, assert_no_secret_in_runs, run_script
 
@@ -110,9 +109,9 @@ def _probs(run_id: str, tmp: Path) -> dict[str, np.ndarray]:
 
 def _best(storage: str, name: str) -> tuple[int, float]:
     """(step, val/top1_err) of the committed checkpoint with the lowest val/top1_err in its
-    marker (under its current or legacy name); on a tie, the newer."""
+    marker; on a tie, the newer."""
     found = CheckpointStore(f"{storage}/{name}/checkpoints").committed()
-    scored = [(c.step, canonical_metrics(c.metrics).get("val/top1_err")) for c in found]
+    scored = [(c.step, c.metrics.get("val/top1_err")) for c in found]
     return min(((s, e) for s, e in scored if e is not None), key=lambda se: (se[1], -se[0]))
 
 

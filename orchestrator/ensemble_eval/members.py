@@ -11,13 +11,10 @@ from typing import Any
 
 from orchestrator.ensemble_eval.config import EnsembleConfig, EnsembleError, parse_model_ref
 from orchestrator.spec import CheckpointConfig
-from orchestrator.tracking.metrics import canonical, canonical_metrics
-from orchestrator.tracking.tags import JOB_TAG
+from orchestrator.tracking.tags import CHECKPOINT_TAG, ENSEMBLE_TAG, JOB_TAG, PARENT_TAG
 
 log = logging.getLogger(__name__)
 
-ENSEMBLE_TAG = "orchestrator.ensemble"
-PARENT_TAG = "mlflow.parentRunId"
 
 
 @dataclass
@@ -93,7 +90,7 @@ def _load_member(
         run_name=run_name,
         checkpoint_url=url,
         step=committed.step,
-        marker_metrics=canonical_metrics(committed.metrics),
+        marker_metrics=committed.metrics,
         model_name=spec.model.name,
         model_options=spec.model.options(),
         shortcut=spec.model.shortcut,
@@ -136,7 +133,7 @@ def member_from_run(run: Any, checkpoint: str, selected_by: str) -> Member:
     else:
         # the run's own choice (an old run's may be a legacy name), as training chose its best
         metric = run.data.params.get("checkpoint.best_metric", CheckpointConfig().best_metric)
-        chosen = best_checkpoint(found, canonical(metric))
+        chosen = best_checkpoint(found, metric)
         if chosen is None:
             raise EnsembleError(
                 f"{what}: no committed checkpoint under {root} has {metric!r} in its marker "
@@ -161,7 +158,7 @@ def member_from_version(client: Any, ref: str) -> Member:
     what = f"model {ref} (version {mv.version}, run {mv.run_id or '-'})"
     # a logged model's version (source models:/m-...) names its checkpoint in a tag; an older,
     # URL-only version's source is the checkpoint itself
-    url = (mv.tags or {}).get("checkpoint_url") or mv.source or ""
+    url = (mv.tags or {}).get(CHECKPOINT_TAG) or mv.source or ""
     try:
         root, step = split_checkpoint_url(url)
     except ValueError:

@@ -16,12 +16,24 @@ from typing import Any
 import numpy as np
 
 from orchestrator.ensemble_eval.config import EnsembleConfig
-from orchestrator.ensemble_eval.members import ENSEMBLE_TAG, PARENT_TAG, Member
+from orchestrator.ensemble_eval.members import Member
 from orchestrator.ensemble_eval.scoring import Scores
 from orchestrator.evaluation import EvalResult
-from orchestrator.tracking.redaction import redact, redact_tags, scrub
+from orchestrator.tracking.redaction import log_tags, redact, redact_tags, scrub
 from orchestrator.tracking.runs import experiment_id
-from orchestrator.tracking.tags import ERROR_TAG
+from orchestrator.tracking.tags import (
+    CHECKPOINT_CHOICE_TAG,
+    CHECKPOINT_TAG,
+    DEVICE_TAG,
+    ENSEMBLE_TAG,
+    ERROR_TAG,
+    MEMBERS_TAG,
+    MODEL_TAG,
+    PARENT_TAG,
+    PROTOCOL_TAG,
+    SELECTED_BY_TAG,
+    SOURCE_RUN_TAG,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +66,9 @@ class EnsembleRuns:
         name = cfg.name or f"ensemble-{cfg.eval.protocol}-{len(members)}"
         tags = {
             ENSEMBLE_TAG: "parent",
-            "protocol": cfg.eval.protocol,
-            "checkpoint": cfg.checkpoint,
-            "orchestrator.members": ", ".join(m.label for m in members),
+            PROTOCOL_TAG: cfg.eval.protocol,
+            CHECKPOINT_CHOICE_TAG: cfg.checkpoint,
+            MEMBERS_TAG: ", ".join(m.label for m in members),
         }
         run = client.create_run(exp_id, run_name=scrub(name), tags=redact_tags(tags))
         self.parent: str = run.info.run_id
@@ -99,11 +111,11 @@ class EnsembleRuns:
             tags = {
                 PARENT_TAG: self.parent,
                 ENSEMBLE_TAG: "member",
-                "model": m.model_name,
-                "checkpoint_url": m.checkpoint_url,
-                "selected_by": m.selected_by,
-                "source_run_id": m.run_id or "",
-                "protocol": cfg.eval.protocol,
+                MODEL_TAG: m.model_name,
+                CHECKPOINT_TAG: m.checkpoint_url,
+                SELECTED_BY_TAG: m.selected_by,
+                SOURCE_RUN_TAG: m.run_id or "",
+                PROTOCOL_TAG: cfg.eval.protocol,
             }
             run = self.client.create_run(exp_id, run_name=scrub(m.label), tags=redact_tags(tags))
             child = run.info.run_id
@@ -161,7 +173,7 @@ class EnsembleRuns:
             "val/bn_batches": out["bn_batches"],
         }
         self.log_metrics(child, metrics)
-        self.client.set_tag(child, "device", scrub(out["device"]))
+        log_tags(self.client, child, {DEVICE_TAG: out["device"]})
         self.log_json(child, _class_json(r), "per_class_accuracy.json")
         if log_probs:
             self.log_npz(child, "probs.npz", probs=r.probs, labels=r.labels, indices=r.indices)
