@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from orchestrator import storage
 from orchestrator.checkpoint import CheckpointStore
+from orchestrator.checkpoint_refs import job_checkpoints_url
 
 CHAOS_SPEC = [
     "schedule.max_iters=24",
@@ -83,7 +84,7 @@ def logs(job_id: str) -> str:
 
 
 def store(storage: str, name: str) -> CheckpointStore:
-    return CheckpointStore(f"{storage}/{name}/checkpoints")
+    return CheckpointStore(job_checkpoints_url(storage, name))
 
 
 def wait_for_checkpoint(

@@ -33,6 +33,7 @@ def main() -> int:
     from mlflow import MlflowClient
 
     from orchestrator.checkpoint import CheckpointStore
+    from orchestrator.checkpoint_refs import job_checkpoints_url
     from orchestrator.models import count_parameters, create_model
     from orchestrator.spec import CheckpointConfig, DataConfig, JobSpec, ModelConfig, OptimConfig
     from orchestrator.strategy import make_sgd
@@ -55,7 +56,7 @@ def main() -> int:
         "spec": spec.to_dict(),
         "strategy": {"model": net.state_dict(), "optimizer": opt.state_dict()},
     }
-    store = CheckpointStore(f"{args.storage}/{job}/checkpoints")
+    store = CheckpointStore(job_checkpoints_url(args.storage, job))
     store.write(100, "trainer.pt", state)
     store.commit(100, {"val/top1_err": 0.5})
     size = store.storage.sizes("step-00000100")["trainer.pt"]

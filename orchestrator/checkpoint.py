@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.checkpoint_refs import job_checkpoints_url
 from orchestrator.runtime import barrier
 from orchestrator.spec import CheckpointConfig
 from orchestrator.storage import open_storage
@@ -261,7 +262,7 @@ class Checkpointer:
 
     def __init__(self, cfg: CheckpointConfig, job: str, rank: int) -> None:
         self.cfg, self.rank = cfg, rank
-        self.store = CheckpointStore(f"{cfg.storage.rstrip('/')}/{job}/checkpoints")
+        self.store = CheckpointStore(job_checkpoints_url(cfg.storage, job))
         self.saved_step = -1  # the step of the last save (committed or pending)
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self._pending: tuple[int, dict[str, float], dict[str, Any], Future] | None = None

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator import s3
+from orchestrator.checkpoint_refs import spec_checkpoints_url
 from orchestrator.cli import run_cli
 from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.preflight import in_torchrun_child, preflight
@@ -265,7 +266,7 @@ def worker_resources(spec: JobSpec, use_gpu: bool) -> dict[str, float]:
 def _failure(spec: JobSpec, err: Exception) -> JobFailed:
     from orchestrator.checkpoint import CheckpointStore
 
-    latest = CheckpointStore(checkpoints_url(spec)).latest()
+    latest = CheckpointStore(spec_checkpoints_url(spec)).latest()
     where = f"step {latest.step} ({latest.url})" if latest else "none yet"
     cause = getattr(err, "controller_failure", None)  # ray.train.ControllerError's
     if isinstance(cause, NotRetried):
@@ -281,10 +282,6 @@ def _failure(spec: JobSpec, err: Exception) -> JobFailed:
         f"Cause: {error}"
     )
     return JobFailed(message, error)
-
-
-def checkpoints_url(spec: JobSpec) -> str:
-    return f"{spec.checkpoint.storage}/{spec.name}/checkpoints"
 
 
 def run_ray(spec: JobSpec) -> Any:
@@ -326,7 +323,7 @@ def run_ray(spec: JobSpec) -> Any:
         print(str(err), file=sys.stderr)
         mark_job_run(spec.tracking.experiment, spec.name, "FAILED", error=err.error)
         raise SystemExit(1) from None
-    print(f"job {spec.name} finished; checkpoints under {checkpoints_url(spec)}")
+    print(f"job {spec.name} finished; checkpoints under {spec_checkpoints_url(spec)}")
     _print_runs_view(spec)
     return result
 

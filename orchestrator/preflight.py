@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.checkpoint import CheckpointStore, split_checkpoint_url
+from orchestrator.checkpoint_refs import spec_checkpoints_url
 from orchestrator.data.epochs import epoch_batches, resume_problem
 from orchestrator.data.manifest import (
     DataError,
@@ -196,14 +197,9 @@ def check_mean_image(spec: JobSpec, manifest: dict[str, Any]) -> str:
     return f", mean image {'x'.join(str(n) for n in shape)}"
 
 
-def checkpoint_root(spec: JobSpec) -> str:
-    """The job's checkpoint folder, as the Checkpointer names it."""
-    return f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/checkpoints"
-
-
 def check_storage(spec: JobSpec) -> tuple[str, None]:
     """Write, read back and delete a probe object under the job's checkpoint folder."""
-    root = checkpoint_root(spec)
+    root = spec_checkpoints_url(spec)
     store = open_storage(root)
     probe, data = f".preflight-{uuid.uuid4().hex[:12]}", b"pre-flight probe"
     created = _missing_dirs(store.path) if isinstance(store, LocalStorage) else []
@@ -239,7 +235,7 @@ def _missing_dirs(path: Path) -> list[Path]:
 def check_resume(spec: JobSpec) -> tuple[str, None]:
     """The checkpoint the workers would resume from, and whether its data position is exact
     here (orchestrator.data.epochs.resume_problem), as Checkpointer.restore chooses it."""
-    root = checkpoint_root(spec)
+    root = spec_checkpoints_url(spec)
     latest = CheckpointStore(root).latest()
     resume_from = spec.checkpoint.resume_from
     if latest is None and resume_from:

@@ -494,15 +494,15 @@ def test_a_checkpoint_missing_on_local_disk_names_the_machine_and_the_fix(
     nothing there: the error says where it looked and what to do (S3 errors need no hint)."""
     import socket
 
-    from orchestrator.ensemble_eval import EnsembleError, read_trainer_state
+    from orchestrator.checkpoint_refs import CheckpointRefError, read_trainer_state
 
     url = f"{tmp_path}/job/checkpoints/step-00000003"
-    with pytest.raises(EnsembleError) as err:
+    with pytest.raises(CheckpointRefError) as err:
         read_trainer_state(url, "member a")
     text = str(err.value)
     assert text.startswith(f"member a: cannot read {url}/trainer.pt: it does not exist")
     assert socket.gethostname() in text and "every node mounts" in text and "--local" in text
-    with pytest.raises(EnsembleError) as err:
+    with pytest.raises(CheckpointRefError) as err:
         read_trainer_state(f"{s3_prefix}/nothing/checkpoints/step-00000003", "member b")
     assert "trainer.pt: it does not exist" in str(err.value)
     assert "every node mounts" not in str(err.value)

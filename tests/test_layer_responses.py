@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from orchestrator.checkpoint_refs import CheckpointRefError
 from orchestrator.models import create_model
 from orchestrator.models.resnet import BasicBlock, ResNet
 from orchestrator.paper.layer_responses import (
@@ -30,16 +31,15 @@ from orchestrator.paper.layer_responses import (
     LayerResponses,
     LayerResponsesError,
     layer_response_stds,
-    layer_responses_figure,
     log_combined_layer_responses,
     logged_responses,
     main,
     measure_once,
-    plot_layer_responses,
     response_layers,
     responses_for_run,
     validation_batch,
 )
+from orchestrator.paper.plots import layer_responses_figure, plot_layer_responses
 from tests.conftest import odd_shards_config, run_script
 
 # ----------------------------------------------------------------------------- which layers
@@ -197,7 +197,7 @@ def test_bad_images_are_refused() -> None:
         layer_response_stds(net, torch.zeros(3, 32, 32))
     with pytest.raises(LayerResponsesError, match="batch_size=0"):
         layer_response_stds(net, torch.zeros(1, 3, 32, 32), batch_size=0)
-    with pytest.raises(LayerResponsesError, match="checkpoint 'first': expected one of best"):
+    with pytest.raises(CheckpointRefError, match="checkpoint 'first': expected one of best"):
         responses_for_run(None, "RUN", checkpoint="first")  # before any call to MLflow
     with pytest.raises(LayerResponsesError, match="--images 0"):
         responses_for_run(None, "RUN", num_images=0)
@@ -270,11 +270,11 @@ def test_plot_writes_a_png_and_refuses_bad_series(tmp_path: Path) -> None:
     with Image.open(path) as img:
         img.verify()
         assert img.format == "PNG"
-    with pytest.raises(LayerResponsesError, match="no series"):
+    with pytest.raises(ValueError, match="no series"):
         plot_layer_responses({}, tmp_path / "x.png")
-    with pytest.raises(LayerResponsesError, match=r"series \['a'\] have no values"):
+    with pytest.raises(ValueError, match=r"series \['a'\] have no values"):
         plot_layer_responses({"a": []}, tmp_path / "x.png")
-    with pytest.raises(LayerResponsesError, match=r"plain=\['plain-56'\] are not series"):
+    with pytest.raises(ValueError, match=r"plain=\['plain-56'\] are not series"):
         plot_layer_responses({"a": [1.0]}, tmp_path / "x.png", plain={"plain-56"})
 
 

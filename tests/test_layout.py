@@ -4,6 +4,7 @@ a driver needs to resolve a spec import neither torch nor the worker side."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +18,16 @@ PACKAGE = ROOT / "orchestrator"
 LIGHT = {
     "orchestrator",
     "orchestrator.checkpoint",  # the pre-flight reads commit markers; torch only to (de)serialise
+    "orchestrator.checkpoint_refs",  # where a job's checkpoints are: the pre-flight's too
     "orchestrator.data",
     "orchestrator.data.epochs",
     "orchestrator.data.manifest",
     "orchestrator.data.streams",
     "orchestrator.data.tar",
+    "orchestrator.errors",
     "orchestrator.tracking",
     "orchestrator.tracking.metrics",
+    "orchestrator.tracking.tags",
     "orchestrator.models",
     "orchestrator.models.registry",
     "orchestrator.models.zoo",
@@ -159,6 +163,49 @@ def test_the_tracker_does_not_import_publish() -> None:
     tracker = PACKAGE / "tracking" / "tracker.py"
     names = [name for name, _ in imports(tracker)]
     assert not [n for n in names if n.startswith("orchestrator.publish")], names
+
+
+# A path that ends in the `checkpoints` folder, or goes on below it: `f"{root}/{job}/checkpoints"`,
+# `root + "/checkpoints/"`, `os.path.join(root, "checkpoints")`. Prose spells it `.../checkpoints`.
+CHECKPOINTS_FOLDER = re.compile(r"(^|/)checkpoints(/|$)")
+
+
+def checkpoints_folder_strings(path: Path) -> list[int]:
+    """Lines of the string pieces (f-string parts included, docstrings not) that name a job's
+    `checkpoints` folder."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+    }
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings
+        and CHECKPOINTS_FOLDER.search(node.value.replace(".../checkpoints", ""))
+    ]
+
+
+def test_a_jobs_checkpoint_folder_has_one_definition() -> None:
+    """`checkpoint_refs.job_checkpoints_url` alone spells `{storage}/{job}/checkpoints`: copies
+    drifted apart (one kept a trailing slash of checkpoint.storage, so a study looked under
+    another prefix and reran finished trials)."""
+    sources = [*SOURCES, *sorted((ROOT / "bench").rglob("*.py"))]
+    found = {
+        str(path.relative_to(ROOT)): lines
+        for path in sources
+        if (lines := checkpoints_folder_strings(path))
+    }
+    assert list(found) == ["orchestrator/checkpoint_refs.py"], (
+        f"a job's checkpoint folder is spelled outside orchestrator/checkpoint_refs.py: {found}; "
+        "call checkpoint_refs.job_checkpoints_url (or spec_checkpoints_url) instead"
+    )
+    assert len(found["orchestrator/checkpoint_refs.py"]) == 1, found
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -289,3 +289,21 @@ def test_a_local_study_runs_its_trials_one_after_another(stack: Stack, cifar_dat
     assert children[0].info.run_name == f"{name}-cifar_resnet20-s0"
     assert children[0].info.status == "FINISHED"
     assert "| cifar_resnet20 |" in artifact_text(parent.info.run_id, "study/table.md")
+
+
+def test_a_resubmitted_study_with_a_trailing_slash_in_its_storage_reruns_nothing(
+    stack: Stack, cifar_dataset: str, s3_prefix: str
+) -> None:
+    """checkpoint.storage=PREFIX/ (a trailing slash): the trial writes under PREFIX/JOB/..., and
+    a resubmitted study must look there too (once it looked under PREFIX//JOB/..., another S3
+    prefix, found nothing and trained the finished trial again)."""
+    exp, name = f"study-{uuid.uuid4().hex[:6]}", f"sl{uuid.uuid4().hex[:6]}"
+    args = tiny_study_args(
+        cifar_dataset, exp, name, "study.cells=cifar_resnet20", "study.seeds=1",
+        f"checkpoint.storage={s3_prefix}/runs/",
+    )  # fmt: skip
+    first = run_script("jobs/cifar10_table6.py", "--local", *args, timeout=900)
+    assert "1/1 trials finished" in first and "before, not run again" not in first
+    again = run_script("jobs/cifar10_table6.py", "--local", *args, timeout=900)
+    assert f"trial {name}-cifar_resnet20-s0: finished before, not run again" in again, again
+    assert "1/1 trials finished (1 before, not run again)" in again, again[-4000:]

@@ -16,8 +16,9 @@ Members
 The selections add up, in this order: --runs, the experiment's runs (oldest first), --model
 (a checkpoint selected twice counts once); --weights follow that order. A training run's
 checkpoints are found from its tag `orchestrator.job` and its param `checkpoint.storage`:
-`{checkpoint.storage}/{job}/checkpoints` (a `CheckpointStore`); `--checkpoint best` takes the
-committed step with the lowest `checkpoint.best_metric` (val/top1_err) in its commit marker
+`{checkpoint.storage}/{job}/checkpoints` (`orchestrator.checkpoint_refs`, which publish and
+Fig. 7 resolve through too); `--checkpoint best` takes the committed step with the lowest
+`checkpoint.best_metric` (val/top1_err) in its commit marker
 (`orchestrator.checkpoint.best_checkpoint`, as training chooses), `latest` the newest
 committed step. A model version pins its own step.
 
@@ -59,7 +60,6 @@ from orchestrator.ensemble_eval.config import (
     argv_of,
     build_parser,
     parse_args,
-    parse_model_ref,
 )
 from orchestrator.ensemble_eval.driver import main, run
 from orchestrator.ensemble_eval.members import (
@@ -67,7 +67,6 @@ from orchestrator.ensemble_eval.members import (
     check_members,
     member_from_run,
     member_from_version,
-    read_trainer_state,
     resolve_members,
 )
 from orchestrator.ensemble_eval.runs import EnsembleRuns
@@ -98,8 +97,6 @@ __all__ = [
     "member_from_run",
     "member_from_version",
     "parse_args",
-    "parse_model_ref",
-    "read_trainer_state",
     "resolve_members",
     "run",
 ]

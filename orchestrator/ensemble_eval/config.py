@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.checkpoint_refs import CheckpointRefError, parse_model_ref
 from orchestrator.errors import UsageError
 from orchestrator.evaluation import PAPER_SCALES, PROTOCOLS, check_protocol, check_scales
 from orchestrator.spec import EvalConfig
@@ -76,24 +77,11 @@ class EnsembleConfig:
         if self.weights is not None and sum(self.weights) <= 0:
             raise EnsembleError(f"--weights {self.weights}: at least one must be > 0")
         for ref in self.models:
-            parse_model_ref(ref)
+            try:
+                parse_model_ref(ref)
+            except CheckpointRefError as err:
+                raise EnsembleError(f"--model: {err}") from None
         return self
-
-
-def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """`NAME@ALIAS` -> (NAME, ALIAS, None); `NAME/VERSION` -> (NAME, None, VERSION)."""
-    if "@" in ref:
-        name, alias = ref.rsplit("@", 1)
-        if name and alias:
-            return name, alias, None
-    elif "/" in ref:
-        name, version = ref.rsplit("/", 1)
-        if name and version.isdigit():
-            return name, None, version
-    raise EnsembleError(
-        f"--model {ref!r}: expected NAME@ALIAS or NAME/VERSION "
-        "(e.g. resnet152@champion, resnet152/3)"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:

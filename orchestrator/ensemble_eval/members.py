@@ -1,20 +1,27 @@
 """Which checkpoints an ensemble evaluates: members resolved from MLflow runs, an experiment's
-runs or registered model versions, each checked before anything is logged."""
+runs or registered model versions (through orchestrator.checkpoint_refs, whose
+CheckpointRefError names a reference that does not resolve), each checked before anything is
+logged."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import socket
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.ensemble_eval.config import EnsembleConfig, EnsembleError, parse_model_ref
-from orchestrator.spec import CheckpointConfig
-from orchestrator.tracking.tags import CHECKPOINT_TAG, ENSEMBLE_TAG, JOB_TAG, PARENT_TAG
+from orchestrator.checkpoint_refs import (
+    RunCheckpoint,
+    VersionCheckpoint,
+    read_trainer_state,
+    run_checkpoint,
+    trained_net,
+    version_checkpoint,
+)
+from orchestrator.ensemble_eval.config import EnsembleConfig, EnsembleError
+from orchestrator.tracking.tags import ENSEMBLE_TAG, PARENT_TAG
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -35,149 +42,46 @@ class Member:
     weight: float = 1.0
 
 
-def read_trainer_state(url: str, what: str) -> dict[str, Any]:
-    """A committed checkpoint's trainer.pt (spec, model weights, optimizer ...)."""
-    from orchestrator.checkpoint import CheckpointStore, split_checkpoint_url
-
-    root, step = split_checkpoint_url(url)
-    try:
-        return CheckpointStore(root).read(step, "trainer.pt")
-    except Exception as err:
-        why = "it does not exist" if isinstance(err, FileNotFoundError) else ""
-        hint = ""
-        if why and "://" not in url.removeprefix("file://"):
-            # a Ray task may run on another node than the one that wrote the checkpoint
-            hint = (
-                f" (a local path is read on the machine doing the evaluation, here "
-                f"{socket.gethostname()}: on a multi-node Ray cluster, checkpoint.storage must be "
-                "S3 or a filesystem every node mounts; or run with --local where it is)"
-            )
-        why = why or f"{type(err).__name__}: {err}"
-        raise EnsembleError(f"{what}: cannot read {url}/trainer.pt: {why}{hint}") from err
-
-
 def _load_member(
-    label: str,
-    selected_by: str,
-    run_id: str | None,
-    run_name: str | None,
-    root: str,
-    committed: Any,
-    what: str,
+    label: str, selected_by: str, run_name: str | None, ref: RunCheckpoint | VersionCheckpoint
 ) -> Member:
     """Check that a committed checkpoint's trainer.pt fits; its weights are not kept: each
     member's evaluation reads them itself (the driver never holds every member's weights at
     once, nor ships them to Ray tasks)."""
-    from orchestrator.checkpoint import CheckpointStore
-    from orchestrator.spec import JobSpec, from_dict
-
-    url = f"{CheckpointStore(root).root}/step-{committed.step:08d}"
-    state = read_trainer_state(url, what)
-    try:
-        weights = state["strategy"]["model"]
-        spec = from_dict(JobSpec, state["spec"])
-    except Exception as err:
-        raise EnsembleError(
-            f"{what}: {url}/trainer.pt is not a training checkpoint: {err}"
-        ) from err
-    fc = weights.get("fc.weight")
-    if fc is None:
-        raise EnsembleError(f"{what}: {url}: the model state has no fc.weight (not a ResNet?)")
+    net = trained_net(read_trainer_state(ref.url, ref.what), ref.url, ref.what)
     return Member(
         label=label,
         selected_by=selected_by,
-        run_id=run_id,
+        run_id=ref.run_id,
         run_name=run_name,
-        checkpoint_url=url,
-        step=committed.step,
-        marker_metrics=committed.metrics,
-        model_name=spec.model.name,
-        model_options=spec.model.options(),
-        shortcut=spec.model.shortcut,
-        num_classes=int(fc.shape[0]),
-        data=spec.data,
-        seed=spec.seed,
+        checkpoint_url=ref.url,
+        step=ref.step,
+        marker_metrics=ref.committed.metrics,
+        model_name=net.spec.model.name,
+        model_options=net.spec.model.options(),
+        shortcut=net.spec.model.shortcut,
+        num_classes=net.num_classes,
+        data=net.spec.data,
+        seed=net.spec.seed,
     )
-
-
-def _committed(root: str, what: str) -> list[Any]:
-    from orchestrator.checkpoint import CheckpointStore
-
-    try:
-        return CheckpointStore(root).committed()
-    except Exception as err:
-        raise EnsembleError(
-            f"{what}: cannot list checkpoints at {root}: {type(err).__name__}: {err}"
-        ) from err
 
 
 def member_from_run(run: Any, checkpoint: str, selected_by: str) -> Member:
     """The chosen committed checkpoint (`best` or `latest`) of a training run."""
-    from orchestrator.checkpoint import best_checkpoint
-
-    run_id, name = run.info.run_id, run.info.run_name
-    what = f"run {run_id} ({name})"
-    job = run.data.tags.get(JOB_TAG)
-    storage = run.data.params.get("checkpoint.storage")
-    if not job or not storage:
-        raise EnsembleError(
-            f"{what} has no checkpoint: it is not an orchestrator training run (no tag "
-            f"{JOB_TAG!r} or param 'checkpoint.storage')"
-        )
-    root = f"{storage.rstrip('/')}/{job}/checkpoints"
-    found = _committed(root, what)
-    if not found:
-        raise EnsembleError(f"{what} has no committed checkpoint under {root}")
-    if checkpoint == "latest":
-        chosen = found[-1]
-    else:
-        # the run's own choice (an old run's may be a legacy name), as training chose its best
-        metric = run.data.params.get("checkpoint.best_metric", CheckpointConfig().best_metric)
-        chosen = best_checkpoint(found, metric)
-        if chosen is None:
-            raise EnsembleError(
-                f"{what}: no committed checkpoint under {root} has {metric!r} in its marker "
-                "(was validation on?); use --checkpoint latest"
-            )
-    return _load_member(name or run_id, selected_by, run_id, name, root, chosen, what)
+    ref = run_checkpoint(run, checkpoint)
+    return _load_member(ref.run_name or ref.run_id, selected_by, ref.run_name, ref)
 
 
 def member_from_version(client: Any, ref: str) -> Member:
-    """A registered model version: its checkpoint is its tag `checkpoint_url` (versions that
-    orchestrator.publish logged) or its source (URL-only versions)."""
-    from orchestrator.checkpoint import split_checkpoint_url
-
-    name, alias, version = parse_model_ref(ref)
-    try:
-        if alias:
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            mv = client.get_model_version(name, version)
-    except Exception as err:
-        raise EnsembleError(f"model {ref}: not found in the MLflow registry: {err}") from err
-    what = f"model {ref} (version {mv.version}, run {mv.run_id or '-'})"
-    # a logged model's version (source models:/m-...) names its checkpoint in a tag; an older,
-    # URL-only version's source is the checkpoint itself
-    url = (mv.tags or {}).get(CHECKPOINT_TAG) or mv.source or ""
-    try:
-        root, step = split_checkpoint_url(url)
-    except ValueError:
-        raise EnsembleError(
-            f"{what}: source {url!r} is not a checkpoint URL (.../checkpoints/step-NNNNNNNN)"
-        ) from None
-    found = {c.step: c for c in _committed(root, what)}
-    if step not in found:
-        raise EnsembleError(
-            f"{what}: checkpoint {url} is not committed or its files are missing/unreachable"
-        )
+    """A registered model version (NAME@ALIAS or NAME/VERSION) and the checkpoint it names."""
+    found = version_checkpoint(client, ref)
     run_name = None
-    if mv.run_id:
+    if found.run_id:
         try:
-            run_name = client.get_run(mv.run_id).info.run_name
+            run_name = client.get_run(found.run_id).info.run_name
         except Exception as err:  # noqa: BLE001 - the version stands on its own
-            log.debug("model %s: run %s not readable: %s", ref, mv.run_id, err)
-    label = f"{name}@{alias}" if alias else f"{name}/{version}"
-    return _load_member(label, f"model {ref}", mv.run_id, run_name, root, found[step], what)
+            log.debug("model %s: run %s not readable: %s", ref, found.run_id, err)
+    return _load_member(str(found.ref), f"model {ref}", run_name, found)
 
 
 def _experiment_runs(client: Any, name: str, filter_string: str) -> list[Any]:

@@ -29,7 +29,9 @@ Logged to the run: `layer_responses.csv` (index from 1, layer, std, rank: 1 = la
 `plots/layer_responses.png` (the paper's two panels), metrics `responses/std_mean`,
 `responses/std_max`, `responses/std_min`, `responses/layers`, `responses/images` at the
 checkpoint's step, and tags `layer_responses.checkpoint_url`, `layer_responses.images`.
-`log_combined_layer_responses` draws several runs on one figure (a study's parent run).
+`log_combined_layer_responses` draws several runs on one figure (a study's parent run). The
+figure itself is drawn by orchestrator.paper.plots (`plot_layer_responses`); the run's
+checkpoint is found and read by orchestrator.checkpoint_refs.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,16 +68,12 @@ __all__ = [
     "main",
     "measure_once",
     "measured_at_last_checkpoint",
-    "plot_layer_responses",
     "response_layers",
     "responses_for_run",
     "validation_batch",
 ]
 
-CHECKPOINTS = ("best", "last")
-# ensemble_eval's word for the last committed checkpoint (the alias is `last`: MLflow reserves
-# `latest`); both are accepted
-_MEMBER_CHOICE = {"best": "best", "last": "latest", "latest": "latest"}
+CHECKPOINTS = ("best", "last")  # `latest` means `last` too (orchestrator.checkpoint_refs)
 CSV_ARTIFACT = "layer_responses.csv"
 PLOT_ARTIFACT = "plots/layer_responses.png"
 DEFAULT_IMAGES = 500
@@ -295,14 +293,6 @@ class LayerResponses:
         }
 
 
-def _check_checkpoint(checkpoint: str) -> str:
-    if checkpoint not in _MEMBER_CHOICE:
-        raise LayerResponsesError(
-            f"checkpoint {checkpoint!r}: expected one of {', '.join(CHECKPOINTS)}"
-        )
-    return _MEMBER_CHOICE[checkpoint]
-
-
 def responses_for_run(
     client: Any,
     run_id: str,
@@ -315,12 +305,17 @@ def responses_for_run(
 ) -> LayerResponses:
     """The layer responses of a training run's `best` or `last` committed checkpoint on the
     first `num_images` validation images of its dataset (or of `data_url`). The checkpoint is
-    found and read as ensemble_eval finds and reads a member's; `device` defaults to CUDA where
-    present. Raises LayerResponsesError or EnsembleError (both ValueError) with the reason."""
-    from orchestrator.ensemble_eval.members import member_from_run, read_trainer_state
+    found and read by orchestrator.checkpoint_refs; `device` defaults to CUDA where present.
+    Raises LayerResponsesError or CheckpointRefError (both ValueError) with the reason."""
+    from orchestrator.checkpoint_refs import (
+        check_which,
+        read_trainer_state,
+        run_checkpoint,
+        trained_net,
+    )
     from orchestrator.models import create_model
 
-    choice = _check_checkpoint(checkpoint)
+    check_which(checkpoint)  # before any call to MLflow
     if num_images < 1 or batch_size < 1:
         raise LayerResponsesError(
             f"--images {num_images}, --batch-size {batch_size}: expected both >= 1"
@@ -329,8 +324,9 @@ def responses_for_run(
         run = client.get_run(run_id)
     except Exception as err:
         raise LayerResponsesError(f"run {run_id}: not found in MLflow: {err}") from err
-    member = member_from_run(run, choice, "run")
-    data = member.data
+    ref = run_checkpoint(run, checkpoint)
+    trained = trained_net(read_trainer_state(ref.url, ref.what), ref.url, ref.what)
+    data = trained.spec.data
     if data_url:
         data = dataclasses.replace(data, url=data_url, source="shards")
     images = validation_batch(data, num_images)
@@ -338,100 +334,21 @@ def responses_for_run(
         log.warning(
             "%s has only %d validation images (asked for %d)", data.url, len(images), num_images
         )
-    net = create_model(member.model_name, member.num_classes, **member.model_options)
-    state = read_trainer_state(member.checkpoint_url, f"run {run_id}")
-    net.load_state_dict(state["strategy"]["model"])
-    del state  # the optimizer's state too
+    model = trained.spec.model
+    net = create_model(model.name, trained.num_classes, **model.options())
+    net.load_state_dict(trained.weights)
+    del trained  # its weights are in the net now
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stds = layer_response_stds(net.to(device), images, batch_size=batch_size)
     return LayerResponses(
-        model=member.model_name,
+        model=model.name,
         layers=list(stds),
         stds=list(stds.values()),
         images=len(images),
         run_id=run_id,
-        checkpoint_url=member.checkpoint_url,
-        step=member.step,
+        checkpoint_url=ref.url,
+        step=ref.step,
     )
-
-
-# ============================================================================================
-# the figure
-
-LINE_STYLES = {True: "-", False: "--"}  # residual solid, plain dashed, as in the paper
-
-
-def _check_series(series: Mapping[str, Sequence[float]], plain: Collection[str]) -> None:
-    if not series:
-        raise LayerResponsesError("plot_layer_responses: no series to draw")
-    empty = [label for label, stds in series.items() if not len(stds)]
-    if empty:
-        raise LayerResponsesError(f"plot_layer_responses: series {empty} have no values")
-    unknown = sorted(set(plain) - set(series))
-    if unknown:
-        raise LayerResponsesError(
-            f"plot_layer_responses: plain={unknown} are not series labels ({', '.join(series)})"
-        )
-
-
-def layer_responses_figure(
-    series: Mapping[str, Sequence[float]],
-    plain: Collection[str] = (),
-    *,
-    title: str = "Standard deviations of layer responses",
-) -> Any:
-    """Fig. 7 as a matplotlib Figure (Agg canvas, no pyplot): top, each series' stds by layer
-    index (from 1); bottom, the same sorted in descending order. Labels in `plain` are drawn
-    dashed, the others solid."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from orchestrator.paper.plots import COLOURS
-
-    _check_series(series, plain)
-    fig = Figure(figsize=(7.0, 6.4), dpi=130)
-    FigureCanvasAgg(fig)
-    top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
-    for i, (label, stds) in enumerate(series.items()):
-        style = {
-            "color": COLOURS[i % len(COLOURS)],
-            "linestyle": LINE_STYLES[label not in plain],
-            "linewidth": 1.4,
-            "label": label,
-        }
-        index = range(1, len(stds) + 1)
-        top.plot(index, list(stds), **style)
-        bottom.plot(index, sorted(stds, reverse=True), **style)
-    top.set_title(title, fontsize=11)
-    top.set_xlabel("layer index (original)")
-    bottom.set_xlabel("layer index (sorted by magnitude)")
-    for ax in (top, bottom):
-        ax.set_ylabel("std")
-        ax.set_xlim(left=0)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, color="#dddddd", linewidth=0.6)
-        ax.legend(loc="best", fontsize=8, framealpha=0.9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_layer_responses(
-    series: Mapping[str, Sequence[float]],
-    path: str | Path,
-    plain: Collection[str] = (),
-    *,
-    title: str = "Standard deviations of layer responses",
-) -> Path:
-    """Draw `layer_responses_figure` (label -> stds in layer order; `plain` labels dashed) to a
-    PNG at `path`; returns the path. Needs matplotlib (the dev extra)."""
-    from orchestrator.paper import plots
-
-    if not plots.available():
-        raise LayerResponsesError("plot_layer_responses needs matplotlib: pip install matplotlib")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    layer_responses_figure(series, plain, title=title).savefig(path, format="png")
-    return path
 
 
 # ============================================================================================
@@ -447,7 +364,7 @@ def _log_figure(client: Any, run_id: str, results: Sequence[LayerResponses], tit
     series = {r.label: r.stds for r in results}
     plain = {r.label for r in results if not r.residual}
     with tempfile.TemporaryDirectory() as tmp:
-        local = plot_layer_responses(series, Path(tmp) / PLOT_ARTIFACT, plain, title=title)
+        local = plots.plot_layer_responses(series, Path(tmp) / PLOT_ARTIFACT, plain, title=title)
         client.log_artifact(run_id, str(local), str(Path(PLOT_ARTIFACT).parent))
 
 

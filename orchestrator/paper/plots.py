@@ -1,4 +1,6 @@
-"""Training curves in the paper's style (He et al. 2016, Figs. 4 and 6).
+"""Training curves in the paper's style (He et al. 2016, Figs. 4 and 6), and Fig. 7's layer
+responses (`layer_responses_figure`, `plot_layer_responses`: orchestrator.paper.layer_responses
+measures them).
 
 Error (%) against iterations: a thin line for the training error and a bold line (with its
 evaluation points marked) for the validation error, one colour per run, and the paper's number
@@ -9,7 +11,7 @@ it is missing, `available()` is False and callers skip their plots.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,3 +165,77 @@ def training_figures(title: str, ref: Any, history: dict[str, Points]) -> list[t
         )
         figures.append(("plots/loss.png", plot))
     return figures
+
+
+# ---------------------------------------------------------------------------- Fig. 7
+
+LINE_STYLES = {True: "-", False: "--"}  # residual solid, plain dashed, as in the paper
+
+
+def _check_series(series: Mapping[str, Sequence[float]], plain: Collection[str]) -> None:
+    if not series:
+        raise ValueError("plot_layer_responses: no series to draw")
+    empty = [label for label, stds in series.items() if not len(stds)]
+    if empty:
+        raise ValueError(f"plot_layer_responses: series {empty} have no values")
+    unknown = sorted(set(plain) - set(series))
+    if unknown:
+        raise ValueError(
+            f"plot_layer_responses: plain={unknown} are not series labels ({', '.join(series)})"
+        )
+
+
+def layer_responses_figure(
+    series: Mapping[str, Sequence[float]],
+    plain: Collection[str] = (),
+    *,
+    title: str = "Standard deviations of layer responses",
+) -> Any:
+    """Fig. 7 as a matplotlib Figure (Agg canvas, no pyplot): top, each series' stds by layer
+    index (from 1); bottom, the same sorted in descending order. Labels in `plain` are drawn
+    dashed, the others solid."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    _check_series(series, plain)
+    fig = Figure(figsize=(7.0, 6.4), dpi=130)
+    FigureCanvasAgg(fig)
+    top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
+    for i, (label, stds) in enumerate(series.items()):
+        style = {
+            "color": COLOURS[i % len(COLOURS)],
+            "linestyle": LINE_STYLES[label not in plain],
+            "linewidth": 1.4,
+            "label": label,
+        }
+        index = range(1, len(stds) + 1)
+        top.plot(index, list(stds), **style)
+        bottom.plot(index, sorted(stds, reverse=True), **style)
+    top.set_title(title, fontsize=11)
+    top.set_xlabel("layer index (original)")
+    bottom.set_xlabel("layer index (sorted by magnitude)")
+    for ax in (top, bottom):
+        ax.set_ylabel("std")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, color="#dddddd", linewidth=0.6)
+        ax.legend(loc="best", fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_responses(
+    series: Mapping[str, Sequence[float]],
+    path: str | Path,
+    plain: Collection[str] = (),
+    *,
+    title: str = "Standard deviations of layer responses",
+) -> Path:
+    """Draw `layer_responses_figure` (label -> stds in layer order; `plain` labels dashed) to a
+    PNG at `path`; returns the path. Needs matplotlib (the dev extra)."""
+    if not available():
+        raise RuntimeError("plot_layer_responses needs matplotlib: pip install matplotlib")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    layer_responses_figure(series, plain, title=title).savefig(path, format="png")
+    return path

@@ -21,11 +21,7 @@ from typing import Any
 
 from orchestrator.cli import run_cli
 from orchestrator.errors import UsageError
-from orchestrator.publish.register import (
-    ALIAS_OF,
-    publish_checkpoint,
-    read_checkpoint,
-)
+from orchestrator.publish.register import ALIAS_OF, publish_checkpoint, read_checkpoint
 from orchestrator.publish.torchvision_export import export_torchvision
 from orchestrator.tracking.redaction import scrub
 
@@ -64,43 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_checkpoint(client: Any, run_id: str, which: str) -> tuple[str, str, str]:
     """(checkpoint URL, job name, best metric) of a training run's best or latest step."""
-    from orchestrator.checkpoint import CheckpointStore, best_checkpoint
-    from orchestrator.spec import CheckpointConfig
-    from orchestrator.tracking.tags import JOB_TAG
+    from orchestrator.checkpoint_refs import run_checkpoint
 
     try:
         run = client.get_run(run_id)
     except Exception as err:
         raise UsageError(f"run {run_id}: not found in MLflow: {scrub(err)[:300]}") from err
-    job = run.data.tags.get(JOB_TAG)
-    storage = run.data.params.get("checkpoint.storage")
-    if not job or not storage:
-        raise UsageError(f"run {run_id} is not an orchestrator training run (no job or storage)")
-    root = f"{storage.rstrip('/')}/{job}/checkpoints"
-    found = CheckpointStore(root).committed()
-    metric = run.data.params.get("checkpoint.best_metric", CheckpointConfig().best_metric)
-    chosen = found[-1] if which == "latest" and found else best_checkpoint(found, metric)
-    if chosen is None:
-        raise UsageError(f"run {run_id}: no committed checkpoint under {root} for {which!r}")
-    return chosen.url, job, metric
+    found = run_checkpoint(run, which)  # a CheckpointRefError is a UsageError: exit 2
+    return found.url, found.job, found.metric
 
 
 def _model_checkpoint(client: Any, ref: str) -> str:
-    from orchestrator.ensemble_eval.config import EnsembleError, parse_model_ref
-    from orchestrator.publish.register import CHECKPOINT_TAG
+    """The committed checkpoint URL of registered version `ref` (NAME@ALIAS or NAME/VERSION)."""
+    from orchestrator.checkpoint_refs import version_checkpoint
 
-    try:
-        name, alias, version = parse_model_ref(ref)
-        mv = (
-            client.get_model_version_by_alias(name, alias)
-            if alias
-            else client.get_model_version(name, version)
-        )
-    except EnsembleError as err:
-        raise UsageError(str(err)) from err
-    except Exception as err:
-        raise UsageError(f"model {ref}: not in the MLflow registry: {scrub(err)[:300]}") from err
-    return (mv.tags or {}).get(CHECKPOINT_TAG) or mv.source
+    return version_checkpoint(client, ref).url
 
 
 def main(argv: Sequence[str] | None = None) -> int:

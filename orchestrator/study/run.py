@@ -55,9 +55,9 @@ def finished_before(spec: JobSpec) -> bool:
     """The job has committed its last iteration and its MLflow run is FINISHED (or tracking
     is off): there is nothing left to run."""
     from orchestrator.checkpoint import CheckpointStore
-    from orchestrator.launch import checkpoints_url
+    from orchestrator.checkpoint_refs import spec_checkpoints_url
 
-    latest = CheckpointStore(checkpoints_url(spec)).latest()
+    latest = CheckpointStore(spec_checkpoints_url(spec)).latest()
     if latest is None or latest.step < spec.schedule.max_iters:
         return False
     if not (spec.tracking.enabled and os.environ.get("MLFLOW_TRACKING_URI")):

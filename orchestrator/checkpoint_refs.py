@@ -1,0 +1,295 @@
+"""Checkpoint references: where a job's checkpoints are, and which committed checkpoint a run,
+a registered model version or an alias means.
+
+    job_checkpoints_url("s3://resnet/runs/", "r50")   # s3://resnet/runs/r50/checkpoints
+    run_checkpoint(run, "best")                       # the run's best committed step
+    version_checkpoint(client, "resnet50@best")        # a registered version's committed step
+    read_trainer_state(url, "run abc")                 # its trainer.pt
+
+`job_checkpoints_url` is the one definition of a job's checkpoint folder: the Checkpointer
+writes there, and the launcher, the pre-flight, studies, publish, ensembles and Fig. 7 look
+there. A run's `best` is the committed step with the lowest value of the run's own
+`checkpoint.best_metric` in its commit marker (as training chooses); `latest` (or `last`, the
+alias publish sets) is the newest committed step.
+
+Light at import time (the pre-flight imports it): torch, MLflow and the checkpoint store are
+imported inside the functions that need them. Bad input raises `CheckpointRefError` (a
+UsageError and a ValueError) whose message names the run, version or URL, and the fix.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from orchestrator.errors import UsageError
+from orchestrator.tracking.tags import CHECKPOINT_TAG, JOB_TAG
+
+if TYPE_CHECKING:
+    from orchestrator.checkpoint import Committed
+    from orchestrator.spec import JobSpec
+
+# which committed checkpoint of a run: `last` is publish's alias for `latest` (MLflow reserves
+# the alias `latest`), so both are accepted
+WHICH = {"best": "best", "latest": "latest", "last": "latest"}
+
+
+class CheckpointRefError(UsageError, ValueError):
+    """A checkpoint reference that does not resolve: the message names it and the fix (a
+    command line exits 2 with it)."""
+
+
+# ---------------------------------------------------------------------------- where
+
+
+def job_checkpoints_url(storage: str, job: str) -> str:
+    """`{storage}/{job}/checkpoints`: the folder of job `job`'s checkpoints under
+    `checkpoint.storage` (an s3:// prefix or a local folder; trailing slashes do not count)."""
+    root = storage.rstrip("/")
+    if not root or not job:
+        raise CheckpointRefError(
+            f"checkpoint folder of job {job!r} under checkpoint.storage={storage!r}: both must "
+            "be set (checkpoint.storage=s3://BUCKET/PREFIX or a folder, and the job's name)"
+        )
+    return f"{root}/{job}/checkpoints"
+
+
+def spec_checkpoints_url(spec: JobSpec) -> str:
+    """The checkpoint folder of the job a spec describes."""
+    return job_checkpoints_url(spec.checkpoint.storage, spec.name)
+
+
+def committed_checkpoints(root: str, what: str) -> list[Committed]:
+    """The committed checkpoints under `root`, oldest first; listing errors name `what`."""
+    from orchestrator.checkpoint import CheckpointStore
+
+    try:
+        return CheckpointStore(root).committed()
+    except Exception as err:
+        raise CheckpointRefError(
+            f"{what}: cannot list checkpoints at {root}: {type(err).__name__}: {err}"
+        ) from err
+
+
+# ---------------------------------------------------------------------------- a run's
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """The committed checkpoint a training run's `best` or `latest` means."""
+
+    run_id: str
+    run_name: str | None
+    job: str
+    root: str  # the job's checkpoint folder
+    committed: Committed
+    metric: str  # the run's checkpoint.best_metric (what `best` is chosen by)
+
+    @property
+    def url(self) -> str:
+        return self.committed.url
+
+    @property
+    def step(self) -> int:
+        return self.committed.step
+
+    @property
+    def what(self) -> str:
+        """How errors name it."""
+        return _run_what(self.run_id, self.run_name)
+
+
+def _run_what(run_id: str, run_name: str | None) -> str:
+    return f"run {run_id} ({run_name})"
+
+
+def check_which(which: str) -> str:
+    """`best`, `latest` or `last` -> `best` or `latest`."""
+    if which not in WHICH:
+        raise CheckpointRefError(
+            f"checkpoint {which!r}: expected one of {', '.join(WHICH)} (the run's best "
+            "committed step by its checkpoint.best_metric, or its newest)"
+        )
+    return WHICH[which]
+
+
+def run_checkpoint(run: Any, which: str = "best") -> RunCheckpoint:
+    """The committed checkpoint of MLflow run `run` (an mlflow Run) that `which` means, found
+    from its tag `orchestrator.job` and its param `checkpoint.storage`."""
+    from orchestrator.checkpoint import best_checkpoint
+    from orchestrator.spec import CheckpointConfig
+
+    choice = check_which(which)
+    run_id, name = run.info.run_id, run.info.run_name
+    what = _run_what(run_id, name)
+    job = run.data.tags.get(JOB_TAG)
+    storage = run.data.params.get("checkpoint.storage")
+    if not job or not storage:
+        raise CheckpointRefError(
+            f"{what} has no checkpoint: it is not an orchestrator training run (no tag "
+            f"{JOB_TAG!r} or param 'checkpoint.storage'); pass a training job's run id"
+        )
+    root = job_checkpoints_url(storage, job)
+    found = committed_checkpoints(root, what)
+    if not found:
+        raise CheckpointRefError(
+            f"{what} has no committed checkpoint under {root}: resubmit the job to train it"
+        )
+    metric = run.data.params.get("checkpoint.best_metric", CheckpointConfig().best_metric)
+    chosen = found[-1] if choice == "latest" else best_checkpoint(found, metric)
+    if chosen is None:
+        raise CheckpointRefError(
+            f"{what}: no committed checkpoint under {root} has {metric!r} in its marker "
+            "(was validation on?); use --checkpoint latest"
+        )
+    return RunCheckpoint(run_id, name, job, root, chosen, metric)
+
+
+# ---------------------------------------------------------------------------- a model version's
+
+
+class ModelRef(NamedTuple):
+    """A registered model version: by alias (`NAME@ALIAS`) or by number (`NAME/VERSION`)."""
+
+    name: str
+    alias: str | None
+    version: str | None
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.alias}" if self.alias else f"{self.name}/{self.version}"
+
+
+def parse_model_ref(ref: str) -> ModelRef:
+    """`NAME@ALIAS` -> (NAME, ALIAS, None); `NAME/VERSION` -> (NAME, None, VERSION)."""
+    if "@" in ref:
+        name, alias = ref.rsplit("@", 1)
+        if name and alias:
+            return ModelRef(name, alias, None)
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        if name and version.isdigit():
+            return ModelRef(name, None, version)
+    raise CheckpointRefError(
+        f"model {ref!r}: expected NAME@ALIAS or NAME/VERSION (e.g. resnet152@champion, resnet152/3)"
+    )
+
+
+@dataclass(frozen=True)
+class VersionCheckpoint:
+    """The committed checkpoint a registered model version reads its weights from."""
+
+    ref: ModelRef
+    version: str  # the version number the reference resolved to
+    run_id: str | None  # the version's training run, if it has one
+    root: str
+    committed: Committed
+
+    @property
+    def url(self) -> str:
+        return self.committed.url
+
+    @property
+    def step(self) -> int:
+        return self.committed.step
+
+    @property
+    def what(self) -> str:
+        """How errors name it."""
+        return _version_what(str(self.ref), self.version, self.run_id)
+
+
+def _version_what(ref: str, version: Any, run_id: str | None) -> str:
+    return f"model {ref} (version {version}, run {run_id or '-'})"
+
+
+def version_checkpoint(client: Any, ref: str) -> VersionCheckpoint:
+    """The committed checkpoint of registered version `ref` (NAME@ALIAS or NAME/VERSION): its
+    tag `checkpoint_url` (versions that orchestrator.publish logged) or its source (URL-only
+    versions). `client` is an MlflowClient."""
+    from orchestrator.checkpoint import split_checkpoint_url
+    from orchestrator.tracking.redaction import scrub
+
+    parsed = parse_model_ref(ref)
+    try:
+        if parsed.alias:
+            mv = client.get_model_version_by_alias(parsed.name, parsed.alias)
+        else:
+            mv = client.get_model_version(parsed.name, parsed.version)
+    except Exception as err:
+        raise CheckpointRefError(
+            f"model {ref}: not found in the MLflow registry ({type(err).__name__}: "
+            f"{scrub(err)[:300]}); check the name and the alias or version number"
+        ) from err
+    what = _version_what(ref, mv.version, mv.run_id)
+    url = (mv.tags or {}).get(CHECKPOINT_TAG) or mv.source or ""
+    try:
+        root, step = split_checkpoint_url(url)
+    except ValueError:
+        raise CheckpointRefError(
+            f"{what}: source {url!r} is not a checkpoint URL (.../checkpoints/step-NNNNNNNN); "
+            "register it again with python -m orchestrator.publish"
+        ) from None
+    found = {c.step: c for c in committed_checkpoints(root, what)}
+    if step not in found:
+        raise CheckpointRefError(
+            f"{what}: checkpoint {url} is not committed or its files are missing/unreachable; "
+            "check checkpoint.storage's endpoint and credentials, or publish another step"
+        )
+    return VersionCheckpoint(parsed, str(mv.version), mv.run_id or None, root, found[step])
+
+
+# ---------------------------------------------------------------------------- reading one
+
+
+def read_trainer_state(url: str, what: str) -> dict[str, Any]:
+    """A committed checkpoint's trainer.pt (spec, model weights, optimizer ...); `what` names
+    the checkpoint in errors (e.g. "run abc (r50)")."""
+    from orchestrator.checkpoint import CheckpointStore, split_checkpoint_url
+
+    try:
+        root, step = split_checkpoint_url(url)
+    except ValueError:
+        raise CheckpointRefError(
+            f"{what}: {url!r} is not a checkpoint URL (.../checkpoints/step-NNNNNNNN)"
+        ) from None
+    try:
+        return CheckpointStore(root).read(step, "trainer.pt")
+    except Exception as err:
+        missing = isinstance(err, FileNotFoundError)
+        hint = ""
+        if missing and "://" not in url.removeprefix("file://"):
+            # a Ray task may run on another node than the one that wrote the checkpoint
+            hint = (
+                f" (a local path is read on the machine doing the reading, here "
+                f"{socket.gethostname()}: on a multi-node Ray cluster, checkpoint.storage must be "
+                "S3 or a filesystem every node mounts; or run with --local where it is)"
+            )
+        why = "it does not exist" if missing else f"{type(err).__name__}: {err}"
+        raise CheckpointRefError(f"{what}: cannot read {url}/trainer.pt: {why}{hint}") from err
+
+
+@dataclass
+class TrainedNet:
+    """What a training checkpoint's trainer.pt says about its net."""
+
+    spec: JobSpec  # the job that trained it
+    weights: dict[str, Any]  # the model's state dict
+    num_classes: int  # from the classifier's rows (a subset run trains fewer than the data's)
+
+
+def trained_net(state: dict[str, Any], url: str, what: str) -> TrainedNet:
+    """The spec and weights in trainer.pt `state` read from `url`, checked to be a ResNet's."""
+    from orchestrator.spec import JobSpec, from_dict
+
+    try:
+        weights = state["strategy"]["model"]
+        spec = from_dict(JobSpec, state["spec"])
+    except Exception as err:
+        raise CheckpointRefError(
+            f"{what}: {url}/trainer.pt is not a training checkpoint: {err}"
+        ) from err
+    fc = weights.get("fc.weight")
+    if fc is None:
+        raise CheckpointRefError(f"{what}: {url}: the model state has no fc.weight (not a ResNet?)")
+    return TrainedNet(spec, weights, int(fc.shape[0]))
