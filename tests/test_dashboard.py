@@ -241,7 +241,7 @@ def test_a_study_parent_run_shows_its_table_and_nested_runs(
     artifacts hold the study table (opened, its rows on screen)."""
     from selenium.webdriver.common.by import By
 
-    from orchestrator.study.grid import ROLE_TAG, STUDY_TAG
+    from orchestrator.tracking.tags import ROLE_TAG, STUDY_TAG
 
     d = browser
     log_in(d, stack)

@@ -21,8 +21,9 @@ import pytest
 
 from orchestrator.paper.layer_responses import CSV_ARTIFACT, PLOT_ARTIFACT
 from orchestrator.stack import Stack
-from orchestrator.study.grid import CELL_TAG, ROLE_TAG, STUDY_TAG, Study, apply_study_overrides
+from orchestrator.study.grid import Study, apply_study_overrides
 from orchestrator.study.grid import grid as study_grid
+from orchestrator.tracking.tags import CELL_TAG, ROLE_TAG, STUDY_TAG
 from tests.conftest import (
     ROOT,
     STUDY_CELLS,
@@ -146,6 +147,31 @@ def test_table_statistics_over_seeds() -> None:
     for r in results:
         r.tags["num_classes"] = "100"
     assert cell_rows(study, results)[0].paper is None
+
+
+def test_the_estimate_honours_the_trials_precision() -> None:
+    """fp32 trains at about half bf16's rate on the anchors' GPU: a trial in fp32 is estimated
+    at the planner's fp32 anchor (resnet50 has one; resnet34 is scaled from it), not bf16's."""
+    from orchestrator.plan import anchors
+    from orchestrator.spec import JobSpec, apply_overrides
+    from orchestrator.study.estimate import estimate
+
+    def rate(*overrides: str) -> float:
+        spec = apply_overrides(JobSpec(name="e"), list(overrides))
+        return estimate(spec).img_per_s_per_gpu
+
+    assert rate() == anchors.IMG_PER_S_PER_GPU[("resnet50", "eager")]
+    assert rate("scaling.precision=fp32") == anchors.IMG_PER_S_PER_GPU[("resnet50", "fp32")]
+    assert rate("model.compile=true") == anchors.IMG_PER_S_PER_GPU[("resnet50", "compiled")]
+    bf16, fp32 = rate("model.name=resnet34"), rate("model.name=resnet34", "scaling.precision=fp32")
+    ratio = (
+        anchors.IMG_PER_S_PER_GPU[("resnet50", "fp32")]
+        / anchors.IMG_PER_S_PER_GPU[("resnet50", "eager")]
+    )
+    assert fp32 == pytest.approx(bf16 * ratio)
+    spec = apply_overrides(JobSpec(name="e"), ["scaling.precision=fp32"])
+    slow, fast = estimate(spec), estimate(apply_overrides(spec, ["scaling.precision=bf16"]))
+    assert slow.gpu_hours > fast.gpu_hours
 
 
 # ----------------------------------------------------------------------------- the stack

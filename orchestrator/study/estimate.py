@@ -3,19 +3,22 @@
 A trial's compute time is max_iters x global_batch / rate, its GPU-hours that time x its GPUs
 (communication left out: the paper's trials use 2 to 8 GPUs of one node, where the planner,
 orchestrator.plan, finds it hidden behind backward). The rate is the planner's measured
-anchor for the net (docs/performance-anchors.md) where there is one, else the ResNet-50
-anchor scaled by multiply-adds per image (counted here on the meta device, at the trial's crop
-size), or a kernel-launch floor where that is slower (LAUNCH_FLOOR_S_PER_LAYER: small CIFAR
+anchor for the net in the trial's precision (orchestrator.plan.numbers.throughput_anchor: bf16
+eager or compiled, or fp32) where there is one, else the ResNet-50 anchor in that precision
+scaled by multiply-adds per image (counted here on the meta device, at the trial's crop size),
+or a kernel-launch floor where that is slower (LAUNCH_FLOOR_S_PER_LAYER: small CIFAR
 nets at batch 64 per GPU are bound by launches, not multiply-adds). Both are estimates until
 measured: run one trial and pass its rate (`study.img_per_s=...`) for a calibrated figure.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
-from orchestrator.plan import anchors
+from orchestrator.plan.job import PlanError
+from orchestrator.plan.numbers import throughput_anchor
 from orchestrator.spec import JobSpec
 
 REFERENCE = "resnet50"  # the anchor other nets are scaled from
@@ -71,21 +74,31 @@ class TrialEstimate:
 
 
 def estimate(spec: JobSpec, img_per_s_per_gpu: float | None = None) -> TrialEstimate:
-    """GPU-hours of one trial on GPUs like the anchors' (one H200 each, bf16)."""
-    gpus = spec.scaling.num_workers
-    mode = "compiled" if spec.model.compile else "eager"
+    """GPU-hours of one trial on GPUs like the anchors' (one H200 each), in its precision."""
     if img_per_s_per_gpu:
         rate, how = img_per_s_per_gpu, "study.img_per_s (given)"
-    elif (spec.model.name, mode) in anchors.IMG_PER_S_PER_GPU:
-        rate = anchors.IMG_PER_S_PER_GPU[(spec.model.name, mode)]
-        how = f"anchor ({anchors.SOURCE}, {mode})"
     else:
-        ours, layers = multiply_adds(spec.model.name, spec.data.image_size, spec.model.num_classes)
-        ref, _ = multiply_adds(REFERENCE, 224)
-        rate = anchors.IMG_PER_S_PER_GPU[(REFERENCE, mode)] * ref / ours
-        how = f"{REFERENCE} anchor x multiply-adds {ref / 1e9:.2f}G/{ours / 1e9:.3f}G"
-        floor = spec.micro_batch() / (layers * LAUNCH_FLOOR_S_PER_LAYER)
-        if floor < rate:
-            rate, how = floor, f"launch floor: {layers} conv layers x 50 us per step (assumed)"
+        rate, how = anchored_rate(spec)
+    gpus = spec.scaling.num_workers
     seconds = spec.schedule.max_iters * spec.scaling.global_batch / (rate * gpus)
     return TrialEstimate(gpus, rate, how, seconds / 3600)
+
+
+def anchored_rate(spec: JobSpec) -> tuple[float, str]:
+    """img/s per GPU from the planner's anchors, and where it comes from: the net's own anchor,
+    else the reference's (same precision and mode) scaled by multiply-adds, or the launch
+    floor where that is slower."""
+    try:
+        return throughput_anchor(spec)
+    except PlanError:
+        pass  # no anchor measured for this net: scaled from the reference's below
+    reference = dataclasses.replace(spec, model=dataclasses.replace(spec.model, name=REFERENCE))
+    ref_rate, _ = throughput_anchor(reference)
+    ours, layers = multiply_adds(spec.model.name, spec.data.image_size, spec.model.num_classes)
+    ref, _ = multiply_adds(REFERENCE, 224)
+    rate = ref_rate * ref / ours
+    how = f"{REFERENCE} anchor x multiply-adds {ref / 1e9:.2f}G/{ours / 1e9:.3f}G"
+    floor = spec.micro_batch() / (layers * LAUNCH_FLOOR_S_PER_LAYER)
+    if floor < rate:
+        return floor, f"launch floor: {layers} conv layers x 50 us per step (assumed)"
+    return rate, how

@@ -17,10 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.spec import JobSpec, SpecError, apply_overrides
+from orchestrator.tracking.tags import CELL_TAG, STUDY_TAG
 
-STUDY_TAG = "orchestrator.study"  # on the parent run and on every trial's run
-ROLE_TAG = "orchestrator.role"  # "study" on the parent run
-CELL_TAG = "orchestrator.cell"  # a trial's cell label
 # What a user may set with study.KEY=VALUE on the command line
 STUDY_KEYS = ("name", "seeds", "max_concurrent", "img_per_s", "cells")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.spec import to_yaml
-from orchestrator.study.grid import ROLE_TAG, STUDY_TAG, Study, Trial
+from orchestrator.study.grid import Study, Trial
 from orchestrator.study.results import (
     TrialResult,
     cell_rows,
@@ -24,7 +24,15 @@ from orchestrator.study.results import (
     table_markdown,
     table_metrics,
 )
-from orchestrator.tracking.redaction import redact, scrub
+from orchestrator.tracking.redaction import log_tags, redact, scrub
+from orchestrator.tracking.tags import (
+    ERROR_TAG,
+    ROLE_TAG,
+    RUN_NAME_TAG,
+    STUDY_FINGERPRINT_TAG,
+    STUDY_PAPER_TAG,
+    STUDY_TAG,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +45,7 @@ def find_parent(client: Any, experiment_id: str, study: str) -> Any:
 
 def open_parent(client: Any, study: Study, trials: Sequence[Trial], fingerprint: str) -> str:
     """The study's parent run id: reopened (RUNNING again) or created, with the grid logged."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
 
     from orchestrator.tracking.runs import experiment_id
 
@@ -46,16 +54,16 @@ def open_parent(client: Any, study: Study, trials: Sequence[Trial], fingerprint:
     tags = {
         STUDY_TAG: study.name,
         ROLE_TAG: "study",
-        "study.paper": study.paper,
-        "study.fingerprint": fingerprint,
-        "mlflow.runName": study.name,
+        STUDY_PAPER_TAG: study.paper,
+        STUDY_FINGERPRINT_TAG: fingerprint,
+        RUN_NAME_TAG: study.name,
     }
     if run is None:
         run = client.create_run(exp_id, run_name=study.name, tags=tags)
         log.info("MLflow parent run %s created for study %s", run.info.run_id, study.name)
     else:
         client.update_run(run.info.run_id, status="RUNNING")
-        client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        log_tags(client, run.info.run_id, tags)
         log.info("continuing MLflow parent run %s of study %s", run.info.run_id, study.name)
     run_id = run.info.run_id
     params = {
@@ -159,8 +167,6 @@ def log_layer_responses(client: Any, run_id: str, results: Sequence[TrialResult]
 
 def close_parent(client: Any, run_id: str, results: Sequence[TrialResult]) -> str:
     """FINISHED when every trial finished, else FAILED with the trials named."""
-    from orchestrator.tracking.liveness import ERROR_TAG
-
     failed = [r for r in results if not r.finished]
     status = "FAILED" if failed else "FINISHED"
     if failed:

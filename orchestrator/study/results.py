@@ -17,6 +17,7 @@ from typing import Any
 from orchestrator.paper import numbers as paper
 from orchestrator.paper.comparison import markdown_table, pct_cell
 from orchestrator.study.grid import Study, Trial
+from orchestrator.tracking.tags import ERROR_TAG, NUM_CLASSES_TAG
 
 History = list[tuple[int, float]]  # (step, value)
 CURVES = ("train/top1_err", "val/top1_err")  # what the figures draw, per trial
@@ -36,7 +37,7 @@ class TrialResult:
     @property
     def num_classes(self) -> int | None:
         """The trained dataset's class count (the loop's run tag), None where not known."""
-        classes = self.tags.get("num_classes")
+        classes = self.tags.get(NUM_CLASSES_TAG)
         return int(classes) if classes else None
 
     @property
@@ -84,7 +85,6 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def read_trial(client: Any, experiment_id: str, trial: Trial, error: str = "") -> TrialResult:
-    from orchestrator.tracking.liveness import ERROR_TAG
     from orchestrator.tracking.run_report import metric_history
     from orchestrator.tracking.runs import find_job_run
 
