@@ -54,6 +54,11 @@ from torch import nn
 from orchestrator.cli import run_cli
 from orchestrator.errors import UsageError
 from orchestrator.models import model_info, unwrap
+from orchestrator.tracking.tags import (
+    CHECKPOINT_TAG,
+    RESPONSES_CHECKPOINT_TAG,
+    RESPONSES_IMAGES_TAG,
+)
 
 log = logging.getLogger(__name__)
 
@@ -390,9 +395,9 @@ def log_layer_responses(
     step = responses.step or 0
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, step) for k, v in responses.metrics().items()]
-    tags = {"layer_responses.images": str(responses.images)}
+    tags = {RESPONSES_IMAGES_TAG: str(responses.images)}
     if responses.checkpoint_url:
-        tags["layer_responses.checkpoint_url"] = responses.checkpoint_url
+        tags[RESPONSES_CHECKPOINT_TAG] = responses.checkpoint_url
     items = [RunTag(k, v) for k, v in redact_tags(tags).items()]
     client.log_batch(run_id, metrics=metrics, tags=items)
     title = f"{responses.label}: std of layer responses ({responses.images} images)"
@@ -402,8 +407,8 @@ def log_layer_responses(
 
 def measured_at_last_checkpoint(tags: Mapping[str, str]) -> bool:
     """A run's tags say its logged responses are of its last checkpoint."""
-    url = tags.get("layer_responses.checkpoint_url")
-    return bool(url) and url == tags.get("checkpoint_url")
+    url = tags.get(RESPONSES_CHECKPOINT_TAG)
+    return bool(url) and url == tags.get(CHECKPOINT_TAG)
 
 
 def logged_responses(client: Any, run_id: str, model: str) -> LayerResponses | None:
@@ -414,14 +419,14 @@ def logged_responses(client: Any, run_id: str, model: str) -> LayerResponses | N
     tags = client.get_run(run_id).data.tags
     if not measured_at_last_checkpoint(tags):
         return None
-    url = tags["layer_responses.checkpoint_url"]
+    url = tags[RESPONSES_CHECKPOINT_TAG]
     text = mlflow.artifacts.load_text(f"runs:/{run_id}/{CSV_ARTIFACT}")
     rows = [line.split(",") for line in text.strip().splitlines()[1:]]
     return LayerResponses(
         model=model,
         layers=[row[1] for row in rows],
         stds=[float(row[2]) for row in rows],
-        images=int(tags.get("layer_responses.images", "0")),
+        images=int(tags.get(RESPONSES_IMAGES_TAG, "0")),
         run_id=run_id,
         checkpoint_url=url,
     )
