@@ -258,3 +258,61 @@ def test_a_dry_run_loads_no_torch(tmp_path: Path) -> None:
     assert "name: " in out.stdout and "scaling:" in out.stdout  # the resolved spec was printed
     assert "# pre-flight ok: model: resnet152" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "HEAVY []", out.stdout[-500:]
+
+
+# Issue 27's limits: a module a newcomer reads in one sitting, a function that fits a screen.
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 80
+
+
+def module_lines(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """`name (N lines from line L)` for each function or method in `path` over `limit` lines,
+    its signature and body counted (decorators not)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [
+        f"{node.name} ({length} lines from line {node.lineno})"
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and (length := (node.end_lineno or node.lineno) - node.lineno + 1) > limit
+    ]
+
+
+def test_the_length_checker_counts_a_function_from_def_to_its_last_line(tmp_path: Path) -> None:
+    def body(lines: int, indent: str) -> str:
+        return "".join(f"{indent}x{i} = {i}\n" for i in range(lines))
+
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "@staticmethod\ndef fits():\n"
+        + body(79, "    ")
+        + "\n\nclass C:\n    async def over(self):\n"
+        + body(80, "        ")
+    )
+    assert long_functions(sample) == ["over (81 lines from line 85)"]
+    assert module_lines(sample) == 165
+
+
+def test_no_module_over_600_lines() -> None:
+    long = {
+        str(path.relative_to(ROOT)): lines
+        for path in SOURCES
+        if (lines := module_lines(path)) > MAX_MODULE_LINES
+    }
+    assert not long, (
+        f"modules over {MAX_MODULE_LINES} lines: {long}; move a coherent group of functions "
+        "into a module of its own"
+    )
+
+
+def test_no_function_over_80_lines() -> None:
+    long = {
+        str(path.relative_to(ROOT)): found for path in SOURCES if (found := long_functions(path))
+    }
+    assert not long, (
+        f"functions over {MAX_FUNCTION_LINES} lines: {long}; split each into steps that name "
+        "what they do"
+    )
