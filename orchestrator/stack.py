@@ -361,7 +361,8 @@ class Stack:
                 try:
                     sock.bind((self.cfg.host, port))
                 except OSError:
-                    variable = "STACK_" + label.split("setting ")[1].split()[0].upper()
+                    setting = label.split("setting ")[1].split()[0].rstrip(")")
+                    variable = f"STACK_{setting.upper()}"
                     raise StackError(
                         f"port {port} for {label} on {self.cfg.host} is already in use by another "
                         f"process: stop it (`ss -ltnp 'sport = :{port}'` shows which), or choose "

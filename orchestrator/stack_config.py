@@ -108,16 +108,16 @@ class StackConfig:
         return [item for service in SERVICES for item in self.ports(service).items()]
 
     def ports(self, service: str) -> dict[int, str]:
-        """Every port a service listens on, with a label naming its setting."""
-        weed = {
-            "s3_port": "SeaweedFS S3",
-            "weed_master_port": "SeaweedFS master",
-            "weed_volume_port": "SeaweedFS volume",
-            "weed_filer_port": "SeaweedFS filer",
-            "weed_admin_port": "SeaweedFS admin",
-        }
+        """Every port a service listens on, with a label naming its setting; SeaweedFS serves
+        gRPC on each of its ports + 10000."""
         names = {
-            "s3": {**weed, **{k: v + " gRPC" for k, v in weed.items()}},
+            "s3": {
+                "s3_port": "SeaweedFS S3",
+                "weed_master_port": "SeaweedFS master",
+                "weed_volume_port": "SeaweedFS volume",
+                "weed_filer_port": "SeaweedFS filer",
+                "weed_admin_port": "SeaweedFS admin",
+            },
             "mlflow": {"mlflow_port": "MLflow server"},
             "ray": {
                 "ray_port": "Ray GCS",
@@ -128,6 +128,8 @@ class StackConfig:
         }[service]
         out: dict[int, str] = {}
         for key, label in names.items():
-            port = getattr(self, key) + (10000 if label.endswith("gRPC") else 0)
-            out[port] = f"{label} (setting {key}{' + 10000' if label.endswith('gRPC') else ''})"
+            out[getattr(self, key)] = f"{label} (setting {key})"
+        if service == "s3":
+            for key, label in names.items():
+                out[getattr(self, key) + 10000] = f"{label} gRPC (setting {key} + 10000)"
         return out

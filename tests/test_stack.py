@@ -209,9 +209,8 @@ def test_port_clash_names_port_and_fix(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         st = Stack(test_stack_config(state_dir=tmp_path, mlflow_port=port))
-        with pytest.raises(
-            StackError, match=rf"port {port} for MLflow server .* already in use.*STACK_MLFLOW_PORT"
-        ):
+        clash = rf"port {port} for MLflow server .* already in use.*STACK_MLFLOW_PORT$"
+        with pytest.raises(StackError, match=clash):
             st.up(("mlflow",))
 
 
@@ -239,6 +238,9 @@ def test_ports_in_rays_worker_range_are_refused(tmp_path: Path) -> None:
         StackConfig.load(state_dir=tmp_path, weed_filer_port=5500)
     with pytest.raises(StackError, match="port 12000 for MLflow server"):
         StackConfig.load(state_dir=tmp_path, mlflow_port=12000)
+    # SeaweedFS's own ports as well as their gRPC twins
+    with pytest.raises(StackError, match=r"port 12000 for SeaweedFS S3 \(setting s3_port\) lies"):
+        StackConfig.load(state_dir=tmp_path, s3_port=12000)
     with pytest.raises(
         StackError,
         match="ray_min_worker_port 9000, ray_max_worker_port 8000: expected 0 < min <= max",
