@@ -550,6 +550,42 @@ def test_a_registry_outage_is_retried(registered: dict[str, Any]) -> None:
     assert client().get_model_version_by_alias(name, "best").version == done["best"].version.version
 
 
+class RefusingRegistry(FlakyRegistry):
+    """The real client, whose registry refuses every new version (permission denied)."""
+
+    def __init__(self) -> None:
+        super().__init__(failures=10**6)
+
+    def create_model_version(self, *args: Any, **kwargs: Any) -> Any:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
+
+        self.calls += 1
+        raise MlflowException("not allowed (test)", error_code=PERMISSION_DENIED)
+
+
+def test_a_refusing_registry_is_asked_once_and_reported(registered: dict[str, Any]) -> None:
+    """A refusal a retry would only repeat (FINAL_ERRORS): one attempt, one problem on the run."""
+    from orchestrator.tracking.runs import experiment_id
+
+    name = f"refused-{uuid.uuid4().hex[:8]}"
+    run_id = client().create_run(experiment_id(client(), f"publish-{name}")).info.run_id
+    refusing = RefusingRegistry()
+    done = publish_run_models(
+        refusing,
+        run_id,
+        name,
+        best_url=registered["url"],
+        latest_url=None,
+        metric="",
+        tags={},
+        backoff_s=0.1,
+    )
+    assert done == {} and refusing.calls == 1
+    problem = client().get_run(run_id).data.tags[REGISTRATION_TAG]
+    assert problem.count("not allowed (test)") == 1, problem
+
+
 def test_a_registry_that_stays_down_never_fails_the_run(
     registered: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -202,7 +202,7 @@ def layer_responses_figure(
     FigureCanvasAgg(fig)
     top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
     for i, (label, stds) in enumerate(series.items()):
-        style = {
+        style: dict[str, Any] = {
             "color": COLOURS[i % len(COLOURS)],
             "linestyle": LINE_STYLES[label not in plain],
             "linewidth": 1.4,
