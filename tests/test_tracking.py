@@ -141,6 +141,26 @@ def test_redact_tags_scrubs_values_and_drops_none(monkeypatch: pytest.MonkeyPatc
     assert redact_tags(tags) == {"dataset": "s3://***@b/d", "error": "401 with ***"}
 
 
+def test_log_tags_redacts_all_but_the_exact_keys(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One request sets the tags on the run: values scrubbed, None left out, an `exact` key
+    (a job's name, how the job finds its run) kept as given."""
+    from orchestrator.tracking.redaction import log_tags
+    from orchestrator.tracking.runs import experiment_id
+
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh")
+    c = client()
+    run_id = c.create_run(experiment_id(c, f"log-tags-{uuid.uuid4().hex[:8]}")).info.run_id
+    job = "job-hf_abcdefgh"  # a name that happens to hold the secret's text
+    tags = {JOB_TAG: job, "dataset": "s3://k:s@b/d", "gone": None}
+    log_tags(c, run_id, tags, exact=[JOB_TAG])
+    got = c.get_run(run_id).data.tags
+    assert got[JOB_TAG] == job and got["dataset"] == "s3://***@b/d" and "gone" not in got
+    log_tags(c, run_id, {"note": "401 with hf_abcdefgh"})
+    assert c.get_run(run_id).data.tags["note"] == "401 with ***"
+
+
 # ----------------------------------------------------------------------------- paper report
 
 
