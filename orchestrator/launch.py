@@ -11,7 +11,9 @@ scaling.num_workers > 1; it needs only torch (how GPU checks run where Ray is ab
 Before either starts a worker, the pre-flight (orchestrator.preflight) checks the model, the
 dataset, the checkpoint storage and the resume; a refusal exits 2 with a message per problem.
 On Ray, a worker error no restart can fix (`runtime.retryable`) ends the job at once instead
-of after scaling.max_failures restarts (`FailFast`).
+of after scaling.max_failures restarts (`FailFast`). Once a job has finished and its workers are
+released, the driver (run_ray; run_local's rank 0) registers its models and writes its paper
+report (orchestrator.publish.finished).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.preflight import in_torchrun_child, preflight
 from orchestrator.runtime import NotRetried, retryable
 from orchestrator.spec import JobSpec, SpecError, apply_overrides, to_yaml
+from orchestrator.tracking.tags import RAY_JOB_TAG
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -133,7 +136,10 @@ def run_local(spec: JobSpec) -> dict[str, float]:
         result = run_worker(spec.to_dict(), Runtime(rank, world, local_rank, device))
     finally:
         destroy_process_group()
-    if rank == 0:
+    if rank == 0:  # the workers are done: models and report from here, on the CPU
+        from orchestrator.publish.finished import publish_finished_job
+
+        publish_finished_job(spec)
         _print_runs_view(spec)
     return result
 
@@ -156,7 +162,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
         local_rank=ctx.get_local_rank(),
         device=ray.train.torch.get_device(),
         report=lambda metrics: ray.train.report(metrics),
-        tags={"ray_job_id": ray.get_runtime_context().get_job_id()},
+        tags={RAY_JOB_TAG: ray.get_runtime_context().get_job_id()},
         node=ray.get_runtime_context().get_node_id(),
     )
     run_worker(config["spec"], rt)
@@ -289,6 +295,7 @@ def run_ray(spec: JobSpec) -> Any:
     _check_ray_address()
     import ray
 
+    from orchestrator.publish.finished import publish_finished_job
     from orchestrator.runtime import raise_on_sigterm
     from orchestrator.tracking.runs import mark_job_run
     from orchestrator.tracking.tracker import load_mlflow
@@ -324,6 +331,15 @@ def run_ray(spec: JobSpec) -> Any:
         mark_job_run(spec.tracking.experiment, spec.name, "FAILED", error=err.error)
         raise SystemExit(1) from None
     print(f"job {spec.name} finished; checkpoints under {spec_checkpoints_url(spec)}")
+    try:  # the worker group is released: the driver registers the models, on its CPU
+        publish_finished_job(spec)
+    except KeyboardInterrupt:
+        print(
+            f"job {spec.name} stopped while publishing; its training is complete: register its "
+            "models with python -m orchestrator.publish --run RUN_ID",
+            file=sys.stderr,
+        )
+        raise SystemExit(143) from None
     _print_runs_view(spec)
     return result
 

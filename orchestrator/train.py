@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from orchestrator.checkpoint import Checkpointer, best_checkpoint, rng_state, set_rng_state
+from orchestrator.checkpoint import Checkpointer, rng_state, set_rng_state
 from orchestrator.cli import setup_logging
 from orchestrator.data import (
     DataError,
@@ -36,10 +36,20 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.models import create_model, unwrap
 from orchestrator.runtime import Runtime, Terminated, all_reduce, raise_on_sigterm
 from orchestrator.schedule import LRSchedule
-from orchestrator.spec import JobSpec, SpecError, to_yaml
+from orchestrator.spec import JobSpec, SpecError
 from orchestrator.strategy import build_strategy
 from orchestrator.tracking.lineage import manifest_sha256
 from orchestrator.tracking.redaction import scrub
+from orchestrator.tracking.tags import (
+    DATASET_TAG,
+    DEVICE_TAG,
+    MANIFEST_TAG,
+    MODEL_TAG,
+    NUM_CLASSES_TAG,
+    PARENT_TAG,
+    STRATEGY_TAG,
+    WORLD_SIZE_TAG,
+)
 from orchestrator.tracking.tracker import NullTracker, Tracker, start_tracker
 
 log = logging.getLogger(__name__)
@@ -203,7 +213,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["manifest_sha256"] != self.manifest_sha256:
             log.warning("the dataset manifest changed since this checkpoint was written")
-        saved = state.get("position") or _old_position(state)
+        saved = state["position"]
         problem = resume_problem(saved, self.data_position())
         if problem:  # before any weights are loaded; a restart would not change it
             raise SpecError(f"step {state['step']}: {problem}")
@@ -483,14 +493,9 @@ class Trainer:
             final["system/checkpoint_stall_s"] = self.save_checkpoint({**self.latest, **final})
         self.checkpointer.commit()
         self._publish(final)
-        if self.rt.rank == 0:
-            committed = self.checkpointer.store.committed()
-            best = best_checkpoint(committed, self.spec.checkpoint.best_metric)
-            self.tracker.finish(
-                "FINISHED",
-                checkpoint_url=committed[-1].url if committed else None,
-                best_checkpoint_url=best.url if best else None,
-            )
+        if self.rt.rank == 0:  # registering models is the driver's, after the workers are gone
+            latest = self.checkpointer.store.latest()
+            self.tracker.finish("FINISHED", checkpoint_url=latest.url if latest else None)
         return self.latest
 
     def _train_metrics(self) -> dict[str, float]:
@@ -517,25 +522,21 @@ class Trainer:
             return
         spec = self.spec
         tags = {
-            "model": spec.model.name,
-            "strategy": spec.scaling.strategy,
-            "world_size": str(self.rt.world_size),
-            "device": self.device.type,
-            "dataset": spec.data.url or "synthetic",
-            "manifest_sha256": self.manifest_sha256,
-            "num_classes": str(self.num_classes),
+            MODEL_TAG: spec.model.name,
+            STRATEGY_TAG: spec.scaling.strategy,
+            WORLD_SIZE_TAG: str(self.rt.world_size),
+            DEVICE_TAG: self.device.type,
+            DATASET_TAG: spec.data.url or "synthetic",
+            MANIFEST_TAG: self.manifest_sha256,
+            NUM_CLASSES_TAG: str(self.num_classes),
             **self.rt.tags,
             **spec.tracking.tags,
         }
         if spec.tracking.parent_run_id:  # MLflow's own tag: the UI nests the run under it
-            tags["mlflow.parentRunId"] = spec.tracking.parent_run_id
+            tags[PARENT_TAG] = spec.tracking.parent_run_id
         self.tracker = start_tracker(
-            spec.tracking.enabled,
-            spec.tracking.experiment,
-            spec.name,
-            spec.flat(),
+            spec,
             tags,
-            to_yaml(spec),
             run_id=self.tracking_run_id,  # from the checkpoint resume() loaded: continue that run
             manifest=self.loader.manifest,
         )
@@ -560,24 +561,6 @@ def warmup_decision(schedule: LRSchedule, hits: torch.Tensor, samples: int, step
     sums = torch.stack([hits.double(), hits.new_tensor(samples, dtype=torch.float64)])
     total_hits, total = all_reduce(sums).tolist()
     return bool(total) and schedule.observe_train_error(1 - total_hits / total, step)
-
-
-def _old_position(state: dict[str, Any]) -> dict[str, Any]:
-    """The data position of a checkpoint written before it was stored: from its spec."""
-    spec = state.get("spec") or {}
-    scaling, data = spec.get("scaling") or {}, spec.get("data") or {}
-    workers = scaling.get("num_workers", 1)
-    synthetic = data.get("source") == "synthetic" or not data.get("url")
-    return {
-        "epoch": state["epoch"],
-        "batch_in_epoch": state["batch_in_epoch"],
-        "world_size": workers,
-        "loader_workers": data.get("num_workers", 0),
-        "micro_batch": scaling.get("micro_batch") or scaling.get("global_batch", 0) // workers,
-        "shuffle_buffer": data.get("shuffle_buffer"),
-        "seed": spec.get("seed"),
-        "source": "synthetic" if synthetic else "shards",
-    }
 
 
 def run_worker(spec_dict: dict[str, Any], rt: Runtime) -> dict[str, float]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from orchestrator.spec import JobSpec, apply_overrides
 from orchestrator.stack import Stack
 from orchestrator.tracking.runs import experiment_runs_view
 from orchestrator.tracking.tracker import MlflowTracker
@@ -35,16 +36,9 @@ TIMEOUT_S = 90  # the UI's first load on a busy 2-core machine
 
 def log_demo_run(experiment: str, job: str, seed: int) -> str:
     """A short run through the tracker: the loop's metric names, a learning-curve shape."""
-    params = {
-        "model.name": "cifar_resnet20",
-        "seed": seed,
-        "eval.protocol": "center",
-        "optim.lr": 0.1,
-        "data.source": "synthetic",
-    }
-    tracker = MlflowTracker(
-        experiment, job, params, {"model": "cifar_resnet20"}, system_metrics_interval_s=None
-    )
+    overrides = ["model.name=cifar_resnet20", f"seed={seed}", "optim.lr=0.1", "data.url="]
+    spec = apply_overrides(JobSpec(name=job), [f"tracking.experiment={experiment}", *overrides])
+    tracker = MlflowTracker(spec, {"model": "cifar_resnet20"}, system_metrics_interval_s=None)
     tau = 12 + 6 * seed
     for step in range(2, 41, 2):
         metrics = {

@@ -370,26 +370,6 @@ def test_the_worker_refuses_an_inexact_resume_of_an_older_checkpoint(
     assert not (storage / "old" / "checkpoints" / "step-00000003").exists()
 
 
-def test_a_checkpoint_from_before_positions_gets_its_position_from_its_spec() -> None:
-    from orchestrator.spec import apply_overrides
-    from orchestrator.train import _old_position
-
-    spec = apply_overrides(
-        load_job_spec("smoke"), ["data.num_workers=3", "scaling.global_batch=64"]
-    )
-    state = {"epoch": 1, "batch_in_epoch": 5, "spec": spec.to_dict()}
-    assert _old_position(state) == {
-        "epoch": 1,
-        "batch_in_epoch": 5,
-        "world_size": 2,
-        "loader_workers": 3,
-        "micro_batch": 32,
-        "shuffle_buffer": 64,
-        "seed": 0,
-        "source": "shards",
-    }
-
-
 # -------------------------------------------------------------------------- Ray's restarts
 
 

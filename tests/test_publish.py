@@ -38,6 +38,7 @@ from orchestrator.publish.classifier import (
     as_images,
     load_net,
 )
+from orchestrator.publish.finished import publish_finished_job
 from orchestrator.publish.register import publish_checkpoint, publish_run_models
 from orchestrator.publish.torchvision_export import (
     NotTorchvisionEquivalent,
@@ -292,6 +293,7 @@ def registered(tracked_smoke_job: dict[str, str]) -> dict[str, Any]:
     assert result.labels[0] == label
     return {
         "job": job,
+        "spec": spec,
         "run": run,
         "version": version,
         "url": url,
@@ -586,22 +588,58 @@ def test_a_refusing_registry_is_asked_once_and_reported(registered: dict[str, An
     assert problem.count("not allowed (test)") == 1, problem
 
 
+class DownRegistry(FlakyRegistry):
+    """The real client, whose model registry never answers (the tracking server does)."""
+
+    def __init__(self) -> None:
+        super().__init__(failures=10**6)
+
+    def create_registered_model(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("registry unreachable (test)")
+
+    def search_model_versions(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("registry unreachable (test)")
+
+
 def test_a_registry_that_stays_down_never_fails_the_run(
     registered: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The run closes FINISHED; the warning and the run's tag say what was not registered."""
+    """The driver's publishing of a finished job: the run stays FINISHED with its paper report;
+    the warning and the run's tag say what was not registered."""
     from orchestrator.tracking.tracker import MlflowTracker
 
-    job = f"down-{uuid.uuid4().hex[:8]}"
-    tracker = MlflowTracker(f"publish-{job}", job, {}, {}, system_metrics_interval_s=None)
-    tracker.client = FlakyRegistry(failures=10**6)
+    # the tracked job's checkpoints, its run in an experiment of its own
+    spec = registered["spec"]
+    spec = dataclasses.replace(
+        spec, tracking=dataclasses.replace(spec.tracking, experiment=f"down-{uuid.uuid4().hex}")
+    )
+    tracker = MlflowTracker(spec, {}, system_metrics_interval_s=None)
+    tracker.log_metrics({"val/top1_err": 0.5, "val/top5_err": 0.25}, 6)
+    tracker.finish("FINISHED")
     with caplog.at_level(logging.WARNING, logger="orchestrator.publish.register"):
-        tracker.finish("FINISHED", best_checkpoint_url=registered["url"])
+        done = publish_finished_job(spec, client=DownRegistry())
+    assert done is not None and done.run_id == tracker.run_id and done.models == {}
     run = client().get_run(tracker.run_id)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and "achieved/top1_err" in run.data.metrics
     assert "registry unreachable" in run.data.tags[REGISTRATION_TAG]
     assert "could not register" in caplog.text and "python -m orchestrator.publish" in caplog.text
     assert open_committed(registered["url"]), "the checkpoint on S3 is untouched"
+
+
+def test_a_finished_job_published_again_registers_and_reports_nothing_twice(
+    registered: dict[str, Any],
+) -> None:
+    """What the driver did at the tracked job's end, done again: the same versions (reused),
+    the report's metrics still at one step."""
+    job, run_id = registered["job"], registered["run"].info.run_id
+    versions = {v.version for v in client().search_model_versions(f"name='{job}'")}
+    achieved = [m.step for m in client().get_metric_history(run_id, "achieved/top1_err")]
+    done = publish_finished_job(registered["spec"])
+    assert done is not None and done.run_id == run_id
+    assert set(done.models) == {"best", "last"} and all(p.reused for p in done.models.values())
+    assert {v.version for v in client().search_model_versions(f"name='{job}'")} == versions
+    assert [m.step for m in client().get_metric_history(run_id, "achieved/top1_err")] == achieved
+    assert len(achieved) == 1
 
 
 def open_committed(url: str) -> bool:

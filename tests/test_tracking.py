@@ -29,6 +29,8 @@ import pytest
 from orchestrator.paper import numbers as paper
 from orchestrator.paper import plots
 from orchestrator.paper.comparison import training_csv, training_markdown, training_rows
+from orchestrator.publish.finished import publish_finished_job
+from orchestrator.spec import JobSpec, apply_overrides, to_yaml
 from orchestrator.stack import Stack
 from orchestrator.storage import open_storage
 from orchestrator.tracking.lineage import manifest_sha256
@@ -43,6 +45,11 @@ ARTIFACTS = ROOT / "test-artifacts"
 
 def uid() -> str:
     return uuid.uuid4().hex[:8]
+
+
+def job_spec(experiment: str, job: str, *overrides: str) -> JobSpec:
+    """Job `job`'s spec, tracked in `experiment`, with `overrides` (section.key=value)."""
+    return apply_overrides(JobSpec(name=job), [f"tracking.experiment={experiment}", *overrides])
 
 
 def client():
@@ -75,9 +82,8 @@ def git_head() -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-def train_metrics(step: int, offset: float = 0.0, val: str = "val/") -> dict[str, float]:
-    """The loop's metric names with a learning-curve shape; `offset` marks who logged them,
-    `val` is the validation errors' prefix ("val_" for a run from before the metric rename)."""
+def train_metrics(step: int, offset: float = 0.0) -> dict[str, float]:
+    """The loop's metric names with a learning-curve shape; `offset` marks who logged them."""
     m = {
         "train/loss": 2.0 * math.exp(-step / 12) + offset,
         "train/top1_err": 0.9 * math.exp(-step / 30),
@@ -88,8 +94,8 @@ def train_metrics(step: int, offset: float = 0.0, val: str = "val/") -> dict[str
         "train/epoch": float(step // 8),
     }
     if step % 5 == 0:
-        m[f"{val}top1_err"] = 0.85 * math.exp(-step / 40)
-        m[f"{val}top5_err"] = 0.5 * math.exp(-step / 40)
+        m["val/top1_err"] = 0.85 * math.exp(-step / 40)
+        m["val/top5_err"] = 0.5 * math.exp(-step / 40)
         m["val/loss"] = 2.1 * math.exp(-step / 14)
     return m
 
@@ -225,14 +231,13 @@ def test_without_matplotlib_a_finished_run_has_its_table_but_no_plots(
 ) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert not plots.available()
-    params = {"model.name": "resnet50", "eval.protocol": "center", "data.source": "synthetic"}
-    tracker = MlflowTracker(
-        f"track-{uid()}", f"noplt-{uid()}", params, {}, system_metrics_interval_s=None
-    )
+    spec = job_spec(f"track-{uid()}", f"noplt-{uid()}", "model.name=resnet50", *SYNTHETIC)
+    tracker = MlflowTracker(spec, {}, system_metrics_interval_s=None)
     for step in (5, 10):
         tracker.log_metrics(train_metrics(step), step)
+    tracker.finish("FINISHED")
     with caplog.at_level(logging.WARNING):
-        tracker.finish("FINISHED")
+        publish_finished_job(spec)
     assert "matplotlib is not installed" in caplog.text
     assert client().list_artifacts(tracker.run_id, "plots") == []
     assert "resnet50" in artifact_text(tracker.run_id, "paper/comparison.md", tmp_path)
@@ -244,9 +249,9 @@ def test_without_matplotlib_a_finished_run_has_its_table_but_no_plots(
 
 def test_start_tracker_off_without_uri_or_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert isinstance(start_tracker(True, "e", "j", {}, {}), NullTracker)
+    assert isinstance(start_tracker(job_spec("e", "j"), {}), NullTracker)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    assert isinstance(start_tracker(False, "e", "j", {}, {}), NullTracker)
+    assert isinstance(start_tracker(job_spec("e", "j", "tracking.enabled=false"), {}), NullTracker)
 
 
 def test_server_unreachable_from_the_start_costs_little_and_never_raises(
@@ -257,7 +262,7 @@ def test_server_unreachable_from_the_start_costs_little_and_never_raises(
         port = sock.getsockname()[1]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     t0 = time.monotonic()
-    tracker = start_tracker(True, "e", f"down-{uid()}", {"optim.lr": 0.1}, {})
+    tracker = start_tracker(job_spec("e", f"down-{uid()}"), {})
     assert isinstance(tracker, MlflowTracker) and not tracker.opened and tracker.run_id is None
     for step in range(1, 21):
         tracker.log_metrics({"train/loss": 1.0 / step}, step)
@@ -273,15 +278,15 @@ def test_server_unreachable_from_the_start_costs_little_and_never_raises(
 
 # ----------------------------------------------------------------------------- one run per job
 
-R34C_PARAMS = {
-    "model.name": "resnet34",
-    "model.shortcut": "C",
-    "eval.protocol": "ten_crop",
-    "data.source": "synthetic",
-    "checkpoint.best_metric": "val/top1_err",
-    "optim.lr": 0.1,
-    "scaling.num_workers": 2,
-}
+SYNTHETIC = ("data.source=synthetic", "data.url=")
+R34C = (
+    "model.name=resnet34",
+    "model.shortcut=C",
+    "eval.protocol=ten_crop",
+    "optim.lr=0.1",
+    "scaling.num_workers=2",
+    *SYNTHETIC,
+)
 R34C_TAGS = {
     "model": "resnet34",
     "strategy": "ddp",
@@ -290,16 +295,14 @@ R34C_TAGS = {
     "ray_job_id": "02000000",
     "num_classes": "1000",
 }
-SPEC_YAML = "model:\n  name: resnet34\n"
-
 # the first attempt of a job, in a process of its own that is SIGKILLed after logging
 KILLED_ATTEMPT = """
 import json, os, signal, sys, time
+from orchestrator.spec import JobSpec, from_dict
 from orchestrator.tracking.tracker import MlflowTracker
 
 a = json.loads(sys.argv[1])
-tracker = MlflowTracker(a["experiment"], a["job"], a["params"], a["tags"], a["spec_yaml"],
-                        system_metrics_interval_s=0.5)
+tracker = MlflowTracker(from_dict(JobSpec, a["spec"]), a["tags"], system_metrics_interval_s=0.5)
 for step, metrics in a["metrics"]:
     tracker.log_metrics(metrics, step)
 time.sleep(2.0)  # a few system-metric samples
@@ -308,16 +311,9 @@ os.kill(os.getpid(), signal.SIGKILL)  # a hard kill: no finish(), the run stays 
 """
 
 
-def hard_killed_attempt(experiment: str, job: str, metrics: list[tuple[int, dict]]) -> str:
+def hard_killed_attempt(spec: JobSpec, metrics: list[tuple[int, dict]]) -> str:
     """Run a job's first attempt in a subprocess and kill it hard; returns its MLflow run id."""
-    args = {
-        "experiment": experiment,
-        "job": job,
-        "params": R34C_PARAMS,
-        "tags": R34C_TAGS,
-        "spec_yaml": SPEC_YAML,
-        "metrics": metrics,
-    }
+    args = {"spec": spec.to_dict(), "tags": R34C_TAGS, "metrics": metrics}
     proc = subprocess.run(
         [sys.executable, "-c", KILLED_ATTEMPT, json.dumps(args)],
         cwd=ROOT,
@@ -333,33 +329,34 @@ def hard_killed_attempt(experiment: str, job: str, metrics: list[tuple[int, dict
 @pytest.fixture(scope="module")
 def resumed(stack: Stack) -> dict[str, Any]:
     """A ResNet-34 C job hard-killed at step 10 and resubmitted (a new Ray job id) from its
-    checkpoint at step 5: steps 6..10 are replayed, then it runs to step 20 and finishes."""
+    checkpoint at step 5: steps 6..10 are replayed, then it runs to step 20 and finishes; then
+    the driver publishes it (it has no committed checkpoint: the paper report only)."""
     exp, job = f"track-{uid()}", f"r34c-{uid()}"
-    first = hard_killed_attempt(exp, job, [(s, train_metrics(s)) for s in range(1, 11)])
+    spec = job_spec(exp, job, *R34C)
+    first = hard_killed_attempt(spec, [(s, train_metrics(s)) for s in range(1, 11)])
     first_status = client().get_run(first).info.status
     first_system_steps = steps(first, "system/cpu_utilization_percentage")
     second = MlflowTracker(
-        exp,
-        job,
-        R34C_PARAMS,
-        {**R34C_TAGS, "ray_job_id": "03000000"},
-        SPEC_YAML,
-        system_metrics_interval_s=0.5,
+        spec, {**R34C_TAGS, "ray_job_id": "03000000"}, system_metrics_interval_s=0.5
     )
     for step in range(6, 21):
         second.log_metrics(train_metrics(step, offset=0.5), step)
     time.sleep(1.5)
-    best = f"s3://resnet/runs/{job}/checkpoints/step-00000015"
     last = f"s3://resnet/runs/{job}/checkpoints/step-00000020"
-    second.finish("FINISHED", checkpoint_url=last, best_checkpoint_url=best)
+    second.finish("FINISHED", checkpoint_url=last)
+    closed = client().get_run(second.run_id)
+    published = publish_finished_job(spec)
     return {
+        "spec": spec,
         "experiment": exp,
         "job": job,
         "first_run_id": first,
         "first_status": first_status,
         "first_system_steps": first_system_steps,
         "run_id": second.run_id,
-        "best": best,
+        "closed": closed,
+        "published": published,
+        "last": last,
     }
 
 
@@ -417,7 +414,7 @@ def test_the_run_records_the_jobs_tags_params_and_spec(
     assert (
         run.data.params["model.shortcut"] == "C" and run.data.params["scaling.num_workers"] == "2"
     )
-    assert artifact_text(resumed["run_id"], "spec.yaml", tmp_path) == SPEC_YAML
+    assert artifact_text(resumed["run_id"], "spec.yaml", tmp_path) == to_yaml(resumed["spec"])
 
 
 def test_a_finished_run_is_compared_with_the_paper(resumed: dict[str, Any], tmp_path: Path) -> None:
@@ -455,71 +452,46 @@ def test_a_finished_run_plots_its_whole_history(resumed: dict[str, Any], tmp_pat
         assert (out / p).read_bytes()[:4] == b"\x89PNG" and (out / p).stat().st_size > 15_000
 
 
-def test_the_best_checkpoint_is_registered(resumed: dict[str, Any]) -> None:
-    """Model = the job's name, alias `best`, source = the checkpoint's URL."""
-    best, job = resumed["best"], resumed["job"]
-    version = client().get_model_version_by_alias(job, "best")
-    assert (version.source, version.run_id) == (best, resumed["run_id"])
-    assert version.tags["checkpoint_url"] == best and best in version.description
-    assert client().get_run(resumed["run_id"]).data.tags["best_checkpoint_url"] == best
+def test_the_tracker_logs_and_closes_and_the_driver_publishes(resumed: dict[str, Any]) -> None:
+    """At finish the run is closed with its last checkpoint, nothing compared or registered;
+    the driver's publishing adds the report afterwards (no checkpoint committed: no model)."""
+    closed = resumed["closed"]
+    assert closed.info.status == "FINISHED"
+    assert closed.data.tags["checkpoint_url"] == resumed["last"]
+    assert not [k for k in closed.data.metrics if k.split("/")[0] in ("paper", "achieved", "gap")]
+    assert "paper.source" not in closed.data.tags
+    published = resumed["published"]
+    assert published is not None and published.run_id == resumed["run_id"]
+    assert published.models == {} and published.report["paper/top1_err"] == 24.19
+    assert client().search_model_versions(f"name='{resumed['job']}'") == []
+    assert "job" not in client().get_run(resumed["run_id"]).data.tags, "one job tag, not two"
 
 
 def test_a_finished_job_submitted_again_reports_nothing_twice(stack: Stack) -> None:
-    """The same run again (attempt 2), the same registered version, the comparison at one step."""
-    exp, job = f"track-{uid()}", f"again-{uid()}"
-    best = f"s3://resnet/runs/{job}/checkpoints/step-00000010"
-    first = MlflowTracker(exp, job, R34C_PARAMS, R34C_TAGS, system_metrics_interval_s=None)
+    """The same run again (attempt 2), the comparison at one step; tests/test_publish.py checks
+    that the models are not registered twice."""
+    spec = job_spec(f"track-{uid()}", f"again-{uid()}", *R34C)
+    first = MlflowTracker(spec, R34C_TAGS, system_metrics_interval_s=None)
     for step in (5, 10):
         first.log_metrics(train_metrics(step), step)
-    first.finish("FINISHED", best_checkpoint_url=best)
-    again = MlflowTracker(exp, job, R34C_PARAMS, R34C_TAGS, system_metrics_interval_s=None)
-    again.finish("FINISHED", best_checkpoint_url=best)
+    first.finish("FINISHED")
+    publish_finished_job(spec)
+    again = MlflowTracker(spec, R34C_TAGS, system_metrics_interval_s=None)
+    again.finish("FINISHED")
+    publish_finished_job(spec)
     assert again.run_id == first.run_id
     assert client().get_run(first.run_id).data.tags["orchestrator.attempt"] == "2"
-    assert len(client().search_model_versions(f"name='{job}'")) == 1
     assert steps(first.run_id, "paper/top1_err") == [10]
-
-
-def test_a_run_from_before_the_metric_rename_is_reported_whole(
-    stack: Stack, tmp_path: Path
-) -> None:
-    """Validation logged as val_top1_err before a resume and as val/top1_err after: the run's
-    history, its comparison with the paper and its curves hold both."""
-    exp, job = f"track-{uid()}", f"rename-{uid()}"
-    old = MlflowTracker(exp, job, R34C_PARAMS, R34C_TAGS, system_metrics_interval_s=None)
-    for step in range(1, 11):
-        old.log_metrics(train_metrics(step, val="val_"), step)
-    old.log_metrics({"val_top1_err": 0.10}, 11)  # the best validation, before the rename
-    new = MlflowTracker(exp, job, R34C_PARAMS, R34C_TAGS, system_metrics_interval_s=None)
-    for step in range(11, 21):
-        new.log_metrics(train_metrics(step), step)
-    new.finish("FINISHED")
-    assert new.run_id == old.run_id
-    assert steps(new.run_id, "val_top1_err") == [5, 10, 11]
-    assert steps(new.run_id, "val/top1_err") == [15, 20]
-    whole = metric_history(client(), new.run_id, "val/top1_err")
-    assert [s for s, _ in whole] == [5, 10, 11, 15, 20]
-    final = train_metrics(20)["val/top1_err"] * 100
-    assert client().get_run(new.run_id).data.metrics["achieved/top1_err"] == pytest.approx(final)
-    md = artifact_text(new.run_id, "paper/comparison.md", tmp_path)
-    assert f"| top-1 error (%) | {final:.2f} | 10.00 | 24.19 |" in md, md
-    if plots.available():
-        names = {a.path for a in client().list_artifacts(new.run_id, "plots")}
-        assert {"plots/top1_error.png", "plots/top5_error.png"} <= names
+    assert steps(first.run_id, "achieved/top1_err") == [10]
 
 
 def test_run_id_from_the_checkpoint_wins_and_killed_status(stack: Stack) -> None:
     job, exp = f"ckpt-{uid()}", f"track-{uid()}"
-    first = MlflowTracker(exp, job, {"optim.lr": 0.1}, {}, system_metrics_interval_s=None)
+    first = MlflowTracker(job_spec(exp, job), {}, system_metrics_interval_s=None)
     first.log_metrics({"train/loss": 1.0}, 1)
     # the same job id found through its checkpoint, even from another experiment setting
     again = MlflowTracker(
-        f"elsewhere-{uid()}",
-        job,
-        {"optim.lr": 0.1},
-        {},
-        run_id=first.run_id,
-        system_metrics_interval_s=None,
+        job_spec(f"elsewhere-{uid()}", job), {}, run_id=first.run_id, system_metrics_interval_s=None
     )
     assert again.run_id == first.run_id
     again.log_metrics({"train/loss": 0.5}, 1)  # a replayed step: not logged twice
@@ -531,12 +503,12 @@ def test_run_id_from_the_checkpoint_wins_and_killed_status(stack: Stack) -> None
         (2, 0.4),
     ]
     # a run id this server does not know (another tracking server): the job found by its tag
-    moved = MlflowTracker(exp, job, {}, {}, run_id="0" * 32, system_metrics_interval_s=None)
+    moved = MlflowTracker(job_spec(exp, job), {}, run_id="0" * 32, system_metrics_interval_s=None)
     assert moved.run_id == first.run_id
     moved.finish("FINISHED")
     # ... and in an experiment where the job never ran: a new run, tagged with the job
     lost = MlflowTracker(
-        f"other-{uid()}", job, {}, {}, run_id="0" * 32, system_metrics_interval_s=None
+        job_spec(f"other-{uid()}", job), {}, run_id="0" * 32, system_metrics_interval_s=None
     )
     assert (
         lost.run_id != first.run_id
@@ -559,7 +531,7 @@ def test_a_system_monitor_that_cannot_start_is_tried_once(
 
     monkeypatch.setattr(system_metrics_monitor, "SystemMetricsMonitor", Broken)
     tracker = MlflowTracker(
-        f"track-{uid()}", f"sysm-{uid()}", {}, {}, system_metrics_interval_s=5.0
+        job_spec(f"track-{uid()}", f"sysm-{uid()}"), {}, system_metrics_interval_s=5.0
     )
     for step in range(1, 6):  # each delivers a metric: a successful flush
         tracker.log_metrics({"train/loss": 1.0 / step}, step)
@@ -581,9 +553,7 @@ def test_the_loops_manifest_is_the_runs_dataset_without_a_second_read(
     url = f"s3://resnet/nothing-here-{uid()}"
     caplog.set_level(logging.WARNING)
     tracker = MlflowTracker(
-        f"track-{uid()}",
-        f"mani-{uid()}",
-        {"data.url": url, "data.source": "shards"},
+        job_spec(f"track-{uid()}", f"mani-{uid()}", f"data.url={url}", "data.source=shards"),
         {"manifest_sha256": manifest_sha256(manifest)},
         manifest=manifest,
         system_metrics_interval_s=None,
@@ -615,23 +585,13 @@ def test_secrets_never_reach_mlflow_or_the_logs(
         "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY",
         aws_secret,
         token,
-        "hunter2-pw",
     ]
-    params = {
-        "data.url": url,
-        "data.source": "shards",
-        "model.name": "resnet50",
-        "eval.protocol": "center",
-        "tracking.note": f"pulled with {token}",
-        "optim.note": f"key {aws_secret}",
-        "db.password": "hunter2-pw",
-    }
+    spec = job_spec(f"track-{uid()}", f"secret-{uid()}", f"data.url={url}", "data.source=shards")
+    # free text in the spec (params, spec.yaml): a password-named key is tested in test_redact_*
+    spec.tracking.tags = {"note": f"pulled with {token}", "other": f"key {aws_secret}"}
     tags = {"dataset": url, "manifest_sha256": "c" * 64, "model": "resnet50"}
-    spec_yaml = f'data:\n  url: "{url}"\nnote: "{token} {aws_secret}"\n'
     caplog.set_level(logging.INFO)
-    tracker = MlflowTracker(
-        f"track-{uid()}", f"secret-{uid()}", params, tags, spec_yaml, system_metrics_interval_s=None
-    )
+    tracker = MlflowTracker(spec, tags, system_metrics_interval_s=None)
     tracker.log_metrics({"train/loss": 1.0}, 1)
     tracker.log_text(f"debug dump {url} {token}", "notes/debug.txt")
     tracker.finish("FAILED", error=f"DataError: cannot read dataset {url} (key {aws_secret})")
@@ -639,10 +599,8 @@ def test_secrets_never_reach_mlflow_or_the_logs(
     run = client().get_run(tracker.run_id)
     assert run.info.status == "FAILED"
     assert run.data.params["data.url"] == "s3://***@resnet/datasets/imagenet"
-    assert (
-        run.data.params["db.password"] == "***"
-        and run.data.params["tracking.note"] == "pulled with ***"
-    )
+    assert run.data.params["tracking.tags.note"] == "pulled with ***"
+    assert run.data.params["tracking.tags.other"] == "key ***"
     assert "DataError: cannot read dataset s3://***@resnet" in run.data.tags["orchestrator.error"]
     [item] = (
         run.inputs.dataset_inputs
@@ -707,7 +665,7 @@ def test_training_job_logs_lineage_paper_and_best_checkpoint(
         and json.loads(item.dataset.source)["uri"] == smoke_dataset
     )
     assert json.loads(item.dataset.profile)["manifest_sha256"] == digest
-    # the loop's metrics, under current names (or, from a loop before the rename, legacy ones)
+    # the loop's metrics, under their names
     logged = set(m)
     expected = {
         "train/loss",
@@ -764,9 +722,7 @@ def test_tracking_server_down_mid_run(mlflow_restored: Stack) -> None:
     it is down, the backlog delivered when it returns, and what had to be dropped counted."""
     stack = mlflow_restored
     tracker = MlflowTracker(
-        f"fault-{uid()}",
-        f"fault-{uid()}",
-        {"optim.lr": 0.1},
+        job_spec(f"fault-{uid()}", f"fault-{uid()}"),
         {},
         system_metrics_interval_s=0.5,
         max_pending=8,
@@ -859,7 +815,10 @@ def test_tracker_stamps_a_heartbeat_until_it_finishes(stack: Stack) -> None:
     from orchestrator.tracking.liveness import HEARTBEAT_TAG
 
     tracker = MlflowTracker(
-        f"beat-{uid()}", f"beat-{uid()}", {}, {}, system_metrics_interval_s=None, heartbeat_s=0.3
+        job_spec(f"beat-{uid()}", f"beat-{uid()}"),
+        {},
+        system_metrics_interval_s=None,
+        heartbeat_s=0.3,
     )
     beat = lambda: int(client().get_run(tracker.run_id).data.tags.get(HEARTBEAT_TAG, "0"))
     deadline = time.monotonic() + 20

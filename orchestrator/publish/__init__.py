@@ -8,5 +8,6 @@
 
 One concern a module: `classifier` (what a loaded model runs: the net by reference to its
 checkpoint, the image pyfunc), `flavor` (the MLflow model folder), `register` (log, register,
-alias; a run's end calls `publish_run_models`), `torchvision_export`, `__main__` (the CLI).
+alias), `finished` (what a finished job's driver runs: its models and its paper report),
+`torchvision_export`, `__main__` (the CLI).
 """

@@ -3,9 +3,9 @@
 `publish_checkpoint` logs one checkpoint as an MLflow model (orchestrator.publish.flavor) and
 registers it as a version of the registered model named after the job, with the given aliases;
 a version already registered for the same checkpoint (and the same weights mode) is reused, so
-publishing again only moves aliases. `publish_run_models` is what a run's end calls: the best
-checkpoint (alias `best`) and the last committed one (alias `last`: MLflow reserves `latest`),
-each retried on registry trouble, never raising.
+publishing again only moves aliases. `publish_run_models` is what a finished job's driver
+calls (orchestrator.publish.finished): the best checkpoint (alias `best`) and the last committed
+one (alias `last`: MLflow reserves `latest`), each retried on registry trouble, never raising.
 
 Where the weights live (`copy_weights`):
 - False (the default): in the committed checkpoint on S3 only. The model holds the net's spec,

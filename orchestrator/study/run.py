@@ -3,7 +3,8 @@
 
 On Tune, each trial is a small driver (no CPU reserved: TRIAL_DRIVER) that runs its job
 as `ray job submit -- python jobs/X.py` would (orchestrator.launch.fit_on_ray: its Ray Train
-worker group, restarts, checkpoints, MLflow run); the job's workers hold the resources.
+worker group, restarts, checkpoints, MLflow run; then, in the trial, its registered models and
+paper report: orchestrator.publish.finished); the job's workers hold the resources.
 Tune runs as many trials at once as the cluster's CPUs (or GPUs) fit trials' worker groups, or
 study.max_concurrent. Tune's state lives in the checkpoint storage under
 studies/<study>-<grid fingerprint>; a resubmitted study restores it (Tuner.restore), so trials
@@ -45,7 +46,7 @@ class Outcome:
     ok: bool
     error: str = ""
     skipped: bool = False  # finished before: not run again
-    wall_s: float = 0.0  # the job's own time in the trial (training, then its Fig. 7)
+    wall_s: float = 0.0  # the job's own time in the trial (training, publishing, its Fig. 7)
 
 
 # ---------------------------------------------------------------------------- one trial
@@ -98,6 +99,7 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
 
     from orchestrator.launch import JobFailed, fit_on_ray
     from orchestrator.preflight import preflight
+    from orchestrator.publish.finished import publish_finished_job
     from orchestrator.tracking.runs import mark_job_run
 
     os.chdir(config["cwd"])  # the study's folder: relative data and storage paths
@@ -111,6 +113,7 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     except JobFailed as err:
         mark_job_run(spec.tracking.experiment, spec.name, "FAILED", error=err.error)
         raise
+    publish_finished_job(spec)  # the job's workers are released: models and report from here
     measure_trial(spec)
     return {"job": spec.name, "skipped": 0, "job_wall_s": time.perf_counter() - t0}
 

@@ -12,7 +12,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from orchestrator.spec import DataConfig
 from orchestrator.tracking.redaction import has_credentials, scrub
+from orchestrator.tracking.tags import DATA_CONTEXT_TAG
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +59,15 @@ def read_manifest(url: str) -> dict[str, Any] | None:
         return None
 
 
-def dataset_input(
-    params: dict[str, Any], digest: str | None, manifest: dict[str, Any] | None
-) -> Any:
-    """The dataset of a run with spec `params` (data.url, data.source) as an MLflow
-    DatasetInput, or None (synthetic data, no manifest, no digest). `digest`: the manifest hash
-    the loop recorded; `manifest`: the one it read (None: read it here)."""
+def dataset_input(data: DataConfig, digest: str | None, manifest: dict[str, Any] | None) -> Any:
+    """The dataset of a run whose spec's data section is `data`, as an MLflow DatasetInput, or
+    None (synthetic data, no manifest, no digest). `digest`: the manifest hash the loop
+    recorded; `manifest`: the one it read (None: read it here)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    url = str(params.get("data.url") or "")
-    if params.get("data.source", "shards") != "shards" or not url:
+    if data.synthetic:
         return None
+    url = data.url
     if manifest is None:
         manifest = read_manifest(url)
     profile: dict[str, Any] = {}
@@ -100,4 +100,4 @@ def dataset_input(
         source=json.dumps({"uri": scrub(url)}),
         profile=json.dumps(profile) if profile else None,
     )
-    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])
+    return DatasetInput(dataset, tags=[InputTag(DATA_CONTEXT_TAG, "train")])

@@ -6,7 +6,6 @@ and another reads is spelled once.
 
 # A training job's run (tracking.tracker, train, launch, liveness).
 JOB_TAG = "orchestrator.job"  # a run's job name: how a job finds its run again
-JOB_NAME_TAG = "job"  # the job's name again, short, for the MLflow UI's columns
 ATTEMPT_TAG = "orchestrator.attempt"  # how many times the job has started this run
 PARAMS_CHANGED_TAG = "orchestrator.params_changed"  # params a resumed attempt changed
 ERROR_TAG = "orchestrator.error"  # why a run failed

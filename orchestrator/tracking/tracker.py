@@ -6,18 +6,18 @@ worker group, a resubmitted job, or one left RUNNING by a hard kill continues th
 Every metric key keeps strictly increasing steps: steps a resumed job replays are not logged
 again.
 
-What the run holds:
-- params: the resolved spec as dotted keys; tags: job, model, strategy, world size, device,
-  git commit, Ray job id, dataset URL and manifest hash; `spec.yaml`; the dataset manifest as
-  the run's input dataset (orchestrator.tracking.lineage);
+What the run holds, from the tracker:
+- params: the resolved spec as dotted keys (`JobSpec.flat`); tags: job, model, strategy, world
+  size, device, git commit, Ray job id, dataset URL and manifest hash; `spec.yaml`; the dataset
+  manifest as the run's input dataset (orchestrator.tracking.lineage);
 - metrics from the loop, and system metrics (CPU, memory, disk, network, GPU where present)
   from MLflow's sampler (orchestrator.tracking.mlflow_internals);
-- at a successful end (orchestrator.tracking.run_report): the paper's number for the same model and
-  protocol beside this run's (metrics `paper/*`, `achieved/*`, `gap/*`,
-  `paper/comparison.{md,csv}`), training curves in the paper's style (`plots/*.png`), both
-  from the run's whole history; the best and the last committed checkpoints logged as MLflow
-  models and registered (registered model = job name, aliases `best` and `latest`;
-  orchestrator.publish), retried and reported, never failing the run.
+- at the end (`finish`): the error, the last committed checkpoint, the count of lost metrics,
+  the status. Nothing more: the tracker logs and closes.
+
+What a finished job adds to its run afterwards comes from the driver, once the worker group has
+released its resources (orchestrator.publish.finished): the registered models and the paper
+report (orchestrator.tracking.run_report).
 
 Secrets never reach params, tags, artifacts or log messages: everything written goes through
 orchestrator.tracking.redaction (`scrub`, `redact`, `redact_tags`).
@@ -37,17 +37,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from orchestrator.spec import JobSpec, to_yaml
 from orchestrator.tracking import mlflow_internals
 from orchestrator.tracking.lineage import dataset_input, git_commit
 from orchestrator.tracking.liveness import HEARTBEAT_S, Heartbeat
-from orchestrator.tracking.redaction import redact, redact_tags, scrub
-from orchestrator.tracking.run_report import log_paper_report
+from orchestrator.tracking.redaction import log_tags, redact, redact_tags, scrub
 from orchestrator.tracking.runs import experiment_id, find_job_run
-from orchestrator.tracking.tags import ERROR_TAG, JOB_TAG, LOST_TAG
+from orchestrator.tracking.tags import (
+    ATTEMPT_TAG,
+    CHECKPOINT_TAG,
+    ERROR_TAG,
+    GIT_COMMIT_TAG,
+    JOB_TAG,
+    LOST_TAG,
+    MANIFEST_TAG,
+    MLFLOW_GIT_COMMIT_TAG,
+    PARAMS_CHANGED_TAG,
+)
 
 log = logging.getLogger(__name__)
 
-JOB_NAME_TAGS = (JOB_TAG, "job")  # the job's name, as given
 # MLflow's client retries an unreachable server for minutes by default; the tracker queues and
 # retries on its own, so each call may fail fast. Users can still set these themselves.
 HTTP_DEFAULTS = {
@@ -66,12 +75,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_text(self, text: str, path: str) -> None: ...
     def finish(
-        self,
-        status: str,
-        error: str | None = None,
-        *,
-        checkpoint_url: str | None = None,
-        best_checkpoint_url: str | None = None,
+        self, status: str, error: str | None = None, *, checkpoint_url: str | None = None
     ) -> None: ...
 
 
@@ -86,7 +90,9 @@ class NullTracker:
     def log_text(self, text: str, path: str) -> None:
         pass
 
-    def finish(self, status: str, error: str | None = None, **checkpoints: str | None) -> None:
+    def finish(
+        self, status: str, error: str | None = None, *, checkpoint_url: str | None = None
+    ) -> None:
         pass
 
 
@@ -98,11 +104,8 @@ class MlflowTracker:
 
     def __init__(
         self,
-        experiment: str,
-        job: str,
-        params: dict[str, Any],
+        spec: JobSpec,
         tags: dict[str, str],
-        spec_yaml: str = "",
         run_id: str | None = None,
         *,
         manifest: dict[str, Any] | None = None,
@@ -116,10 +119,9 @@ class MlflowTracker:
         from mlflow import MlflowClient
 
         self.client = MlflowClient()
-        self.experiment, self.job = experiment, job
-        self.params = dict(params)
+        self.spec = spec
+        self.experiment, self.job = spec.tracking.experiment, spec.name
         self.tags = {k: str(v) for k, v in tags.items() if v is not None}
-        self.spec_yaml = spec_yaml
         self.run_id = run_id  # a hint (from a checkpoint) until the run is open
         self.manifest = manifest  # the dataset's, as the loop read it (None: read it here)
         self.system_metrics_interval_s = system_metrics_interval_s
@@ -168,17 +170,11 @@ class MlflowTracker:
         return find_job_run(self.client, exp_id, self.job)
 
     def _run_tags(self) -> dict[str, str]:
-        tags = {JOB_TAG: self.job, "job": self.job, **self.tags}
+        tags = {JOB_TAG: self.job, **self.tags}
         commit = git_commit()
         if commit:
-            tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
+            tags[GIT_COMMIT_TAG] = tags[MLFLOW_GIT_COMMIT_TAG] = commit
         return tags
-
-    @staticmethod
-    def _safe_tags(tags: dict[str, str]) -> dict[str, str]:
-        """`tags` as they may be written: redacted, except the job's name, which is how the job
-        finds its run again and so is kept exact."""
-        return {**redact_tags(tags), **{k: tags[k] for k in JOB_NAME_TAGS if k in tags}}
 
     def _open(self) -> None:
         exp_id = self._experiment_id()
@@ -186,15 +182,16 @@ class MlflowTracker:
         tags = self._run_tags()
         known: dict[str, int] = {}
         if run is None:
-            first = self._safe_tags({**tags, "orchestrator.attempt": "1"})
+            # redacted, except the job's name: how the job finds its run again, kept exact
+            first = {**redact_tags({**tags, ATTEMPT_TAG: "1"}), JOB_TAG: self.job}
             run = self.client.create_run(exp_id, run_name=self.job, tags=first)
             self.run_id = run.info.run_id
             log.info("MLflow run %s created for job %s", self.run_id, self.job)
         else:
             self.run_id = run.info.run_id
-            attempt = int(run.data.tags.get("orchestrator.attempt", "1")) + 1
+            attempt = int(run.data.tags.get(ATTEMPT_TAG, "1")) + 1
             self.client.update_run(self.run_id, status="RUNNING")
-            self._set_tags({**tags, "orchestrator.attempt": str(attempt)})
+            self._set_tags({**tags, ATTEMPT_TAG: str(attempt)})
             known = mlflow_internals.last_steps(self.client, run)
             log.info(
                 "continuing MLflow run %s of job %s (attempt %d, last step %d)",
@@ -216,16 +213,13 @@ class MlflowTracker:
         self._heartbeat = Heartbeat(self.client, self.run_id, self.heartbeat_s).start()
 
     def _set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, v) for k, v in self._safe_tags(tags).items()]
-        self.client.log_batch(self.run_id, tags=items)
+        log_tags(self.client, self.run_id, tags, exact=(JOB_TAG,))
 
     def _sync_params(self, existing: dict[str, str]) -> None:
         """Log the params the run lacks; params are immutable, so changed ones become a tag."""
         from mlflow.entities import Param
 
-        params = redact(self.params)
+        params = redact(self.spec.flat())
         missing = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(missing), 100):
             self.client.log_batch(self.run_id, params=missing[i : i + 100])
@@ -236,19 +230,17 @@ class MlflowTracker:
                 self.job,
                 changed,
             )
-            self._set_tags({"orchestrator.params_changed": ",".join(changed)})
+            self._set_tags({PARAMS_CHANGED_TAG: ",".join(changed)})
 
     def _log_spec(self, run: Any) -> None:
-        if not self.spec_yaml:
-            return
-        text = scrub(self.spec_yaml)
+        text = scrub(to_yaml(self.spec))
         names = set()
         if run.data.params:
             names = {f.path for f in self.client.list_artifacts(self.run_id)}
         if "spec.yaml" not in names:
             self.client.log_text(self.run_id, text, "spec.yaml")
             return
-        attempt = run.data.tags.get("orchestrator.attempt", "1")
+        attempt = run.data.tags.get(ATTEMPT_TAG, "1")
         with tempfile.TemporaryDirectory() as tmp:
             path = self.client.download_artifacts(self.run_id, "spec.yaml", tmp)
             current = Path(path).read_text()
@@ -256,8 +248,8 @@ class MlflowTracker:
             self.client.log_text(self.run_id, text, f"spec-attempt-{int(attempt) + 1}.yaml")
 
     def _log_dataset(self, run: Any) -> None:
-        digest = self.tags.get("manifest_sha256")
-        item = dataset_input(self.params, digest, self.manifest)
+        digest = self.tags.get(MANIFEST_TAG)
+        item = dataset_input(self.spec.data, digest, self.manifest)
         if item is None:
             return
         inputs = getattr(run, "inputs", None)
@@ -387,18 +379,13 @@ class MlflowTracker:
     # ------------------------------------------------------------------ the end
 
     def finish(
-        self,
-        status: str,
-        error: str | None = None,
-        *,
-        checkpoint_url: str | None = None,
-        best_checkpoint_url: str | None = None,
+        self, status: str, error: str | None = None, *, checkpoint_url: str | None = None
     ) -> None:
-        """Close the run with `status`; on FINISHED also the paper comparison, plots and the
-        best checkpoint's registration. A down server is waited for: up to finish_timeout_s
-        for a run that finished (its whole history is the record of the job; a restarting
-        server can take half a minute to answer again), at most 15 s otherwise (a failed
-        attempt is restarted, a stopped job is SIGKILLed soon)."""
+        """Close the run with `status`, recording `error` and the last committed checkpoint.
+        A down server is waited for: up to finish_timeout_s for a run that finished (its whole
+        history is the record of the job; a restarting server can take half a minute to answer
+        again), at most 15 s otherwise (a failed attempt is restarted, a stopped job is
+        SIGKILLed soon)."""
         if self._finished:
             return
         self._closing = True  # no monitor restarts from here on
@@ -421,19 +408,16 @@ class MlflowTracker:
             )
             if not self.opened:
                 return
-        steps: list[tuple[str, Callable[[], object]]] = []
+        tags: dict[str, str] = {}
         if error:
-            steps.append(("record the error", lambda: self._set_tags({ERROR_TAG: error})))
+            tags[ERROR_TAG] = error
         if checkpoint_url:
-            tag = {"checkpoint_url": checkpoint_url}
-            steps.append(("record the checkpoint", lambda: self._set_tags(tag)))
-        if best_checkpoint_url or (checkpoint_url and status == "FINISHED"):
-            best, last = best_checkpoint_url, checkpoint_url if status == "FINISHED" else None
-            steps.append(("register the models", lambda: self._publish_models(best, last)))
-        if status == "FINISHED":
-            steps.append(("compare with the paper", self._paper_report))
+            tags[CHECKPOINT_TAG] = checkpoint_url
         if lost > self._lost_reported:
-            steps.append(("record lost metrics", lambda: self._set_tags({LOST_TAG: str(lost)})))
+            tags[LOST_TAG] = str(lost)
+        steps: list[tuple[str, Callable[[], object]]] = []
+        if tags:
+            steps.append(("record the end", lambda: self._set_tags(tags)))
         steps.append(("close the run", lambda: self.client.set_terminated(self.run_id, status)))
         for what, step in steps:
             try:
@@ -444,45 +428,21 @@ class MlflowTracker:
                 )
         self._finished = True
 
-    def _publish_models(self, best: str | None, latest: str | None) -> Any:
-        """The best and the last committed checkpoints as MLflow models (@best, @latest):
-        retried, reported, never raising (orchestrator.publish)."""
-        from orchestrator.publish.register import publish_run_models
-
-        metric = str(self.params.get("checkpoint.best_metric", ""))
-        return publish_run_models(
-            self.client,
-            self.run_id,
-            self.job,
-            best_url=best,
-            latest_url=latest,
-            metric=metric,
-            tags={JOB_TAG: self.job},
-        )
-
-    def _paper_report(self) -> dict[str, float]:
-        return log_paper_report(
-            self.client, self.run_id, self.job, self.params, self.tags, self.last_steps
-        )
-
 
 def start_tracker(
-    enabled: bool,
-    experiment: str,
-    job: str,
-    params: dict[str, Any],
+    spec: JobSpec,
     tags: dict[str, str],
-    spec_yaml: str = "",
     run_id: str | None = None,
     manifest: dict[str, Any] | None = None,
 ) -> Tracker:
-    """An MLflow tracker where MLFLOW_TRACKING_URI is set and MLflow imports; else a no-op.
-    `run_id` (from the job's checkpoint) names the run to continue; `manifest` is the dataset's,
-    already read (else the tracker reads it from data.url)."""
-    if not enabled or not os.environ.get("MLFLOW_TRACKING_URI"):
+    """An MLflow tracker for job `spec` where spec.tracking.enabled, MLFLOW_TRACKING_URI is set
+    and MLflow imports; else a no-op. `run_id` (from the job's checkpoint) names the run to
+    continue; `manifest` is the dataset's, already read (else the tracker reads it from
+    data.url)."""
+    if not spec.tracking.enabled or not os.environ.get("MLFLOW_TRACKING_URI"):
         return NullTracker()
     try:
-        return MlflowTracker(experiment, job, params, tags, spec_yaml, run_id, manifest=manifest)
+        return MlflowTracker(spec, tags, run_id, manifest=manifest)
     except ImportError:
         log.warning("MLflow is not installed: tracking off")
     except Exception as err:  # noqa: BLE001 (never stop training for tracking)
