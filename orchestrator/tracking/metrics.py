@@ -27,9 +27,3 @@ LOOP_SYSTEM_METRICS = frozenset(
         "system/gpu_mem_gib",
     }
 )
-
-
-def legacy_names(name: str) -> list[str]:
-    """No metric has an older name. Kept only until run_report stops importing it (same issue,
-    a commit away); then removed."""
-    return []
