@@ -812,7 +812,7 @@ def test_runs_whose_job_died_are_marked_and_live_ones_kept(stack: Stack) -> None
 
 
 def test_tracker_stamps_a_heartbeat_until_it_finishes(stack: Stack) -> None:
-    from orchestrator.tracking.liveness import HEARTBEAT_TAG
+    from orchestrator.tracking.tags import HEARTBEAT_TAG
 
     tracker = MlflowTracker(
         job_spec(f"beat-{uid()}", f"beat-{uid()}"),
