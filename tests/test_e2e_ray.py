@@ -63,6 +63,11 @@ def test_skeleton_job_via_ray_job_submit(stack: Stack, smoke_dataset: str) -> No
     assert losses[-1].value < losses[0].value, "a learnable dataset: the loss must fall"
     val = client.get_metric_history(run.info.run_id, "val/top1_err")
     assert val and val[-1].value < 0.75  # 4 classes: chance is 0.75
+    # the driver published once the workers were released: the paper report and the models
+    assert run.data.metrics["achieved/top1_err"] == pytest.approx(val[-1].value * 100)
+    last = client.get_model_version_by_alias(name, "last")
+    assert last.tags["checkpoint_url"] == f"s3://resnet/runs/{name}/checkpoints/step-00000030"
+    assert last.run_id == run.info.run_id
 
     step = open_storage(f"s3://resnet/runs/{name}/checkpoints/step-00000030")
     assert step.exists("COMMITTED")
