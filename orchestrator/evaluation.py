@@ -21,11 +21,11 @@ Protocols (`PROTOCOLS`; anything else is an `UnknownProtocolError` listing these
   cannot outvote the others.
 
 Counting: rank r of W evaluates the contiguous slice [N*r//W, N*(r+1)//W) of the validation
-split that `data.eval_loader` gives it (no padding, no duplicates), keeps one probability row
-per sample (views accumulate into it, keyed by the sample's global position, so several passes
-line up whatever their batching), and the sums behind top-1/top-5 error, loss and per-class
-accuracy are all-reduced with torch.distributed when it is initialized. With
-``return_probs=True`` every rank also gets every sample's probabilities, labels and global
+split that `data.eval_split.eval_loader` gives it (no padding, no duplicates), keeps one
+probability row per sample (views accumulate into it, keyed by the sample's global position,
+so several passes line up whatever their batching), and the sums behind top-1/top-5 error,
+loss and per-class accuracy are all-reduced with torch.distributed when it is initialized.
+With ``return_probs=True`` every rank also gets every sample's probabilities, labels and global
 positions, gathered and sorted by position (a stable order for ensembles).
 
 Loss is the mean negative log of the (view-averaged) probability of the true class; for the
@@ -48,7 +48,7 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -62,12 +62,12 @@ from orchestrator.data import (
     DataConfig,
     DataError,
     DeviceNormalize,
-    eval_loader,
     load_manifest,
     load_mean_image,
     rank_slice,
     split_shards,
 )
+from orchestrator.data.eval_split import eval_loader
 from orchestrator.errors import UsageError
 from orchestrator.models import unwrap
 from orchestrator.runtime import all_reduce, distributed, rank_and_world
@@ -213,7 +213,8 @@ def _multiscale(net: nn.Module, scales: Sequence[int], flips: bool) -> _Protocol
         b = x.shape[0]
         if flips:  # the image and its mirror in one forward pass
             x = torch.cat([x, x.flip(3)]).contiguous(memory_format=torch.channels_last)
-        probs = F.softmax(net.score_map(x).float().mean((2, 3)), dim=1)
+        # nn.Module's attributes type as Tensor | Module: score_map is the net's own method
+        probs = F.softmax(cast(Any, net).score_map(x).float().mean((2, 3)), dim=1)
         return probs.view(-1, b, probs.shape[1]).mean(0)
 
     return _Protocol(
@@ -530,6 +531,7 @@ def recalibrate_bn(
         world = dist.get_world_size()
         for m in bns:
             for buf in (m.running_mean, m.running_var):
+                assert buf is not None  # track_running_stats: recalibration keeps only those
                 all_reduce(buf).div_(world)
     return used
 

@@ -404,7 +404,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value):
             return value
         return from_dict(tp, value, f"{where}.")

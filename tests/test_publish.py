@@ -354,7 +354,7 @@ def test_best_loads_as_pyfunc_and_pytorch_and_answers_as_evaluation_does(
     import mlflow.artifacts
 
     from orchestrator.data import DeviceNormalize
-    from orchestrator.data.eval_loader import eval_transform
+    from orchestrator.data.eval_split import eval_transform
     from orchestrator.spec import DataConfig, from_dict
 
     local = mlflow.artifacts.download_artifacts(f"{uri}", dst_path=str(tmp_path))

@@ -16,7 +16,7 @@ Which file owns what, from the dataset inwards:
     transforms.py    CPU decode and augmentation (the C partial decoder: orchestrator._jpeg_region)
     batch_ring.py    reused shared-memory batch buffers between workers and the training process
     train_loader.py  TrainLoader, MixedBatch (decode=gpu/split), SplitBalancer, synthetic data
-    eval_loader.py   eval_loader: the validation split once across ranks, views, multiscale
+    eval_split.py   eval_loader: the validation split once across ranks, views, multiscale
     gpu_augment.py   decode (nvJPEG) and augmentation on the training device
     normalize.py     DeviceNormalize: uint8 -> normalised float on the device, PCA lighting
 
@@ -77,7 +77,7 @@ _HOMES = {
     ),
     **dict.fromkeys(
         ["batches_by_shape", "eval_loader", "eval_samples", "eval_transform"],
-        "orchestrator.data.eval_loader",
+        "orchestrator.data.eval_split",
     ),
     "DeviceNormalize": "orchestrator.data.normalize",
 }

@@ -20,6 +20,7 @@ from orchestrator.ensemble_eval.scoring import (
     ensemble_of,
     ensemble_scores,
     evaluate_members,
+    per_sample,
 )
 from orchestrator.evaluation import EvalResult
 from orchestrator.paper.comparison import ensemble_markdown, ensemble_rows
@@ -97,8 +98,10 @@ def _evaluate_and_log(
         scores[i] = Scores(r.top1_err, r.top5_err, r.samples, r.loss)
         runs.log_member(i, out, cfg.log_probs)
         if save_dir:
-            arrays = {"probs": r.probs, "labels": r.labels, "indices": r.indices}
-            np.savez_compressed(save_dir / f"member-{i}.npz", **arrays)
+            indices, labels, probs = per_sample(r)
+            np.savez_compressed(
+                save_dir / f"member-{i}.npz", probs=probs, labels=labels, indices=indices
+            )
         runs.close(runs.children[i])
         print(
             f"  {m.label}: top-1 err {100 * r.top1_err:.2f}%  top-5 err {100 * r.top5_err:.2f}%  "
@@ -124,11 +127,10 @@ def _evaluate_and_log(
         "class_correct": np.bincount(labels[hit], minlength=classes).tolist(),
     }
     runs.log_ensemble(ens, member_scores, rows, table, per_class)
-    arrays = {"probs": probs, "labels": labels, "indices": indices}
     if cfg.log_probs:
-        runs.log_npz(runs.parent, "probs.npz", **arrays)
+        runs.log_npz(runs.parent, "probs.npz", probs=probs, labels=labels, indices=indices)
     if save_dir:
-        np.savez_compressed(save_dir / "ensemble.npz", **arrays)
+        np.savez_compressed(save_dir / "ensemble.npz", probs=probs, labels=labels, indices=indices)
     runs.close(runs.parent)
     return rows, table, ens
 

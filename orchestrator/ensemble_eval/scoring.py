@@ -176,7 +176,7 @@ def ensemble_of(
     results: list[EvalResult], weights: list[float]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(indices, labels, probs) of the weighted mean over the samples every member scored."""
-    scored = [_scored(r) for r in results]
+    scored = [per_sample(r) for r in results]
     common = scored[0][0]
     for indices, _, _ in scored[1:]:
         if not np.array_equal(indices, common):
@@ -199,7 +199,7 @@ def ensemble_of(
     return common, labels, combine_probs(aligned, weights)
 
 
-def _scored(r: EvalResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def per_sample(r: EvalResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A member's (indices, labels, probs): only results evaluated with return_probs=True
     have them."""
     if r.indices is None or r.labels is None or r.probs is None:

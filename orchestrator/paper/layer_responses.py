@@ -199,10 +199,10 @@ def validation_batch(data: Any, num_images: int = DEFAULT_IMAGES) -> torch.Tenso
         IMAGENET_MEAN,
         IMAGENET_STD,
         DeviceNormalize,
-        eval_loader,
         load_manifest,
         load_mean_image,
     )
+    from orchestrator.data.eval_split import eval_loader
 
     if num_images < 1:
         raise LayerResponsesError(f"--images {num_images}: expected >= 1")

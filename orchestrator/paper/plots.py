@@ -130,7 +130,7 @@ def render(plot: Plot, path: str | Path, **size: Any) -> Path:
     return path
 
 
-def training_figures(title: str, ref: Any, history: dict[str, Points]) -> list[tuple[str, Plot]]:
+def training_figures(title: str, ref: Any, history: Mapping[str, Points]) -> list[tuple[str, Plot]]:
     """A training run's figures as (artifact path, Plot): top-1 and top-5 error (%) with the
     paper's number `ref` (a PaperResult, or None) as a reference line, and the loss.
     `history` maps `train/top1_err`, `val/top1_err`, ..., `train/loss`, `val/loss` to (step,

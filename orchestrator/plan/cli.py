@@ -8,11 +8,7 @@ from dataclasses import replace
 
 from orchestrator.cli import run_cli
 from orchestrator.plan.calibrate import read_run
-from orchestrator.plan.job import (
-    count_model_parameters,
-    load_job_spec,
-    resolve_for_cluster,
-)
+from orchestrator.plan.job import count_model_parameters, load_job_spec, resolve_for_cluster
 from orchestrator.plan.numbers import (
     DEFAULT_INTERCONNECT_GBPS,
     DEFAULT_INTRA_NODE_GBPS,

@@ -165,7 +165,7 @@ class ImageClassifier:
         mean_image: np.ndarray | None = None,
     ) -> None:
         from orchestrator.data import DeviceNormalize
-        from orchestrator.data.eval_loader import eval_transform
+        from orchestrator.data.eval_split import eval_transform
         from orchestrator.spec import DataConfig, from_dict
 
         self.meta = meta

@@ -454,7 +454,7 @@ def publish_run_models(
             done.update({alias: published for alias in aliases})
             version = f"{job}/{published.version.version}"
             run_tags = {MODEL_VERSION_TAG_OF[alias]: version for alias in aliases}
-            _try(lambda t=run_tags: log_tags(client, run_id, t))  # type: ignore[misc]
+            _try(lambda t=run_tags: log_tags(client, run_id, t))
     if problems:
         _try(lambda: log_tags(client, run_id, {REGISTRATION_TAG: "; ".join(problems)[:4900]}))
     return done

@@ -113,7 +113,8 @@ def dry_run(study: Study, trials: Sequence[Trial]) -> int:
             else "as many as the cluster's resources fit"
         )
     )
-    rows, total, problems = [], 0.0, {}
+    rows, total = [], 0.0
+    problems: dict[str, Any] = {}
     for cell in study.grid_cells():
         mine = [t for t in trials if t.cell.label == cell.label]
         spec = mine[0].spec

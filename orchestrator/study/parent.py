@@ -142,17 +142,19 @@ def log_layer_responses(client: Any, run_id: str, results: Sequence[TrialResult]
     done = [r for r in results if r.finished and r.run_id]
     if not done or not all(r.trial.spec.model.name.startswith("cifar_") for r in done):
         return 0
-    measured, per_cell = 0, {}
+    measured = 0
+    per_cell: dict[str, Any] = {}
     for r in done:
         try:
             if r.trial.cell.label in per_cell and fig7.measured_at_last_checkpoint(r.tags):
                 continue  # its cell has its series: nothing to read or measure
+            assert r.run_id  # `done` holds runs that have one
             responses, now = fig7.measure_once(client, r.run_id, r.trial.spec.model.name)
             measured += now
             per_cell.setdefault(r.trial.cell.label, responses)
         except Exception as err:  # noqa: BLE001 - reported, the study goes on
             log.warning("layer responses of %s not measured: %s", r.trial.job, scrub(err)[:500])
-    series = {}
+    series: dict[str, Any] = {}
     for responses in per_cell.values():
         series.setdefault(responses.label, responses)  # one per net (cells may repeat a net)
     if series:

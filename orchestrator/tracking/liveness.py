@@ -182,7 +182,7 @@ def _main(argv: list[str]) -> int:
         missing = [n for n, e in found.items() if e is None]
         if missing:
             raise UsageError(f"no such experiment: {', '.join(missing)}")
-        ids = [e.experiment_id for e in found.values()]
+        ids = [e.experiment_id for e in found.values() if e is not None]
     else:
         ids = [e.experiment_id for e in client.search_experiments()]
     marked = sweep(client, ids, stale_s=a.stale_min * 60, jobs=ray_job_states())
