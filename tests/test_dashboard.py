@@ -4,12 +4,14 @@ Headless Chromium (Debian's `chromium` + `chromium-driver`, installed by tests/b
 driven by Selenium opens the experiment, finds both runs, adds a metric column, selects the two
 runs, opens MLflow's compare view, then the runs' Chart view (both runs' curves on each metric's
 chart), and saves screenshots under test-artifacts/. The Chart view's is also the README's
-picture, docs/img/mlflow-compare.png: each run of the test overwrites it.
+picture, docs/img/mlflow-compare.png: `ORCH_UPDATE_README_PICTURE=1 pytest tests/test_dashboard.py`
+rewrites it (otherwise the test writes its copy under test-artifacts/).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -175,10 +177,16 @@ def show_chart_view(driver: object, view: str, jobs: list[str]) -> Path:
     shot = ARTIFACTS / "mlflow-charts.png"
     d.save_screenshot(str(shot))
     assert shot.stat().st_size > 20_000, f"{shot} is (nearly) blank"
-    # a UI screenshot keeps its look in 256 colours, at a third of the bytes
-    README_PICTURE.parent.mkdir(parents=True, exist_ok=True)
+    # a UI screenshot keeps its look in 256 colours, at a third of the bytes; the README's copy
+    # is rewritten only when asked, so that a test run leaves the checkout clean
+    picture = (
+        README_PICTURE
+        if os.environ.get("ORCH_UPDATE_README_PICTURE")
+        else ARTIFACTS / README_PICTURE.name
+    )
+    picture.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(shot) as image:
-        image.convert("RGB").quantize(colors=256).save(README_PICTURE, optimize=True)
+        image.convert("RGB").quantize(colors=256).save(picture, optimize=True)
     return shot
 
 
