@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from orchestrator.errors import UsageError
+from orchestrator.tracking.metrics import CHECKPOINT_METRICS
 
 
 class SpecError(UsageError, ValueError):
@@ -265,6 +266,11 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         # keep_last=0 would let retention delete the checkpoint it has just committed
         check_ranges("checkpoint", self, every_iters=">= 0", keep_last=">= 1")
+        if self.best_metric not in CHECKPOINT_METRICS:  # else no step would ever be the best
+            raise ValueError(
+                f"checkpoint.best_metric: {self.best_metric!r} is not a figure a checkpoint "
+                f"records; one of {', '.join(CHECKPOINT_METRICS)}"
+            )
 
 
 @dataclass

@@ -55,6 +55,10 @@ def test_overrides_are_typed() -> None:
         ),
         ("optim.momentum_form=torch", r"optim.momentum_form: 'torch' is not allowed"),
         ("schedule.warmup_check_every=0", r"schedule.warmup_check_every=0 is out of range"),
+        (  # the old, underscored spelling: no checkpoint records it, so none would be the best
+            "checkpoint.best_metric=val_top1_err",
+            r"checkpoint.best_metric: 'val_top1_err' is not a figure a checkpoint records",
+        ),
     ],
 )
 def test_bad_overrides_name_the_field(override: str, message: str) -> None:

@@ -15,6 +15,17 @@ Errors are fractions (0.2143, not 21.43) everywhere but in the paper comparison 
 
 from __future__ import annotations
 
+# What `checkpoint.best_metric` may name: the figures a commit marker holds (the step's
+# validation and training figures) for which lower is better.
+CHECKPOINT_METRICS = (
+    "val/top1_err",
+    "val/top5_err",
+    "val/loss",
+    "train/top1_err",
+    "train/top5_err",
+    "train/loss",
+)
+
 # The loop's own figures in the system/ group, stepped by training step (MLflow's sampler steps
 # its CPU/GPU samples by sample count: the two are told apart by name)
 LOOP_SYSTEM_METRICS = frozenset(
