@@ -76,6 +76,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check orchestrator jobs datasets tests bench
 	$(VENV)/bin/ruff format --check orchestrator jobs datasets tests bench
+	$(VENV)/bin/mypy  # over orchestrator/, settings in pyproject.toml
 
 clean:
 	rm -rf $(VENV)

@@ -247,7 +247,9 @@ def fit_on_ray(spec: JobSpec, callbacks: list[Any] | None = None) -> Any:
             resources_per_worker=worker_resources(spec, use_gpu),
             placement_strategy=spec.scaling.placement,
         ),
-        run_config=RunConfig(
+        # ray.train.RunConfig is Train V2's at run time, which takes worker_runtime_env; mypy
+        # reads Ray's V1 class
+        run_config=RunConfig(  # type: ignore[call-arg]
             name=spec.name,
             storage_path=storage_path,
             storage_filesystem=filesystem,

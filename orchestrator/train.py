@@ -14,7 +14,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -120,7 +120,8 @@ class Trainer:
         model = create_model(spec.model.name, self.num_classes, **spec.model.options())
         model = model.to(self.device)
         if spec.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            # torch's stubs leave out Module.to's memory_format keyword, which it takes
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.strategy = build_strategy(
             spec.scaling,
             spec.optim,
@@ -131,7 +132,7 @@ class Trainer:
             device=self.device,
             bf16=self.bf16,
         )
-        self.forward = self.strategy.model
+        self.forward: Callable[..., torch.Tensor] = self.strategy.model
         if spec.model.compile:
             self.forward = torch.compile(self.strategy.model)
         self.normalize = DeviceNormalize(
@@ -141,7 +142,7 @@ class Trainer:
             self.device,
             mean_image=self.loader.mean_image,
         )
-        self.augment = None
+        self.augment: DeviceAugment | None = None
         self.balancer = None
         if spec.data.decode != "cpu" and not spec.data.synthetic:
             # crops stay 0-255: self.normalize adds lighting and mean/std
@@ -327,6 +328,7 @@ class Trainer:
                 labels = torch.cat([labels[:k], tail])
                 self.loader.count_bad(bad, f"{bad} JPEG(s) the device could not decode")
             if decoded:
+                assert self.augment is not None  # decode=gpu/split: built in __init__
                 parts.append(self.augment(decoded, gen))
         if not len(labels):
             raise DataError("a decode=gpu batch held no decodable JPEG; see the warnings above")

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # What a trial itself reserves: no CPU (its job's worker group holds those, and a CPU per trial
 # would keep a 2-CPU machine to one trial), but Tune needs a non-empty request: 64 MiB of
 # Ray's logical memory, for the trial's Python process.
-TRIAL_DRIVER = {"memory": 64 * 2**20}
+TRIAL_DRIVER: dict[str, float] = {"memory": 64 * 2**20}
 
 
 @dataclass
@@ -67,7 +67,7 @@ def finished_before(spec: JobSpec) -> bool:
         from orchestrator.tracking.runs import job_run
 
         found = job_run(spec.tracking.experiment, spec.name)
-        return bool(found) and found[1].info.status == "FINISHED"
+        return found is not None and found[1].info.status == "FINISHED"
     except Exception as err:  # noqa: BLE001 - not known: run the job (it resumes at its end)
         log.warning("could not read the MLflow run of %s: %s", spec.name, err)
         return False
@@ -204,8 +204,8 @@ def run_on_tune(study: Study, trials: Sequence[Trial], fingerprint: str) -> list
     grid = tuner.fit()
     wall = time.perf_counter() - t0
     outcomes: dict[str, Outcome] = {}
-    for result in grid:
-        job = result.config["spec"]["name"]
+    for result in (grid[i] for i in range(len(grid))):  # a ResultGrid indexes, not iterates
+        job = (result.config or {})["spec"]["name"]  # every trial has its param_space config
         metrics = result.metrics or {}
         # a trial Tune restored as finished reports its old result: it did not run now
         before = metrics.get("timestamp", started) < started

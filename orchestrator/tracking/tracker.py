@@ -145,6 +145,12 @@ class MlflowTracker:
 
     # ------------------------------------------------------------------ opening the run
 
+    @property
+    def _open_id(self) -> str:
+        """The id of the open run (every call that writes to it runs after _open)."""
+        assert self.run_id is not None, "the MLflow run is not open yet"
+        return self.run_id
+
     def _experiment_id(self) -> str:
         return experiment_id(self.client, self.experiment)
 
@@ -213,7 +219,7 @@ class MlflowTracker:
         self._heartbeat = Heartbeat(self.client, self.run_id, self.heartbeat_s).start()
 
     def _set_tags(self, tags: dict[str, str]) -> None:
-        log_tags(self.client, self.run_id, tags, exact=(JOB_TAG,))
+        log_tags(self.client, self._open_id, tags, exact=(JOB_TAG,))
 
     def _sync_params(self, existing: dict[str, str]) -> None:
         """Log the params the run lacks; params are immutable, so changed ones become a tag."""
@@ -222,7 +228,7 @@ class MlflowTracker:
         params = redact(self.spec.flat())
         missing = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(missing), 100):
-            self.client.log_batch(self.run_id, params=missing[i : i + 100])
+            self.client.log_batch(self._open_id, params=missing[i : i + 100])
         changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
         if changed:
             log.warning(
@@ -236,16 +242,16 @@ class MlflowTracker:
         text = scrub(to_yaml(self.spec))
         names = set()
         if run.data.params:
-            names = {f.path for f in self.client.list_artifacts(self.run_id)}
+            names = {f.path for f in self.client.list_artifacts(self._open_id)}
         if "spec.yaml" not in names:
-            self.client.log_text(self.run_id, text, "spec.yaml")
+            self.client.log_text(self._open_id, text, "spec.yaml")
             return
         attempt = run.data.tags.get(ATTEMPT_TAG, "1")
         with tempfile.TemporaryDirectory() as tmp:
-            path = self.client.download_artifacts(self.run_id, "spec.yaml", tmp)
+            path = self.client.download_artifacts(self._open_id, "spec.yaml", tmp)
             current = Path(path).read_text()
         if current != text:  # a resubmission with other overrides: keep both
-            self.client.log_text(self.run_id, text, f"spec-attempt-{int(attempt) + 1}.yaml")
+            self.client.log_text(self._open_id, text, f"spec-attempt-{int(attempt) + 1}.yaml")
 
     def _log_dataset(self, run: Any) -> None:
         digest = self.tags.get(MANIFEST_TAG)
@@ -261,14 +267,14 @@ class MlflowTracker:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.log_inputs(self.run_id, datasets=[item])
+            self.client.log_inputs(self._open_id, datasets=[item])
         except MlflowException as err:
             # runs of one experiment starting together (a study's trials) each create the
             # experiment's dataset entity; the loser's insert breaks a UNIQUE constraint,
             # and a second call finds the entity the winner made
             if "UNIQUE constraint" not in str(err) and "Duplicate" not in str(err):
                 raise
-            self.client.log_inputs(self.run_id, datasets=[item])
+            self.client.log_inputs(self._open_id, datasets=[item])
 
     # ------------------------------------------------------------------ system metrics
 
@@ -286,7 +292,7 @@ class MlflowTracker:
             return
         try:
             self._monitor = mlflow_internals.SystemMetrics(
-                self.client, self.run_id, self.system_metrics_interval_s
+                self.client, self._open_id, self.system_metrics_interval_s
             )
         except Exception as err:  # noqa: BLE001
             log.warning("system metrics off: %s", scrub(err)[:300])
@@ -336,7 +342,7 @@ class MlflowTracker:
                 self._open()
             while self.pending:
                 batch = self.pending[:1000]
-                self.client.log_batch(self.run_id, metrics=batch)
+                self.client.log_batch(self._open_id, metrics=batch)
                 del self.pending[: len(batch)]
             if self.dropped > self._lost_reported:
                 self._set_tags({LOST_TAG: str(self.dropped)})
@@ -372,7 +378,7 @@ class MlflowTracker:
             log.warning("MLflow unreachable: %s not logged", path)
             return
         try:
-            self.client.log_text(self.run_id, scrub(text), path)
+            self.client.log_text(self._open_id, scrub(text), path)
         except Exception as err:  # noqa: BLE001
             log.warning("could not log %s to MLflow: %s", path, scrub(err)[:300])
 
@@ -418,7 +424,7 @@ class MlflowTracker:
         steps: list[tuple[str, Callable[[], object]]] = []
         if tags:
             steps.append(("record the end", lambda: self._set_tags(tags)))
-        steps.append(("close the run", lambda: self.client.set_terminated(self.run_id, status)))
+        steps.append(("close the run", lambda: self.client.set_terminated(self._open_id, status)))
         for what, step in steps:
             try:
                 step()
