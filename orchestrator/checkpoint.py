@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.checkpoint_refs import job_checkpoints_url
 from orchestrator.runtime import barrier
 from orchestrator.spec import CheckpointConfig
 from orchestrator.storage import open_storage
@@ -260,9 +259,10 @@ class Checkpointer:
     makes the last save count once every rank's upload is done, `restore` reads the newest
     committed checkpoint (or `checkpoint.resume_from`'s, for a fork)."""
 
-    def __init__(self, cfg: CheckpointConfig, job: str, rank: int) -> None:
+    def __init__(self, cfg: CheckpointConfig, root: str, rank: int) -> None:
+        """`root`: the job's checkpoint folder (orchestrator.checkpoint_refs says where)."""
         self.cfg, self.rank = cfg, rank
-        self.store = CheckpointStore(job_checkpoints_url(cfg.storage, job))
+        self.store = CheckpointStore(root)
         self.saved_step = -1  # the step of the last save (committed or pending)
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self._pending: tuple[int, dict[str, float], dict[str, Any], Future] | None = None

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.checkpoint import Checkpointer, rng_state, set_rng_state
+from orchestrator.checkpoint_refs import spec_checkpoints_url
 from orchestrator.cli import setup_logging
 from orchestrator.data import (
     DataError,
@@ -157,7 +158,7 @@ class Trainer:
             if spec.data.decode == "split" and spec.data.split_adapt:
                 self.balancer = SplitBalancer(self.loader)
         self.schedule = LRSchedule(spec.schedule, spec.lr())
-        self.checkpointer = Checkpointer(spec.checkpoint, spec.name, rt.rank)
+        self.checkpointer = Checkpointer(spec.checkpoint, spec_checkpoints_url(spec), rt.rank)
         self.manifest_sha256 = manifest_sha256(self.loader.manifest)
         self.step = 0  # optimizer steps done
         self.epoch = 0

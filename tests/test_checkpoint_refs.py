@@ -46,8 +46,8 @@ def test_a_jobs_checkpoint_folder_ignores_trailing_slashes(storage: str, url: st
 
 def test_the_checkpointer_writes_where_everyone_looks(tmp_path: Path) -> None:
     cfg = CheckpointConfig(storage=f"{tmp_path}/")
-    writer = Checkpointer(cfg, "job", rank=0)
     spec = JobSpec(name="job", checkpoint=cfg)
+    writer = Checkpointer(cfg, spec_checkpoints_url(spec), rank=0)  # as the Trainer builds it
     assert writer.store.root == CheckpointStore(spec_checkpoints_url(spec)).root
     assert writer.store.root == f"{tmp_path}/job/checkpoints"
 
