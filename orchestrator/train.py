@@ -31,8 +31,14 @@ from orchestrator.data import (
     SplitBalancer,
     TrainLoader,
 )
+from orchestrator.data.device_copy import ahead_to_device
 from orchestrator.data.epochs import at_epoch_boundary, resume_problem
-from orchestrator.data.gpu_augment import DeviceAugment, decode_jpegs, replace_undecodable
+from orchestrator.data.gpu_augment import (
+    DeviceAugment,
+    decode_jpegs,
+    nvjpeg_fallbacks,
+    replace_undecodable,
+)
 from orchestrator.errors import OrchestratorError
 from orchestrator.models import create_model, unwrap
 from orchestrator.runtime import Runtime, Terminated, all_reduce, raise_on_sigterm
@@ -133,9 +139,7 @@ class Trainer:
             device=self.device,
             bf16=self.bf16,
         )
-        self.forward: Callable[..., torch.Tensor] = self.strategy.model
-        if spec.model.compile:
-            self.forward = torch.compile(self.strategy.model)
+        self.forward = step_forward(self.strategy.model, spec.model.compile, self.device)
         self.normalize = DeviceNormalize(
             self.loader.mean,
             self.loader.std,
@@ -275,7 +279,7 @@ class Trainer:
         while True:
             if self._batches is None:
                 self.loader.set_epoch(self.epoch, self.batch_in_epoch)
-                self._batches = self._ahead_to_device(iter(self.loader))
+                self._batches = ahead_to_device(iter(self.loader), self.device)
                 if self.balancer is not None:
                     self.balancer.new_epoch()
             t_wait = time.perf_counter()
@@ -358,26 +362,6 @@ class Trainer:
         the places that do)."""
         if self.device.type == "cuda" and os.environ.get("ORCH_CUDA_SYNC_DEBUG") == "1":
             torch.cuda.set_sync_debug_mode("warn" if on else 0)
-
-    def _ahead_to_device(
-        self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """On a GPU, start copying batch k+1 (pinned memory, non_blocking) before batch k runs
-        (a MixedBatch's JPEG bytes stay on the host: nvJPEG reads them there)."""
-        if self.device.type != "cuda":
-            yield from batches
-            return
-        ahead = None
-        for images, labels in batches:
-            current = (
-                images.to(self.device, non_blocking=True),
-                labels.to(self.device, non_blocking=True),
-            )
-            if ahead is not None:
-                yield ahead
-            ahead = current
-        if ahead is not None:
-            yield ahead
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -509,6 +493,8 @@ class Trainer:
         metrics["train/samples_seen"] = float(self.samples_seen)
         if self.spec.data.decode == "split":
             metrics["system/cpu_decode_share"] = self.loader.cpu_share
+        if self.augment is not None:  # images nvJPEG refused, decoded on the host instead
+            metrics["system/nvjpeg_fallback_images"] = float(nvjpeg_fallbacks())
         if self.device.type == "cuda":
             metrics["system/gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
@@ -554,6 +540,17 @@ class Trainer:
             self.tracker.log_metrics(metrics, self.step)
             log.info("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         self.rt.report(metrics)
+
+
+def step_forward(
+    model: torch.nn.Module, compile: bool, device: torch.device
+) -> Callable[..., torch.Tensor]:
+    """The step's forward. Shapes are fixed: on CUDA cuDNN times its algorithms once and keeps
+    the fastest; model.compile makes static graphs (an epoch's short last batch gets its own,
+    not an automatic-dynamic recompile whose graph would then serve every later step)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return torch.compile(model, dynamic=False) if compile else model
 
 
 def warmup_decision(schedule: LRSchedule, hits: torch.Tensor, samples: int, step: int) -> bool:

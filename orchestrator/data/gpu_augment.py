@@ -232,10 +232,39 @@ def decode_jpegs(
         for blob in blobs:
             try:
                 out.append(decode_jpeg(blob, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
+            except RuntimeError as err:
+                _FALLBACKS.count(err)
                 img = _host_decode(blob)
-                out.append(None if img is None else img.to(device))
+                # pinned, so the copy is queued and the host goes on (no blocking copy)
+                out.append(None if img is None else img.pin_memory().to(device, non_blocking=True))
         return out
+
+
+class _FallbackCount:
+    """Images nvJPEG refused and the host decoded: the first one logged (with the fix), all of
+    them counted, as the loop's `system/nvjpeg_fallback_images`."""
+
+    def __init__(self) -> None:
+        self.images = 0
+
+    def count(self, err: Exception) -> None:
+        if not self.images:
+            log.warning(
+                "nvJPEG refused a JPEG (%s): it and any later one are decoded on the host, one "
+                "image at a time (counted as system/nvjpeg_fallback_images). A few CMYK or "
+                "progressive files are normal; if the count grows with every batch, re-encode "
+                "the dataset (datasets/imagenet.py converts such files) or set data.decode=cpu",
+                err,
+            )
+        self.images += 1
+
+
+_FALLBACKS = _FallbackCount()
+
+
+def nvjpeg_fallbacks() -> int:
+    """How many images nvJPEG refused in this process so far (each decoded on the host)."""
+    return _FALLBACKS.images
 
 
 def _host_decode(blob: torch.Tensor) -> torch.Tensor | None:

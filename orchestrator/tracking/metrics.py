@@ -3,8 +3,8 @@
     train/...     the loop's running figures: loss, top1_err, top5_err, lr, epoch, samples_seen
     val/...       validation under eval.protocol: loss, top1_err, top5_err, samples
     system/...    throughput and costs: images_per_s, data_wait_frac, step_time_s,
-                  checkpoint_stall_s, cpu_decode_share, gpu_mem_gib (MLflow's own system
-                  metrics, CPU, memory, GPU, land in the same group)
+                  checkpoint_stall_s, cpu_decode_share, gpu_mem_gib, nvjpeg_fallback_images
+                  (MLflow's own system metrics, CPU, memory, GPU, land in the same group)
     ensemble/...  an ensemble run's own errors; its members' runs use val/...
     responses/... Fig. 7's layer responses of a checkpoint (orchestrator.paper.layer_responses):
                   std_mean, std_max, std_min, layers, images, at the checkpoint's step
@@ -36,5 +36,6 @@ LOOP_SYSTEM_METRICS = frozenset(
         "system/checkpoint_stall_s",
         "system/cpu_decode_share",
         "system/gpu_mem_gib",
+        "system/nvjpeg_fallback_images",
     }
 )
