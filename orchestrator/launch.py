@@ -19,7 +19,10 @@ report (orchestrator.publish.finished).
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -102,24 +105,18 @@ def _main(spec: JobSpec, argv: list[str], finalize: Callable[[JobSpec], JobSpec]
 
 
 def run_local(spec: JobSpec) -> dict[str, float]:
-    """One process, or re-exec under torchrun for scaling.num_workers processes."""
+    """One process, or this job file again under torchrun for scaling.num_workers processes.
+    A preemption notice (SIGTERM, checkpoint.preempt_signal) commits a checkpoint at the next
+    step boundary, then the job exits with 128 + the signal's number (orchestrator.preemption)."""
     import torch
 
     n = spec.scaling.num_workers
     if n > 1 and "LOCAL_RANK" not in os.environ:
-        # torchrun's parser would take --local for one of its own options: say it by environment
-        args = [a for a in sys.argv if a != "--local"]
-        os.environ["ORCH_LOCAL"] = "1"
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={n}",
-            *args,
-        ]
-        os.execv(sys.executable, cmd)
-    from orchestrator.runtime import Runtime, destroy_process_group
+        code = _torchrun(spec, n)
+        if code:
+            raise SystemExit(code)
+        return {}
+    from orchestrator.runtime import Runtime, Terminated, destroy_process_group
     from orchestrator.train import run_worker
 
     use_gpu = torch.cuda.is_available() if spec.scaling.use_gpu is None else spec.scaling.use_gpu
@@ -134,6 +131,10 @@ def run_local(spec: JobSpec) -> dict[str, float]:
         dist.init_process_group("nccl" if use_gpu else "gloo")
     try:
         result = run_worker(spec.to_dict(), Runtime(rank, world, local_rank, device))
+    except Terminated as stop:
+        if rank == 0:
+            print(f"job {spec.name} stopped ({stop}); resubmit it to resume", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
     finally:
         destroy_process_group()
     if rank == 0:  # the workers are done: models and report from here, on the CPU
@@ -142,6 +143,49 @@ def run_local(spec: JobSpec) -> dict[str, float]:
         publish_finished_job(spec)
         _print_runs_view(spec)
     return result
+
+
+# torchrun SIGKILLs its workers this long after passing a signal on: time for the step in
+# progress (checkpoint.grace_s) and for writing the checkpoint after it
+SAVE_ALLOWANCE_S = 300
+
+
+def _torchrun(spec: JobSpec, n: int) -> int:
+    """This job file under torchrun, n workers; its exit code. The notices a preemption sends
+    this process (Kubernetes: SIGTERM to the container's first process; Slurm: --signal) go on
+    to torchrun, which passes them to every worker; then the exit code is 128 + the signal's."""
+    notices = sorted({signal.SIGTERM, signal.Signals[spec.checkpoint.preempt_signal]})
+    handled = {"SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", *(s.name for s in notices)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={n}",
+        f"--signals-to-handle={','.join(sorted(handled))}",
+        f"--shutdown-timeout={math.ceil(spec.checkpoint.grace_s) + SAVE_ALLOWANCE_S}",
+        # torchrun's parser would take --local for one of its own options: say it by environment
+        *[a for a in sys.argv if a != "--local"],
+    ]
+    proc = subprocess.Popen(cmd, env={**os.environ, "ORCH_LOCAL": "1"})
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in notices}
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # Ctrl-C reached torchrun too: wait for its workers
+                received.append(signal.SIGINT)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    return 128 + received[0] if received and code else code
 
 
 # ------------------------------------------------------------------------ on Ray

@@ -1,5 +1,6 @@
 """Where a worker runs and how it talks to the launcher: rank, device, the distributed helpers
-and SIGTERM handling, in one place.
+and SIGTERM handling, in one place (the training loop's graceful stop at a step boundary is
+orchestrator.preemption's).
 
 Drivers (launch, ensemble_eval, studies) import this module, never the training loop; it imports
 torch only inside the helpers that need it, so a driver that never trains never loads torch.
@@ -80,10 +81,19 @@ def destroy_process_group() -> None:
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived (a cancelled job, a preempted node): stop and mark the run KILLED."""
+    """SIGTERM (or checkpoint.preempt_signal) arrived: a cancelled job, a preempted node. Stop
+    and mark the run KILLED; `signum` is the signal's number (a `--local` job exits with
+    128 + signum, the shells' convention: 143 for SIGTERM)."""
 
     # a BaseException, not an OrchestratorError: `except Exception` on the way out must not
     # swallow a stop, as it would not swallow KeyboardInterrupt
+
+    def __init__(self, message: str = "", signum: int = signal.SIGTERM) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:  # pickled across processes intact
+        return type(self), (str(self), self.signum)
 
 
 def raise_on_sigterm(

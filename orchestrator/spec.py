@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -258,19 +259,48 @@ class ScalingConfig:
 class CheckpointConfig:
     storage: str = "s3://resnet/runs"  # Ray Train storage: s3://BUCKET/PREFIX or a local folder
     every_iters: int = 1000
+    every_minutes: float = 0.0  # also save once this long passed since the last save (0: off)
     at_epoch_end: bool = True
     keep_last: int = 2
     best_metric: str = "val/top1_err"  # lower is better (orchestrator.tracking.metrics names)
     resume_from: str | None = None  # fork from any checkpoint (s3://... or a folder)
+    # Without Ray: SIGTERM, and this signal too (Slurm's --signal=USR1@120 -> "SIGUSR1"), save
+    # at the next step boundary, which must come within grace_s (orchestrator.preemption)
+    preempt_signal: str = "SIGTERM"
+    grace_s: float = 120.0
 
     def __post_init__(self) -> None:
         # keep_last=0 would let retention delete the checkpoint it has just committed
-        check_ranges("checkpoint", self, every_iters=">= 0", keep_last=">= 1")
+        check_ranges(
+            "checkpoint",
+            self,
+            every_iters=">= 0",
+            every_minutes=">= 0",
+            keep_last=">= 1",
+            grace_s="> 0",
+        )
+        check_preempt_signal(self.preempt_signal)
         if self.best_metric not in CHECKPOINT_METRICS:  # else no step would ever be the best
             raise ValueError(
                 f"checkpoint.best_metric: {self.best_metric!r} is not a figure a checkpoint "
                 f"records; one of {', '.join(CHECKPOINT_METRICS)}"
             )
+
+
+# signals a preemption notice cannot be: uncatchable, the grace timer's, the data loader's
+# child watch, or a fault that interrupts the step it is raised in
+NOT_PREEMPT_SIGNALS = {"SIGKILL", "SIGSTOP", "SIGALRM", "SIGCHLD", "SIGSEGV", "SIGBUS", "SIGFPE"}
+
+
+def check_preempt_signal(name: str) -> None:
+    """Raise ValueError unless `name` is a signal Python knows and the loop can wait on."""
+    allowed = sorted(s.name for s in signal.Signals if s.name not in NOT_PREEMPT_SIGNALS)
+    if name not in allowed:
+        hint = f" (did you mean SIG{name}?)" if f"SIG{name}" in allowed else ""
+        raise ValueError(
+            f"checkpoint.preempt_signal={name!r} is not a signal a preemption notice can be"
+            f"{hint}: one of {', '.join(allowed)}"
+        )
 
 
 @dataclass

@@ -41,7 +41,8 @@ from orchestrator.data.gpu_augment import (
 )
 from orchestrator.errors import OrchestratorError
 from orchestrator.models import create_model, unwrap
-from orchestrator.runtime import Runtime, Terminated, all_reduce, raise_on_sigterm
+from orchestrator.preemption import StepBoundary
+from orchestrator.runtime import Runtime, Terminated, all_reduce
 from orchestrator.schedule import LRSchedule
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.strategy import build_strategy
@@ -163,6 +164,7 @@ class Trainer:
                 self.balancer = SplitBalancer(self.loader)
         self.schedule = LRSchedule(spec.schedule, spec.lr())
         self.checkpointer = Checkpointer(spec.checkpoint, spec_checkpoints_url(spec), rt.rank)
+        self.boundary = StepBoundary(spec.checkpoint, rt.rank)  # preemption, every_minutes
         self.manifest_sha256 = manifest_sha256(self.loader.manifest)
         self.step = 0  # optimizer steps done
         self.epoch = 0
@@ -450,15 +452,22 @@ class Trainer:
         self._warmup_hits.zero_()
 
     def _scheduled_work(self) -> dict[str, float]:
-        """Log, evaluate and checkpoint where this step falls on their schedules."""
+        """Log, evaluate and checkpoint where this step falls on their schedules; checkpoint
+        and stop on a preemption notice (orchestrator.preemption)."""
         spec, metrics = self.spec, {}
         if self.step % spec.tracking.log_every == 0 or self.step in (1, spec.schedule.max_iters):
             metrics = self._train_metrics()
         if self._evaluated_this_step():
             metrics.update(self._validate())
-        if spec.checkpoint.every_iters and self.step % spec.checkpoint.every_iters == 0:
-            stall = self.save_checkpoint({**self.latest, **metrics})
-            metrics["system/checkpoint_stall_s"] = stall
+        decision = self.boundary.poll(self.step, self.checkpointer.saved_step)
+        if decision.save:
+            metrics["system/checkpoint_stall_s"] = self.save_checkpoint({**self.latest, **metrics})
+        if decision.stop_signal:  # committed and published first: a resubmission resumes here
+            self._publish(metrics)
+            self.checkpointer.commit()
+            raise Terminated(
+                f"{decision.reason}: stopped at step {self.step}", decision.stop_signal
+            )
         return metrics
 
     def _evaluated_this_step(self) -> bool:
@@ -570,7 +579,7 @@ def run_worker(spec_dict: dict[str, Any], rt: Runtime) -> dict[str, float]:
     spec = from_dict(JobSpec, spec_dict)
     setup_logging()
     trainer = Trainer(spec, rt)
-    raise_on_sigterm()
+    trainer.boundary.install()  # SIGTERM, checkpoint.preempt_signal: stop at a step boundary
     try:
         return trainer.fit()
     except (KeyboardInterrupt, Terminated):
@@ -581,3 +590,5 @@ def run_worker(spec_dict: dict[str, Any], rt: Runtime) -> dict[str, float]:
         trainer.tracker.finish("FAILED", error=f"{where}: {type(err).__name__}: {err}")
         log.error("%s failed: %s: %s", where, type(err).__name__, scrub(str(err)))
         raise
+    finally:
+        trainer.boundary.uninstall()

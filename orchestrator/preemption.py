@@ -1,0 +1,170 @@
+"""When the training loop checkpoints (every_iters, every_minutes) and when it stops (a
+preemption notice), decided alike on every rank.
+
+Without Ray (`--local`, torchrun under Slurm or Kubernetes) a preemption arrives as a signal:
+SIGTERM (Kubernetes, `scancel`), or `checkpoint.preempt_signal` (Slurm's `--signal=USR1@120`).
+Its handler only notes it and arms a timer of `checkpoint.grace_s`. After every optimizer step
+the loop asks `StepBoundary.poll`; once a rank has the notice, every rank saves the same step,
+commits it, and stops with `runtime.Terminated` (the run is marked KILLED, the process exits
+with 128 + the signal's number). If no step ends before the timer (a stuck step), `Terminated`
+is raised wherever the loop is, as a SIGTERM did before: the last committed checkpoint stands.
+Under Ray the loop runs off the main thread, where Python installs no handler; Ray stops the
+workers there as before (Ray's preemption notice is another matter).
+
+`checkpoint.every_minutes` saves once that long has passed since the last save of any kind.
+
+Agreement: the signal reaches ranks at different steps and their clocks differ, so each rank's
+figures (the signal, whether its clock says a save is due) go into an all-reduce (MAX) of three
+integers on a gloo group, on the host: started without waiting (async_op) after step s, read
+after step s+1. Every rank acts on the same figures at the same step, one step late, and no
+step waits for the device (docs/operators-guide.md, "Preemption without Ray", has its cost).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.runtime import Terminated, distributed
+from orchestrator.spec import CheckpointConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What every rank does at this step boundary."""
+
+    save: bool = False  # checkpoint this step
+    stop_signal: int = 0  # then stop, for this signal (0: go on)
+
+    @property
+    def reason(self) -> str:
+        return signal.Signals(self.stop_signal).name if self.stop_signal else ""
+
+
+class NoticeSignals:
+    """SIGTERM and `preempt_signal` set a flag instead of ending the process. The first one
+    arms a timer: if the loop has not reached a step boundary `grace_s` later, `Terminated`
+    is raised where it stands."""
+
+    def __init__(self, preempt_signal: str, grace_s: float) -> None:
+        self.signals = sorted({signal.SIGTERM, signal.Signals[preempt_signal]})
+        self.grace_s = grace_s
+        self.received = 0  # the first notice's signal number
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> bool:
+        """Take over the signals; False off the main thread (Ray's workers): Python allows
+        handlers only there."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        for sig in [*self.signals, signal.SIGALRM]:
+            self._previous[sig] = signal.getsignal(sig)
+        for sig in self.signals:
+            signal.signal(sig, self._noted)
+        signal.signal(signal.SIGALRM, self._grace_expired)
+        return True
+
+    def uninstall(self) -> None:
+        """Cancel the timer and give the signals back their previous handlers."""
+        self.disarm()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def disarm(self) -> None:
+        """A step boundary came in time: the timer must not cut the save short."""
+        if self._previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _noted(self, signum: int, frame: FrameType | None) -> None:
+        if not self.received:  # a repeat (torchrun forwards what Slurm also sent) changes nothing
+            self.received = signum
+            signal.setitimer(signal.ITIMER_REAL, self.grace_s)
+
+    def _grace_expired(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(self.received).name
+        raise Terminated(
+            f"{name}: no step ended within checkpoint.grace_s={self.grace_s:g} s; the last "
+            "committed checkpoint stands",
+            self.received,
+        )
+
+
+class StepBoundary:
+    """Asked after every optimizer step whether to save now and whether to stop after it.
+    Build it on every rank at the same point (it may create a process group)."""
+
+    def __init__(self, cfg: CheckpointConfig, rank: int) -> None:
+        self.rank = rank
+        self.notices = NoticeSignals(cfg.preempt_signal, cfg.grace_s)
+        self.every_iters, self.every_s = cfg.every_iters, cfg.every_minutes * 60
+        # the same answer on every rank: all run the loop in the main thread, or none
+        self.listens = threading.current_thread() is threading.main_thread()
+        self.group: Any = None
+        if distributed() and (self.listens or self.every_s):
+            self.group = dist.new_group(backend="gloo")  # host tensors, whatever the device
+        self._saved_step, self._saved_at = -1, time.monotonic()
+        self._vote: tuple[Any, torch.Tensor] | None = None
+        self._seen = 0  # the notice this rank has logged
+
+    def install(self) -> None:
+        if self.listens:
+            self.notices.install()
+
+    def uninstall(self) -> None:
+        if self.listens:
+            self.notices.uninstall()
+
+    def poll(self, step: int, saved_step: int) -> Decision:
+        """The decision after `step` steps; `saved_step` is the newest save's step (a save
+        restarts the every_minutes clock)."""
+        on_schedule = bool(self.every_iters) and step % self.every_iters == 0
+        if not self.listens and not self.every_s:
+            return Decision(save=on_schedule)
+        now = time.monotonic()
+        if saved_step != self._saved_step:
+            self._saved_step, self._saved_at = saved_step, now
+        received = self.notices.received
+        if received and not self._seen:
+            self._seen = received
+            log.warning(
+                "rank %d: %s arrived during step %d: saving at step %d at the latest, then "
+                "stopping",
+                self.rank,
+                signal.Signals(received).name,
+                step,
+                step + (self.group is not None),
+            )
+        due = bool(self.every_s) and now - self._saved_at >= self.every_s
+        signum, due_at = self._agree(torch.tensor([received, int(due), saved_step]))
+        if signum:
+            self.notices.disarm()
+            return Decision(save=saved_step != step, stop_signal=signum)
+        # a vote started before the newest save asks for a save that is already there
+        return Decision(save=on_schedule or due_at == saved_step)
+
+    def _agree(self, mine: torch.Tensor) -> tuple[int, int]:
+        """(signal, the saved step the clock was due at, or -2) agreed by every rank: alone,
+        this rank's figures; else those all ranks sent one step ago (nothing the first time)."""
+        if self.group is None:
+            received, due, saved = mine.tolist()
+            return received, saved if due else -2
+        agreed = (0, -2)
+        if self._vote is not None:
+            work, figures = self._vote
+            work.wait()
+            received, due, saved = figures.tolist()
+            agreed = (received, saved if due else -2)
+        work = dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self._vote = (work, mine)
+        return agreed

@@ -1,0 +1,184 @@
+"""Preemption without Ray and time-based checkpoints (orchestrator.preemption): a notice signal
+commits the step in progress (+1 at most) on every rank and the job exits 128 + the signal; a
+resubmission resumes there and ends with the weights of an uninterrupted run;
+checkpoint.every_minutes saves on time, the same step on every rank."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.preemption import StepBoundary
+from orchestrator.runtime import Terminated
+from orchestrator.spec import CheckpointConfig, SpecError, apply_overrides
+from tests.conftest import ROOT, run_script
+from tests.test_train import TINY
+
+STEPS = 80  # ~30 ms each here: the notice lands well before the end
+TWO_WORKERS = [
+    "scaling.num_workers=2",
+    "scaling.global_batch=16",
+    f"schedule.max_iters={STEPS}",
+    "checkpoint.every_iters=0",
+    "tracking.log_every=1",
+]
+
+
+def _job(storage: Path, name: str, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "jobs/smoke.py",
+        "--local",
+        f"name={name}",
+        f"checkpoint.storage={storage}",
+        *TINY,
+        *TWO_WORKERS,
+        *overrides,
+    ]
+
+
+def _committed(storage: Path, name: str) -> list[Path]:
+    return sorted(
+        p for p in (storage / name / "checkpoints").glob("step-*") if (p / "COMMITTED").exists()
+    )
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(io.BytesIO((folder / "trainer.pt").read_bytes()), weights_only=False)
+    return state["strategy"]["model"]
+
+
+def _interrupted(cmd: list[str], notice: signal.Signals) -> tuple[int, str]:
+    """Run `cmd`, send `notice` once step 5 is logged; (exit code, output)."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.stdout is not None
+    lines, sent = [], False
+    for line in proc.stdout:
+        lines.append(line)
+        if not sent and re.search(r"orchestrator\.train: step 5 ", line):
+            proc.send_signal(notice)
+            sent = True
+    code = proc.wait(timeout=120)
+    return code, "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    storage = tmp_path_factory.mktemp("uninterrupted")
+    run_script(*_job(storage, "whole")[1:], env={"OMP_NUM_THREADS": "1"})
+    final = _committed(storage, "whole")[-1]
+    assert final.name == f"step-{STEPS:08d}"
+    return _weights(final)
+
+
+@pytest.mark.parametrize("notice", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_notice_commits_the_step_in_progress_and_the_resubmission_ends_identical(
+    tmp_path: Path, uninterrupted: dict[str, torch.Tensor], notice: signal.Signals
+) -> None:
+    cmd = _job(tmp_path, "spot", f"checkpoint.preempt_signal={notice.name}")
+    code, out = _interrupted(cmd, notice)
+    assert code == 128 + notice, f"exit {code}, not {128 + notice}:\n{out[-4000:]}"
+    arrived = [
+        int(s) for s in re.findall(rf"rank \d: {notice.name} arrived during step (\d+)", out)
+    ]
+    assert arrived, f"no rank logged the notice:\n{out[-4000:]}"
+    committed = _committed(tmp_path, "spot")
+    assert len(committed) == 1, committed  # every_iters=0: the notice's save only
+    step = int(committed[0].name.split("-")[1])
+    assert min(arrived) <= step <= min(arrived) + 1 < STEPS, (arrived, step)
+    assert {p.name for p in committed[0].glob("rank-*.pt")} == {"rank-00000.pt", "rank-00001.pt"}
+
+    resumed = run_script(*cmd[1:], env={"OMP_NUM_THREADS": "1"})
+    assert f"from step {step} (resumed: True" in resumed
+    final = _weights(_committed(tmp_path, "spot")[-1])
+    assert final.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        assert torch.equal(final[key], value), key
+    # equal weights prove nothing if the resumed run trained nothing after the notice's step
+    assert not torch.equal(_weights(committed[0])["fc.weight"], final["fc.weight"])
+
+
+def test_every_minutes_saves_on_time_at_the_same_step_on_every_rank(tmp_path: Path) -> None:
+    overrides = ["checkpoint.every_minutes=0.01", "checkpoint.keep_last=1000"]
+    run_script(*_job(tmp_path, "clock", *overrides)[1:], env={"OMP_NUM_THREADS": "1"})
+    steps = [int(p.name.split("-")[1]) for p in _committed(tmp_path, "clock")]
+    assert steps[-1] == STEPS
+    on_time = steps[:-1]  # every_iters=0 and no epoch end: only the clock saved these
+    assert len(on_time) >= 2, f"0.6 s apart over a run of {STEPS} steps, saved at {steps}"
+    for step in on_time:  # a commit needs every rank's files for the step
+        files = (tmp_path / "clock" / "checkpoints" / f"step-{step:08d}").glob("rank-*.pt")
+        assert {p.name for p in files} == {"rank-00000.pt", "rank-00001.pt"}
+
+
+# ------------------------------------------------------------------ one process, no job
+
+
+def _boundary(**fields: object) -> StepBoundary:
+    return StepBoundary(CheckpointConfig(storage="unused", every_iters=0, **fields), rank=0)
+
+
+def test_a_notice_sets_a_flag_that_the_next_step_boundary_acts_on() -> None:
+    boundary = _boundary(preempt_signal="SIGUSR1")
+    before = signal.getsignal(signal.SIGUSR1)
+    boundary.install()
+    try:
+        assert boundary.poll(3, saved_step=-1).stop_signal == 0
+        os.kill(os.getpid(), signal.SIGUSR1)  # the process goes on: only a flag is set
+        decision = boundary.poll(4, saved_step=-1)
+        assert (decision.save, decision.stop_signal) == (True, signal.SIGUSR1)
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # in time: timer disarmed
+    finally:
+        boundary.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_a_step_that_outlasts_the_grace_ends_as_a_sigterm_did() -> None:
+    boundary = _boundary(grace_s=0.05)
+    boundary.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(Terminated, match=r"grace_s=0.05") as stopped:
+            time.sleep(5)  # a stuck step
+        assert stopped.value.signum == signal.SIGTERM
+    finally:
+        boundary.uninstall()
+
+
+def test_the_clock_saves_once_due_and_restarts_at_every_save() -> None:
+    boundary = _boundary(every_minutes=0.001)  # 60 ms
+    assert not boundary.poll(1, saved_step=-1).save
+    time.sleep(0.1)
+    assert boundary.poll(2, saved_step=-1).save
+    assert not boundary.poll(3, saved_step=2).save  # saved at step 2: the clock restarted
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("checkpoint.preempt_signal=USR1", "did you mean SIGUSR1"),
+        ("checkpoint.preempt_signal=SIGKILL", "not a signal a preemption notice can be"),
+        ("checkpoint.grace_s=0", "checkpoint.grace_s=0.0 is out of range"),
+        ("checkpoint.every_minutes=-1", "checkpoint.every_minutes=-1.0 is out of range"),
+    ],
+)
+def test_bad_notice_fields_are_refused_by_name(override: str, message: str) -> None:
+    from orchestrator.spec import JobSpec
+
+    with pytest.raises(SpecError, match=re.escape(message)):
+        apply_overrides(JobSpec(name="x"), [override])
