@@ -1,30 +1,94 @@
-"""bench/gpu_check.py's dry run: the GPU script's whole plumbing on a CPU, at tiny sizes."""
+"""bench/gpu_check.py on a CPU (--dry-run): bounded by its deadline, each row printed and
+appended to the results file as it is measured, under tests/gpu_box_env (only torch,
+torchvision, numpy, Pillow importable, this repository not installed: as on the GPU box)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT
+
+GPU_BOX = {"PYTHONPATH": str(ROOT / "tests" / "gpu_box_env")}
+ROW = re.compile(r"^(tiny|r50) ")
 
 
-def test_gpu_check_dry_run_prints_the_table(tmp_path: Path) -> None:
-    """Run as on the GPU machine: only torch, torchvision, numpy, Pillow (and torch's own
-    requirements) importable, this repository not installed (tests/gpu_box_env)."""
-    out = run_script(
-        *("bench/gpu_check.py", "--dry-run", "--work", str(tmp_path), "--models", "r50"),
-        timeout=600,
-        env={"PYTHONPATH": str(ROOT / "tests" / "gpu_box_env")},
+def test_dry_run_ends_by_its_budget_printing_each_row_as_measured(tmp_path: Path) -> None:
+    results = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, "bench/gpu_check.py", "--dry-run", "--budget-s", "60"]
+    cmd += ["--work", str(tmp_path / "work"), "--results", str(results), "--models", "r50"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **GPU_BOX},
     )
-    rows = [line.split() for line in out.splitlines() if line.startswith("r50 ")]
-    # the default runs, compiled ones eager on a CPU; gpu/split decode on the host there
-    assert [r[2] for r in rows] == ["synthetic", "synthetic", "gpu", "split", "cpu"]
-    for row in rows:
-        assert row[3] != "FAILED" and float(row[3]) > 0, row
-        # against bench/plain_baseline.py's figure from the same call, at the rows' batch
-        assert float(row[4]) > 0, row
-    assert "baseline: plain_baseline.py, same run, batch 4 at 64px" in out
-    assert rows[3][7] != "-"  # the split row reports the share the loop settled on
-    assert (tmp_path / "shards" / "manifest.json").exists()
+    watchdog = threading.Timer(75, proc.kill)  # the bound under test: 60 s and the summary
+    watchdog.start()
+    lines, rows = [], []  # rows: (seconds in, the printed cells, rows in the file by then)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if ROW.match(line):
+                in_file = len(results.read_text().splitlines())
+                rows.append((time.monotonic() - t0, line.split(), in_file))
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    elapsed, out = time.monotonic() - t0, "".join(lines)
+    assert proc.returncode == 0 and elapsed < 75, f"{elapsed:.0f} s, rc {proc.returncode}\n{out}"
+
+    # each row was in the file by the time it was printed, in the printed order
+    saved = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(saved) == len(rows)
+    for k, (_, cells, in_file) in enumerate(rows):
+        assert in_file >= k + 1, (k, cells, in_file)
+        assert [saved[k].get("model"), saved[k]["mode"], saved[k]["data"]] == cells[:3]
+    # printed as measured, not as one table at the end
+    times = [t for t, _, _ in rows]
+    assert times == sorted(times) and times[-1] - times[0] > 5, times
+
+    assert saved[0]["kind"] == "smoke" and saved[0]["status"] == "ok", saved[0]
+    jobs = [row for row in saved if row["kind"] == "job"]
+    # the default runs, most important first (compiled ones run eager on a CPU)
+    assert [row["data"] for row in jobs] == ["synthetic", "gpu", "split", "synthetic", "cpu"]
+    assert {row["status"] for row in saved} <= {"ok", "CUT", "SKIPPED"}, saved
+    done = [row for row in jobs if row["status"] == "ok"]
+    assert done and all(row["img_s"] > 0 for row in done), jobs
+    base = next(row for row in saved if row["kind"] == "baseline")
+    assert base["status"] == "ok" and "project nets" in base["note"], base
+    assert all(row["ratio"] > 0 for row in done)  # against the same run's baseline
+    split = next(row for row in jobs if row["data"] == "split")
+    if split["status"] == "ok":  # the balancer's window closed inside the row
+        assert re.fullmatch(r"\d\.\d\d \(\d+w\)", split["share"]), split
     decoder = re.search(r"CPU JPEG decoder \(the cpu rows\): (.+)", out)
     assert decoder and decoder.group(1) == "whole images (Pillow)", out[-2000:]  # all the box has
+
+
+def test_bad_runs_are_refused_before_anything_runs(tmp_path: Path) -> None:
+    for option, wanted in (
+        (["--runs", "synthetic:compiled,gpu:fast"], "--runs: 'gpu:fast' is not data:mode"),
+        (["--runs", "disk:eager"], "--runs: 'disk:eager' is not data:mode"),
+        (["--models", "r50,r18"], "--models: unknown r18"),
+        (["--budget-s", "0"], "--budget-s 0.0: must be a positive number"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "bench/gpu_check.py", "--dry-run", "--work", str(tmp_path), *option],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 2 and wanted in proc.stderr, (option, proc.stderr)
+        assert not (tmp_path / "shards").exists()

@@ -19,6 +19,7 @@ Which file owns what, from the dataset inwards:
     eval_split.py   eval_loader: the validation split once across ranks, views, multiscale
     gpu_augment.py   decode (nvJPEG) and augmentation on the training device
     normalize.py     DeviceNormalize: uint8 -> normalised float on the device, PCA lighting
+    device_copy.py   the next batch's host-to-device copy, on a side CUDA stream
 
 The names below are imported from their module on first use (module `__getattr__`), so that
 `import orchestrator.data.manifest` does not import torch, PIL or webdataset.

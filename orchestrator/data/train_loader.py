@@ -28,6 +28,7 @@ every tensor viewing it is gone, so a loop may keep batches: they then travel th
 from __future__ import annotations
 
 import functools
+import logging
 import multiprocessing
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
 
 from orchestrator.data import transforms as T
 from orchestrator.data.batch_ring import BatchRing, RingWriter, SlotRef
@@ -445,6 +448,13 @@ class SplitBalancer:
             self.loader.cpu_share = share - max(self.step, share * waited)  # the setter clamps
         else:
             self.loader.cpu_share = share + self.step
+        log.info(  # bench/gpu_check.py prints the share as each window closes
+            "split balancer: a window of %d batches waited %.1f%%: CPU share %.2f -> %.2f",
+            self.window,
+            100 * waited,
+            share,
+            self.loader.cpu_share,
+        )
         self._batches, self._wait, self._t0 = 0, 0.0, time.perf_counter()
 
 
