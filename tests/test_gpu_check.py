@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import ROOT
 
@@ -92,3 +93,58 @@ def test_bad_runs_are_refused_before_anything_runs(tmp_path: Path) -> None:
         )
         assert proc.returncode == 2 and wanted in proc.stderr, (option, proc.stderr)
         assert not (tmp_path / "shards").exists()
+
+
+def _gpu_check_module() -> Any:
+    import importlib.util
+
+    found = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    assert found is not None and found.loader is not None
+    module = importlib.util.module_from_spec(found)
+    sys.modules["gpu_check"] = module  # its dataclasses look their module up there
+    found.loader.exec_module(module)
+    return module
+
+
+def test_a_job_log_gives_its_figures_and_whose_syncs_they_were() -> None:
+    gpu_check = _gpu_check_module()
+    warn = "UserWarning: called a synchronizing CUDA operation"
+    log = "\n".join(
+        [
+            f"{ROOT}/orchestrator/train.py:321: {warn}",
+            f"{ROOT}/orchestrator/train.py:321: {warn}",  # the same site twice: one site
+            f"/usr/lib/python3/site-packages/torch/_inductor/select_algorithm.py:88: {warn}",
+            f"{ROOT}/.venv/lib/python3.11/site-packages/torch/optim/sgd.py:12: {warn}",
+            "split balancer: a window of 56 batches waited 9.0%: CPU share 0.50 -> 0.41",
+            "split balancer: a window of 56 batches waited 1.0%: CPU share 0.41 -> 0.46",
+            *(
+                f"step {s} system/images_per_s={r} system/data_wait_frac=0.01"
+                for s, r in ((1, 50), (5, 900), (10, 1000), (15, 1010), (20, 990))
+            ),
+        ]
+    )
+    figures = gpu_check.measured(log, "split")
+    assert (figures["ours"], figures["torch"]) == (1, 2)
+    assert figures["share"] == "0.46 (2w)"
+    assert figures["img_s"] == 1000  # the median after the first step and the warm-up window
+    assert gpu_check.measured(log.replace("split balancer", "x"), "split")["share"] == "unsettled"
+
+
+def test_train_shards_are_listed_again_until_an_epoch_is_long_enough(tmp_path: Path) -> None:
+    gpu_check = _gpu_check_module()
+    for name in ("train-000000.tar", "train-000000.tar.json", "train-000001.tar"):
+        (tmp_path / name).write_bytes(name.encode())
+    shards = [
+        {"name": "train-000000.tar", "samples": 60},
+        {"name": "train-000001.tar", "samples": 40},
+    ]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"splits": {"train": {"samples": 100, "shards": shards}}}))
+    gpu_check.repeat_train_shards(manifest, 250)
+    train = json.loads(manifest.read_text())["splits"]["train"]
+    assert train["samples"] == 300 == sum(s["samples"] for s in train["shards"])
+    names = [s["name"] for s in train["shards"]]
+    assert names[2:4] == ["train-r001-000000.tar", "train-r001-000001.tar"]
+    for name in names:  # hard links to the originals
+        assert (tmp_path / name).samefile(tmp_path / re.sub(r"r\d{3}-", "", name)), name
+    assert (tmp_path / "train-r002-000000.tar.json").exists()
