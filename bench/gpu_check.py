@@ -92,6 +92,13 @@ class Sizes:
     def epoch_images(self) -> int:
         return (max(self.data_steps, self.split_steps) + 8) * self.batch
 
+    def jpegs(self, work: Path) -> Path:
+        """Named by what they hold: a dry run's set is never taken for a real run's."""
+        return work / f"jpegs-{self.per_class}x10-{self.jpeg_size}"
+
+    def shards(self, work: Path) -> Path:
+        return work / f"shards-{self.per_class}x10-{self.jpeg_size}-{self.epoch_images}"
+
 
 REAL = Sizes(256, 224, 40, 60, max(1, min(14, (os.cpu_count() or 2) - 2)), 100, "500x375", 64)
 DRY = Sizes(4, 32, 6, 8, 1, 8, "160x120", 8)
@@ -225,7 +232,7 @@ def _cell(value: Any) -> str:
 def make_shards(work: Path, sizes: Sizes, deadline: Deadline) -> Path:
     """Generated JPEGs as shards; the train shards listed again until an epoch holds
     `sizes.epoch_images` (hard links: no more disk, the page cache holds one copy)."""
-    src, shards = work / "jpegs", work / "shards"
+    src, shards = sizes.jpegs(work), sizes.shards(work)
     manifest = shards / "manifest.json"
     if not manifest.exists():
         shutil.rmtree(shards, ignore_errors=True)
@@ -271,7 +278,8 @@ def smoke(work: Path, dry: bool) -> None:
         raise SystemExit("gpu_check.py: no CUDA GPU here; run with --dry-run on a CPU")
     device = torch.device("cuda" if cuda else "cpu")
     sizes = DRY if dry else REAL
-    files = sorted((work / "jpegs").rglob("*.JPEG")) or sorted((work / "jpegs").rglob("*.jp*g"))
+    folder = sizes.jpegs(work)
+    files = sorted(folder.rglob("*.JPEG")) or sorted(folder.rglob("*.jp*g"))
     blobs = [p.read_bytes() for p in files[: sizes.smoke_batch]]
     decode_jpegs(blobs[:2], device)  # first call: nvJPEG's handles
     sync = torch.cuda.synchronize if cuda else (lambda: None)
