@@ -1,7 +1,8 @@
 """Preemption without Ray and time-based checkpoints (orchestrator.preemption): a notice signal
 commits the step in progress (+1 at most) on every rank and the job exits 128 + the signal; a
-resubmission resumes there and ends with the weights of an uninterrupted run;
-checkpoint.every_minutes saves on time, the same step on every rank."""
+resubmission resumes there and ends with the weights of an uninterrupted run, and continues
+the MLflow run the notice marked KILLED; checkpoint.every_minutes saves on time, the same step
+on every rank. Two torchrun workers (gloo) train CIFAR's ResNet-20 on synthetic batches."""
 
 from __future__ import annotations
 
@@ -11,15 +12,20 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from orchestrator.preemption import StepBoundary
 from orchestrator.runtime import Terminated
 from orchestrator.spec import CheckpointConfig, SpecError, apply_overrides
+from orchestrator.stack import Stack
+from orchestrator.tracking.tags import JOB_TAG
 from tests.conftest import ROOT, run_script
 from tests.test_train import TINY
 
@@ -68,13 +74,18 @@ def _interrupted(cmd: list[str], notice: signal.Signals) -> tuple[int, str]:
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.stdout is not None
+    hung = threading.Timer(300, proc.kill)  # a job that never ends fails the test, not CI
+    hung.start()
     lines, sent = [], False
-    for line in proc.stdout:
-        lines.append(line)
-        if not sent and re.search(r"orchestrator\.train: step 5 ", line):
-            proc.send_signal(notice)
-            sent = True
-    code = proc.wait(timeout=120)
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if not sent and re.search(r"orchestrator\.train: step 5 ", line):
+                proc.send_signal(notice)
+                sent = True
+        code = proc.wait()
+    finally:
+        hung.cancel()
     return code, "".join(lines)
 
 
@@ -124,6 +135,28 @@ def test_every_minutes_saves_on_time_at_the_same_step_on_every_rank(tmp_path: Pa
     for step in on_time:  # a commit needs every rank's files for the step
         files = (tmp_path / "clock" / "checkpoints" / f"step-{step:08d}").glob("rank-*.pt")
         assert {p.name for p in files} == {"rank-00000.pt", "rank-00001.pt"}
+
+
+def test_a_notice_marks_the_run_killed_and_the_resubmission_continues_it(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The job's one MLflow run: KILLED after the notice, FINISHED after the resubmission,
+    with every step's training loss logged once."""
+    experiment, name = f"preemption-{uuid.uuid4().hex[:6]}", "tracked"
+    tracked = ["tracking.enabled=true", f"tracking.experiment={experiment}"]
+    cmd = _job(tmp_path, name, *tracked)
+    code, out = _interrupted(cmd, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, f"exit {code}:\n{out[-4000:]}"
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    (run,) = client.search_runs([experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{name}'")
+    assert run.info.status == "KILLED"
+
+    run_script(*cmd[1:], env={"OMP_NUM_THREADS": "1"})
+    (again,) = client.search_runs([experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{name}'")
+    assert (again.info.run_id, again.info.status) == (run.info.run_id, "FINISHED")
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(logged) == list(range(1, STEPS + 1))
 
 
 # ------------------------------------------------------------------ one process, no job
