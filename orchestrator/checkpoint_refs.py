@@ -75,16 +75,10 @@ def committed_checkpoints(root: str, what: str) -> list[Committed]:
 # ---------------------------------------------------------------------------- a run's
 
 
-@dataclass(frozen=True)
-class RunCheckpoint:
-    """The committed checkpoint a training run's `best` or `latest` means."""
+class _Chosen:
+    """A resolved reference: its committed checkpoint's URL and step."""
 
-    run_id: str
-    run_name: str | None
-    job: str
-    root: str  # the job's checkpoint folder
     committed: Committed
-    metric: str  # the run's checkpoint.best_metric (what `best` is chosen by)
 
     @property
     def url(self) -> str:
@@ -93,6 +87,18 @@ class RunCheckpoint:
     @property
     def step(self) -> int:
         return self.committed.step
+
+
+@dataclass(frozen=True)
+class RunCheckpoint(_Chosen):
+    """The committed checkpoint a training run's `best` or `latest` means."""
+
+    run_id: str
+    run_name: str | None
+    job: str
+    root: str  # the job's checkpoint folder
+    committed: Committed
+    metric: str  # the run's checkpoint.best_metric (what `best` is chosen by)
 
     @property
     def what(self) -> str:
@@ -176,7 +182,7 @@ def parse_model_ref(ref: str) -> ModelRef:
 
 
 @dataclass(frozen=True)
-class VersionCheckpoint:
+class VersionCheckpoint(_Chosen):
     """The committed checkpoint a registered model version reads its weights from."""
 
     ref: ModelRef
@@ -184,14 +190,6 @@ class VersionCheckpoint:
     run_id: str | None  # the version's training run, if it has one
     root: str
     committed: Committed
-
-    @property
-    def url(self) -> str:
-        return self.committed.url
-
-    @property
-    def step(self) -> int:
-        return self.committed.step
 
     @property
     def what(self) -> str:
