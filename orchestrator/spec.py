@@ -90,7 +90,14 @@ class DataConfig:
     normalize: Literal["per_channel", "per_pixel_mean"] = "per_channel"
     num_workers: int = 4  # DataLoader workers per rank (0: decode in the training process)
     prefetch_factor: int = 2  # batches each worker keeps ready
-    shuffle_buffer: int = 1000  # samples (raw bytes) each worker mixes
+    shuffle_buffer: int = 1000  # samples (raw bytes) each canonical stream mixes
+    # canonical streams of an epoch (orchestrator/data/epochs.py): the data order depends on
+    # them, never on the world size or the loader workers. 0: the most workers x
+    # max(1, data.num_workers), so that at the largest world size each loader worker reads one
+    streams: int = 0
+    # keep every optimizer step's sample ids with the checkpoints (python -m
+    # orchestrator.data.ledger reads them back: duplicates and drops per epoch)
+    ledger: bool = False
     max_bad_fraction: float = 0.01
     bad_check_after: int = 200  # samples seen before max_bad_fraction is enforced
     epoch_mode: Literal["exact", "resampled"] = "exact"
@@ -145,6 +152,7 @@ class DataConfig:
             num_workers=">= 0",
             prefetch_factor=">= 1",
             shuffle_buffer=">= 0",
+            streams=">= 0",
             bad_check_after=">= 0",
             samples_per_epoch=">= 0",
             eval_hold_mb=">= 1",
@@ -231,7 +239,10 @@ class ScheduleConfig:
 @dataclass
 class ScalingConfig:
     strategy: Literal["ddp", "deepspeed"] = "ddp"
+    # the most workers; written [min, max] (e.g. scaling.num_workers=[2,8]) the job is elastic:
+    # it runs on as many as the cluster has in that range, min_workers holding the min
     num_workers: int = 1
+    min_workers: int = 0  # 0: not elastic (always num_workers)
     use_gpu: bool | None = None  # None: use GPUs where the machine or cluster has them
     cpus_per_worker: float = 1.0
     global_batch: int = 256
@@ -247,12 +258,39 @@ class ScalingConfig:
             "scaling",
             self,
             num_workers=">= 1",
+            min_workers=">= 0",
             cpus_per_worker=">= 0",
             global_batch=">= 1",
             micro_batch=">= 1",
             max_failures=">= -1",  # Ray's -1: retry without end
             torch_threads=">= 0",
         )
+        if self.min_workers > self.num_workers:
+            raise ValueError(
+                f"scaling.min_workers={self.min_workers} is above num_workers="
+                f"{self.num_workers}: write the range as scaling.num_workers=[min,max]"
+            )
+
+    @staticmethod
+    def normalize_input(data: dict[str, Any]) -> dict[str, Any]:
+        """`num_workers: [min, max]` (the elastic form) -> min_workers and num_workers."""
+        workers = data.get("num_workers")
+        if not isinstance(workers, (list, tuple)):
+            return data
+        if len(workers) != 2 or not all(type(w) is int for w in workers):
+            raise SpecError(
+                f"scaling.num_workers: {list(workers)!r}: write one count (e.g. 8) or a range "
+                "of two counts [min, max] (e.g. [4,8]) for an elastic job"
+            )
+        return {**data, "min_workers": workers[0], "num_workers": workers[1]}
+
+    def worker_range(self) -> tuple[int, int]:
+        """(fewest, most) workers the job runs on; equal when it is not elastic."""
+        return (self.min_workers or self.num_workers, self.num_workers)
+
+    @property
+    def elastic(self) -> bool:
+        return bool(self.min_workers) and self.min_workers < self.num_workers
 
 
 @dataclass
@@ -356,12 +394,18 @@ class JobSpec:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def micro_batch(self) -> int:
-        return self.scaling.micro_batch or self.scaling.global_batch // self.scaling.num_workers
+    def micro_batch(self, world_size: int | None = None) -> int:
+        """The most samples a worker takes per micro-batch at `world_size` (default: the most
+        workers): scaling.micro_batch, or the worker's whole share of a step."""
+        per_worker = -(-self.scaling.global_batch // (world_size or self.scaling.num_workers))
+        return min(self.scaling.micro_batch or per_worker, per_worker)
 
-    def accumulation(self) -> int:
-        """Micro-batches per optimizer step, so the global batch is what the spec says."""
-        return self.scaling.global_batch // (self.micro_batch() * self.scaling.num_workers)
+    def accumulation(self, world_size: int | None = None) -> int:
+        """Micro-batches per optimizer step, so that the global batch is what the spec says at
+        every world size (workers' shares differ by at most one sample: orchestrator.data.epochs
+        weighs each sample's loss alike)."""
+        w = world_size or self.scaling.num_workers
+        return -(-self.scaling.global_batch // (w * self.micro_batch(w)))
 
     def lr(self) -> float:
         if self.optim.lr is not None:
@@ -373,17 +417,11 @@ class JobSpec:
         s = self.scaling
         if not self.name or any(c in self.name for c in "/ \\"):
             raise SpecError(f"name: {self.name!r} must be non-empty, without spaces or slashes")
-        if self.micro_batch() < 1:
+        if s.global_batch < s.num_workers:
             raise SpecError(
                 f"scaling.global_batch: {s.global_batch} is smaller than "
                 f"num_workers {s.num_workers}: "
                 f"every worker needs at least one sample per step; raise scaling.global_batch"
-            )
-        per_step = self.micro_batch() * s.num_workers
-        if s.global_batch % per_step:
-            raise SpecError(
-                f"scaling.global_batch: {s.global_batch} is not a multiple of micro_batch x "
-                f"num_workers = {self.micro_batch()} x {s.num_workers}; change scaling.micro_batch"
             )
         if s.strategy == "ddp" and s.zero_stage:
             raise SpecError("scaling.zero_stage: set only with scaling.strategy=deepspeed")
@@ -420,6 +458,9 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass `cls` from plain data, checking every key and type."""
     if not isinstance(data, dict):
         raise SpecError(f"{where or 'spec'}: expected a mapping, got {data!r}")
+    normalize = getattr(cls, "normalize_input", None)
+    if normalize is not None:  # a section's own shorthand, e.g. scaling.num_workers=[2,8]
+        data = normalize(data)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = set(data) - set(names)
@@ -509,6 +550,9 @@ def apply_overrides(spec: JobSpec, overrides: list[str]) -> JobSpec:
             where = path.rsplit(".", 1)[0] if parents else "spec"
             raise SpecError(f"{path}: unknown key in '{where}'; valid keys: {', '.join(node)}")
         node[leaf] = parse_value(text)
+        given_min = any(o.startswith("scaling.min_workers=") for o in overrides)
+        if path == "scaling.num_workers" and isinstance(node[leaf], int) and not given_min:
+            node["min_workers"] = 0  # one count: a fixed size, unless min_workers is given too
     return from_dict(JobSpec, data).validate()
 
 
