@@ -111,6 +111,14 @@ def run_local(spec: JobSpec) -> dict[str, float]:
     import torch
 
     n = spec.scaling.num_workers
+    if spec.scaling.elastic and "LOCAL_RANK" not in os.environ:
+        low, high = spec.scaling.worker_range()
+        print(
+            f"job {spec.name}: scaling.num_workers=[{low},{high}] is elastic only on Ray; "
+            f"--local runs {high} workers on this machine (the same global batch, so a later "
+            "run on Ray at any size in the range resumes its checkpoints)",
+            file=sys.stderr,
+        )
     if n > 1 and "LOCAL_RANK" not in os.environ:
         code = _torchrun(spec, n)
         if code:
@@ -196,9 +204,11 @@ def _ray_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from orchestrator.runtime import Runtime
+    from orchestrator.runtime import Runtime, set_preemption_source
     from orchestrator.train import run_worker
 
+    # the step boundary asks Ray whether a node of the job is being reclaimed
+    set_preemption_source(ray.train.get_preemption_info)
     ctx = ray.train.get_context()
     rt = Runtime(
         rank=ctx.get_world_rank(),
@@ -269,7 +279,7 @@ def fit_on_ray(spec: JobSpec, callbacks: list[Any] | None = None) -> Any:
     """Run one job as a Ray Train TorchTrainer and return its result; raises JobFailed.
     A job driver (run_ray) and a study's trial (orchestrator.study) both run jobs this way."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
@@ -285,11 +295,13 @@ def fit_on_ray(spec: JobSpec, callbacks: list[Any] | None = None) -> Any:
         _ray_worker,
         train_loop_config={"spec": spec.to_dict()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=spec.scaling.num_workers,
+        # ray.train.ScalingConfig is V2's at run time (a (min, max) range, the resize interval)
+        scaling_config=ScalingConfig(  # type: ignore[call-arg]
+            num_workers=worker_count(spec),  # type: ignore[arg-type]
             use_gpu=use_gpu,
             resources_per_worker=worker_resources(spec, use_gpu),
             placement_strategy=spec.scaling.placement,
+            elastic_resize_monitor_interval_s=spec.scaling.resize_interval_s,
         ),
         # ray.train.RunConfig is Train V2's at run time, which takes worker_runtime_env; mypy
         # reads Ray's V1 class
@@ -297,7 +309,7 @@ def fit_on_ray(spec: JobSpec, callbacks: list[Any] | None = None) -> Any:
             name=spec.name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+            failure_config=failure_config(spec),
             callbacks=[fail_fast(), *(callbacks or [])],
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not use_gpu else None,
         ),
@@ -308,6 +320,29 @@ def fit_on_ray(spec: JobSpec, callbacks: list[Any] | None = None) -> Any:
         raise
     except Exception as err:
         raise _failure(spec, err) from err
+
+
+def worker_count(spec: JobSpec) -> int | tuple[int, int]:
+    """Ray Train's num_workers: a count, or (min, max) for an elastic job (Ray starts the group
+    at the most workers the cluster has room for in the range, and resizes it on a restart
+    or, growing, every scaling.resize_interval_s)."""
+    return spec.scaling.worker_range() if spec.scaling.elastic else spec.scaling.num_workers
+
+
+def failure_config(spec: JobSpec) -> Any:
+    """Ray Train's FailureConfig: worker failures spend scaling.max_failures, node reclaims
+    (preemptions) scaling.max_preemption_failures, so that reclaims never end a long run.
+
+    The loop commits its checkpoint on the notice, long before the node's deadline, with its
+    own collectives (torch's): Ray's relax_collectives_on_preemption (for Ray's report and
+    notice barriers) and preemption_grace_s (survivors running past the deadline, when the
+    step after it would wait on ranks already gone) stay off."""
+    from ray.train import FailureConfig
+
+    return FailureConfig(  # type: ignore[call-arg]  # V2's at run time; mypy reads V1's
+        max_failures=spec.scaling.max_failures,
+        max_preemption_failures=spec.scaling.max_preemption_failures,
+    )
 
 
 def worker_resources(spec: JobSpec, use_gpu: bool) -> dict[str, float]:

@@ -8,8 +8,15 @@ the loop asks `StepBoundary.poll`; once a rank has the notice, every rank saves 
 commits it, and stops with `runtime.Terminated` (the run is marked KILLED, the process exits
 with 128 + the signal's number). If no step ends before the timer (a stuck step), `Terminated`
 is raised wherever the loop is, as a SIGTERM did before: the last committed checkpoint stands.
-Under Ray the loop runs off the main thread, where Python installs no handler; Ray stops the
-workers there as before (Ray's preemption notice is another matter).
+Under Ray the loop runs off the main thread, where Python installs no handler. There a reclaim
+arrives as a drain of the node (a spot instance's notice, KubeRay's pod deletion: docs/
+operators-guide.md, "Spot and preemptible nodes"), which Ray Train reports through
+`ray.train.get_preemption_info()`. Every `checkpoint.preemption_poll_every` steps each rank
+asks (a barrier: every rank asks at the same steps, and all get rank 0's answer); on a new
+notice every rank saves the step at once and commits it before the next step, rank 0 logs it
+once, and training goes on: Ray restarts the worker group when the node's deadline passes (a
+preemption, counted against scaling.max_preemption_failures, never max_failures) and the
+restart resumes from that commit, on fewer workers if the job is elastic.
 
 `checkpoint.every_minutes` saves once that long has passed since the last save of any kind.
 
@@ -26,6 +33,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -33,7 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from orchestrator.runtime import Terminated, distributed
+from orchestrator.runtime import Terminated, distributed, preemption_source
 from orchestrator.spec import CheckpointConfig
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,10 @@ class Decision:
 
     save: bool = False  # checkpoint this step
     stop_signal: int = 0  # then stop, for this signal (0: go on)
+    # commit the save before the next step (a Ray preemption notice: the node may be gone
+    # before the next save would commit it)
+    commit: bool = False
+    notice: str = ""  # a new Ray preemption notice arrived (what it said), once per notice
 
     @property
     def reason(self) -> str:
@@ -100,13 +112,59 @@ class NoticeSignals:
         )
 
 
+class RayNotices:
+    """Ray Train's preemption notices, asked every `every` steps through `ask` (ray.train.
+    get_preemption_info: a barrier, so every rank asks at the same steps and gets the same
+    answer). `check` returns a notice once: a repeat of it changes nothing, a notice that
+    names another node or deadline (Ray merges them) is new."""
+
+    def __init__(self, ask: Callable[[], Any], every: int) -> None:
+        self.ask, self.every = ask, every
+        self.seen: tuple[tuple[str, ...], int | None] | None = None
+        self.count = 0  # notices acted on by this worker group
+
+    def check(self, step: int) -> str:
+        """After `step` steps: what a new notice says ("" if none, or not asked this step)."""
+        if step % self.every:
+            return ""
+        info = self.ask()
+        if info is None:
+            return ""
+        nodes = dict(info.preempted_node_to_ranks)
+        key = (tuple(sorted(nodes)), info.deadline_ms)
+        if key == self.seen:
+            return ""
+        self.seen = key
+        self.count += 1
+        return describe_notice(nodes, info.deadline_ms)
+
+
+def describe_notice(nodes: dict[str, list[int]], deadline_ms: int | None) -> str:
+    """`nodes` (node id -> the job's ranks there) and the time left, for one log line."""
+    where = ", ".join(
+        f"node {node[:12]} (ranks {', '.join(map(str, sorted(ranks)))})"
+        for node, ranks in sorted(nodes.items())
+    )
+    if deadline_ms is None:
+        left = "no deadline given (Ray restarts the group 120 s after the notice)"
+    else:
+        left = f"{deadline_ms / 1000 - time.time():.0f} s to its deadline"
+    return f"{where}: {left}"
+
+
 class StepBoundary:
     """Asked after every optimizer step whether to save now and whether to stop after it.
     Build it on every rank at the same point (it may create a process group)."""
 
-    def __init__(self, cfg: CheckpointConfig, rank: int) -> None:
+    def __init__(
+        self, cfg: CheckpointConfig, rank: int, ask_ray: Callable[[], Any] | None = None
+    ) -> None:
+        """`ask_ray`: Ray's preemption notice (default: the Ray Train worker's, from
+        runtime.preemption_source; None outside Ray)."""
         self.rank = rank
         self.notices = NoticeSignals(cfg.preempt_signal, cfg.grace_s)
+        ask = ask_ray or preemption_source()
+        self.ray = RayNotices(ask, cfg.preemption_poll_every) if ask else None
         self.every_iters, self.every_s = cfg.every_iters, cfg.every_minutes * 60
         # the same answer on every rank: all run the loop in the main thread, or none
         self.listens = threading.current_thread() is threading.main_thread()
@@ -129,6 +187,10 @@ class StepBoundary:
         """The decision after `step` steps; `saved_step` is the newest save's step (a save
         restarts the every_minutes clock)."""
         on_schedule = bool(self.every_iters) and step % self.every_iters == 0
+        notice = self.ray.check(step) if self.ray is not None else ""
+        if notice:
+            self._ray_notice(step, saved_step, notice)
+            return Decision(save=saved_step != step, commit=True, notice=notice)
         if not self.listens and not self.every_s:
             return Decision(save=on_schedule)
         now = time.monotonic()
@@ -152,6 +214,20 @@ class StepBoundary:
             return Decision(save=saved_step != step, stop_signal=signum)
         # a vote started before the newest save asks for a save that is already there
         return Decision(save=on_schedule or due_at == saved_step)
+
+    def _ray_notice(self, step: int, saved_step: int, notice: str) -> None:
+        """Say a new Ray notice once (rank 0: every rank got the same one)."""
+        if self.rank:
+            return
+        what = "committing it" if saved_step == step else "saving and committing it"
+        log.warning(
+            "preemption notice at step %d: %s; %s now, then training on: Ray restarts the "
+            "workers when the node goes and they resume from step %d",
+            step,
+            notice,
+            what,
+            step,
+        )
 
     def _agree(self, mine: torch.Tensor) -> tuple[int, int]:
         """(signal, the saved step the clock was due at, or -2) agreed by every rank: alone,

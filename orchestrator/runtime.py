@@ -113,6 +113,23 @@ def raise_on_sigterm(
         pass
 
 
+# Ray's preemption notice, for the step boundary (orchestrator.preemption) of a Ray Train
+# worker: launch's Ray worker sets it to ray.train.get_preemption_info before the loop starts;
+# None elsewhere (`--local`, a test). One training function per Ray Train worker process.
+_preemption_source: Callable[[], Any] | None = None
+
+
+def set_preemption_source(ask: Callable[[], Any] | None) -> None:
+    """Where this worker asks whether a node of its job is being reclaimed (None: nowhere)."""
+    global _preemption_source
+    _preemption_source = ask
+
+
+def preemption_source() -> Callable[[], Any] | None:
+    """The callable `set_preemption_source` gave, or None outside a Ray Train worker."""
+    return _preemption_source
+
+
 class NotRetried(OrchestratorError, RuntimeError):
     """A worker failed with an error `retryable` says no restart can fix; the message names
     the rank and the error (raised on Ray's controller by launch.fail_fast)."""

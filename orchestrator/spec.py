@@ -251,6 +251,13 @@ class ScalingConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = 3
+    # node reclaims (a spot instance's notice, a drain) Ray restarts the job after, counted
+    # apart from max_failures (Ray's FailureConfig.max_preemption_failures); -1: no limit
+    max_preemption_failures: int = -1
+    # an elastic job: how often Ray looks for room to grow the worker group back towards the
+    # most workers (ScalingConfig.elastic_resize_monitor_interval_s); a resize restarts the
+    # group from the latest committed checkpoint
+    resize_interval_s: float = 60.0
     torch_threads: int = 0  # 0: leave torch's default
 
     def __post_init__(self) -> None:
@@ -263,6 +270,8 @@ class ScalingConfig:
             global_batch=">= 1",
             micro_batch=">= 1",
             max_failures=">= -1",  # Ray's -1: retry without end
+            max_preemption_failures=">= -1",
+            resize_interval_s=">= 0",
             torch_threads=">= 0",
         )
         if self.min_workers > self.num_workers:
@@ -306,6 +315,9 @@ class CheckpointConfig:
     # at the next step boundary, which must come within grace_s (orchestrator.preemption)
     preempt_signal: str = "SIGTERM"
     grace_s: float = 120.0
+    # On Ray: ask Ray every this many optimizer steps whether a node of the job is being
+    # reclaimed (a barrier of every rank; bench/step_boundary.py measures its cost)
+    preemption_poll_every: int = 10
 
     def __post_init__(self) -> None:
         # keep_last=0 would let retention delete the checkpoint it has just committed
@@ -316,6 +328,7 @@ class CheckpointConfig:
             every_minutes=">= 0",
             keep_last=">= 1",
             grace_s="> 0",
+            preemption_poll_every=">= 1",
         )
         check_preempt_signal(self.preempt_signal)
         if self.best_metric not in CHECKPOINT_METRICS:  # else no step would ever be the best

@@ -1,0 +1,307 @@
+"""Spot and elastic clusters on Ray (orchestrator.preemption, orchestrator.launch).
+
+A drained node on a 2-node local Ray cluster: an elastic job (scaling.num_workers=[1,2],
+scaling.max_failures=0) trains on real shards in S3 with one worker on each node; the second
+node is drained as a spot reclaim is (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION
+--deadline-remaining-seconds N`), and killed at the deadline. The job must commit the step in
+progress when the notice arrives, say so once, go on training, and after the node is gone
+resume from that step on the one node left and finish, with every step once in MLflow.
+
+The unit tests drive the step boundary with a stand-in for ray.train.get_preemption_info (the
+cadence and the once-per-notice rule); everything else here runs the real thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from ray.train import PreemptionInfo
+
+from orchestrator import launch, runtime
+from orchestrator.preemption import StepBoundary
+from orchestrator.spec import CheckpointConfig, JobSpec, SpecError, apply_overrides
+from orchestrator.stack import Stack
+from tests.conftest import port_is_free
+from tests.test_multinode import _alive_nodes, chaos, cluster_head  # noqa: F401 - a fixture
+
+# ------------------------------------------------------------------ the step boundary alone
+
+
+class FakeRay:
+    """ray.train.get_preemption_info's stand-in: the notice Ray would broadcast, and the steps
+    it was asked at."""
+
+    def __init__(self) -> None:
+        self.info: PreemptionInfo | None = None
+        self.asked: list[int] = []
+        self.step = 0
+
+    def __call__(self) -> PreemptionInfo | None:
+        self.asked.append(self.step)
+        return self.info
+
+
+def _boundary(fake: FakeRay, rank: int = 0, **fields: Any) -> StepBoundary:
+    cfg = CheckpointConfig(storage="unused", every_iters=0, **fields)
+    return StepBoundary(cfg, rank=rank, ask_ray=fake)
+
+
+def _poll(boundary: StepBoundary, fake: FakeRay, step: int, saved_step: int = -1) -> Any:
+    fake.step = step
+    return boundary.poll(step, saved_step)
+
+
+def test_ray_is_asked_every_preemption_poll_every_steps_and_nothing_is_saved_without_notice() -> (
+    None
+):
+    fake = FakeRay()
+    boundary = _boundary(fake, preemption_poll_every=4)
+    decisions = [_poll(boundary, fake, step) for step in range(1, 13)]
+    assert fake.asked == [4, 8, 12]  # the same steps on every rank: the call is a barrier
+    assert not any(d.save or d.commit or d.stop_signal for d in decisions)
+
+
+def test_a_notice_saves_and_commits_once_then_training_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = FakeRay()
+    boundary = _boundary(fake, preemption_poll_every=2)
+    assert not _poll(boundary, fake, 2).save
+    deadline_ms = int((time.time() + 30) * 1000)
+    fake.info = PreemptionInfo(deadline_ms, {"a" * 56: [1]})
+    with caplog.at_level(logging.WARNING, logger="orchestrator.preemption"):
+        assert not _poll(boundary, fake, 3).save  # not asked at step 3: seen at step 4
+        notice = _poll(boundary, fake, 4)
+        later = [_poll(boundary, fake, step, saved_step=4) for step in range(5, 11)]
+    assert (notice.save, notice.commit, notice.stop_signal) == (True, True, 0)
+    assert "node aaaaaaaaaaaa (ranks 1)" in notice.notice
+    # Ray keeps answering with the same notice until the group restarts: no second save
+    assert not any(d.save or d.commit or d.notice for d in later)
+    (line,) = [r.getMessage() for r in caplog.records if "preemption notice" in r.getMessage()]
+    assert re.search(r"at step 4: node a{12} \(ranks 1\): (29|30) s to its deadline", line), line
+    assert "training on" in line and "resume from step 4" in line
+
+
+def test_a_second_node_reclaimed_is_a_new_notice_and_saves_again() -> None:
+    fake = FakeRay()
+    boundary = _boundary(fake, preemption_poll_every=1)
+    fake.info = PreemptionInfo(None, {"node-a": [1]})
+    first = _poll(boundary, fake, 1)
+    assert first.save and "no deadline given" in first.notice
+    fake.info = PreemptionInfo(None, {"node-a": [1], "node-b": [2, 3]})  # Ray merges them
+    second = _poll(boundary, fake, 2, saved_step=1)
+    assert second.save and second.commit and "node node-b (ranks 2, 3)" in second.notice
+
+
+def test_a_notice_at_a_step_already_saved_commits_without_a_second_save() -> None:
+    fake = FakeRay()
+    boundary = _boundary(fake, preemption_poll_every=5)
+    fake.info = PreemptionInfo(None, {"n": [0]})
+    decision = _poll(boundary, fake, 5, saved_step=5)  # every_iters saved this very step
+    assert (decision.save, decision.commit) == (False, True)
+
+
+def test_only_rank_0_logs_the_notice(caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeRay()
+    fake.info = PreemptionInfo(None, {"n": [0]})
+    with caplog.at_level(logging.WARNING, logger="orchestrator.preemption"):
+        assert _poll(_boundary(fake, rank=1, preemption_poll_every=1), fake, 1).save
+    assert not [r for r in caplog.records if "preemption notice" in r.getMessage()]
+
+
+def test_the_ray_worker_s_source_is_the_default_and_none_means_no_asking() -> None:
+    fake = FakeRay()
+    cfg = CheckpointConfig(storage="unused", every_iters=0, preemption_poll_every=1)
+    assert StepBoundary(cfg, rank=0).ray is None  # outside Ray: never asked
+    runtime.set_preemption_source(fake)
+    try:
+        boundary = StepBoundary(cfg, rank=0)
+    finally:
+        runtime.set_preemption_source(None)
+    boundary.poll(1, -1)
+    assert fake.asked == [0]
+
+
+# ------------------------------------------------------------------ spec and launch
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "checkpoint.preemption_poll_every=0",
+            "checkpoint.preemption_poll_every=0 is out of range",
+        ),
+        ("scaling.max_preemption_failures=-2", "scaling.max_preemption_failures=-2 is out of"),
+        ("scaling.resize_interval_s=-1", "scaling.resize_interval_s=-1.0 is out of range"),
+    ],
+)
+def test_bad_spot_fields_are_refused_by_name(override: str, message: str) -> None:
+    with pytest.raises(SpecError, match=re.escape(message)):
+        apply_overrides(JobSpec(name="x"), [override])
+
+
+def test_ray_gets_the_range_and_a_preemption_budget_apart_from_max_failures() -> None:
+    from ray.train import FailureConfig, ScalingConfig
+
+    spec = apply_overrides(
+        JobSpec(name="x"),
+        ["scaling.num_workers=[2,8]", "scaling.max_failures=0", "scaling.resize_interval_s=5"],
+    )
+    assert launch.worker_count(spec) == (2, 8)
+    scaling = ScalingConfig(
+        num_workers=launch.worker_count(spec),
+        elastic_resize_monitor_interval_s=spec.scaling.resize_interval_s,
+    )
+    assert (scaling.min_workers, scaling.max_workers) == (2, 8)  # Ray's own reading of it
+    failure = launch.failure_config(spec)
+    assert isinstance(failure, FailureConfig)
+    assert (failure.max_failures, failure.max_preemption_failures) == (0, -1)
+    fixed = apply_overrides(JobSpec(name="x"), ["scaling.num_workers=4"])
+    assert launch.worker_count(fixed) == 4
+
+
+def test_local_runs_an_elastic_range_at_its_most_workers_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started: list[int] = []
+    monkeypatch.setattr(launch, "_torchrun", lambda spec, n: started.append(n) or 0)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    spec = apply_overrides(JobSpec(name="x"), ["scaling.num_workers=[1,3]"])
+    launch.run_local(spec)
+    assert started == [3]
+    err = capsys.readouterr().err
+    assert "scaling.num_workers=[1,3] is elastic only on Ray; --local runs 3 workers" in err
+
+
+# ------------------------------------------------------------------ a drained node on Ray
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants at once: a reclaimed VM gives no warning."""
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture
+def spot_node(cluster_head: Stack, tmp_path: Path) -> Iterator[tuple[int, str]]:  # noqa: F811
+    """A second raylet with 2 CPUs joined to the head (which has 2): a worker of 2 CPUs on
+    each. Yields (its process, its node id); killed afterwards if the test has not."""
+    import ray
+
+    ray_bin = Path(sys.executable).parent / "ray"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    agent_port = next(p for p in range(23391, 23600, 7) if port_is_free(p))
+    log = (tmp_path / "spot.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            str(ray_bin), "start", f"--address={cluster_head.gcs_address}", "--num-cpus=2",
+            "--block", f"--dashboard-agent-listen-port={agent_port}", "--disable-usage-stats",
+        ],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    ray.init(address=cluster_head.gcs_address, logging_level="ERROR")
+    try:
+        deadline = time.monotonic() + 120
+        while _alive_nodes() < 2:
+            assert proc.poll() is None, (tmp_path / "spot.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the spot node did not join"
+            time.sleep(1)
+        (node,) = [
+            n["NodeID"]
+            for n in ray.nodes()
+            if n["Alive"] and "node:__internal_head__" not in n["Resources"]
+        ]
+        yield proc.pid, node
+    finally:
+        ray.shutdown()
+        _kill_tree(proc.pid)
+
+
+DEADLINE_S = 25  # the notice's lead: Ray's watcher polls drains every 5 s
+STEPS = 160
+
+
+def _wait_for(what: str, check: Any, job: str, timeout_s: float = 300) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        assert not chaos.wait_status_terminal(job), (
+            f"job ended before {what}:\n" + chaos.logs(job)[-5000:]
+        )
+        time.sleep(0.5)
+    raise AssertionError(f"no {what} in {timeout_s} s:\n{chaos.logs(job)[-5000:]}")
+
+
+@pytest.mark.slow
+def test_a_drained_node_commits_the_step_in_progress_and_the_job_resumes_there(
+    spot_node: tuple[int, str], smoke_dataset: str
+) -> None:
+    node_pid, node = spot_node
+    name, experiment = f"spot-{uuid.uuid4().hex[:6]}", f"spot-{uuid.uuid4().hex[:6]}"
+    job = chaos.submit(
+        [
+            f"name={name}", f"data.url={smoke_dataset}", f"tracking.experiment={experiment}",
+            "scaling.num_workers=[1,2]", "scaling.cpus_per_worker=2", "scaling.max_failures=0",
+            "scaling.global_batch=16", "scaling.torch_threads=1", f"schedule.max_iters={STEPS}",
+            "schedule.milestones=[]", "checkpoint.every_iters=0", "checkpoint.at_epoch_end=false",
+            "checkpoint.preemption_poll_every=1", "checkpoint.keep_last=5",
+            "tracking.log_every=1", "eval.every_iters=0", "eval.at_end=false",
+            "data.num_workers=1",
+        ]
+    )  # fmt: skip
+    st = chaos.store("s3://resnet/runs", name)
+    _wait_for("step 3", lambda: re.search(r"orchestrator\.train: step 3 ", chaos.logs(job)), job)
+    assert "world sizes 1..2 (elastic)" in chaos.logs(job)  # the pre-flight listed them
+    assert st.latest() is None  # every_iters=0: nothing committed before the notice
+    drained_at = time.monotonic()
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ray"), "drain-node",
+            f"--address={os.environ['RAY_ADDRESS']}", f"--node-id={node}",
+            "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot reclaim (test)",
+            f"--deadline-remaining-seconds={DEADLINE_S}",
+        ],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    committed = _wait_for("commit after the notice", st.latest, job, DEADLINE_S)
+    line = re.search(r"preemption notice at step (\d+): node (\w+) \(ranks (\d)\)", chaos.logs(job))
+    assert line, chaos.logs(job)[-5000:]
+    assert int(line[1]) == committed.step and node.startswith(line[2]), (line[0], committed)
+    assert chaos.logs(job).count("preemption notice at step") == 1
+    files = set(st.storage.sizes(f"step-{committed.step:08d}"))
+    assert {"rank-00000.pt", "rank-00001.pt"} <= files, files  # both ranks, one on each node
+
+    time.sleep(max(0.0, DEADLINE_S - (time.monotonic() - drained_at)))
+    _kill_tree(node_pid)  # the reclaim itself, at the deadline
+    status = chaos.wait(job, timeout_s=900)
+    out = chaos.logs(job)
+    assert status == "SUCCEEDED", out[-6000:]  # max_failures=0: the preemption spent none
+    assert f"resumed from {st.root} step {committed.step}" in out, out[-6000:]
+    final = st.latest()
+    assert final is not None and final.step == STEPS
+    ranks = {f for f in st.storage.sizes(f"step-{STEPS:08d}") if f.startswith("rank-")}
+    assert ranks == {"rank-00000.pt"}, ranks  # on the one node left: one worker
+    steps = [s for s, _ in chaos.metric_steps(experiment, name)]
+    assert steps == list(range(1, STEPS + 1)), steps  # every step once, the replayed ones too
