@@ -203,3 +203,24 @@ def test_the_command_on_seaweedfs_passes_then_catches_a_planted_duplicate(
     assert proc.stdout.splitlines()[-1] == (
         "ledger: every sample once per epoch in 2/3 epochs (1 duplicates, 0 drops)"
     )
+
+
+def test_split_size_from_the_newest_checkpoints_spec(tmp_path: Path) -> None:
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shards = [{"name": f"train-{i:06d}.tar", "samples": n} for i, n in enumerate([4, 6])]
+    manifest = {"format": "webdataset", "version": 1, "num_classes": 2,
+                "splits": {"train": {"shards": shards}}}  # fmt: skip
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    root = str(tmp_path / "ck")
+    train(root, 100, range(1, 4), plant={3: (0, 0)})  # no split size in the files
+    store = CheckpointStore(root)
+    spec = {"data": {"url": str(data), "train_split": "train", "epoch_mode": "exact"}}
+    store.write(3, "trainer.pt", {"spec": spec})
+    store.commit(3, {}, {"epoch": 0, "batch_in_epoch": 3, "batches_per_epoch": 3})
+    report = read_ledger(root)
+    assert report.split_size == 10 and report.mode == "exact"
+    assert any("split size 10 and mode exact from the spec" in n for n in report.notes)
+    assert (report.epochs[0].duplicates, report.epochs[0].drops) == (1, 1) and not report.ok
