@@ -5,13 +5,14 @@
     for each micro-batch:
         with strategy.micro_batch(last=...):           # gradients reduce on the last one only
             loss = criterion(strategy.model(x), y)     # the micro-batch's mean loss
-            strategy.backward(loss)                    # averaged over the step's micro-batches
+            strategy.backward(loss, weight)            # weight: its share of the global batch
     strategy.step()                                    # once per optimizer step
     strategy.state_dict() / load_state_dict(...)       # replicated state (rank 0 writes it)
     strategy.save_shards(dir) / load_shards(dir)       # per-rank state (DeepSpeed's ZeRO shards)
 
-The strategy owns gradient accumulation: the loop never scales the loss itself. It also owns
-the momentum form (optim.momentum_form, `MomentumForm`): torch's SGD, or the authors' Caffe
+The loop weighs each micro-batch by its share of the step (orchestrator.data.epochs, item 6), so
+the gradient is the global batch's mean at any world size. The strategy also owns the momentum
+form (optim.momentum_form, `MomentumForm`): torch's SGD, or the authors' Caffe
 SGD on top of it.
 """
 
@@ -36,7 +37,7 @@ class Strategy(Protocol):
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager: ...
     def set_lr(self, lr: float) -> None: ...
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor, weight: float) -> None: ...
     def step(self) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -125,8 +126,9 @@ class DDPStrategy:
             return contextlib.nullcontext()
         return self.model.no_sync()  # skip the all-reduce until the last micro-batch
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accumulation).backward()
+    def backward(self, loss: torch.Tensor, weight: float) -> None:
+        """`weight`: the micro-batch's share of the step (1 / accumulation for equal shares)."""
+        (loss * weight).backward()
 
     def set_lr(self, lr: float) -> None:
         self.momentum.before_step_at(self.optimizer, lr)
@@ -208,8 +210,10 @@ class DeepSpeedStrategy:
         self.engine.set_gradient_accumulation_boundary(last)
         yield
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
+    def backward(self, loss: torch.Tensor, weight: float) -> None:
+        # DeepSpeed divides by gradient_accumulation_steps itself: undone, so that `weight`
+        # (the micro-batch's share of the step) is the whole scale, as for DDP
+        self.engine.backward(loss * (weight * self.engine.gradient_accumulation_steps()))
 
     def set_lr(self, lr: float) -> None:
         # the torch SGD DeepSpeed wraps holds the momentum (under ZeRO, of this rank's partition)

@@ -29,17 +29,19 @@ from orchestrator.data import (
     DeviceNormalize,
     MixedBatch,
     SplitBalancer,
-    TrainLoader,
+    split_batch,
 )
 from orchestrator.data.device_copy import ahead_to_device
-from orchestrator.data.epochs import at_epoch_boundary, resume_problem
+from orchestrator.data.epochs import at_epoch_boundary, resume_problem, spread
 from orchestrator.data.gpu_augment import (
     DeviceAugment,
     decode_jpegs,
     nvjpeg_fallbacks,
     replace_undecodable,
 )
+from orchestrator.data.ledger import Ledger
 from orchestrator.errors import OrchestratorError
+from orchestrator.metrics_window import MetricsWindow
 from orchestrator.models import create_model, unwrap
 from orchestrator.preemption import StepBoundary
 from orchestrator.runtime import Runtime, Terminated, all_reduce
@@ -59,6 +61,7 @@ from orchestrator.tracking.tags import (
     WORLD_SIZE_TAG,
 )
 from orchestrator.tracking.tracker import NullTracker, Tracker, start_tracker
+from orchestrator.train_data import adopt_streams, data_position, open_ledger, train_loader
 
 log = logging.getLogger(__name__)
 
@@ -67,39 +70,6 @@ class NonFiniteLoss(OrchestratorError, FloatingPointError):
     """The loss went NaN/inf; the same spec from the same checkpoint would again."""
 
     retryable = False  # orchestrator.runtime.retryable: fail the job at once
-
-
-class MetricsWindow:
-    """The loop's figures between two log steps. Loss and hits are summed on the device, so
-    a step never waits for the host; `read()` is the one host sync of a log interval."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(3, device=device)  # loss sum, top-1 hits, top-5 hits
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums.zero_()
-        self.samples, self.steps, self.wait_s = 0, 0, 0.0
-        self.t0 = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, hits: torch.Tensor, samples: int) -> None:
-        self.sums += torch.cat([loss.view(1) * samples, hits.float()])
-        self.samples += samples
-
-    def read(self, world_size: int) -> dict[str, float]:
-        """The window's train/ and system/ figures; starts the next window."""
-        loss_sum, top1, top5 = self.sums.tolist()
-        elapsed, n = time.perf_counter() - self.t0, self.samples
-        figures = {
-            "train/loss": loss_sum / n,
-            "train/top1_err": 1 - top1 / n,
-            "train/top5_err": 1 - top5 / n,
-            "system/images_per_s": n * world_size / elapsed,
-            "system/data_wait_frac": self.wait_s / elapsed,
-            "system/step_time_s": elapsed / self.steps,
-        }
-        self.reset()
-        return figures
 
 
 class Trainer:
@@ -116,14 +86,8 @@ class Trainer:
         self.bf16 = spec.scaling.precision == "bf16" or (
             spec.scaling.precision == "auto" and self.device.type == "cuda"
         )
-        self.loader = TrainLoader(
-            spec.data,
-            rank=rt.rank,
-            world_size=rt.world_size,
-            batch_size=spec.micro_batch(),
-            seed=spec.seed,
-            device=self.device,
-        )
+        self.loader = train_loader(spec, rt)
+        self.micro_cap = spec.micro_batch(rt.world_size)
         self.num_classes = spec.model.num_classes or self.loader.num_classes
         model = create_model(spec.model.name, self.num_classes, **spec.model.options())
         model = model.to(self.device)
@@ -135,8 +99,8 @@ class Trainer:
             spec.optim,
             model,
             lr=spec.lr(),
-            micro_batch=spec.micro_batch(),
-            accumulation=spec.accumulation(),
+            micro_batch=self.micro_cap,
+            accumulation=spec.accumulation(rt.world_size),
             device=self.device,
             bf16=self.bf16,
         )
@@ -168,7 +132,7 @@ class Trainer:
         self.manifest_sha256 = manifest_sha256(self.loader.manifest)
         self.step = 0  # optimizer steps done
         self.epoch = 0
-        self.batch_in_epoch = 0  # micro-batches of this epoch already consumed
+        self.step_in_epoch = 0  # optimizer steps of this epoch done
         self.samples_seen = 0
         self.window = MetricsWindow(self.device)
         self.latest: dict[str, float] = {}  # the newest value of every metric published
@@ -181,6 +145,7 @@ class Trainer:
         self._lr = spec.lr()  # the lr of the newest optimizer step
         self._finite_step = 0  # steps up to here were checked finite
         self.tracker: Tracker = NullTracker()
+        self.ledger: Ledger | None = None  # data.ledger: opened by fit()
         self.tracking_run_id: str | None = None
 
     # ------------------------------------------------------------------ state
@@ -190,7 +155,7 @@ class Trainer:
         return {
             "step": self.step,
             "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
+            "step_in_epoch": self.step_in_epoch,
             "samples_seen": self.samples_seen,
             "schedule": self.schedule.state_dict(),
             "strategy": self.strategy.state_dict(),
@@ -203,36 +168,27 @@ class Trainer:
         }
 
     def data_position(self) -> dict[str, Any]:
-        """Where the data stream stands and what its plan depends on (orchestrator.data.epochs:
-        a mid-epoch resume is exact only with the same world size, loader workers,
-        micro-batch, shuffle buffer and seed). Also in the commit marker, for the pre-flight."""
-        return {
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "batches_per_epoch": self.loader.batches_per_epoch,
-            "world_size": self.rt.world_size,
-            "loader_workers": self.spec.data.num_workers,
-            "micro_batch": self.spec.micro_batch(),
-            "shuffle_buffer": self.spec.data.shuffle_buffer,
-            "seed": self.spec.seed,
-            "source": "synthetic" if self.spec.data.synthetic else "shards",
-        }
+        """Where the data stream stands (orchestrator.train_data.data_position). Also in the
+        commit marker, for the pre-flight."""
+        return data_position(self.spec, self.loader, self.epoch, self.step_in_epoch, self.rt)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["manifest_sha256"] != self.manifest_sha256:
             log.warning("the dataset manifest changed since this checkpoint was written")
         saved = state["position"]
+        adopt_streams(self.spec, self.loader, saved, self.rt.rank)
         problem = resume_problem(saved, self.data_position())
         if problem:  # before any weights are loaded; a restart would not change it
             raise SpecError(f"step {state['step']}: {problem}")
         self.strategy.load_state_dict(state["strategy"])
         self.schedule.load_state_dict(state["schedule"])
         self.step, self.epoch = state["step"], state["epoch"]
-        self.batch_in_epoch, self.samples_seen = state["batch_in_epoch"], state["samples_seen"]
-        if self.batch_in_epoch and at_epoch_boundary(saved):
+        self.samples_seen = state["samples_seen"]
+        self.step_in_epoch = state.get("step_in_epoch", state.get("batch_in_epoch", 0))
+        if self.step_in_epoch and at_epoch_boundary(saved):
             # the epoch ran out at that step: start the next one (its M may differ from the
-            # saved one when the world size or micro-batch changed)
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            # saved one when the global batch changed)
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.tracking_run_id = state.get("tracking_run_id")
         if self.spec.data.decode == "split":  # resume at the balance found, not at the start
             self.loader.cpu_share = state.get("cpu_decode_share", self.loader.cpu_share)
@@ -254,6 +210,8 @@ class Trainer:
         """Snapshot every rank's state (committed at the next save or the end); returns the
         stall (s) training paid."""
         self._check_finite()  # never save weights a non-finite loss has touched
+        if self.ledger is not None:  # the steps this checkpoint holds, before its marker
+            self.ledger.flush()
         states: dict[str, Any] = {f"rank-{self.rt.rank:05d}.pt": self.rank_state()}
         if self.rt.rank == 0:
             states["trainer.pt"] = self.state_dict()
@@ -276,32 +234,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
-    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next micro-batch, from the epoch and position the trainer is at."""
-        while True:
-            if self._batches is None:
-                self.loader.set_epoch(self.epoch, self.batch_in_epoch)
-                self._batches = ahead_to_device(iter(self.loader), self.device)
-                if self.balancer is not None:
-                    self.balancer.new_epoch()
-            t_wait = time.perf_counter()
-            try:
-                images, labels = next(self._batches)
-            except StopIteration:  # the epoch ran out inside an optimizer step's micro-batches
-                self._batches = None
-                if self.batch_in_epoch >= self.loader.batches_per_epoch:
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                continue
-            waited = time.perf_counter() - t_wait
-            self.window.wait_s += waited
+    def _next_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the next optimizer step, from where the trainer stands."""
+        if self._batches is None:
+            self.loader.set_epoch(self.epoch, self.step_in_epoch)
+            self._batches = ahead_to_device(iter(self.loader), self.device)
             if self.balancer is not None:
-                self.balancer.observe(waited)
-            self.batch_in_epoch += 1
-            return images, labels
+                self.balancer.new_epoch()
+        t_wait = time.perf_counter()
+        images, labels = next(self._batches)
+        waited = time.perf_counter() - t_wait
+        self.window.wait_s += waited
+        if self.balancer is not None:
+            self.balancer.observe(waited)
+        return images, labels
 
-    def _micro_step(self, images: torch.Tensor, labels: torch.Tensor, last: bool) -> None:
+    def _micro_step(
+        self, images: torch.Tensor, labels: torch.Tensor, last: bool, weight: float, micro: int
+    ) -> None:
+        """Forward and backward of one micro-batch; `weight` scales its mean loss so that the
+        step's gradient is the global batch's mean (orchestrator.data.epochs, item 6)."""
         gen = torch.Generator(device="cpu").manual_seed(
-            hash((self.spec.seed, self.step, self.batch_in_epoch, self.rt.rank)) & (2**63 - 1)
+            hash((self.spec.seed, self.step, micro, self.rt.rank)) & (2**63 - 1)
         )
         if isinstance(images, MixedBatch):  # decode=gpu/split: the device decodes the JPEGs
             images, labels = self._device_decode(images, labels, gen)
@@ -313,7 +267,7 @@ class Trainer:
                 logits = self.forward(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
             self._nonfinite += (~torch.isfinite(loss.detach())).any()  # no sync: _check_finite
-            self.strategy.backward(loss)
+            self.strategy.backward(loss, weight)
         hits = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
         self.window.add(loss.detach(), torch.stack([hits[:, 0].sum(), hits.any(1).sum()]), len(y))
         if self.schedule.warming:  # summed on the device: read only at the rule's decisions
@@ -407,8 +361,10 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Train to schedule.max_iters; returns the newest value of every metric."""
-        spec, accum = self.spec, self.spec.accumulation()
+        spec = self.spec
         resumed = self.resume()
+        if spec.data.ledger and not spec.data.synthetic:
+            self.ledger = open_ledger(spec, self.rt, self.loader)
         self._start_tracking()
         weights = sum(
             float(p.detach().double().sum()) for p in unwrap(self.strategy.model).parameters()
@@ -427,20 +383,32 @@ class Trainer:
             self._watch_syncs(True)
             self._lr = self.schedule.lr(self.step)
             self.strategy.set_lr(self._lr)
-            for micro in range(accum):
-                images, labels = self._next_batch()
-                self._micro_step(images, labels, last=micro == accum - 1)
-            self.strategy.step()
-            self.step += 1
-            self.window.steps += 1
-            self.samples_seen += spec.scaling.global_batch
+            self._train_step()
             self._watch_syncs(False)  # below: log steps, evaluation, checkpoints may sync
             if self.schedule.checks_warmup(self.step):
                 self._warmup_check()
             self._publish(self._scheduled_work())
-            if self.batch_in_epoch >= self.loader.batches_per_epoch:
+            if self.step_in_epoch >= self.loader.batches_per_epoch:
                 self._end_epoch()
         return self._finish()
+
+    def _train_step(self) -> None:
+        """One optimizer step on this rank's share, in micro-batches of at most micro_cap."""
+        images, labels = self._next_step()
+        total = self.loader.step_sizes[self.step_in_epoch]  # the global batch of this step
+        parts = -(-len(labels) // self.micro_cap)
+        sizes = [spread(len(labels), parts, i) for i in range(parts)]
+        for i, (x, y) in enumerate(split_batch(images, labels, sizes)):
+            weight = len(y) * self.rt.world_size / total
+            self._micro_step(x, y, last=i == parts - 1, weight=weight, micro=i)
+        self.strategy.step()
+        self.step += 1
+        if self.ledger is not None:
+            ids = self.loader.ids.pop((self.epoch, self.step_in_epoch))
+            self.ledger.record(self.epoch, self.step, ids)
+        self.step_in_epoch += 1
+        self.window.steps += 1
+        self.samples_seen += total
 
     def _warmup_check(self) -> None:
         """schedule.warmup_until_train_err: decide on the window of steps since the last check,
@@ -476,7 +444,7 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         """The epoch ran out at an optimizer step's end: the next step starts the next one."""
-        self.epoch, self.batch_in_epoch, self._batches = self.epoch + 1, 0, None
+        self.epoch, self.step_in_epoch, self._batches = self.epoch + 1, 0, None
         if self.spec.checkpoint.at_epoch_end and self.step < self.spec.schedule.max_iters:
             self._publish({"system/checkpoint_stall_s": self.save_checkpoint(self.latest)})
 

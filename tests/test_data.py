@@ -8,6 +8,7 @@ to keep the file fast on a 2-core machine; S3 tests use the real local object st
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -15,6 +16,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -141,50 +143,120 @@ def all_labels(per_rank) -> list[int]:
 # ---------------------------------------------------------------------------- epoch planning
 
 
+def plan_sequence(
+    counts, *, world: int, workers: int, streams: int, global_batch: int, start: int = 0
+) -> dict[int, list[tuple[int, int]]]:
+    """step -> its samples as (shard, index), ranks and loader workers joined in order: what
+    the planning maths alone says each step holds."""
+    steps: dict[int, list[tuple[int, int]]] = {}
+    for rank in range(world):
+        for owned in D.worker_streams(streams, world, rank, workers):
+            plan = D.plan_pieces(
+                counts,
+                mode="exact",
+                seed=3,
+                epoch=1,
+                owned=owned,
+                streams=streams,
+                global_batch=global_batch,
+                start_step=start,
+                shuffle_buffer=4,
+            )
+            flat = [
+                [(s.shard, i) for s in p.segments for i in range(s.start, s.stop)]
+                for p in plan.streams
+            ]
+            for p, stream in zip(plan.streams, flat):
+                assert sorted(p.order.tolist()) == list(range(len(stream)))
+            picks = iter(zip(plan.pick_stream.tolist(), plan.pick_pos.tolist()))
+            for step, size in enumerate(plan.sizes, start):
+                steps.setdefault(step, []).extend(flat[j][pos] for j, pos in islice(picks, size))
+    return steps
+
+
 @pytest.mark.parametrize(
-    "counts,world,batch,workers",
+    "counts,world,global_batch,workers,streams",
     [
-        ([7, 5, 9, 3, 11], 2, 4, 2),
-        ([13, 6], 2, 3, 3),
-        ([40], 3, 5, 4),
-        ([1, 2, 3, 50, 1], 4, 2, 3),
-        ([97], 2, 32, 1),
+        ([7, 5, 9, 3, 11], 2, 8, 2, 4),
+        ([13, 6], 2, 6, 3, 6),
+        ([40], 3, 15, 4, 12),
+        ([1, 2, 3, 50, 1], 4, 8, 3, 12),
+        ([97], 2, 64, 1, 2),
+        ([10, 7, 13, 9, 11], 3, 12, 2, 4),  # W does not divide C: shares differ by more
     ],
 )
-def test_plan_covers_every_sample_once_with_equal_batch_counts(counts, world, batch, workers):
-    """Pure planning maths, many shapes: fewer shards than ranks x workers, N not divisible."""
+def test_plan_covers_every_sample_once_with_equal_step_counts(
+    counts, world, global_batch, workers, streams
+):
+    """Pure planning maths, many shapes: fewer shards than streams, N not divisible by G."""
     total = sum(counts)
-    m = D.batches_per_epoch(total, world, batch)
-    for epoch in (0, 1):
-        seen: list[tuple[int, int]] = []
-        for rank in range(world):
-            sizes = []
-            for slot in range(workers):
-                plan = D.plan_train_worker(
-                    counts,
-                    mode="exact",
-                    seed=3,
-                    epoch=epoch,
-                    rank=rank,
-                    world_size=world,
-                    batch_size=batch,
-                    num_workers=workers,
-                    slot=slot,
-                    start_batch=0,
-                    shuffle_buffer=4,
-                )
-                stream = [(s.shard, i) for s in plan.segments for i in range(s.start, s.stop)]
-                assert sorted(plan.order.tolist()) == list(range(len(stream)))
-                assert sum(plan.sizes) == len(stream)
-                seen += [stream[p] for p in plan.order]
-                sizes.append(plan.sizes)
-            # DataLoader round robin: global batch j comes from worker j % K
-            rank_sizes = [sizes[j % workers][j // workers] for j in range(m)]
-            assert len(rank_sizes) == m and all(1 <= b <= batch for b in rank_sizes)
-            assert max(rank_sizes) - min(rank_sizes) <= 1
-            assert rank_sizes == sorted(rank_sizes, reverse=True)  # short batches come last
-        expected = [(s, i) for s, n in enumerate(counts) for i in range(n)]
-        assert sorted(seen) == expected
+    sizes = D.step_sizes(total, global_batch)
+    steps = plan_sequence(
+        counts, world=world, workers=workers, streams=streams, global_batch=global_batch
+    )
+    assert [len(steps[s]) for s in range(len(sizes))] == sizes
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    seen = sorted(x for step in steps.values() for x in step)
+    assert seen == [(s, i) for s, n in enumerate(counts) for i in range(n)]
+    if streams % world == 0:
+        shares = D.rank_shares(global_batch, streams, world)
+        assert max(shares) - min(shares) <= 1
+
+
+def test_the_sequence_is_the_same_at_every_world_size_and_worker_count():
+    """The plan alone: (step, samples) does not move with W or K, and a mid-epoch start at
+    another W continues it."""
+    counts, g, c = [10, 7, 13, 9, 11], 12, 6
+    reference = plan_sequence(counts, world=1, workers=1, streams=c, global_batch=g)
+    for world in (1, 2, 3, 6):
+        for workers in (0, 1, 2, 4):
+            got = plan_sequence(counts, world=world, workers=workers, streams=c, global_batch=g)
+            assert got == reference, (world, workers)
+    tail = plan_sequence(counts, world=3, workers=2, streams=c, global_batch=g, start=2)
+    assert tail == {s: reference[s] for s in range(2, len(reference))}
+
+
+def loader_sequence(
+    cfg: DataConfig, *, world: int, global_batch: int, start: int = 0, epoch: int = 0
+) -> dict[int, tuple[list[int], torch.Tensor]]:
+    """step -> (sample ids, images) of the whole global batch, ranks joined in rank order,
+    through real TrainLoaders (ranks simulated in one process)."""
+    steps: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+    for rank in range(world):
+        loader = TrainLoader(cfg, rank=rank, world_size=world, global_batch=global_batch, seed=5)
+        loader.set_epoch(epoch, start_batch=start)
+        for step, (images, labels) in enumerate(loader, start):
+            ids = loader.ids.pop((epoch, step)).tolist()
+            assert labels.tolist() == ids  # the dataset's label is its sample's id
+            got = steps.setdefault(step, ([], []))
+            got[0].extend(ids)
+            got[1].append(images.clone())
+    return {s: (ids, torch.cat(images)) for s, (ids, images) in steps.items()}
+
+
+def test_an_epoch_is_the_same_at_world_sizes_1_2_3_and_loader_workers_1_2(tmp_path):
+    """Issue 28's test: one epoch's (step, sample ids), and the pixels too, are identical for
+    world sizes 1, 2 and 3 and loader workers 1 and 2; a resume at a mid-epoch step under
+    world size 3 continues world size 2's sequence."""
+    ds = write_dataset(tmp_path / "ds", {"train": [10, 7, 13, 9, 11]})
+    base = small_cfg(ds, streams=6, ledger=True)
+    reference = loader_sequence(dataclasses.replace(base, num_workers=1), world=1, global_batch=12)
+    assert len(reference) == 5 and sorted(i for ids, _ in reference.values() for i in ids) == list(
+        range(50)
+    )
+    for world in (1, 2, 3):
+        for workers in (1, 2):
+            cfg = dataclasses.replace(base, num_workers=workers)
+            got = loader_sequence(cfg, world=world, global_batch=12)
+            assert [got[s][0] for s in got] == [reference[s][0] for s in reference]
+            for s in reference:
+                assert torch.equal(got[s][1], reference[s][1]), (world, workers, s)
+    # world size 2 trained steps 0..1; the job resumes at step 2 on 3 workers
+    two = loader_sequence(dataclasses.replace(base, num_workers=2), world=2, global_batch=12)
+    tail = loader_sequence(base, world=3, global_batch=12, start=2)
+    assert [two[s][0] for s in range(2)] + [tail[s][0] for s in tail] == [
+        reference[s][0] for s in reference
+    ]
 
 
 def test_batch_sizes_and_too_small_split():

@@ -213,14 +213,14 @@ def test_compiled_step_has_static_graphs_and_no_recompile(
 def batch_sizes(t: Trainer) -> list[int]:
     """The batch sizes the trainer's steps see, in order (recorded as it fetches them)."""
     sizes: list[int] = []
-    fetch = t._next_batch
+    fetch = t._next_step
 
     def recorded() -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = fetch()
         sizes.append(len(labels))
         return images, labels
 
-    t._next_batch = recorded  # type: ignore[method-assign]
+    t._next_step = recorded  # type: ignore[method-assign]
     return sizes
 
 

@@ -108,6 +108,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("orchestrator.tracking.",),  # MLflow: the tracker logs and closes, nothing more
     (  # what runs a model: the loop, and what reads a finished job's checkpoints
         "orchestrator.train",
+        "orchestrator.train_data",
         "orchestrator.publish",
         "orchestrator.ensemble_eval",
         "orchestrator.paper.layer_responses",

@@ -78,7 +78,7 @@ def strategy_for(
 def step(strategy: Strategy, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
     strategy.set_lr(lr)
     with strategy.micro_batch(True):
-        strategy.backward(loss_of(strategy.model, x, y))
+        strategy.backward(loss_of(strategy.model, x, y), 1.0)
     strategy.step()
 
 

@@ -1,7 +1,7 @@
 """The input pipeline: WebDataset shards (local, http(s) or s3://) -> uint8 batches per rank.
 
-    loader = TrainLoader(cfg, rank=r, world_size=w, batch_size=32, seed=0)   # cfg: DataConfig
-    for images, labels in loader: ...                # uint8 [B,3,S,S], int64 [B]
+    loader = TrainLoader(cfg, rank=r, world_size=w, global_batch=256, seed=0)   # cfg: DataConfig
+    for images, labels in loader: ...                # a step's share: uint8 [n,3,S,S], int64 [n]
     x = DeviceNormalize(loader.mean, loader.std, device="cuda", mean_image=loader.mean_image)(
         images, train=True
     )
@@ -11,7 +11,8 @@ Which file owns what, from the dataset inwards:
                      DataError, ImageNet mean/std
     streams.py       shard streams (s3, http(s), local) that reopen a dropped connection
     tar.py           the forward-only tar reader: shard bytes -> RawSample, a segment at a time
-    epochs.py        epoch plans: which samples each rank and worker reads, in which order
+    epochs.py        epoch plans: each step's samples (canonical streams), who reads them
+    ledger.py        data.ledger: each step's sample ids kept with the checkpoints, checked
     workers.py       what both loaders' workers share; the bad-sample accounting
     transforms.py    CPU decode and augmentation (the C partial decoder: orchestrator._jpeg_region)
     batch_ring.py    reused shared-memory batch buffers between workers and the training process
@@ -59,21 +60,33 @@ _HOMES = {
     ),
     **dict.fromkeys(
         [
+            "PiecesPlan",
             "WorkerPlan",
             "augmentation_rng",
             "batch_sizes",
-            "batches_per_epoch",
-            "epoch_batches",
-            "plan_train_worker",
+            "check_layout",
+            "plan_pieces",
+            "rank_shares",
             "rank_slice",
             "segments_for",
             "shard_order",
             "shuffle_order",
+            "spread",
+            "step_sizes",
+            "worker_streams",
         ],
         "orchestrator.data.epochs",
     ),
     **dict.fromkeys(
-        ["MixedBatch", "SplitBalancer", "TrainLoader", "synthetic_batches", "train_transform"],
+        [
+            "MixedBatch",
+            "SplitBalancer",
+            "TrainLoader",
+            "join_batches",
+            "split_batch",
+            "synthetic_batches",
+            "train_transform",
+        ],
         "orchestrator.data.train_loader",
     ),
     **dict.fromkeys(

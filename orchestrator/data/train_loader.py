@@ -44,10 +44,14 @@ log = logging.getLogger(__name__)
 from orchestrator.data import transforms as T
 from orchestrator.data.batch_ring import BatchRing, RingWriter, SlotRef
 from orchestrator.data.epochs import (
-    WorkerPlan,
+    PiecesPlan,
     augmentation_rng,
-    epoch_batches,
-    plan_train_worker,
+    check_layout,
+    default_streams,
+    plan_pieces,
+    rank_shares,
+    step_sizes,
+    worker_streams,
 )
 from orchestrator.data.manifest import (
     IMAGENET_MEAN,
@@ -119,9 +123,60 @@ class MixedBatch:
         pixels = self.pixels.to(device, non_blocking=non_blocking)
         return MixedBatch(pixels, self.jpeg_data, self.jpeg_ends)
 
+    def take(self, lo: int, hi: int) -> MixedBatch:
+        """Samples [lo, hi) of the batch's order (pixels first, then the JPEGs)."""
+        k = len(self.pixels)
+        a, b = min(max(lo - k, 0), len(self.jpeg_ends)), min(max(hi - k, 0), len(self.jpeg_ends))
+        ends = self.jpeg_ends[a:b]
+        first = int(self.jpeg_ends[a - 1]) if a else 0
+        data = self.jpeg_data[first : int(ends[-1]) if len(ends) else first]
+        return MixedBatch(self.pixels[min(lo, k) : min(hi, k)], data, ends - first)
+
     def pin_memory(self) -> MixedBatch:
         """Called by the DataLoader's pinning thread, as for a tensor."""
         return MixedBatch(*(t.pin_memory() for t in (self.pixels, self.jpeg_data, self.jpeg_ends)))
+
+
+Images = torch.Tensor | MixedBatch
+
+
+def join_batches(batches: list[tuple[Images, torch.Tensor]]) -> tuple[Images, torch.Tensor]:
+    """The pieces of a step, one after the other (a MixedBatch: all pixels, then all JPEGs,
+    labels to match)."""
+    if len(batches) == 1:
+        return batches[0]
+    images = [b[0] for b in batches]
+    labels = [b[1] for b in batches]
+    if not isinstance(images[0], MixedBatch):
+        return torch.cat(images), torch.cat(labels)  # type: ignore[arg-type]
+    mixed: list[MixedBatch] = images  # type: ignore[assignment]
+    offsets = np.cumsum([0, *(len(m.jpeg_data) for m in mixed)])
+    joined = MixedBatch(
+        torch.cat([m.pixels for m in mixed]),
+        torch.cat([m.jpeg_data for m in mixed]),
+        torch.cat([m.jpeg_ends + int(o) for m, o in zip(mixed, offsets, strict=False)]),
+    )
+    k = [len(m.pixels) for m in mixed]
+    label = torch.cat(
+        [y[:n] for y, n in zip(labels, k, strict=True)]
+        + [y[n:] for y, n in zip(labels, k, strict=True)]
+    )
+    return joined, label
+
+
+def split_batch(
+    images: Images, labels: torch.Tensor, sizes: Sequence[int]
+) -> list[tuple[Images, torch.Tensor]]:
+    """Consecutive micro-batches of `sizes` samples (views, no copy for tensors)."""
+    out: list[tuple[Images, torch.Tensor]] = []
+    start = 0
+    for n in sizes:
+        if isinstance(images, MixedBatch):
+            out.append((images.take(start, start + n), labels[start : start + n]))
+        else:
+            out.append((images[start : start + n], labels[start : start + n]))
+        start += n
+    return out
 
 
 # one good sample of a batch: (uint8 pixels [3,S,S] or JPEG bytes [n], label, decoded here?)
@@ -131,7 +186,7 @@ _Batch = tuple[torch.Tensor | MixedBatch, torch.Tensor] | SlotRef
 
 
 def _train_batches(
-    plan: WorkerPlan,
+    plan: PiecesPlan,
     shards: Sequence[Shard],
     cfg: DataConfig,
     seed: int,
@@ -139,31 +194,38 @@ def _train_batches(
     cpu_share: Callable[[], float] = lambda: 1.0,
     ring: RingWriter | None = None,
 ) -> Iterator[tuple[_Batch, dict[str, Any]]]:
-    """Decode, augment and batch one worker's share of an epoch; bad samples replaced.
+    """Decode, augment and batch one worker's pieces of an epoch (one per step); bad samples
+    replaced. The batch info carries the pieces' sample ids, in canonical order.
 
     decode=cpu: every sample is decoded here, and batches go into `ring`'s slots when it has a
     free one. gpu/split: the first round(cpu_share() * size) samples of each batch are (gpu:
     none), the rest only have their JPEG header checked."""
     transform = train_transform(cfg)
-    stream = plan_samples(plan, shards, counter := [0], cfg.io_retry_s)
-    pending: dict[int, RawSample | None] = {}
-    arrived = 0
-    cursor = plan.skip
-    held: list[tuple[list[RawSample], int, int]] = []  # batches with no good sample yet
+    counter = [0]
+    streams = [plan_samples(p, shards, counter, cfg.io_retry_s) for p in plan.streams]
+    pending: list[dict[int, RawSample | None]] = [{} for _ in streams]
+    arrived = [0] * len(streams)
+    first_id = np.cumsum([0, *(s.samples for s in shards)])
+    cursor = 0
+    held: list[tuple[list[RawSample], int, int, np.ndarray]] = []  # pieces with no good sample
     last_good: _Item | None = None
     bytes_seen = 0
     for bsize in plan.sizes:
         here = {"cpu": bsize, "gpu": 0, "split": round(cpu_share() * bsize)}[cfg.decode]
         items: list[_Item | None] = []
         bad: list[RawSample] = []
-        for slot, pos in enumerate(plan.order[cursor : cursor + bsize]):
-            while pos not in pending:  # read ahead until this position has arrived
-                pending[arrived] = next(stream)
-                arrived += 1
-                if pending[arrived - 1] is None:
-                    del pending[arrived - 1]
-            sample = pending.pop(int(pos))
+        ids = np.empty(bsize, dtype=np.int64)
+        here_j = plan.pick_stream[cursor : cursor + bsize]
+        picks = zip(here_j.tolist(), plan.pick_pos[cursor : cursor + bsize].tolist(), strict=True)
+        for slot, (j, pos) in enumerate(picks):
+            while pos not in pending[j]:  # read ahead until this position has arrived
+                pending[j][arrived[j]] = next(streams[j])
+                arrived[j] += 1
+                if pending[j][arrived[j] - 1] is None:
+                    del pending[j][arrived[j] - 1]
+            sample = pending[j].pop(int(pos))
             assert sample is not None
+            ids[slot] = first_id[sample.shard] + sample.index
             if slot < here:
                 work = lambda s=sample: transform(s.image, augmentation_rng(seed, epoch, s))
             else:
@@ -175,26 +237,34 @@ def _train_batches(
         cursor += bsize
         nbytes, bytes_seen = counter[0] - bytes_seen, counter[0]
         good = [item for item in items if item is not None]
-        if not good:  # filled from the next good batch
-            held.append((bad, bsize, nbytes))
-            if len(held) * bsize >= max(cfg.bad_check_after, 1) and last_good is None:
+        if not bsize:  # a step that takes nothing from this worker's streams
+            if held:  # pieces leave in step order
+                held.append(([], 0, nbytes, ids))
+            else:
+                yield build_batch([], cfg), {**batch_info(0, [], nbytes), "ids": ids}
+            continue
+        if not good:  # filled from the next good piece
+            held.append((bad, bsize, nbytes, ids))
+            if sum(h[1] for h in held) >= max(cfg.bad_check_after, 1) and last_good is None:
                 raise DataError(
                     f"no decodable sample in {sum(h[1] for h in held)} samples; "
                     f"e.g. {bad[0].key} in {bad[0].url}: {bad[0].error}"
                 )
             continue
-        for h_bad, h_size, h_bytes in held:
-            yield build_batch([good[0]] * h_size, cfg, ring), batch_info(h_size, h_bad, h_bytes)
+        for h_bad, h_size, h_bytes, h_ids in held:
+            info = {**batch_info(h_size, h_bad, h_bytes), "ids": h_ids}
+            yield build_batch([good[0]] * h_size, cfg, ring), info
         held.clear()
         last_good = good[-1]
-        yield build_batch(_fill(items), cfg, ring), batch_info(bsize, bad, nbytes)
-    for h_bad, h_size, h_bytes in held:  # a bad tail: repeat the last good
+        yield build_batch(_fill(items), cfg, ring), {**batch_info(bsize, bad, nbytes), "ids": ids}
+    for h_bad, h_size, h_bytes, h_ids in held:  # a bad tail: repeat the last good
         if last_good is None:
             raise DataError(
                 f"no decodable sample in this worker's share; "
                 f"e.g. {h_bad[0].key} in {h_bad[0].url}: {h_bad[0].error}"
             )
-        yield build_batch([last_good] * h_size, cfg, ring), batch_info(h_size, h_bad, h_bytes)
+        info = {**batch_info(h_size, h_bad, h_bytes), "ids": h_ids}
+        yield build_batch([last_good] * h_size, cfg, ring), info
 
 
 def _fill(items: list[_Item | None]) -> list[_Item]:
@@ -239,35 +309,34 @@ def build_batch(items: list[_Item], cfg: DataConfig, ring: RingWriter | None = N
 
 
 class _TrainEpoch(IterableDataset):
-    """One epoch of one rank; each DataLoader worker plays its slot of the plan."""
+    """One epoch of one rank; DataLoader worker w plays the streams of `workers[w]`."""
 
     def __init__(
-        self, loader: TrainLoader, epoch: int, start_batch: int, ring: BatchRing | None = None
+        self,
+        loader: TrainLoader,
+        epoch: int,
+        start_step: int,
+        workers: list[range],
+        ring: BatchRing | None = None,
     ):
         super().__init__()
-        self.ring = ring
+        self.ring, self.workers = ring, workers
         self.cfg, self.shards = loader.cfg, loader.shards
-        self.seed, self.epoch, self.start_batch = loader.seed, epoch, start_batch
-        self.rank, self.world_size, self.batch_size = (
-            loader.rank,
-            loader.world_size,
-            loader.batch_size,
-        )
+        self.seed, self.epoch, self.start_step = loader.seed, epoch, start_step
+        self.streams, self.global_batch = loader.streams, loader.global_batch
         self.cpu_share = loader._cpu_share  # shared memory: workers see the loop's changes
 
     def __iter__(self) -> Iterator[tuple[_Batch, dict[str, Any]]]:
         info = get_worker_info()
-        plan = plan_train_worker(
+        plan = plan_pieces(
             [s.samples for s in self.shards],
             mode=self.cfg.epoch_mode,
             seed=self.seed,
             epoch=self.epoch,
-            rank=self.rank,
-            world_size=self.world_size,
-            batch_size=self.batch_size,
-            num_workers=self.cfg.num_workers,
-            slot=info.id if info is not None else 0,
-            start_batch=self.start_batch,
+            owned=self.workers[info.id if info is not None else 0],
+            streams=self.streams,
+            global_batch=self.global_batch,
+            start_step=self.start_step,
             shuffle_buffer=self.cfg.shuffle_buffer,
             samples_per_epoch=self.cfg.samples_per_epoch,
         )
@@ -279,15 +348,19 @@ class _TrainEpoch(IterableDataset):
 
 
 class TrainLoader:
-    """The training batches of one rank, one epoch per iteration (orchestrator.data.epochs says
-    which batches).
+    """The training batches of one rank: per optimizer step, the rank's share of the global
+    batch (orchestrator.data.epochs says which samples: the same whatever the world size).
 
-        loader = TrainLoader(cfg, rank=r, world_size=w, batch_size=32, seed=0)
+        loader = TrainLoader(cfg, rank=r, world_size=w, global_batch=256, seed=0)
         for epoch in range(start_epoch, epochs):
             loader.set_epoch(epoch, start_batch=k if epoch == start_epoch else 0)
-            for images, labels in loader:  # uint8 [B,3,S,S] NCHW (pinned with CUDA), int64 [B]
-                ...  # decode=gpu/split: images is a MixedBatch
+            for images, labels in loader:  # uint8 [n,3,S,S] NCHW (pinned with CUDA), int64 [n]
+                ...  # decode=gpu/split: images is a MixedBatch; split_batch makes micro-batches
 
+    `batch_size` instead of `global_batch` means global_batch = batch_size x world_size.
+    `loader.step_sizes[s]` is the global batch of step s (the last steps of an exact epoch
+    can be one short). With `record_ids`, `loader.ids[(epoch, step)]` holds the sample ids
+    (orchestrator.data.ledger) of the rank's share, in canonical order.
     Without set_epoch, each completed pass moves on to the next epoch.
     """
 
@@ -297,34 +370,43 @@ class TrainLoader:
         *,
         rank: int,
         world_size: int,
-        batch_size: int,
         seed: int,
+        batch_size: int | None = None,
+        global_batch: int | None = None,
+        streams: int | None = None,
         device: torch.device | str | None = None,
     ):
-        if not 0 <= rank < world_size or batch_size < 1:
-            raise ValueError(f"rank {rank} / world_size {world_size} / batch_size {batch_size}")
+        g = global_batch or (batch_size or 0) * world_size
+        if not 0 <= rank < world_size or g < world_size:
+            raise ValueError(f"rank {rank} / world_size {world_size} / global batch {g}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.batch_size, self.seed = batch_size, seed
+        self.global_batch, self.seed = g, seed
+        self.streams = streams or cfg.streams or default_streams(cfg.num_workers, world_size)
         self.device = device  # only used by the synthetic source
         self._epoch, self._start = 0, 0
         self._totals = Totals()
         self._cpu_share = multiprocessing.RawValue("d", cfg.split_cpu_share)
+        self.record_ids = cfg.ledger
+        self.ids: dict[tuple[int, int], np.ndarray] = {}
+        self._said_workers = False
         if cfg.synthetic:
             self.manifest: dict[str, Any] = {}
             self.shards: list[Shard] = []
             self.num_classes = cfg.synthetic_classes
             self.num_samples = cfg.synthetic_samples
-            self.batches_per_epoch = max(1, cfg.synthetic_samples // (world_size * batch_size))
+            self.step_sizes = [g] * max(1, cfg.synthetic_samples // g)
         else:
             self.manifest = load_manifest(cfg.url)
             self.shards = split_shards(self.manifest, cfg.url, cfg.train_split)
             check_decodable(self.manifest, cfg)
             self.num_classes = int(self.manifest["num_classes"])
             self.num_samples = sum(s.samples for s in self.shards)
-            # fails now, not in a worker, if a rank cannot fill M batches (exact mode)
-            self.batches_per_epoch = epoch_batches(
-                self.num_samples, world_size, batch_size, cfg.epoch_mode, cfg.samples_per_epoch
+            # fails now, not in a worker, if a rank would get a step with no sample
+            check_layout(
+                self.num_samples, g, self.streams, world_size, cfg.epoch_mode, cfg.samples_per_epoch
             )
+            self.step_sizes = step_sizes(self.num_samples, g, cfg.epoch_mode, cfg.samples_per_epoch)
+        self.batches_per_epoch = len(self.step_sizes)  # optimizer steps
         self.mean = tuple(self.manifest.get("mean") or IMAGENET_MEAN)
         self.std = tuple(self.manifest.get("std") or IMAGENET_STD)
         # data.normalize=per_pixel_mean: the dataset's mean image (synthetic data has none: a
@@ -342,7 +424,7 @@ class TrainLoader:
         return self._epoch
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Choose the epoch the next iteration yields, starting at batch `start_batch`."""
+        """Choose the epoch the next iteration yields, starting at step `start_batch`."""
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise ValueError(f"start_batch {start_batch} outside 0..{self.batches_per_epoch}")
         self._epoch, self._start = epoch, start_batch
@@ -361,43 +443,71 @@ class TrainLoader:
         """Batches the next iteration yields."""
         return self.batches_per_epoch - self._start
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _workers(self) -> list[range]:
+        """Each loader worker's streams; said once when data.num_workers exceeds them."""
+        workers = worker_streams(self.streams, self.world_size, self.rank, self.cfg.num_workers)
+        if self.cfg.num_workers > len(workers) and not self._said_workers:
+            log.warning(
+                "data.num_workers=%d but rank %d owns only %d of data.streams=%d: it runs %d "
+                "loader workers; raise data.streams to a multiple of the world size x %d",
+                self.cfg.num_workers, self.rank, len(workers), self.streams, len(workers),
+                self.cfg.num_workers,
+            )  # fmt: skip
+            self._said_workers = True
+        return workers
+
+    def __iter__(self) -> Iterator[tuple[Images, torch.Tensor]]:
         epoch, start = self._epoch, self._start
-        if self.cfg.synthetic:
-            batches = synthetic_batches(
-                self.batch_size,
-                self.cfg.image_size,
-                self.num_classes,
-                self.device or "cpu",
-                seed=self.seed,
+        if self.cfg.synthetic:  # one global batch made once; each rank takes its share
+            shares = rank_shares(self.global_batch, self.streams, self.world_size)
+            lo = sum(shares[: self.rank])
+            images, labels = next(
+                synthetic_batches(
+                    self.global_batch,
+                    self.cfg.image_size,
+                    self.num_classes,
+                    self.device or "cpu",
+                    seed=self.seed,
+                )
             )
+            mine = images[lo : lo + shares[self.rank]], labels[lo : lo + shares[self.rank]]
             for _ in range(self.batches_per_epoch - start):
-                yield next(batches)
+                yield mine
         else:
-            what = f"{self.cfg.url} split {self.cfg.train_split!r} (rank {self.rank})"
-            ring = None
-            if self.cfg.num_workers and self.cfg.decode == "cpu":
-                # a worker's batches in flight (prefetch_factor), the loop's, the pinning's
-                shape = (self.batch_size, 3, self.cfg.image_size, self.cfg.image_size)
-                ring = BatchRing(self.cfg.num_workers, self.cfg.prefetch_factor + 2, shape)
-            batches = None
-            try:
-                batches = iter(dataloader(_TrainEpoch(self, epoch, start, ring), self.cfg))
-                while True:
-                    t0 = time.perf_counter()  # time the wait for a batch, not the loop's work
-                    try:
-                        (images, labels), info = next(batches)
-                    except StopIteration:
-                        break
-                    finally:
-                        self._totals.seconds += time.perf_counter() - t0
-                    self._totals.add(self.cfg, info, len(labels), what)
-                    yield images, labels
-            finally:
-                batches = None  # joins the workers (and the pinning thread) before the ring closes
-                if ring is not None:
-                    ring.close()
+            yield from self._epoch_batches(epoch, start)
         self._epoch, self._start = epoch + 1, 0
+
+    def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[Images, torch.Tensor]]:
+        what = f"{self.cfg.url} split {self.cfg.train_split!r} (rank {self.rank})"
+        workers = self._workers()
+        ring = None
+        if self.cfg.num_workers and self.cfg.decode == "cpu":
+            # a worker's pieces in flight (prefetch_factor), the loop's, the pinning's
+            most = max(len(w) for w in workers) * -(-self.global_batch // self.streams)
+            shape = (most, 3, self.cfg.image_size, self.cfg.image_size)
+            ring = BatchRing(len(workers), self.cfg.prefetch_factor + 2, shape)
+        batches = None
+        try:
+            dataset = _TrainEpoch(self, epoch, start, workers, ring)
+            count = len(workers) if self.cfg.num_workers else 0
+            batches = iter(dataloader(dataset, self.cfg, workers=count))
+            for step in range(start, self.batches_per_epoch):
+                pieces = []
+                t0 = time.perf_counter()  # time the wait for a batch, not the loop's work
+                try:
+                    for _ in workers:  # the DataLoader visits its workers in turn
+                        (images, labels), info = next(batches)
+                        self._totals.add(self.cfg, info, len(labels), what)
+                        pieces.append((images, labels, info["ids"]))
+                finally:
+                    self._totals.seconds += time.perf_counter() - t0
+                if self.record_ids:
+                    self.ids[(epoch, step)] = np.concatenate([np.asarray(p[2]) for p in pieces])
+                yield join_batches([(p[0], p[1]) for p in pieces])
+        finally:
+            batches = None  # joins the workers (and the pinning thread) before the ring closes
+            if ring is not None:
+                ring.close()
 
     def count_bad(self, n: int, what: str) -> None:
         """Count n samples the training device could not decode (decode=gpu/split) with the

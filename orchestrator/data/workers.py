@@ -84,9 +84,10 @@ def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return tensor.share_memory_() if get_worker_info() is not None else tensor
 
 
-def dataloader(dataset: IterableDataset, cfg: DataConfig) -> DataLoader:
-    """The DataLoader over a dataset whose workers yield whole batches."""
-    workers = cfg.num_workers
+def dataloader(dataset: IterableDataset, cfg: DataConfig, workers: int | None = None) -> DataLoader:
+    """The DataLoader over a dataset whose workers yield whole batches (`workers` of them,
+    default data.num_workers)."""
+    workers = cfg.num_workers if workers is None else workers
     return DataLoader(
         dataset,
         batch_size=None,  # workers hand over whole batches

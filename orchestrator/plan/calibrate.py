@@ -1,7 +1,7 @@
 """`--from-run RUN_ID`: a real run's throughput and step time, read from MLflow, in place of the
 anchor's per-GPU compute figure.
 
-The loop logs, every tracking.log_every steps (orchestrator/train.py, MetricsWindow):
+The loop logs, every tracking.log_every steps (orchestrator/metrics_window.py):
 `system/images_per_s` (the whole job: rank 0's images x world size / window seconds) and
 `system/step_time_s` (window seconds / optimizer steps). Both include the run's own input waits
 and communication; the plan takes the model's share of that communication out again
