@@ -43,9 +43,11 @@ def test_overrides_are_typed() -> None:
         ),
         ("model.shortcut=D", r"model.shortcut: .*'D'"),
         (
-            "scaling.num_workers=3",
-            r"global_batch: 256 is not a multiple of micro_batch x num_workers",
+            "scaling.num_workers=300",
+            r"global_batch: 256 is smaller than num_workers 300",
         ),
+        ("scaling.num_workers=[1,2,3]", r"a range of two counts \[min, max\]"),
+        ("scaling.num_workers=[4,2]", r"min_workers=4 is above num_workers=2"),
         ("scaling.zero_stage=2", r"zero_stage: set only with scaling.strategy=deepspeed"),
         ("data.scale_range=[480,256]", r"data.scale_range \(480, 256\): low > high"),
         ("optim.lr", r"expected section.key=value"),
@@ -185,3 +187,17 @@ def test_resnet110_gets_the_papers_warmup(tmp_path: Path) -> None:
         check=True,
     )
     assert "warmup_until_train_err: null" in out.stdout
+
+
+def test_three_workers_share_a_global_batch_of_256_unevenly_but_exactly() -> None:
+    """256 over 3 workers: shares of 86 and 85 (the loss is weighted by share, so the step is
+    the global batch's mean), and the elastic form sets the range."""
+    spec = apply_overrides(JobSpec(name="x"), ["scaling.num_workers=3"])
+    assert spec.micro_batch() == 86 and spec.accumulation() == 1
+    capped = apply_overrides(spec, ["scaling.micro_batch=32"])
+    assert capped.micro_batch() == 32 and capped.accumulation() == 3
+    elastic = apply_overrides(spec, ["scaling.num_workers=[2,8]"])
+    assert elastic.scaling.worker_range() == (2, 8) and elastic.scaling.elastic
+    assert elastic.micro_batch(2) == 128 and elastic.micro_batch() == 32
+    fixed = apply_overrides(elastic, ["scaling.num_workers=4"])  # one count: fixed again
+    assert fixed.scaling.worker_range() == (4, 4) and not fixed.scaling.elastic
