@@ -9,12 +9,16 @@ the sections themselves, orchestrator.spec) and before Ray or torchrun start a w
 2. data (data.source=shards): the manifest exists and is committed (manifest.json is written
    last), the splits the job reads exist, decode=gpu gets JPEGs only, data.normalize=
    per_pixel_mean finds the dataset's mean image (its manifest names it, its sha256 matches),
-   the class count matches model.num_classes, and the split fills every rank's batches under
-   the equal-batch rule (`data.epochs.epoch_batches`, what the loader itself enforces);
+   the class count matches model.num_classes, and every step of an epoch gives each rank at
+   least one sample (`data.epochs.check_layout`, what the loader itself enforces);
+2b. world sizes (an elastic job, scaling.num_workers=[min,max]): every size in the range, with
+   its micro-batch, accumulation and samples per worker, the global batch the same at each;
+   a range reaching above scaling.global_batch or above the data's canonical streams
+   (data.streams; 0: the most workers x max(1, data.num_workers)) is refused;
 3. checkpoint storage: a probe object is written, read back and deleted under the job's
    checkpoint folder (only once 1-2 passed, so a refused job writes nothing);
 4. resume: the checkpoint the job would resume from is committed, and its data position is
-   exact with this run's world size, loader workers, micro-batch, shuffle buffer and seed
+   exact with this run's global batch, streams, shuffle buffer and seed, at any world size
    (`data.epochs.resume_problem`).
 
 Every refusal names the field and the fix; all of one stage's refusals are reported together.
@@ -30,7 +34,7 @@ from typing import Any
 
 from orchestrator.checkpoint import CheckpointStore, split_checkpoint_url
 from orchestrator.checkpoint_refs import spec_checkpoints_url
-from orchestrator.data.epochs import epoch_batches, resume_problem
+from orchestrator.data.epochs import check_layout, default_streams, rank_shares, resume_problem
 from orchestrator.data.manifest import (
     DataError,
     DataUnavailable,
@@ -73,7 +77,9 @@ def preflight(spec: JobSpec) -> list[str]:
         done.append(line)
         return value
 
-    num_classes = run(check_data)
+    data = run(check_data)
+    num_classes, samples = data if data else (None, None)
+    run(check_world_sizes, samples)
     run(check_model_spec, num_classes)
     if problems:  # read-only checks failed: nothing is written, not even a probe
         raise PreflightError(problems)
@@ -110,12 +116,14 @@ def check_model_spec(spec: JobSpec, num_classes: int | None) -> tuple[str, None]
     return f"model: {m.name} ({shown}, {classes} classes) is registered and takes them", None
 
 
-def check_data(spec: JobSpec) -> tuple[str, int | None]:
-    """The dataset's manifest, its splits, its classes and its size for this world size."""
+def check_data(spec: JobSpec) -> tuple[str, tuple[int | None, int | None]]:
+    """The dataset's manifest, its splits, its classes and its size for the most workers;
+    returns (classes, training samples), None for synthetic data."""
     d, s = spec.data, spec.scaling
     if d.synthetic:
         return f"data: synthetic ({d.synthetic_classes} classes), no dataset to read", (
-            spec.model.num_classes or d.synthetic_classes
+            spec.model.num_classes or d.synthetic_classes,
+            None,
         )
     try:
         manifest = load_manifest(d.url)
@@ -157,21 +165,91 @@ def check_data(spec: JobSpec) -> tuple[str, int | None]:
             f"classes: set model.num_classes={classes}, or null to take the manifest's"
         )
     samples = sum(x.samples for x in train)
-    batch = spec.micro_batch()
+    streams = canonical_streams(spec)
+    if s.elastic and s.num_workers > streams:
+        low, high = s.worker_range()
+        raise _Refused(
+            f"scaling.num_workers=[{low},{high}]: {high} workers is above the {streams} "
+            f"canonical streams (data.streams={d.streams}), so some worker would read nothing; "
+            f"set data.streams to a multiple of every size in the range (e.g. "
+            f"{_common_multiple(low, high)}), or lower the most workers to {streams}"
+        )
     try:
-        per_epoch = epoch_batches(samples, s.num_workers, batch, d.epoch_mode, d.samples_per_epoch)
+        steps = check_layout(
+            samples, s.global_batch, streams, s.num_workers, d.epoch_mode, d.samples_per_epoch
+        )
     except DataError as err:
         raise _Refused(
             f"scaling.num_workers={s.num_workers}: split {d.train_split!r} of {d.url} has "
-            f"{samples} samples, too few for {s.num_workers} ranks x micro-batch {batch} ({err}); "
-            "lower scaling.num_workers or scaling.global_batch, or use a larger dataset"
+            f"{samples} samples: {err}"
         ) from None
     return (
         f"data: {d.url} committed (manifest.json), train {samples} samples in {len(train)} "
-        f"shards{val_note}, {classes} classes{mean_note}; {s.num_workers} ranks x micro-batch "
-        f"{batch}: "
-        f"{per_epoch} batches per rank per epoch ({d.epoch_mode})"
-    ), classes
+        f"shards{val_note}, {classes} classes{mean_note}; {steps} steps of "
+        f"{s.global_batch} per epoch ({d.epoch_mode}) over {streams} streams"
+    ), (classes, samples)
+
+
+def canonical_streams(spec: JobSpec) -> int:
+    """data.streams, or its default: the most workers x max(1, data.num_workers)."""
+    return spec.data.streams or default_streams(spec.data.num_workers, spec.scaling.num_workers)
+
+
+def check_world_sizes(spec: JobSpec, samples: int | None) -> tuple[str, None]:
+    """Every world size an elastic job may run at: the global batch is the spec's at each
+    (micro-batch and accumulation recomputed), each worker gets a stream and a sample."""
+    s, d = spec.scaling, spec.data
+    low, high = s.worker_range()
+    if not s.elastic:
+        return f"world size: {high} (fixed), micro-batch {_per_size(spec, high)}", None
+    # above scaling.global_batch the spec itself refuses (JobSpec.validate); above the streams
+    # check_data does, for shards (synthetic batches have no streams)
+    streams = canonical_streams(spec)
+    where = f"scaling.num_workers=[{low},{high}]"
+    sizes = []
+    for w in range(low, high + 1):
+        if samples is not None:
+            try:
+                check_layout(samples, s.global_batch, streams, w, d.epoch_mode, d.samples_per_epoch)
+            except DataError as err:
+                raise _Refused(f"{where}: at {w} workers: {err}") from None
+        sizes.append(f"{w}: {_per_size(spec, w)}")
+    over = "" if d.synthetic else f" over {streams} streams"
+    return (
+        f"world sizes {low}..{high} (elastic), global batch {s.global_batch} at each{over}: "
+        + "; ".join(sizes)
+    ), None
+
+
+def _per_size(spec: JobSpec, w: int) -> str:
+    """Micro-batch x accumulation and the samples per worker of a step at world size w."""
+    g = spec.scaling.global_batch
+    # synthetic batches: the even split; shards: each rank's streams' share
+    shares = [g * (r + 1) // w - g * r // w for r in range(w)]
+    if not spec.data.synthetic:
+        shares = rank_shares(g, canonical_streams(spec), w)
+    lo, hi = min(shares), max(shares)
+    each = f"{lo} each" if lo == hi else f"{lo} or {hi}" if hi - lo == 1 else f"{lo} to {hi}"
+    uneven = (
+        f" (uneven: {canonical_streams(spec)} streams over {w} workers; a multiple of {w} "
+        "evens them)"
+        if hi - lo > 1
+        else ""
+    )
+    return (
+        f"{spec.micro_batch(w)} x {spec.accumulation(w)} micro-batches, {each} samples per "
+        f"worker{uneven}"
+    )
+
+
+def _common_multiple(low: int, high: int) -> int:
+    """The least common multiple of every size in [low, high]."""
+    import math
+
+    out = 1
+    for w in range(low, high + 1):
+        out = math.lcm(out, w)
+    return out
 
 
 def check_mean_image(spec: JobSpec, manifest: dict[str, Any]) -> str:
@@ -256,18 +334,23 @@ def check_resume(spec: JobSpec) -> tuple[str, None]:
             f"resume: from {latest.url} (its marker predates data positions: the workers "
             "check it against this run)"
         ), None
+    streams, kept = canonical_streams(spec), ""
+    was = latest.position.get("streams")
+    if not spec.data.streams and was is not None and was != streams:  # as the workers do
+        streams, kept = int(was), f" (keeps the checkpoint's {was} streams: data.streams=0)"
     now = {
-        "world_size": spec.scaling.num_workers,
-        "loader_workers": spec.data.num_workers,
-        "micro_batch": spec.micro_batch(),
+        "global_batch": spec.scaling.global_batch,
+        "streams": streams,
         "shuffle_buffer": spec.data.shuffle_buffer,
         "seed": spec.seed,
+        "epoch_mode": spec.data.epoch_mode,
+        "samples_per_epoch": spec.data.samples_per_epoch,
         "source": "synthetic" if spec.data.synthetic else "shards",
     }
     problem = resume_problem(latest.position, now)
     if problem:
         raise _Refused(f"resume from {latest.url}: {problem}")
-    return f"resume: from {latest.url}, exact with this run's ranks and loader workers", None
+    return f"resume: from {latest.url}, exact at any world size{kept}", None
 
 
 def _json(value: Any) -> str:

@@ -92,7 +92,9 @@ def test_a_good_spec_passes_and_the_dry_run_says_what_it_checked(
     assert code == 0, err[-2000:]
     checked = [line for line in out.splitlines() if line.startswith("# pre-flight ok: ")]
     kinds = [line.split(": ", 2)[1].split(":")[0] for line in checked]
-    assert kinds == ["data", "model", "checkpoint storage", "resume"], checked
+    assert kinds == ["data", "world size", "model", "checkpoint storage", "resume"], checked
+    # smoke: 2 workers x global batch 32, one loader worker each: 2 streams of 16
+    assert "world size: 2 (fixed), micro-batch 16 x 1 micro-batches, 16 each samples" in out
     assert "train 48 samples" in out and "3 classes" in out, (
         out
     )  # 3 classes x 16, from the manifest
@@ -190,7 +192,7 @@ def test_too_few_samples_for_the_world_size_is_refused(
     too_many = ["scaling.num_workers=64", "scaling.global_batch=64"]  # 64 ranks, 1 sample each
     err = refused(smoke, capsys, *data, *too_many, f"checkpoint.storage={storage}")
     assert "scaling.num_workers=64: split 'train'" in err and "has 48 samples" in err
-    assert "lower scaling.num_workers or scaling.global_batch" in err
+    assert "leaves a worker of 64 without a sample: lower the number of workers" in err
     assert no_workers == [] and not storage.exists()
     # the same rule the loader enforces: 48 ranks of one sample each do fit
     fits = ["scaling.num_workers=48", "scaling.global_batch=48", f"checkpoint.storage={storage}"]
@@ -256,35 +258,33 @@ def commit_step(storage: Path, name: str, step: int, position: dict[str, Any] | 
 
 MID_EPOCH = {
     "epoch": 0,
-    "batch_in_epoch": 2,
-    "batches_per_epoch": 3,
-    "world_size": 2,
-    "loader_workers": 1,
-    "micro_batch": 8,
+    "step_in_epoch": 2,
+    "steps_per_epoch": 3,
+    "global_batch": 16,
+    "streams": 2,
     "shuffle_buffer": 16,
     "seed": 0,
+    "epoch_mode": "exact",
+    "samples_per_epoch": 0,
     "source": "shards",
 }
 
 
 def test_resume_rule() -> None:
-    same = {k: v for k, v in MID_EPOCH.items() if "epoch" not in k}
+    same = {k: v for k, v in MID_EPOCH.items() if "epoch" not in k or k == "epoch_mode"}
     assert resume_problem(MID_EPOCH, same) is None
-    problem = resume_problem(MID_EPOCH, {**same, "world_size": 4})
-    assert problem and "scaling.num_workers was 2 and is now 4" in problem
-    problem = resume_problem(MID_EPOCH, {**same, "loader_workers": 3, "micro_batch": 4})
-    assert "data.num_workers was 1 and is now 3" in problem and "micro-batch" in problem
-    problem = resume_problem(MID_EPOCH, {**same, "seed": 1})
-    assert problem and "seed was 0 and is now 1" in problem
-    old = {k: v for k, v in MID_EPOCH.items() if k != "shuffle_buffer"}  # an older marker
-    assert resume_problem(old, {**same, "shuffle_buffer": 99}) is None
-    assert resume_problem({**MID_EPOCH, "loader_workers": 0}, same) is None  # 0 plans as 1
+    # the data order no longer depends on the world size or the loader workers
+    assert resume_problem(MID_EPOCH, {**same, "world_size": 4, "loader_workers": 3}) is None
+    problem = resume_problem(MID_EPOCH, {**same, "global_batch": 32})
+    assert problem and "scaling.global_batch was 16 and is now 32" in problem
+    problem = resume_problem(MID_EPOCH, {**same, "streams": 4, "seed": 1})
+    assert "data.streams was 2 and is now 4" in problem and "seed was 0 and is now 1" in problem
     for boundary in (0, 3):  # an epoch's start, or its end before the roll-over
-        assert (
-            resume_problem({**MID_EPOCH, "batch_in_epoch": boundary}, {**same, "world_size": 4})
-            is None
-        )
-    assert resume_problem({**MID_EPOCH, "source": "synthetic"}, {**same, "world_size": 4}) is None
+        at = {**MID_EPOCH, "step_in_epoch": boundary}
+        assert resume_problem(at, {**same, "global_batch": 32}) is None
+    assert resume_problem({**MID_EPOCH, "source": "synthetic"}, {**same, "seed": 1}) is None
+    older = {"epoch": 0, "batch_in_epoch": 2, "batches_per_epoch": 3, "world_size": 2}
+    assert "earlier version" in (resume_problem(older, same) or "")
 
 
 def test_a_resume_that_cannot_be_exact_is_refused_naming_both_values(
@@ -292,22 +292,64 @@ def test_a_resume_that_cannot_be_exact_is_refused_naming_both_values(
 ) -> None:
     storage = tmp_path / "runs"
     commit_step(storage, "smoke", 4, MID_EPOCH)  # 2 ranks x 1 loader worker, mid-epoch
-    data = odd_shards_data(odd_local_shards)  # 1 loader worker; smoke runs 2 ranks x 16
-    common = [*data, f"checkpoint.storage={storage}", "scaling.micro_batch=8"]
-    common.append("scaling.global_batch=16")
-    assert launch.main(smoke, [*common, "--dry-run"]) == 0, capsys.readouterr().err
-    assert "exact with this run's ranks" in capsys.readouterr().out
-    err = refused(smoke, capsys, *common, "scaling.num_workers=1")
-    assert "scaling.num_workers was 2 and is now 1" in err
-    assert "stopped mid-epoch (epoch 0, batch 2 of 3)" in err
-    err = refused(smoke, capsys, *common, "data.num_workers=2")
-    assert "data.num_workers was 1 and is now 2" in err
+    data = odd_shards_data(odd_local_shards)  # 1 loader worker; smoke runs 2 ranks
+    common = [*data, f"checkpoint.storage={storage}", "scaling.global_batch=16"]
+    for workers in ("2", "1", "[1,2]"):  # any world size resumes it exactly
+        args = [*common, f"scaling.num_workers={workers}", "--dry-run"]
+        assert launch.main(smoke, args) == 0, capsys.readouterr().err
+        assert "exact at any world size" in capsys.readouterr().out
+    # 1 worker: data.streams=0 would mean 1 stream now; the checkpoint's 2 are kept
+    assert launch.main(smoke, [*common, "scaling.num_workers=1", "--dry-run"]) == 0
+    assert "keeps the checkpoint's 2 streams" in capsys.readouterr().out
+    err = refused(smoke, capsys, *common, "scaling.global_batch=32")
+    assert "scaling.global_batch was 16 and is now 32" in err
+    assert "stopped mid-epoch (epoch 0, step 2 of 3)" in err
+    err = refused(smoke, capsys, *common, "data.streams=4")
+    assert "data.streams was 2 and is now 4" in err
     assert no_workers == []
 
-    at_end = tmp_path / "at-end"  # at an epoch boundary any world size resumes exactly
-    commit_step(at_end, "smoke", 6, {**MID_EPOCH, "batch_in_epoch": 0, "epoch": 1})
-    args = [*data, f"checkpoint.storage={at_end}", "scaling.num_workers=1", "--dry-run"]
+    at_end = tmp_path / "at-end"  # at an epoch boundary anything resumes exactly
+    commit_step(at_end, "smoke", 6, {**MID_EPOCH, "step_in_epoch": 0, "epoch": 1})
+    args = [*data, f"checkpoint.storage={at_end}", "scaling.global_batch=8", "--dry-run"]
     assert launch.main(smoke, args) == 0, capsys.readouterr().err
+
+
+# ------------------------------------------------------------ elastic ranges (num_workers=[a,b])
+
+
+def test_an_elastic_range_lists_every_world_size_with_its_batches(
+    tmp_path: Path, odd_local_shards: Path, smoke: JobSpec, capsys: Any, no_workers: list[str]
+) -> None:
+    data = [*odd_shards_data(odd_local_shards), f"checkpoint.storage={tmp_path / 'runs'}"]
+    args = [*data, "scaling.num_workers=[1,3]", "scaling.global_batch=12", "data.streams=6"]
+    assert launch.main(smoke, [*args, "--dry-run"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "world sizes 1..3 (elastic), global batch 12 at each over 6 streams: " in out
+    assert "1: 12 x 1 micro-batches, 12 each samples per worker" in out
+    assert "2: 6 x 1 micro-batches, 6 each samples per worker" in out
+    assert "3: 4 x 1 micro-batches, 4 each samples per worker" in out
+    # a micro-batch cap: accumulation makes up the global batch at every size
+    assert launch.main(smoke, [*args, "scaling.micro_batch=4", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1: 4 x 3 micro-batches" in out and "2: 4 x 2 micro-batches" in out
+    # 4 streams over 3 workers: one worker reads two streams (said, not refused)
+    assert launch.main(smoke, [*data, "scaling.num_workers=[2,3]", "scaling.global_batch=12",
+                               "data.streams=4", "--dry-run"]) == 0  # fmt: skip
+    assert "3: 4 x 1 micro-batches, 3 to 6 samples per worker (uneven" in capsys.readouterr().out
+
+
+def test_an_elastic_range_above_the_streams_or_the_batch_is_refused(
+    tmp_path: Path, odd_local_shards: Path, smoke: JobSpec, capsys: Any, no_workers: list[str]
+) -> None:
+    data = [*odd_shards_data(odd_local_shards), f"checkpoint.storage={tmp_path / 'runs'}"]
+    err = refused(smoke, capsys, *data, "scaling.num_workers=[2,4]", "data.streams=3")
+    assert "scaling.num_workers=[2,4]: 4 workers is above the 3 canonical streams" in err
+    assert "set data.streams to a multiple of every size in the range (e.g. 12)" in err
+    # above the global batch the spec itself refuses it, before the pre-flight
+    code = launch.main(smoke, [*data, "scaling.num_workers=[2,8]", "scaling.global_batch=4"])
+    assert code == 2
+    assert "scaling.global_batch: 4 is smaller than num_workers 8" in capsys.readouterr().err
+    assert no_workers == []
 
 
 def test_resume_from_a_checkpoint_that_is_not_committed_is_refused(
@@ -350,10 +392,10 @@ def test_the_worker_refuses_an_inexact_resume_of_an_older_checkpoint(
     run_script("jobs/smoke.py", *train, env={"OMP_NUM_THREADS": "1"})  # 2 of 6 batches
     marker_path = storage / "old" / "checkpoints" / "step-00000002" / "COMMITTED"
     marker = json.loads(marker_path.read_text())
-    assert marker["position"]["batch_in_epoch"] == 2 and marker["position"]["world_size"] == 1
+    assert marker["position"]["step_in_epoch"] == 2
     del marker["position"]  # as a checkpoint written before markers held it
     marker_path.write_text(json.dumps(marker))
-    more = [*train, "schedule.max_iters=4", "data.num_workers=2"]
+    more = [*train, "schedule.max_iters=4", "data.shuffle_buffer=8"]
     proc = subprocess.run(
         [sys.executable, "jobs/smoke.py", *more],
         cwd=ROOT,
@@ -366,7 +408,7 @@ def test_the_worker_refuses_an_inexact_resume_of_an_older_checkpoint(
     assert proc.returncode != 0
     assert "marker predates data positions" in proc.stdout
     assert "SpecError: step 2: cannot resume exactly" in proc.stderr, proc.stderr[-3000:]
-    assert "data.num_workers was 0 and is now 2" in proc.stderr
+    assert "data.shuffle_buffer was 16 and is now 8" in proc.stderr
     assert not (storage / "old" / "checkpoints" / "step-00000003").exists()
 
 
