@@ -187,7 +187,7 @@ def test_the_command_on_seaweedfs_passes_then_catches_a_planted_duplicate(
     root = job_checkpoints_url(s3_prefix, "ledger-job")
     train(root, 100, range(1, 10), split_size=N)  # 3 epochs, then a restart at step 6
     train(root, 200, range(7, 10), split_size=N)
-    CheckpointStore(root).commit(9, {}, {"epoch": 2, "batch_in_epoch": 3, "batches_per_epoch": 3})
+    CheckpointStore(root).commit(9, {}, {"epoch": 2, "step_in_epoch": 3, "steps_per_epoch": 3})
     proc = ledger_command("ledger-job", "--storage", s3_prefix)
     out = proc.stdout.splitlines()
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -219,7 +219,7 @@ def test_split_size_from_the_newest_checkpoints_spec(tmp_path: Path) -> None:
     store = CheckpointStore(root)
     spec = {"data": {"url": str(data), "train_split": "train", "epoch_mode": "exact"}}
     store.write(3, "trainer.pt", {"spec": spec})
-    store.commit(3, {}, {"epoch": 0, "batch_in_epoch": 3, "batches_per_epoch": 3})
+    store.commit(3, {}, {"epoch": 0, "step_in_epoch": 3, "steps_per_epoch": 3})
     report = read_ledger(root)
     assert report.split_size == 10 and report.mode == "exact"
     assert any("split size 10 and mode exact from the spec" in n for n in report.notes)

@@ -135,3 +135,29 @@ def test_device_decode_paths_train(tmp_path: Path, odd_local_shards: Path, decod
     assert state["step"] == 4
     if decode == "split":
         assert "cpu_decode_share=0.25" in out and state["cpu_decode_share"] == 0.25
+
+
+def test_a_mid_epoch_resume_on_fewer_workers_keeps_the_sample_sequence(
+    tmp_path: Path, odd_local_shards: Path
+) -> None:
+    """2 workers train to step 6 (mid-epoch 1 of 4-step epochs: 48 images, global batch 12),
+    the job is resubmitted on 1 worker to step 12. The ledger holds every sample once per epoch,
+    and every step's samples equal those of a run on 1 worker from the start."""
+    from orchestrator.data.ledger import read_ledger, read_steps
+
+    data = [*odd_shards_data(odd_local_shards), "data.ledger=true", "scaling.global_batch=12"]
+    common = [*data, "checkpoint.every_iters=3", "data.streams=2"]
+    _local(tmp_path, "elastic", *common, "scaling.num_workers=2", "schedule.max_iters=6")
+    out = _local(tmp_path, "elastic", *common, "scaling.num_workers=1", "schedule.max_iters=12")
+    assert "resumed from" in out or "from step 6" in out, out[-2000:]
+    _local(tmp_path, "straight", *common, "scaling.num_workers=1", "schedule.max_iters=12")
+    report = read_ledger(str(tmp_path / "elastic" / "checkpoints"))
+    assert report.ok and [e.epoch for e in report.complete_epochs] == [0, 1, 2], report.lines
+    assert report.duplicates == 0 and report.drops == 0
+    elastic = read_steps(str(tmp_path / "elastic" / "checkpoints"))
+    straight = read_steps(str(tmp_path / "straight" / "checkpoints"))
+    assert list(elastic) == list(range(1, 13)) == list(straight)
+    for step in elastic:
+        assert elastic[step].tolist() == straight[step].tolist(), step
+    state = _final_state(tmp_path, "elastic")
+    assert state["step"] == 12 and state["position"]["world_size"] == 1

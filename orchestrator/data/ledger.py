@@ -421,6 +421,26 @@ def read_ledger(root_url: str, split_size: int | None = None) -> LedgerReport:
     )
 
 
+def read_steps(root_url: str) -> dict[int, np.ndarray]:
+    """step -> the global batch's sample ids in canonical order (ranks joined in rank order),
+    newest attempt per step: to compare two runs' sample sequences step by step."""
+    storage = open_storage(root_url)
+    files = list_files(storage)
+    cuts = attempt_cuts(files)
+    parts: dict[int, dict[int, np.ndarray]] = {}  # step -> rank -> ids
+    for f in sorted(files, key=lambda f: (f.attempt, f.first)):  # newer attempts overwrite
+        cut = cuts[f.attempt]
+        data = _load(storage, f)
+        for i, step in enumerate(data["steps"].tolist()):
+            if cut is None or step < cut:
+                ids = data["ids"][data["offsets"][i] : data["offsets"][i + 1]]
+                parts.setdefault(step, {})[f.rank] = ids
+    return {
+        step: np.concatenate([ranks[r] for r in sorted(ranks)])
+        for step, ranks in sorted(parts.items())
+    }
+
+
 def _gaps(kept: set[int], last: int) -> list[tuple[int, int]]:
     """Inclusive step ranges in 1..last with no kept entry (steps count from 1)."""
     out, start = [], None
@@ -450,8 +470,10 @@ def _facts(root: str, meta: dict[str, Any], split_size: int | None) -> _Facts:
         facts.committed_step = newest.step
         pos = newest.position
         if "epoch" in pos:
-            per_epoch = pos.get("batches_per_epoch")
-            at_end = bool(per_epoch and pos.get("batch_in_epoch", 0) >= per_epoch)
+            from orchestrator.data.epochs import at_epoch_boundary
+
+            started = pos.get("step_in_epoch", pos.get("batch_in_epoch", 0)) > 0
+            at_end = started and at_epoch_boundary(pos)
             facts.done_epoch = int(pos["epoch"]) - (0 if at_end else 1)
     else:
         facts.notes.append(f"no committed checkpoint under {root}")
