@@ -1070,3 +1070,31 @@ def test_s3_restart_mid_epoch_resumes_the_stream(tmp_path, private_s3, caplog):
     assert loader.stats()["bad_samples"] == 0
     resumed = [int(b) for b in re.findall(r"read failed at byte (\d+)", caplog.text)]
     assert any(b > 0 for b in resumed), caplog.text[-2000:]  # a Range request picked up mid-shard
+
+
+def test_mixed_batches_join_and_split_keep_each_sample_with_its_label():
+    """decode=gpu/split: a step's pieces joined (pixels first, then JPEGs) and cut into
+    micro-batches keep every sample's bytes beside its label."""
+    from orchestrator.data import MixedBatch, join_batches, split_batch
+
+    def piece(first: int, decoded: int, files: int) -> tuple[MixedBatch, torch.Tensor]:
+        pixels = torch.full((decoded, 3, 2, 2), first, dtype=torch.uint8)
+        pixels += torch.arange(decoded, dtype=torch.uint8)[:, None, None, None]
+        blobs = [bytes([first + decoded + i]) * (i + 1) for i in range(files)]
+        ends = torch.tensor(np.cumsum([len(b) for b in blobs]), dtype=torch.int64)
+        data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
+        labels = torch.arange(first, first + decoded + files)
+        return MixedBatch(pixels, data, ends.reshape(-1)), labels
+
+    joined, labels = join_batches([piece(10, 2, 3), piece(20, 1, 2)])
+    assert len(joined) == len(labels) == 8
+
+    def sample_value(batch: MixedBatch, i: int) -> int:
+        k = len(batch.pixels)
+        return int(batch.pixels[i, 0, 0, 0]) if i < k else int(batch.jpegs()[i - k][0])
+
+    pairs = [(sample_value(joined, i), int(labels[i])) for i in range(8)]
+    assert all(value == label for value, label in pairs), pairs
+    parts = split_batch(joined, labels, [3, 3, 2])
+    again = [(sample_value(b, i), int(y[i])) for b, y in parts for i in range(len(y))]
+    assert again == pairs and [len(b) for b, _ in parts] == [3, 3, 2]
