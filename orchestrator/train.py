@@ -430,6 +430,8 @@ class Trainer:
         decision = self.boundary.poll(self.step, self.checkpointer.saved_step)
         if decision.save:
             metrics["system/checkpoint_stall_s"] = self.save_checkpoint({**self.latest, **metrics})
+        if decision.commit:  # a Ray preemption notice: the node may go before the next save
+            self.checkpointer.commit()
         if decision.stop_signal:  # committed and published first: a resubmission resumes here
             self._publish(metrics)
             self.checkpointer.commit()
