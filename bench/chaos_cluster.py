@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -219,8 +219,9 @@ class SecondNode:
         so the bench never becomes a driver of the cluster it breaks)."""
         from ray.util.state import list_nodes
 
-        nodes = list_nodes(address=os.environ["RAY_ADDRESS"], filters=[("state", "=", "ALIVE")])
-        return [{"id": n.node_id, "head": n.is_head_node} for n in nodes]
+        # (a state filter here fails on Ray 2.60 with a "data truncation" error: filter below)
+        nodes = list_nodes(address=os.environ["RAY_ADDRESS"], limit=1000)
+        return [{"id": n.node_id, "head": n.is_head_node} for n in nodes if n.state == "ALIVE"]
 
     def start(self, timeout_s: float = 180) -> str:
         """Start the raylet and wait until it is alive in the cluster; returns its node id."""
@@ -244,6 +245,9 @@ class SecondNode:
             new = [n["id"] for n in self.alive_nodes() if not n["head"] and n["id"] not in before]
             if new:
                 self.node_id = new[0]
+                # Ray Train sizes a new group from the cluster's resource view, which lags
+                # the node's registration: a job submitted at once could start on one worker
+                time.sleep(10)
                 return self.node_id
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the second node exited: see {self.log_path}")
@@ -297,7 +301,10 @@ class LedgerSteps:
     of each attempt (oldest first) with the first step it counts for."""
 
     ids: dict[int, tuple[int, ...]]
-    attempts: list[tuple[int, int]]  # (first step, world size)
+    attempts: list[tuple[int, int]]  # (first step, world size) of the attempts that count
+    # every attempt, those a newer one cut off entirely too: their steps' losses may be the
+    # ones MLflow kept (a replayed step is not logged again)
+    raw_attempts: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def world_sizes(self) -> list[int]:
@@ -313,21 +320,28 @@ def ledger_steps(root_url: str) -> LedgerSteps:
     chunks: dict[int, list[np.ndarray]] = {}
     firsts: dict[int, int] = {}
     worlds: dict[int, int] = {}
+    raw_worlds: dict[int, tuple[int, int]] = {}
     for f in sorted(files, key=lambda f: (f.attempt, f.first, f.rank)):
         cut = cuts[f.attempt]
-        if cut is not None and f.first >= cut:
-            continue
         raw = root.get(f"{ledger_mod.FOLDER}/{f.name}")
         with np.load(io.BytesIO(raw), allow_pickle=False) as z:
             steps, offsets, ids = z["steps"], z["offsets"], z["ids"]
             meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        first, world = raw_worlds.get(f.attempt, (f.first, 0))
+        raw_worlds[f.attempt] = (min(first, f.first), max(world, int(meta.get("world_size") or 0)))
+        if cut is not None and f.first >= cut:
+            continue
         worlds[f.attempt] = max(worlds.get(f.attempt, 0), int(meta.get("world_size") or 0))
         firsts[f.attempt] = min(firsts.get(f.attempt, f.first), f.first)
         for i, step in enumerate(steps.tolist()):
             if cut is None or step < cut:
                 chunks.setdefault(step, []).append(ids[offsets[i] : offsets[i + 1]])
     joined = {s: tuple(sorted(np.concatenate(c).tolist())) for s, c in sorted(chunks.items())}
-    return LedgerSteps(joined, [(firsts[a], worlds[a]) for a in sorted(worlds)])
+    return LedgerSteps(
+        joined,
+        [(firsts[a], worlds[a]) for a in sorted(worlds)],
+        [raw_worlds[a] for a in sorted(raw_worlds)],
+    )
 
 
 # ---------------------------------------------------------------------------- MLflow, time
@@ -358,23 +372,27 @@ def history(experiment: str, name: str, key: str = "train/loss") -> History:
 
     c = MlflowClient()
     exp = c.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment}"
     (run,) = c.search_runs([exp.experiment_id], filter_string=f"tags.`orchestrator.job` = '{name}'")
     metrics = c.get_metric_history(run.info.run_id, key)
     return History(sorted((m.step, m.value, m.timestamp / 1000) for m in metrics))
 
 
 def lost_seconds(h: History, t_fail: float, step_time: float) -> tuple[float, int]:
-    """(wall seconds of training a failure at `t_fail` cost, the newest logged step done
-    before it): how much later than an unbroken run would have (`step_time` a step) the job
-    logged its first step past that one. It holds the restart (processes, checkpoint read,
-    first batch) and every step trained twice, the part of the step in progress included."""
-    done = h.last_before(t_fail)
-    at = {s: ts for s, _, ts in h.points}
-    later = [s for s in at if s > done]
-    if not later or done not in at:
+    """(wall seconds of training a failure at `t_fail` cost, the steps done when it struck).
+
+    The cost: the longest interval between two logged steps after the failure, less what its
+    steps take at `step_time` (an unbroken run's): a restart shows as one such interval, and it
+    holds the processes' start, the checkpoint read, the first batch and every step trained
+    twice. The steps done: the newest logged before the failure plus the whole steps its time
+    since then allows (logs come every LOG_EVERY steps)."""
+    pairs = [(a, b) for a, b in itertools.pairwise(h.points) if b[2] > t_fail]
+    before = [p for p in h.points if p[2] <= t_fail]
+    done = before[-1][0] + int((t_fail - before[-1][2]) / step_time) if before else 0
+    if not pairs:
         return float("nan"), done
-    nxt = min(later)
-    return max(0.0, at[nxt] - at[done] - (nxt - done) * step_time), done
+    excess = [b[2] - a[2] - (b[0] - a[0]) * step_time for a, b in pairs]
+    return max(0.0, *excess), done
 
 
 def curve_gap(a: list[tuple[int, float]], b: list[tuple[int, float]], window: int) -> float:
