@@ -57,6 +57,9 @@ class Decision:
     # before the next save would commit it)
     commit: bool = False
     notice: str = ""  # a new Ray preemption notice arrived (what it said), once per notice
+    # after this save's commit, train no more: wait this long for the reclaim (Ray's notice:
+    # the last commit before its deadline, so no completed step is lost)
+    wait_s: float = 0.0
 
     @property
     def reason(self) -> str:
@@ -118,10 +121,18 @@ class RayNotices:
     answer). `check` returns a notice once: a repeat of it changes nothing, a notice that
     names another node or deadline (Ray merges them) is new."""
 
-    def __init__(self, ask: Callable[[], Any], every: int) -> None:
-        self.ask, self.every = ask, every
+    # Ray restarts the group this long after a notice that names no deadline (its default)
+    NO_DEADLINE_S = 120.0
+
+    def __init__(
+        self, ask: Callable[[], Any], every: int, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.ask, self.every, self.clock = ask, every, clock
         self.seen: tuple[tuple[str, ...], int | None] | None = None
         self.count = 0  # notices acted on by this worker group
+        self.deadline: float | None = None  # the newest notice's deadline (unix seconds)
+        self.noticed_at = 0.0  # when it came (this rank's clock)
+        self.margin: float | None = None  # the last save's lead on the deadline, once measured
 
     def check(self, step: int) -> str:
         """After `step` steps: what a new notice says ("" if none, or not asked this step)."""
@@ -136,7 +147,25 @@ class RayNotices:
             return ""
         self.seen = key
         self.count += 1
+        self.noticed_at = self.clock()
+        self.deadline = (
+            info.deadline_ms / 1000
+            if info.deadline_ms is not None
+            else self.noticed_at + self.NO_DEADLINE_S
+        )
+        self.margin = None
         return describe_notice(nodes, info.deadline_ms)
+
+    def last_save_due(self) -> bool:
+        """After a notice: whether the last save before its deadline is due. The margin is
+        measured at the first step boundary after the notice: twice what the notice's save
+        and a step took (the decision reaches every rank one step late), plus 5 s."""
+        if self.deadline is None:
+            return False
+        now = self.clock()
+        if self.margin is None:
+            self.margin = 2 * (now - self.noticed_at) + 5.0
+        return now + self.margin >= self.deadline
 
 
 def describe_notice(nodes: dict[str, list[int]], deadline_ms: int | None) -> str:
@@ -169,7 +198,7 @@ class StepBoundary:
         # the same answer on every rank: all run the loop in the main thread, or none
         self.listens = threading.current_thread() is threading.main_thread()
         self.group: Any = None
-        if distributed() and (self.listens or self.every_s):
+        if distributed() and (self.listens or self.every_s or self.ray is not None):
             self.group = dist.new_group(backend="gloo")  # host tensors, whatever the device
         self._saved_step, self._saved_at = -1, time.monotonic()
         self._vote: tuple[Any, torch.Tensor] | None = None
@@ -191,7 +220,7 @@ class StepBoundary:
         if notice:
             self._ray_notice(step, saved_step, notice)
             return Decision(save=saved_step != step, commit=True, notice=notice)
-        if not self.listens and not self.every_s:
+        if not self.listens and not self.every_s and self.ray is None:
             return Decision(save=on_schedule)
         now = time.monotonic()
         if saved_step != self._saved_step:
@@ -208,10 +237,23 @@ class StepBoundary:
                 step + (self.group is not None),
             )
         due = bool(self.every_s) and now - self._saved_at >= self.every_s
-        signum, due_at = self._agree(torch.tensor([received, int(due), saved_step]))
+        # rank 0's clock decides the last save before a Ray notice's deadline, for all
+        last = int(self.ray is not None and self.rank == 0 and self.ray.last_save_due())
+        figures = torch.tensor([received, int(due), saved_step, last])
+        signum, due_at, last = self._agree(figures)
         if signum:
             self.notices.disarm()
             return Decision(save=saved_step != step, stop_signal=signum)
+        if last and self.ray is not None and self.ray.deadline is not None:
+            wait = max(self.ray.deadline - self.ray.clock(), 0.0) + 60.0
+            if self.rank == 0:
+                log.warning(
+                    "step %d: the last commit before the preemption deadline (in %.0f s); "
+                    "training stops here until the node goes (or for %.0f s, if it stays)",
+                    step, self.ray.deadline - self.ray.clock(), wait,
+                )  # fmt: skip
+            self.ray.deadline = None  # once per notice
+            return Decision(save=saved_step != step, commit=True, wait_s=wait)
         # a vote started before the newest save asks for a save that is already there
         return Decision(save=on_schedule or due_at == saved_step)
 
@@ -229,18 +271,19 @@ class StepBoundary:
             step,
         )
 
-    def _agree(self, mine: torch.Tensor) -> tuple[int, int]:
-        """(signal, the saved step the clock was due at, or -2) agreed by every rank: alone,
-        this rank's figures; else those all ranks sent one step ago (nothing the first time)."""
+    def _agree(self, mine: torch.Tensor) -> tuple[int, int, int]:
+        """(signal, the saved step the clock was due at or -2, the last save before a Ray
+        deadline is due) agreed by every rank: alone, this rank's figures; else those all ranks
+        sent one step ago (nothing the first time)."""
         if self.group is None:
-            received, due, saved = mine.tolist()
-            return received, saved if due else -2
-        agreed = (0, -2)
+            received, due, saved, last = mine.tolist()
+            return received, saved if due else -2, last
+        agreed = (0, -2, 0)
         if self._vote is not None:
             work, figures = self._vote
             work.wait()
-            received, due, saved = figures.tolist()
-            agreed = (received, saved if due else -2)
+            received, due, saved, last = figures.tolist()
+            agreed = (received, saved if due else -2, last)
         work = dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         self._vote = (work, mine)
         return agreed

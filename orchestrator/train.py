@@ -438,6 +438,10 @@ class Trainer:
             raise Terminated(
                 f"{decision.reason}: stopped at step {self.step}", decision.stop_signal
             )
+        if decision.wait_s:  # the last commit before a deadline: no step after it is lost
+            self._publish(metrics)
+            time.sleep(decision.wait_s)  # the reclaim ends this process; a cancelled one not
+            return {}
         return metrics
 
     def _evaluated_this_step(self) -> bool:

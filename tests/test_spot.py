@@ -71,6 +71,28 @@ def _poll(boundary: StepBoundary, fake: FakeRay, step: int, saved_step: int = -1
     return boundary.poll(step, saved_step)
 
 
+def test_the_last_commit_comes_before_the_deadline_and_training_then_waits() -> None:
+    """After a notice, the step boundary measures what the notice's save and a step took, and
+    once the deadline is within twice that (+5 s) it asks for one more commit and a wait: no
+    step completed after the last commit, so none is lost when the node goes."""
+    fake, now = FakeRay(), [1000.0]
+    boundary = _boundary(fake, preemption_poll_every=1)
+    assert boundary.ray is not None
+    boundary.ray.clock = lambda: now[0]
+    fake.info = PreemptionInfo(int((now[0] + 60) * 1000), {"node-b": [1]})
+    first = _poll(boundary, fake, 10)
+    assert first.save and first.commit and not first.wait_s  # the notice's own commit
+    now[0] += 3.0  # the save, its commit and a step took 3 s: the margin is 2 x 3 + 5 = 11 s
+    assert not _poll(boundary, fake, 11, saved_step=10).save
+    assert boundary.ray.margin == 11.0
+    now[0] = 1000 + 60 - 12  # 12 s left: not yet
+    assert not _poll(boundary, fake, 12, saved_step=10).wait_s
+    now[0] = 1000 + 60 - 10  # 10 s left: the last save, then wait out the deadline
+    last = _poll(boundary, fake, 13, saved_step=10)
+    assert last.save and last.commit and last.wait_s > 0
+    assert not _poll(boundary, fake, 14, saved_step=13).wait_s  # once per notice
+
+
 def test_ray_is_asked_every_preemption_poll_every_steps_and_nothing_is_saved_without_notice() -> (
     None
 ):
