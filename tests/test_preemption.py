@@ -26,7 +26,7 @@ from orchestrator.runtime import Terminated
 from orchestrator.spec import CheckpointConfig, SpecError, apply_overrides
 from orchestrator.stack import Stack
 from orchestrator.tracking.tags import JOB_TAG
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, odd_shards_data, run_script
 from tests.test_train import TINY
 
 STEPS = 80  # ~30 ms each here: the notice lands well before the end
@@ -215,3 +215,18 @@ def test_bad_notice_fields_are_refused_by_name(override: str, message: str) -> N
 
     with pytest.raises(SpecError, match=re.escape(message)):
         apply_overrides(JobSpec(name="x"), [override])
+
+
+def test_a_notice_reaches_loader_workers_too_and_the_rank_still_commits(
+    tmp_path: Path, odd_local_shards: Path
+) -> None:
+    """torchrun stops ranks by process group, so the rank's DataLoader workers get SIGTERM as
+    well: they leave it to the rank, which commits at the next step boundary."""
+    data = odd_shards_data(odd_local_shards, num_workers=1)
+    cmd = _job(tmp_path, "shards", *data, "checkpoint.every_iters=4", "scaling.global_batch=8")
+    code, out = _interrupted(cmd, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, f"exit {code}:\n{out[-4000:]}"
+    assert "DataLoader worker" not in out, out[-4000:]
+    arrived = [int(s) for s in re.findall(r"rank \d: SIGTERM arrived during step (\d+)", out)]
+    step = int(_committed(tmp_path, "shards")[-1].name.split("-")[1])
+    assert arrived and min(arrived) <= step <= min(arrived) + 1, (arrived, step)
