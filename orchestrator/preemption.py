@@ -14,9 +14,11 @@ operators-guide.md, "Spot and preemptible nodes"), which Ray Train reports throu
 `ray.train.get_preemption_info()`. Every `checkpoint.preemption_poll_every` steps each rank
 asks (a barrier: every rank asks at the same steps, and all get rank 0's answer); on a new
 notice every rank saves the step at once and commits it before the next step, rank 0 logs it
-once, and training goes on: Ray restarts the worker group when the node's deadline passes (a
-preemption, counted against scaling.max_preemption_failures, never max_failures) and the
-restart resumes from that commit, on fewer workers if the job is elastic.
+once, and training goes on until the deadline is near (`RayNotices.last_save_due`): then every
+rank commits once more and waits. Ray restarts the worker group when the node's deadline passes
+(a preemption, counted against scaling.max_preemption_failures, never max_failures) and the
+restart resumes from that last commit, on fewer workers if the job is elastic: no completed
+step is lost.
 
 `checkpoint.every_minutes` saves once that long has passed since the last save of any kind.
 

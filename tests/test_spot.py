@@ -4,8 +4,9 @@ A drained node on a 2-node local Ray cluster: an elastic job (scaling.num_worker
 scaling.max_failures=0) trains on real shards in S3 with one worker on each node; the second
 node is drained as a spot reclaim is (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION
 --deadline-remaining-seconds N`), and killed at the deadline. The job must commit the step in
-progress when the notice arrives, say so once, go on training, and after the node is gone
-resume from that step on the one node left and finish, with every step once in MLflow.
+progress when the notice arrives and say so once, go on training, commit once more just before
+the deadline and then wait, so that no completed step is lost; after the node is gone it must
+resume from that last commit on the one node left and finish, with every step once in MLflow.
 
 The unit tests drive the step boundary with a stand-in for ray.train.get_preemption_info (the
 cadence and the once-per-notice rule); everything else here runs the real thing.
@@ -339,11 +340,16 @@ def test_a_drained_node_commits_the_step_in_progress_and_the_job_resumes_there(
 
     time.sleep(max(0.0, DEADLINE_S - (time.monotonic() - drained_at)))
     assert not chaos.wait_status_terminal(job), f"finished before the deadline: raise STEPS={STEPS}"
+    last = st.latest()  # the last commit before the deadline, after which training waits
+    done = max(s for s, _ in chaos.metric_steps(experiment, name))
     _kill_tree(node_pid)  # the reclaim itself, at the deadline
     status = chaos.wait(job, timeout_s=900)
     out = chaos.logs(job)
     assert status == "SUCCEEDED", out[-6000:]  # max_failures=0: the preemption spent none
-    assert f"resumed from {st.root} step {committed.step}" in out, out[-6000:]
+    assert last is not None and last.step > committed.step, (last, committed)
+    assert "the last commit before the preemption deadline" in out, out[-6000:]
+    assert done == last.step, (done, last.step)  # no step completed after it: none lost
+    assert f"resumed from {st.root} step {last.step}" in out, out[-6000:]
     final = st.latest()
     assert final is not None and final.step == STEPS
     ranks = {f for f in st.storage.sizes(f"step-{STEPS:08d}") if f.startswith("rank-")}
