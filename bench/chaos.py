@@ -27,7 +27,15 @@ bench makes its own data (s3://resnet/datasets/chaos-smoke). Last lines:
     chaos: K/N passed (worker a/b, driver ..., preempt e/f, node-loss ..., sigterm h/i)
     preemption: 0 completed steps lost in e/e trials (...)
     ledger: every sample once per epoch in N/N trials (0 duplicates, 0 drops)
-    training lost per failure (median s ...): worker ..., sigterm ...
+    training lost per failure, median s (...): worker ..., sigterm ...
+
+"Completed steps lost" to a preemption: steps done when the notice arrived that the restart
+did not resume from. The steps trained between the notice and the deadline are trained again
+after it (the notice's commit, or a later periodic one, is where the job resumes); the line
+gives their median. Training lost per failure: after the failure, the longest interval
+between two logged steps less the time its steps take in the uninterrupted run (a restart is
+one such interval: new processes, the checkpoint read, the first batch, the steps trained
+again). The elastic jobs log every 10 steps, so it is resolved to about one such interval.
 """
 
 from __future__ import annotations
@@ -147,7 +155,8 @@ def run_trial(kind: str, ctx: dict, base: kinds.Baselines, rng: random.Random) -
         r, job, t_fail = runner(ctx, rng)
     except (kinds.TrialError, TimeoutError, RuntimeError) as err:
         return kinds.Result(kind, f"chaos-{kind}", what=f"trial broke: {err}", status="BROKE")
-    kinds.check(r, EXPERIMENT, ctx["storage"], reference, base.tolerance)
+    groups = kinds.worker_groups(logs(job)) if job else []
+    kinds.check(r, EXPERIMENT, ctx["storage"], reference, base.tolerance, groups)
     if r.status == "SUCCEEDED":
         if r.resumed is None and job:
             found = [ln for ln in logs(job).splitlines() if "rank 0 resumed from" in ln]

@@ -247,7 +247,7 @@ class SecondNode:
                 self.node_id = new[0]
                 # Ray Train sizes a new group from the cluster's resource view, which lags
                 # the node's registration: a job submitted at once could start on one worker
-                time.sleep(10)
+                time.sleep(20)
                 return self.node_id
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the second node exited: see {self.log_path}")

@@ -127,8 +127,12 @@ class Result:
         return out + "".join(f"; {n}" for n in self.notes)
 
 
-def check(r: Result, experiment: str, storage_url: str, base: Baseline, tol: float) -> None:
-    """Fill `r`'s verdicts for the finished job `r.name` against its baseline."""
+def check(
+    r: Result, experiment: str, storage_url: str, base: Baseline, tol: float, groups: list[int]
+) -> None:
+    """Fill `r`'s verdicts for the finished job `r.name` against its baseline; `groups`: the
+    sizes of the worker groups Ray Train started, in order (from the job log; [] without
+    Ray)."""
     if r.status != "SUCCEEDED":
         return
     h = history(experiment, r.name)
@@ -150,6 +154,11 @@ def check(r: Result, experiment: str, storage_url: str, base: Baseline, tol: flo
         )
     worlds = seen.world_sizes
     raw = [w for _, w in seen.raw_attempts]
+    # an attempt that saved nothing left no ledger file, yet MLflow kept its losses: a group
+    # started at another size before the first save (the second node not yet counted)
+    unledgered = bool(groups) and groups[0] != base.world_size and raw[:1] == [base.world_size]
+    if unledgered:
+        raw = [groups[0], *raw]
     r.notes.append(f"world sizes {'->'.join(map(str, raw))}")
     if all(w == base.world_size for w in raw):
         same = identical(final_weights(store(storage_url, r.name)), base.weights)
@@ -158,7 +167,8 @@ def check(r: Result, experiment: str, storage_url: str, base: Baseline, tol: flo
         return
     # the losses MLflow kept up to the first attempt at another world size (cut off ones
     # included: a replayed step is not logged again) came from the baseline's weights
-    first_change = next(first for first, w in seen.raw_attempts if w != base.world_size)
+    changes = [first for first, w in seen.raw_attempts if w != base.world_size]
+    first_change = 1 if unledgered else changes[0]
     prefix = [p for p in h.steps if p[0] < first_change]
     before = prefix == base.history.steps[: len(prefix)]
     gap = curve_gap(h.steps, base.history.steps, WINDOW)
@@ -167,6 +177,11 @@ def check(r: Result, experiment: str, storage_url: str, base: Baseline, tol: flo
         f"losses before step {first_change} {'equal' if before else 'DIFFERENT'}, "
         f"loss curve gap {gap:.4f} (tolerance {tol:.4f})"
     )
+
+
+def worker_groups(job_log: str) -> list[int]:
+    """The sizes of the worker groups Ray Train started, in order (a line may be repeated)."""
+    return [int(n) for n in re.findall(r"Started training worker group of size (\d+)", job_log)]
 
 
 def _ranges(steps: list[int]) -> str:
@@ -325,6 +340,10 @@ def sigterm(ctx: dict, rng: random.Random) -> tuple[Result, str, float]:
     found = re.findall(r"from step (\d+) \(resumed: True", out2)
     r.resumed = int(found[0]) if found else None
     r.what = f"SIGTERM at step {at}, exit {code}; run again, resumed from step {r.resumed}"
+    if r.resumed is None or r.resumed < at:  # the notice's commit is at a step after `at`
+        r.status = f"resumed from step {r.resumed}, before the SIGTERM's step {at}"
+        r.log_tail = out[-3000:]
+        return r, "", t_fail
     if code2 != 0:
         r.log_tail = out2[-3000:]
     return r, "", t_fail
