@@ -164,6 +164,7 @@ OFF_THE_BASE = {"Terminated", "_Permanent", "_Refused"}
 def _classes() -> dict[str, tuple[type[BaseException], int, type[BaseException]]]:
     """Name: (class, exit code, the builtin base its callers catch)."""
     from orchestrator.checkpoint_refs import CheckpointRefError
+    from orchestrator.data.ledger import LedgerError
     from orchestrator.data.manifest import DataError, DataUnavailable
     from orchestrator.ensemble_eval.config import EnsembleError
     from orchestrator.evaluation import UnknownProtocolError
@@ -200,6 +201,7 @@ def _classes() -> dict[str, tuple[type[BaseException], int, type[BaseException]]
         (NotRetried, 1, RuntimeError),
         (WeightsChangedError, 1, RuntimeError),
         (NonFiniteLoss, 1, FloatingPointError),
+        (LedgerError, 2, ValueError),
     ]
     return {cls.__name__: (cls, code, builtin) for cls, code, builtin in found}
 
@@ -245,6 +247,7 @@ ERROR_NAMES = (
     "NotRetried",
     "WeightsChangedError",
     "NonFiniteLoss",
+    "LedgerError",
 )
 
 
@@ -293,6 +296,7 @@ ENTRY_POINTS = [
     ["-m", "orchestrator.stack"],
     ["-m", "orchestrator.tracking.liveness"],
     ["-m", "orchestrator.paper.layer_responses"],
+    ["-m", "orchestrator.data.ledger"],
     ["jobs/smoke.py"],  # launch.main: every job file
     ["jobs/cifar10_table6.py"],  # orchestrator.study's main: every study file
     ["jobs/ensemble_eval.py"],
