@@ -13,7 +13,7 @@ loaders do) makes webdataset open s3:// URLs through our streams (`register_webd
 from __future__ import annotations
 
 import logging
-import signal
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,16 +86,15 @@ def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 # a preemption notice is the training process's to act on (orchestrator.preemption): torchrun
-# stops its ranks by process group, and Slurm signals every process of the step, so a loader
-# worker gets it too, and by default would die of it and fail the rank before it can commit
-NOTICE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# stops its ranks by process group, so a loader worker in the rank's group got the notice too,
+# died of it and failed the rank before it could commit. In a group of its own it gets only
+# what is sent to it by pid (the DataLoader's own shutdown, multiprocessing's exit), and still
+# ends with its parent (torch's workers watch it).
 
 
-def ignore_notices(worker_id: int = 0) -> None:
-    """A loader worker's start: leave preemption notices to the training process (the worker
-    still ends with it: torch's workers watch their parent)."""
-    for sig in NOTICE_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+def own_process_group(worker_id: int = 0) -> None:
+    """A loader worker's start: leave the rank's process group (see above)."""
+    os.setpgid(0, 0)
 
 
 def dataloader(dataset: IterableDataset, cfg: DataConfig, workers: int | None = None) -> DataLoader:
@@ -110,7 +109,7 @@ def dataloader(dataset: IterableDataset, cfg: DataConfig, workers: int | None = 
         timeout=cfg.timeout_s if workers else 0,  # a dead or stuck worker: an error, not a hang
         prefetch_factor=cfg.prefetch_factor if workers else None,
         persistent_workers=False,  # each epoch has its own plan
-        worker_init_fn=ignore_notices if workers else None,
+        worker_init_fn=own_process_group if workers else None,
     )
 
 
