@@ -29,13 +29,14 @@ bench makes its own data (s3://resnet/datasets/chaos-smoke). Last lines:
     ledger: every sample once per epoch in N/N trials (0 duplicates, 0 drops)
     training lost per failure, median s (...): worker ..., sigterm ...
 
-"Completed steps lost" to a preemption: steps done when the notice arrived that the restart
-did not resume from. The steps trained between the notice and the deadline are trained again
-after it (the notice's commit, or a later periodic one, is where the job resumes); the line
-gives their median. Training lost per failure: after the failure, the longest interval
-between two logged steps less the time its steps take in the uninterrupted run (a restart is
-one such interval: new processes, the checkpoint read, the first batch, the steps trained
-again). The elastic jobs log every 10 steps, so it is resolved to about one such interval.
+"Completed steps lost" to a preemption: the newest step done before the kill less the step
+the restart resumed from (a lost step fails the trial). The newest step done is read from the
+job log just before the kill: the last commit before the deadline (after it training waits
+for the node to go), or a logged step, whichever is newer. Training lost per failure: after
+the failure, the longest interval between two logged steps less the time its steps take in
+the uninterrupted run (a restart is one such interval: new processes, the checkpoint read, the
+first batch, the steps trained again). The elastic jobs log every 10 steps, so it is resolved
+to about one such interval.
 """
 
 from __future__ import annotations
@@ -231,13 +232,13 @@ def summary(results: dict[str, list[kinds.Result]]) -> list[str]:
     out = [f"chaos: {sum(r.passed for r in flat)}/{len(flat)} passed ({matrix})"]
     pre = results.get("preempt", [])
     if pre:
-        measured = [r for r in pre if r.lost_notice_steps is not None]
-        lost = sum(r.lost_notice_steps or 0 for r in measured)
-        redone = [r.redone_steps for r in measured if r.redone_steps is not None]
+        measured = [r for r in pre if r.lost_steps is not None]
+        lost = sum(r.lost_steps or 0 for r in measured)
+        pairs = ", ".join(f"{r.done_steps}->{r.resumed}" for r in measured)
         out.append(
             f"preemption: {lost} completed steps lost in {len(measured)}/{len(pre)} trials "
-            "(a step completed when the notice arrived and not resumed from; trained after "
-            f"the notice and again after the restart: median {_median(redone):.0f} steps)"
+            "(steps done before the kill, per the job log read just before it, less the step "
+            f"the restart resumed from; done->resumed: {pairs})"
         )
     ledger_ok = sum(r.ledger_ok for r in flat)
     out.append(

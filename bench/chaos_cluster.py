@@ -135,6 +135,7 @@ def metric_steps(experiment: str, name: str, key: str = "train/loss") -> list[tu
 
     c = MlflowClient()
     exp = c.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
     (run,) = c.search_runs([exp.experiment_id], filter_string=f"tags.`orchestrator.job` = '{name}'")
     return sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, key))
 

@@ -66,9 +66,7 @@ ELASTIC_SPEC = [
     "checkpoint.at_epoch_end=false",
     "checkpoint.keep_last=3",
     "checkpoint.preemption_poll_every=1",
-    # Ray Train takes one report at a time, fetched at its health check (every 2 s): a report
-    # every step would make every step 2 s long
-    f"tracking.log_every={LOG_EVERY}",
+    f"tracking.log_every={LOG_EVERY}",  # the curve comparison's losses: means over 10 steps
     "eval.every_iters=0",
     "eval.at_end=false",
 ]
@@ -111,7 +109,8 @@ class Result:
     duplicates: int = 0
     drops: int = 0
     lost_s: float = math.nan
-    lost_notice_steps: int | None = None  # preempt: steps done at the notice, not resumed
+    lost_steps: int | None = None  # preempt: steps done before the kill, not resumed from
+    done_steps: int | None = None  # preempt: the newest step done before the kill
     redone_steps: int | None = None  # steps done before the failure and trained again
     resumed: int | None = None  # the step the job resumed from after the failure
     log_tail: str = ""  # where it failed: the job's last output
@@ -119,7 +118,8 @@ class Result:
 
     @property
     def passed(self) -> bool:
-        return self.weights_ok and self.history_ok and self.ledger_ok
+        kept = not self.lost_steps  # a preemption loses no completed step
+        return self.weights_ok and self.history_ok and self.ledger_ok and kept
 
     def line(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
@@ -240,16 +240,33 @@ def preempt(ctx: dict, rng: random.Random) -> tuple[Result, str, float]:
         raise TrialError(
             f"the job ended before the deadline: raise ELASTIC_STEPS ({ELASTIC_STEPS})"
         )
+    at_kill = logs(job)
     t_fail = node.kill()
     r.status = wait(job)
+    r.done_steps = max(int(notice[1]), *steps_logged(at_kill))
     r.what = (
         f"drained the second node after commit {step} ({DEADLINE_S} s deadline): notice at "
-        f"step {notice[1]} (seen {seen_after:.1f} s after the drain), killed at the deadline"
+        f"step {notice[1]} (seen {seen_after:.1f} s after the drain), killed at the deadline "
+        f"after step {r.done_steps}"
     )
     if r.status == "SUCCEEDED":
         r.resumed = _resumed_from(job)
-        r.lost_notice_steps = max(0, int(notice[1]) - r.resumed)
+        r.lost_steps = max(0, r.done_steps - r.resumed)
+        if r.lost_steps:
+            r.notes.append(f"LOST {r.lost_steps} completed steps")
     return r, job, t_fail
+
+
+# what rank 0 logs of a step: its metrics (every tracking.log_every steps), and the last
+# commit before a preemption deadline
+STEP_LINES = (r"\bstep (\d+) \S+=", r"\bstep (\d+): the last commit before the preemption")
+
+
+def steps_logged(log: str) -> list[int]:
+    """The steps a job log shows done: the newest of them is a lower bound of the steps done
+    when the log was read, and exact where the last commit before a deadline is the newest
+    (training waits there)."""
+    return [int(m) for pattern in STEP_LINES for m in re.findall(pattern, log)]
 
 
 def node_loss(ctx: dict, rng: random.Random) -> tuple[Result, str, float]:

@@ -65,6 +65,10 @@ from orchestrator.train_data import adopt_streams, data_position, open_ledger, t
 
 log = logging.getLogger(__name__)
 
+# Ray Train fetches a worker's report at its health check (every 2 s) and blocks the next
+# report until then: at most one report this often never holds a step (MLflow has every one)
+REPORT_EVERY_S = 5.0
+
 
 class NonFiniteLoss(OrchestratorError, FloatingPointError):
     """The loss went NaN/inf; the same spec from the same checkpoint would again."""
@@ -136,6 +140,7 @@ class Trainer:
         self.samples_seen = 0
         self.window = MetricsWindow(self.device)
         self.latest: dict[str, float] = {}  # the newest value of every metric published
+        self._reported_at = -REPORT_EVERY_S  # monotonic time of the last Runtime.report
         self._batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None  # this epoch's
         self._nonfinite = torch.zeros((), device=self.device)  # set on device, read at checks
         # schedule.warmup_until_train_err: top-1 hits (on the device) and samples since the
@@ -462,7 +467,7 @@ class Trainer:
         if self.checkpointer.saved_step != self.step:  # decided locally: saving is collective
             final["system/checkpoint_stall_s"] = self.save_checkpoint({**self.latest, **final})
         self.checkpointer.commit()
-        self._publish(final)
+        self._publish(final, report=True)
         if self.rt.rank == 0:  # registering models is the driver's, after the workers are gone
             latest = self.checkpointer.store.latest()
             self.tracker.finish("FINISHED", checkpoint_url=latest.url if latest else None)
@@ -514,15 +519,20 @@ class Trainer:
         )
         self.tracking_run_id = self.tracker.run_id or self.tracking_run_id
 
-    def _publish(self, metrics: dict[str, float]) -> None:
-        if not metrics:
-            return
+    def _publish(self, metrics: dict[str, float], report: bool = False) -> None:
+        """Log `metrics` (rank 0: to MLflow and the job log); `report`: report every newest
+        value to the runtime now (the run's end), else at most every REPORT_EVERY_S."""
         self.latest.update(metrics)
-        metrics = {**metrics, "train/step": float(self.step)}
-        if self.rt.rank == 0:
-            self.tracker.log_metrics(metrics, self.step)
-            log.info("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        self.rt.report(metrics)
+        if metrics:
+            metrics = {**metrics, "train/step": float(self.step)}
+            if self.rt.rank == 0:
+                self.tracker.log_metrics(metrics, self.step)
+                text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                log.info("step %d %s", self.step, text)
+        now = time.monotonic()
+        if report or (metrics and now - self._reported_at >= REPORT_EVERY_S):
+            self._reported_at = now
+            self.rt.report({**self.latest, "train/step": float(self.step)})
 
 
 def step_forward(

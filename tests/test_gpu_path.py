@@ -243,3 +243,35 @@ def test_batches_pass_through_untouched_on_a_cpu() -> None:
     batches = [(torch.full((2, 3), float(i)), torch.tensor([i, i])) for i in range(3)]
     out = list(ahead_to_device(iter(batches), torch.device("cpu")))
     assert all(a[0] is b[0] and a[1] is b[1] for a, b in zip(out, batches, strict=True))
+
+
+def test_reports_to_ray_are_sparse_and_the_last_has_every_metric(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray Train blocks a report until its health check fetched the one before (every 2 s): a
+    report every logged step held fast steps that long. The loop reports at most every
+    REPORT_EVERY_S, and once more at the end with every metric's newest value."""
+    from orchestrator import train
+
+    reports: list[dict[str, float]] = []
+    spec = apply_overrides(
+        load_job_spec("smoke"),
+        [
+            *TINY,
+            f"checkpoint.storage={tmp_path}",
+            "data.source=synthetic",
+            "data.synthetic_classes=10",
+            "scaling.global_batch=4",
+            "schedule.max_iters=6",
+            "tracking.log_every=1",
+        ],
+    )
+    monkeypatch.setattr(train, "REPORT_EVERY_S", 3600.0)
+    Trainer(spec, Runtime(report=reports.append)).fit()
+    assert [r["train/step"] for r in reports] == [1.0, 6.0]  # the first log step, the end
+    assert "train/loss" in reports[-1] and "system/checkpoint_stall_s" in reports[-1]
+    monkeypatch.setattr(train, "REPORT_EVERY_S", 0.0)  # due at every logged step: all sent
+    reports.clear()
+    again = apply_overrides(spec, [f"checkpoint.storage={tmp_path / 'again'}"])
+    Trainer(again, Runtime(report=reports.append)).fit()
+    assert [r["train/step"] for r in reports] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 6.0]
