@@ -22,7 +22,10 @@ field, or a text member; numbers are class indices, anything else a class name, 
 does. A damaged image (it does not decode; --check header only parses headers) is counted and
 named; the loaders skip and count it as they do any bad sample. Anything the loaders could not
 read as intended (no label, keys out of order, class-sorted training shards) is refused with
-the shard, the member and the flag that fixes it.
+the shard, the member and the flag that fixes it; so is a tar without the two zero blocks that
+end every archive (a shard still being written: index it once its writer has closed it). The
+loaders check each shard's sample count and sha256 against the manifest as they read it
+(orchestrator/data/tar.py): a shard replaced after indexing stops the job until this is re-run.
 """
 
 from __future__ import annotations
@@ -247,7 +250,8 @@ def index_shard(job: tuple[ShardRef, Extract]) -> dict[str, Any]:
     samples, error, f = 0, None, None
     try:
         f = _Hashing(open_url(ref.url))
-        for _, key, files in tar_groups(f):
+        # require_end: a shard without its end blocks may still be being written
+        for _, key, files in tar_groups(f, require_end=True):
             samples += 1
             if key in keys:
                 out_of_order.append(key)

@@ -9,6 +9,7 @@ to keep the file fast on a 2-core machine; S3 tests use the real local object st
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -94,13 +95,12 @@ def write_dataset(
                         sample["pad"] = np.random.default_rng(gid).bytes(pad_bytes)
                     tw.write(sample)
                     gid += 1
+            full = (root / name).read_bytes()
             keep = (truncate or {}).get((split, s))
-            if keep is not None:
-                full = (root / name).read_bytes()
+            if keep is not None:  # cut after the manifest's record: damage in storage
                 (root / name).write_bytes(full[: int(len(full) * keep)])
-            shards.append(
-                {"name": name, "samples": n, "bytes": (root / name).stat().st_size, "sha256": ""}
-            )
+            digest = hashlib.sha256(full).hexdigest()
+            shards.append({"name": name, "samples": n, "bytes": len(full), "sha256": digest})
         manifest["splits"][split] = {"samples": gid, "shards": shards}
         total_classes = max(total_classes, gid)
     manifest["num_classes"] = total_classes
@@ -440,6 +440,69 @@ def test_too_many_bad_samples_raise_naming_the_shards(tmp_path):
         for _ in loader:
             pass
     assert "max_bad_fraction" in str(err.value) and "train-000000.tar" not in str(err.value)
+
+
+def _relabel(shard: Path, member: str, label: bytes) -> None:
+    """Overwrite a member's bytes in place (same length): the same size, a valid tar, other
+    bytes, as a shard replaced after its manifest was written."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        info = tar.getmember(member)
+    assert info.size == len(label)
+    raw = bytearray(shard.read_bytes())
+    raw[info.offset_data : info.offset_data + info.size] = label
+    shard.write_bytes(bytes(raw))
+
+
+def _one_epoch(root: Path, **kw) -> list[int]:
+    cfg = small_cfg(root, **{"num_workers": 0, **kw})
+    loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=4, seed=0, streams=2)
+    return sorted(int(v) for _, y in loader for v in y)
+
+
+def test_a_replaced_shard_is_refused_naming_it_unless_verification_is_off(tmp_path, caplog):
+    """Shard 0 (ids 0..5) gets another label for sample 1, same size. Epoch 0 orders the
+    shards 2, 0, 1 and stream 0 takes 8 of the 18 samples, so shard 0 is split over both
+    streams: stream 1, which reads its end, refuses it."""
+    root = write_dataset(tmp_path / "r", {"train": [6, 6, 6]})
+    order = D.shard_order(3, 0, 0).tolist()
+    split = [{s.shard for s in D.segments_for([6] * 3, order, a, b)} for a, b in ((0, 8), (8, 18))]
+    assert order == [2, 0, 1] and split == [{2, 0}, {0, 1}]
+    assert _one_epoch(root) == list(range(18))  # verified, the normal path
+    size = (root / "train-000000.tar").stat().st_size
+    _relabel(root / "train-000000.tar", "train_00001.cls", b"9")
+    assert (root / "train-000000.tar").stat().st_size == size
+    with pytest.raises(D.BadShard, match=r"train-000000\.tar: its \d+ bytes have sha256") as err:
+        _one_epoch(root, num_workers=1)  # raised in a loader worker, re-raised here
+    recorded = json.loads((root / "manifest.json").read_text())["splits"]["train"]["shards"][0]
+    assert recorded["sha256"] in str(err.value) and "datasets/index_shards.py" in str(err.value)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.data"):
+        labels = _one_epoch(root, verify_shards=False)
+    assert labels.count(9) == 2 and 1 not in labels  # read as it is now, and said so:
+    assert "data.verify_shards=false" in caplog.text
+
+
+def test_a_manifest_count_below_the_shards_is_refused(tmp_path):
+    """Shard 0 holds 6 samples, its manifest entry says 5: the sixth would be dropped."""
+    root = write_dataset(tmp_path / "c", {"train": [6, 6]})
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["samples"] = 5
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    for verify in (True, False):  # the count costs nothing: checked either way
+        with pytest.raises(D.BadShard, match=r"train-000000\.tar holds more samples than its "):
+            _one_epoch(root, verify_shards=verify)
+
+
+def test_a_shard_without_end_blocks_is_refused_by_the_strict_reader(tmp_path):
+    root = write_dataset(tmp_path / "e", {"train": [3]})
+    raw = (root / "train-000000.tar").read_bytes()
+    body = raw[: len(raw.rstrip(b"\0")) + 511 & ~511]  # the members, no end blocks, no padding
+    assert len(list(tar_files(io.BytesIO(body)))) == 6  # the lenient reader stops quietly
+    for cut in (body, body + bytes(512)):  # none, or one of the two zero blocks
+        with pytest.raises(EOFError, match="end-of-archive blocks"):
+            list(tar_files(io.BytesIO(cut), require_end=True))
+    assert len(list(tar_files(io.BytesIO(raw), require_end=True))) == 6
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):

@@ -390,3 +390,31 @@ def test_gpu_decode_refuses_a_split_of_png_images(tmp_path: Path) -> None:
         odd_shards_config(tmp_path / "png"), rank=0, world_size=1, batch_size=4, seed=0
     )
     assert sorted(x for _, y in loader for x in y.tolist()) == [0] * 4 + [1] * 4
+
+
+def test_a_shard_still_being_written_is_refused_and_one_replaced_after_is_refused_by_the_loader(
+    tmp_path: Path, peer_images: dict
+) -> None:
+    from orchestrator.data import BadShard, TrainLoader
+
+    images = peer_images["train"][:8]
+    members = [m for k, d, c in images for m in ((f"{k}.jpg", d), (f"{k}.cls", str(c).encode()))]
+    shard = write_tar(tmp_path / "w" / "train-0.tar", members)
+    whole = shard.read_bytes()
+    with tarfile.open(shard) as tar:  # where the last member's data ends (512-aligned)
+        last = tar.getmembers()[-1]
+    shard.write_bytes(whole[: last.offset_data + -(-last.size // 512) * 512])
+    err = _index(shard.parent, "--allow-class-sorted", ok=False).stderr
+    assert "e.g. train-0.tar: EOFError: tar stream ends without its end-of-archive blocks" in err
+    assert not (shard.parent / "manifest.json").exists()
+
+    shard.write_bytes(whole)  # its writer closed it
+    _index(shard.parent, "--allow-class-sorted")
+    cfg = odd_shards_config(shard.parent, num_workers=0)
+    assert len([y for _, y in TrainLoader(cfg, rank=0, world_size=1, batch_size=4, seed=0)]) == 2
+    # replaced after indexing: the same members, two samples' images swapped (same size)
+    swapped = [images[1], images[0], *images[2:]]
+    write_tar(shard, [m for k, d, c in swapped for m in ((f"{k}.jpg", d), (f"{k}.cls", b"%d" % c))])
+    assert shard.stat().st_size == len(whole) and shard.read_bytes() != whole
+    with pytest.raises(BadShard, match=r"train-0\.tar: its \d+ bytes have sha256"):
+        list(TrainLoader(cfg, rank=0, world_size=1, batch_size=4, seed=0))

@@ -38,6 +38,7 @@ _HOMES = {
             "IMAGENET_MEAN",
             "IMAGENET_STD",
             "IMAGE_EXTS",
+            "BadShard",
             "DataError",
             "DataUnavailable",
             "SampleLayout",

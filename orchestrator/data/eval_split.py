@@ -20,7 +20,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from orchestrator.data import transforms as T
 from orchestrator.data.epochs import WorkerPlan, rank_slice, segments_for
-from orchestrator.data.manifest import Shard, load_manifest, split_shards
+from orchestrator.data.manifest import Shard, load_manifest, say_verification, split_shards
 from orchestrator.data.tar import RawSample
 from orchestrator.data.workers import (
     Totals,
@@ -122,7 +122,7 @@ class _EvalSplit(IterableDataset):
         def good() -> Iterator[tuple[np.ndarray, int, int]]:
             """(pixels, label, position in the split) of each decodable sample; counts all."""
             nonlocal seen
-            stream = plan_samples(plan, self.shards, counter, self.cfg.io_retry_s)
+            stream = plan_samples(plan, self.shards, counter, self.cfg)
             for pos, sample in enumerate(stream):
                 assert sample is not None
                 seen += 1
@@ -195,6 +195,7 @@ def eval_loader(
     eval_transform(cfg, views, scale)  # reject a bad `views` here, not in a worker
     manifest = load_manifest(cfg.url)
     shards = split_shards(manifest, cfg.url, cfg.val_split)
+    say_verification(shards, cfg.url, cfg.val_split, cfg.verify_shards)
     totals = Totals()
     what = f"{cfg.url} split {cfg.val_split!r} (rank {rank})"
     dataset = _EvalSplit(cfg, shards, rank, world_size, batch_size, views, scale)

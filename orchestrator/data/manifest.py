@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,8 @@ from orchestrator.storage import NotFound, read_url
 
 if TYPE_CHECKING:
     from orchestrator.spec import DataConfig
+
+log = logging.getLogger(__name__)
 
 # The usual ImageNet statistics (0-255 scale, RGB), as used by torchvision and the ResNet
 # recipes: the converters write them into ImageNet's manifest, the loaders fall back on them.
@@ -50,6 +53,11 @@ class DataUnavailable(DataError):
 
     retryable = True
     exit_code = 1  # not bad input: the same command may pass once the store answers
+
+
+class BadShard(DataError):
+    """A shard is not what its manifest recorded (more samples, other bytes): replaced or
+    damaged after the manifest was written. The message names the shard and the fix."""
 
 
 def _join(root: str, name: str) -> str:
@@ -220,6 +228,7 @@ class Shard:
     url: str
     samples: int
     layout: SampleLayout = OWN_LAYOUT
+    sha256: str = ""  # the manifest's digest of the shard's bytes ("": none recorded)
 
 
 def split_shards(manifest: dict[str, Any], url: str, split: str) -> list[Shard]:
@@ -229,7 +238,8 @@ def split_shards(manifest: dict[str, Any], url: str, split: str) -> list[Shard]:
         raise DataError(f"dataset {url} has no split {split!r} (it has {sorted(splits)})")
     layout = sample_layout(manifest, url)
     shards = [
-        Shard(_join(url, s["name"]), int(s["samples"]), layout) for s in splits[split]["shards"]
+        Shard(_join(url, s["name"]), int(s["samples"]), layout, str(s.get("sha256") or ""))
+        for s in splits[split]["shards"]
     ]
     if not shards or sum(s.samples for s in shards) == 0:
         raise DataError(f"dataset {url}: split {split!r} is empty")
@@ -245,4 +255,35 @@ def check_decodable(manifest: dict[str, Any], cfg: DataConfig) -> None:
         raise DataError(
             f"dataset {cfg.url}: data.decode={cfg.decode} decodes JPEG only, but split "
             f"{cfg.train_split!r} holds {other} images; use data.decode=cpu"
+        )
+
+
+_SAID: set[tuple[str, str, bool]] = set()
+
+
+def say_verification(shards: list[Shard], url: str, split: str, verify: bool) -> None:
+    """Say once per process (dataset, split) what the readers will not verify: everything's
+    digest with data.verify_shards=false, or the shards whose manifest entry has no sha256."""
+    if (url, split, verify) in _SAID:
+        return
+    _SAID.add((url, split, verify))
+    unrecorded = [s for s in shards if not s.sha256]
+    if not verify:
+        log.warning(
+            "data.verify_shards=false: the shards of %s split %r are read without checking "
+            "their sha256 against the manifest (a shard replaced since is read as it is now; "
+            "their sample counts are still checked)",
+            url,
+            split,
+        )
+    elif unrecorded:
+        log.warning(
+            "%d of %d shards of %s split %r have no sha256 in the manifest (e.g. %s): their "
+            "bytes are not verified, only their sample counts; re-run the converter or "
+            "datasets/index_shards.py to record them",
+            len(unrecorded),
+            len(shards),
+            url,
+            split,
+            unrecorded[0].url,
         )

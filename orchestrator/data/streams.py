@@ -157,15 +157,27 @@ def _http_open_at(url: str) -> Callable[[int], tuple[Any, int | None]]:
 
 
 class Counted:
-    """Adds the bytes read through it to counter[0] (for the bytes/s metric)."""
+    """Adds the bytes read through it to counter[0] (for the bytes/s metric) and, given a
+    hashlib object, feeds them to it as they arrive (shard verification: orchestrator.data.tar).
+    A reopened connection resumes at the byte reached, so the digest still sees every byte
+    once, in order."""
 
-    def __init__(self, f: Any, counter: list[int]):
-        self.f, self.counter = f, counter
+    def __init__(self, f: Any, counter: list[int], digest: Any = None):
+        self.f, self.counter, self.digest = f, counter, digest
+        self.bytes = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(n)
         self.counter[0] += len(data)
+        self.bytes += len(data)
+        if self.digest is not None:
+            self.digest.update(data)
         return data
+
+    def drain(self) -> None:
+        """Read to the end of the stream (the tar's end blocks and padding, for the digest)."""
+        while self.read(_READ_BUFSIZE):
+            pass
 
     def close(self) -> None:
         self.f.close()

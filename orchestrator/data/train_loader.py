@@ -61,6 +61,7 @@ from orchestrator.data.manifest import (
     check_decodable,
     load_manifest,
     load_mean_image,
+    say_verification,
     split_shards,
 )
 from orchestrator.data.tar import RawSample
@@ -202,7 +203,7 @@ def _train_batches(
     none), the rest only have their JPEG header checked."""
     transform = train_transform(cfg)
     counter = [0]
-    streams = [plan_samples(p, shards, counter, cfg.io_retry_s) for p in plan.streams]
+    streams = [plan_samples(p, shards, counter, cfg) for p in plan.streams]
     pending: list[dict[int, RawSample | None]] = [{} for _ in streams]
     arrived = [0] * len(streams)
     first_id = np.cumsum([0, *(s.samples for s in shards)])
@@ -398,6 +399,7 @@ class TrainLoader:
         else:
             self.manifest = load_manifest(cfg.url)
             self.shards = split_shards(self.manifest, cfg.url, cfg.train_split)
+            say_verification(self.shards, cfg.url, cfg.train_split, cfg.verify_shards)
             check_decodable(self.manifest, cfg)
             self.num_classes = int(self.manifest["num_classes"])
             self.num_samples = sum(s.samples for s in self.shards)

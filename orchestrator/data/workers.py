@@ -34,10 +34,11 @@ register_webdataset_handler()  # here, with the loaders: webdataset imports torc
 
 
 def plan_samples(
-    plan: WorkerPlan, shards: Sequence[Shard], counter: list[int], retry_s: float
+    plan: WorkerPlan, shards: Sequence[Shard], counter: list[int], cfg: DataConfig
 ) -> Iterator[RawSample | None]:
     """The worker's stream: one item per stream position, bytes only for positions emitted
-    after `plan.skip` (None for the others)."""
+    after `plan.skip` (None for the others). A segment that ends a shard checks its count and,
+    with data.verify_shards, its sha256 against the manifest (orchestrator.data.tar)."""
     needed = np.zeros(len(plan.order), dtype=bool)
     needed[plan.order[plan.skip :]] = True
     base = 0  # stream position of the current segment's first sample
@@ -47,7 +48,16 @@ def plan_samples(
             return bool(needed[base + index - start])
 
         shard = shards[seg.shard]
-        yield from read_segment(seg, shard.url, want, counter, layout=shard.layout, retry_s=retry_s)
+        yield from read_segment(
+            seg,
+            shard.url,
+            want,
+            counter,
+            layout=shard.layout,
+            retry_s=cfg.io_retry_s,
+            samples=shard.samples,
+            sha256=shard.sha256 if cfg.verify_shards else "",
+        )
         base += seg.stop - seg.start
 
 
