@@ -4,13 +4,15 @@ a registered model version or an alias means.
     job_checkpoints_url("s3://resnet/runs/", "r50")   # s3://resnet/runs/r50/checkpoints
     run_checkpoint(run, "best")                       # the run's best committed step
     version_checkpoint(client, "resnet50@best")        # a registered version's committed step
-    read_trainer_state(url, "run abc")                 # its trainer.pt
+    read_trainer_state(url, "run abc")                 # its trainer.pt, as data, under a lease
+    with holding(url, "ensemble x"): ...                # retention keeps it meanwhile
 
 `job_checkpoints_url` is the one definition of a job's checkpoint folder: the Checkpointer
 writes there, and the launcher, the pre-flight, studies, publish, ensembles and Fig. 7 look
 there. A run's `best` is the committed step with the lowest value of the run's own
-`checkpoint.best_metric` in its commit marker (as training chooses); `latest` (or `last`, the
-alias publish sets) is the newest committed step.
+`checkpoint.best_metric` in its commit marker (as training chooses: a marker holds only the
+figures measured at its step; a tie goes to the older step); `latest` (or `last`, the alias
+publish sets) is the newest committed step.
 
 Light at import time (the pre-flight imports it): torch, MLflow and the checkpoint store are
 imported inside the functions that need them. Bad input raises `CheckpointRefError` (a
@@ -19,7 +21,9 @@ UsageError and a ValueError) whose message names the run, version or URL, and th
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -240,19 +244,46 @@ def version_checkpoint(client: Any, ref: str) -> VersionCheckpoint:
 # ---------------------------------------------------------------------------- reading one
 
 
-def read_trainer_state(url: str, what: str) -> dict[str, Any]:
-    """A committed checkpoint's trainer.pt (spec, model weights, optimizer ...); `what` names
-    the checkpoint in errors (e.g. "run abc (r50)")."""
-    from orchestrator.checkpoint import CheckpointStore, split_checkpoint_url
+def _url_step(url: str, what: str) -> tuple[str, int]:
+    from orchestrator.checkpoint import split_checkpoint_url
 
     try:
-        root, step = split_checkpoint_url(url)
+        return split_checkpoint_url(url)
     except ValueError:
         raise CheckpointRefError(
             f"{what}: {url!r} is not a checkpoint URL (.../checkpoints/step-NNNNNNNN)"
         ) from None
+
+
+@contextlib.contextmanager
+def holding(url: str, what: str) -> Iterator[None]:
+    """Hold committed checkpoint `url` (a reader's lease) for a `with` block: retention keeps
+    it until the block ends. An ensemble holds its members from resolution to the end."""
+    from orchestrator.checkpoint import CheckpointStore
+
+    root, step = _url_step(url, what)
+    store = CheckpointStore(root)
     try:
-        return CheckpointStore(root).read(step, "trainer.pt")
+        lease = store.lease(step, what)
+    except Exception as err:
+        raise CheckpointRefError(f"{what}: cannot hold {url}: {type(err).__name__}: {err}") from err
+    try:
+        yield
+    finally:
+        store.release(step, lease)
+
+
+def read_trainer_state(url: str, what: str) -> dict[str, Any]:
+    """A committed checkpoint's trainer.pt (spec, model weights, optimizer ...), loaded as
+    data (orchestrator.checkpoint.load_state) under a reader's lease, so retention cannot
+    delete it mid-read; `what` names the checkpoint in errors (e.g. "run abc (r50)")."""
+    from orchestrator.checkpoint import CheckpointStore
+
+    root, step = _url_step(url, what)
+    try:
+        store = CheckpointStore(root)
+        with store.reading(step, what):
+            return store.read(step, "trainer.pt")
     except Exception as err:
         missing = isinstance(err, FileNotFoundError)
         hint = ""
@@ -263,7 +294,7 @@ def read_trainer_state(url: str, what: str) -> dict[str, Any]:
                 f"{socket.gethostname()}: on a multi-node Ray cluster, checkpoint.storage must be "
                 "S3 or a filesystem every node mounts; or run with --local where it is)"
             )
-        why = "it does not exist" if missing else f"{type(err).__name__}: {err}"
+        why = f"it does not exist ({err})" if missing else f"{type(err).__name__}: {err}"
         raise CheckpointRefError(f"{what}: cannot read {url}/trainer.pt: {why}{hint}") from err
 
 

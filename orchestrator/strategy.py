@@ -236,6 +236,9 @@ class DeepSpeedStrategy:
         self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state")
 
     def load_shards(self, directory: Path) -> None:
+        # DeepSpeed's load_checkpoint unpickles its files in full (torch.load with
+        # weights_only=False, in its checkpoint engine): the Checkpointer checks each against
+        # the sha256 recorded at commit before handing the folder here (CheckpointStore.fetch_dir)
         self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
 
 

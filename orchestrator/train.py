@@ -49,6 +49,7 @@ from orchestrator.schedule import LRSchedule
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.strategy import build_strategy
 from orchestrator.tracking.lineage import manifest_sha256
+from orchestrator.tracking.metrics import CHECKPOINT_METRICS
 from orchestrator.tracking.redaction import scrub
 from orchestrator.tracking.tags import (
     DATASET_TAG,
@@ -140,6 +141,7 @@ class Trainer:
         self.samples_seen = 0
         self.window = MetricsWindow(self.device)
         self.latest: dict[str, float] = {}  # the newest value of every metric published
+        self._measured_at: dict[str, int] = {}  # the step each of them was published at
         self._reported_at = -REPORT_EVERY_S  # monotonic time of the last Runtime.report
         self._batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None  # this epoch's
         self._nonfinite = torch.zeros((), device=self.device)  # set on device, read at checks
@@ -211,9 +213,10 @@ class Trainer:
             "node": self.rt.node,
         }
 
-    def save_checkpoint(self, metrics: dict[str, float]) -> float:
+    def save_checkpoint(self, measured: dict[str, float]) -> float:
         """Snapshot every rank's state (committed at the next save or the end); returns the
-        stall (s) training paid."""
+        stall (s) training paid; `measured`: figures of this step not yet published."""
+        metrics = marker_metrics(self.latest, self._measured_at, self.step, measured)
         self._check_finite()  # never save weights a non-finite loss has touched
         if self.ledger is not None:  # the steps this checkpoint holds, before its marker
             self.ledger.flush()
@@ -434,7 +437,7 @@ class Trainer:
             metrics.update(self._validate())
         decision = self.boundary.poll(self.step, self.checkpointer.saved_step)
         if decision.save:
-            metrics["system/checkpoint_stall_s"] = self.save_checkpoint({**self.latest, **metrics})
+            metrics["system/checkpoint_stall_s"] = self.save_checkpoint(metrics)
         if decision.commit:  # a Ray preemption notice: the node may go before the next save
             self.checkpointer.commit()
         if decision.stop_signal:  # committed and published first: a resubmission resumes here
@@ -457,7 +460,7 @@ class Trainer:
         """The epoch ran out at an optimizer step's end: the next step starts the next one."""
         self.epoch, self.step_in_epoch, self._batches = self.epoch + 1, 0, None
         if self.spec.checkpoint.at_epoch_end and self.step < self.spec.schedule.max_iters:
-            self._publish({"system/checkpoint_stall_s": self.save_checkpoint(self.latest)})
+            self._publish({"system/checkpoint_stall_s": self.save_checkpoint({})})
 
     def _finish(self) -> dict[str, float]:
         """The end-of-run evaluation and checkpoint, then close the tracking run."""
@@ -465,7 +468,7 @@ class Trainer:
         if self.spec.eval.at_end and not self._evaluated_this_step():
             final.update(self._validate())
         if self.checkpointer.saved_step != self.step:  # decided locally: saving is collective
-            final["system/checkpoint_stall_s"] = self.save_checkpoint({**self.latest, **final})
+            final["system/checkpoint_stall_s"] = self.save_checkpoint(final)
         self.checkpointer.commit()
         self._publish(final, report=True)
         if self.rt.rank == 0:  # registering models is the driver's, after the workers are gone
@@ -523,6 +526,7 @@ class Trainer:
         """Log `metrics` (rank 0: to MLflow and the job log); `report`: report every newest
         value to the runtime now (the run's end), else at most every REPORT_EVERY_S."""
         self.latest.update(metrics)
+        self._measured_at.update(dict.fromkeys(metrics, self.step))
         if metrics:
             metrics = {**metrics, "train/step": float(self.step)}
             if self.rt.rank == 0:
@@ -533,6 +537,21 @@ class Trainer:
         if report or (metrics and now - self._reported_at >= REPORT_EVERY_S):
             self._reported_at = now
             self.rt.report({**self.latest, "train/step": float(self.step)})
+
+
+def marker_metrics(
+    latest: dict[str, float],
+    measured_at: dict[str, int],
+    step: int,
+    measured: dict[str, float],
+) -> dict[str, float]:
+    """A commit marker's metrics at `step`: those `measured` or published (`measured_at`) there,
+    and the newest others but those a best step is chosen by (CHECKPOINT_METRICS): a step not
+    validated carries no validation error, so `@best` is always a validated step."""
+    kept = {
+        k: v for k, v in latest.items() if k not in CHECKPOINT_METRICS or measured_at.get(k) == step
+    }
+    return {**kept, **measured}
 
 
 def step_forward(

@@ -59,7 +59,7 @@ def test_retention_keeps_latest_and_best(store: CheckpointStore) -> None:
     assert [c.step for c in store.committed()] == [2, 4, 5]
 
 
-def test_best_checkpoint_lowest_metric_tie_to_newer() -> None:
+def test_best_checkpoint_lowest_metric_tie_to_older() -> None:
     found = [
         Committed(1, "u1", {"e": 0.3}),
         Committed(2, "u2", {}),
@@ -68,16 +68,16 @@ def test_best_checkpoint_lowest_metric_tie_to_newer() -> None:
         Committed(5, "u5", {"e": 0.4}),
     ]
     best = best_checkpoint(found, "e")
-    assert best is not None and best.step == 4
+    assert best is not None and best.step == 3  # the one validated; 4 may only repeat it
     assert best_checkpoint(found[:2], "e").step == 1
     assert best_checkpoint(found, "missing") is None and best_checkpoint([], "e") is None
 
 
-def test_retention_keeps_the_newer_of_tied_best(store: CheckpointStore) -> None:
+def test_retention_keeps_the_older_of_tied_best(store: CheckpointStore) -> None:
     for step, metric in [(1, 0.2), (2, 0.2), (3, 0.5), (4, 0.6)]:
         _save(store, step, metric)
     store.retain(keep_last=1, best_metric="val/top1_err")
-    assert [c.step for c in store.committed()] == [2, 4]
+    assert [c.step for c in store.committed()] == [1, 4]
 
 
 def test_fetch_dir_round_trip(store: CheckpointStore, tmp_path: Path) -> None:

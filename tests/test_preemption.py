@@ -59,7 +59,7 @@ def _committed(storage: Path, name: str) -> list[Path]:
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(io.BytesIO((folder / "trainer.pt").read_bytes()), weights_only=False)
+    state = torch.load(io.BytesIO((folder / "trainer.pt").read_bytes()), weights_only=True)
     return state["strategy"]["model"]
 
 

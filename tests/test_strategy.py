@@ -121,7 +121,7 @@ def test_a_resume_at_an_lr_change_keeps_the_caffe_velocity() -> None:
     buf = io.BytesIO()
     torch.save(strategy.state_dict(), buf)
     resumed, model = strategy_for("caffe")
-    resumed.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    resumed.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
     for i, lr in enumerate(LRS[2:], start=2):
         step(resumed, X, Y, lr)
         assert_weights(model, want[i], f"resumed, step {i} (lr {lr})")
@@ -163,7 +163,7 @@ def test_deepspeed_zero_caffe_form_is_the_caffe_rule(tmp_path: Path) -> None:
     args = (2, str(tmp_path / "init"), str(tmp_path))
     mp.start_processes(_zero_worker, args=args, nprocs=2, join=True, start_method="fork")
     for rank in (0, 1):
-        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for stage, trajectory in result.items():
             for i, weights in enumerate(trajectory):
                 for name, p in weights.items():

@@ -20,7 +20,8 @@ checkpoints are found from its tag `orchestrator.job` and its param `checkpoint.
 Fig. 7 resolve through too); `--checkpoint best` takes the committed step with the lowest
 `checkpoint.best_metric` (val/top1_err) in its commit marker
 (`orchestrator.checkpoint.best_checkpoint`, as training chooses), `latest` the newest
-committed step. A model version pins its own step.
+committed step. A model version pins its own step; while it runs, the ensemble holds a
+reader's lease on every member's step (`checkpoint_refs.holding`), so retention keeps them.
 
 Each member is rebuilt from the checkpoint's spec and weights and evaluated on the validation
 split of its own data section (`--data-url`/`--split` override it; all members must read the

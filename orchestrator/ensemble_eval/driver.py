@@ -3,6 +3,7 @@ the ensemble; see the package's docstring."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.checkpoint_refs import holding
 from orchestrator.cli import run_cli
 from orchestrator.ensemble_eval.config import EnsembleConfig, EnsembleError, parse_args
 from orchestrator.ensemble_eval.members import Member, check_members, resolve_members
@@ -40,6 +42,14 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
         raise EnsembleError("MLFLOW_TRACKING_URI is not set: members are selected from MLflow")
     client = MlflowClient()
     members = resolve_members(client, cfg)
+    with contextlib.ExitStack() as held:  # retention keeps every member's step until the end
+        for m in members:
+            held.enter_context(holding(m.checkpoint_url, f"ensemble member {m.label}"))
+        return _run_members(cfg, client, members)
+
+
+def _run_members(cfg: EnsembleConfig, client: Any, members: list[Member]) -> dict[str, Any]:
+    """`run` once the members are resolved (and held)."""
     manifest = check_members(members, cfg)
     data_url, split, protocol = members[0].data.url, members[0].data.val_split, cfg.eval.protocol
     print(scrub(f"{len(members)} member(s), protocol {protocol}, data {data_url} [{split}]"))

@@ -1,10 +1,18 @@
 """What a registered model runs when it is loaded: the net, and the pyfunc that classifies images.
 
-The MLflow model's `data/model.pth` is what `mlflow.pytorch.load_model` unpickles. By default it
-holds no weights: `NetByReference` pickles as a call to `load_net`, which rebuilds the net from
-the project's registry (`create_model`) and reads its weights from the committed checkpoint on
-S3 (`trainer.pt`, checked against the sha256 recorded at registration). With `--copy-weights`
-it is the net itself, weights included (a self-contained copy in MLflow's artifact store).
+The MLflow model's `data/model.pth` is what `mlflow.pytorch.load_model` unpickles. It holds no
+pickled module, only a call to one of two functions of this module with plain data: by default
+`NetByReference` pickles as `load_net(ref)`, which rebuilds the net from the project's registry
+(`create_model`) and reads its weights from the committed checkpoint on S3 (`trainer.pt`,
+checked against the sha256 recorded at registration); with `--copy-weights`, `NetCopy` pickles
+as `build_net(model, state_dict)` (a self-contained copy in MLflow's artifact store).
+
+Loading: the pyfunc (`_load_pyfunc`: `mlflow.pyfunc.load_model`, `mlflow models serve`) reads
+`model.pth` with torch's `weights_only=True`, allowing those two functions and nothing else, and
+`trainer.pt` as data too; a file that holds anything else is refused before it runs.
+`mlflow.pytorch.load_model` is MLflow's own loader: it unpickles `model.pth` in full (it passes
+its `pickle_module` to torch.load, which rules out `weights_only`), so use it only on a registry
+you trust; `mlflow.pyfunc.load_model(uri).get_raw_model()` gives the same net as data.
 
 `data/orchestrator.json` (`META_FILE`) holds what the pyfunc needs: the model's spec, class
 names, the run's evaluation transform (centre protocol), its normalization and the dataset's
@@ -18,9 +26,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib
 import io
 import json
+import pickle
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -30,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orchestrator.checkpoint import UnsafeCheckpointError
 from orchestrator.errors import OrchestratorError
 
 META_FILE = "orchestrator.json"
@@ -59,9 +68,14 @@ def build_net(model: dict[str, Any], weights: dict[str, torch.Tensor]) -> nn.Mod
     return net.eval()
 
 
-def trainer_weights(raw: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(spec dict, model weights) of a committed checkpoint's trainer.pt bytes."""
-    state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+def trainer_weights(
+    raw: bytes, what: str = "trainer.pt"
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(spec dict, model weights) of a committed checkpoint's trainer.pt bytes, loaded as data
+    (`what`, the file's URL, names it in a refusal)."""
+    from orchestrator.checkpoint import load_state
+
+    state = load_state(raw, what)
     return state["spec"], state["strategy"]["model"]
 
 
@@ -78,7 +92,7 @@ def load_net(ref: dict[str, Any]) -> nn.Module:
             f"{ref['checkpoint_url']}/trainer.pt has sha256 {digest}, not the registered "
             f"{ref['trainer_sha256']}: the checkpoint was replaced since it was registered"
         )
-    _, weights = trainer_weights(raw)
+    _, weights = trainer_weights(raw, f"{ref['checkpoint_url']}/trainer.pt")
     return build_net(ref["model"], weights)
 
 
@@ -95,6 +109,22 @@ class NetByReference(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - never unpickled
         raise RuntimeError("NetByReference is a placeholder: load it with mlflow.pytorch")
+
+
+class NetCopy(nn.Module):
+    """Stands for a net whose weights are copied into the model: pickled, it is a call to
+    `build_net(model, weights)` with the state dict (tensors) as its argument, not a pickled
+    module, so it loads with `weights_only=True`."""
+
+    def __init__(self, model: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.spec, self.weights = dict(model), weights
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Callable[..., nn.Module], tuple[Any, ...]]:
+        return build_net, (self.spec, self.weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - never unpickled
+        raise RuntimeError("NetCopy is a placeholder: load it with mlflow.pytorch")
 
 
 # ------------------------------------------------------------------------------ the pyfunc
@@ -233,13 +263,23 @@ def read_meta(data_path: str | Path) -> dict[str, Any]:
 
 
 def load_torch_net(data_path: str | Path) -> nn.Module:
-    """`data/model.pth` unpickled as mlflow.pytorch saved it (with the pickle module it names),
-    read in place: mlflow.pytorch.load_model would first copy a local model folder."""
-    data = Path(data_path)
-    pickle_module = importlib.import_module((data / "pickle_module_info.txt").read_text().strip())
-    net = torch.load(
-        data / "model.pth", map_location="cpu", pickle_module=pickle_module, weights_only=False
-    )
+    """`data/model.pth` loaded as data (`weights_only=True`), read in place: the only calls it
+    may make are `load_net` and `build_net` (what `NetByReference` and `NetCopy` pickle as);
+    anything else, a pickled module of an older release included, is refused before it runs."""
+    path = Path(data_path) / "model.pth"
+    try:
+        with torch.serialization.safe_globals([load_net, build_net]):
+            net = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        why = next((line for line in str(err).splitlines() if "GLOBAL" in line), "not data")
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it holds more than a call to load_net or build_net with "
+            f"plain data ({why.strip()}), so unpickling it could run code. A model published "
+            "by an older release with --copy-weights holds a pickled net: publish it again "
+            "(python -m orchestrator.publish)"
+        ) from None
+    if not isinstance(net, nn.Module):
+        raise WeightsChangedError(f"{path}: holds a {type(net).__name__}, not a net")
     return net.eval()
 
 

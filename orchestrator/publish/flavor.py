@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from orchestrator.publish.classifier import MEAN_IMAGE_FILE, META_FILE
+from orchestrator.publish.classifier import MEAN_IMAGE_FILE, META_FILE, NetByReference, NetCopy
 
 LOADER_MODULE = "orchestrator.publish.classifier"
 
@@ -34,11 +34,15 @@ def save_model(
     mean_image: np.ndarray | None = None,
     **_: Any,  # Model.log's own options (validate_serving_input, serialization_format, ...)
 ) -> None:
-    """Write the model folder at `path`: mlflow.pytorch's layout (data/model.pth, pickled,
-    since a by-reference net is a pickled call), META_FILE beside it (and MEAN_IMAGE_FILE,
-    given a `mean_image`), and the pyfunc flavor pointed at LOADER_MODULE."""
+    """Write the model folder at `path`: mlflow.pytorch's layout (data/model.pth: a pickled
+    call to load_net or build_net with plain data, never a pickled module, so the pyfunc loads
+    it with weights_only), META_FILE beside it (and MEAN_IMAGE_FILE, given a `mean_image`), and
+    the pyfunc flavor pointed at LOADER_MODULE. A plain net is saved as its state dict
+    (`NetCopy` of `meta["model"]`)."""
     import mlflow.pytorch
 
+    if not isinstance(net, NetByReference | NetCopy):
+        net = NetCopy(meta["model"], net.state_dict())
     mlflow.pytorch.save_model(
         net,
         path,

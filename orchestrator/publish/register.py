@@ -11,9 +11,12 @@ Where the weights live (`copy_weights`):
 - False (the default): in the committed checkpoint on S3 only. The model holds the net's spec,
   classes, transform and the checkpoint's URL and sha256 (a few kB); loading reads trainer.pt
   (weights and optimizer state: about twice the weights) and checks its sha256. The step is
-  pinned (checkpoint.PIN) so retention keeps it. Loading needs the S3 credentials too.
+  pinned (checkpoint.PIN) before it is read, so retention keeps it. Loading needs the S3
+  credentials too.
 - True: the weights (no optimizer state) are copied into MLflow's artifact store: a model
   that stands alone (MLflow's credentials suffice), at the cost of a second copy of the weights.
+  The step is held by a reader's lease while it is read.
+Either way the checkpoint is loaded as data (weights_only; orchestrator.publish.classifier).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 from orchestrator.errors import UsageError
 from orchestrator.publish.classifier import (
     NetByReference,
+    NetCopy,
     build_net,
     meta_format,
     trainer_weights,
@@ -142,19 +146,45 @@ class _Checkpoint:
     store: Any
 
 
-def read_checkpoint(url: str) -> _Checkpoint:
-    """A committed checkpoint's model: spec and weights (strictly loadable), its sha256."""
-    from orchestrator.checkpoint import CheckpointStore, split_checkpoint_url
-    from orchestrator.spec import JobSpec, from_dict
+def read_checkpoint(url: str, pin: dict[str, Any] | None = None) -> _Checkpoint:
+    """A committed checkpoint's model: spec and weights (strictly loadable), its sha256. Read
+    under a reader's lease, so retention cannot delete it meanwhile; given `pin` (who pins it:
+    a by-reference model will read the step for good) the step is pinned before it is read,
+    and unpinned again where it cannot be a model (if this call pinned it)."""
+    from orchestrator.checkpoint import PIN, CheckpointStore, split_checkpoint_url
 
     try:
         root, step = split_checkpoint_url(url)
         store = CheckpointStore(root)
-        committed = {c.step: c for c in store.committed()}
-        if step not in committed:
+    except Exception as err:
+        raise PublishError(f"cannot read checkpoint {url}: {type(err).__name__}: {err}") from err
+    if store.find(step) is None:  # checked before anything is written into its folder
+        raise PublishError(f"{url} is not a committed checkpoint (no valid COMMITTED marker)")
+    pinned_before = store.storage.exists(f"step-{step:08d}/{PIN}")
+    try:
+        if pin is not None and not pinned_before:
+            store.pin(step, pin)
+        with store.reading(step, f"publish of {url}"):
+            ck = _read_held(store, url, step)
+        if pin is not None:
+            store.pin(step, {**pin, "sha256": ck.sha256})
+        return ck
+    except BaseException:
+        if pin is not None and not pinned_before:
+            store.unpin(step)
+        raise
+
+
+def _read_held(store: Any, url: str, step: int) -> _Checkpoint:
+    """`read_checkpoint`'s reading, once the step is held."""
+    from orchestrator.spec import JobSpec, from_dict
+
+    try:
+        committed = store.find(step)
+        if committed is None:
             raise PublishError(f"{url} is not a committed checkpoint (no valid COMMITTED marker)")
         raw = store.read_bytes(step, "trainer.pt")
-        spec_dict, weights = trainer_weights(raw)
+        spec_dict, weights = trainer_weights(raw, f"{url}/trainer.pt")
         spec = from_dict(JobSpec, spec_dict)
         fc = weights.get("fc.weight")
         if fc is None:
@@ -184,7 +214,7 @@ def read_checkpoint(url: str) -> _Checkpoint:
         data=data,
         data_url=spec.data.url,
         weights=weights,
-        marker_metrics=committed[step].metrics,
+        marker_metrics=committed.metrics,
         store=store,
     )
 
@@ -278,9 +308,11 @@ def publish_checkpoint(
     retry neither reads the checkpoint again nor logs a second model."""
     t0 = time.perf_counter()
     attempts = {} if attempts is None else attempts
-    ck = attempts.get("checkpoint") or read_checkpoint(url)
-    attempts["checkpoint"] = ck
     weights = "copy" if copy_weights else "reference"
+    # a by-reference model reads the step for good: pinned before it is read
+    pin = None if copy_weights else {"model": job, "run_id": run_id}
+    ck = attempts.get("checkpoint") or read_checkpoint(url, pin)
+    attempts["checkpoint"] = ck
     tags = redact_tags(tags or {})
     _ensure_registered_model(client, job, tags)
     fmt = meta_format(ck.data)
@@ -365,11 +397,10 @@ def _log_model(
         "run_id": run_id,
         "checkpoint_metrics": ck.marker_metrics,
     }
-    if weights == "copy":
-        net = build_net(ck.model, ck.weights)
-    else:
-        # pinned before it is registered: retention must never delete what a version reads
-        ck.store.pin(ck.step, {"model": job, "run_id": run_id, "sha256": ck.sha256})
+    net: Any
+    if weights == "copy":  # the state dict, pickled as a call to build_net (no module)
+        net = NetCopy(ck.model, ck.weights)
+    else:  # the step was pinned before it was read (read_checkpoint)
         ref = {"model": ck.model, "checkpoint_url": ck.url, "trainer_sha256": ck.sha256}
         net = NetByReference(ref)
     size = ck.data["eval_resize"]
