@@ -110,6 +110,9 @@ class DataConfig:
     # check each shard's sha256 against the manifest as it streams (a mismatch stops the job,
     # naming the shard: orchestrator/data/tar.py); false reads shards unchecked, said once
     verify_shards: bool = True
+    # check each shard's sha256 against the manifest as it streams (a mismatch stops the job,
+    # naming the shard: orchestrator/data/tar.py); false reads shards unchecked, said once
+    verify_shards: bool = True
     epoch_mode: Literal["exact", "resampled"] = "exact"
     samples_per_epoch: int = 0  # resampled mode: epoch length in samples (0 = split size)
     # multiscale evaluation: decoded images a worker may hold back (MiB) to fill batches of one
