@@ -475,6 +475,8 @@ def test_a_replaced_shard_is_refused_naming_it_unless_verification_is_off(tmp_pa
     assert (root / "train-000000.tar").stat().st_size == size
     with pytest.raises(D.BadShard, match=r"train-000000\.tar: its \d+ bytes have sha256") as err:
         _one_epoch(root, num_workers=1)  # raised in a loader worker, re-raised here
+    with pytest.raises(D.BadShard, match=r"train-000000\.tar"):  # evaluation reads alike
+        list(eval_loader(small_cfg(root, val_split="train"), rank=0, world_size=1, batch_size=4))
     recorded = json.loads((root / "manifest.json").read_text())["splits"]["train"]["shards"][0]
     assert recorded["sha256"] in str(err.value) and "datasets/index_shards.py" in str(err.value)
     with caplog.at_level(logging.WARNING, logger="orchestrator.data"):

@@ -10,7 +10,8 @@ Which file owns what, from the dataset inwards:
     manifest.py      the dataset's manifest.json, its shards per split, its mean image,
                      DataError, ImageNet mean/std
     streams.py       shard streams (s3, http(s), local) that reopen a dropped connection
-    tar.py           the forward-only tar reader: shard bytes -> RawSample, a segment at a time
+    tar.py           the forward-only tar reader: shard bytes -> RawSample, a segment at a time;
+                     each shard's count and sha256 checked against the manifest at its end
     epochs.py        epoch plans: each step's samples (canonical streams), who reads them
     ledger.py        data.ledger: each step's sample ids kept with the checkpoints, checked
     workers.py       what both loaders' workers share; the bad-sample accounting
