@@ -164,6 +164,8 @@ def run_trial(kind: str, ctx: dict, base: kinds.Baselines, rng: random.Random) -
             r.resumed = int(found[-1].rsplit(" ", 1)[1]) if found else None
         h = history(EXPERIMENT, r.name)
         r.lost_s, done = lost_seconds(h, t_fail, reference.history.step_time())
+        if r.done_steps is not None:  # preempt: read from the job log, not extrapolated
+            done = r.done_steps
         if r.resumed is not None:
             r.redone_steps = max(0, done - r.resumed)
         r.notes.append(
