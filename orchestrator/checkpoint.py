@@ -73,6 +73,7 @@ LEASES = "READERS"  # a folder in a step: one file per reader holding the step
 # a lease older than this is a reader that died without releasing it: retention ignores it,
 # loudly. Measured against the lease writer's clock: a skew of minutes does not matter here.
 LEASE_STALE_S = 24 * 3600.0
+_WARNED: set[str] = set()  # stale leases already said, once per process
 DIGESTS = re.compile(r"SHA256-rank-\d+\.json")  # a rank's sha256 of its files of the step
 
 
@@ -230,6 +231,9 @@ class CheckpointStore:
             if not m:
                 continue
             if time.time() - int(m.group(1)) > LEASE_STALE_S:
+                if self.storage.url(name, rel) in _WARNED:
+                    continue
+                _WARNED.add(self.storage.url(name, rel))
                 log.warning(
                     "ignoring reader lease %s: older than %.0f h (a reader that died?); delete "
                     "it if so",

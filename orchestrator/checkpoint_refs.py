@@ -22,6 +22,7 @@ UsageError and a ValueError) whose message names the run, version or URL, and th
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from orchestrator.tracking.tags import CHECKPOINT_TAG, JOB_TAG
 if TYPE_CHECKING:
     from orchestrator.checkpoint import Committed
     from orchestrator.spec import JobSpec
+
+log = logging.getLogger(__name__)
 
 # which committed checkpoint of a run: `last` is publish's alias for `latest` (MLflow reserves
 # the alias `latest`), so both are accepted
@@ -258,19 +261,36 @@ def _url_step(url: str, what: str) -> tuple[str, int]:
 @contextlib.contextmanager
 def holding(url: str, what: str) -> Iterator[None]:
     """Hold committed checkpoint `url` (a reader's lease) for a `with` block: retention keeps
-    it until the block ends. An ensemble holds its members from resolution to the end."""
+    it until the block ends. An ensemble holds its members from resolution to the end; where
+    the lease cannot be written (read-only credentials), it reads unheld, and says so."""
     from orchestrator.checkpoint import CheckpointStore
 
     root, step = _url_step(url, what)
     store = CheckpointStore(root)
-    try:
-        lease = store.lease(step, what)
-    except Exception as err:
-        raise CheckpointRefError(f"{what}: cannot hold {url}: {type(err).__name__}: {err}") from err
+    lease = _lease(store, step, url, what)
     try:
         yield
     finally:
-        store.release(step, lease)
+        if lease is not None:
+            store.release(step, lease)
+
+
+def _lease(store: Any, step: int, url: str, what: str) -> str | None:
+    """A lease on the step; None where the storage refused to write it (said out loud)."""
+    try:
+        return store.lease(step, what)
+    except FileNotFoundError as err:  # not committed (any more): nothing to read
+        raise CheckpointRefError(f"{what}: cannot hold {url}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - a reader may read what it may not write
+        log.warning(
+            "%s: no reader's lease on %s (%s: %s): reading it unheld, so retention could "
+            "delete it meanwhile; give this reader write access to the checkpoint storage",
+            what,
+            url,
+            type(err).__name__,
+            err,
+        )
+        return None
 
 
 def read_trainer_state(url: str, what: str) -> dict[str, Any]:
@@ -281,11 +301,11 @@ def read_trainer_state(url: str, what: str) -> dict[str, Any]:
 
     root, step = _url_step(url, what)
     try:
-        store = CheckpointStore(root)
-        with store.reading(step, what):
-            return store.read(step, "trainer.pt")
+        with holding(url, what):
+            return CheckpointStore(root).read(step, "trainer.pt")
     except Exception as err:
-        missing = isinstance(err, FileNotFoundError)
+        cause = err.__cause__ if isinstance(err, CheckpointRefError) else err
+        missing = isinstance(cause, FileNotFoundError)
         hint = ""
         if missing and "://" not in url.removeprefix("file://"):
             # a Ray task may run on another node than the one that wrote the checkpoint
@@ -294,7 +314,7 @@ def read_trainer_state(url: str, what: str) -> dict[str, Any]:
                 f"{socket.gethostname()}: on a multi-node Ray cluster, checkpoint.storage must be "
                 "S3 or a filesystem every node mounts; or run with --local where it is)"
             )
-        why = f"it does not exist ({err})" if missing else f"{type(err).__name__}: {err}"
+        why = f"it does not exist ({cause})" if missing else f"{type(cause).__name__}: {cause}"
         raise CheckpointRefError(f"{what}: cannot read {url}/trainer.pt: {why}{hint}") from err
 
 

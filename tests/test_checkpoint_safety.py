@@ -321,3 +321,19 @@ def test_best_is_a_validated_step() -> None:
     assert best_checkpoint(found, "val/top1_err").step == 10  # type: ignore[union-attr]
     found.append(Committed(30, "u30", {"val/top1_err": 0.3}))  # validated again, same error
     assert best_checkpoint(found, "val/top1_err").step == 10  # type: ignore[union-attr]
+
+
+def test_a_reader_that_may_not_write_reads_unheld_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = CheckpointStore(str(tmp_path / "ckpts"))
+    _commit(store, 1, 0.9)
+
+    def refused(self: CheckpointStore, step: int, who: str) -> str:
+        raise PermissionError("read-only credentials")
+
+    monkeypatch.setattr(CheckpointStore, "lease", refused)
+    with caplog.at_level(logging.WARNING):
+        state = read_trainer_state(f"{tmp_path}/ckpts/step-00000001", "fig7 of run x")
+    assert state == {"step": 1}
+    assert "fig7 of run x: no reader's lease" in caplog.text and "read-only" in caplog.text

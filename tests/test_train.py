@@ -29,7 +29,7 @@ TINY = [  # cifar_resnet20 on 32x32 synthetic batches: the loop's mechanics, fas
 def _final_state(storage: Path, name: str) -> dict:
     steps = sorted((storage / name / "checkpoints").glob("step-*"))
     assert steps and (steps[-1] / "COMMITTED").exists(), f"no committed checkpoint under {storage}"
-    return torch.load(io.BytesIO((steps[-1] / "trainer.pt").read_bytes()), weights_only=False)
+    return torch.load(io.BytesIO((steps[-1] / "trainer.pt").read_bytes()), weights_only=True)
 
 
 def _local(tmp_path: Path, name: str, *overrides: str) -> str:
@@ -67,7 +67,7 @@ def test_accumulation_matches_more_workers(tmp_path: Path, strategy: str) -> Non
             torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5, msg=key)
     # equal weights prove nothing if nothing trained: the last step must have moved them
     before = torch.load(
-        tmp_path / "one" / "checkpoints" / "step-00000002" / "trainer.pt", weights_only=False
+        tmp_path / "one" / "checkpoints" / "step-00000002" / "trainer.pt", weights_only=True
     )
     assert not torch.equal(before["strategy"]["model"]["fc.weight"], one["fc.weight"])
 
@@ -111,7 +111,7 @@ def test_exact_validation_counts_and_identical_plateau_decisions(
     step_dir = max((tmp_path / "plateau" / "checkpoints").glob("step-*"))
     marker = json.loads((step_dir / "COMMITTED").read_text())
     assert marker["metrics"]["val/samples"] == 21
-    ranks = [torch.load(step_dir / f"rank-{r:05d}.pt", weights_only=False) for r in (0, 1)]
+    ranks = [torch.load(step_dir / f"rank-{r:05d}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["schedule"] == ranks[1]["schedule"]
     assert ranks[0]["schedule"]["drops"] >= 2  # threshold 0.5 makes every evaluation a plateau
 

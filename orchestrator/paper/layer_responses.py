@@ -330,6 +330,7 @@ def responses_for_run(
     except Exception as err:
         raise LayerResponsesError(f"run {run_id}: not found in MLflow: {err}") from err
     ref = run_checkpoint(run, checkpoint)
+    # read as data, the step held by a reader's lease meanwhile (retention keeps it)
     trained = trained_net(read_trainer_state(ref.url, ref.what), ref.url, ref.what)
     data = trained.spec.data
     if data_url:
