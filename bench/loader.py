@@ -23,6 +23,10 @@ transform at 224 (shorter side ~U[256,480], random crop, flip):
             The bound assumes each worker has a core to itself, so --workers defaults to one
             fewer than the cores: the main process and the S3 server need the last one (with
             as many workers as cores, every figure measures how the cores are shared).
+  ours, unverified   the same TrainLoader with data.verify_shards=false: each pass also runs
+            it, so the cost of checking every shard's sha256 as it streams shows as an img/s
+            ratio and a CPU-ms difference; `digest` is sha256's own rate on a shard in memory,
+            over the shard's images (the CPU the check adds per image, on one core).
 Whole passes are timed (worker start-up included); img/s are medians over passes, and the
 ratio is the median of the per-pass ratios (each pass runs ours and the baseline back to back,
 so the pair sees the same background load). CPU time per image (this process and its
@@ -34,7 +38,9 @@ The machine's other load is printed: on a shared 2-core box every figure moves w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
+import hashlib
 import io
 import os
 import resource
@@ -255,6 +261,21 @@ def tar_costs(shard: bytes) -> dict[str, float]:
     return costs
 
 
+def digest_cost(shard: bytes, images: int, rounds: int = 5) -> dict[str, float]:
+    """sha256 over one shard in memory, in the 1 MiB pieces the loader reads: CPU-ms per image
+    of the shard, and MB/s (one core; median of `rounds`)."""
+    spent = []
+    for _ in range(rounds):
+        c0 = time.process_time()
+        h = hashlib.sha256()
+        for i in range(0, len(shard), 1 << 20):
+            h.update(shard[i : i + (1 << 20)])
+        h.hexdigest()
+        spent.append(time.process_time() - c0)
+    secs = max(statistics.median(spent), 1e-9)
+    return {"digest_ms_per_image": secs / images * 1e3, "digest_mb_per_s": len(shard) / secs / 1e6}
+
+
 class _Finished(torch.utils.data.IterableDataset):
     """Batches of already augmented 224 px images, made the way our workers make them."""
 
@@ -330,6 +351,8 @@ def main() -> None:
 
     cfg = DataConfig(url=url, num_workers=a.workers, shuffle_buffer=500, train_transform="paper")
     ours_loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=a.batch, seed=0)
+    off_cfg = dataclasses.replace(cfg, verify_shards=False)
+    off_loader = TrainLoader(off_cfg, rank=0, world_size=1, batch_size=a.batch, seed=0)
     folder = JpegFolder(src)
     baseline = torch.utils.data.DataLoader(
         folder, batch_size=a.batch, shuffle=True, num_workers=a.workers, prefetch_factor=2
@@ -345,14 +368,22 @@ def main() -> None:
     print(f"CPU JPEG decoder: {T.cpu_decoder()}")
     with open_url(ours_loader.shards[0].url) as f:
         shard = f.read()
+    digest = digest_cost(shard, ours_loader.shards[0].samples)
     costs = {**stage_costs(jpegs), **tar_costs(shard), **handoff_costs()}
     print("one core, CPU-ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))
-    ours, base, decode, ours_cpu, base_cpu = [], [], [], [], []
+    ours, base, decode, ours_cpu, base_cpu, off, off_cpu = [], [], [], [], [], [], []
     for i in range(a.passes):  # alternate, so load from other processes hits both alike
         ours_loader.set_epoch(i)
+        off_loader.set_epoch(i)
+        if i % 2:  # unverified first on odd passes: neither side always reads a cold store
+            secs_o, cpu_o, n_o, _ = timed_pass(off_loader)
         secs, cpu, n, first = timed_pass(ours_loader)
+        if not i % 2:
+            secs_o, cpu_o, n_o, _ = timed_pass(off_loader)
         ours.append(n / secs)
         ours_cpu.append(cpu / n * 1e3)
+        off.append(n_o / secs_o)
+        off_cpu.append(cpu_o / n_o * 1e3)
         folder.epoch = i
         secs_b, cpu_b, n_b, _ = timed_pass(baseline)
         base.append(n_b / secs_b)
@@ -360,7 +391,8 @@ def main() -> None:
         decode.append(decode_rate(jpegs))
         print(
             f"pass {i}: ours {ours[-1]:.0f} img/s ({n} in {secs:.1f} s, first batch after "
-            f"{first:.2f} s, {ours_cpu[-1]:.2f} CPU-ms/img), "
+            f"{first:.2f} s, {ours_cpu[-1]:.2f} CPU-ms/img), unverified {off[-1]:.0f} img/s "
+            f"({off_cpu[-1]:.2f} CPU-ms/img), "
             f"baseline {base[-1]:.0f} img/s ({n_b} in {secs_b:.1f} s, "
             f"{base_cpu[-1]:.2f} CPU-ms/img), full decode alone {1e3 / decode[-1]:.2f} "
             f"CPU-ms/img; load average {os.getloadavg()[0]:.1f}",
@@ -423,6 +455,15 @@ def main() -> None:
     print(
         f"loader: ratio={ratio:.2f} (ours {x:.0f} img/s, baseline {y:.0f} img/s, "
         f"decode bound {z:.0f} img/s)"
+    )
+    # the same pairing for the shard check: verified / unverified pass by pass
+    v_ratio = statistics.median(o / u for o, u in zip(ours, off, strict=True))
+    vc, uc = statistics.median(ours_cpu), statistics.median(off_cpu)
+    print(
+        f"shard verification: verified/unverified img/s ratio={v_ratio:.2f}; CPU per image "
+        f"{vc:.2f} vs {uc:.2f} ms ({vc - uc:+.2f}); sha256 alone "
+        f"{digest['digest_ms_per_image']:.3f} CPU-ms/img ({digest['digest_mb_per_s']:.0f} MB/s "
+        f"on one core) = {digest['digest_ms_per_image'] / vc:.1%} of our CPU per image"
     )
 
 
