@@ -10,6 +10,8 @@ scaling.num_workers > 1; it needs only torch (how GPU checks run where Ray is ab
 
 Before either starts a worker, the pre-flight (orchestrator.preflight) checks the model, the
 dataset, the checkpoint storage and the resume; a refusal exits 2 with a message per problem.
+Then the driver takes the job's lease (orchestrator.job_lease: one writer per job): a second
+submission of a live job exits 2 naming the holder; `--take-over` replaces a dead holder's.
 On Ray, a worker error no restart can fix (`runtime.retryable`) ends the job at once instead
 of after scaling.max_failures restarts (`FailFast`). Once a job has finished and its workers are
 released, the driver (run_ray; run_local's rank 0) registers its models and writes its paper
@@ -24,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -31,10 +34,11 @@ from orchestrator import s3
 from orchestrator.checkpoint_refs import spec_checkpoints_url
 from orchestrator.cli import run_cli
 from orchestrator.errors import OrchestratorError, UsageError
-from orchestrator.preflight import in_torchrun_child, preflight
+from orchestrator.job_lease import job_lease
+from orchestrator.preflight import check_cluster, in_torchrun_child, preflight
 from orchestrator.runtime import NotRetried, retryable
 from orchestrator.spec import JobSpec, SpecError, apply_overrides, to_yaml
-from orchestrator.tracking.tags import RAY_JOB_TAG
+from orchestrator.tracking.tags import RAY_CLUSTER_TAG, RAY_JOB_TAG
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -52,6 +56,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--resume-from", help="fork from a checkpoint folder: .../checkpoints/step-NNNNNNNN"
+    )
+    parser.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take the job's lease from a holder you know is dead (before it expires)",
     )
     return parser.parse_args(argv)
 
@@ -84,21 +93,37 @@ def _main(spec: JobSpec, argv: list[str], finalize: Callable[[JobSpec], JobSpec]
         print(to_yaml(spec), end="")
     checked: list[str] = []
     if not in_torchrun_child():  # under torchrun the parent process checked already
-        try:
-            checked = preflight(spec)
-        except SpecError as err:  # one line per refusal, under the job's name
-            problems = getattr(err, "problems", [str(err)])
-            listed = "".join(f"\n  - {problem}" for problem in problems)
-            raise UsageError(f"pre-flight refused job {spec.name}:{listed}") from err
+        checked = _preflight(spec, preflight)
     for line in checked:  # comments, so that a dry run's output stays the spec's YAML
         print(f"# pre-flight ok: {line}", flush=True)
     if args.dry_run:
         return 0
     if args.local or os.environ.get("ORCH_LOCAL") == "1":
-        run_local(spec)
+        if in_torchrun_child():  # the parent holds the job's lease
+            run_local(spec)
+        else:
+            with job_lease(spec, args.take_over, on_lost=stop_this_job):
+                run_local(spec)
     else:
-        run_ray(spec)
+        run_ray(spec, take_over=args.take_over)
     return 0
+
+
+def _preflight(spec: JobSpec, check: Callable[[JobSpec], list[str]]) -> list[str]:
+    """`check(spec)`'s lines; a refusal is a UsageError listing each problem under the job."""
+    try:
+        return check(spec)
+    except SpecError as err:  # one line per refusal, under the job's name
+        problems = getattr(err, "problems", [str(err)])
+        listed = "".join(f"\n  - {problem}" for problem in problems)
+        raise UsageError(f"pre-flight refused job {spec.name}:{listed}") from err
+
+
+def stop_this_job(message: str) -> None:
+    """What a driver does when it finds its lease taken by another (orchestrator.job_lease): it
+    stops as on a SIGTERM (on Ray: the job is stopped; --local: a preemption notice)."""
+    print(f"{message}; stopping this job", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 # ------------------------------------------------------------------------ without Ray
@@ -136,7 +161,7 @@ def run_local(spec: JobSpec) -> dict[str, float]:
     if world > 1:
         import torch.distributed as dist
 
-        dist.init_process_group("nccl" if use_gpu else "gloo")
+        dist.init_process_group("nccl" if use_gpu else "gloo", **_launcher_store(rank, world))
     try:
         result = run_worker(spec.to_dict(), Runtime(rank, world, local_rank, device))
     except Terminated as stop:
@@ -164,18 +189,25 @@ def _torchrun(spec: JobSpec, n: int) -> int:
     to torchrun, which passes them to every worker; then the exit code is 128 + the signal's."""
     notices = sorted({signal.SIGTERM, signal.Signals[spec.checkpoint.preempt_signal]})
     handled = {"SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", *(s.name for s in notices)}
+    # the rendezvous store is this process's, on loopback (`--standalone` listens on every
+    # interface); held until torchrun ends
+    store, endpoint = _loopback_store()
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        "--nnodes=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        "--rdzv-conf=is_host=0",
+        f"--rdzv-id={uuid.uuid4().hex}",
         f"--nproc-per-node={n}",
         f"--signals-to-handle={','.join(sorted(handled))}",
         f"--shutdown-timeout={math.ceil(spec.checkpoint.grace_s) + SAVE_ALLOWANCE_S}",
         # torchrun's parser would take --local for one of its own options: say it by environment
         *[a for a in sys.argv if a != "--local"],
     ]
-    proc = subprocess.Popen(cmd, env={**os.environ, "ORCH_LOCAL": "1"})
+    proc = subprocess.Popen(cmd, env={**os.environ, "ORCH_LOCAL": "1", **_loopback_env(endpoint)})
     received: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
@@ -193,7 +225,68 @@ def _torchrun(spec: JobSpec, n: int) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    del store  # torchrun and its workers are gone
     return 128 + received[0] if received and code else code
+
+
+# `--local` is one machine: its rendezvous, the ranks' store and their collectives stay on
+# loopback. torch's TCPStore server listens on every interface whatever its host name, except on
+# a socket it is handed: the launcher binds one to 127.0.0.1 and hosts the one store; torchrun's
+# agent joins it (is_host=0) and opens no store of its own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE),
+# and the ranks build their process group on it (_launcher_store), not on MASTER_ADDR:MASTER_PORT
+_RDZV_ENV = "ORCH_RDZV_ENDPOINT"
+
+
+def _loopback_store() -> tuple[Any, str]:
+    """A TCPStore server listening on 127.0.0.1 only, and its host:port."""
+    import socket
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    store = TCPStore(
+        "127.0.0.1",
+        port,
+        is_master=True,
+        master_listen_fd=sock.detach(),  # the store owns the socket from here
+        wait_for_workers=False,
+        multi_tenant=True,
+        timeout=timedelta(minutes=10),
+    )
+    return store, f"127.0.0.1:{port}"
+
+
+def _loopback_env(endpoint: str) -> dict[str, str]:
+    """torchrun's environment for a loopback rendezvous at `endpoint`; gloo's and NCCL's
+    sockets on the loopback interface unless the user named one."""
+    return {
+        _RDZV_ENV: endpoint,
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+        "NCCL_SOCKET_IFNAME": os.environ.get("NCCL_SOCKET_IFNAME", "lo"),
+    }
+
+
+def _launcher_store(rank: int, world: int) -> dict[str, Any]:
+    """init_process_group's store, rank and world size: the launcher's loopback store, under a
+    prefix per torchrun restart; none (MASTER_ADDR, MASTER_PORT) where no launcher hosts one."""
+    endpoint = os.environ.get(_RDZV_ENV)
+    if not endpoint:
+        return {}
+    from torch.distributed import PrefixStore, TCPStore
+
+    host, port = endpoint.rsplit(":", 1)
+    client = TCPStore(host, int(port), is_master=False, multi_tenant=True)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {
+        "store": PrefixStore(f"/worker/attempt_{attempt}", client),
+        "rank": rank,
+        "world_size": world,
+    }
 
 
 # ------------------------------------------------------------------------ on Ray
@@ -216,7 +309,10 @@ def _ray_worker(config: dict[str, Any]) -> None:
         local_rank=ctx.get_local_rank(),
         device=ray.train.torch.get_device(),
         report=lambda metrics: ray.train.report(metrics),
-        tags={RAY_JOB_TAG: ray.get_runtime_context().get_job_id()},
+        tags={  # Ray job ids repeat across clusters: the session names the cluster (liveness)
+            RAY_JOB_TAG: ray.get_runtime_context().get_job_id(),
+            RAY_CLUSTER_TAG: ray.get_runtime_context().get_session_name(),
+        },
         node=ray.get_runtime_context().get_node_id(),
     )
     run_worker(config["spec"], rt)
@@ -371,18 +467,28 @@ def _failure(spec: JobSpec, err: Exception) -> JobFailed:
     return JobFailed(message, error)
 
 
-def run_ray(spec: JobSpec) -> Any:
-    """A job file's driver on Ray: the job, with `ray job stop` and failures reported."""
+def run_ray(spec: JobSpec, take_over: bool = False) -> Any:
+    """A job file's driver on Ray: the job's lease (refused, exit 2, while another live driver
+    holds it: before any worker starts), then the job, with `ray job stop` and failures
+    reported; the lease is released at the end, whatever the outcome."""
     _check_ray_address()
     import ray
 
+    if not ray.is_initialized():  # before our SIGTERM handler: ray.init installs its own
+        ray.init(log_to_driver=True)
+    for line in _preflight(spec, check_cluster):  # what needs Ray's nodes
+        print(f"# pre-flight ok: {line}", flush=True)
+    # taken connected, so that it names this Ray job and cluster, and a holder whose Ray job
+    # has ended on this cluster is known to be gone
+    with job_lease(spec, take_over, on_lost=stop_this_job):
+        return _run_ray(spec)
+
+
+def _run_ray(spec: JobSpec) -> Any:
     from orchestrator.publish.finished import publish_finished_job
     from orchestrator.runtime import raise_on_sigterm
     from orchestrator.tracking.runs import mark_job_run
     from orchestrator.tracking.tracker import load_mlflow
-
-    if not ray.is_initialized():  # before our SIGTERM handler: ray.init installs its own
-        ray.init(log_to_driver=True)
 
     load_mlflow()  # now, not inside the SIGTERM handler below, where every second counts
     if spec.tracking.enabled:  # runs of this experiment whose job died unseen: close them

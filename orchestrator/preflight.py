@@ -15,8 +15,11 @@ the sections themselves, orchestrator.spec) and before Ray or torchrun start a w
    its micro-batch, accumulation and samples per worker, the global batch the same at each;
    a range reaching above scaling.global_batch or above the data's canonical streams
    (data.streams; 0: the most workers x max(1, data.num_workers)) is refused;
-3. checkpoint storage: a probe object is written, read back and deleted under the job's
-   checkpoint folder (only once 1-2 passed, so a refused job writes nothing);
+3. checkpoint storage: a local folder (not s3://) on a Ray cluster of more than one alive node
+   is refused unless checkpoint.shared_filesystem=true (each rank would resume from its own
+   disk; checked where this process is connected to Ray: `check_cluster`, which the Ray
+   driver runs once connected); a probe object is written, read back and deleted under the
+   job's checkpoint folder (only once 1-2 passed, so a refused job writes nothing);
 4. resume: the checkpoint the job would resume from is committed, and its data position is
    exact with this run's global batch, streams, shuffle buffer and seed, at any world size
    (`data.epochs.resume_problem`).
@@ -28,6 +31,7 @@ Imports no torch: the driver stays light.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,7 @@ from orchestrator.data.manifest import (
     split_shards,
 )
 from orchestrator.models import UnknownModelError, check_model, model_info
+from orchestrator.s3 import is_s3
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.storage import LocalStorage, open_storage
 
@@ -275,8 +280,46 @@ def check_mean_image(spec: JobSpec, manifest: dict[str, Any]) -> str:
     return f", mean image {'x'.join(str(n) for n in shape)}"
 
 
+def check_cluster(spec: JobSpec) -> list[str]:
+    """What the pre-flight checks once this process is connected to Ray (the Ray driver runs it
+    after ray.init; `preflight` runs it too where Ray is connected already). Raises
+    PreflightError."""
+    try:
+        line, _ = check_shared_storage(spec)
+    except _Refused as refused:
+        raise PreflightError([str(refused)]) from None
+    return [line]
+
+
+def check_shared_storage(spec: JobSpec) -> tuple[str, None]:
+    """A local checkpoint folder is one node's disk: refused on a Ray cluster of more than one
+    alive node unless checkpoint.shared_filesystem says every node mounts the same one."""
+    c = spec.checkpoint
+    ray = sys.modules.get("ray")  # never imported here: a driver not yet connected checks later
+    if is_s3(c.storage):
+        return "checkpoint storage: s3://, one store for every node", None
+    if ray is None or not ray.is_initialized():
+        return (
+            "checkpoint storage: a local folder (checked against Ray's nodes once connected)",
+            None,
+        )
+    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if alive > 1 and not c.shared_filesystem:
+        raise _Refused(
+            f"checkpoint.storage={c.storage} is a local folder, but this Ray cluster has {alive} "
+            "alive nodes: each rank would write its checkpoints to, and resume from, its own "
+            "node's disk. Fix: set checkpoint.storage=s3://BUCKET/PREFIX, or, if every node "
+            f"mounts {c.storage} from one shared filesystem (NFS, EFS, Lustre), set "
+            "checkpoint.shared_filesystem=true"
+        )
+    shared = " (checkpoint.shared_filesystem=true)" if alive > 1 else ""
+    return f"checkpoint storage: a local folder on {alive} Ray node(s){shared}", None
+
+
 def check_storage(spec: JobSpec) -> tuple[str, None]:
-    """Write, read back and delete a probe object under the job's checkpoint folder."""
+    """Write, read back and delete a probe object under the job's checkpoint folder (a local
+    one refused first on a multi-node Ray cluster this process is connected to)."""
+    check_shared_storage(spec)
     root = spec_checkpoints_url(spec)
     store = open_storage(root)
     probe, data = f".preflight-{uuid.uuid4().hex[:12]}", b"pre-flight probe"

@@ -25,6 +25,13 @@ class SpecError(UsageError, ValueError):
     retryable = False  # a restart runs the same spec again (orchestrator.runtime.retryable)
 
 
+def check_name(value: str, where: str) -> None:
+    """Raise SpecError unless `value` is a name storage and MLflow keep apart (`x?y`, `x#y`)."""
+    ok = value.isascii() and value[:1].isalnum()
+    if not (ok and all(c.isalnum() or c in "._-" for c in value)):
+        raise SpecError(f"{where}={value!r}: only letters, digits and . _ - (alphanumeric first)")
+
+
 def check_ranges(section: str, config: Any, **rules: str) -> None:
     """Raise ValueError naming the first field of `config` outside its range. A rule is
     ">= 1", "> 0" or "0..1" (both ends included); a None value (an unset optional field)
@@ -314,6 +321,7 @@ class CheckpointConfig:
     keep_last: int = 2
     best_metric: str = "val/top1_err"  # lower is better (orchestrator.tracking.metrics names)
     resume_from: str | None = None  # fork from any checkpoint (s3://... or a folder)
+    shared_filesystem: bool = False  # a local `storage` every Ray node mounts (preflight)
     # Without Ray: SIGTERM, and this signal too (Slurm's --signal=USR1@120 -> "SIGUSR1"), save
     # at the next step boundary, which must come within grace_s (orchestrator.preemption)
     preempt_signal: str = "SIGTERM"
@@ -431,8 +439,7 @@ class JobSpec:
     def validate(self) -> JobSpec:
         """Check cross-field rules; raises SpecError naming the field and the fix."""
         s = self.scaling
-        if not self.name or any(c in self.name for c in "/ \\"):
-            raise SpecError(f"name: {self.name!r} must be non-empty, without spaces or slashes")
+        check_name(self.name, "name")
         if s.global_batch < s.num_workers:
             raise SpecError(
                 f"scaling.global_batch: {s.global_batch} is smaller than "

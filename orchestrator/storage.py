@@ -9,23 +9,42 @@ reopen a broken read mid-object with a Range request, are the one exception: dat
     store.get("step-00000100/trainer.pt")          # bytes; NotFound if there is no such object
     store.sizes("step-00000100")                   # {relative path: size}, recursive, paginated
     store.list_dirs()                              # immediate sub-folders of the root
+    store.read_versioned("LEASE")                  # (bytes, version, age by the store's clock)
+    store.put_if("LEASE", data, version)           # only over that version (None: only if absent)
+
+`put_if` is a conditional write: S3's If-None-Match / If-Match (AWS S3 honours both, and so
+does SeaweedFS: tests/test_job_lease.py), a lock file on a local folder. Where a store answers
+that it does not implement them, the write is made plainly, said once; callers read it back
+(orchestrator.job_lease).
 
 Object keys are relative paths under the root, with "/" separators on every backend.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
+import logging
 import os
 import shutil
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from orchestrator import s3
 from orchestrator.errors import OrchestratorError
+
+log = logging.getLogger(__name__)
+
+
+class Versioned(NamedTuple):
+    """An object read with what a conditional write compares (`put_if`)."""
+
+    data: bytes
+    version: str  # the S3 ETag, or the local file's sha256
+    age_s: float  # since it was last written, by the store's own clock (never this machine's)
 
 
 class NotFound(OrchestratorError, FileNotFoundError):
@@ -89,6 +108,40 @@ class LocalStorage:
 
     def delete(self, rel: str) -> None:
         (self.path / rel).unlink(missing_ok=True)
+
+    def _lock(self, rel: str) -> Path:
+        dest = self.path / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return dest.with_name(f".{dest.name}.lock")
+
+    def read_versioned(self, rel: str) -> Versioned | None:
+        """The file, its sha256 and its age. The age is the folder's clock against itself: the
+        lock file is touched now (on NFS the server sets both times), then the two compared."""
+        import fcntl
+
+        dest, lock = self.path / rel, self._lock(rel)
+        with open(lock, "a+b") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            if not dest.is_file():
+                return None
+            data = dest.read_bytes()
+            os.utime(lock, None)
+            age = lock.stat().st_mtime - dest.stat().st_mtime
+        return Versioned(data, hashlib.sha256(data).hexdigest(), max(0.0, age))
+
+    def put_if(self, rel: str, data: bytes, version: str | None) -> str | None:
+        """Write `data` only if the file is at `version` (None: only if there is none), under an
+        exclusive lock of its own; returns the new version, or None when the condition failed."""
+        import fcntl
+
+        dest, lock = self.path / rel, self._lock(rel)
+        with open(lock, "a+b") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            current = sha256_file(dest) if dest.is_file() else None
+            if current != version:
+                return None
+            self.put(rel, data)
+        return hashlib.sha256(data).hexdigest()
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.path / prefix, ignore_errors=True)
@@ -158,6 +211,49 @@ class S3Storage:
     def exists(self, rel: str) -> bool:
         return self.head(rel) is not None
 
+    def read_versioned(self, rel: str) -> Versioned | None:
+        """The object, its ETag and its age: the response's Date less its Last-Modified, both
+        the store's clock."""
+        from botocore.exceptions import ClientError
+
+        try:
+            got = s3.with_retries(
+                lambda: s3.client().get_object(Bucket=self.bucket, Key=self._key(rel)),
+                what=self.url(rel),
+            )
+        except ClientError as err:
+            if _missing(err):
+                return None
+            raise
+        data = got["Body"].read()
+        date = got["ResponseMetadata"]["HTTPHeaders"].get("date")
+        now = email.utils.parsedate_to_datetime(date) if date else None
+        age = (now - got["LastModified"]).total_seconds() if now else 0.0
+        return Versioned(data, str(got["ETag"]), max(0.0, age))
+
+    def put_if(self, rel: str, data: bytes, version: str | None) -> str | None:
+        """PUT only over ETag `version` (If-Match), or only where there is no object (If-None-
+        Match: *); returns the new ETag, or None when the store refused the condition."""
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        key = self._key(rel)
+
+        def put() -> Any:
+            try:
+                return s3.client().put_object(Bucket=self.bucket, Key=key, Body=data, **condition)
+            except ClientError as err:
+                code = str(err.response.get("Error", {}).get("Code", ""))
+                if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                    return None
+                if code != "NotImplemented":
+                    raise
+            _say_unconditional(self.root)
+            return s3.client().put_object(Bucket=self.bucket, Key=key, Body=data)
+
+        done = s3.with_retries(put, what=self.url(rel))
+        return None if done is None else str(done["ETag"])
+
     def _pages(self, prefix: str, **kwargs: Any) -> Any:
         key = self._key(prefix.rstrip("/") + "/") if prefix else self.prefix
         pages = s3.client().get_paginator("list_objects_v2")
@@ -226,6 +322,19 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+_unconditional: set[str] = set()
+
+
+def _say_unconditional(root: str) -> None:
+    if root not in _unconditional:
+        _unconditional.add(root)
+        log.warning(
+            "the store at %s does not implement conditional writes (If-None-Match, If-Match): "
+            "writing plainly; the writer reads its object back to find out who won",
+            root,
+        )
 
 
 def _missing(err: Any) -> bool:

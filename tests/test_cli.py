@@ -168,6 +168,7 @@ def _classes() -> dict[str, tuple[type[BaseException], int, type[BaseException]]
     from orchestrator.data.manifest import DataError, DataUnavailable
     from orchestrator.ensemble_eval.config import EnsembleError
     from orchestrator.evaluation import UnknownProtocolError
+    from orchestrator.job_lease import LeaseHeld
     from orchestrator.launch import JobFailed
     from orchestrator.models.registry import UnknownModelError
     from orchestrator.paper.layer_responses import LayerResponsesError
@@ -202,6 +203,7 @@ def _classes() -> dict[str, tuple[type[BaseException], int, type[BaseException]]
         (WeightsChangedError, 1, RuntimeError),
         (NonFiniteLoss, 1, FloatingPointError),
         (LedgerError, 2, ValueError),
+        (LeaseHeld, 2, RuntimeError),
     ]
     return {cls.__name__: (cls, code, builtin) for cls, code, builtin in found}
 
@@ -248,6 +250,7 @@ ERROR_NAMES = (
     "WeightsChangedError",
     "NonFiniteLoss",
     "LedgerError",
+    "LeaseHeld",
 )
 
 

@@ -25,6 +25,7 @@ LIGHT = {
     "orchestrator.data.streams",
     "orchestrator.data.tar",
     "orchestrator.errors",
+    "orchestrator.job_lease",  # the driver takes the job's lease before any worker starts
     "orchestrator.tracking",
     "orchestrator.tracking.metrics",
     "orchestrator.tracking.tags",
@@ -101,6 +102,7 @@ LAYERS: list[tuple[str, ...]] = [
         "orchestrator.data",
         "orchestrator.checkpoint",
         "orchestrator.checkpoint_refs",
+        "orchestrator.job_lease",
         "orchestrator.strategy",
         "orchestrator.evaluation",
         "orchestrator.paper",

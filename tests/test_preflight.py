@@ -438,3 +438,41 @@ def test_fail_fast_stops_ray_retrying_only_what_a_restart_cannot_fix() -> None:
     for err in (DataUnavailable("S3 down"), ConnectionError("reset"), RuntimeError("?")):
         callback.after_exception(None, {0: as_ray_reports(err)})  # left to max_failures
     callback.after_exception(None, {0: RayActorError()})  # a lost worker
+
+
+# --------------------------------------------- local checkpoint storage on a multi-node cluster
+
+
+class _RayStandIn:
+    """What check_shared_storage reads of a connected `ray`: its nodes, two of them alive."""
+
+    @staticmethod
+    def is_initialized() -> bool:
+        return True
+
+    @staticmethod
+    def nodes() -> list[dict[str, Any]]:
+        return [{"Alive": True}, {"Alive": True}, {"Alive": False}]
+
+
+def test_local_checkpoint_storage_on_two_ray_nodes_is_refused_unless_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.preflight import PreflightError, check_cluster
+    from orchestrator.spec import apply_overrides
+
+    local = apply_overrides(JobSpec(name="x"), [f"checkpoint.storage={tmp_path}"])
+    # not connected to Ray (a --local job, a dry run): nothing to count, nothing refused
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    assert "checked against Ray's nodes once connected" in check_cluster(local)[0]
+    monkeypatch.setitem(sys.modules, "ray", _RayStandIn)
+    with pytest.raises(PreflightError) as refused:
+        check_cluster(local)
+    (problem,) = refused.value.problems
+    assert f"checkpoint.storage={tmp_path} is a local folder" in problem
+    assert "has 2 alive nodes" in problem and "checkpoint.storage=s3://" in problem
+    assert "checkpoint.shared_filesystem=true" in problem
+    shared = apply_overrides(local, ["checkpoint.shared_filesystem=true"])
+    assert "on 2 Ray node(s) (checkpoint.shared_filesystem=true)" in check_cluster(shared)[0]
+    on_s3 = apply_overrides(JobSpec(name="x"), ["checkpoint.storage=s3://b/p"])
+    assert "s3://" in check_cluster(on_s3)[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +202,19 @@ def test_three_workers_share_a_global_batch_of_256_unevenly_but_exactly() -> Non
     assert elastic.micro_batch(2) == 128 and elastic.micro_batch() == 32
     fixed = apply_overrides(elastic, ["scaling.num_workers=4"])  # one count: fixed again
     assert fixed.scaling.worker_range() == (4, 4) and not fixed.scaling.elastic
+
+
+@pytest.mark.parametrize("name", ["x?y", "x#1", "a b", "a/b", "..", ".hidden", "-x", "", "é"])
+def test_names_hold_letters_digits_dots_underscores_and_dashes_only(name: str) -> None:
+    """A job's or study's name becomes a storage prefix and an MLflow tag: `x?y` and `x#1`
+    would reach S3 as other keys than the name says, `..` would climb out of the folder."""
+    from orchestrator.study.grid import Study
+
+    allowed = r"only letters, digits and \. _ - \(alphanumeric first\)"
+    quoted = re.escape(repr(name))
+    with pytest.raises(SpecError, match=rf"^name={quoted}: {allowed}$"):
+        apply_overrides(JobSpec(name="x"), [f"name={name}"])
+    with pytest.raises(SpecError, match=rf"^study\.name={quoted}: {allowed}$"):
+        Study(name, JobSpec(name="x"), [{"seed": 1}])
+    for good in ("r50", "cifar10_table6-resnet20-s0", "v1.2"):
+        assert apply_overrides(JobSpec(name="x"), [f"name={good}"]).name == good

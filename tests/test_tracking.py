@@ -36,7 +36,7 @@ from orchestrator.storage import open_storage
 from orchestrator.tracking.lineage import manifest_sha256
 from orchestrator.tracking.redaction import redact, redact_tags, scrub
 from orchestrator.tracking.run_report import metric_history
-from orchestrator.tracking.tags import ERROR_TAG, JOB_TAG, LOST_TAG
+from orchestrator.tracking.tags import ERROR_TAG, HEARTBEAT_TAG, JOB_TAG, LOST_TAG, STALE_SEEN_TAG
 from orchestrator.tracking.tracker import MlflowTracker, NullTracker, start_tracker
 from tests.conftest import ROOT, assert_no_secret_in_runs
 
@@ -145,6 +145,31 @@ def test_redact_tags_scrubs_values_and_drops_none(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh")
     tags = {"dataset": "s3://k:s@b/d", "error": "401 with hf_abcdefgh", "gone": None}
     assert redact_tags(tags) == {"dataset": "s3://***@b/d", "error": "401 with ***"}
+
+
+def test_redact_tags_masks_secret_named_tags_whole_as_params() -> None:
+    """A tag named like a secret loses its whole value, whatever it holds (a value no pattern
+    and no environment variable knows); our own tag names are not secret-named."""
+    from orchestrator.tracking import tags as names
+
+    tags = {
+        "api_token": "plain-value-1",
+        "password": "hunter22",
+        "db.secret": "x",
+        "signing.key": "abc",
+        "model": "resnet50",
+        "keyboard": "qwerty",
+    }
+    assert redact_tags(tags) == {
+        "api_token": "***",
+        "password": "***",
+        "db.secret": "***",
+        "signing.key": "***",
+        "model": "resnet50",
+        "keyboard": "qwerty",
+    }
+    ours = {v: "kept" for k, v in vars(names).items() if k.endswith("_TAG")}
+    assert redact_tags(ours) == ours
 
 
 def test_log_tags_redacts_all_but_the_exact_keys(
@@ -776,8 +801,17 @@ def test_runs_whose_job_died_are_marked_and_live_ones_kept(stack: Stack) -> None
     exp = c.create_experiment(f"liveness-{uid()}")
     now = time.time()
 
-    def run(job: str, beat: float | None = None, ray_job: str = "", status: str = "") -> str:
-        tags = {JOB_TAG: job, **({"ray_job_id": ray_job} if ray_job else {})}
+    def run(
+        job: str,
+        beat: float | None = None,
+        ray_job: str = "",
+        status: str = "",
+        cluster: str = "c1",
+    ) -> str:
+        tags = {
+            JOB_TAG: job,
+            **({"ray_job_id": ray_job, "ray_cluster": cluster} if ray_job else {}),
+        }
         if beat is not None:
             tags[liveness.HEARTBEAT_TAG] = str(int(beat))
         run_id = c.create_run(exp, tags=tags, run_name=job).info.run_id
@@ -790,12 +824,19 @@ def test_runs_whose_job_died_are_marked_and_live_ones_kept(stack: Stack) -> None
     gone = run("gone", now - 30, "0a000000")
     stopped = run("stopped", now - 30, "0b000000")
     going = run("going", now - 30, "0c000000")
+    elsewhere = run("elsewhere", now - 30, "0a000000", cluster="c2")  # the same id, another cluster
     done = run("done", now - 5000, status="FINISHED")
     unstamped = run("unstamped")  # an older version's run: nothing to judge it by
     foreign = c.create_run(exp).info.run_id
-    jobs = {"0a000000": "FAILED", "0b000000": "STOPPED", "0c000000": "RUNNING"}
+    states = {"0a000000": "FAILED", "0b000000": "STOPPED", "0c000000": "RUNNING"}
+    jobs = liveness.RayJobs("c1", states)
     marked = dict(liveness.sweep(c, [exp], jobs=jobs, now=now))
-    assert set(marked) == {stale, gone, stopped}
+    assert set(marked) == {gone, stopped}, "a stale heartbeat is only noted at a first sweep"
+    assert c.get_run(stale).data.tags[STALE_SEEN_TAG] == f"{int(now - 1200)}@{int(now)}"
+    early = now + liveness.CONFIRM_S - 1
+    assert liveness.sweep(c, [exp], jobs=jobs, now=early) == []
+    marked = dict(liveness.sweep(c, [exp], jobs=jobs, now=now + liveness.CONFIRM_S))
+    assert set(marked) == {stale}
     status = {r: c.get_run(r).info.status for r in (stale, live, gone, stopped, going, done)}
     assert status == {
         stale: "FAILED",
@@ -805,10 +846,45 @@ def test_runs_whose_job_died_are_marked_and_live_ones_kept(stack: Stack) -> None
         going: "RUNNING",
         done: "FINISHED",
     }
+    assert c.get_run(elsewhere).info.status == "RUNNING"
     assert {c.get_run(r).info.status for r in (unstamped, foreign)} == {"RUNNING"}
-    assert "no heartbeat for 20 min" in c.get_run(stale).data.tags[ERROR_TAG]
+    assert (
+        "no heartbeat for 22 min by the tracking server's clock"
+        in (c.get_run(stale).data.tags[ERROR_TAG])
+    )
     assert "Ray job 0a000000 ended FAILED" in c.get_run(gone).data.tags[ERROR_TAG]
-    assert liveness.sweep(c, [exp], jobs=jobs, now=now) == []  # nothing twice
+    assert liveness.sweep(c, [exp], jobs=jobs, now=now + 600) == []  # nothing twice
+
+
+def test_liveness_never_compares_two_machines_clocks(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A heartbeat written by a machine whose clock is an hour behind, and a sweep on one an
+    hour ahead: the live run is kept (both read the tracking server's clock). A run whose beats
+    stopped during an MLflow outage is noted, then kept once its beats resume."""
+    from orchestrator.tracking import liveness
+
+    c = client()
+    exp = c.create_experiment(f"skew-{uid()}")
+    real = time.time
+    live = c.create_run(exp, tags={JOB_TAG: "skewed"}).info.run_id
+    with monkeypatch.context() as m:
+        m.setattr(time, "time", lambda: real() - 3600)  # the writer's clock
+        beat = liveness.Heartbeat(c, live, interval_s=0.2).start()
+        deadline = time.monotonic() + 20
+        while HEARTBEAT_TAG not in c.get_run(live).data.tags and time.monotonic() < deadline:
+            time.sleep(0.1)
+        beat.stop()
+    assert abs(float(c.get_run(live).data.tags[HEARTBEAT_TAG]) - real()) < 60
+    outage = c.create_run(exp, tags={JOB_TAG: "outage"}).info.run_id
+    c.set_tag(outage, HEARTBEAT_TAG, str(int(liveness.server_time() - 1500)))  # 25 min unheard
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # the sweeper's clock
+    assert liveness.sweep(c, [exp], confirm_s=0) == []
+    assert STALE_SEEN_TAG not in c.get_run(live).data.tags
+    assert STALE_SEEN_TAG in c.get_run(outage).data.tags  # noted, not marked
+    c.set_tag(outage, HEARTBEAT_TAG, str(int(liveness.server_time())))  # the server is back
+    assert liveness.sweep(c, [exp], confirm_s=0) == []
+    assert {c.get_run(r).info.status for r in (live, outage)} == {"RUNNING"}
 
 
 def test_tracker_stamps_a_heartbeat_until_it_finishes(stack: Stack) -> None:

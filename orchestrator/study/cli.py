@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from orchestrator.cli import run_cli
+from orchestrator.job_lease import study_lease
 from orchestrator.spec import SpecError
 from orchestrator.study.grid import Study, Trial, apply_study_overrides
 from orchestrator.tracking.redaction import scrub
@@ -37,6 +38,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--dry-run", action="store_true", help="print the grid and its cost, check, run nothing"
     )
     parser.add_argument("--local", action="store_true", help="trials one after another, no Ray")
+    parser.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take the study's lease from a driver you know is dead (before it expires)",
+    )
     return parser.parse_args(argv)
 
 
@@ -53,6 +59,19 @@ def _main(study: Study, argv: list[str]) -> int:
     fingerprint = study.fingerprint()
     if args.dry_run:
         return dry_run(study, trials)
+    local = args.local or os.environ.get("ORCH_LOCAL") == "1"
+    if not local:  # connected first, so that the lease names the study's Ray job and cluster
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(log_to_driver=True)
+    # one driver per study (orchestrator.job_lease): a second submission of a live study is
+    # refused (exit 2) before anything runs; each trial's job takes its own lease too
+    with study_lease(study.base.checkpoint.storage, study.name, args.take_over):
+        return _run(study, trials, fingerprint, local)
+
+
+def _run(study: Study, trials: list[Trial], fingerprint: str, local: bool) -> int:
     client = _mlflow_client(study)
     parent = None
     if client is not None:
@@ -71,7 +90,7 @@ def _main(study: Study, argv: list[str]) -> int:
                 file=sys.stderr,
             )
             client = None
-    if args.local or os.environ.get("ORCH_LOCAL") == "1":
+    if local:
         from orchestrator.study.run import run_locally
 
         outcomes = run_locally(trials)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.spec import JobSpec, SpecError, apply_overrides
+from orchestrator.spec import JobSpec, SpecError, apply_overrides, check_name
 from orchestrator.tracking.tags import CELL_TAG, STUDY_TAG
 
 # What a user may set with study.KEY=VALUE on the command line
@@ -81,8 +81,7 @@ class Study:
     paper: str = ""  # which table or figure of the paper it reproduces, for the parent run
 
     def __post_init__(self) -> None:
-        if not self.name or any(c in self.name for c in "/ \\"):
-            raise SpecError(f"study.name: {self.name!r} must be non-empty, without spaces or /")
+        check_name(self.name, "study.name")  # the trials' job names and the lease's folder
         if not self.cells:
             raise SpecError(f"study {self.name}: no cells; give cells=grid({{...}})")
         if not (isinstance(self.seeds, int) and self.seeds >= 1):

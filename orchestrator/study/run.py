@@ -97,6 +97,7 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     """Tune's trainable: one job, resumed from its own checkpoints where it has any."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from orchestrator.job_lease import job_lease
     from orchestrator.launch import JobFailed, fit_on_ray
     from orchestrator.preflight import preflight
     from orchestrator.publish.finished import publish_finished_job
@@ -108,13 +109,15 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
         return {"job": spec.name, "skipped": 1, "job_wall_s": 0.0}
     preflight(spec)  # a refusal fails this trial alone, with its problems as the error
     t0 = time.perf_counter()
-    try:
-        fit_on_ray(spec, [TuneReportCallback()])
-    except JobFailed as err:
-        mark_job_run(spec.tracking.experiment, spec.name, "FAILED", error=err.error)
-        raise
-    publish_finished_job(spec)  # the job's workers are released: models and report from here
-    measure_trial(spec)
+    # its job's own lease: the same job submitted beside the study is refused, or refuses this
+    with job_lease(spec):
+        try:
+            fit_on_ray(spec, [TuneReportCallback()])
+        except JobFailed as err:
+            mark_job_run(spec.tracking.experiment, spec.name, "FAILED", error=err.error)
+            raise
+        publish_finished_job(spec)  # the job's workers are released: models and report here
+        measure_trial(spec)
     return {"job": spec.name, "skipped": 0, "job_wall_s": time.perf_counter() - t0}
 
 

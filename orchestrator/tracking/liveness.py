@@ -2,50 +2,83 @@
 
 A job closes its own MLflow run when it ends, fails, or is stopped (SIGTERM: the driver marks it
 KILLED). A SIGKILLed driver, or a head node that is lost, closes nothing. Two facts tell such a
-run from a live one:
+run from a live one, and neither compares one machine's clock with another's:
 
-- its Ray job (tag `ray_job_id`) has ended (FAILED or STOPPED) while the run says RUNNING; or
+- its Ray job (tags `ray_job_id` and `ray_cluster`, the cluster's session name: job ids repeat
+  across clusters) has ended (FAILED or STOPPED) on the cluster whose job server answers here;
 - its heartbeat (tag `orchestrator.heartbeat`, stamped every HEARTBEAT_S by a thread of the
-  rank-0 process, whatever the loop is doing) is older than STALE_S: the process is gone.
+  rank-0 process with the tracking server's time, the Date of its answer) is older than STALE_S
+  by the server's time now, at two sweeps CONFIRM_S apart (server time) with no beat between:
+  the first notes it (tag `orchestrator.stale_seen`), the second marks it. So a run whose
+  beats could not reach a server that was down is not marked when the server comes back: its
+  heartbeat resumes before the confirming sweep.
 
 `sweep` marks those runs FAILED (KILLED where Ray says the job was stopped) with the reason in
-`orchestrator.error`. It runs at every job's
-start (for the job's experiment, before its workers start) and on demand:
+`orchestrator.error`. It runs at every job's start (for the job's experiment, before its
+workers start) and on demand:
 
     python -m orchestrator.tracking.liveness [--experiment NAME ...] [--stale-min 10]
 
-(every experiment when none is named; cron it on a team's server). A resubmitted job
-continues the same run and sets it RUNNING again, whoever marked it.
+(every experiment when none is named; cron it on a team's server, every few minutes). A
+resubmitted job continues the same run and sets it RUNNING again, whoever marked it.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import email.utils
 import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from orchestrator.cli import run_cli
 from orchestrator.errors import UsageError
-from orchestrator.tracking.tags import ERROR_TAG, HEARTBEAT_TAG, JOB_TAG, RAY_JOB_TAG
+from orchestrator.tracking.tags import (
+    ERROR_TAG,
+    HEARTBEAT_TAG,
+    JOB_TAG,
+    RAY_CLUSTER_TAG,
+    RAY_JOB_TAG,
+    STALE_SEEN_TAG,
+)
 
 log = logging.getLogger(__name__)
 
 
 HEARTBEAT_S = 60.0
 STALE_S = 600.0  # ten beats missed: longer than any pause of a live process (a GC, a slow save)
+CONFIRM_S = 2 * HEARTBEAT_S  # between the sweep that notes a stale beat and the one that marks
+RETRY_S = 5.0  # a beat the server did not take is tried again this soon
 
 
 ENDED = ("FAILED", "STOPPED")  # Ray job states of a driver that is gone
 
 
+def server_time(uri: str | None = None) -> float:
+    """Now by the tracking server's clock: the Date header of its answer to GET /health (every
+    answer has one, a refusal too). A tracking store that is a local file or database has no
+    server: then this machine's clock, the store's own."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return time.time()
+    import requests
+
+    cert = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
+    answer = requests.get(f"{uri.rstrip('/')}/health", timeout=10, verify=cert or not insecure)
+    date = answer.headers.get("Date")
+    if not date:
+        raise RuntimeError(f"the tracking server at {uri} answered without a Date header")
+    return email.utils.parsedate_to_datetime(date).timestamp()
+
+
 class Heartbeat:
-    """Stamps a run's heartbeat tag every `interval_s` from a daemon thread: it dies with the
-    process, so the stamp stops exactly when the process does. Server errors are ignored (the
-    next beat tries again)."""
+    """Stamps a run's heartbeat tag with the server's time every `interval_s` from a daemon
+    thread: it dies with the process, so the stamp stops exactly when the process does. A beat
+    the server did not take is tried again after RETRY_S."""
 
     def __init__(self, client: Any, run_id: str, interval_s: float = HEARTBEAT_S) -> None:
         self.client, self.run_id, self.interval_s = client, run_id, interval_s
@@ -62,43 +95,66 @@ class Heartbeat:
 
     def _beat(self) -> None:
         while not self._stop.is_set():
+            wait = self.interval_s
             try:
-                self.client.set_tag(self.run_id, HEARTBEAT_TAG, str(int(time.time())))
-            except Exception as err:  # noqa: BLE001 - a down server: the next beat retries
+                self.client.set_tag(self.run_id, HEARTBEAT_TAG, str(int(server_time())))
+            except Exception as err:  # noqa: BLE001 - a down server: retried soon
                 log.debug("heartbeat of run %s not sent: %s", self.run_id, err)
-            self._stop.wait(self.interval_s)
+                wait = min(wait, RETRY_S)
+            self._stop.wait(wait)
 
 
-def ray_job_states() -> dict[str, str] | None:
-    """{Ray job id: status} from the job server in RAY_ADDRESS (http://...), or None where
-    there is none or it does not answer."""
+class RayJobs(NamedTuple):
+    """The job states of one Ray cluster, named by its session name."""
+
+    cluster: str
+    states: dict[str, str]  # Ray job id -> status
+
+
+def ray_job_states() -> RayJobs | None:
+    """The job server's in RAY_ADDRESS (http://...), or None where there is none or it does not
+    answer."""
     address = os.environ.get("RAY_ADDRESS", "")
     if not address.startswith("http"):
         return None
     try:
         from ray.job_submission import JobSubmissionClient
 
-        jobs = JobSubmissionClient(address).list_jobs()
+        client = JobSubmissionClient(address)
+        jobs = client.list_jobs()
+        # /api/version names the cluster (session_name); JobSubmissionClient has no public call
+        # that returns it, so its own request helper (which carries Ray's auth token) asks
+        cluster = str(client._do_request("GET", "/api/version").json().get("session_name", ""))
     except Exception as err:  # noqa: BLE001 - no job server: the heartbeat alone decides
         log.info("Ray job server at %s not read: %s", address, err)
         return None
-    return {j.job_id: str(j.status) for j in jobs if j.job_id}
+    return RayJobs(cluster, {j.job_id: str(j.status) for j in jobs if j.job_id})
 
 
-def _why_dead(run: Any, now: float, stale_s: float, jobs: dict[str, str] | None) -> str | None:
+def _why_dead(
+    run: Any, now: float, stale_s: float, confirm_s: float, jobs: RayJobs | None
+) -> tuple[str, str] | None:
+    """("dead", why), ("stale", tag value to note) or None for a live run."""
     tags = run.data.tags
     job_id = tags.get(RAY_JOB_TAG, "")
-    state = (jobs or {}).get(job_id, "")
-    if state in ENDED:
-        return f"its Ray job {job_id} ended {state} while the run was RUNNING (driver killed?)"
+    # a job id means that job only on the cluster the run recorded
+    if jobs and job_id and jobs.cluster and tags.get(RAY_CLUSTER_TAG) == jobs.cluster:
+        state = jobs.states.get(job_id, "")
+        if state in ENDED:
+            why = f"its Ray job {job_id} ended {state} while the run was RUNNING (driver killed?)"
+            return "dead", why
     beat = tags.get(HEARTBEAT_TAG)
-    if beat and now - float(beat) > stale_s:
-        last = dt.datetime.fromtimestamp(float(beat), dt.UTC).isoformat(timespec="seconds")
-        return (
-            f"no heartbeat for {(now - float(beat)) / 60:.0f} min (last {last}): the job died "
-            "without a word (driver SIGKILLed or its node lost)"
-        )
-    return None
+    if not beat or now - float(beat) <= stale_s:
+        return None
+    seen_beat, _, seen_at = tags.get(STALE_SEEN_TAG, "").partition("@")
+    if seen_beat != beat or now - float(seen_at or now) < confirm_s:
+        return "stale", f"{beat}@{int(now)}" if seen_beat != beat else ""
+    last = dt.datetime.fromtimestamp(float(beat), dt.UTC).isoformat(timespec="seconds")
+    return "dead", (
+        f"no heartbeat for {(now - float(beat)) / 60:.0f} min by the tracking server's clock "
+        f"(last {last}; still none {(now - float(seen_at)) / 60:.0f} min after a sweep saw it "
+        "stale): the job died without a word (driver SIGKILLed or its node lost)"
+    )
 
 
 def sweep(
@@ -106,14 +162,15 @@ def sweep(
     experiment_ids: list[str],
     *,
     stale_s: float = STALE_S,
-    jobs: dict[str, str] | None = None,
+    confirm_s: float = CONFIRM_S,
+    jobs: RayJobs | None = None,
     now: float | None = None,
 ) -> list[tuple[str, str]]:
     """Mark FAILED (or KILLED) every RUNNING run of this project in the experiments whose job
-    is gone; returns (run id, reason) of each."""
+    is gone; returns (run id, reason) of each. `now` defaults to the tracking server's time."""
     if not experiment_ids:
         return []
-    now = time.time() if now is None else now
+    now = server_time() if now is None else now
     runs = client.search_runs(
         experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=1000
     )
@@ -121,10 +178,20 @@ def sweep(
     for run in runs:
         if JOB_TAG not in run.data.tags:
             continue  # not one of ours
-        why = _why_dead(run, now, stale_s, jobs)
-        if why is None:
+        verdict = _why_dead(run, now, stale_s, confirm_s, jobs)
+        if verdict is None:
             continue
+        kind, why = verdict
         run_id = run.info.run_id
+        if kind == "stale":  # noted now, marked by a sweep CONFIRM_S later if still silent
+            if why:
+                client.set_tag(run_id, STALE_SEEN_TAG, why)
+                log.info(
+                    "run %s: heartbeat stale; marked at a sweep %.0f s from now if it stays silent",
+                    run_id,
+                    confirm_s,
+                )
+            continue
         status = "KILLED" if "ended STOPPED" in why else "FAILED"
         client.set_tag(run_id, ERROR_TAG, f"{why}; marked {status} at {_iso(now)}")
         client.set_terminated(run_id, status=status)

@@ -5,7 +5,7 @@ messages about them) passes what it writes through this module:
 
 - `scrub(text)`: free text (tags, artifacts, error messages, log lines) with credentials masked;
 - `redact(params)`: params, masked by name (the whole value) or by content;
-- `redact_tags(tags)`: tags, masked by content;
+- `redact_tags(tags)`: tags, masked by name (the whole value) or by content, as params are;
 - `log_tags(client, run_id, tags)`: tags redacted and set on a run, in one call.
 
 A secret is: a URL's user-info (`s3://KEY:SECRET@bucket`), an AWS access key id, a query
@@ -67,20 +67,23 @@ def scrub(text: Any) -> str:
     return SECRET_QUERY.sub(lambda m: f"{m['name']}={MASK}", text)
 
 
+def redact_value(key: str, value: Any) -> str:
+    """`value` as text, masked whole if `key` is named like a secret (`api_token`, `password`,
+    `db.key`), else scrubbed."""
+    return MASK if SECRET_NAME.search(key) else scrub(value)
+
+
 def redact(params: Mapping[str, Any]) -> dict[str, str]:
     """Params as MLflow stores them (strings, at most PARAM_LIMIT characters), secrets masked:
     a secret-named key loses its whole value, any other value is scrubbed."""
-    out = {}
-    for key, value in params.items():
-        text = MASK if SECRET_NAME.search(key) else scrub(value)
-        out[key] = text[:PARAM_LIMIT]
-    return out
+    return {key: redact_value(key, value)[:PARAM_LIMIT] for key, value in params.items()}
 
 
 def redact_tags(tags: Mapping[str, Any]) -> dict[str, str]:
-    """Tags as MLflow stores them (strings, at most TAG_LIMIT characters), values scrubbed;
-    None values are left out."""
-    return {k: scrub(v)[:TAG_LIMIT] for k, v in tags.items() if v is not None}
+    """Tags as MLflow stores them (strings, at most TAG_LIMIT characters), secrets masked as in
+    params: a secret-named key loses its whole value, any other is scrubbed; None values are
+    left out."""
+    return {k: redact_value(k, v)[:TAG_LIMIT] for k, v in tags.items() if v is not None}
 
 
 def log_tags(
