@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import statistics
 import sys
@@ -160,8 +161,9 @@ def run_trial(kind: str, ctx: dict, base: kinds.Baselines, rng: random.Random) -
     kinds.check(r, EXPERIMENT, ctx["storage"], reference, base.tolerance, groups)
     if r.status == "SUCCEEDED":
         if r.resumed is None and job:
-            found = [ln for ln in logs(job).splitlines() if "rank 0 resumed from" in ln]
-            r.resumed = int(found[-1].rsplit(" ", 1)[1]) if found else None
+            # Ray may suffix a line with "[repeated 2x across cluster]": match the step itself
+            found = re.findall(r"rank 0 resumed from \S+ step (\d+)", logs(job))
+            r.resumed = int(found[-1]) if found else None
         h = history(EXPERIMENT, r.name)
         r.lost_s, done = lost_seconds(h, t_fail, reference.history.step_time())
         if r.done_steps is not None:  # preempt: read from the job log, not extrapolated
@@ -306,7 +308,11 @@ def main() -> None:
         rng = random.Random(args.seed)
         for i in range(args.trials):
             kind = wanted[i % len(wanted)]
-            r = run_trial(kind, ctx, base, rng)
+            try:
+                r = run_trial(kind, ctx, base, rng)
+            except Exception as err:  # noqa: BLE001 - the bench's own bug fails one trial
+                r = kinds.Result(kind, f"chaos-{kind}", what=f"bench error: {err!r}")
+                r.status = "BROKE"
             results[kind].append(r)
             print(r.line(), flush=True)
             if r.log_tail:
