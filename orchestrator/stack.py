@@ -2,7 +2,8 @@
 
     python -m orchestrator.stack up | down [--purge] | status | env
 
-`up` starts SeaweedFS (`weed mini`, S3 with credentials; anonymous requests refused), an
+`up` starts SeaweedFS (`weed mini`, S3 with credentials; anonymous requests refused, its
+other ports locked: orchestrator.stack_security, docs/security.md), an
 `mlflow server` (sqlite under the state folder, artifacts proxied to the object store; MLflow's
 basic-auth app: user admin, a generated password, anonymous requests refused) and a Ray head
 (dashboard on 127.0.0.1, token auth on), waits until each answers, and records their PIDs
@@ -36,6 +37,7 @@ from pathlib import Path
 
 from orchestrator.cli import run_cli
 from orchestrator.stack_config import REPO_ROOT, SERVICES, StackConfig, StackError
+from orchestrator.stack_security import weed_lock_env, weed_lock_flags
 
 MLFLOW_USER = "admin"  # the local MLflow's one user; its password is in the secrets folder
 
@@ -198,8 +200,12 @@ class Stack:
         return build[service](env)
 
     def _s3_command(self, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-        """`weed mini`: S3 for the one identity whose keys are in the secrets folder."""
+        """`weed mini`: S3 for the one identity whose keys are in the secrets folder; its other
+        services locked (orchestrator.stack_security)."""
         c = self.cfg
+        # cross-origin requests only from S3's own origin: from no web page
+        origin = f"http://{c.host}:{c.s3_port}"
+        env.update(weed_lock_env(self._secret, self.dir / "secrets" / "seaweedfs-tls", origin))
         config = self.dir / "secrets" / "s3-identities.json"
         identity = {
             "name": "admin",
@@ -226,6 +232,7 @@ class Stack:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.telemetry=false",
+            *weed_lock_flags(origin),
         ], env
 
     def _mlflow_command(self, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
@@ -254,6 +261,10 @@ class Stack:
             str(c.mlflow_port),
             "--workers",
             "2",
+            # uvicorn kills a worker that misses one 5 s health ping, and one still importing
+            # MLflow on a loaded machine misses it: killed and restarted forever, never serving
+            "--uvicorn-opts",
+            "--timeout-worker-healthcheck 60",
             "--backend-store-uri",
             f"sqlite:///{self.dir / 'mlflow.db'}",
             "--artifacts-destination",
