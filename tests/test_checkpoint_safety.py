@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -337,3 +338,43 @@ def test_a_reader_that_may_not_write_reads_unheld_and_says_so(
         state = read_trainer_state(f"{tmp_path}/ckpts/step-00000001", "fig7 of run x")
     assert state == {"step": 1}
     assert "fig7 of run x: no reader's lease" in caplog.text and "read-only" in caplog.text
+
+
+def test_a_deepspeed_resume_refuses_a_replaced_shard(
+    tmp_path: Path,
+) -> None:
+    """The path end to end (--local, DeepSpeed ZeRO-1, 1 worker): the marker records the
+    shards' sha256; a shard replaced since (its marker size updated) stops the resume, naming
+    the file, and its code does not run. (Resumes from untouched DeepSpeed shards:
+    tests/test_fault_tolerance.py's ZeRO tests.)"""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.test_train import TINY
+
+    def job(max_iters: int) -> subprocess.CompletedProcess[str]:
+        args = ["jobs/smoke.py", "--local", "name=ds", f"checkpoint.storage={tmp_path}", *TINY]
+        args += ["scaling.strategy=deepspeed", "scaling.zero_stage=1", "scaling.num_workers=1"]
+        args += ["scaling.global_batch=8", "checkpoint.every_iters=2"]
+        return subprocess.run(
+            [sys.executable, *args, f"schedule.max_iters={max_iters}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+
+    first = job(4)
+    assert first.returncode == 0, first.stderr[-3000:]
+    store, ran = CheckpointStore(str(tmp_path / "ds" / "checkpoints")), tmp_path / "ran"
+    latest = store.latest()
+    assert latest is not None and latest.step == 4
+    [shard] = [f for f in latest.sha256 if f.endswith("model_states.pt")]
+    _tamper(store, 4, shard, _evil(ran))
+    refused = job(6)
+    out = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and f"{shard}: refused to load" in out, out[-3000:]
+    assert not ran.exists()
