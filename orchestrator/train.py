@@ -546,10 +546,11 @@ def marker_metrics(
     measured: dict[str, float],
 ) -> dict[str, float]:
     """A commit marker's metrics at `step`: those `measured` or published (`measured_at`) there,
-    and the newest others but those a best step is chosen by (CHECKPOINT_METRICS): a step not
-    validated carries no validation error, so `@best` is always a validated step."""
+    and the newest others but val/* and CHECKPOINT_METRICS, so `@best` is a validated step."""
     kept = {
-        k: v for k, v in latest.items() if k not in CHECKPOINT_METRICS or measured_at.get(k) == step
+        k: v
+        for k, v in latest.items()
+        if not (k in CHECKPOINT_METRICS or k.startswith("val/")) or measured_at.get(k) == step
     }
     return {**kept, **measured}
 

@@ -309,8 +309,8 @@ def test_resume_from_and_ensembles_hold_the_step_they_read(tmp_path: Path) -> No
 def test_best_is_a_validated_step() -> None:
     """Validated at step 10 (err 0.3), saved at 10, 15 and 20: only step 10's marker has the
     validation error, so it is the best; a tie between two validated steps goes to the older."""
-    latest = {"val/top1_err": 0.3, "train/loss": 1.0, "train/lr": 0.1}
-    measured_at = {"val/top1_err": 10, "train/loss": 10, "train/lr": 10}
+    latest = {"val/top1_err": 0.3, "val/samples": 50.0, "train/loss": 1.0, "train/lr": 0.1}
+    measured_at = dict.fromkeys(latest, 10)
     at_10 = marker_metrics(latest, measured_at, 10, {})
     at_15 = marker_metrics(latest, measured_at, 15, {"train/loss": 0.9})
     at_20 = marker_metrics(latest, measured_at, 20, {})
