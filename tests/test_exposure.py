@@ -27,6 +27,8 @@ import pytest
 from orchestrator.stack import Stack
 from tests.conftest import ROOT, TEST_PORTS, free_weed_ports, port_is_free, test_stack_config
 
+pytestmark = pytest.mark.slow  # a whole stack of its own, and a job
+
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 PATHS = (
     "/",
