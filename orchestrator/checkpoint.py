@@ -275,14 +275,33 @@ class CheckpointStore:
     def release(self, step: int, lease: str) -> None:
         self.storage.delete(f"{_step_dir(step)}/{lease}")
 
+    def lease_or_warn(self, step: int, who: str) -> str | None:
+        """`lease`, or None where the storage refuses the write (a reader with read-only
+        credentials may still read): said out loud, since retention could then delete it."""
+        try:
+            return self.lease(step, who)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever the store answered, the same
+            log.warning(
+                "%s: no reader's lease on %s (%s: %s): reading it unheld, so retention could "
+                "delete it meanwhile; give this reader write access to the checkpoint storage",
+                who,
+                self.storage.url(_step_dir(step)),
+                type(err).__name__,
+                err,
+            )
+            return None
+
     @contextlib.contextmanager
     def reading(self, step: int, who: str) -> Iterator[None]:
-        """`lease` for the duration of a `with` block (`who` names the reader in the lease)."""
-        lease = self.lease(step, who)
+        """`lease_or_warn` for the duration of a `with` block (`who` names the reader)."""
+        lease = self.lease_or_warn(step, who)
         try:
             yield
         finally:
-            self.release(step, lease)
+            if lease is not None:
+                self.release(step, lease)
 
     def read_bytes(self, step: int, name: str) -> bytes:
         """A checkpoint file's bytes as stored (to hash them, or load_state them later)."""

@@ -22,7 +22,6 @@ UsageError and a ValueError) whose message names the run, version or URL, and th
 from __future__ import annotations
 
 import contextlib
-import logging
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,8 +33,6 @@ from orchestrator.tracking.tags import CHECKPOINT_TAG, JOB_TAG
 if TYPE_CHECKING:
     from orchestrator.checkpoint import Committed
     from orchestrator.spec import JobSpec
-
-log = logging.getLogger(__name__)
 
 # which committed checkpoint of a run: `last` is publish's alias for `latest` (MLflow reserves
 # the alias `latest`), so both are accepted
@@ -267,30 +264,15 @@ def holding(url: str, what: str) -> Iterator[None]:
 
     root, step = _url_step(url, what)
     store = CheckpointStore(root)
-    lease = _lease(store, step, url, what)
+    try:
+        lease = store.lease_or_warn(step, what)
+    except FileNotFoundError as err:  # not committed (any more): nothing to read
+        raise CheckpointRefError(f"{what}: cannot hold {url}: {err}") from err
     try:
         yield
     finally:
         if lease is not None:
             store.release(step, lease)
-
-
-def _lease(store: Any, step: int, url: str, what: str) -> str | None:
-    """A lease on the step; None where the storage refused to write it (said out loud)."""
-    try:
-        return store.lease(step, what)
-    except FileNotFoundError as err:  # not committed (any more): nothing to read
-        raise CheckpointRefError(f"{what}: cannot hold {url}: {err}") from err
-    except Exception as err:  # noqa: BLE001 - a reader may read what it may not write
-        log.warning(
-            "%s: no reader's lease on %s (%s: %s): reading it unheld, so retention could "
-            "delete it meanwhile; give this reader write access to the checkpoint storage",
-            what,
-            url,
-            type(err).__name__,
-            err,
-        )
-        return None
 
 
 def read_trainer_state(url: str, what: str) -> dict[str, Any]:
