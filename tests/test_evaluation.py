@@ -329,7 +329,7 @@ def test_training_loop_validates_with_the_specs_protocol(
     )
     step = tmp_path / "tc" / "checkpoints" / "step-00000002"
     marker = json.loads((step / "COMMITTED").read_text())["metrics"]
-    state = torch.load(step / "trainer.pt", weights_only=False)
+    state = torch.load(step / "trainer.pt", weights_only=True)
     net = create_model("cifar_resnet20", 3)
     net.load_state_dict(state["strategy"]["model"])
     cfg = odd_cfg(odd_local_shards, normalize="per_pixel_mean")

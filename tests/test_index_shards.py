@@ -227,7 +227,7 @@ def test_train_a_few_steps_on_indexed_shards(
     )
     steps = sorted((tmp_path / "ckpt" / "peer" / "checkpoints").glob("step-*"))
     assert steps and (steps[-1] / "COMMITTED").exists(), out
-    state = torch.load(io.BytesIO((steps[-1] / "trainer.pt").read_bytes()), weights_only=False)
+    state = torch.load(io.BytesIO((steps[-1] / "trainer.pt").read_bytes()), weights_only=True)
     assert state["step"] == 3
 
 

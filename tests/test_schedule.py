@@ -134,16 +134,16 @@ def test_the_training_loop_decides_alike_on_two_ranks(
         env={"OMP_NUM_THREADS": "1"},
     )
     step = tmp_path / "warm" / "checkpoints" / "step-00000008"
-    ranks = [torch.load(step / f"rank-{r:05d}.pt", weights_only=False) for r in (0, 1)]
+    ranks = [torch.load(step / f"rank-{r:05d}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["schedule"] == ranks[1]["schedule"]
     assert ranks[0]["schedule"]["warming"] is False
     assert ranks[0]["schedule"]["warmup_ended_at"] == 4
-    trainer = torch.load(step / "trainer.pt", weights_only=False)
+    trainer = torch.load(step / "trainer.pt", weights_only=True)
     assert trainer["schedule"] == ranks[0]["schedule"]
     assert trainer["strategy"]["last_lr"] == pytest.approx(0.05)  # the full lr after step 4
     marker = json.loads((step / "COMMITTED").read_text())
     assert marker["metrics"]["train/lr"] == pytest.approx(0.05)
     # saved right after the decision: step 4 ran warm, a resume from here would not
-    at_switch = torch.load(step.parent / "step-00000004" / "trainer.pt", weights_only=False)
+    at_switch = torch.load(step.parent / "step-00000004" / "trainer.pt", weights_only=True)
     assert at_switch["strategy"]["last_lr"] == pytest.approx(0.005)
     assert at_switch["schedule"]["warming"] is False
