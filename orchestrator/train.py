@@ -66,10 +66,6 @@ from orchestrator.train_data import adopt_streams, data_position, open_ledger, t
 
 log = logging.getLogger(__name__)
 
-# Ray Train fetches a worker's report at its health check (every 2 s) and blocks the next
-# report until then: at most one report this often never holds a step (MLflow has every one)
-REPORT_EVERY_S = 5.0
-
 
 class NonFiniteLoss(OrchestratorError, FloatingPointError):
     """The loss went NaN/inf; the same spec from the same checkpoint would again."""
@@ -142,7 +138,6 @@ class Trainer:
         self.window = MetricsWindow(self.device)
         self.latest: dict[str, float] = {}  # the newest value of every metric published
         self._measured_at: dict[str, int] = {}  # the step each of them was published at
-        self._reported_at = -REPORT_EVERY_S  # monotonic time of the last Runtime.report
         self._batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None  # this epoch's
         self._nonfinite = torch.zeros((), device=self.device)  # set on device, read at checks
         # schedule.warmup_until_train_err: top-1 hits (on the device) and samples since the
@@ -523,19 +518,18 @@ class Trainer:
         self.tracking_run_id = self.tracker.run_id or self.tracking_run_id
 
     def _publish(self, metrics: dict[str, float], report: bool = False) -> None:
-        """Log `metrics` (rank 0: to MLflow and the job log); `report`: report every newest
-        value to the runtime now (the run's end), else at most every REPORT_EVERY_S."""
+        """Log `metrics` (rank 0: to MLflow and the job log). `report` (the run's end, reached
+        by every rank): report every newest value to the runtime, once. Ray Train's report is
+        a barrier of all workers that waits for its 2 s health check to fetch the report
+        before: one per logged step held fast steps that long."""
         self.latest.update(metrics)
-        self._measured_at.update(dict.fromkeys(metrics, self.step))
         if metrics:
             metrics = {**metrics, "train/step": float(self.step)}
             if self.rt.rank == 0:
                 self.tracker.log_metrics(metrics, self.step)
                 text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
                 log.info("step %d %s", self.step, text)
-        now = time.monotonic()
-        if report or (metrics and now - self._reported_at >= REPORT_EVERY_S):
-            self._reported_at = now
+        if report:
             self.rt.report({**self.latest, "train/step": float(self.step)})
 
 
