@@ -99,7 +99,7 @@ def ray_job_ended(holder: dict[str, Any]) -> str | None:
     try:
         from ray.util.state import list_jobs
 
-        states = {j.job_id: str(j.status) for j in list_jobs(limit=100_000) if j.job_id}
+        states = {j.job_id: str(j.status) for j in list_jobs(limit=10_000) if j.job_id}
     except Exception as err:  # noqa: BLE001 - no state API: expiry decides
         log.info("Ray's job states not read (%s): the lease's expiry decides", err)
         return None

@@ -214,7 +214,7 @@ def test_on_ray_a_second_submission_is_refused_naming_the_ray_job(
 ) -> None:
     """Through the test stack's Ray: the second `ray job submit` of a running job fails (exit 2)
     naming the first's Ray job and cluster, before any worker of its own; the first, stopped,
-    releases its lease."""
+    releases its lease; a lease left held by a job Ray says has ended is taken at once."""
     import importlib.util
 
     from orchestrator.checkpoint_refs import job_checkpoints_url
@@ -254,3 +254,11 @@ def test_on_ray_a_second_submission_is_refused_naming_the_ray_job(
     while _state(folder)["state"] != "released" and time.monotonic() < deadline:
         time.sleep(1)
     assert _state(folder)["state"] == "released"
+    # a holder that did not release (a SIGKILLed driver) and whose process looks alive: Ray's
+    # word that its job ended on this cluster frees the lease at once, not its hour-long expiry
+    stale = {**holder, "state": "held", "pid": os.getpid(), "ttl_s": 3600}
+    open_storage(folder).put(LEASE, json.dumps(stale).encode())
+    third = chaos.submit([*args, "schedule.max_iters=2"])
+    assert chaos.wait(third, timeout_s=300) == "SUCCEEDED", chaos.logs(third)[-3000:]
+    took = f"its Ray job {holder['ray_job']} ended STOPPED"
+    assert took in chaos.logs(third), chaos.logs(third)[-3000:]
