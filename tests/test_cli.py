@@ -163,9 +163,10 @@ OFF_THE_BASE = {"Terminated", "_Permanent", "_Refused"}
 
 def _classes() -> dict[str, tuple[type[BaseException], int, type[BaseException]]]:
     """Name: (class, exit code, the builtin base its callers catch)."""
+    from orchestrator.checkpoint import UnsafeCheckpointError
     from orchestrator.checkpoint_refs import CheckpointRefError
     from orchestrator.data.ledger import LedgerError
-    from orchestrator.data.manifest import DataError, DataUnavailable
+    from orchestrator.data.manifest import BadShard, DataError, DataUnavailable
     from orchestrator.ensemble_eval.config import EnsembleError
     from orchestrator.evaluation import UnknownProtocolError
     from orchestrator.job_lease import LeaseHeld
@@ -204,6 +205,8 @@ def _classes() -> dict[str, tuple[type[BaseException], int, type[BaseException]]
         (NonFiniteLoss, 1, FloatingPointError),
         (LedgerError, 2, ValueError),
         (LeaseHeld, 2, RuntimeError),
+        (UnsafeCheckpointError, 2, RuntimeError),
+        (BadShard, 2, RuntimeError),
     ]
     return {cls.__name__: (cls, code, builtin) for cls, code, builtin in found}
 
@@ -251,6 +254,8 @@ ERROR_NAMES = (
     "NonFiniteLoss",
     "LedgerError",
     "LeaseHeld",
+    "UnsafeCheckpointError",
+    "BadShard",
 )
 
 
