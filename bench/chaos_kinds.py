@@ -235,7 +235,11 @@ def preempt(ctx: dict, rng: random.Random) -> tuple[Result, str, float]:
     node.drain(DEADLINE_S)
     notice = _wait_log(job, r"preemption notice at step (\d+)", DEADLINE_S)
     seen_after = time.time() - t_drain
-    time.sleep(max(0.0, t_drain + DEADLINE_S - time.time()))
+    # the kill comes at Ray's deadline, as a reclaim's would: the drain CLI's own start-up
+    # (seconds on a loaded box) lies between t_drain and the deadline Ray set
+    said = re.findall(r"deadline_ms=(\d+)", logs(job))
+    deadline = int(said[0]) / 1000 if said else time.time() - seen_after + DEADLINE_S
+    time.sleep(max(0.0, deadline - time.time()))
     if wait_status_terminal(job):
         raise TrialError(
             f"the job ended before the deadline: raise ELASTIC_STEPS ({ELASTIC_STEPS})"
