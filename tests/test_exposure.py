@@ -26,6 +26,7 @@ import pytest
 
 from orchestrator.stack import Stack
 from tests.conftest import ROOT, TEST_PORTS, free_weed_ports, port_is_free, test_stack_config
+from tests.test_train import TINY
 
 pytestmark = pytest.mark.slow  # a whole stack of its own, and a job
 
@@ -217,16 +218,7 @@ def _local_job(tmp_path: Path) -> subprocess.Popen:
             "--local",
             "name=exposure",
             f"checkpoint.storage={tmp_path}",
-            "model.name=cifar_resnet20",
-            "model.channels_last=false",
-            "data.source=synthetic",
-            "data.image_size=32",
-            "data.synthetic_classes=10",
-            "data.pca_lighting=0",
-            "tracking.enabled=false",
-            "eval.every_iters=0",
-            "eval.at_end=false",
-            "checkpoint.at_epoch_end=false",
+            *TINY,
             "scaling.num_workers=2",
             "scaling.global_batch=16",
             "scaling.micro_batch=8",
