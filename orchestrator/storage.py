@@ -178,35 +178,32 @@ class S3Storage:
         )
         os.unlink(local)
 
-    def get(self, rel: str) -> bytes:
+    def _unless_missing(self, rel: str, call: Any) -> Any:
+        """`call()` (retried), or None where the object `rel` does not exist."""
         from botocore.exceptions import ClientError
 
         try:
-            return s3.with_retries(
-                lambda: (
-                    s3.client().get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
-                ),
-                what=self.url(rel),
-            )
-        except ClientError as err:
-            if _missing(err):
-                raise NotFound(self.url(rel)) from None
-            raise
-
-    def head(self, rel: str) -> tuple[int, str] | None:
-        """(size, ETag) of an object, or None: any rewrite of the object changes its ETag."""
-        from botocore.exceptions import ClientError
-
-        try:
-            head = s3.with_retries(
-                lambda: s3.client().head_object(Bucket=self.bucket, Key=self._key(rel)),
-                what=self.url(rel),
-            )
+            return s3.with_retries(call, what=self.url(rel))
         except ClientError as err:
             if _missing(err):
                 return None
             raise
-        return int(head["ContentLength"]), str(head["ETag"])
+
+    def get(self, rel: str) -> bytes:
+        body = self._unless_missing(  # the body read inside the retries
+            rel,
+            lambda: s3.client().get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read(),
+        )
+        if body is None:
+            raise NotFound(self.url(rel))
+        return bytes(body)
+
+    def head(self, rel: str) -> tuple[int, str] | None:
+        """(size, ETag) of an object, or None: any rewrite of the object changes its ETag."""
+        head = self._unless_missing(
+            rel, lambda: s3.client().head_object(Bucket=self.bucket, Key=self._key(rel))
+        )
+        return None if head is None else (int(head["ContentLength"]), str(head["ETag"]))
 
     def exists(self, rel: str) -> bool:
         return self.head(rel) is not None
@@ -214,17 +211,11 @@ class S3Storage:
     def read_versioned(self, rel: str) -> Versioned | None:
         """The object, its ETag and its age: the response's Date less its Last-Modified, both
         the store's clock."""
-        from botocore.exceptions import ClientError
-
-        try:
-            got = s3.with_retries(
-                lambda: s3.client().get_object(Bucket=self.bucket, Key=self._key(rel)),
-                what=self.url(rel),
-            )
-        except ClientError as err:
-            if _missing(err):
-                return None
-            raise
+        got = self._unless_missing(
+            rel, lambda: s3.client().get_object(Bucket=self.bucket, Key=self._key(rel))
+        )
+        if got is None:
+            return None
         data = got["Body"].read()
         date = got["ResponseMetadata"]["HTTPHeaders"].get("date")
         now = email.utils.parsedate_to_datetime(date) if date else None

@@ -25,7 +25,7 @@ from orchestrator.job_lease import LEASE, Lease, LeaseHeld
 from orchestrator.stack import Stack
 from orchestrator.storage import open_storage
 from tests.conftest import ROOT, run_script
-from tests.test_train import TINY
+from tests.test_train import TINY, local_job
 
 
 def _lease(folder: Path | str, **kwargs: object) -> Lease:
@@ -133,20 +133,16 @@ STEPS = 20
 
 
 def _job(storage: Path, name: str) -> list[str]:
-    return [
-        sys.executable,
-        "jobs/smoke.py",
-        "--local",
-        f"name={name}",
-        f"checkpoint.storage={storage}",
-        *TINY,
+    return local_job(
+        storage,
+        name,
         "scaling.num_workers=1",
         "scaling.global_batch=16",
         f"schedule.max_iters={STEPS}",
         "schedule.milestones=[]",
         "checkpoint.every_iters=10",
         "tracking.log_every=1",
-    ]
+    )
 
 
 def _final_weights(storage: Path, name: str) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,7 +26,7 @@ from orchestrator.spec import CheckpointConfig, SpecError, apply_overrides
 from orchestrator.stack import Stack
 from orchestrator.tracking.tags import JOB_TAG
 from tests.conftest import ROOT, odd_shards_data, run_script
-from tests.test_train import TINY
+from tests.test_train import local_job
 
 STEPS = 80  # ~30 ms each here: the notice lands well before the end
 TWO_WORKERS = [
@@ -40,16 +39,7 @@ TWO_WORKERS = [
 
 
 def _job(storage: Path, name: str, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "jobs/smoke.py",
-        "--local",
-        f"name={name}",
-        f"checkpoint.storage={storage}",
-        *TINY,
-        *TWO_WORKERS,
-        *overrides,
-    ]
+    return local_job(storage, name, *TWO_WORKERS, *overrides)
 
 
 def _committed(storage: Path, name: str) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,20 @@ TINY = [  # cifar_resnet20 on 32x32 synthetic batches: the loop's mechanics, fas
     "eval.at_end=false",
     "checkpoint.at_epoch_end=false",
 ]
+
+
+def local_job(storage: Path, name: str, *overrides: str) -> list[str]:
+    """The command line of a TINY smoke job under `--local` (torchrun where it asks for more
+    than one worker), its checkpoints under `storage`."""
+    return [
+        sys.executable,
+        "jobs/smoke.py",
+        "--local",
+        f"name={name}",
+        f"checkpoint.storage={storage}",
+        *TINY,
+        *overrides,
+    ]
 
 
 def _final_state(storage: Path, name: str) -> dict:
