@@ -26,6 +26,7 @@ import email.utils
 import hashlib
 import logging
 import os
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from orchestrator import s3
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import OrchestratorError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,63 @@ class S3Storage:
 
 
 Storage = LocalStorage | S3Storage
+
+
+class UnsupportedURL(UsageError, ValueError):
+    """A storage URL in a scheme the project does not speak; the message names the ones it does."""
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# schemes people reach for, and the way each one reaches the project instead
+_INSTEAD = {
+    "gs": "Google Cloud Storage speaks S3 through its interoperability endpoint: set "
+    "AWS_ENDPOINT_URL_S3=https://storage.googleapis.com, AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY to an HMAC key of the bucket's service account, and write "
+    "s3://BUCKET/PREFIX (docs/storage.md)",
+    "s3a": "write s3:// (s3a:// and s3n:// are Hadoop's names for the same buckets)",
+    "s3n": "write s3:// (s3a:// and s3n:// are Hadoop's names for the same buckets)",
+    "file": "write the path itself (/data/x, not file:///data/x)",
+    "az": "Azure Blob Storage has no S3 API: copy the data to an S3-compatible store (MinIO, "
+    "R2, ...) or a local folder",
+    "abfs": "Azure Blob Storage has no S3 API: copy the data to an S3-compatible store (MinIO, "
+    "R2, ...) or a local folder",
+    "hdfs": "mount the filesystem (a local path every node sees) or copy the data to s3://",
+}
+
+
+def check_url(url: str, what: str, *, write: bool, http: bool | None = None) -> str:
+    """Return `url` if the project speaks its scheme for this use, else raise UnsupportedURL
+    naming `what` (e.g. "data.url", "--dest") and the supported schemes.
+
+    Spoken: a local path, s3://BUCKET[/PREFIX], and http(s):// where the caller only reads
+    (`http` defaults to `not write`; a reader that goes through open_storage, which has no
+    http client, passes http=False)."""
+    http = (not write) if http is None else http
+    spoken = "a local path, s3://BUCKET/PREFIX" + (" or http(s)://HOST/PATH" if http else "")
+    if not url.strip():
+        raise UnsupportedURL(f"{what}: empty; give {spoken}")
+    match = _SCHEME.match(url)
+    scheme = match.group(1).lower() if match else ""
+    if not scheme:
+        return url  # a local path (relative ones included)
+    if scheme == "s3":
+        if not url[len("s3://") :].split("/", 1)[0]:
+            raise UnsupportedURL(f"{what}={url}: no bucket; write s3://BUCKET/PREFIX")
+        return url
+    if scheme in ("http", "https"):
+        if http:
+            return url
+        use = "written to" if write else "read from here"
+        raise UnsupportedURL(
+            f"{what}={url}: http(s):// cannot be {use}; give "
+            f"{spoken} (an S3-compatible service's bucket is s3://BUCKET/PREFIX with its "
+            "endpoint in AWS_ENDPOINT_URL_S3: docs/storage.md)"
+        )
+    instead = _INSTEAD.get(scheme)
+    raise UnsupportedURL(
+        f"{what}={url}: the project does not speak {scheme}://; it speaks {spoken}"
+        + (f". Fix: {instead}" if instead else "")
+    )
 
 
 def open_storage(url: str) -> Storage:
