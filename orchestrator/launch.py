@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from orchestrator import s3
+from orchestrator import s3, startup_clock
 from orchestrator.checkpoint_refs import spec_checkpoints_url
 from orchestrator.cli import run_cli
 from orchestrator.errors import OrchestratorError, UsageError
@@ -88,12 +88,14 @@ def main(
 
 
 def _main(spec: JobSpec, argv: list[str], finalize: Callable[[JobSpec], JobSpec] | None) -> int:
+    startup_clock.mark("driver start and imports")
     spec, args = resolve(spec, argv, finalize)
     if args.dry_run:
         print(to_yaml(spec), end="")
     checked: list[str] = []
     if not in_torchrun_child():  # under torchrun the parent process checked already
         checked = _preflight(spec, preflight)
+        startup_clock.mark("pre-flight")
     for line in checked:  # comments, so that a dry run's output stays the spec's YAML
         print(f"# pre-flight ok: {line}", flush=True)
     if args.dry_run:
@@ -293,6 +295,7 @@ def _launcher_store(rank: int, world: int) -> dict[str, Any]:
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
+    startup_clock.start()  # Ray may have started this process long before
     import ray
     import ray.train
     import ray.train.torch
@@ -410,6 +413,9 @@ def fit_on_ray(spec: JobSpec, callbacks: list[Any] | None = None) -> Any:
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not use_gpu else None,
         ),
     )
+    startup_clock.mark("ray train import and set-up")
+    if clock := startup_clock.line("the driver"):  # the rest: Ray Train, then rank 0's
+        print(clock, flush=True)
     try:
         return trainer.fit()
     except KeyboardInterrupt:
@@ -476,6 +482,7 @@ def run_ray(spec: JobSpec, take_over: bool = False) -> Any:
 
     if not ray.is_initialized():  # before our SIGTERM handler: ray.init installs its own
         ray.init(log_to_driver=True)
+    startup_clock.mark("ray connect")
     for line in _preflight(spec, check_cluster):  # what needs Ray's nodes
         print(f"# pre-flight ok: {line}", flush=True)
     # taken connected, so that it names this Ray job and cluster, and a holder whose Ray job
@@ -490,11 +497,14 @@ def _run_ray(spec: JobSpec) -> Any:
     from orchestrator.tracking.runs import mark_job_run
     from orchestrator.tracking.tracker import load_mlflow
 
+    startup_clock.mark("cluster check and lease")
     load_mlflow()  # now, not inside the SIGTERM handler below, where every second counts
     if spec.tracking.enabled:  # runs of this experiment whose job died unseen: close them
         from orchestrator.tracking.liveness import sweep_experiment
 
+        startup_clock.mark("mlflow import")
         sweep_experiment(spec.tracking.experiment)
+        startup_clock.mark("liveness sweep")
     # `ray job stop`, a preempted head node: Ray's fit() aborts in order on KeyboardInterrupt.
     # The loop runs in Ray's worker threads, which never see the signal, so the run is marked
     # here, first: Ray SIGKILLs the driver RAY_JOB_STOP_WAIT_TIME_S after the SIGTERM (3 s

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from orchestrator import startup_clock
 from orchestrator.checkpoint import Checkpointer, rng_state, set_rng_state
 from orchestrator.checkpoint_refs import spec_checkpoints_url
 from orchestrator.cli import setup_logging
@@ -246,6 +247,7 @@ class Trainer:
                 self.balancer.new_epoch()
         t_wait = time.perf_counter()
         images, labels = next(self._batches)
+        startup_clock.mark("first batch")  # once: the clock stops at step 1
         waited = time.perf_counter() - t_wait
         self.window.wait_s += waited
         if self.balancer is not None:
@@ -366,9 +368,11 @@ class Trainer:
         """Train to schedule.max_iters; returns the newest value of every metric."""
         spec = self.spec
         resumed = self.resume()
+        startup_clock.mark("imports, trainer and resume")
         if spec.data.ledger and not spec.data.synthetic:
             self.ledger = open_ledger(spec, self.rt, self.loader)
         self._start_tracking()
+        startup_clock.mark("mlflow run start")
         weights = sum(
             float(p.detach().double().sum()) for p in unwrap(self.strategy.model).parameters()
         )
@@ -387,6 +391,7 @@ class Trainer:
             self._lr = self.schedule.lr(self.step)
             self.strategy.set_lr(self._lr)
             self._train_step()
+            startup_clock.first_step(say=self.rt.rank == 0)
             self._watch_syncs(False)  # below: log steps, evaluation, checkpoints may sync
             if self.schedule.checks_warmup(self.step):
                 self._warmup_check()

@@ -85,6 +85,7 @@ LAYERS: list[tuple[str, ...]] = [
         "orchestrator",
         "orchestrator.errors",
         "orchestrator.cli",
+        "orchestrator.startup_clock",
         "orchestrator.spec",
         "orchestrator.runtime",
         "orchestrator.s3",
