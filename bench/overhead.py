@@ -5,7 +5,9 @@
 Same model (cifar_resnet20), same batch (128), same in-memory data (one batch made once and
 reused), same thread count, on CPU; measured side by side in one run. Ours: the steady-state
 step time the job logs (median over log windows, the first excluded), and the time from submit
-to the first finished step. Last line:
+to the first finished step, tracked to the stack's MLflow as a user's job is. Before it, where
+the seconds to the first step go: the driver's and rank 0's start-up lines
+(orchestrator/startup_clock.py) joined on one clock, and what one MLflow call costs. Last line:
 `overhead: ratio=R (ray X steps/s, plain Y steps/s, first step after Z s)`.
 """
 
@@ -28,7 +30,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from chaos import logs, submit, wait
-from chaos import wait_status_terminal as wait_done
 
 from orchestrator.models import create_model
 
@@ -68,7 +69,7 @@ def ours(steps: int, threads: int) -> tuple[float, float]:
             f"scaling.torch_threads={threads}",
             f"schedule.max_iters={steps}",
             "tracking.log_every=10",
-            "tracking.enabled=false",
+            "tracking.experiment=overhead-bench",
             "eval.every_iters=0",
             "eval.at_end=false",
             "checkpoint.every_iters=0",
@@ -76,21 +77,69 @@ def ours(steps: int, threads: int) -> tuple[float, float]:
             "checkpoint.storage=/tmp/overhead-bench",
         ]
     )
-    t_first = None
-    while t_first is None:  # poll the job's log for its first finished step (0.25 s resolution)
-        if re.search(r"\bstep 1 train/loss=", logs(job)):
-            t_first = time.time()
-        elif wait_done(job):
-            break
-        time.sleep(0.25)
     status = wait(job)
     text = logs(job)
-    assert status == "SUCCEEDED" and t_first, text[-3000:]
+    assert status == "SUCCEEDED", text[-3000:]
+    t_first = print_breakdown(text, t_submit)
     windows = [
         float(m) for m in re.findall(r"step \d+ train/loss=.*?system/step_time_s=([\d.e+-]+)", text)
     ]
     assert len(windows) >= 3, f"no step timings in the job log:\n{text[-3000:]}"
     return 1.0 / statistics.median(windows[2:]), t_first - t_submit  # skip step 1 and warm-up
+
+
+CLOCK = re.compile(
+    r"startup of (?P<who>[^:]+): t0=(?P<t0>[\d.]+); (?P<phases>.*) = (?P<total>[\d.]+) s"
+)
+
+
+def print_breakdown(text: str, t_submit: float) -> float:
+    """Print submit -> first step phase by phase, from the job's two start-up lines; returns
+    the absolute time of the first finished step."""
+    lines = {m["who"]: m for m in CLOCK.finditer(text)}
+    assert {"the driver", "rank 0"} <= set(lines), f"no start-up lines in the log:\n{text[-3000:]}"
+    rows: list[tuple[str, float]] = []
+    driver, rank0 = lines["the driver"], lines["rank 0"]
+    rows.append(("submit -> driver process (Ray's job supervisor)", float(driver["t0"]) - t_submit))
+    rows += [("driver: " + name, float(sec)) for name, sec in _phases(driver["phases"])]
+    driver_end = float(driver["t0"]) + float(driver["total"])
+    rows.append(("Ray Train: controller and worker group", float(rank0["t0"]) - driver_end))
+    rows += [("rank 0: " + name, float(sec)) for name, sec in _phases(rank0["phases"])]
+    t_first = float(rank0["t0"]) + float(rank0["total"])
+    print("submit -> first step, phase by phase:")
+    for name, sec in rows:
+        print(f"  {name:<52} {sec:6.2f} s")
+    print(f"  {'total':<52} {t_first - t_submit:6.2f} s")
+    return t_first
+
+
+def _phases(text: str) -> list[tuple[str, str]]:
+    return re.findall(r"([^,]+?) ([\d.]+) s(?:, |$)", text)
+
+
+def mlflow_call_cost(calls: int = 20) -> str:
+    """One authenticated MLflow REST call against the stack's server vs its unauthenticated
+    /health: what each call of the start-up path costs, and how much of it is the server's."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    uri = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
+    import requests
+
+    def median_ms(call) -> float:
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times)
+
+    authed = median_ms(lambda: client.get_experiment_by_name("overhead-bench"))
+    health = median_ms(lambda: requests.get(f"{uri}/health", timeout=10).raise_for_status())
+    return (
+        f"an MLflow call (get-experiment, authenticated) {authed:.1f} ms, /health (no auth) "
+        f"{health:.1f} ms: median of {calls}"
+    )
 
 
 def main() -> None:
@@ -104,6 +153,7 @@ def main() -> None:
             '`eval "$(python -m orchestrator.stack env)"`'
         )
     ray_rate, first = ours(args.steps, args.threads)
+    print(mlflow_call_cost())
     plain_rate = plain_loop(args.steps, args.threads)
     print(f"threads={args.threads} batch=128 model=cifar_resnet20 steps={args.steps}")
     print(
