@@ -9,7 +9,9 @@ train = data_batch_1..5, val = test_batch; classes in label_names order (label =
 Images are stored losslessly as PNG; mean and std are computed exactly over the train pixels,
 and so is the mean image (`mean_image.npy`, float32 [3, 32, 32], 0-255: each pixel's mean
 over the 50,000 train images, the paper's "per-pixel mean", for data.normalize=per_pixel_mean).
-Rerunning with the same arguments resumes: shards already at --dest are skipped.
+Rerunning with the same arguments resumes: shards already at --dest are skipped. Every flag and
+--dest (scheme, store, a probe write, an earlier conversion of another --src: --replace) are
+checked before the batches are read.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from shardwriter import (
     Encoded,
     Sample,
     add_shard_arguments,
+    check_shard_arguments,
+    prepare_dest,
     run_cli,
     write_dataset,
 )
@@ -135,6 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     src: Path = args.src.expanduser().resolve()
     if (src / "cifar-10-batches-py").is_dir():
         src = src / "cifar-10-batches-py"
+    # Every argument and the destination are checked before the batches are read.
+    check_shard_arguments(args)
+    if not src.is_dir():
+        raise ConversionError(
+            f"--src {src} is not a folder: give the extracted cifar-10-batches-py folder"
+        )
+    dest = prepare_dest(args.dest, "datasets/cifar10.py", str(src), replace=args.replace)
     names = [
         n.decode() if isinstance(n, bytes) else str(n)
         for n in _load(src / "batches.meta").get("label_names", [])
@@ -151,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     train_data = np.concatenate(train_rows)
     mean, std = mean_std(train_data)
     write_dataset(
-        args.dest,
+        dest,
         {"train": train, "val": _samples(VAL_BATCH, val_data, val_labels)},
         PngEncoder(),
         classes=names,

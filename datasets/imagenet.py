@@ -33,7 +33,14 @@ input size frames it; the normalizer resizes it to whatever size a batch has. It
 decode per image used: --mean-samples (default 100,000) draws a seeded sample of the train
 split, whose per-pixel mean is within ~0.2 levels (of 255) of the full split's; 0 uses every
 image (ImageNet: 1.28M decodes, about as much CPU as converting it). The manifest records
-which and how many. It is recomputed on every run, resumed ones too.
+which and how many. It is recomputed on every run, resumed ones too. A sample smaller than
+--mean-min-samples (1000) is refused (the whole split, exact, is taken whatever its size);
+datasets/pixel_mean.py holds the views and the sampling, which index_shards.py --mean-image
+shares.
+
+Every flag, the label files and --dest (its scheme, the store, a probe write, and what an
+earlier run left there: another --src's conversion is replaced only with --replace) are checked
+before the scan and the mean pass: a bad argument costs seconds, not the mean pass.
 """
 
 from __future__ import annotations
@@ -44,21 +51,24 @@ import csv
 import io
 import multiprocessing
 import os
-import random
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pixel_mean import CentreViewSum, add_arguments, check_arguments, check_used, choose, info
 from shardwriter import (
     MB,
     BadSample,
     ConversionError,
+    Dest,
     Encoded,
     Sample,
     add_shard_arguments,
+    check_shard_arguments,
+    log,
+    prepare_dest,
     progress,
     run_cli,
     write_dataset,
@@ -113,71 +123,27 @@ class JpegEncoder:
             return Encoded(out.getvalue(), "jpg", note)
 
 
-@dataclass(frozen=True)
-class CentreViewSum:
-    """The summed centre views of some image files (module-level: it is pickled to workers):
-    shorter side `resize`, the central `size` x `size` crop (torchvision's rounding), summed
-    as integers (exact, in any order): int64 [3, size, size]."""
-
-    size: int = 224
-    resize: int = 256
-
-    def __call__(self, paths: Sequence[str]) -> tuple[np.ndarray, int, int]:
-        """(sum, images used, images tried)."""
-        total = np.zeros((3, self.size, self.size), dtype=np.int64)
-        used = 0
-        for path in paths:
-            try:
-                view = self.view(path)
-            except Exception:  # noqa: BLE001 - unreadable: the conversion skips and lists it
-                view = None
-            if view is not None:
-                total += view
-                used += 1
-        return total, used, len(paths)
-
-    def view(self, path: str) -> np.ndarray:
-        """One image's centre view, uint8 [3, size, size]."""
-        with Image.open(path) as im:
-            w, h = im.size
-            short = self.resize
-            out = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-            im.draft("RGB", out)  # a JPEG: libjpeg downscales in the DCT, never below `out`
-            im = im.convert("RGB").resize(out, Image.Resampling.BILINEAR)
-        top, left = round((out[1] - self.size) / 2.0), round((out[0] - self.size) / 2.0)
-        pixels = np.asarray(im)[top : top + self.size, left : left + self.size]
-        return pixels.transpose(2, 0, 1)
-
-
 def mean_image(
-    train: list[Sample], view: CentreViewSum, limit: int, seed: int, workers: int
+    train: list[Sample], view: CentreViewSum, args: argparse.Namespace
 ) -> tuple[np.ndarray, dict[str, object]]:
-    """The mean centre view over `limit` train images (a seeded sample; 0 or more than the
-    split: every image), on `workers` processes; and the manifest's note on it."""
-    chosen = sorted(train, key=lambda s: s.key)
-    if 0 < limit < len(chosen):
-        chosen = random.Random(f"{seed}:mean_image").sample(chosen, limit)
+    """The mean centre view over --mean-samples train images (pixel_mean's seeded sample),
+    on --workers processes; and the manifest's note on it."""
+    chosen = choose(train, lambda s: s.key, args.mean_samples, args.seed)
     paths = [str(s.source) for s in chosen]
     chunks = [paths[i : i + 256] for i in range(0, len(paths), 256)]
-    total = np.zeros((3, view.size, view.size), dtype=np.int64)
+    total = view.zeros()
     used = 0
     bar = progress(len(paths), "mean image")
+    workers = args.workers
     with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         for part, n, tried in pool.imap_unordered(view, chunks) if pool else map(view, chunks):
             total += part
             used += n
             bar.update(tried)
     bar.close()
-    if not used:
-        raise ConversionError("no train image could be decoded for the mean image")
-    sampled = len(chosen) < len(train)
-    info: dict[str, object] = {
-        "of": f"centre views: shorter side {view.resize}, central {view.size}x{view.size}",
-        "samples": used,
-        "split_samples": len(train),
-        "sampled": f"seeded random sample (seed {seed})" if sampled else "every train image",
-    }
-    return total / used, info
+    check_used(used, len(chosen), len(train), args.mean_min_samples)
+    log(f"mean image: {used} of {len(chosen)} chosen train images ({len(train)} in the split)")
+    return total / used, info(view, used, len(chosen), len(train), args.seed)
 
 
 def _images(folder: Path) -> list[os.DirEntry[str]]:
@@ -352,43 +318,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fraction of unreadable images tolerated (skipped and listed) before the "
         "run fails (default 0.001)",
     )
-    p.add_argument(
-        "--mean-samples",
-        type=int,
-        default=100_000,
-        metavar="N",
-        help="train images the mean image averages (a seeded sample; default 100000; 0: all)",
-    )
-    p.add_argument(
-        "--mean-resize",
-        type=int,
-        default=256,
-        metavar="N",
-        help="the mean image's views: shorter side N first (default 256)",
-    )
-    p.add_argument(
-        "--mean-size",
-        type=int,
-        default=224,
-        metavar="N",
-        help="the mean image's size: the central NxN of each view (default 224)",
+    add_arguments(
+        p,
+        "train images the mean image averages (a seeded sample; default 100000; 0: all)",
     )
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def check_arguments_and_dest(args: argparse.Namespace) -> tuple[Path, CentreViewSum, Dest]:
+    """Every flag, the label files and the destination, before the scan and the mean pass:
+    (src, the mean image's view, the prepared destination)."""
     src: Path = args.src.expanduser().resolve()
     if not src.is_dir():
-        raise ConversionError(f"--src {src} is not a folder")
+        raise ConversionError(f"--src {src} is not a folder: give the folder holding train/")
+    check_shard_arguments(args)
     if args.resize_shorter is not None and args.resize_shorter < 1:
-        raise ConversionError("--resize-shorter must be a positive number of pixels")
-    if args.mean_samples < 0:
-        raise ConversionError("--mean-samples must be >= 0 (0: every train image)")
-    if not 1 <= args.mean_size <= args.mean_resize:
-        raise ConversionError("--mean-size must be between 1 and --mean-resize")
+        raise ConversionError(
+            f"--resize-shorter {args.resize_shorter}: give a positive number of pixels, or "
+            "leave it out to keep the original JPEGs"
+        )
+    view = check_arguments(args)
+    for flag, path in (
+        ("--val-labels", args.val_labels),
+        ("--devkit-synsets", args.devkit_synsets),
+    ):
+        if path is not None and not path.is_file():
+            raise ConversionError(f"{flag} {path}: no such file")
+    dest = prepare_dest(args.dest, "datasets/imagenet.py", str(src), replace=args.replace)
+    return src, view, dest
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # Every argument and the destination are checked before the scan and the mean pass.
+    src, view, dest = check_arguments_and_dest(args)
     keep = args.resize_shorter is None
-    # Every input check runs before the destination is touched.
     classes, train = scan_train(src, keep)
     val = scan_val(src, classes, args.val_labels, args.devkit_synsets, keep)
     source = {
@@ -404,10 +368,9 @@ def main(argv: list[str] | None = None) -> None:
         "mean_resize": args.mean_resize,
         "mean_size": args.mean_size,
     }
-    view = CentreViewSum(args.mean_size, args.mean_resize)
-    image, info = mean_image(train, view, args.mean_samples, args.seed, args.workers or 1)
+    image, note = mean_image(train, view, args)
     write_dataset(
-        args.dest,
+        dest,
         {"train": train, "val": val},
         JpegEncoder(args.resize_shorter),
         classes=classes,
@@ -420,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         workers=args.workers,
         max_bad_fraction=args.max_bad_fraction,
         mean_image=image,
-        mean_image_info=info,
+        mean_image_info=note,
     )
 
 

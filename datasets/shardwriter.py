@@ -29,16 +29,14 @@ import datetime as dt
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import random
 import re
 import shutil
-import socket
 import sys
 import tarfile
-import tempfile
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +48,9 @@ try:
 except ImportError:  # a checkout where the package is not installed: the repo root is one up
     sys.path.append(str(Path(__file__).resolve().parent.parent))
     from orchestrator import cli, storage
-from orchestrator.errors import UsageError
+from destination import ConversionError, Dest, open_dest, prepare_dest
+
+__all__ = ["ConversionError", "Dest", "open_dest", "prepare_dest"]  # the converters' one import
 
 FORMAT_VERSION = 1
 MB = 1_000_000  # --shard-size-mb counts in 10^6 bytes
@@ -61,10 +61,6 @@ TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a closed archive to a multiple of this
 SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-\d{6}\.tar(\.json)?$")
 SIZE_SAMPLE = 64  # samples encoded up front to estimate sizes when they are not known
-
-
-class ConversionError(UsageError):
-    """A problem the user must fix (bad input, unreachable store); shown without a traceback."""
 
 
 class BadSample(Exception):
@@ -93,125 +89,6 @@ class Encoded:
 
 
 Encoder = Callable[[Sample], Encoded]  # must be picklable: a module-level function or class
-
-
-# ---------------------------------------------------------------- destinations
-
-
-class _Dest:
-    """A storage root (orchestrator.storage) plus what a conversion needs on top of it: a
-    preflight check, a temporary folder, and whether a stored shard is still the one built."""
-
-    def __init__(self, store: storage.Storage) -> None:
-        self.store = store
-        self.url = store.root
-
-    def matches(self, name: str, size: int, fingerprint: str) -> bool:
-        # storage's head: (size, sha256) of a local file, (size, ETag) of an S3 object; any
-        # rewrite of the object changes either, and S3 needs no re-read of the shard for it
-        return self.store.head(name) == (size, fingerprint)
-
-    def put_shard(self, tmp_path: str, name: str, sha256: str) -> str:
-        """Store a finished shard (the local file goes); returns the fingerprint head gives."""
-        self.store.put_file(tmp_path, name)
-        if not self.store.remote:
-            return sha256  # what head() would compute, without reading the file again
-        head = self.store.head(name)
-        if head is None:
-            raise ConversionError(f"{self.url}/{name} is missing right after its upload")
-        return head[1]
-
-
-class LocalDest(_Dest):
-    """A local folder; files appear by atomic rename, so a reader never sees half a file."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(storage.LocalStorage(str(Path(path).expanduser().resolve())))
-
-    def preflight(self) -> None:
-        root = self.store.path
-        if root.exists() and not root.is_dir():
-            raise ConversionError(f"--dest {self.url} exists and is not a folder")
-        probe = root
-        while not probe.exists():
-            probe = probe.parent
-        if not os.access(probe, os.W_OK):
-            raise ConversionError(f"cannot write to {probe} (for --dest {self.url})")
-
-    def make_tmp_dir(self) -> str:
-        # Inside the destination, so the final rename stays on one filesystem (atomic).
-        self.store.path.mkdir(parents=True, exist_ok=True)
-        path = self.store.path / f".tmp-{uuid.uuid4().hex[:8]}"
-        path.mkdir()
-        return str(path)
-
-
-class S3Dest(_Dest):
-    """An s3:// prefix, reached through orchestrator.storage and the project's one S3 client."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(storage.S3Storage(url))
-
-    def preflight(self) -> None:
-        """Fail fast, before anything is written, when the store cannot be used."""
-        try:
-            import boto3
-            from botocore.exceptions import BotoCoreError, ClientError
-        except ImportError:
-            raise ConversionError(
-                "boto3 is not installed; install the project (pip install -e .) or give a local "
-                "folder as --dest"
-            ) from None
-        from orchestrator import s3
-
-        bucket = self.store.bucket
-        if boto3.Session().get_credentials() is None:
-            raise ConversionError(
-                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (for the local "
-                "stack, see `python -m orchestrator.stack env`)"
-            )
-        endpoint = s3.endpoint_url()
-        if endpoint:
-            # orchestrator.s3's client retries a refused connection for a minute; a plain
-            # connect says "nothing listens there" at once.
-            parsed = urlparse(endpoint)
-            port = parsed.port or (443 if parsed.scheme == "https" else 80)
-            try:
-                socket.create_connection((parsed.hostname or "", port), timeout=5).close()
-            except OSError as err:
-                raise ConversionError(
-                    f"cannot reach the S3 endpoint {endpoint} (AWS_ENDPOINT_URL_S3 / "
-                    f"AWS_ENDPOINT_URL): {err}. Start the store (python -m orchestrator.stack up) "
-                    "or fix the variable."
-                ) from None
-        where = endpoint or "AWS S3"
-        try:
-            s3.client().head_bucket(Bucket=bucket)
-        except ClientError as err:
-            code = str(err.response.get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchBucket", "NotFound"):
-                raise ConversionError(
-                    f"bucket {bucket!r} does not exist at {where}; create it first"
-                ) from None
-            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                raise ConversionError(
-                    f"access to bucket {bucket!r} at {where} was refused ({code}); check "
-                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
-                ) from None
-            raise ConversionError(f"cannot use bucket {bucket!r} at {where}: {err}") from None
-        except BotoCoreError as err:
-            raise ConversionError(f"cannot reach S3 at {where}: {err}") from None
-
-    def make_tmp_dir(self) -> str:
-        return tempfile.mkdtemp(prefix="shards-")
-
-
-Dest = LocalDest | S3Dest
-
-
-def open_dest(url: str) -> Dest:
-    """An s3:// URL or a local folder path."""
-    return S3Dest(url) if url.startswith("s3://") else LocalDest(url)
 
 
 # ---------------------------------------------------------------- planning
@@ -398,7 +275,7 @@ def log(msg: str) -> None:
 
 
 def write_dataset(
-    dest_url: str,
+    dest_url: str | Dest,
     splits: dict[str, list[Sample]],
     encoder: Encoder,
     *,
@@ -414,7 +291,8 @@ def write_dataset(
     mean_image: Any = None,
     mean_image_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Shard `splits` to dest_url (s3:// or a folder) and write manifest.json last.
+    """Shard `splits` to dest_url (s3:// or a folder; or a Dest that `prepare_dest` checked
+    already) and write manifest.json last.
 
     `mean_image` (numpy float [3, H, W], 0-255) is written as MEAN_IMAGE just before the
     manifest, which names it in its `mean_image` section with `mean_image_info` (what it is the
@@ -427,8 +305,11 @@ def write_dataset(
     check_keys(splits)
     if shard_bytes < TAR_RECORD:
         raise ConversionError(f"--shard-size-mb must be at least {TAR_RECORD / MB} (10 KB)")
-    dest = open_dest(dest_url)
-    dest.preflight()
+    if isinstance(dest_url, str):
+        dest = open_dest(dest_url)
+        dest.preflight()
+    else:
+        dest = dest_url
     workers = workers or os.cpu_count() or 1
     total = sum(len(s) for s in splits.values())
     bad_limit = max_bad_fraction * total
@@ -468,7 +349,7 @@ def write_dataset(
         dest, list(splits), jobs, done, classes, source, mean, std, mean_std_source
     )
     if mean_image is not None:
-        manifest["mean_image"] = _put_mean_image(dest, mean_image, mean_image_info or {})
+        manifest["mean_image"] = put_mean_image(dest.store, mean_image, mean_image_info or {})
     dest.store.put(MANIFEST, json.dumps(manifest, indent=1).encode())  # the commit marker
     _remove_stale(dest, {j.name for j in jobs}, set(splits))
     for split, info in manifest["splits"].items():
@@ -563,8 +444,9 @@ def _manifest(
     }
 
 
-def _put_mean_image(dest: Dest, image: Any, info: dict[str, Any]) -> dict[str, Any]:
-    """Store the mean image as float32 .npy; returns the manifest's `mean_image` section."""
+def put_mean_image(store: storage.Storage, image: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """Store the mean image as float32 .npy; returns the manifest's `mean_image` section (the
+    converters' and index_shards' alike)."""
     import numpy as np
 
     array = np.ascontiguousarray(image, dtype=np.float32)
@@ -573,7 +455,7 @@ def _put_mean_image(dest: Dest, image: Any, info: dict[str, Any]) -> dict[str, A
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     data = buf.getvalue()
-    dest.store.put(MEAN_IMAGE, data)
+    store.put(MEAN_IMAGE, data)
     return {
         "file": MEAN_IMAGE,
         "shape": list(array.shape),
@@ -599,7 +481,8 @@ def run_cli(main: Callable[[], None]) -> None:
 
 
 def add_shard_arguments(p: argparse.ArgumentParser) -> None:
-    """The options every converter takes: where the shards go, their size, cores, shuffle seed."""
+    """The options every converter takes: where the shards go, their size, cores, shuffle seed
+    (checked by `check_shard_arguments`)."""
     p.add_argument(
         "--dest",
         required=True,
@@ -619,3 +502,27 @@ def add_shard_arguments(p: argparse.ArgumentParser) -> None:
         help="processes building shards (default: all cores)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace the conversion of another --src that --dest holds (refused without it)",
+    )
+
+
+def check_shard_arguments(args: argparse.Namespace) -> None:
+    """Refuse a bad shard option at once, naming the flag and the fix (before any scan)."""
+    size = args.shard_size_mb
+    if not math.isfinite(size) or size * MB < TAR_RECORD:
+        raise ConversionError(
+            f"--shard-size-mb {size}: give a number of MB of at least {TAR_RECORD / MB} (one "
+            "tar record; 128 is the usual size)"
+        )
+    if args.workers is None or args.workers < 1:
+        raise ConversionError(
+            f"--workers {args.workers}: give a number of processes >= 1 (default: all cores)"
+        )
+    bad = getattr(args, "max_bad_fraction", 0.0)
+    if not 0 <= bad <= 1:  # nan fails both
+        raise ConversionError(
+            f"--max-bad-fraction {bad}: give a fraction between 0 and 1 (default 0.001)"
+        )
