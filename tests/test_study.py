@@ -107,10 +107,11 @@ def test_study_overrides_and_their_errors() -> None:
 
 def test_the_shipped_study_files_dry_run() -> None:
     """Each shipped study prints its grid and GPU-hours; the pre-flight's dataset refusal (no
-    such dataset here) is reported, not raised."""
+    such dataset here) is reported, not raised. name= renames a study (Table 3 here)."""
     for name, cells in (("cifar10_table6", 10), ("imagenet_table2", 4), ("imagenet_table3", 6)):
+        rename = ["name=t3b"] if name == "imagenet_table3" else []
         proc = subprocess.run(
-            [sys.executable, f"jobs/{name}.py", "--dry-run", "data.url=/nonexistent"],
+            [sys.executable, f"jobs/{name}.py", "--dry-run", "data.url=/nonexistent", *rename],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -121,6 +122,9 @@ def test_the_shipped_study_files_dry_run() -> None:
         assert f"{cells} cells x" in proc.stdout, proc.stdout
         assert "GPU-hours" in proc.stdout and "data.url=/nonexistent" in proc.stderr
         assert "every cell" in proc.stderr
+        if rename:
+            assert proc.stdout.startswith("study t3b (Table 3"), proc.stdout
+            assert "trial jobs: t3b-resnet34-A-s0" in proc.stdout
 
 
 def test_table_statistics_over_seeds() -> None:

@@ -16,11 +16,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.spec import JobSpec, SpecError, apply_overrides, check_name
+from orchestrator.spec import JobSpec, SpecError, apply_overrides, check_name, parse_value
 from orchestrator.tracking.tags import CELL_TAG, STUDY_TAG
 
 # What a user may set with study.KEY=VALUE on the command line
 STUDY_KEYS = ("name", "seeds", "max_concurrent", "img_per_s", "cells")
+# Spec keys the study sets on every trial itself: an override of one would be dropped
+STUDY_OWNED = {
+    "seed": "a study's trials take seeds 0..study.seeds-1: set study.seeds=N",
+    "tracking.parent_run_id": "the study nests its trials under its own parent run",
+}
 
 
 def grid(axes: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -79,6 +84,9 @@ class Study:
     finalize: Callable[[JobSpec], JobSpec] | None = None
     img_per_s: float = 0.0  # measured training img/s per GPU, for the dry run's GPU-hours
     paper: str = ""  # which table or figure of the paper it reproduces, for the parent run
+    # the command line's spec overrides (in `base` already), kept so that trials() can
+    # refuse a recipe rule (`finalize`) that would quietly change one of them
+    given: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_name(self.name, "study.name")  # the trials' job names and the lease's folder
@@ -92,6 +100,13 @@ class Study:
     @property
     def experiment(self) -> str:
         return self.base.tracking.experiment
+
+    def axes(self) -> list[str]:
+        """The dotted spec keys the cells set (model.name, model.shortcut, ...), in order."""
+        keys: dict[str, None] = {}
+        for given in self.cells:
+            keys.update((k, None) for k in given if k != "label")
+        return list(keys)
 
     def grid_cells(self) -> list[Cell]:
         """The cells, labelled: a cell's "label" key, else its values joined
@@ -128,6 +143,7 @@ class Study:
                         spec = self.finalize(spec).validate()
                 except SpecError as err:
                     raise SpecError(f"study {self.name}, cell {cell.label}: {err}") from None
+                self._check_kept(spec, cell)
                 tracking = dataclasses.replace(
                     spec.tracking,
                     parent_run_id=parent_run_id,
@@ -136,6 +152,23 @@ class Study:
                 out.append(Trial(cell, seed, dataclasses.replace(spec, tracking=tracking)))
         return out
 
+    def _check_kept(self, spec: JobSpec, cell: Cell) -> None:
+        """Every command-line override reaches the trial: the recipe rule must not change one
+        (e.g. a warm-up rule resetting schedule.warmup_factor for the deep nets)."""
+        for item in self.given:
+            path = item.split("=", 1)[0]
+            wanted, got = _at(self.base, path), _at(spec, path)
+            if isinstance(wanted, dict) and isinstance(got, dict):  # tags: the study adds its own
+                wanted, got = wanted.items() <= got.items(), True
+            if wanted != got:
+                rule = getattr(self.finalize, "__name__", "finalize")
+                raise SpecError(
+                    f"{item}: the study's recipe rule ({rule}) sets {path} to {got!r} in cell "
+                    f"{cell.label}, so the override would not reach that trial; leave {path} "
+                    "to the rule there (study.cells=LABEL,... runs the other cells), or set "
+                    "the keys the rule reads so that it keeps yours"
+                )
+
     def fingerprint(self) -> str:
         """Changes when the grid or a trial's spec does: names the study's Tune experiment,
         so a resubmitted study restores Tune's state only for the grid it was made for."""
@@ -143,23 +176,61 @@ class Study:
         return hashlib.sha256(json.dumps(specs, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def _at(spec: JobSpec, path: str) -> Any:
+    node: Any = spec.to_dict()
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def check_not_axis(study: Study, item: str) -> None:
+    """Refuse an override the study would drop: a key its cells set (an axis), or one the
+    study sets on every trial (the seed, the parent run); the error names the way instead."""
+    path = item.split("=", 1)[0].strip()
+    if path in STUDY_OWNED:
+        raise SpecError(f"{item}: {STUDY_OWNED[path]}; the override would change no trial")
+    hit = [a for a in study.axes() if a == path or a.startswith(path + ".")]
+    if hit:
+        cells = study.grid_cells()
+        value = item.split("=", 1)[1] if "=" in item else ""
+        mine = [c.label for c in cells if c.overrides.get(path, object()) == parse_value(value)]
+        way = f"study.cells={','.join(mine)}" if mine else "study.cells=LABEL[,LABEL]"
+        raise SpecError(
+            f"{item}: {hit[0]} is an axis of study {study.name} (its cells set it), so the "
+            f"override would change no trial; choose cells with {way} (cells: "
+            f"{', '.join(c.label for c in cells)}), or add a cell to the study file"
+        )
+
+
 def apply_study_overrides(study: Study, overrides: Sequence[str]) -> Study:
     """The study with the command line's overrides applied: `study.KEY=VALUE` to the study
-    (study.cells=LABEL,LABEL keeps only those cells: a quick rerun of a few), the others
-    (section.key=value) to its base spec, so they reach every trial."""
-    from orchestrator.spec import parse_value
-
+    (study.cells=LABEL,LABEL keeps only those cells: a quick rerun of a few), `name=NEW`
+    renames the study (its trials and parent run follow), the others (section.key=value) to
+    its base spec, so they reach every trial. An override of an axis (a key the cells set),
+    of seed or of what the study sets itself is refused (SpecError, exit 2), naming the way."""
     rest, changes = [], {}
     for item in overrides:
+        if item.startswith("name="):  # the study's name: its trials' names derive from it
+            item = "study." + item
         if not item.startswith("study."):
+            check_not_axis(study, item)
             rest.append(item)
             continue
         key, _, text = item[len("study.") :].partition("=")
         if key not in STUDY_KEYS or not _:
             raise SpecError(f"{item}: expected study.KEY=VALUE with KEY one of {STUDY_KEYS}")
-        changes[key] = parse_value(text)
+        value = parse_value(text)
+        if key in changes and changes[key] != value:
+            raise SpecError(f"{item}: study.{key} is given twice ({changes[key]!r}); give it once")
+        changes[key] = value
     keep = changes.pop("cells", None)
-    study = dataclasses.replace(study, base=apply_overrides(study.base, rest), **changes)
+    if "name" in changes:
+        changes["name"] = str(changes["name"])
+    base = apply_overrides(study.base, rest)
+    if "name" in changes:  # the study's base job carries its name (the dry run, the lease)
+        base = dataclasses.replace(base, name=changes["name"])
+    given = (*study.given, *rest)
+    study = dataclasses.replace(study, base=base, given=given, **changes)
     if keep is not None:
         wanted = str(keep).split(",")
         labels = [c.label for c in study.grid_cells()]
