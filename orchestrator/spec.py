@@ -10,47 +10,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from orchestrator.errors import UsageError
+# the value layer, re-exported: callers import these names from here
+from orchestrator.spec_values import (
+    SpecError,
+    check_name,
+    check_ranges,
+    field_type,
+    from_dict,
+    parse_override,
+    parse_value,
+)
 from orchestrator.tracking.metrics import CHECKPOINT_METRICS
+from orchestrator.tracking.tags import free_tag_problem
 
-
-class SpecError(UsageError, ValueError):
-    """A spec field is unknown or has a bad value; the message names it and what is allowed."""
-
-    retryable = False  # a restart runs the same spec again (orchestrator.runtime.retryable)
-
-
-def check_name(value: str, where: str) -> None:
-    """Raise SpecError unless `value` is a name storage and MLflow keep apart (`x?y`, `x#y`)."""
-    ok = value.isascii() and value[:1].isalnum()
-    if not (ok and all(c.isalnum() or c in "._-" for c in value)):
-        raise SpecError(f"{where}={value!r}: only letters, digits and . _ - (alphanumeric first)")
-
-
-def check_ranges(section: str, config: Any, **rules: str) -> None:
-    """Raise ValueError naming the first field of `config` outside its range. A rule is
-    ">= 1", "> 0" or "0..1" (both ends included); a None value (an unset optional field)
-    passes. Every comparison is written so that NaN, false against anything, fails."""
-    for name, rule in rules.items():
-        value = getattr(config, name)
-        if value is None:
-            continue
-        if ".." in rule:
-            low, high = (float(x) for x in rule.split(".."))
-            ok, allowed = low <= value <= high, f"between {rule.replace('..', ' and ')}"
-        elif rule.startswith(">="):
-            ok, allowed = value >= float(rule[2:]), rule
-        elif rule.startswith(">"):
-            ok, allowed = value > float(rule[1:]), rule
-        else:
-            raise AssertionError(f"bad range rule {rule!r} for {section}.{name}")
-        if not ok:
-            raise ValueError(f"{section}.{name}={value!r} is out of range: set it {allowed}")
+__all__ = [
+    "SpecError",
+    "check_name",
+    "check_ranges",
+    "from_dict",
+    "parse_value",
+]
 
 
 @dataclass
@@ -405,6 +387,9 @@ class EvalConfig:
             raise ValueError(f"eval.scales={self.scales}: set one or more sizes >= 1")
 
 
+SEED_MAX = 2**32 - 1
+
+
 @dataclass
 class JobSpec:
     name: str
@@ -417,6 +402,9 @@ class JobSpec:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        check_ranges("", self, seed=f"0..{SEED_MAX}")  # numpy's generators take no more
 
     def micro_batch(self, world_size: int | None = None) -> int:
         """The most samples a worker takes per micro-batch at `world_size` (default: the most
@@ -477,106 +465,42 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------- building and overrides
 
 
-def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass `cls` from plain data, checking every key and type."""
-    if not isinstance(data, dict):
-        raise SpecError(f"{where or 'spec'}: expected a mapping, got {data!r}")
-    normalize = getattr(cls, "normalize_input", None)
-    if normalize is not None:  # a section's own shorthand, e.g. scaling.num_workers=[2,8]
-        data = normalize(data)
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = set(data) - set(names)
-    if unknown:
-        raise SpecError(
-            f"{where}{min(unknown)}: unknown key in section '{where.rstrip('.') or 'spec'}'; "
-            f"valid keys: {', '.join(names)}"
-        )
-    kwargs = {name: _coerce(hints[name], data[name], f"{where}{name}") for name in data}
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as err:  # a section's own checks (__post_init__)
-        message = str(err)
-        if where and message.startswith(where):  # it names its field already: no prefix
-            raise SpecError(message) from None
-        raise SpecError(f"{where.rstrip('.') or 'spec'}: {message}") from None
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if dataclasses.is_dataclass(value):
-            return value
-        return from_dict(tp, value, f"{where}.")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arg, value, where)
-            except SpecError as err:
-                errors.append(str(err))
-        raise SpecError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
-    if origin is Literal:
-        if value not in args:
-            raise SpecError(f"{where}: {value!r} is not allowed; choose one of {list(args)}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise SpecError(f"{where}: expected a list, got {value!r}")
-        item_types = args if origin is tuple and Ellipsis not in args else (args[0],) * len(value)
-        if origin is tuple and len(item_types) != len(value):
-            raise SpecError(f"{where}: expected {len(item_types)} values, got {value!r}")
-        items = [_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))]
-        return origin(items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise SpecError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool):
-        if type(value) is not tp:
-            raise SpecError(
-                f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}"
-            )
-        return value
-    if tp is Any:
-        return value
-    raise SpecError(f"{where}: unsupported type {tp}")
-
-
-def parse_value(text: str) -> Any:
-    """Command-line values: JSON where it parses (numbers, true/false, null, lists), else a
-    string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def apply_overrides(spec: JobSpec, overrides: list[str]) -> JobSpec:
-    """`section.key=value` strings -> a new, type-checked spec."""
+    """`section.key=value` strings -> a new, type-checked spec. Below a free mapping the rest
+    of the path is the key: tracking.tags.team=vision."""
     data = spec.to_dict()
     for item in overrides:
         if "=" not in item:
             raise SpecError(f"override {item!r}: expected section.key=value, e.g. optim.lr=0.2")
         path, text = item.split("=", 1)
+        tp, free = field_type(JobSpec, path.split("."))
+        parts = path.split(".")
+        *parents, leaf = parts[: len(parts) - len(free)] + ([".".join(free)] if free else [])
         node = data
-        *parents, leaf = path.split(".")
         for part in parents:
             if not isinstance(node.get(part), dict):
                 raise SpecError(f"{path}: '{part}' is not a section; sections: {_sections()}")
             node = node[part]
-        if leaf not in node:
-            where = path.rsplit(".", 1)[0] if parents else "spec"
+        if leaf not in node and not free:
+            where = ".".join(parents) or "spec"
             raise SpecError(f"{path}: unknown key in '{where}'; valid keys: {', '.join(node)}")
-        node[leaf] = parse_value(text)
+        node[leaf] = parse_override(tp, text)
+        if path.startswith("tracking.tags"):
+            given = {leaf: node[leaf]} if free else node[leaf]
+            _check_free_tags(given if isinstance(given, dict) else {}, path)
         given_min = any(o.startswith("scaling.min_workers=") for o in overrides)
         if path == "scaling.num_workers" and isinstance(node[leaf], int) and not given_min:
             node["min_workers"] = 0  # one count: a fixed size, unless min_workers is given too
     return from_dict(JobSpec, data).validate()
+
+
+def _check_free_tags(tags: dict[str, Any], path: str) -> None:
+    """Refuse a user's tag the project or MLflow writes itself, or one MLflow cannot keep."""
+    for key, value in tags.items():
+        problem = free_tag_problem(str(key), value if isinstance(value, str) else "")
+        if problem:
+            where = path if path != "tracking.tags" else f"tracking.tags.{key}"
+            raise SpecError(f"{where}: {problem}")
 
 
 def _sections() -> str:

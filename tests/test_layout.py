@@ -33,9 +33,11 @@ LIGHT = {
     "orchestrator.models.registry",
     "orchestrator.models.zoo",
     "orchestrator.preflight",
+    "orchestrator.resume_changes",  # the pre-flight compares a resubmission with its checkpoint
     "orchestrator.runtime",
     "orchestrator.s3",
     "orchestrator.spec",
+    "orchestrator.spec_values",
     "orchestrator.storage",
 }
 HEAVY_THIRD_PARTY = ("torch", "numpy", "PIL", "webdataset", "deepspeed", "mlflow", "ray")
@@ -87,6 +89,7 @@ LAYERS: list[tuple[str, ...]] = [
         "orchestrator.cli",
         "orchestrator.startup_clock",
         "orchestrator.spec",
+        "orchestrator.spec_values",
         "orchestrator.runtime",
         "orchestrator.s3",
         "orchestrator.storage",

@@ -61,3 +61,31 @@ PROTOCOL_TAG = "protocol"  # the evaluation protocol, e.g. "multiscale"
 CHECKPOINT_CHOICE_TAG = "checkpoint"  # which checkpoint of each run: "best" or "latest"
 SELECTED_BY_TAG = "selected_by"  # on a member: how its checkpoint was chosen
 SOURCE_RUN_TAG = "source_run_id"  # on a member: the training run it came from
+
+# Free tags a user puts on a job's run (tracking.tags.KEY=VALUE): never a name above, nor in
+# MLflow's or the project's own namespaces, so a user tag cannot hide or fake one the project
+# reads back. MLflow's limits: a key of at most 250 characters, a value of at most 5000.
+RESERVED_TAG_PREFIXES = ("mlflow.", "orchestrator.")
+TAG_KEY_MAX, TAG_VALUE_MAX = 250, 5000
+
+
+def project_tags() -> list[str]:
+    """Every tag name this module defines, sorted."""
+    return sorted(v for k, v in globals().items() if k.endswith("_TAG") and isinstance(v, str))
+
+
+def free_tag_problem(key: str, value: str) -> str | None:
+    """Why `key=value` cannot be a user's free run tag, or None where it can."""
+    if not key or len(key) > TAG_KEY_MAX:
+        return f"a tag name has 1 to {TAG_KEY_MAX} characters"
+    if not all(c.isascii() and (c.isalnum() or c in "_-./ ") for c in key):
+        return "a tag name holds letters, digits and _ - . / or spaces only"
+    if key in project_tags() or key.startswith(RESERVED_TAG_PREFIXES):
+        named = [t for t in project_tags() if not t.startswith(RESERVED_TAG_PREFIXES)]
+        return (
+            f"the project or MLflow writes {key!r} itself; a free tag is none of "
+            f"{', '.join(named)}, and starts with neither {' nor '.join(RESERVED_TAG_PREFIXES)}"
+        )
+    if len(value) > TAG_VALUE_MAX:
+        return f"a tag value has at most {TAG_VALUE_MAX} characters (this one {len(value)})"
+    return None
