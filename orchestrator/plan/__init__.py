@@ -20,13 +20,23 @@ every number comes from the formulas below and the inputs, and the output names 
 Formulas (units: MB = 10^6 bytes, Gbit/s = 10^9 bits/s):
 
   batch        The job's per-GPU batch b = spec.micro_batch() and accumulation a (at the size
-               the job was written for) are kept, so the global batch grows with the cluster:
-               B = b x a x N; overriding scaling.global_batch yourself sets B instead.
+               the job was written for) are kept on more GPUs, so the global batch grows with
+               the cluster: B = b x a x N. On fewer GPUs (b x a x N < B0, the job file's
+               global batch) B0 is kept instead by gradient accumulation: scaling.micro_batch=b
+               and ceil(B0 / (N x b)) micro-batches per step, so the batch, lr and schedule
+               stay the recipe's (a smaller B would change all three). Overriding
+               scaling.global_batch yourself sets B instead.
                lr = spec.lr() = optim.base_lr x B / 256 (the linear scaling rule) unless
-               optim.lr is set. When B differs from the global batch B0 in the job file, the
+               optim.lr is set. When B differs from B0, the
                iteration counts (schedule.max_iters, milestones, warmup_iters, eval.every_iters)
                are scaled by B0 / B so the schedule covers the same images; a count you
-               override yourself is left alone. The plan prints every override it added, and
+               override yourself is left alone.
+  warm-up      Above B = 256, where the linear scaling rule raises the lr, the lr warms up as
+               Goyal et al. (2017) did: linearly from optim.base_lr (the lr of batch 256) over
+               the first 5 epochs: schedule.warmup_iters = ceil(5 x train images / B),
+               warmup_factor = 256 / B, warmup_linear = true. A warm-up the job file or you
+               set is kept, and a fixed optim.lr is left alone; either is said. The plan
+               prints every override it added, the job's --dry-run line to check them, and
                the `ray job submit` command that runs the job it describes.
   compute      t_c = b x a / r, with r the images per second one GPU computes (the anchors of
                docs/performance-anchors.md, --img-per-s-per-gpu, or --from-run: the run's

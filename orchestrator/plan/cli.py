@@ -8,14 +8,18 @@ from dataclasses import replace
 
 from orchestrator.cli import run_cli
 from orchestrator.plan.calibrate import read_run
-from orchestrator.plan.job import count_model_parameters, load_job_spec, resolve_for_cluster
+from orchestrator.plan.job import (
+    IMAGENET_TRAIN_IMAGES,
+    count_model_parameters,
+    load_job_spec,
+    resolve_for_cluster,
+)
 from orchestrator.plan.numbers import (
     DEFAULT_INTERCONNECT_GBPS,
     DEFAULT_INTRA_NODE_GBPS,
     DEFAULT_KB_PER_IMAGE,
     DEFAULT_STORAGE_GBPS,
     GRAD_DTYPE_BYTES,
-    IMAGENET_TRAIN_IMAGES,
     ClusterInputs,
     compute,
 )
@@ -133,7 +137,8 @@ def _main(argv: list[str]) -> int:
     if args.from_run:
         inputs = replace(inputs, from_run=read_run(args.from_run))
     base = load_job_spec(args.job)
-    resolved = resolve_for_cluster(base, list(args.overrides), inputs.nodes * inputs.gpus_per_node)
+    num_gpus = inputs.nodes * inputs.gpus_per_node
+    resolved = resolve_for_cluster(base, list(args.overrides), num_gpus, inputs.train_images)
     numbers = compute(resolved, count_model_parameters(resolved.spec), inputs)
     print(format_table(plan_rows(args.job, resolved, numbers, inputs)))
     print()

@@ -29,10 +29,9 @@ from orchestrator.plan.formulas import (
     transfer_time_s,
     zero_bytes_per_gpu,
 )
-from orchestrator.plan.job import PlanError, Resolved
+from orchestrator.plan.job import IMAGENET_TRAIN_IMAGES, PlanError, Resolved
 from orchestrator.spec import JobSpec
 
-IMAGENET_TRAIN_IMAGES = 1_281_167
 DEFAULT_KB_PER_IMAGE = 110.0  # ImageNet's train set is ~140 GB for 1.28M JPEGs
 DEFAULT_STORAGE_GBPS = 10.0  # an assumption, not a measurement: pass --storage-gbps
 # NVLink 4 on H100/H200 SXM: 900 GB/s per GPU, both directions together ("NVLINK Gen4 900 GB/s"

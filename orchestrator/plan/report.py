@@ -75,18 +75,37 @@ def plan_rows(job: str, resolved: Resolved, x: Numbers, inputs: ClusterInputs) -
 
 def _batch_rows(resolved: Resolved) -> list[Row]:
     spec, B, B0 = resolved.spec, resolved.spec.scaling.global_batch, resolved.written_batch
+    s = spec.schedule
     if spec.optim.lr is not None:
         lr_how = "optim.lr, fixed"
     else:
         lr_how = f"optim.base_lr {spec.optim.base_lr:g} x {B:,} / 256, the linear scaling rule"
     batch_how = "as in the job file" if B == B0 else f"the job file says {B0:,}; per-GPU batch kept"
-    return [
+    steps = spec.accumulation()
+    steps_how = "spec.accumulation()"
+    if any(a.startswith("scaling.micro_batch=") for a in resolved.added):
+        steps_how += ": keeps the job file's global batch on fewer GPUs"
+    rows = [
         ("batch", "", ""),
         ("  per-GPU batch", f"{spec.micro_batch():,}", "spec.micro_batch()"),
-        ("  accumulation steps", f"{spec.accumulation():,}", "spec.accumulation()"),
+        ("  accumulation steps", f"{steps:,}", steps_how),
         ("  global batch", f"{B:,}", batch_how),
         ("  learning rate", f"{spec.lr():g}", lr_how),
     ]
+    if s.warmup_iters:
+        start = spec.lr() * s.warmup_factor
+        shape = "linearly" if s.warmup_linear else "constant"
+        rows.append(
+            (
+                "  warm-up",
+                f"{s.warmup_iters:,} iterations",
+                f"lr {start:g} -> {spec.lr():g}, {shape} (schedule.warmup_*)",
+            )
+        )
+    elif s.warmup_until_train_err is not None:
+        rule = f"lr x {s.warmup_factor:g} until the training error < {s.warmup_until_train_err:g}"
+        rows.append(("  warm-up", "by the error rule", rule))
+    return rows
 
 
 def _throughput_rows(x: Numbers, run: RunFigures | None) -> list[Row]:
@@ -364,11 +383,12 @@ def notes(job: str, resolved: Resolved, x: Numbers, inputs: ClusterInputs) -> li
             f"global batch {B:,} instead of the job file's {B0:,}; iteration counts you did not "
             f"override are scaled by {B0:,}/{B:,} so the schedule covers the same images"
         )
+    out += resolved.why
     if B > 8192 and spec.optim.lr is None:
         out.append(
             f"lr {spec.lr():g} comes from the linear scaling rule: Goyal et al. (2017) kept "
-            "accuracy up to a global batch of 8k with a 5-epoch warm-up, and lost some beyond it "
-            f"(this job: schedule.warmup_iters={spec.schedule.warmup_iters})"
+            "accuracy up to a global batch of 8k with their 5-epoch warm-up, and lost some "
+            "beyond it even with it"
         )
     every = x.checkpoint_every_iters
     if every and every * x.step_s < 50 * x.checkpoint_write_s:  # saving > ~2% of the time
@@ -400,8 +420,9 @@ def notes(job: str, resolved: Resolved, x: Numbers, inputs: ClusterInputs) -> li
         "no input stalls (docs/scaling-model.md compares it with published runs)"
     )
     out.append(f"overrides the plan added: {' '.join(resolved.added)}")
-    command = shlex.join(
-        ["ray", "job", "submit", "--", "python", job, *resolved.overrides, *resolved.added]
-    )
+    args = [*resolved.overrides, *resolved.added]
+    dry_run = shlex.join(["python", job, "--dry-run", *args])
+    out.append(f"check it first (the pre-flight, where the job will run): {dry_run}")
+    command = shlex.join(["ray", "job", "submit", "--", "python", job, *args])
     out.append(f"submit (needs a real cluster): {command}")
     return out
