@@ -1,7 +1,7 @@
 """Ensemble evaluation as a job: which members, which checkpoint, which protocol.
 
     ray job submit -- python jobs/ensemble_eval.py
-    ray job submit -- python jobs/ensemble_eval.py --protocol ten_crop --checkpoint latest
+    ray job submit -- python jobs/ensemble_eval.py --protocol ten_crop --checkpoint last
     ray job submit -- python jobs/ensemble_eval.py --runs RUN_ID RUN_ID   # replaces the selection
     python jobs/ensemble_eval.py --dry-run         # print the resolved config
     python jobs/ensemble_eval.py --check           # resolve and check the members, log nothing

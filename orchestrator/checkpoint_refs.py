@@ -11,8 +11,9 @@ a registered model version or an alias means.
 writes there, and the launcher, the pre-flight, studies, publish, ensembles and Fig. 7 look
 there. A run's `best` is the committed step with the lowest value of the run's own
 `checkpoint.best_metric` in its commit marker (as training chooses: a marker holds only the
-figures measured at its step; a tie goes to the older step); `latest` (or `last`, the alias
-publish sets) is the newest committed step.
+figures measured at its step; a tie goes to the older step); `last` is the newest committed
+step. `last` is the one word for it in every command line and in the registry (MLflow reserves
+the alias `latest`), so `latest` is refused naming `last` (`check_which`).
 
 Light at import time (the pre-flight imports it): torch, MLflow and the checkpoint store are
 imported inside the functions that need them. Bad input raises `CheckpointRefError` (a
@@ -34,9 +35,12 @@ if TYPE_CHECKING:
     from orchestrator.checkpoint import Committed
     from orchestrator.spec import JobSpec
 
-# which committed checkpoint of a run: `last` is publish's alias for `latest` (MLflow reserves
-# the alias `latest`), so both are accepted
-WHICH = {"best": "best", "latest": "latest", "last": "latest"}
+# which committed checkpoint of a run: its best, or its newest. `last` names the newest
+# everywhere: the command lines' --checkpoint and the registered alias alike (MLflow reserves
+# the alias `latest`, so the registry could not say `latest`)
+WHICH = ("best", "last")
+# words users reach for that mean one of WHICH: refused, naming the word to use
+REFUSED_WHICH = {"latest": "last"}
 
 
 class CheckpointRefError(UsageError, ValueError):
@@ -95,7 +99,7 @@ class _Chosen:
 
 @dataclass(frozen=True)
 class RunCheckpoint(_Chosen):
-    """The committed checkpoint a training run's `best` or `latest` means."""
+    """The committed checkpoint a training run's `best` or `last` means."""
 
     run_id: str
     run_name: str | None
@@ -115,13 +119,30 @@ def _run_what(run_id: str, run_name: str | None) -> str:
 
 
 def check_which(which: str) -> str:
-    """`best`, `latest` or `last` -> `best` or `latest`."""
-    if which not in WHICH:
+    """`which` if it is `best` or `last`; else CheckpointRefError naming the word to use."""
+    if which in WHICH:
+        return which
+    meant = REFUSED_WHICH.get(which.strip().lower())
+    if meant:
         raise CheckpointRefError(
-            f"checkpoint {which!r}: expected one of {', '.join(WHICH)} (the run's best "
-            "committed step by its checkpoint.best_metric, or its newest)"
+            f"checkpoint {which!r}: say {meant!r} (the newest committed checkpoint is called "
+            f"{meant!r} in every command and in the registry, where MLflow reserves 'latest')"
         )
-    return WHICH[which]
+    raise CheckpointRefError(
+        f"checkpoint {which!r}: expected one of {', '.join(WHICH)} (the run's best committed "
+        "step by its checkpoint.best_metric, or its newest)"
+    )
+
+
+def which_arg(text: str) -> str:
+    """argparse's `type=` for a --checkpoint flag: check_which's refusal as argparse's own
+    error (exit 2, the message shown; a ValueError would print only 'invalid value')."""
+    import argparse
+
+    try:
+        return check_which(text)
+    except CheckpointRefError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def run_checkpoint(run: Any, which: str = "best") -> RunCheckpoint:
@@ -147,11 +168,11 @@ def run_checkpoint(run: Any, which: str = "best") -> RunCheckpoint:
             f"{what} has no committed checkpoint under {root}: resubmit the job to train it"
         )
     metric = run.data.params.get("checkpoint.best_metric", CheckpointConfig().best_metric)
-    chosen = found[-1] if choice == "latest" else best_checkpoint(found, metric)
+    chosen = found[-1] if choice == "last" else best_checkpoint(found, metric)
     if chosen is None:
         raise CheckpointRefError(
             f"{what}: no committed checkpoint under {root} has {metric!r} in its marker "
-            "(was validation on?); use --checkpoint latest"
+            "(was validation on?); use --checkpoint last"
         )
     return RunCheckpoint(run_id, name, job, root, chosen, metric)
 

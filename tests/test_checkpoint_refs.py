@@ -1,6 +1,6 @@
 """orchestrator.checkpoint_refs on local folders: a job's checkpoint folder (one definition,
 trailing slashes of checkpoint.storage do not count), model references, and which committed
-checkpoint a run's `best`, `latest` or `last` means. Through MLflow's registry and S3:
+checkpoint a run's `best` or `last` means (`latest` refused naming `last`). Through MLflow's registry and S3:
 tests/test_ensemble_eval.py and tests/test_publish.py; through a study: tests/test_study.py."""
 
 from __future__ import annotations
@@ -86,7 +86,9 @@ def test_a_runs_best_latest_and_last(tmp_path: Path) -> None:
     best = run_checkpoint(run, "best")
     assert best.step == 4 and best.url.endswith("/r20/checkpoints/step-00000004")
     assert best.metric == "val/top1_err" and best.job == "r20"
-    assert run_checkpoint(run, "latest").step == run_checkpoint(run, "last").step == 6
+    assert run_checkpoint(run, "last").step == 6
+    with pytest.raises(CheckpointRefError, match="checkpoint 'latest': say 'last'"):
+        run_checkpoint(run, "latest")
     by_loss = _run(run.data.tags, {**run.data.params, "checkpoint.best_metric": "val/loss"})
     assert run_checkpoint(by_loss, "best").step == 6  # the run's own metric
     no_metric = _run(run.data.tags, {**run.data.params, "checkpoint.best_metric": "val/top5_err"})
@@ -101,7 +103,7 @@ def test_runs_without_checkpoints_are_named(tmp_path: Path) -> None:
         run_checkpoint(_run({}, {"checkpoint.storage": str(tmp_path)}), "best")
     empty = _run({JOB_TAG: "never"}, {"checkpoint.storage": str(tmp_path)})
     with pytest.raises(CheckpointRefError, match="has no committed checkpoint under .*never"):
-        run_checkpoint(empty, "latest")
+        run_checkpoint(empty, "last")
 
 
 def test_reading_a_trainer_state_names_the_checkpoint(tmp_path: Path) -> None:

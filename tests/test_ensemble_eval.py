@@ -317,7 +317,7 @@ def test_ray_job_submit_with_registry_alias_weights_and_ten_crop(
             "--protocol",
             "ten_crop",
             "--checkpoint",
-            "latest",
+            "last",
             "--log-probs",
             "--output-experiment",
             out_exp,
@@ -338,7 +338,7 @@ def test_ray_job_submit_with_registry_alias_weights_and_ten_crop(
     children = _children(client, parent)
     # member order: --runs, then --experiment's runs, then --model (the order --weights uses)
     assert [c.info.run_name for c in children] == [trained["names"][1], f"{model}@champion"]
-    assert children[0].data.params["checkpoint.step"] == "13"  # --checkpoint latest
+    assert children[0].data.params["checkpoint.step"] == "13"  # --checkpoint last
     assert children[1].data.tags["checkpoint_url"] == latest.url
     assert children[1].data.tags["selected_by"] == f"model {model}@champion"
     members = [_probs(c.info.run_id, tmp_path) for c in children]
@@ -370,11 +370,11 @@ def test_experiment_filter_selection_and_job_file_config(
     assert (cfg.runs, cfg.experiment, cfg.filter) == (["A", "B"], None, "")
     assert (cfg.eval.protocol, cfg.eval.batch_size) == ("ten_crop", 25)
     assert base.eval.protocol == "multiscale", "the job file's config is left as declared"
-    kept = parse_args(["--checkpoint", "latest"], base)
+    kept = parse_args(["--checkpoint", "last"], base)
     assert (kept.experiment, kept.eval.protocol, kept.checkpoint) == (
         "imagenet",
         "multiscale",
-        "latest",
+        "last",
     )
     assert parse_args(argv_of(kept)) == kept
 
@@ -435,7 +435,7 @@ def test_bad_input_is_a_clear_error_and_logs_nothing(
     assert cli.returncode == 2 and "valid choices: center, ten_crop, multiscale" in cli.stderr
 
     err = _bad(["--runs", good, "--checkpoint", "newest"], capsys)
-    assert "valid choices: best, latest" in err
+    assert "expected one of best, last" in err
 
     empty = _fake_member_run(
         client, trained["experiment"], f"empty-{uuid.uuid4().hex[:6]}", f"{s3_prefix}/runs"

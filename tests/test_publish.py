@@ -505,7 +505,7 @@ def test_copy_weights_makes_a_standalone_model(registered: dict[str, Any]) -> No
 def test_the_command_line_registers_a_finished_runs_checkpoint(registered: dict[str, Any]) -> None:
     """On demand, for a run already finished: the same version again, alias `last` moved."""
     run_id = registered["run"].info.run_id
-    out = run_script("-m", "orchestrator.publish", "--run", run_id, "--checkpoint", "latest")
+    out = run_script("-m", "orchestrator.publish", "--run", run_id, "--checkpoint", "last")
     [info] = [json.loads(line) for line in out.splitlines() if line.startswith('{"model"')]
     last = client().get_model_version_by_alias(registered["job"], "last")
     assert info["version"] == last.version and info["aliases"] == ["last"] and info["reused"]

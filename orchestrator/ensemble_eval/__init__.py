@@ -19,7 +19,7 @@ checkpoints are found from its tag `orchestrator.job` and its param `checkpoint.
 `{checkpoint.storage}/{job}/checkpoints` (`orchestrator.checkpoint_refs`, which publish and
 Fig. 7 resolve through too); `--checkpoint best` takes the committed step with the lowest
 `checkpoint.best_metric` (val/top1_err) in its commit marker
-(`orchestrator.checkpoint.best_checkpoint`, as training chooses), `latest` the newest
+(`orchestrator.checkpoint.best_checkpoint`, as training chooses), `last` the newest
 committed step. A model version pins its own step; while it runs, the ensemble holds a
 reader's lease on every member's step (`checkpoint_refs.holding`), so retention keeps them.
 

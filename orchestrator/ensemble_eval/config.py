@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.checkpoint_refs import CheckpointRefError, parse_model_ref
+from orchestrator.checkpoint_refs import WHICH, CheckpointRefError, check_which, parse_model_ref
 from orchestrator.errors import UsageError
 from orchestrator.evaluation import PAPER_SCALES, PROTOCOLS, check_protocol, check_scales
 from orchestrator.spec import EvalConfig
 
-CHECKPOINT_CHOICES = ("best", "latest")
+CHECKPOINT_CHOICES = WHICH  # best, last: one word for the newest everywhere
 # the flags that select members: any of them replaces a job file's whole selection
 SELECTION = ("runs", "experiment", "filter", "models")
 # the fields of `EnsembleConfig.eval` the command line sets (every_iters and at_end schedule
@@ -36,7 +36,7 @@ class EnsembleConfig:
     experiment: str | None = None  # select every run of this experiment matching `filter`
     filter: str = ""  # MLflow search filter, e.g. "tags.model = 'resnet152'"
     models: list[str] = field(default_factory=list)  # registered versions: NAME@ALIAS, NAME/VERSION
-    checkpoint: str = "best"  # best (lowest best_metric in the commit marker) | latest
+    checkpoint: str = "best"  # best (lowest best_metric in the commit marker) | last
     # protocol, scales, flips, batch_size, max_batches, bn_recalibrate: as in a job spec
     eval: EvalConfig = field(default_factory=EvalConfig)
     weights: list[float] | None = None  # one per member, in member order; None = equal
@@ -56,10 +56,10 @@ class EnsembleConfig:
     def validate(self) -> EnsembleConfig:
         ev = self.eval
         check_protocol(ev.protocol)
-        if self.checkpoint not in CHECKPOINT_CHOICES:
-            raise EnsembleError(
-                f"--checkpoint {self.checkpoint!r}: valid choices: {', '.join(CHECKPOINT_CHOICES)}"
-            )
+        try:  # `latest` is refused naming `last`
+            check_which(self.checkpoint)
+        except CheckpointRefError as err:
+            raise EnsembleError(f"--{err}") from None
         if not (self.runs or self.experiment or self.models):
             raise EnsembleError("no members: select them with --runs, --experiment or --model")
         if self.filter and not self.experiment:
@@ -112,7 +112,7 @@ def _member_flags(sel: argparse._ArgumentGroup) -> None:
     )
     sel.add_argument(
         "--checkpoint",
-        metavar="best|latest",
+        metavar="best|last",
         help="which committed checkpoint of a run (default: best)",
     )
 

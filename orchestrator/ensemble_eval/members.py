@@ -67,7 +67,7 @@ def _load_member(
 
 
 def member_from_run(run: Any, checkpoint: str, selected_by: str) -> Member:
-    """The chosen committed checkpoint (`best` or `latest`) of a training run."""
+    """The chosen committed checkpoint (`best` or `last`) of a training run."""
     ref = run_checkpoint(run, checkpoint)
     return _load_member(ref.run_name or ref.run_id, selected_by, ref.run_name, ref)
 

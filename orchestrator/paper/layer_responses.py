@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from orchestrator.checkpoint_refs import which_arg
 from orchestrator.cli import run_cli
 from orchestrator.errors import UsageError
 from orchestrator.models import model_info, unwrap
@@ -78,7 +79,7 @@ __all__ = [
     "validation_batch",
 ]
 
-CHECKPOINTS = ("best", "last")  # `latest` means `last` too (orchestrator.checkpoint_refs)
+CHECKPOINTS = ("best", "last")  # `latest` is refused naming `last` (orchestrator.checkpoint_refs)
 CSV_ARTIFACT = "layer_responses.csv"
 PLOT_ARTIFACT = "plots/layer_responses.png"
 DEFAULT_IMAGES = 500
@@ -486,10 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="RUN_ID", help="MLflow run id of a training job")
     p.add_argument(
         "--checkpoint",
-        choices=[*CHECKPOINTS, "latest"],
+        type=which_arg,
+        metavar="best|last",
         default="last",
         help="the run's best committed checkpoint (by checkpoint.best_metric) or its last "
-        "(default; latest: the same)",
+        "(default)",
     )
     p.add_argument(
         "--images",

@@ -1,7 +1,7 @@
 """python -m orchestrator.publish: register a finished run's checkpoint as an MLflow model, or
 export a net's weights for torchvision.
 
-    python -m orchestrator.publish --run ID [--checkpoint best|latest] [--copy-weights]
+    python -m orchestrator.publish --run ID [--checkpoint best|last] [--copy-weights]
     python -m orchestrator.publish --checkpoint-url s3://.../step-NNNNNNNN --name NAME [--run ID]
     python -m orchestrator.publish --model NAME@best --torchvision resnet50.pth
     python -m orchestrator.publish --run ID --checkpoint best --torchvision resnet50.pth
@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from orchestrator.checkpoint_refs import which_arg
 from orchestrator.cli import run_cli
 from orchestrator.errors import UsageError
 from orchestrator.publish.register import ALIAS_OF, publish_checkpoint, read_checkpoint
@@ -40,10 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint-url", help=".../checkpoints/step-NNNNNNNN (with --name)")
     p.add_argument(
         "--checkpoint",
-        choices=sorted(ALIAS_OF),
+        type=which_arg,
+        metavar="best|last",
         default="best",
         help="with --run: the best committed step (by checkpoint.best_metric, alias best) or "
-        "the last (alias last: MLflow reserves 'latest')",
+        "the newest (alias last; 'latest' is refused: MLflow reserves it)",
     )
     p.add_argument("--name", help="registered model name (default: the run's job name)")
     p.add_argument(
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_checkpoint(client: Any, run_id: str, which: str) -> tuple[str, str, str]:
-    """(checkpoint URL, job name, best metric) of a training run's best or latest step."""
+    """(checkpoint URL, job name, best metric) of a training run's best or last step."""
     from orchestrator.checkpoint_refs import run_checkpoint
 
     try:

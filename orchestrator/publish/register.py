@@ -56,8 +56,8 @@ from orchestrator.tracking.tags import (
 log = logging.getLogger(__name__)
 
 # MLflow reserves the alias `latest` (models:/NAME/latest is the newest version): the last
-# committed checkpoint is `last`
-ALIAS_OF = {"best": "best", "latest": "last"}  # --checkpoint choice -> alias
+# committed checkpoint is `last`, in --checkpoint as in the alias (orchestrator.checkpoint_refs)
+ALIAS_OF = {"best": "best", "last": "last"}  # --checkpoint choice -> alias
 ALIASES = tuple(ALIAS_OF.values())
 MODEL_VERSION_TAG_OF = {"best": BEST_MODEL_VERSION_TAG, "last": LAST_MODEL_VERSION_TAG}
 # registry answers that a retry would only repeat
@@ -545,7 +545,7 @@ def _publish_retrying(
                 attempt,
                 why,
                 run_id,
-                "best" if "best" in aliases else "latest",
+                "best" if "best" in aliases else "last",
             )
             problems.append(f"{'/'.join(aliases)}: {why}")
             return None
