@@ -13,10 +13,13 @@ exit 2 as they always do.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.tracking.redaction import scrub
@@ -57,3 +60,35 @@ def run_cli(
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0 if code is None else code
+
+
+# the longest value `keys_help` shows on a key's line; longer ones end in "..."
+HELP_VALUE_WIDTH = 70
+
+
+def keys_help(config: Any, intro: str) -> str:
+    """Every key of config dataclass `config` (a job file's spec) with its value, one line per
+    key, grouped by section, after `intro`: what a job file's --help lists."""
+    rows: list[tuple[str, str | None]] = []  # (dotted key, its value) or (section heading, None)
+
+    def walk(node: Any, prefix: str) -> None:
+        keys = [(f.name, getattr(node, f.name)) for f in dataclasses.fields(node)]
+        rows.extend((prefix + k, _shown(v)) for k, v in keys if not dataclasses.is_dataclass(v))
+        for name, value in keys:  # a section's own keys first, then its sections
+            if dataclasses.is_dataclass(value):
+                rows.append((f"{prefix}{name}:", None))
+                walk(value, f"{prefix}{name}.")
+
+    walk(config, "")
+    width = max(len(key) for key, value in rows if value is not None)
+    lines = [
+        intro,
+        *(key if value is None else f"  {key:<{width}}  {value}" for key, value in rows),
+    ]
+    return "\n".join(lines)
+
+
+def _shown(value: Any) -> str:
+    """A value as an override spells it: text bare, everything else as JSON."""
+    text = value if isinstance(value, str) and value else json.dumps(value)
+    return text if len(text) <= HELP_VALUE_WIDTH else text[: HELP_VALUE_WIDTH - 3] + "..."

@@ -32,7 +32,7 @@ from typing import Any
 
 from orchestrator import s3, startup_clock
 from orchestrator.checkpoint_refs import spec_checkpoints_url
-from orchestrator.cli import run_cli
+from orchestrator.cli import keys_help, run_cli
 from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.job_lease import job_lease
 from orchestrator.preflight import check_cluster, in_torchrun_child, preflight
@@ -41,11 +41,17 @@ from orchestrator.spec import JobSpec, SpecError, apply_overrides, to_yaml
 from orchestrator.tracking.tags import RAY_CLUSTER_TAG, RAY_JOB_TAG
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(
+    argv: list[str], spec: JobSpec | None = None, adjusted: bool = False
+) -> argparse.Namespace:
+    """A job file's command line; its --help lists `spec`'s keys and values (the job file's,
+    not the dataclasses' defaults); `adjusted`: the job file adjusts the spec after overrides."""
     parser = argparse.ArgumentParser(
-        description="Run a job spec. Overrides are section.key=value, e.g. optim.lr=0.2.",
+        description=f"Run job {spec.name if spec else 'spec'} on Ray (--local: without Ray).",
+        epilog=_keys_epilog(spec, adjusted) if spec else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("overrides", nargs="*", help="section.key=VALUE")
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -65,10 +71,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _keys_epilog(spec: JobSpec, adjusted: bool) -> str:
+    """--help's list of the job's keys, and how an override is written."""
+    import textwrap
+
+    then = " This job file adjusts the spec after the overrides (its docstring says how)."
+    how = textwrap.fill(
+        "Overrides: section.key=VALUE, VALUE as JSON where it parses (0.2, true, null, "
+        "[32000,48000]), else as text. --dry-run prints the resolved spec and runs the "
+        f"pre-flight.{then if adjusted else ''}",
+        88,
+        break_on_hyphens=False,
+    )
+    return keys_help(spec, f"{how}\n\nkeys, with this job file's values:")
+
+
 def resolve(
     spec: JobSpec, argv: list[str], finalize: Callable[[JobSpec], JobSpec] | None = None
 ) -> tuple[JobSpec, argparse.Namespace]:
-    args = parse_args(argv)
+    args = parse_args(argv, spec, adjusted=finalize is not None)
     overrides = list(args.overrides)
     if args.resume_from:
         overrides.append(f"checkpoint.resume_from={args.resume_from}")
