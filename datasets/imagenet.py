@@ -141,7 +141,7 @@ def mean_image(
             used += n
             bar.update(tried)
     bar.close()
-    check_used(used, len(chosen), len(train), args.mean_min_samples)
+    check_used(used, len(chosen), len(chosen), len(train), args.mean_min_samples)
     log(f"mean image: {used} of {len(chosen)} chosen train images ({len(train)} in the split)")
     return total / used, info(view, used, len(chosen), len(train), args.seed)
 

@@ -47,7 +47,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from shardwriter import MANIFEST, ConversionError, log, progress, run_cli
+import pixel_mean
+from destination import open_dest, readable_source, writable_store
+from shardwriter import MANIFEST, ConversionError, log, progress, put_mean_image, run_cli
 
 from orchestrator import s3, storage
 from orchestrator.data.manifest import (
@@ -245,7 +247,7 @@ def index_shard(job: tuple[ShardRef, Extract]) -> dict[str, Any]:
     formats: Counter[str] = Counter()
     bad: list[dict[str, str]] = []
     unlabeled: list[dict[str, str]] = []
-    keys: set[str] = set()
+    keys: dict[str, None] = {}  # ordered: the entry lists them (the mean image draws from them)
     out_of_order: list[str] = []
     samples, error, f = 0, None, None
     try:
@@ -255,7 +257,7 @@ def index_shard(job: tuple[ShardRef, Extract]) -> dict[str, Any]:
             samples += 1
             if key in keys:
                 out_of_order.append(key)
-            keys.add(key)
+            keys[key] = None
             image = layout.image(files)
             if image is None:
                 reason = f"no image member among {list(extract.image_keys)} (has {sorted(files)})"
@@ -290,6 +292,7 @@ def index_shard(job: tuple[ShardRef, Extract]) -> dict[str, Any]:
         "unlabeled": unlabeled,
         "out_of_order": out_of_order[:5],
         "error": error,
+        "keys": list(keys),
     }
 
 
@@ -310,6 +313,9 @@ class Options:
     allow_class_sorted: bool = False
     max_bad_fraction: float = 0.001
     workers: int = 1
+    # --mean-image: its flags (mean_samples, mean_min_samples, seed, workers) and its view
+    mean: argparse.Namespace | None = None
+    mean_view: pixel_mean.CentreViewSum | None = None
 
 
 def _read_classes(path: str) -> list[str]:
@@ -506,11 +512,19 @@ def index_dataset(opts: Options) -> dict[str, Any] | None:
     dest = opts.dest or _root_of(urls)
     if not s3.is_s3(dest):
         dest = _local(dest)
-    store = storage.open_storage(dest)
-    _refuse_foreign_manifest(store)
+    # a probe written and deleted: a read-only store is refused before any shard is read
+    store = writable_store(dest, "--dest" if opts.dest else "--dest (default: the shards' folder)")
+    before = _refuse_foreign_manifest(store)
     refs = find_shards(urls, dest)
     split_for = {r.url: split_of(r.name, opts.split_rules) for r in refs}
+    if opts.mean is not None and "train" not in split_for.values():
+        raise ConversionError(
+            f"--mean-image averages the train split, but none of the {len(refs)} shards is in "
+            "it: name the training shards with --split train=GLOB"
+        )
     earlier = _load_index(store, opts.extract)
+    if opts.mean is not None:  # entries of an index written before keys were kept: read again
+        earlier = {u: e for u, e in earlier.items() if "keys" in e}
     reuse = {
         r.url: earlier[r.url]
         for r in refs
@@ -540,6 +554,18 @@ def index_dataset(opts: Options) -> dict[str, Any] | None:
         e["split"] = split_for[e["url"]]
     manifest = build_manifest(opts, entries, store)
     manifest["source"]["options"] = _outcome_options(opts)
+    if opts.mean is not None and opts.mean_view is not None:
+        train = [(k, e["url"]) for e in entries if e["split"] == "train" for k in e["keys"]]
+        image, note = pixel_mean.from_shards(
+            train, opts.mean_view, opts.extract.image_keys, opts.mean
+        )
+        manifest["mean_image"] = put_mean_image(store, image, note)
+    elif before and before.get("mean_image"):
+        log(
+            f"the earlier {MANIFEST} named a mean image; this run computes none (no "
+            "--mean-image), so the new manifest names none: data.normalize=per_pixel_mean "
+            "will refuse this dataset"
+        )
     index = {
         "version": INDEX_VERSION,
         "extract": _jsonable(opts.extract),
@@ -556,17 +582,19 @@ def index_dataset(opts: Options) -> dict[str, Any] | None:
     return manifest
 
 
-def _refuse_foreign_manifest(store: storage.Storage) -> None:
-    """A manifest this tool did not write (a converted dataset's) is never replaced."""
+def _refuse_foreign_manifest(store: storage.Storage) -> dict[str, Any] | None:
+    """A manifest this tool did not write (a converted dataset's) is never replaced; returns
+    the one it wrote before, if any."""
     try:
         manifest = json.loads(store.get(MANIFEST))
     except (storage.NotFound, ValueError):
-        return
+        return None
     if manifest.get("source", {}).get("by") != "datasets/index_shards.py":
         raise ConversionError(
             f"{store.root} already has a {MANIFEST} that this tool did not write (a converted "
             "dataset needs no indexing): it is left as it is. Give another --dest"
         )
+    return dict(manifest)
 
 
 def _outcome_options(opts: Options) -> dict[str, Any]:
@@ -579,6 +607,14 @@ def _outcome_options(opts: Options) -> dict[str, Any]:
         "unlabeled": opts.unlabeled,
         "allow_class_sorted": opts.allow_class_sorted,
         "max_bad_fraction": opts.max_bad_fraction,
+        "mean_image": None
+        if opts.mean is None or opts.mean_view is None
+        else {
+            "samples": opts.mean.mean_samples,
+            "min_samples": opts.mean.mean_min_samples,
+            "seed": opts.mean.seed,
+            "of": opts.mean_view.describe(),
+        },
     }
 
 
@@ -664,7 +700,27 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     p.add_argument("--max-bad-fraction", type=float, default=0.001)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--mean-image",
+        action="store_true",
+        help="also compute the train split's per-pixel mean image (the paper's per-pixel "
+        "mean, for data.normalize=per_pixel_mean) as datasets/imagenet.py does: the same views "
+        "and the same seeded sample; stored as mean_image.npy beside the manifest",
+    )
+    pixel_mean.add_arguments(
+        p,
+        "with --mean-image: train images the mean averages (a seeded sample, drawn as the "
+        f"converter draws it; default {pixel_mean.DEFAULT_SAMPLES}; 0: every image)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="with --mean-image: the sample's seed (the converter's --seed draws the same "
+        "images from the same keys; default 0)",
+    )
     a = p.parse_args(argv)
+    _check_mean_flags(p, a)
     member, _, fld = a.label_key.partition(":")
     if not member or (member == "json") != bool(fld):
         raise ConversionError(
@@ -683,6 +739,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
             "--image-keys must name a member, --num-classes be >= 0, --max-bad-fraction in "
             "0..1 and --workers >= 1"
         )
+    for source in a.sources:  # a scheme the project reads, a store that answers: seconds
+        readable_source(source, "SOURCE")
+    if a.dest:
+        open_dest(a.dest, "--dest")  # the scheme now; the probe write once the shards are listed
+    if a.classes:
+        _read_classes(a.classes)  # a typo found now, not after every shard was read
     return Options(
         sources=a.sources,
         dest=a.dest,
@@ -694,7 +756,25 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         allow_class_sorted=a.allow_class_sorted,
         max_bad_fraction=a.max_bad_fraction,
         workers=a.workers,
+        mean=a if a.mean_image else None,
+        mean_view=pixel_mean.check_arguments(a) if a.mean_image else None,
     )
+
+
+def _check_mean_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """A mean-image flag without --mean-image would be ignored: refused instead."""
+    if a.mean_image:
+        return
+    given = [
+        "--" + name.replace("_", "-")
+        for name in ("mean_samples", "mean_min_samples", "mean_resize", "mean_size", "seed")
+        if getattr(a, name) != p.get_default(name)
+    ]
+    if given:
+        raise ConversionError(
+            f"{', '.join(given)} shape the mean image, which only --mean-image computes: add "
+            "--mean-image, or leave them out"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

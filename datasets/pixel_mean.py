@@ -86,17 +86,22 @@ def choose(items: Sequence[T], key: Callable[[T], Any], limit: int, seed: int) -
     return chosen
 
 
-def check_used(used: int, tried: int, split: int, min_samples: int) -> None:
-    """Refuse a mean over too few images: fewer than `min_samples` unless it is the whole split
-    (exact), or none at all."""
+def check_used(used: int, tried: int, chosen: int, split: int, min_samples: int) -> None:
+    """Refuse a mean over too few images: none, or a sample (fewer than the whole split) of
+    which fewer than `min_samples` decoded. The whole split is exact whatever its size."""
+    if tried < chosen:
+        raise ConversionError(
+            f"the mean image found only {tried} of its {chosen} drawn train images: a shard "
+            "changed while it was being read; run again once the shards are final"
+        )
     if used == 0:
         raise ConversionError(
             f"the mean image used no image: none of the {tried} train images tried decoded"
         )
-    if used < min(min_samples, split):
+    if chosen < split and used < min_samples:
         raise ConversionError(
             f"the mean image would average only {used} of the split's {split} train images "
-            f"({tried - used} of the {tried} tried did not decode), fewer than "
+            f"({tried - used} of the {tried} drawn did not decode), fewer than "
             f"--mean-min-samples={min_samples}: too few to estimate the per-pixel mean. Raise "
             "--mean-samples (0: every image), or fix the images that do not decode"
         )
@@ -169,3 +174,86 @@ def check_arguments(args: argparse.Namespace) -> CentreViewSum:
             f"({args.mean_resize})"
         )
     return CentreViewSum(args.mean_size, args.mean_resize)
+
+
+# ---------------------------------------------------------------- from shards (index_shards)
+
+
+@dataclass(frozen=True)
+class ShardViews:
+    """One shard's share of the mean (module-level: pickled to a worker): stream the shard
+    once, and sum the centre views of the samples whose keys were drawn."""
+
+    url: str
+    keys: frozenset[str]
+    view: CentreViewSum
+    image_keys: tuple[str, ...]
+
+    def __call__(self) -> tuple[np.ndarray, int, int]:
+        """(sum, images used, images tried); an image that does not decode is left out (the
+        index lists it among the bad samples)."""
+        from orchestrator.data.streams import open_url
+        from orchestrator.data.tar import tar_groups
+
+        total, used, tried = self.view.zeros(), 0, 0
+        with open_url(self.url) as f:
+            for _, key, files in tar_groups(f):
+                if key not in self.keys:
+                    continue
+                tried += 1
+                image = next((files[k] for k in self.image_keys if k in files), None)
+                try:
+                    view = None if image is None else self.view.view(image)
+                except Exception:  # noqa: BLE001 - PIL raises many kinds for a broken image
+                    view = None
+                if view is not None:
+                    total += view
+                    used += 1
+        return total, used, tried
+
+
+def _shard_views(job: ShardViews) -> tuple[np.ndarray, int, int]:
+    return job()
+
+
+def from_shards(
+    train: Sequence[tuple[str, str]],
+    view: CentreViewSum,
+    image_keys: tuple[str, ...],
+    args: argparse.Namespace,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The mean image over shards: `train` holds (key, shard URL) of every train sample; the
+    sample is drawn as the converter draws it (by key), and each shard holding a drawn sample
+    is streamed once, on up to args.workers processes. Returns the mean and its manifest note."""
+    import multiprocessing
+
+    from shardwriter import log, progress
+
+    chosen = choose(train, lambda item: item, args.mean_samples, args.seed)
+    by_shard: dict[str, set[str]] = {}
+    for key, url in chosen:
+        by_shard.setdefault(url, set()).add(key)
+    jobs = [ShardViews(url, frozenset(keys), view, image_keys) for url, keys in by_shard.items()]
+    log(
+        f"mean image: {len(chosen)} of the {len(train)} train images, from {len(jobs)} shards "
+        f"on {min(args.workers, len(jobs))} processes"
+    )
+    total, used, tried_all = view.zeros(), 0, 0
+    bar = progress(len(chosen), "mean image")
+    workers = min(args.workers, len(jobs))
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap_unordered(_shard_views, jobs) if pool else map(_shard_views, jobs)
+        for part, n, tried in results:
+            total += part
+            used += n
+            tried_all += tried
+            bar.update(tried)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    bar.close()
+    check_used(used, tried_all, len(chosen), len(train), args.mean_min_samples)
+    log(f"mean image: averaged {used} images ({tried_all - used} did not decode)")
+    return total / used, info(view, used, len(chosen), len(train), args.seed)

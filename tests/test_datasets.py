@@ -56,7 +56,10 @@ def ok(script: str, *args: Any, **kw: Any) -> subprocess.CompletedProcess:
 
 
 def load_shardwriter() -> ModuleType:
-    """datasets/shardwriter.py by file path (datasets/ is not a package, by design)."""
+    """datasets/shardwriter.py by file path (datasets/ is not a package, by design; its
+    siblings, which it imports by name, on the path as a script has them)."""
+    if str(ROOT / "datasets") not in sys.path:
+        sys.path.insert(0, str(ROOT / "datasets"))
     spec = importlib.util.spec_from_file_location(
         "ds_shardwriter", ROOT / "datasets/shardwriter.py"
     )
@@ -403,7 +406,7 @@ def test_imagenet_val_label_sources_agree(
 
 def test_imagenet_resize_shorter(imagenet_src: Path, tmp_path: Path) -> None:
     dest = tmp_path / "small"
-    mean = ["--mean-samples", 10, "--mean-resize", 40, "--mean-size", 32]
+    mean = ["--mean-samples", 10, "--mean-min-samples", 10, "--mean-resize", 40, "--mean-size", 32]
     ok("imagenet.py", "--src", imagenet_src, "--dest", dest, "--resize-shorter", 40, *SHARDS, *mean)
     manifest = json.loads((dest / "manifest.json").read_text())
     check_imagenet_mean_image(imagenet_src, dest, manifest, size=32, resize=40, samples=10)
