@@ -16,8 +16,9 @@ How the spec says it exactly:
 - data.normalize=per_pixel_mean: each pixel minus the dataset's mean image (datasets/imagenet.py
   stores it: the mean of the train images' centre views, shorter side 256, central 224; resized
   to the crop a batch has), divided by one scalar (the pooled std, so the lr keeps its meaning).
-  A dataset without one (converted before, or indexed by datasets/index_shards.py) is refused
-  by the pre-flight: reconvert it, or set data.normalize=per_channel.
+  A dataset without one (converted before, or indexed by datasets/index_shards.py without
+  --mean-image) is refused by the pre-flight: reconvert it (indexed shards: index them again
+  with --mean-image), or set data.normalize=per_channel.
 - optim.momentum_form=caffe: the authors' Caffe SGD (v = 0.9 v + lr g, w -= v): at each
   plateau drop the velocity keeps the old lr's steps, as theirs did, where torch's form
   (optim.momentum_form=pytorch) shrinks it tenfold at once.

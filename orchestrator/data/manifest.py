@@ -100,7 +100,8 @@ def mean_image_bytes(manifest: dict[str, Any], url: str) -> bytes:
     if not isinstance(entry, dict) or not entry.get("file"):
         raise DataError(
             f"dataset {url} has no mean image: its manifest.json names none (converted before "
-            "the converters stored one, or indexed by datasets/index_shards.py)"
+            "the converters stored one, or indexed by datasets/index_shards.py without "
+            "--mean-image)"
         )
     try:
         raw = read_url(_join(url, str(entry["file"])))
