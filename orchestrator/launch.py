@@ -339,6 +339,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
         },
         node=ray.get_runtime_context().get_node_id(),
     )
+    startup_clock.mark("imports")
     run_worker(config["spec"], rt)
 
 

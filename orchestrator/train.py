@@ -368,7 +368,7 @@ class Trainer:
         """Train to schedule.max_iters; returns the newest value of every metric."""
         spec = self.spec
         resumed = self.resume()
-        startup_clock.mark("imports, trainer and resume")
+        startup_clock.mark("trainer and resume")
         if spec.data.ledger and not spec.data.synthetic:
             self.ledger = open_ledger(spec, self.rt, self.loader)
         self._start_tracking()
