@@ -284,8 +284,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_arguments(a: argparse.Namespace) -> None:
+    """Refuse a bad flag at once, naming it and the fix (before any image is drawn)."""
+    if "://" in str(a.out) or str(a.out).startswith(("s3:/", "gs:/")):
+        raise ConversionError(
+            f"--out {a.out}: a local folder only (the generators write files; convert them to "
+            "s3:// with datasets/imagenet.py or datasets/cifar10.py)"
+        )
+    if a.workers < 1:
+        raise ConversionError(f"--workers {a.workers}: give a number of processes >= 1")
+    if a.kind == "imagenet":
+        if a.classes < 1 or a.train_per_class < 1 or a.val_per_class < 0:
+            raise ConversionError(
+                "--classes and --train-per-class must be >= 1, --val-per-class >= 0"
+            )
+        if min(a.size) < 8:
+            raise ConversionError(f"--size {a.size[0]}x{a.size[1]}: give sides of >= 8 pixels")
+        if not 0 <= a.size_jitter < 1:
+            raise ConversionError(f"--size-jitter {a.size_jitter}: give a fraction in [0, 1)")
+        if not 1 <= a.quality <= 100:
+            raise ConversionError(f"--quality {a.quality}: give a JPEG quality in 1..100")
+    elif a.train_per_class < 1 or a.test_per_class < 1:
+        raise ConversionError("--train-per-class and --test-per-class must be >= 1")
+
+
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
+    check_arguments(a)
     made = ["train", "val"] if a.kind == "imagenet" else ["cifar-10-batches-py"]
     existing = [str(a.out / m) for m in made if (a.out / m).exists()]
     if existing:
@@ -294,12 +319,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{', '.join(existing)} already exists; remove it or pick another --out"
         )
     if a.kind == "imagenet":
-        if a.classes < 1 or a.train_per_class < 1 or a.val_per_class < 0:
-            raise ConversionError("--classes and --train-per-class must be >= 1")
         generate_imagenet(a)
     else:
-        if a.train_per_class < 1 or a.test_per_class < 1:
-            raise ConversionError("--train-per-class and --test-per-class must be >= 1")
         generate_cifar10(a)
     print(f"wrote {a.kind} to {a.out}", file=sys.stderr)
 

@@ -149,6 +149,29 @@ def test_index_shards_refuses_before_reading_a_shard(
     assert sorted(p.name for p in peer.iterdir()) == ["train-0.tar", "train-1.tar"]
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--out", "gs://bucket/x"], "a local folder only"),
+        (["--quality", "0"], "--quality 0: give a JPEG quality in 1..100"),
+        (["--size", "4x4"], "--size 4x4: give sides of >= 8 pixels"),
+        (["--size-jitter", "nan"], "--size-jitter nan"),
+        (["--workers", "0"], "--workers 0"),
+    ],
+)
+def test_synthetic_refuses_bad_flags(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    said: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, err = run(synthetic.main, capsys, "imagenet", "--out", tmp_path / "out", *args)
+    assert code == 2 and said in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------- the mean image of indexed shards
 
 
