@@ -8,6 +8,7 @@ leave it running afterwards (faster reruns).
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,6 +136,40 @@ def run_script(*args: str, timeout: float = 600, env: dict[str, str] | None = No
         f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     )
     return proc.stdout + proc.stderr
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`python ARGS` (`-m MODULE ...` or `FILE ...`) as its `__main__`, in this process: runpy
+    runs the very code `python -m` and `python FILE` run, without a child interpreter's start-up
+    (seconds each on the 2-core box). Returns (exit code, stdout, stderr); an uncaught exception
+    fails the test with its traceback. For a command's answer, not for a job that trains."""
+    import runpy
+    import warnings
+
+    module = args[1] if args[0] == "-m" else None
+    path = None if module else str(ROOT / args[0])
+    saved = sys.argv, list(sys.path), os.getcwd()
+    code: int | None = None
+    capsys.readouterr()
+    try:
+        sys.argv = [module or str(path), *args[(2 if module else 1) :]]
+        sys.path.insert(0, str(ROOT / "jobs") if path else str(ROOT))  # as python puts it
+        os.chdir(ROOT)
+        with warnings.catch_warnings():
+            # a module run as __main__ that this process has imported already (its tests did)
+            warnings.filterwarnings("ignore", ".* found in sys.modules", RuntimeWarning)
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    finally:
+        sys.argv, sys.path[:] = saved[0], saved[1]
+        os.chdir(saved[2])
+    assert code is not None, f"{' '.join(args)} ended without an exit code"
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator.cli import EXIT_INTERRUPTED, LOG_FORMAT, run_cli, setup_logging
 from orchestrator.errors import OrchestratorError, UsageError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_main
 
 # ------------------------------------------------------------------------------ run_cli
 
@@ -310,44 +310,15 @@ ENTRY_POINTS = [
 ]
 
 
-def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """`python ARGS` as its `__main__` in this process (runpy runs the very code `python -m` and
-    `python FILE` run; a child per call only added its start-up, 20 of them): (exit code,
-    stdout, stderr). An uncaught exception fails the test with its traceback."""
-    import runpy
-    import warnings
-
-    module = args[1] if args[0] == "-m" else None
-    saved, code = sys.argv, None
-    capsys.readouterr()
-    try:
-        sys.argv = [module or str(ROOT / args[0]), *args[(2 if module else 1) :]]
-        with warnings.catch_warnings():
-            # a module run as __main__ that this process imported already (its tests did)
-            warnings.filterwarnings("ignore", ".* found in sys.modules", RuntimeWarning)
-            if module:
-                runpy.run_module(module, run_name="__main__", alter_sys=True)
-            else:
-                runpy.run_path(str(ROOT / args[0]), run_name="__main__")
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    finally:
-        sys.argv = saved
-    assert code is not None, f"{' '.join(args)} returned without an exit code"
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.parametrize("entry", ENTRY_POINTS, ids=lambda e: e[-1])
 def test_every_entry_point_answers_help_and_refuses_a_bad_argument(
-    entry: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    entry: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.syspath_prepend(str(ROOT / "jobs"))  # as `python jobs/FILE.py` has it
-    monkeypatch.chdir(ROOT)
-    code, out, err = _run([*entry, "--help"], capsys)
+    """In this process (run_main: the entry point's own __main__ code, not a child each)."""
+    code, out, err = run_main([*entry, "--help"], capsys)
     assert code == 0, err[-3000:]
     assert "usage:" in out
-    code, out, err = _run([*entry, "--no-such-flag"], capsys)
+    code, out, err = run_main([*entry, "--no-such-flag"], capsys)
     assert code == 2, err[-3000:]
     assert "error:" in err.strip().splitlines()[-1], err[-3000:]
     assert "Traceback" not in err, err[-3000:]

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from orchestrator.spec import JobSpec, ScalingConfig, SpecError, apply_overrides, from_dict, to_yaml
-from tests.conftest import ROOT, load_job_spec
+from tests.conftest import ROOT, load_job_spec, run_main
 
 JOB_FILES = sorted(p.name for p in (ROOT / "jobs").glob("*.py"))
 
@@ -95,38 +93,27 @@ def offline(storage: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("job", JOB_FILES)
-def test_every_job_file_resolves(job: str, tmp_path: Path) -> None:
+def test_every_job_file_resolves(
+    job: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python jobs/FILE --dry-run`, run in this process (run_main)."""
     overrides = offline(tmp_path) if job != "ensemble_eval.py" else []  # its own flags
-    out = subprocess.run(
-        [sys.executable, f"jobs/{job}", "--dry-run", *overrides],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
+    code, stdout, stderr = run_main([f"jobs/{job}", "--dry-run", *overrides], capsys)
+    assert code == 0, stderr
     if "STUDY = Study(" in (ROOT / "jobs" / job).read_text():  # a grid of jobs: its own dry run
-        assert f"study {Path(job).stem} (" in out.stdout and "GPU-hours" in out.stdout
-        assert "pre-flight ok for every cell" in out.stdout
+        assert f"study {Path(job).stem} (" in stdout and "GPU-hours" in stdout
+        assert "pre-flight ok for every cell" in stdout
         assert list(tmp_path.iterdir()) == []
         return
-    assert f'name: "{Path(job).stem}"' in out.stdout
+    assert f'name: "{Path(job).stem}"' in stdout
     if overrides:
-        assert "# pre-flight ok: model: " in out.stdout
+        assert "# pre-flight ok: model: " in stdout
         assert list(tmp_path.iterdir()) == []  # the storage probe left nothing behind
 
 
-def test_job_file_reports_bad_override_and_exits_2() -> None:
-    out = subprocess.run(
-        [sys.executable, "jobs/imagenet_r152.py", "--dry-run", "optim.momentun=0.8"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 2 and "optim.momentun: unknown key" in out.stderr
+def test_job_file_reports_bad_override_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(["jobs/imagenet_r152.py", "--dry-run", "optim.momentun=0.8"], capsys)
+    assert code == 2 and "optim.momentun: unknown key" in err
 
 
 def test_paper_recipes() -> None:
@@ -157,37 +144,16 @@ def test_the_papers_recipes_subtract_the_mean_image_and_use_caffes_momentum(job:
     assert defaults.data.normalize == "per_channel" and defaults.optim.momentum_form == "pytorch"
 
 
-def test_resnet110_gets_the_papers_warmup(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "jobs/cifar10_resnet.py",
-            "--dry-run",
-            "model.name=cifar_resnet110",
-            *offline(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert "warmup_until_train_err: 0.8" in out.stdout and "warmup_iters: 0" in out.stdout
-    out = subprocess.run(
-        [
-            sys.executable,
-            "jobs/cifar10_resnet.py",
-            "--dry-run",
-            "model.name=cifar_resnet56",
-            *offline(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert "warmup_until_train_err: null" in out.stdout
+def test_resnet110_gets_the_papers_warmup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dry = ["jobs/cifar10_resnet.py", "--dry-run", *offline(tmp_path)]
+    code, out, err = run_main([*dry, "model.name=cifar_resnet110"], capsys)
+    assert code == 0, err
+    assert "warmup_until_train_err: 0.8" in out and "warmup_iters: 0" in out
+    code, out, err = run_main([*dry, "model.name=cifar_resnet56"], capsys)
+    assert code == 0, err
+    assert "warmup_until_train_err: null" in out
 
 
 def test_three_workers_share_a_global_batch_of_256_unevenly_but_exactly() -> None:
