@@ -9,9 +9,14 @@ seeds (8 trials), 4 CPU steps each on generated CIFAR-layout data (made here, ke
 s3://resnet/datasets/bench-cifar), 1 worker per trial. Each round submits it twice through
 `ray job submit`, under fresh study names (nothing is skipped): study.max_concurrent=1 (the
 baseline: one trial after another, on Tune too) and study.max_concurrent=2. Printed per round:
-both wall times (the whole `ray job submit`) and their ratio, and Tune's overhead per trial in
+both wall times (the whole `ray job submit`) and their ratio; Tune's overhead per trial in
 the sequential run: (Tune's wall time - the jobs' own time) / trials, from the study's
-`study timing:` line. Last line: `study: ratio=R (...)`, the medians.
+`study timing:` line; the trial's phases (`study phases:`: start-up, checks, pre-flight, the job,
+and the follow-ups the driver runs after it); and a trial's fixed cost: in the sequential run,
+(Tune's wall time, follow-ups included) / trials - a trial's busy time, its training steps and
+validation (the loop's own clock: MLflow's system/step_time_s x the steps of each log window,
+from the first batch to the last logged step). Last line: `study: ratio=R, trial fixed cost C s
+(...)`, the medians, and the load average seen.
 """
 
 from __future__ import annotations
@@ -71,8 +76,34 @@ def make_dataset(url: str) -> str:
     return url
 
 
-def run_study(dataset: str, at_once: int) -> tuple[float, float, int]:
-    """(wall s of `ray job submit`, Tune's wall s, the jobs' own s) of one study."""
+def busy_seconds(experiment: str, study: str) -> list[float]:
+    """Each trial's training steps and validation, in seconds: the loop's windows (MLflow's
+    system/step_time_s at each logged step x the steps since the one before)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, experiment
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.`orchestrator.study` = '{study}'", max_results=100
+    )
+    out = []
+    for run in runs:
+        if run.data.tags.get("orchestrator.role") == "study":
+            continue  # the parent
+        points = sorted(
+            (m.step, m.value)
+            for m in client.get_metric_history(run.info.run_id, "system/step_time_s")
+        )
+        out.append(
+            sum(v * (step - before) for (before, _), (step, v) in zip([(0, 0.0), *points], points))
+        )
+    return out
+
+
+def run_study(dataset: str, at_once: int) -> tuple[float, float, float, str, list[float]]:
+    """(wall s of `ray job submit`, Tune's wall s, the jobs' own s, the phases line, each
+    trial's busy s) of one study."""
     name = f"bench{uuid.uuid4().hex[:6]}"
     ray = Path(sys.executable).with_name("ray")
     cmd = [str(ray), "job", "submit", "--", "python", "jobs/cifar10_table6.py"]
@@ -93,13 +124,15 @@ def run_study(dataset: str, at_once: int) -> tuple[float, float, int]:
     if proc.returncode != 0 or "8/8 trials finished" not in out:
         sys.exit(f"study {name} failed:\n{out[-5000:]}")
     m = re.search(
-        r"study timing: Tune wall ([\d.]+) s; (\d+) trials ran, their jobs' own time "
+        r"study timing: Tune wall ([\d.]+) s .*?; (\d+) trials ran, their jobs' own time "
         r"([\d.]+) s",
         out,
     )
-    if m is None:
-        sys.exit(f"no timing line in the study's output:\n{out[-3000:]}")
-    return wall, float(m.group(1)), float(m.group(3))
+    phases = re.search(r"study phases \(mean s per trial\): (.*)", out)
+    if m is None or phases is None:
+        sys.exit(f"no timing lines in the study's output:\n{out[-3000:]}")
+    busy = busy_seconds("bench-study", name)
+    return wall, float(m.group(1)), float(m.group(3)), phases.group(1), busy
 
 
 def main() -> None:
@@ -112,23 +145,30 @@ def main() -> None:
             'and `eval "$(python -m orchestrator.stack env)"`'
         )
     dataset = make_dataset(DATASET)
-    ratios, overheads = [], []
+    ratios, overheads, fixed, loads = [], [], [], [os.getloadavg()[0]]
     for i in range(args.rounds):
-        seq, seq_tune, seq_jobs = run_study(dataset, 1)
-        par, par_tune, _ = run_study(dataset, 2)
+        seq, seq_tune, seq_jobs, seq_phases, busy = run_study(dataset, 1)
+        loads.append(os.getloadavg()[0])
+        par, par_tune, _, par_phases, _ = run_study(dataset, 2)
+        loads.append(os.getloadavg()[0])
         ratios.append(par / seq)
         overheads.append((seq_tune - seq_jobs) / 8)
+        fixed.append(seq_tune / 8 - statistics.fmean(busy))
         print(
             f"round {i + 1}: one at a time {seq:.1f} s, two at a time {par:.1f} s, "
             f"ratio {par / seq:.3f}; Tune overhead per trial {overheads[-1]:.2f} s "
             f"(Tune wall {seq_tune:.1f} s - jobs' own {seq_jobs:.1f} s, over 8 trials); "
-            f"Tune's wall alone: ratio {par_tune / seq_tune:.3f}",
+            f"Tune's wall alone: ratio {par_tune / seq_tune:.3f}; trial fixed cost "
+            f"{fixed[-1]:.2f} s (Tune wall / 8 - busy {statistics.fmean(busy):.2f} s: steps and "
+            f"validation)\n  one at a time, mean s per trial: {seq_phases}"
+            f"\n  two at a time, mean s per trial: {par_phases}",
             flush=True,
         )
     print(
-        f"study: ratio={statistics.median(ratios):.3f} (wall time, 2 trials at a time / one "
-        f"after another, median of {len(ratios)}; Tune overhead per trial "
-        f"{statistics.median(overheads):.2f} s)"
+        f"study: ratio={statistics.median(ratios):.3f}, trial fixed cost "
+        f"{statistics.median(fixed):.2f} s (wall time, 2 trials at a time / one after "
+        f"another, median of {len(ratios)}; Tune overhead per trial "
+        f"{statistics.median(overheads):.2f} s; load average {min(loads):.1f}-{max(loads):.1f})"
     )
 
 

@@ -212,6 +212,10 @@ def summarize(
     )
     for o in failed:
         print(f"  FAILED {o.job}: {o.error}", file=sys.stderr)
+    from orchestrator.checkpoint_refs import spec_checkpoints_url
+
+    first = spec_checkpoints_url(trials[0].spec).rstrip("/")
+    print(f"checkpoints: {first} (and each trial's beside it, named {study.name}-CELL-sSEED)")
     if client is None or parent is None:
         return 1 if failed else 0
     from orchestrator.study.parent import close_parent, log_layer_responses, log_results

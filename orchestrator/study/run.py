@@ -1,10 +1,13 @@
 """Running a study's trials: on Ray Tune (a Tuner whose trials each run one ordinary job), or
 `--local`, one job after another in subprocesses without Ray.
 
-On Tune, each trial is a small driver (no CPU reserved: TRIAL_DRIVER) that runs its job
-as `ray job submit -- python jobs/X.py` would (orchestrator.launch.fit_on_ray: its Ray Train
-worker group, restarts, checkpoints, MLflow run; then, in the trial, its registered models and
-paper report: orchestrator.publish.finished); the job's workers hold the resources.
+On Tune, each trial is a small driver (no CPU reserved: TRIAL_DRIVER; its actor is reused from
+trial to trial, so its imports are paid once) that runs its job as `ray job submit -- python
+jobs/X.py` would (orchestrator.launch.fit_on_ray: its Ray Train worker group, restarts,
+checkpoints, MLflow run); the job's workers hold the resources. What follows the training (the
+registered models and paper report, orchestrator.publish.finished, and Fig. 7) runs in the
+study's driver once Tune has ended the trial (FollowUps), so the next trial starts at once
+and never waits on a finished one's bookkeeping.
 Tune runs as many trials at once as the cluster's CPUs (or GPUs) fit trials' worker groups, or
 study.max_concurrent. Tune's state lives in the checkpoint storage under
 studies/<study>-<grid fingerprint>; a resubmitted study restores it (Tuner.restore), so trials
@@ -21,9 +24,11 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.launch import storage_for_ray
@@ -46,7 +51,19 @@ class Outcome:
     ok: bool
     error: str = ""
     skipped: bool = False  # finished before: not run again
-    wall_s: float = 0.0  # the job's own time in the trial (training, publishing, its Fig. 7)
+    wall_s: float = 0.0  # the job's own time in the trial (its lease, Ray Train, the loop)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds, by phase (PHASES)
+
+
+# A trial's phases, in the order they run (the keys run_trial and FollowUps time)
+PHASES = {
+    "t_startup": "trial start-up",  # Tune's actor to run_trial's first line
+    "t_check": "finished-before check",
+    "t_preflight": "pre-flight",
+    "t_fit": "job (lease, Ray Train, loop)",
+    "t_publish": "models + report (driver)",
+    "t_fig7": "Fig. 7 (driver)",
+}
 
 
 # ---------------------------------------------------------------------------- one trial
@@ -74,9 +91,9 @@ def finished_before(spec: JobSpec) -> bool:
 
 
 def measure_trial(spec: JobSpec) -> None:
-    """Fig. 7 of a finished CIFAR trial, measured in the trial (so trials measure in parallel,
-    not one after another in the study's driver) and logged to its run. Never raises: the
-    driver measures whatever a trial could not."""
+    """Fig. 7 of a finished CIFAR trial, logged to its run (FollowUps runs it in the driver as
+    the trial ends, beside the trials still training). Never raises: the study's summary
+    measures whatever a trial is left without."""
     if not spec.model.name.startswith("cifar_") or not spec.tracking.enabled:
         return
     try:
@@ -87,28 +104,103 @@ def measure_trial(spec: JobSpec) -> None:
         if found:
             client, run = found
             fig7.measure_once(client, run.info.run_id, spec.model.name)
-    except Exception as err:  # noqa: BLE001 - the driver measures it instead
+    except Exception as err:  # noqa: BLE001 - the summary measures it instead
         from orchestrator.tracking.redaction import scrub
 
         log.warning("layer responses of %s not measured: %s", spec.name, scrub(err)[:500])
 
 
+def follow_up(spec: JobSpec) -> dict[str, float]:
+    """What a trial's job leaves to do once its workers are gone: its registered models and
+    paper report, then Fig. 7; the seconds of each. Never raises (each part warns)."""
+    from orchestrator.publish.finished import publish_finished_job
+
+    t0 = time.perf_counter()
+    publish_finished_job(spec)
+    t1 = time.perf_counter()
+    measure_trial(spec)
+    return {"t_publish": t1 - t0, "t_fig7": time.perf_counter() - t1}
+
+
+class FollowUps:
+    """The follow-ups of the trials that ended, on a few threads of the study's driver (MLflow
+    calls and torch release the GIL): started as Tune ends each trial (`on_trial_complete`,
+    through tune_callback), waited for before the study's table (`wait`)."""
+
+    def __init__(self, threads: int) -> None:
+        self.pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
+            max(1, threads), thread_name_prefix="trial-follow-up"
+        )
+        self.pending: dict[str, Future[dict[str, float]]] = {}
+        self.started: dict[str, float] = {}  # job -> when Tune started its trial (Unix time)
+        self.lock: threading.Lock | None = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles its callbacks with its state: the copy is inert (a restored Tuner's
+        trials get their follow-ups from run_on_tune after fit)."""
+        return {"pool": None, "pending": {}, "started": {}, "lock": None}
+
+    def start(self, config: dict[str, Any], result: dict[str, Any] | None) -> None:
+        if self.pool is None or not config or (result or {}).get("skipped"):
+            return  # an inert copy, no spec, or finished before: published then
+        spec = from_dict(JobSpec, config["spec"])
+        with self.lock or threading.Lock():
+            if spec.name not in self.pending:
+                self.pending[spec.name] = self.pool.submit(follow_up, spec)
+
+    def wait(self) -> tuple[dict[str, dict[str, float]], float]:
+        """Each job's follow-up seconds by phase, and how long this waited for them."""
+        t0 = time.perf_counter()
+        with self.lock or threading.Lock():
+            pending = dict(self.pending)
+        done = {}
+        for job, future in pending.items():
+            try:
+                done[job] = future.result()
+            except Exception as err:  # noqa: BLE001 - follow_up warns; this is a bug's net
+                log.warning("the follow-up of %s failed: %s", job, err)
+        if self.pool is not None:
+            self.pool.shutdown()
+        return done, time.perf_counter() - t0
+
+    def tune_callback(self) -> Any:
+        """A ray.tune Callback that starts each trial's follow-up as Tune ends the trial."""
+        from ray import tune
+
+        follow_ups = self
+
+        class _Ended(tune.Callback):
+            def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                job = (trial.config or {}).get("spec", {}).get("name")
+                follow_ups.started.setdefault(job, time.time())
+
+            def on_trial_complete(
+                self, iteration: int, trials: list, trial: Any, **info: Any
+            ) -> None:
+                follow_ups.start(trial.config, trial.last_result)
+
+        return _Ended()
+
+
 def run_trial(config: dict[str, Any]) -> dict[str, Any]:
-    """Tune's trainable: one job, resumed from its own checkpoints where it has any."""
+    """Tune's trainable: one job, resumed from its own checkpoints where it has any; its
+    follow-ups (models, report, Fig. 7) are the driver's (FollowUps)."""
+    t_enter = time.time()  # the driver knows when Tune started the trial: start-up = the gap
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.job_lease import job_lease
     from orchestrator.launch import JobFailed, fit_on_ray
     from orchestrator.preflight import preflight
-    from orchestrator.publish.finished import publish_finished_job
     from orchestrator.tracking.runs import mark_job_run
 
     os.chdir(config["cwd"])  # the study's folder: relative data and storage paths
     spec = from_dict(JobSpec, config["spec"])
+    t0 = time.perf_counter()
     if finished_before(spec):
         return {"job": spec.name, "skipped": 1, "job_wall_s": 0.0}
+    t1 = time.perf_counter()
     preflight(spec)  # a refusal fails this trial alone, with its problems as the error
-    t0 = time.perf_counter()
+    t2 = time.perf_counter()
     # its job's own lease: the same job submitted beside the study is refused, or refuses this
     with job_lease(spec):
         try:
@@ -116,9 +208,9 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
         except JobFailed as err:
             mark_job_run(spec.tracking.experiment, spec.name, "FAILED", error=err.error)
             raise
-        publish_finished_job(spec)  # the job's workers are released: models and report here
-        measure_trial(spec)
-    return {"job": spec.name, "skipped": 0, "job_wall_s": time.perf_counter() - t0}
+    t3 = time.perf_counter()
+    phases = {"t_check": t1 - t0, "t_preflight": t2 - t1, "t_fit": t3 - t2}
+    return {"job": spec.name, "skipped": 0, "job_wall_s": t3 - t2, "t_enter": t_enter, **phases}
 
 
 # ---------------------------------------------------------------------------- on Ray Tune
@@ -156,48 +248,13 @@ def tune_experiment(study: Study, fingerprint: str) -> tuple[str, str, Any]:
 
 def run_on_tune(study: Study, trials: Sequence[Trial], fingerprint: str) -> list[Outcome]:
     import ray
-    from ray import tune
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     cluster = ray.cluster_resources()
     at_once = concurrency(study, trials, cluster)
-    storage, name, filesystem = tune_experiment(study, fingerprint)
-    trainable = tune.with_resources(run_trial, TRIAL_DRIVER)
-    space = {
-        "spec": tune.grid_search([t.spec.to_dict() for t in trials]),
-        "cwd": os.getcwd(),
-    }
-    path = f"{storage}/{name}"
-    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
-        print(f"study {study.name}: restoring Tune's state from {path}", flush=True)
-        tuner = tune.Tuner.restore(
-            path,
-            trainable,
-            resume_unfinished=True,
-            restart_errored=True,  # the job resumes from its own checkpoints
-            param_space=space,
-            storage_filesystem=filesystem,
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=at_once,
-                trial_name_creator=_trial_name,
-                trial_dirname_creator=_trial_name,
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=storage,
-                storage_filesystem=filesystem,
-                # a job restarts its own workers (scaling.max_failures); a trial that still
-                # fails is reported, and a resubmitted study restarts it
-                failure_config=tune.FailureConfig(max_failures=0),
-                verbose=1,
-            ),
-        )
+    follow_ups = FollowUps(at_once)
+    tuner = _tuner(study, trials, fingerprint, at_once, follow_ups)
     print(
         f"study {study.name}: {len(trials)} trials on Ray Tune, up to {at_once} at once "
         f"({_resources_text(trials[0].spec, cluster)} each)",
@@ -208,23 +265,96 @@ def run_on_tune(study: Study, trials: Sequence[Trial], fingerprint: str) -> list
     wall = time.perf_counter() - t0
     outcomes: dict[str, Outcome] = {}
     for result in (grid[i] for i in range(len(grid))):  # a ResultGrid indexes, not iterates
-        job = (result.config or {})["spec"]["name"]  # every trial has its param_space config
+        config = result.config or {}  # every trial has its param_space config
+        job = config["spec"]["name"]
         metrics = result.metrics or {}
         # a trial Tune restored as finished reports its old result: it did not run now
         before = metrics.get("timestamp", started) < started
         if result.error is not None:
             outcomes[job] = Outcome(job, False, _error_text(result.error))
-        else:
-            skipped = before or bool(metrics.get("skipped"))
-            outcomes[job] = Outcome(job, True, skipped=skipped, wall_s=metrics.get("job_wall_s", 0))
-    ran = [o for o in outcomes.values() if o.ok and not o.skipped]
-    # what Tune adds: its trials' time beyond their jobs' own (bench/study.py reads this line)
+            continue
+        skipped = before or bool(metrics.get("skipped"))
+        phases = {k: float(v) for k, v in metrics.items() if k in PHASES}
+        if not skipped and job in follow_ups.started and "t_enter" in metrics:
+            phases["t_startup"] = max(0.0, metrics["t_enter"] - follow_ups.started[job])
+        outcomes[job] = Outcome(job, True, skipped=skipped, wall_s=metrics.get("job_wall_s", 0))
+        outcomes[job].phases = phases
+        if not skipped:  # a restored Tuner has no callback: its trials' follow-ups start here
+            follow_ups.start(config, metrics)
+    done, drained = follow_ups.wait()
+    for job, seconds in done.items():
+        if job in outcomes:
+            outcomes[job].phases.update(seconds)
+    _say_timing(list(outcomes.values()), wall, drained, at_once)
+    return [outcomes.get(t.job, Outcome(t.job, False, "Tune has no result")) for t in trials]
+
+
+def _tuner(
+    study: Study, trials: Sequence[Trial], fingerprint: str, at_once: int, follow_ups: FollowUps
+) -> Any:
+    """A new Tuner for the grid, or the one Tune saved for it (a resubmitted study)."""
+    from ray import tune
+
+    storage, name, filesystem = tune_experiment(study, fingerprint)
+    trainable = tune.with_resources(run_trial, TRIAL_DRIVER)
+    space = {
+        "spec": tune.grid_search([t.spec.to_dict() for t in trials]),
+        "cwd": os.getcwd(),
+    }
+    path = f"{storage}/{name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        print(f"study {study.name}: restoring Tune's state from {path}", flush=True)
+        return tune.Tuner.restore(
+            path,
+            trainable,
+            resume_unfinished=True,
+            restart_errored=True,  # the job resumes from its own checkpoints
+            param_space=space,
+            storage_filesystem=filesystem,
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=at_once,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+            # run_trial keeps no state: an ended trial's actor runs the next, so a trial
+            # pays no process start and no imports after the first of each slot
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            storage_filesystem=filesystem,
+            # a job restarts its own workers (scaling.max_failures); a trial that still
+            # fails is reported, and a resubmitted study restarts it
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[follow_ups.tune_callback()],
+            verbose=1,
+        ),
+    )
+
+
+def _say_timing(outcomes: list[Outcome], wall: float, drained: float, at_once: int) -> None:
+    """What Tune and the trials' phases took (bench/study.py reads these lines)."""
+    ran = [o for o in outcomes if o.ok and not o.skipped]
     print(
-        f"study timing: Tune wall {wall:.1f} s; {len(ran)} trials ran, their jobs' own time "
+        f"study timing: Tune wall {wall + drained:.1f} s (of which {drained:.1f} s waiting for "
+        f"the last follow-ups); {len(ran)} trials ran, their jobs' own time "
         f"{sum(o.wall_s for o in ran):.1f} s in all, up to {at_once} at once",
         flush=True,
     )
-    return [outcomes.get(t.job, Outcome(t.job, False, "Tune has no result")) for t in trials]
+    if ran:
+        means = {
+            label: sum(o.phases.get(key, 0.0) for o in ran) / len(ran)
+            for key, label in PHASES.items()
+        }
+        print(
+            "study phases (mean s per trial): "
+            + ", ".join(f"{label} {v:.2f}" for label, v in means.items()),
+            flush=True,
+        )
 
 
 def _trial_name(trial: Any) -> str:
