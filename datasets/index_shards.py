@@ -2,18 +2,25 @@
 
     python datasets/index_shards.py SOURCE [SOURCE ...] [--dest URL] [--split NAME=GLOB ...]
         [--label-key cls | json:FIELD | txt] [--classes FILE] [--image-keys jpg,png,...]
+        [--mean-image [--mean-samples N] [--seed S]]
 
 SOURCE is a folder or s3:// prefix (every .tar below it), one shard, or a brace pattern
 (`s3://bucket/imagenet1k-train-{0000..1023}.tar`). Each shard is streamed once, in parallel
 (--workers), and never rewritten. What lands at --dest (default: the folder holding the shards):
 
     shards.index.json   per shard: its fingerprint (size + ETag on S3, size + mtime on disk), its
-                        sample count, bytes, sha256, label counts and bad samples; a rerun
+                        sample count, bytes, sha256, keys, label counts and bad samples; a rerun
                         re-reads only shards whose fingerprint changed, and writes nothing when
                         none did
     manifest.json       written last, the commit marker the loaders read: per split its shards
                         with sample count, bytes and sha256; the classes; the `layout` section
                         saying which members hold the image and the label; the bad samples
+    mean_image.npy      with --mean-image: the train split's per-pixel mean image, computed as
+                        datasets/imagenet.py computes it (datasets/pixel_mean.py: the same
+                        centre views, the same seeded sample of --mean-samples keys), named in
+                        the manifest's `mean_image` section, for data.normalize=per_pixel_mean;
+                        each train shard holding a drawn image is streamed once more, in
+                        parallel, decoding only those
 
 A shard's split comes from its name (train, val/valid/validation, test, as a word of the name or
 of a folder) or from --split NAME=GLOB. Labels come from `.cls` (a class number), a JSON member's
@@ -26,15 +33,15 @@ the shard, the member and the flag that fixes it; so is a tar without the two ze
 end every archive (a shard still being written: index it once its writer has closed it). The
 loaders check each shard's sample count and sha256 against the manifest as they read it
 (orchestrator/data/tar.py): a shard replaced after indexing stops the job until this is re-run.
+Before any shard is read: every flag, the sources (a local path or s3://, the store answering)
+and --dest (a probe object written and deleted) are checked, and a refusal exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import fnmatch
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -49,6 +56,16 @@ from typing import Any
 
 import pixel_mean
 from destination import open_dest, readable_source, writable_store
+from shard_reading import (
+    Extract,
+    ShardRef,
+    expand,
+    find_shards,
+    index_shard,
+    local_path,
+    root_of,
+    split_of,
+)
 from shardwriter import MANIFEST, ConversionError, log, progress, put_mean_image, run_cli
 
 from orchestrator import s3, storage
@@ -56,244 +73,12 @@ from orchestrator.data.manifest import (
     IMAGE_EXTS,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    SampleLayout,
     load_manifest,
 )
-from orchestrator.data.streams import open_url
-from orchestrator.data.tar import tar_groups
 
 INDEX = "shards.index.json"
 INDEX_VERSION = 1
-SPLIT_WORDS = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-}
 SORTED_SHARE = 0.9  # a training shard whose top class holds this share of it is class-sorted
-
-
-@dataclass(frozen=True)
-class Extract:
-    """What is read out of each sample: the options a shard's index entry depends on."""
-
-    image_keys: tuple[str, ...] = IMAGE_EXTS
-    label_key: str = "cls"
-    label_field: str = ""
-    check: str = "decode"  # decode: decode each image (JPEG at 1/8 scale); header: parse only
-
-    def layout(self) -> SampleLayout:
-        return SampleLayout(self.image_keys, self.label_key, self.label_field)
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    """A shard found at the source: its URL, its name in the manifest and its fingerprint."""
-
-    url: str
-    name: str  # relative to the manifest's root when below it, else the URL itself
-    size: int
-    fingerprint: str
-
-
-# ---------------------------------------------------------------- finding the shards
-
-
-def _local(url: str) -> str:
-    return str(Path(url).expanduser().resolve())
-
-
-def _fingerprint(url: str) -> tuple[int, str] | None:
-    """(size, fingerprint) without reading the shard: S3's ETag, a local file's mtime."""
-    if s3.is_s3(url):
-        root, _, name = url.rpartition("/")
-        return storage.S3Storage(root).head(name)
-    try:
-        st = os.stat(url)
-    except FileNotFoundError:
-        return None
-    return st.st_size, f"mtime_ns:{st.st_mtime_ns}"
-
-
-def _expand(source: str) -> list[str]:
-    """The shard URLs a SOURCE names: a brace pattern, a single .tar, or a folder/prefix."""
-    if "{" in source:
-        import braceexpand
-
-        urls = [u if s3.is_s3(u) else _local(u) for u in braceexpand.braceexpand(source)]
-        missing = [u for u in urls if _fingerprint(u) is None]
-        if missing:
-            raise ConversionError(
-                f"{len(missing)} of the {len(urls)} shards {source} names do not exist, e.g. "
-                f"{missing[0]}: fix the pattern's range"
-            )
-        return urls
-    url = source.rstrip("/") if s3.is_s3(source) else _local(source)
-    if url.endswith(".tar") and _fingerprint(url) is not None:
-        return [url]
-    if not s3.is_s3(url) and not Path(url).is_dir():
-        raise ConversionError(f"{source}: no such folder or shard")
-    names = sorted(storage.open_storage(url).sizes())
-    tars = [n for n in names if n.endswith(".tar") and not Path(n).name.startswith(".")]
-    if not tars:
-        packed = [n for n in names if n.endswith((".tgz", ".tar.gz"))]
-        hint = (
-            f" (it holds {len(packed)} compressed shards, e.g. {packed[0]}: the loaders read "
-            "plain tar; decompress them with gunzip)"
-            if packed
-            else ""
-        )
-        raise ConversionError(f"{source}: no .tar shards found{hint}")
-    return [f"{url}/{n}" for n in tars]
-
-
-def _root_of(urls: Sequence[str]) -> str:
-    """The deepest folder holding every shard: where the manifest goes by default."""
-    parts = [u.split("/")[:-1] for u in urls]
-    common = parts[0]
-    for p in parts[1:]:
-        n = 0
-        while n < min(len(common), len(p)) and common[n] == p[n]:
-            n += 1
-        common = common[:n]
-    return "/".join(common).rstrip("/") or "/"
-
-
-def find_shards(urls: Sequence[str], root: str) -> list[ShardRef]:
-    """Every shard of `urls` (from `_expand`), once, with its name relative to `root` where
-    below it."""
-    seen: dict[str, ShardRef] = {}
-    for url in urls:
-        if url in seen:
-            continue
-        head = _fingerprint(url)
-        if head is None:
-            raise ConversionError(f"{url} disappeared while it was being listed")
-        name = url[len(root) + 1 :] if url.startswith(root.rstrip("/") + "/") else url
-        seen[url] = ShardRef(url, name, head[0], head[1])
-    return list(seen.values())
-
-
-def split_of(name: str, rules: Sequence[tuple[str, str]]) -> str:
-    """A shard's split: the first --split rule whose glob matches, else a word of its name."""
-    base = name.rpartition("/")[2]
-    for split, pattern in rules:
-        if fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(base, pattern):
-            return split
-    words = {SPLIT_WORDS[w] for w in re.split(r"[^a-z]+", name.lower()) if w in SPLIT_WORDS}
-    if len(words) == 1:
-        return words.pop()
-    why = f"names several splits ({sorted(words)})" if words else "names no split"
-    raise ConversionError(
-        f"shard {name}: its name {why} (train, val/validation or test); say which with "
-        f"--split NAME=GLOB, e.g. --split train='{base}'"
-    )
-
-
-# ---------------------------------------------------------------- one shard, in a worker
-
-
-class _Hashing(io.RawIOBase):
-    """Reads through a stream, hashing and counting every byte."""
-
-    def __init__(self, inner: Any) -> None:
-        super().__init__()
-        self.inner, self.sha, self.bytes = inner, hashlib.sha256(), 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        data = self.inner.read(len(buf))
-        buf[: len(data)] = data
-        self.sha.update(data)
-        self.bytes += len(data)
-        return len(data)
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
-def _check_image(data: bytes, check: str) -> tuple[str, str | None]:
-    """(format, why it is damaged or None). decode: JPEGs decode at 1/8 scale (in the DCT
-    domain: several times cheaper than a full decode, and a truncated or corrupt body still
-    fails), other formats whole."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            kind = (im.format or "unknown").lower()
-            if check == "decode":
-                if im.format == "JPEG":
-                    w, h = im.size
-                    im.draft(None, (max(1, w // 8), max(1, h // 8)))
-                im.load()
-    except Image.DecompressionBombError as err:
-        return "unknown", f"refused: {err}"
-    except Exception as err:  # noqa: BLE001 - PIL raises many kinds for corrupt data
-        return "unknown", f"does not decode: {type(err).__name__}: {err}"
-    return ("jpeg" if kind == "jpeg" else kind), None
-
-
-def index_shard(job: tuple[ShardRef, Extract]) -> dict[str, Any]:
-    """Stream one shard once: its sample count, bytes, sha256, raw label counts, image
-    formats and every sample the loaders would find bad, with the member and the reason."""
-    ref, extract = job
-    layout = extract.layout()
-    labels: Counter[str] = Counter()
-    formats: Counter[str] = Counter()
-    bad: list[dict[str, str]] = []
-    unlabeled: list[dict[str, str]] = []
-    keys: dict[str, None] = {}  # ordered: the entry lists them (the mean image draws from them)
-    out_of_order: list[str] = []
-    samples, error, f = 0, None, None
-    try:
-        f = _Hashing(open_url(ref.url))
-        # require_end: a shard without its end blocks may still be being written
-        for _, key, files in tar_groups(f, require_end=True):
-            samples += 1
-            if key in keys:
-                out_of_order.append(key)
-            keys[key] = None
-            image = layout.image(files)
-            if image is None:
-                reason = f"no image member among {list(extract.image_keys)} (has {sorted(files)})"
-                bad.append({"shard": ref.name, "key": key, "member": "", "reason": reason})
-                continue
-            member = next(k for k in extract.image_keys if k in files)
-            kind, damaged = _check_image(image, extract.check)
-            formats[kind] += 1
-            if damaged:
-                bad.append({"shard": ref.name, "key": key, "member": member, "reason": damaged})
-            try:
-                labels[layout.raw_label(files)] += 1
-            except ValueError as err:
-                unlabeled.append({"shard": ref.name, "key": key, "reason": str(err)})
-        f.drain()
-    except Exception as err:  # noqa: BLE001 - a damaged tar: reported, the shard refused
-        error = f"{type(err).__name__}: {err}"
-    finally:
-        if f is not None:
-            f.inner.close()
-    return {
-        "url": ref.url,
-        "name": ref.name,
-        "fingerprint": ref.fingerprint,
-        "size": ref.size,
-        "samples": samples,
-        "bytes": f.bytes if f else 0,
-        "sha256": f.sha.hexdigest() if f else "",
-        "labels": dict(labels),
-        "formats": dict(formats),
-        "bad": bad,
-        "unlabeled": unlabeled,
-        "out_of_order": out_of_order[:5],
-        "error": error,
-        "keys": list(keys),
-    }
 
 
 # ---------------------------------------------------------------- the whole dataset
@@ -508,10 +293,10 @@ def _pool_map(workers: int, jobs: list[tuple[ShardRef, Extract]]) -> Iterator[di
 def index_dataset(opts: Options) -> dict[str, Any] | None:
     """Index the sources and write the manifest at opts.dest; None when nothing changed (and
     nothing was written)."""
-    urls = [u for s in opts.sources for u in _expand(s)]
-    dest = opts.dest or _root_of(urls)
+    urls = [u for s in opts.sources for u in expand(s)]
+    dest = opts.dest or root_of(urls)
     if not s3.is_s3(dest):
-        dest = _local(dest)
+        dest = local_path(dest)
     # a probe written and deleted: a read-only store is refused before any shard is read
     store = writable_store(dest, "--dest" if opts.dest else "--dest (default: the shards' folder)")
     before = _refuse_foreign_manifest(store)
@@ -636,7 +421,7 @@ def _same_outcome(
 # ---------------------------------------------------------------- command line
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Options:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Write a manifest for WebDataset shards that other tools wrote, so the "
         "loaders read them where they lie. The shards are read once and never rewritten.",
@@ -700,6 +485,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     p.add_argument("--max-bad-fraction", type=float, default=0.001)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    _add_mean_flags(p)
+    return p
+
+
+def _add_mean_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mean-image",
         action="store_true",
@@ -719,6 +509,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         help="with --mean-image: the sample's seed (the converter's --seed draws the same "
         "images from the same keys; default 0)",
     )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    """The command line, every flag checked before any shard is read."""
+    p = _parser()
     a = p.parse_args(argv)
     _check_mean_flags(p, a)
     member, _, fld = a.label_key.partition(":")

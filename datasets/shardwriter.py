@@ -305,11 +305,7 @@ def write_dataset(
     check_keys(splits)
     if shard_bytes < TAR_RECORD:
         raise ConversionError(f"--shard-size-mb must be at least {TAR_RECORD / MB} (10 KB)")
-    if isinstance(dest_url, str):
-        dest = open_dest(dest_url)
-        dest.preflight()
-    else:
-        dest = dest_url
+    dest = _ready(dest_url)
     workers = workers or os.cpu_count() or 1
     total = sum(len(s) for s in splits.values())
     bad_limit = max_bad_fraction * total
@@ -358,6 +354,15 @@ def write_dataset(
         f"wrote {dest.url}/{MANIFEST} ({len(todo)} shards written, {len(jobs) - len(todo)} skipped)"
     )
     return manifest
+
+
+def _ready(dest: str | Dest) -> Dest:
+    """A Dest that prepare_dest checked, or a URL opened and checked now."""
+    if not isinstance(dest, str):
+        return dest
+    opened = open_dest(dest)
+    opened.preflight()
+    return opened
 
 
 def _plan(
