@@ -17,7 +17,7 @@ from orchestrator.spec import EvalConfig
 
 CHECKPOINT_CHOICES = WHICH  # best, last: one word for the newest everywhere
 # the flags that select members: any of them replaces a job file's whole selection
-SELECTION = ("runs", "experiment", "filter", "models")
+SELECTION = ("runs", "experiment", "filter", "models", "ranked", "checkpoint_urls")
 # the fields of `EnsembleConfig.eval` the command line sets (every_iters and at_end schedule
 # validation during training: an ensemble ignores them)
 EVAL_FLAGS = ("protocol", "scales", "flips", "batch_size", "max_batches", "bn_recalibrate")
@@ -36,6 +36,14 @@ class EnsembleConfig:
     experiment: str | None = None  # select every run of this experiment matching `filter`
     filter: str = ""  # MLflow search filter, e.g. "tags.model = 'resnet152'"
     models: list[str] = field(default_factory=list)  # registered versions: NAME@ALIAS, NAME/VERSION
+    # MODEL or MODEL#RANK: the RANK-th best run (1 = best, by its best checkpoint's
+    # checkpoint.best_metric) among `experiment`'s runs matching `filter` tagged model=MODEL;
+    # with it, `experiment` is where to rank, not a selection of its every run
+    ranked: list[str] = field(default_factory=list)
+    allow_missing: bool = False  # evaluate the ranked members that exist (said) instead of refusing
+    # committed checkpoints by URL (.../checkpoints/step-N, or a job's .../checkpoints folder,
+    # where `checkpoint` chooses): no MLflow needed to find them
+    checkpoint_urls: list[str] = field(default_factory=list)
     checkpoint: str = "best"  # best (lowest best_metric in the commit marker) | last
     # protocol, scales, flips, batch_size, max_batches, bn_recalibrate: as in a job spec
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -49,6 +57,7 @@ class EnsembleConfig:
     output_experiment: str = "ensembles"
     log_probs: bool = False  # log each member's (and the ensemble's) probs.npz to MLflow
     save_probs: str | None = None  # also write them to this folder
+    output_dir: str | None = None  # write comparison.md and comparison.json here
     dry_run: bool = False  # print the resolved config and stop (no service is touched)
     check: bool = False  # resolve and check the members, list them, evaluate and log nothing
     progress: bool = True
@@ -60,10 +69,17 @@ class EnsembleConfig:
             check_which(self.checkpoint)
         except CheckpointRefError as err:
             raise EnsembleError(f"--{err}") from None
-        if not (self.runs or self.experiment or self.models):
-            raise EnsembleError("no members: select them with --runs, --experiment or --model")
+        if not (self.runs or self.experiment or self.models or self.checkpoint_urls or self.ranked):
+            raise EnsembleError(
+                "no members: select them with --runs, --experiment [--ranked], --model or "
+                "--checkpoint-url"
+            )
         if self.filter and not self.experiment:
             raise EnsembleError("--filter needs --experiment (the experiment to search)")
+        if self.ranked and not self.experiment:
+            raise EnsembleError("--ranked needs --experiment (the experiment to rank runs in)")
+        for entry in self.ranked:
+            parse_ranked(entry)
         try:
             ev.scales = list(check_scales(ev.scales))
         except ValueError as err:
@@ -82,6 +98,17 @@ class EnsembleConfig:
             except CheckpointRefError as err:
                 raise EnsembleError(f"--model: {err}") from None
         return self
+
+
+def parse_ranked(entry: str) -> tuple[str, int]:
+    """`resnet152#2` -> ("resnet152", 2); `resnet34` -> ("resnet34", 1)."""
+    model, _, rank = entry.partition("#")
+    if not model or (rank and not (rank.isdigit() and int(rank) >= 1)):
+        raise EnsembleError(
+            f"--ranked {entry!r}: expected MODEL or MODEL#RANK with RANK >= 1 (1 = the best "
+            "run), e.g. resnet152#2"
+        )
+    return model, int(rank or 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +136,27 @@ def _member_flags(sel: argparse._ArgumentGroup) -> None:
         action="append",
         metavar="NAME@ALIAS|NAME/VERSION",
         help="a registered model version (repeatable)",
+    )
+    sel.add_argument(
+        "--ranked",
+        nargs="+",
+        metavar="MODEL[#RANK]",
+        help="the RANK-th best run (default 1) tagged model=MODEL in --experiment (matching "
+        "--filter), by its best checkpoint's val/top1_err, e.g. resnet101 resnet152#1 resnet152#2",
+    )
+    sel.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="evaluate the --ranked members that exist (and say which are missing) instead of "
+        "refusing",
+    )
+    sel.add_argument(
+        "--checkpoint-url",
+        dest="checkpoint_urls",
+        action="append",
+        metavar="URL",
+        help="a committed checkpoint (.../checkpoints/step-NNNNNNNN) or a job's checkpoint "
+        "folder (.../checkpoints: --checkpoint chooses); repeatable; needs no MLflow",
     )
     sel.add_argument(
         "--checkpoint",
@@ -174,6 +222,12 @@ def _run_flags(run: argparse._ArgumentGroup) -> None:
     run.add_argument("--name", help="the parent run's name (default: ensemble-PROTOCOL-N)")
     run.add_argument("--log-probs", action="store_true", help="log probs.npz per member to MLflow")
     run.add_argument("--save-probs", metavar="DIR", help="write member-I.npz and ensemble.npz here")
+    run.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="write comparison.md and comparison.json here (without MLflow: the only record "
+        "besides the printed table)",
+    )
     run.add_argument("--dry-run", action="store_true", help="print the resolved config, then stop")
     run.add_argument(
         "--check",
@@ -192,6 +246,7 @@ def parse_args(argv: Sequence[str], base: EnsembleConfig | None = None) -> Ensem
     cfg.eval = dataclasses.replace(cfg.eval)
     if any(k in given for k in SELECTION):
         cfg.runs, cfg.experiment, cfg.filter, cfg.models = [], None, "", []
+        cfg.ranked, cfg.checkpoint_urls = [], []
     for key, value in given.items():
         section, _, name = key.rpartition(".")  # "eval.protocol": EnsembleConfig.eval's
         setattr(cfg.eval if section == "eval" else cfg, name, value)
@@ -200,11 +255,12 @@ def parse_args(argv: Sequence[str], base: EnsembleConfig | None = None) -> Ensem
 
 def _flag(name: str, value: Any) -> list[str]:
     """The flag(s) that set field `name` to `value`."""
-    flag = "--" + {"models": "model", "use_gpu": "gpu"}.get(name, name).replace("_", "-")
+    renamed = {"models": "model", "use_gpu": "gpu", "checkpoint_urls": "checkpoint_url"}
+    flag = "--" + renamed.get(name, name).replace("_", "-")
     if isinstance(value, bool):
         return [flag if value else "--no-" + flag[2:]]
-    if name == "models":
-        return [arg for model in value for arg in (flag, model)]  # --model is repeated
+    if name in ("models", "checkpoint_urls"):
+        return [arg for item in value for arg in (flag, item)]  # repeated flags
     if isinstance(value, list):
         return [flag, *map(str, value)]
     return [] if value is None else [flag, str(value)]

@@ -8,18 +8,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.checkpoint_refs import (
+    CheckpointRefError,
     RunCheckpoint,
     VersionCheckpoint,
+    check_which,
+    committed_checkpoints,
     read_trainer_state,
     run_checkpoint,
     trained_net,
     version_checkpoint,
 )
-from orchestrator.ensemble_eval.config import EnsembleConfig, EnsembleError
-from orchestrator.tracking.tags import ENSEMBLE_TAG, PARENT_TAG
+from orchestrator.ensemble_eval.config import EnsembleConfig, EnsembleError, parse_ranked
+from orchestrator.tracking.tags import ENSEMBLE_TAG, MODEL_TAG, PARENT_TAG
+
+if TYPE_CHECKING:
+    from orchestrator.checkpoint import Committed
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +48,76 @@ class Member:
     weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class UrlCheckpoint:
+    """A committed checkpoint named by its URL (--checkpoint-url): no MLflow run behind it."""
+
+    committed: Committed
+    run_id: None = None
+
+    @property
+    def url(self) -> str:
+        return self.committed.url
+
+    @property
+    def step(self) -> int:
+        return self.committed.step
+
+    @property
+    def what(self) -> str:
+        return f"--checkpoint-url {self.url}"
+
+
+def url_checkpoint(url: str, which: str = "best") -> UrlCheckpoint:
+    """The committed checkpoint `url` names: a step (.../checkpoints/step-NNNNNNNN), or the
+    `best` or `last` one of a job's checkpoint folder (.../checkpoints). Reads only the
+    checkpoint store: no MLflow."""
+    from orchestrator.checkpoint import best_checkpoint, split_checkpoint_url
+    from orchestrator.spec import CheckpointConfig
+
+    url = url.rstrip("/")
+    what = f"--checkpoint-url {url}"
+    try:
+        root, step = split_checkpoint_url(url)
+    except ValueError:
+        root, step = url, None
+    found = committed_checkpoints(root, what)
+    if step is not None:
+        chosen = next((c for c in found if c.step == step), None)
+        if chosen is None:
+            steps = ", ".join(str(c.step) for c in found) or "none"
+            raise CheckpointRefError(
+                f"{what}: step {step} is not a committed checkpoint under {root} (committed "
+                f"steps: {steps})"
+            )
+        return UrlCheckpoint(chosen)
+    if not found:
+        raise CheckpointRefError(
+            f"{what}: no committed checkpoint there; name a job's .../checkpoints folder or "
+            "one of its step-NNNNNNNN folders"
+        )
+    metric = CheckpointConfig().best_metric
+    best = best_checkpoint(found, metric) if check_which(which) == "best" else None
+    if check_which(which) == "best" and best is None:
+        raise CheckpointRefError(
+            f"{what}: no committed checkpoint has {metric!r} in its marker (was validation "
+            "on?); use --checkpoint last"
+        )
+    return UrlCheckpoint(best or found[-1])
+
+
+def member_from_url(url: str, which: str = "best") -> Member:
+    """A committed checkpoint by URL (see url_checkpoint), labelled JOB-stepN."""
+    ref = url_checkpoint(url, which)
+    job = ref.url.rstrip("/").split("/")[-3] if ref.url.count("/") >= 3 else "checkpoint"
+    return _load_member(f"{job}-step{ref.step}", "checkpoint URL", None, ref)
+
+
 def _load_member(
-    label: str, selected_by: str, run_name: str | None, ref: RunCheckpoint | VersionCheckpoint
+    label: str,
+    selected_by: str,
+    run_name: str | None,
+    ref: RunCheckpoint | VersionCheckpoint | UrlCheckpoint,
 ) -> Member:
     """Check that a committed checkpoint's trainer.pt fits; its weights are not kept: each
     member's evaluation reads them itself (the driver never holds every member's weights at
@@ -106,8 +180,68 @@ def _experiment_runs(client: Any, name: str, filter_string: str) -> list[Any]:
     return runs
 
 
+def _ranked_pool(client: Any, name: str, filter_string: str) -> list[Any]:
+    """The runs `--ranked` chooses among: the experiment's runs matching the filter, study
+    trials included, ensemble runs left out."""
+    try:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise EnsembleError(f"--experiment {name!r}: no such MLflow experiment")
+        runs = client.search_runs(
+            [exp.experiment_id],
+            filter_string=filter_string,
+            order_by=["attributes.start_time ASC"],
+            max_results=5000,
+        )
+    except EnsembleError:
+        raise
+    except Exception as err:
+        raise EnsembleError(f"--experiment {name!r} --filter {filter_string!r}: {err}") from err
+    return [r for r in runs if ENSEMBLE_TAG not in r.data.tags]
+
+
+def ranked_members(client: Any, cfg: EnsembleConfig) -> list[Member]:
+    """`cfg.ranked`'s members: for MODEL#RANK, the RANK-th best run tagged model=MODEL, by the
+    value of checkpoint.best_metric at its best committed checkpoint (ties: the older run).
+    A run that cannot be ranked (no committed checkpoint, no validation) is left out, said.
+    Missing members are refused, naming them, unless cfg.allow_missing (then said)."""
+    pool = _ranked_pool(client, str(cfg.experiment), cfg.filter)
+    where = f"experiment {cfg.experiment!r}" + (f" ({cfg.filter})" if cfg.filter else "")
+    order: dict[str, list[Any]] = {}
+    for model in dict.fromkeys(parse_ranked(e)[0] for e in cfg.ranked):
+        scored = []
+        for run in (r for r in pool if r.data.tags.get(MODEL_TAG) == model):
+            try:
+                best = run_checkpoint(run, "best")
+            except CheckpointRefError as err:
+                log.warning("--ranked %s: %s is left out: %s", model, run.info.run_id, err)
+                continue
+            scored.append((best.committed.metrics[best.metric], run.info.start_time or 0, run))
+        order[model] = [run for _, _, run in sorted(scored, key=lambda t: (t[0], t[1]))]
+    members, missing = [], []
+    for entry in cfg.ranked:
+        model, rank = parse_ranked(entry)
+        if rank > len(order[model]):
+            missing.append(f"{entry} ({len(order[model])} ranked {model} run(s))")
+            continue
+        how = f"{model} #{rank} by its best val/top1_err in {where}"
+        members.append(member_from_run(order[model][rank - 1], cfg.checkpoint, how))
+    if missing and not cfg.allow_missing:
+        raise EnsembleError(
+            f"--ranked: missing in {where}: {'; '.join(missing)}. Train them, or pass "
+            f"--allow-missing to evaluate the {len(members)} that exist"
+        )
+    if missing:
+        print(
+            f"--allow-missing: evaluating {len(members)} of {len(cfg.ranked)} declared; "
+            f"missing in {where}: {'; '.join(missing)}"
+        )
+    return members
+
+
 def resolve_members(client: Any, cfg: EnsembleConfig) -> list[Member]:
-    """Every member, its checkpoint read and checked; errors name the run."""
+    """Every member, its checkpoint read and checked; errors name the run. `client` is None
+    where every member is a --checkpoint-url and there is no MLflow."""
     members: list[Member] = []
     for run_id in cfg.runs:
         try:
@@ -115,11 +249,15 @@ def resolve_members(client: Any, cfg: EnsembleConfig) -> list[Member]:
         except Exception as err:
             raise EnsembleError(f"run {run_id}: not found in MLflow: {err}") from err
         members.append(member_from_run(run, cfg.checkpoint, "run"))
-    if cfg.experiment:
+    if cfg.ranked:
+        members += ranked_members(client, cfg)
+    elif cfg.experiment:
         for run in _experiment_runs(client, cfg.experiment, cfg.filter):
             members.append(member_from_run(run, cfg.checkpoint, f"experiment {cfg.experiment}"))
     for ref in cfg.models:
         members.append(member_from_version(client, ref))
+    for url in cfg.checkpoint_urls:
+        members.append(member_from_url(url, cfg.checkpoint))
     unique: list[Member] = []
     seen: set[str] = set()
     for m in members:

@@ -217,3 +217,29 @@ class EnsembleRuns:
             except Exception as err:  # noqa: BLE001 - keep the original error in front
                 log.warning("could not mark MLflow run %s %s: %s", run_id, status, scrub(err))
         self.open.clear()
+
+
+class NoRuns:
+    """EnsembleRuns' stand-in where there is no MLflow (every member a --checkpoint-url and
+    MLFLOW_TRACKING_URI unset): nothing is logged; the driver says so once, prints the table
+    and writes --output-dir."""
+
+    parent = ""  # no run ids: nothing is logged
+
+    def __init__(self, members: list[Member]) -> None:
+        self.children: list[str] = [""] * len(members)
+
+    def log_member(self, i: int, out: dict[str, Any], log_probs: bool) -> None:
+        pass
+
+    def log_ensemble(self, *args: Any) -> None:
+        pass
+
+    def log_npz(self, run_id: str, name: str, **arrays: Any) -> None:
+        pass
+
+    def close(self, run_id: str, status: str = "FINISHED") -> None:
+        pass
+
+    def fail(self, error: str, status: str = "FAILED") -> None:
+        pass
