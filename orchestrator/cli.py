@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -92,3 +93,17 @@ def _shown(value: Any) -> str:
     """A value as an override spells it: text bare, everything else as JSON."""
     text = value if isinstance(value, str) and value else json.dumps(value)
     return text if len(text) <= HELP_VALUE_WIDTH else text[: HELP_VALUE_WIDTH - 3] + "..."
+
+
+def job_keys_help(spec: Any, adjusted: bool) -> str:
+    """A job file's --help epilog: how an override is written, then `keys_help` of its spec;
+    `adjusted`: the job file adjusts the spec after the overrides."""
+    then = " This job file adjusts the spec after the overrides (its docstring says how)."
+    how = textwrap.fill(
+        "Overrides: section.key=VALUE, VALUE as JSON where it parses (0.2, true, null, "
+        "[32000,48000]), else as text. --dry-run prints the resolved spec and runs the "
+        f"pre-flight.{then if adjusted else ''}",
+        88,
+        break_on_hyphens=False,
+    )
+    return keys_help(spec, f"{how}\n\nkeys, with this job file's values:")

@@ -32,7 +32,7 @@ from typing import Any
 
 from orchestrator import s3, startup_clock
 from orchestrator.checkpoint_refs import spec_checkpoints_url
-from orchestrator.cli import keys_help, run_cli
+from orchestrator.cli import job_keys_help, run_cli
 from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.job_lease import job_lease
 from orchestrator.preflight import check_cluster, in_torchrun_child, preflight
@@ -48,7 +48,7 @@ def parse_args(
     not the dataclasses' defaults); `adjusted`: the job file adjusts the spec after overrides."""
     parser = argparse.ArgumentParser(
         description=f"Run job {spec.name if spec else 'spec'} on Ray (--local: without Ray).",
-        epilog=_keys_epilog(spec, adjusted) if spec else None,
+        epilog=job_keys_help(spec, adjusted) if spec else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("overrides", nargs="*", help="section.key=VALUE")
@@ -69,21 +69,6 @@ def parse_args(
         help="take the job's lease from a holder you know is dead (before it expires)",
     )
     return parser.parse_args(argv)
-
-
-def _keys_epilog(spec: JobSpec, adjusted: bool) -> str:
-    """--help's list of the job's keys, and how an override is written."""
-    import textwrap
-
-    then = " This job file adjusts the spec after the overrides (its docstring says how)."
-    how = textwrap.fill(
-        "Overrides: section.key=VALUE, VALUE as JSON where it parses (0.2, true, null, "
-        "[32000,48000]), else as text. --dry-run prints the resolved spec and runs the "
-        f"pre-flight.{then if adjusted else ''}",
-        88,
-        break_on_hyphens=False,
-    )
-    return keys_help(spec, f"{how}\n\nkeys, with this job file's values:")
 
 
 def resolve(

@@ -1,7 +1,8 @@
 """orchestrator.checkpoint_refs on local folders: a job's checkpoint folder (one definition,
 trailing slashes of checkpoint.storage do not count), model references, and which committed
-checkpoint a run's `best` or `last` means (`latest` refused naming `last`). Through MLflow's registry and S3:
-tests/test_ensemble_eval.py and tests/test_publish.py; through a study: tests/test_study.py."""
+checkpoint a run's `best` or `last` means (`latest` is refused naming `last`). Through MLflow's
+registry and S3: tests/test_ensemble_eval.py and tests/test_publish.py; through a study:
+tests/test_study.py."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ before any service is reached."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 
 import pytest
@@ -34,9 +35,9 @@ def test_last_is_the_word_and_latest_is_refused_naming_it() -> None:
     ids=["publish", "layer_responses"],
 )
 def test_the_command_lines_refuse_latest_with_exit_2(
-    parse: Callable[[list[str]], object], capsys: pytest.CaptureFixture[str]
+    parse: Callable[[list[str]], argparse.Namespace], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert getattr(parse(["--checkpoint", "last"]), "checkpoint") == "last"
+    assert parse(["--checkpoint", "last"]).checkpoint == "last"
     with pytest.raises(SystemExit) as stop:
         parse(["--checkpoint", "latest"])
     assert stop.value.code == 2
