@@ -79,6 +79,20 @@ def resolve(
     if args.resume_from:
         overrides.append(f"checkpoint.resume_from={args.resume_from}")
     spec = apply_overrides(spec, overrides)
+    if (args.local or os.environ.get("ORCH_LOCAL") == "1") and not any(
+        o.startswith("scaling.num_workers=") for o in overrides
+    ):  # --local: one process per GPU present (torchrun's children decide alike), said once
+        import torch
+
+        gpus = torch.cuda.device_count() if spec.scaling.use_gpu is not False else 0
+        if not in_torchrun_child():
+            print(
+                f"job {spec.name}: --local starts {max(1, gpus)} worker process(es): "
+                f"{gpus} GPU(s) in use here (the job file's scaling.num_workers="
+                f"{spec.scaling.num_workers} is a cluster's; set scaling.num_workers=N to choose)",
+                file=sys.stderr,
+            )
+        spec = apply_overrides(spec, [f"scaling.num_workers={max(1, gpus)}"])
     return (finalize(spec).validate() if finalize else spec), args
 
 

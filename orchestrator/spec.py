@@ -23,6 +23,7 @@ from orchestrator.spec_values import (
     parse_override,
     parse_value,
 )
+from orchestrator.storage import check_url
 from orchestrator.tracking.metrics import CHECKPOINT_METRICS
 from orchestrator.tracking.tags import free_tag_problem
 
@@ -112,6 +113,8 @@ class DataConfig:
     synthetic_classes: int = 1000
 
     def __post_init__(self) -> None:
+        if self.url:  # read only: http(s) too (the loader streams it)
+            check_url(self.url, "data.url", write=False)
         self.scale_range = (int(self.scale_range[0]), int(self.scale_range[1]))
         choices = {
             "source": ("shards", "synthetic"),
@@ -323,6 +326,9 @@ class CheckpointConfig:
             grace_s="> 0",
             preemption_poll_every=">= 1",
         )
+        check_url(self.storage, "checkpoint.storage", write=True)
+        if self.resume_from:  # read through the checkpoint store: a folder or s3://
+            check_url(self.resume_from, "checkpoint.resume_from", write=False, http=False)
         check_preempt_signal(self.preempt_signal)
         if self.best_metric not in CHECKPOINT_METRICS:  # else no step would ever be the best
             raise ValueError(

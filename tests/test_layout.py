@@ -29,6 +29,7 @@ LIGHT = {
     "orchestrator.tracking",
     "orchestrator.tracking.metrics",
     "orchestrator.tracking.tags",
+    "orchestrator.tracking.uri",  # the pre-flight asks where MLflow is
     "orchestrator.models",
     "orchestrator.models.registry",
     "orchestrator.models.zoo",
@@ -244,7 +245,7 @@ def test_a_dry_run_loads_no_torch(tmp_path: Path) -> None:
     """`python jobs/imagenet_r152.py --dry-run` resolves and prints the spec, and runs the
     pre-flight (model, storage, resume) without torch. With a dataset: tests/test_preflight.py."""
     argv = ["jobs/imagenet_r152.py", "--dry-run", "data.source=synthetic"]
-    argv.append(f"checkpoint.storage={tmp_path}")
+    argv += [f"checkpoint.storage={tmp_path}", "tracking.enabled=false"]
     probe = (
         "import runpy, sys\n"
         f"sys.argv = {argv!r}\n"

@@ -88,8 +88,9 @@ def test_yaml_dump_round_trips_values() -> None:
 
 def offline(storage: Path) -> list[str]:
     """What lets a dry run's pre-flight pass without the job's dataset and bucket: synthetic
-    data, a local checkpoint folder (the model, ranges and resume are still checked)."""
-    return ["data.source=synthetic", f"checkpoint.storage={storage}"]
+    data, a local checkpoint folder, no tracking server (the model, ranges and resume are
+    still checked)."""
+    return ["data.source=synthetic", f"checkpoint.storage={storage}", "tracking.enabled=false"]
 
 
 @pytest.mark.parametrize("job", JOB_FILES)

@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -514,14 +513,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise UsageError(
-            'MLFLOW_TRACKING_URI is not set (eval "$(python -m orchestrator.stack env)" '
-            "for the local stack)"
-        )
-    from mlflow import MlflowClient
+    from orchestrator.storage import check_url
+    from orchestrator.tracking.uri import tracking_client
 
-    client = MlflowClient()
+    if args.data_url:
+        check_url(args.data_url, "--data-url", write=False)
+    client = tracking_client("python -m orchestrator.paper.layer_responses")
     options = {"data_url": args.data_url, "batch_size": args.batch_size, "device": args.device}
     responses = responses_for_run(client, args.run, args.checkpoint, args.images, **options)
     print(responses.table())

@@ -10,7 +10,6 @@ and communication; the plan takes the model's share of that communication out ag
 
 from __future__ import annotations
 
-import os
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -68,15 +67,11 @@ def read_run(run_id: str, client: Any = None) -> RunFigures:
     from orchestrator.tracking.run_report import metric_history  # imports no mlflow itself
 
     if client is None:
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            raise PlanError(
-                "--from-run needs MLFLOW_TRACKING_URI (on the local stack: "
-                'eval "$(python -m orchestrator.stack env)")'
-            )
-        from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        client = MlflowClient()
+        from orchestrator.tracking.uri import tracking_client
+
+        client = tracking_client("--from-run")
         try:
             run = client.get_run(run_id)
         except MlflowException as err:

@@ -24,7 +24,9 @@ from orchestrator.cli import run_cli
 from orchestrator.errors import UsageError
 from orchestrator.publish.register import ALIAS_OF, publish_checkpoint, read_checkpoint
 from orchestrator.publish.torchvision_export import export_torchvision
+from orchestrator.storage import check_url
 from orchestrator.tracking.redaction import scrub
+from orchestrator.tracking.uri import tracking_client
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)  # before importing MLflow: --help answers at once
-    from mlflow import MlflowClient
-
     # --run names the checkpoint, or (beside --checkpoint-url) only the run to log the model to
     given = [
         bool(args.model),
@@ -96,7 +96,11 @@ def _main(argv: list[str]) -> int:
     ]
     if sum(given) != 1:
         raise UsageError("give one of --run, --model or --checkpoint-url")
-    client = MlflowClient()
+    if args.checkpoint_url:  # read through the checkpoint store: a folder or s3://, no http
+        check_url(args.checkpoint_url, "--checkpoint-url", write=False, http=False)
+    client = None  # a URL exported for torchvision needs no MLflow
+    if not (args.checkpoint_url and args.torchvision):
+        client = tracking_client("python -m orchestrator.publish")
     metric = ""
     if args.checkpoint_url:
         url, job = args.checkpoint_url, args.name

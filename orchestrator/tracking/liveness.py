@@ -44,6 +44,7 @@ from orchestrator.tracking.tags import (
     RAY_JOB_TAG,
     STALE_SEEN_TAG,
 )
+from orchestrator.tracking.uri import tracking_client
 
 log = logging.getLogger(__name__)
 
@@ -237,13 +238,7 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--experiment", action="append", default=[], help="default: all")
     p.add_argument("--stale-min", type=float, default=STALE_S / 60, help="heartbeat age")
     a = p.parse_args(argv)
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise UsageError(
-            "MLFLOW_TRACKING_URI is not set (local stack: python -m orchestrator.stack env)"
-        )
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
+    client = tracking_client("python -m orchestrator.tracking.liveness")
     if a.experiment:
         found = {n: client.get_experiment_by_name(n) for n in a.experiment}
         missing = [n for n, e in found.items() if e is None]
