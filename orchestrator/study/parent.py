@@ -133,8 +133,8 @@ def log_results(
 
 def log_layer_responses(client: Any, run_id: str, results: Sequence[TrialResult]) -> int:
     """Fig. 7 for a CIFAR study: one figure on the parent with a net per cell (its first
-    finished seed), from the responses each trial logged to its run (a trial measures its own
-    when its job finishes: study.run.measure_trial); a finished trial without them is measured
+    finished seed), from the responses each trial logged to its run (the driver measures a
+    trial's as Tune ends it: study.run.FollowUps); a finished trial without them is measured
     here. Returns the trials measured here. Never raises: a figure must not fail a study whose
     trials finished."""
     from orchestrator.paper import layer_responses as fig7
