@@ -11,7 +11,9 @@ Layout under `{checkpoint.storage}/{job name}/checkpoints/`:
                                   with its size, so a missing or truncated file is detected,
                                   and the shards' sha256 (from the ranks' SHA256 files), so a
                                   replaced shard is; also the metrics measured at that step
-                                  and the data position (JSON)
+                                  and the data position, and the job's resolved spec
+                                  (JSON: the pre-flight compares a resubmission with it,
+                                  orchestrator.resume_changes)
     step-00001000/PINNED          optional, after the commit: an MLflow model version reads its
                                   weights here (orchestrator.publish), so retention keeps it
     step-00001000/READERS/...     a reader's lease (publish, an ensemble, --resume-from, Fig. 7)
@@ -130,6 +132,7 @@ class Committed:
     pinned: bool = False  # a registered model version reads it (PIN): retention keeps it
     readers: tuple[str, ...] = ()  # live leases (LEASES/...): a reader holds it, keep it
     sha256: dict[str, str] = field(default_factory=dict)  # file -> digest recorded at commit
+    spec: dict[str, Any] | None = None  # the job's resolved spec; None in markers older than it
 
 
 class CheckpointStore:
@@ -164,11 +167,16 @@ class CheckpointStore:
         self.put(step, f"SHA256-rank-{rank:05d}.json", json.dumps(dict(digests)).encode())
 
     def commit(
-        self, step: int, metrics: dict[str, float], position: dict[str, Any] | None = None
+        self,
+        step: int,
+        metrics: dict[str, float],
+        position: dict[str, Any] | None = None,
+        spec: Mapping[str, Any] | None = None,
     ) -> str:
         """Rank 0, after every rank's files are written: the marker makes the step count. It
-        holds the data position too, so a driver can check a resume without torch, and the
-        ranks' sha256 of their files (SHA256-rank-*.json), checked before a full unpickle."""
+        holds the data position and the job's resolved `spec` too (JSON), so a driver checks a
+        resume without torch, and the ranks' sha256 of their files (SHA256-rank-*.json),
+        checked before a full unpickle."""
         files = self.storage.sizes(_step_dir(step))
         files.pop(MARKER, None)
         digests: dict[str, str] = {}
@@ -183,6 +191,8 @@ class CheckpointStore:
             "metrics": metrics,
             "position": position or {},
         }
+        if spec is not None:
+            marker["spec"] = dict(spec)
         self.storage.put(f"{_step_dir(step)}/{MARKER}", json.dumps(marker).encode())
         return self.storage.url(_step_dir(step))
 
@@ -223,6 +233,7 @@ class CheckpointStore:
             PIN in sizes,
             self._live_leases(name, sizes),
             marker.get("sha256") or {},
+            marker.get("spec"),
         )
 
     def _live_leases(self, name: str, sizes: Mapping[str, int]) -> tuple[str, ...]:
@@ -454,9 +465,13 @@ class Checkpointer:
     makes the last save count once every rank's upload is done, `restore` reads the newest
     committed checkpoint (or `checkpoint.resume_from`'s, for a fork)."""
 
-    def __init__(self, cfg: CheckpointConfig, root: str, rank: int) -> None:
-        """`root`: the job's checkpoint folder (orchestrator.checkpoint_refs says where)."""
+    def __init__(
+        self, cfg: CheckpointConfig, root: str, rank: int, spec: Mapping[str, Any] | None = None
+    ) -> None:
+        """`root`: the job's checkpoint folder (orchestrator.checkpoint_refs says where);
+        `spec`: the job's resolved spec (JobSpec.to_dict), recorded in every commit marker."""
         self.cfg, self.rank = cfg, rank
+        self.spec = dict(spec) if spec is not None else None
         self.store = CheckpointStore(root)
         self.saved_step = -1  # the step of the last save (committed or pending)
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
@@ -504,7 +519,7 @@ class Checkpointer:
         upload.result()  # an upload that failed for good raises here, before any marker
         barrier()  # every rank's files exist before the marker says so
         if self.rank == 0:
-            self.store.commit(step, metrics, position)
+            self.store.commit(step, metrics, position, self.spec)
             self.store.retain(self.cfg.keep_last, self.cfg.best_metric)
         barrier()
 

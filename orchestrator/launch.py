@@ -10,6 +10,7 @@ scaling.num_workers > 1; it needs only torch (how GPU checks run where Ray is ab
 
 Before either starts a worker, the pre-flight (orchestrator.preflight) checks the model, the
 dataset, the checkpoint storage and the resume; a refusal exits 2 with a message per problem.
+A resubmission must match its checkpoint's spec (resume_changes: recipe with --allow-change).
 Then the driver takes the job's lease (orchestrator.job_lease: one writer per job): a second
 submission of a live job exits 2 naming the holder; `--take-over` replaces a dead holder's.
 On Ray, a worker error no restart can fix (`runtime.retryable`) ends the job at once instead
@@ -35,7 +36,7 @@ from orchestrator.checkpoint_refs import spec_checkpoints_url
 from orchestrator.cli import job_keys_help, run_cli
 from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.job_lease import job_lease
-from orchestrator.preflight import check_cluster, in_torchrun_child, preflight
+from orchestrator.preflight import ResumePlan, check_cluster, in_torchrun_child, preflight
 from orchestrator.runtime import NotRetried, retryable
 from orchestrator.spec import JobSpec, SpecError, apply_overrides, to_yaml
 from orchestrator.tracking.tags import RAY_CLUSTER_TAG, RAY_JOB_TAG
@@ -63,6 +64,9 @@ def parse_args(
     parser.add_argument(
         "--resume-from", help="fork from a checkpoint folder: .../checkpoints/step-NNNNNNNN"
     )
+    parser.add_argument("--allow-change", action="append", metavar="FIELD[,FIELD]",
+                        help="recipe fields that may differ from the checkpoint's spec (said, "
+                        "and recorded in the job's run)")  # fmt: skip
     parser.add_argument(
         "--take-over",
         action="store_true",
@@ -114,20 +118,24 @@ def _main(spec: JobSpec, argv: list[str], finalize: Callable[[JobSpec], JobSpec]
         print(to_yaml(spec), end="")
     checked: list[str] = []
     if not in_torchrun_child():  # under torchrun the parent process checked already
-        checked = _preflight(spec, preflight)
+        checked = _preflight(spec, lambda s: preflight(s, args.allow_change))
         startup_clock.mark("pre-flight")
     for line in checked:  # comments, so that a dry run's output stays the spec's YAML
         print(f"# pre-flight ok: {line}", flush=True)
     if args.dry_run:
         return 0
+    resume = getattr(checked, "resume", None)
+    if resume is not None and resume.finished:  # says so, with its run's address
+        return resume.say_finished(spec)  # and starts nothing
     if args.local or os.environ.get("ORCH_LOCAL") == "1":
         if in_torchrun_child():  # the parent holds the job's lease
             run_local(spec)
         else:
             with job_lease(spec, args.take_over, on_lost=stop_this_job):
+                ResumePlan.record(resume, spec)
                 run_local(spec)
     else:
-        run_ray(spec, take_over=args.take_over)
+        run_ray(spec, take_over=args.take_over, resume=resume)
     return 0
 
 
@@ -494,7 +502,7 @@ def _failure(spec: JobSpec, err: Exception) -> JobFailed:
     return JobFailed(message, error)
 
 
-def run_ray(spec: JobSpec, take_over: bool = False) -> Any:
+def run_ray(spec: JobSpec, take_over: bool = False, resume: ResumePlan | None = None) -> Any:
     """A job file's driver on Ray: the job's lease (refused, exit 2, while another live driver
     holds it: before any worker starts), then the job, with `ray job stop` and failures
     reported; the lease is released at the end, whatever the outcome."""
@@ -509,6 +517,7 @@ def run_ray(spec: JobSpec, take_over: bool = False) -> Any:
     # taken connected, so that it names this Ray job and cluster, and a holder whose Ray job
     # has ended on this cluster is known to be gone
     with job_lease(spec, take_over, on_lost=stop_this_job):
+        ResumePlan.record(resume, spec)  # the recipe changes --allow-change let through
         return _run_ray(spec)
 
 

@@ -22,7 +22,12 @@ the sections themselves, orchestrator.spec) and before Ray or torchrun start a w
    job's checkpoint folder (only once 1-2 passed, so a refused job writes nothing);
 4. resume: the checkpoint the job would resume from is committed, and its data position is
    exact with this run's global batch, streams, shuffle buffer and seed, at any world size
-   (`data.epochs.resume_problem`).
+   (`data.epochs.resume_problem`). Resuming its own newest checkpoint, the job's spec is
+   compared with the one that checkpoint recorded (orchestrator.resume_changes): a changed
+   net or data is refused, a changed recipe unless named in --allow-change; a job whose newest
+   checkpoint is its last step has finished (`ResumePlan.finished`: the driver says so and
+   starts nothing).
+
 
 Every refusal names the field and the fix; all of one stage's refusals are reported together.
 Imports no torch: the driver stays light.
@@ -30,13 +35,16 @@ Imports no torch: the driver stays light.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.checkpoint import CheckpointStore, split_checkpoint_url
+from orchestrator.checkpoint import CheckpointStore, Committed, split_checkpoint_url
 from orchestrator.checkpoint_refs import spec_checkpoints_url
 from orchestrator.data.epochs import check_layout, default_streams, rank_shares, resume_problem
 from orchestrator.data.manifest import (
@@ -48,10 +56,21 @@ from orchestrator.data.manifest import (
     split_shards,
 )
 from orchestrator.models import UnknownModelError, check_model, model_info
+from orchestrator.resume_changes import (
+    IDENTITY,
+    RECIPE,
+    Change,
+    compare,
+    flat_fields,
+    parse_allow,
+    refusals,
+    ways_on,
+)
 from orchestrator.s3 import is_s3
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.storage import LocalStorage, open_storage
-from orchestrator.tracking.uri import TrackingURIUnset, shown_uri, tracking_uri
+
+log = logging.getLogger(__name__)
 
 
 class PreflightError(SpecError):
@@ -63,22 +82,62 @@ class PreflightError(SpecError):
 
 
 class _Refused(Exception):
-    """One check's refusal (collected by `preflight`)."""
+    """One check's refusals (collected by `preflight`), one message each."""
 
     # no OrchestratorError: never leaves `preflight`, which raises PreflightError instead
+    def __init__(self, *problems: str) -> None:
+        super().__init__(*problems)
+        self.problems = list(problems)
 
 
-def preflight(spec: JobSpec) -> list[str]:
+@dataclass
+class ResumePlan:
+    """What check_resume found: the checkpoint the workers resume from (None: step 0), whether
+    it is the job's own (not --resume-from's), whether the job has finished (its newest
+    checkpoint is schedule.max_iters), and the recipe changes --allow-change let through (the
+    driver records them in the job's run)."""
+
+    checkpoint: Committed | None = None
+    own: bool = False
+    finished: bool = False
+    allowed: list[Change] = field(default_factory=list)
+
+    def say_finished(self, spec: JobSpec) -> int:
+        """`job NAME already finished at step N; its run: ADDRESS`; the exit code, 0."""
+        from orchestrator.tracking.tracker import finished_job_line
+
+        assert self.checkpoint is not None, "only a job with a checkpoint has finished"
+        print(finished_job_line(spec, self.checkpoint), flush=True)
+        return 0
+
+    @staticmethod
+    def record(plan: ResumePlan | None, spec: JobSpec) -> None:
+        """Record the recipe changes --allow-change let through in the job's run and say them
+        (the driver, holding the job's lease, before any worker starts)."""
+        if plan is not None and plan.allowed and plan.checkpoint is not None:
+            from orchestrator.tracking.tracker import record_resume_changes
+
+            record_resume_changes(spec, plan.checkpoint, plan.allowed)
+
+
+class Checked(list[str]):
+    """The pre-flight's lines, one per check passed; `resume`: what check_resume decided."""
+
+    resume: ResumePlan | None = None
+
+
+def preflight(spec: JobSpec, allow_change: Sequence[str] | None = None) -> Checked:
     """Check the job before any resource is taken; returns what was checked, one line each.
-    Raises PreflightError listing every refusal."""
-    done: list[str] = []
+    `allow_change`: --allow-change's values (FIELD[,FIELD] each), the recipe fields that may
+    differ from the job's checkpoint. Raises PreflightError listing every refusal."""
+    done = Checked()
     problems: list[str] = []
 
     def run(check: Any, *args: Any) -> Any:
         try:
             line, value = check(spec, *args)
         except _Refused as refused:
-            problems.append(str(refused))
+            problems.extend(refused.problems)
             return None
         done.append(line)
         return value
@@ -87,13 +146,13 @@ def preflight(spec: JobSpec) -> list[str]:
     num_classes, samples = data if data else (None, None)
     run(check_world_sizes, samples)
     run(check_model_spec, num_classes)
-    run(check_tracking)
     if problems:  # read-only checks failed: nothing is written, not even a probe
         raise PreflightError(problems)
-    for check in (check_storage, check_resume):  # the resume reads what the probe reached
-        run(check)
-        if problems:
-            raise PreflightError(problems)
+    run(check_storage)  # the resume reads what the probe reached
+    if not problems:
+        done.resume = run(check_resume, parse_allow(allow_change))
+    if problems:
+        raise PreflightError(problems)
     return done
 
 
@@ -135,7 +194,11 @@ def check_data(spec: JobSpec) -> tuple[str, tuple[int | None, int | None]]:
     try:
         manifest = load_manifest(d.url)
     except DataUnavailable as err:
-        raise _Refused(f"data.url={d.url}: {err}. Fix: {_reach_fix(d.url)}; resubmit") from None
+        raise _Refused(
+            f"data.url={d.url}: {err}. Fix: check the store's endpoint and credentials "
+            "(AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...; `python -m orchestrator.stack env` "
+            "for the local stack), then resubmit"
+        ) from None
     except DataError as err:
         raise _Refused(
             f"data.url={d.url}: {err}. Fix: convert the dataset there (datasets/*.py), or "
@@ -193,34 +256,6 @@ def check_data(spec: JobSpec) -> tuple[str, tuple[int | None, int | None]]:
     ), (classes, samples)
 
 
-def _reach_fix(url: str) -> str:
-    """How to make a dataset URL answer: S3's variables for s3://, never for http(s) or a path."""
-    if is_s3(url):
-        return (
-            "check the store's endpoint and credentials (AWS_ENDPOINT_URL_S3, "
-            "AWS_ACCESS_KEY_ID, ...; `python -m orchestrator.stack env` for the local stack)"
-        )
-    if url.startswith(("http://", "https://")):
-        return f"check that the server answers for {url.rstrip('/')}/manifest.json"
-    return f"check that the folder {url} exists on this machine and can be read"
-
-
-def check_tracking(spec: JobSpec) -> tuple[str, None]:
-    """tracking.enabled (the default) needs the tracking server: without MLFLOW_TRACKING_URI
-    the job would train with no MLflow record, and say nothing."""
-    if not spec.tracking.enabled:
-        return "tracking: off (tracking.enabled=false): no MLflow run", None
-    try:
-        uri = tracking_uri(
-            "tracking.enabled=true (the default)",
-            "or set tracking.enabled=false to train without an MLflow record",
-        )
-    except TrackingURIUnset as err:
-        raise _Refused(str(err)) from None
-    shown = shown_uri(uri)
-    return f"tracking: MLflow at {shown}, experiment {spec.tracking.experiment}", None
-
-
 def canonical_streams(spec: JobSpec) -> int:
     """data.streams, or its default: the most workers x max(1, data.num_workers)."""
     return spec.data.streams or default_streams(spec.data.num_workers, spec.scaling.num_workers)
@@ -231,14 +266,6 @@ def check_world_sizes(spec: JobSpec, samples: int | None) -> tuple[str, None]:
     (micro-batch and accumulation recomputed), each worker gets a stream and a sample."""
     s, d = spec.scaling, spec.data
     low, high = s.worker_range()
-    epoch = (d.samples_per_epoch if d.epoch_mode == "resampled" else 0) or samples
-    if epoch is not None and s.global_batch > epoch:
-        raise _Refused(
-            f"scaling.global_batch={s.global_batch} is larger than an epoch: split "
-            f"{d.train_split!r} of {d.url} has {epoch} samples, so one step would take more "
-            f"than all of them (and the lr scales with the batch); set scaling.global_batch "
-            f"to at most {epoch}"
-        )
     if not s.elastic:
         return f"world size: {high} (fixed), micro-batch {_per_size(spec, high)}", None
     # above scaling.global_batch the spec itself refuses (JobSpec.validate); above the streams
@@ -321,7 +348,7 @@ def check_cluster(spec: JobSpec) -> list[str]:
     try:
         line, _ = check_shared_storage(spec)
     except _Refused as refused:
-        raise PreflightError([str(refused)]) from None
+        raise PreflightError(refused.problems) from None
     return [line]
 
 
@@ -387,30 +414,107 @@ def _missing_dirs(path: Path) -> list[Path]:
     return out
 
 
-def check_resume(spec: JobSpec) -> tuple[str, None]:
-    """The checkpoint the workers would resume from, and whether its data position is exact
-    here (orchestrator.data.epochs.resume_problem), as Checkpointer.restore chooses it."""
+def check_resume(spec: JobSpec, allow_change: Sequence[str] = ()) -> tuple[str, ResumePlan]:
+    """The checkpoint the workers would resume from, as Checkpointer.restore chooses it: the
+    job's own newest (its recorded spec compared with this one: `_compare_recorded`), else
+    --resume-from's; and whether its data position is exact here
+    (orchestrator.data.epochs.resume_problem)."""
     root = spec_checkpoints_url(spec)
-    latest = CheckpointStore(root).latest()
-    resume_from = spec.checkpoint.resume_from
-    if latest is None and resume_from:
-        try:
-            fork_root, step = split_checkpoint_url(resume_from)
-        except ValueError as err:
-            raise _Refused(f"checkpoint.resume_from: {err}") from None
-        latest = CheckpointStore(fork_root).find(step)
-        if latest is None:
+    own = CheckpointStore(root).latest()
+    if own is None:
+        if allow_change:
+            fork = " (--resume-from starts a new job: its spec is its own)"
             raise _Refused(
-                f"checkpoint.resume_from={resume_from}: no committed checkpoint there (no "
-                "COMMITTED marker, or a file missing or truncated); pick one the job listed"
+                f"--allow-change {','.join(allow_change)}: job {spec.name} has no committed "
+                f"checkpoint of its own under {root}, so nothing it resumes changes"
+                f"{fork if spec.checkpoint.resume_from else ''}; drop --allow-change"
             )
-    if latest is None:
-        return f"resume: no committed checkpoint under {root}: starts at step 0", None
+        fork_from = _fork_source(spec)
+        if fork_from is None:
+            return f"resume: no committed checkpoint under {root}: starts at step 0", ResumePlan()
+        return _position_line(spec, fork_from), ResumePlan(fork_from)
+    plan, note = _compare_recorded(spec, own, allow_change)
+    if plan.finished:
+        return note, plan
+    return _position_line(spec, own) + note, plan
+
+
+def _fork_source(spec: JobSpec) -> Committed | None:
+    """checkpoint.resume_from's committed checkpoint (refused where it is not), or None."""
+    resume_from = spec.checkpoint.resume_from
+    if not resume_from:
+        return None
+    try:
+        fork_root, step = split_checkpoint_url(resume_from)
+    except ValueError as err:
+        raise _Refused(f"checkpoint.resume_from: {err}") from None
+    found = CheckpointStore(fork_root).find(step)
+    if found is None:
+        raise _Refused(
+            f"checkpoint.resume_from={resume_from}: no committed checkpoint there (no "
+            "COMMITTED marker, or a file missing or truncated); pick one the job listed"
+        )
+    return found
+
+
+def _compare_recorded(
+    spec: JobSpec, own: Committed, allow_change: Sequence[str]
+) -> tuple[ResumePlan, str]:
+    """The job's own newest checkpoint against this spec: refused for a changed net or data,
+    or a changed recipe --allow-change does not name; finished where it is the last step.
+    Returns the plan and a note for the resume line (the whole line for a finished job)."""
+    finished = own.step >= spec.schedule.max_iters
+    if own.spec is None:  # committed before markers recorded the spec
+        log.warning(
+            "%s was committed before checkpoints recorded their job's spec: job %s cannot be "
+            "compared with the spec it was trained under%s. If the model, the data or the "
+            "recipe changed, do not resume it: %s",
+            own.url,
+            spec.name,
+            " (--allow-change is not checked)" if allow_change else "",
+            ways_on(spec.name, own.url),
+        )
+        note = "; its marker records no spec (an older checkpoint): not compared, said above"
+        if finished:
+            return ResumePlan(own, True, True), _finished_line(spec, own, []) + note
+        return ResumePlan(own, True), note
+    now = spec.to_dict()
+    changes = compare(own.spec, now)
+    if finished and not any(c.kind == IDENTITY for c in changes):
+        recipe = [c for c in changes if c.kind == RECIPE]
+        return ResumePlan(own, True, True), _finished_line(spec, own, recipe)
+    problems = refusals(changes, allow_change, flat_fields(now), spec.name, own.url)
+    if problems:
+        raise _Refused(*problems)
+    allowed = [c for c in changes if c.kind == RECIPE]  # every one named in allow_change
+    if not allowed:
+        return ResumePlan(own, True), "; the same net, data and recipe as its checkpoint"
+    said = "; ".join(map(str, allowed))
+    return ResumePlan(own, True, False, allowed), (
+        f"; recipe changed by --allow-change: {said} (recorded in the job's MLflow run)"
+    )
+
+
+def _finished_line(spec: JobSpec, own: Committed, recipe: list[Change]) -> str:
+    line = (
+        f"resume: job {spec.name} already finished at step {own.step} "
+        f"(schedule.max_iters={spec.schedule.max_iters}): nothing left to train"
+    )
+    if recipe:
+        line += (
+            f"; its recipe changes ({'; '.join(map(str, recipe))}) would apply to no step: "
+            f"{ways_on(spec.name, own.url)}"
+        )
+    return line
+
+
+def _position_line(spec: JobSpec, latest: Committed) -> str:
+    """The resume line for `latest`; refused where its data position is not exact here."""
     if not latest.position:
         return (
             f"resume: from {latest.url} (its marker predates data positions: the workers "
             "check it against this run)"
-        ), None
+        )
     streams, kept = canonical_streams(spec), ""
     was = latest.position.get("streams")
     if not spec.data.streams and was is not None and was != streams:  # as the workers do
@@ -427,7 +531,7 @@ def check_resume(spec: JobSpec) -> tuple[str, None]:
     problem = resume_problem(latest.position, now)
     if problem:
         raise _Refused(f"resume from {latest.url}: {problem}")
-    return f"resume: from {latest.url}, exact at any world size{kept}", None
+    return f"resume: from {latest.url}, exact at any world size{kept}"
 
 
 def _json(value: Any) -> str:

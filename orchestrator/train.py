@@ -129,7 +129,9 @@ class Trainer:
             if spec.data.decode == "split" and spec.data.split_adapt:
                 self.balancer = SplitBalancer(self.loader)
         self.schedule = LRSchedule(spec.schedule, spec.lr())
-        self.checkpointer = Checkpointer(spec.checkpoint, spec_checkpoints_url(spec), rt.rank)
+        self.checkpointer = Checkpointer(  # markers record the spec a resubmission is checked on
+            spec.checkpoint, spec_checkpoints_url(spec), rt.rank, spec.to_dict()
+        )
         self.boundary = StepBoundary(spec.checkpoint, rt.rank)  # preemption, every_minutes
         self.manifest_sha256 = manifest_sha256(self.loader.manifest)
         self.step = 0  # optimizer steps done

@@ -353,10 +353,10 @@ def test_a_deepspeed_resume_refuses_a_replaced_shard(
     from tests.conftest import ROOT
     from tests.test_train import TINY
 
-    def job(max_iters: int) -> subprocess.CompletedProcess[str]:
+    def job(max_iters: int, *more: str) -> subprocess.CompletedProcess[str]:
         args = ["jobs/smoke.py", "--local", "name=ds", f"checkpoint.storage={tmp_path}", *TINY]
         args += ["scaling.strategy=deepspeed", "scaling.zero_stage=1", "scaling.num_workers=1"]
-        args += ["scaling.global_batch=8", "checkpoint.every_iters=2"]
+        args += ["scaling.global_batch=8", "checkpoint.every_iters=2", *more]
         return subprocess.run(
             [sys.executable, *args, f"schedule.max_iters={max_iters}"],
             cwd=ROOT,
@@ -374,7 +374,7 @@ def test_a_deepspeed_resume_refuses_a_replaced_shard(
     assert latest is not None and latest.step == 4
     [shard] = [f for f in latest.sha256 if f.endswith("model_states.pt")]
     _tamper(store, 4, shard, _evil(ran))
-    refused = job(6)
+    refused = job(6, "--allow-change", "schedule.max_iters")  # a longer run: its recipe changed
     out = refused.stdout + refused.stderr
     assert refused.returncode != 0 and f"{shard}: refused to load" in out, out[-3000:]
     assert not ran.exists()

@@ -163,7 +163,8 @@ def test_a_mid_epoch_resume_on_fewer_workers_keeps_the_sample_sequence(
     data = [*odd_shards_data(odd_local_shards), "data.ledger=true", "scaling.global_batch=12"]
     common = [*data, "checkpoint.every_iters=3", "data.streams=2"]
     _local(tmp_path, "elastic", *common, "scaling.num_workers=2", "schedule.max_iters=6")
-    out = _local(tmp_path, "elastic", *common, "scaling.num_workers=1", "schedule.max_iters=12")
+    longer = ["schedule.max_iters=12", "--allow-change", "schedule.max_iters"]
+    out = _local(tmp_path, "elastic", *common, "scaling.num_workers=1", *longer)
     assert "resumed from" in out or "from step 6" in out, out[-2000:]
     _local(tmp_path, "straight", *common, "scaling.num_workers=1", "schedule.max_iters=12")
     report = read_ledger(str(tmp_path / "elastic" / "checkpoints"))

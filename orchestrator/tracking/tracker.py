@@ -17,7 +17,10 @@ What the run holds, from the tracker:
 
 What a finished job adds to its run afterwards comes from the driver, once the worker group has
 released its resources (orchestrator.publish.finished): the registered models and the paper
-report (orchestrator.tracking.run_report).
+report (orchestrator.tracking.run_report). The driver also writes here, before the workers
+start, the recipe changes a resubmission made with --allow-change (`record_resume_changes`:
+tags `resume/<field>` = `old -> new (step N)`, artifact `resume/step-NNNNNNNN.json` with every
+field's before and after), and says where a finished job's run is (`finished_job_line`).
 
 Secrets never reach params, tags, artifacts or log messages: everything written goes through
 orchestrator.tracking.redaction (`scrub`, `redact`, `redact_tags`).
@@ -29,20 +32,24 @@ not be delivered is counted in the tag `orchestrator.metrics_lost`.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from orchestrator.checkpoint import Committed
+from orchestrator.resume_changes import Change, show
 from orchestrator.spec import JobSpec, to_yaml
 from orchestrator.tracking import mlflow_internals
 from orchestrator.tracking.lineage import dataset_input, git_commit
 from orchestrator.tracking.liveness import HEARTBEAT_S, Heartbeat
 from orchestrator.tracking.redaction import log_tags, redact, redact_tags, scrub
-from orchestrator.tracking.runs import experiment_id, find_job_run
+from orchestrator.tracking.runs import experiment_id, find_job_run, job_run
 from orchestrator.tracking.tags import (
     ATTEMPT_TAG,
     CHECKPOINT_TAG,
@@ -467,3 +474,77 @@ def load_mlflow() -> None:
         import mlflow  # noqa: F401
     except ImportError:
         pass
+
+
+# ----------------------------------------------------------------------------- the driver's
+
+
+RESUME_PREFIX = "resume/"  # tags and artifacts of the recipe changes a resubmission made
+
+
+def job_run_url(spec: JobSpec) -> str | None:
+    """The page of job `spec`'s MLflow run, or None (tracking off, no server, no such run)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not (spec.tracking.enabled and uri.startswith("http")):
+        return None
+    load_mlflow()
+    try:
+        found = job_run(spec.tracking.experiment, spec.name)
+    except Exception as err:  # noqa: BLE001 - an address to print: the checkpoint's instead
+        log.warning("MLflow: cannot find the run of job %s: %s", spec.name, scrub(err)[:300])
+        return None
+    if found is None:
+        return None
+    info = found[1].info
+    return f"{uri.rstrip('/')}/#/experiments/{info.experiment_id}/runs/{info.run_id}"
+
+
+def finished_job_line(spec: JobSpec, checkpoint: Committed) -> str:
+    """What a resubmitted job that has finished says: its last step and its run's address
+    (its MLflow run's page, else its newest checkpoint)."""
+    where = job_run_url(spec) or checkpoint.url
+    return f"job {spec.name} already finished at step {checkpoint.step}; its run: {where}"
+
+
+def record_resume_changes(spec: JobSpec, checkpoint: Committed, changes: Sequence[Change]) -> None:
+    """Record in job `spec`'s MLflow run the recipe `changes` it resumes `checkpoint` under
+    (before and after), and say them in the log, with where they were recorded."""
+    where = _record_changes(spec, checkpoint, changes)
+    log.warning(
+        "job %s resumes from step %d with a changed recipe (--allow-change): %s; %s",
+        spec.name,
+        checkpoint.step,
+        "; ".join(map(str, changes)),
+        where,
+    )
+
+
+def _record_changes(spec: JobSpec, checkpoint: Committed, changes: Sequence[Change]) -> str:
+    """Tags `resume/<field>` and an artifact `resume/step-N.json`; returns where, or why not."""
+    kept = "each commit marker keeps the spec it was trained under"
+    if not spec.tracking.enabled or not os.environ.get("MLFLOW_TRACKING_URI"):
+        off = "tracking.enabled=false" if not spec.tracking.enabled else "no MLFLOW_TRACKING_URI"
+        return f"not recorded in MLflow ({off}); {kept}"
+    load_mlflow()
+    step = checkpoint.step
+    record = {
+        "step": step,
+        "checkpoint": checkpoint.url,
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "changes": {c.field: {"before": c.old, "after": c.new} for c in changes},
+    }
+    try:
+        found = job_run(spec.tracking.experiment, spec.name)
+        if found is None:
+            return f"not recorded: job {spec.name} has no run in MLflow experiment " + (
+                f"{spec.tracking.experiment!r}; {kept}"
+            )
+        client, run = found
+        run_id = run.info.run_id
+        path = f"{RESUME_PREFIX}step-{step:08d}.json"
+        client.log_text(run_id, scrub(json.dumps(record, indent=1)), path)
+        said = {f"{RESUME_PREFIX}{c.field}": f"{show(c.old)} -> {show(c.new)}" for c in changes}
+        log_tags(client, run_id, {k: f"{v} (step {step})" for k, v in said.items()})
+    except Exception as err:  # noqa: BLE001 - the job runs; the log says it was not recorded
+        return f"not recorded in MLflow ({type(err).__name__}: {scrub(err)[:300]}); {kept}"
+    return f"recorded in MLflow run {run_id} (tags {RESUME_PREFIX}<field>, artifact {path})"
