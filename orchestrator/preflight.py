@@ -28,7 +28,6 @@ the sections themselves, orchestrator.spec) and before Ray or torchrun start a w
    checkpoint is its last step has finished (`ResumePlan.finished`: the driver says so and
    starts nothing).
 
-
 Every refusal names the field and the fix; all of one stage's refusals are reported together.
 Imports no torch: the driver stays light.
 """
@@ -69,6 +68,7 @@ from orchestrator.resume_changes import (
 from orchestrator.s3 import is_s3
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.storage import LocalStorage, open_storage
+from orchestrator.tracking.uri import TrackingURIUnset, shown_uri, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ def preflight(spec: JobSpec, allow_change: Sequence[str] | None = None) -> Check
     num_classes, samples = data if data else (None, None)
     run(check_world_sizes, samples)
     run(check_model_spec, num_classes)
+    run(check_tracking)
     if problems:  # read-only checks failed: nothing is written, not even a probe
         raise PreflightError(problems)
     run(check_storage)  # the resume reads what the probe reached
@@ -194,11 +195,7 @@ def check_data(spec: JobSpec) -> tuple[str, tuple[int | None, int | None]]:
     try:
         manifest = load_manifest(d.url)
     except DataUnavailable as err:
-        raise _Refused(
-            f"data.url={d.url}: {err}. Fix: check the store's endpoint and credentials "
-            "(AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...; `python -m orchestrator.stack env` "
-            "for the local stack), then resubmit"
-        ) from None
+        raise _Refused(f"data.url={d.url}: {err}. Fix: {_reach_fix(d.url)}; resubmit") from None
     except DataError as err:
         raise _Refused(
             f"data.url={d.url}: {err}. Fix: convert the dataset there (datasets/*.py), or "
@@ -256,6 +253,34 @@ def check_data(spec: JobSpec) -> tuple[str, tuple[int | None, int | None]]:
     ), (classes, samples)
 
 
+def _reach_fix(url: str) -> str:
+    """How to make a dataset URL answer: S3's variables for s3://, never for http(s) or a path."""
+    if is_s3(url):
+        return (
+            "check the store's endpoint and credentials (AWS_ENDPOINT_URL_S3, "
+            "AWS_ACCESS_KEY_ID, ...; `python -m orchestrator.stack env` for the local stack)"
+        )
+    if url.startswith(("http://", "https://")):
+        return f"check that the server answers for {url.rstrip('/')}/manifest.json"
+    return f"check that the folder {url} exists on this machine and can be read"
+
+
+def check_tracking(spec: JobSpec) -> tuple[str, None]:
+    """tracking.enabled (the default) needs the tracking server: without MLFLOW_TRACKING_URI
+    the job would train with no MLflow record, and say nothing."""
+    if not spec.tracking.enabled:
+        return "tracking: off (tracking.enabled=false): no MLflow run", None
+    try:
+        uri = tracking_uri(
+            "tracking.enabled=true (the default)",
+            "or set tracking.enabled=false to train without an MLflow record",
+        )
+    except TrackingURIUnset as err:
+        raise _Refused(str(err)) from None
+    shown = shown_uri(uri)
+    return f"tracking: MLflow at {shown}, experiment {spec.tracking.experiment}", None
+
+
 def canonical_streams(spec: JobSpec) -> int:
     """data.streams, or its default: the most workers x max(1, data.num_workers)."""
     return spec.data.streams or default_streams(spec.data.num_workers, spec.scaling.num_workers)
@@ -266,6 +291,14 @@ def check_world_sizes(spec: JobSpec, samples: int | None) -> tuple[str, None]:
     (micro-batch and accumulation recomputed), each worker gets a stream and a sample."""
     s, d = spec.scaling, spec.data
     low, high = s.worker_range()
+    epoch = (d.samples_per_epoch if d.epoch_mode == "resampled" else 0) or samples
+    if epoch is not None and s.global_batch > epoch:
+        raise _Refused(
+            f"scaling.global_batch={s.global_batch} is larger than an epoch: split "
+            f"{d.train_split!r} of {d.url} has {epoch} samples, so one step would take more "
+            f"than all of them (and the lr scales with the batch); set scaling.global_batch "
+            f"to at most {epoch}"
+        )
     if not s.elastic:
         return f"world size: {high} (fixed), micro-batch {_per_size(spec, high)}", None
     # above scaling.global_batch the spec itself refuses (JobSpec.validate); above the streams
