@@ -107,3 +107,28 @@ def test_name_renames_the_study_its_trials_and_its_parent(rename: str) -> None:
         apply_study_overrides(study, ["name=foo", "study.name=bar"])
     with pytest.raises(SpecError, match="study.name='a b'"):
         apply_study_overrides(study, ["name=a b"])
+
+
+def test_a_resubmission_names_the_finished_trials_whose_settings_changed() -> None:
+    """A trial that finished before is not run again; where its run trained with other settings
+    than the resubmitted study's, the summary names it with the keys (tracking.* aside)."""
+    from orchestrator.study.cli import changed_since
+    from orchestrator.study.results import TrialResult
+    from orchestrator.tracking.redaction import redact
+
+    base = load_job_spec("cifar10_resnet")
+    study = Study("s", base, grid({"model.name": ["cifar_resnet20", "cifar_plain20"]}))
+    before = study.trials()
+    now = apply_study_overrides(study, ["optim.lr=0.2", "tracking.experiment=other"]).trials()
+    results = [
+        TrialResult(t, "r", "FINISHED", params=redact(old.spec.flat()))
+        for t, old in zip(now, before)
+    ]
+    jobs = [t.job for t in now]
+    assert changed_since(results, jobs) == [
+        "s-cifar_resnet20-s0 (optim.lr 0.1 -> 0.2)",
+        "s-cifar_plain20-s0 (optim.lr 0.1 -> 0.2)",
+    ]
+    assert changed_since(results, jobs[1:]) == ["s-cifar_plain20-s0 (optim.lr 0.1 -> 0.2)"]
+    same = [TrialResult(t, "r", "FINISHED", params=redact(t.spec.flat())) for t in before]
+    assert changed_since(same, jobs) == []

@@ -231,6 +231,15 @@ def summarize(
         outcome = by_job.get(r.trial.job)
         if outcome is not None and not outcome.ok and r.finished:
             r.status = "FAILED"
+    stale = changed_since(results, [o.job for o in outcomes if o.skipped])
+    if stale:
+        print(
+            f"study {study.name}: {len(stale)} trial(s) finished before under other settings "
+            f"and were not run again: {'; '.join(stale[:5])}"
+            + (f"; and {len(stale) - 5} more" if len(stale) > 5 else "")
+            + ". Their results are the old settings'; name=NEW runs the changed study anew",
+            file=sys.stderr,
+        )
     dataset = trials[0].spec.data.url or "synthetic"
     print(log_results(client, parent, study, results, dataset))
     measured = log_layer_responses(client, parent, results)
@@ -243,3 +252,24 @@ def summarize(
         f"under it: {runs_view(uri, exp_id)} (filter: tags.orchestrator.study = '{study.name}')"
     )
     return 1 if failed else 0
+
+
+def changed_since(results: Sequence[Any], skipped: Sequence[str]) -> list[str]:
+    """`JOB (key old -> new, ...)` for each trial not run again (finished before) whose run's
+    params (the spec it trained with) differ from its spec now; tracking.* aside (where it
+    logs, not what it trains)."""
+    from orchestrator.tracking.redaction import redact
+
+    out = []
+    for r in results:
+        if r.trial.job not in skipped or not r.params:
+            continue
+        now = redact(r.trial.spec.flat())
+        diffs = [
+            f"{k} {r.params[k]} -> {v}"
+            for k, v in now.items()
+            if k in r.params and r.params[k] != v and not k.startswith("tracking.")
+        ]
+        if diffs:
+            out.append(f"{r.trial.job} ({', '.join(diffs[:3])}{', ...' if len(diffs) > 3 else ''})")
+    return out

@@ -33,6 +33,7 @@ class TrialResult:
     error: str = ""  # the run's error tag, or Tune's error for the trial
     history: dict[str, History] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)  # the run's, as read
+    params: dict[str, str] = field(default_factory=dict)  # the run's: the spec it trained with
 
     @property
     def num_classes(self) -> int | None:
@@ -99,6 +100,7 @@ def read_trial(client: Any, experiment_id: str, trial: Trial, error: str = "") -
         error or run.data.tags.get(ERROR_TAG, ""),
         history,
         dict(run.data.tags),
+        dict(run.data.params),
     )
 
 
