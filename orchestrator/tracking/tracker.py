@@ -452,7 +452,14 @@ def start_tracker(
     and MLflow imports; else a no-op. `run_id` (from the job's checkpoint) names the run to
     continue; `manifest` is the dataset's, already read (else the tracker reads it from
     data.url)."""
-    if not spec.tracking.enabled or not os.environ.get("MLFLOW_TRACKING_URI"):
+    if not spec.tracking.enabled:
+        return NullTracker()
+    if not os.environ.get("MLFLOW_TRACKING_URI"):  # the driver's pre-flight had it: say so
+        log.warning(
+            "tracking.enabled=true, but MLFLOW_TRACKING_URI is not set where rank 0 runs: no "
+            "MLflow record of job %s (set it in the cluster's environment too)",
+            spec.name,
+        )
         return NullTracker()
     try:
         return MlflowTracker(spec, tags, run_id, manifest=manifest)
