@@ -4,6 +4,7 @@ the ensemble; see the package's docstring."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,9 +14,9 @@ import numpy as np
 
 from orchestrator.checkpoint_refs import holding
 from orchestrator.cli import run_cli
-from orchestrator.ensemble_eval.config import EnsembleConfig, EnsembleError, parse_args
+from orchestrator.ensemble_eval.config import EnsembleConfig, parse_args
 from orchestrator.ensemble_eval.members import Member, check_members, resolve_members
-from orchestrator.ensemble_eval.runs import EnsembleRuns
+from orchestrator.ensemble_eval.runs import EnsembleRuns, NoRuns
 from orchestrator.ensemble_eval.scoring import (
     Scores,
     connect_ray,
@@ -29,18 +30,20 @@ from orchestrator.paper.comparison import ensemble_markdown, ensemble_rows
 from orchestrator.runtime import Terminated, raise_on_sigterm
 from orchestrator.spec import to_yaml
 from orchestrator.tracking.redaction import scrub
+from orchestrator.tracking.uri import VARIABLE, tracking_client
 
 
 def run(cfg: EnsembleConfig) -> dict[str, Any]:
     """Resolve, check, evaluate, log. Raises EnsembleError (bad input) before logging anything."""
-    from mlflow import MlflowClient
-
     if cfg.dry_run:
         print(to_yaml(cfg), end="")
         return {"members": []}
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise EnsembleError("MLFLOW_TRACKING_URI is not set: members are selected from MLflow")
-    client = MlflowClient()
+    client = None
+    if _tracking(cfg):
+        client = tracking_client(
+            "an ensemble of --runs, --experiment or --model members (found in MLflow; "
+            "--checkpoint-url members need none)"
+        )
     members = resolve_members(client, cfg)
     with contextlib.ExitStack() as held:  # retention keeps every member's step until the end
         for m in members:
@@ -48,7 +51,20 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
         return _run_members(cfg, client, members)
 
 
-def _run_members(cfg: EnsembleConfig, client: Any, members: list[Member]) -> dict[str, Any]:
+def _tracking(cfg: EnsembleConfig) -> bool:
+    """Whether the results go to MLflow: MLFLOW_TRACKING_URI set. Without it only
+    --checkpoint-url members can be found, and the results are printed (and written to
+    --output-dir), said once; no local MLflow store is ever created."""
+    chosen = (("--runs", cfg.runs), ("--experiment", cfg.experiment), ("--model", cfg.models))
+    needs = [flag for flag, value in chosen if value] + (["--log-probs"] if cfg.log_probs else [])
+    if os.environ.get(VARIABLE, "").strip() or needs:
+        return True  # tracking_client refuses an unset URI, naming it
+    kept = f"and written to {cfg.output_dir}" if cfg.output_dir else "only (--output-dir DIR)"
+    print(f"MLflow: not used ({VARIABLE} is not set): results printed here {kept}")
+    return False
+
+
+def _run_members(cfg: EnsembleConfig, client: Any | None, members: list[Member]) -> dict[str, Any]:
     """`run` once the members are resolved (and held)."""
     manifest = check_members(members, cfg)
     data_url, split, protocol = members[0].data.url, members[0].data.val_split, cfg.eval.protocol
@@ -61,8 +77,10 @@ def _run_members(cfg: EnsembleConfig, client: Any, members: list[Member]) -> dic
     use_gpu = cfg.use_gpu if cfg.local else connect_ray(cfg)
 
     raise_on_sigterm()  # `ray job stop`, a preempted node: the runs end KILLED, not RUNNING
-    runs = EnsembleRuns(client, cfg, members, data_url)
-    print(f"MLflow: ensemble run {runs.parent} in experiment {cfg.output_experiment!r}")
+    runs: EnsembleRuns | NoRuns = NoRuns(members)
+    if client is not None:
+        runs = EnsembleRuns(client, cfg, members, data_url)
+        print(f"MLflow: ensemble run {runs.parent} in experiment {cfg.output_experiment!r}")
     save_dir = Path(cfg.save_probs) if cfg.save_probs else None
     if save_dir:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +94,12 @@ def _run_members(cfg: EnsembleConfig, client: Any, members: list[Member]) -> dic
         raise
     print()
     print(table, end="")
+    if cfg.output_dir:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.md").write_text(table)
+        (out / "comparison.json").write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"wrote {out / 'comparison.md'} and {out / 'comparison.json'}")
     return {
         "parent_run_id": runs.parent,
         "child_run_ids": runs.children,
@@ -89,7 +113,7 @@ def _run_members(cfg: EnsembleConfig, client: Any, members: list[Member]) -> dic
 def _evaluate_and_log(
     cfg: EnsembleConfig,
     members: list[Member],
-    runs: EnsembleRuns,
+    runs: EnsembleRuns | NoRuns,
     use_gpu: bool | None,
     save_dir: Path | None,
 ) -> tuple[list[dict[str, Any]], str, Scores]:
@@ -124,10 +148,11 @@ def _evaluate_and_log(
     ens = ensemble_scores(probs, labels)
     member_scores = [scores[i] for i in range(len(members))]
     protocol, data = cfg.eval.protocol, members[0].data
-    rows = ensemble_rows(members, member_scores, ens, protocol)
+    evaluated_on = f"the {data.val_split!r} split of {data.url}"
+    rows = ensemble_rows(members, member_scores, ens, protocol, evaluated_on=evaluated_on)
     title = (
-        f"Ensemble of {len(members)} (protocol {protocol}, checkpoint {cfg.checkpoint}, "
-        f"{len(labels)} samples of {data.url} [{data.val_split}]); errors in %"
+        f"Ensemble of {len(members)} (protocol {protocol}, checkpoint {cfg.checkpoint}); "
+        f"errors in % on {len(labels)} samples of {evaluated_on}"
     )
     table = scrub(ensemble_markdown(rows, title))
     classes = members[0].num_classes

@@ -218,25 +218,24 @@ def ranked_members(client: Any, cfg: EnsembleConfig) -> list[Member]:
                 continue
             scored.append((best.committed.metrics[best.metric], run.info.start_time or 0, run))
         order[model] = [run for _, _, run in sorted(scored, key=lambda t: (t[0], t[1]))]
-    members, missing = [], []
+    chosen, missing = [], []
     for entry in cfg.ranked:
         model, rank = parse_ranked(entry)
         if rank > len(order[model]):
             missing.append(f"{entry} ({len(order[model])} ranked {model} run(s))")
-            continue
-        how = f"{model} #{rank} by its best val/top1_err in {where}"
-        members.append(member_from_run(order[model][rank - 1], cfg.checkpoint, how))
-    if missing and not cfg.allow_missing:
+        else:
+            chosen.append((order[model][rank - 1], f"{model} #{rank} by its best val/top1_err"))
+    if missing and not cfg.allow_missing:  # before any member's weights are read
         raise EnsembleError(
             f"--ranked: missing in {where}: {'; '.join(missing)}. Train them, or pass "
-            f"--allow-missing to evaluate the {len(members)} that exist"
+            f"--allow-missing to evaluate the {len(chosen)} that exist"
         )
     if missing:
         print(
-            f"--allow-missing: evaluating {len(members)} of {len(cfg.ranked)} declared; "
+            f"--allow-missing: evaluating {len(chosen)} of {len(cfg.ranked)} declared; "
             f"missing in {where}: {'; '.join(missing)}"
         )
-    return members
+    return [member_from_run(run, cfg.checkpoint, f"{how} in {where}") for run, how in chosen]
 
 
 def resolve_members(client: Any, cfg: EnsembleConfig) -> list[Member]:

@@ -6,6 +6,13 @@ ranked in descending order." The paper's finding: residual functions are general
 zero than the plain net's, and deeper ResNets respond less.
 
     python -m orchestrator.paper.layer_responses --run RUN_ID [--checkpoint best|last] [--images N]
+    python -m orchestrator.paper.layer_responses --checkpoint-url URL [--checkpoint-url URL ...] \
+        [--output-dir DIR]      # no MLflow: a run trained with tracking.enabled=false
+
+`--checkpoint-url` names a committed step (.../checkpoints/step-NNNNNNNN) or a job's
+.../checkpoints folder (`--checkpoint` chooses its best or last step); MLflow is not used at
+all: each net's table is printed, and with `--output-dir` the CSV (label, checkpoint_url,
+index, layer, std, rank) and one figure of every net are written there; without it, printed only.
 
 What is measured, exactly:
 
@@ -30,8 +37,9 @@ Logged to the run: `layer_responses.csv` (index from 1, layer, std, rank: 1 = la
 `responses/std_max`, `responses/std_min`, `responses/layers`, `responses/images` at the
 checkpoint's step, and tags `layer_responses.checkpoint_url`, `layer_responses.images`.
 `log_combined_layer_responses` draws several runs on one figure (a study's parent run). The
-figure itself is drawn by orchestrator.paper.plots (`plot_layer_responses`); the run's
-checkpoint is found and read by orchestrator.checkpoint_refs.
+figure itself is drawn by orchestrator.paper.plots (`plot_layer_responses`), the statistic
+computed by orchestrator.paper.response_stats; the run's checkpoint is found and read by
+orchestrator.checkpoint_refs.
 """
 
 from __future__ import annotations
@@ -39,7 +47,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -48,12 +55,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from orchestrator.checkpoint_refs import which_arg
 from orchestrator.cli import run_cli
-from orchestrator.errors import UsageError
-from orchestrator.models import model_info, unwrap
+from orchestrator.models import model_info
+from orchestrator.paper.response_stats import (
+    LayerResponsesError,
+    layer_response_stds,
+    response_layers,
+)
 from orchestrator.tracking.tags import (
     CHECKPOINT_TAG,
     RESPONSES_CHECKPOINT_TAG,
@@ -74,6 +84,7 @@ __all__ = [
     "measure_once",
     "measured_at_last_checkpoint",
     "response_layers",
+    "responses_for_checkpoint",
     "responses_for_run",
     "validation_batch",
 ]
@@ -82,112 +93,6 @@ CHECKPOINTS = ("best", "last")  # `latest` is refused naming `last` (orchestrato
 CSV_ARTIFACT = "layer_responses.csv"
 PLOT_ARTIFACT = "plots/layer_responses.png"
 DEFAULT_IMAGES = 500
-
-
-class LayerResponsesError(UsageError, ValueError):
-    """Bad input: the message names the run, model or argument, and the fix."""
-
-
-# ============================================================================================
-# the measurement
-
-
-def response_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name of the 3x3 conv, the BN that follows it) for every 3x3 conv, in the order the net
-    registers them (its forward order, in the project's ResNets).
-
-    The BN is the conv's sibling `bn<k>` for a conv named `conv<k>` (the project's ResNets and
-    torchvision's), or the next module of an nn.Sequential. Raises LayerResponsesError for a
-    3x3 conv with no BN after it, or a net without 3x3 convs."""
-    net = unwrap(model)
-    found: list[tuple[str, nn.Module]] = []
-    for parent_name, parent in net.named_modules():
-        children = list(parent.named_children())
-        for i, (name, child) in enumerate(children):
-            if not (isinstance(child, nn.Conv2d) and tuple(child.kernel_size) == (3, 3)):
-                continue
-            full = f"{parent_name}.{name}" if parent_name else name
-            if isinstance(parent, nn.Sequential):
-                bn = children[i + 1][1] if i + 1 < len(children) else None
-                expected = "the next module of its nn.Sequential"
-            else:
-                bn_name = "bn" + name.removeprefix("conv") if name.startswith("conv") else None
-                bn = getattr(parent, bn_name, None) if bn_name else None
-                expected = f"a sibling {bn_name}" if bn_name else "a conv<k>/bn<k> pair"
-            if not isinstance(bn, nn.BatchNorm2d):
-                raise LayerResponsesError(
-                    f"{full} is a 3x3 conv without a BatchNorm2d after it (expected {expected}): "
-                    "layer responses are read after BN, as in the paper's Fig. 7"
-                )
-            found.append((full, bn))
-    if not found:
-        raise LayerResponsesError(
-            f"{type(net).__name__} has no 3x3 conv followed by BN: nothing to measure"
-        )
-    return found
-
-
-@dataclass
-class _Moments:
-    """Count, mean and sum of squared deviations, merged chunk by chunk (Chan et al. 1979)."""
-
-    n: int = 0
-    mean: float = 0.0
-    m2: float = 0.0
-
-    def add(self, n: int, mean: float, var: float) -> None:
-        total = self.n + n
-        delta = mean - self.mean
-        self.m2 += var * n + delta * delta * self.n * n / total
-        self.mean += delta * n / total
-        self.n = total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / self.n) if self.n else math.nan
-
-
-@torch.no_grad()
-def layer_response_stds(
-    model: nn.Module, images: torch.Tensor, *, batch_size: int = 100
-) -> dict[str, float]:
-    """The std of each 3x3 layer's response (after its BN, before ReLU/addition) over
-    `images` (normalised, [N, 3, H, W]), in forward order: {conv name: std}.
-
-    Population std over every element (batch, channels, H, W); the net in eval mode (BN's
-    running statistics), no gradients, fed `batch_size` images at a time on its own device.
-    The net's mode is restored and the hooks removed afterwards."""
-    if images.dim() != 4 or len(images) == 0:
-        raise LayerResponsesError(f"images: expected a non-empty [N, 3, H, W] batch, got {images}")
-    if batch_size < 1:
-        raise LayerResponsesError(f"batch_size={batch_size}: expected >= 1")
-    net = unwrap(model)
-    layers = response_layers(net)
-    moments: dict[str, _Moments] = {}  # filled as the hooks fire: in forward order
-    device = next(net.parameters()).device
-
-    def hook_for(name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            # measured here, not kept: the block's ReLU is in place and overwrites this tensor
-            var, mean = torch.var_mean(output.detach().float(), correction=0)
-            moments.setdefault(name, _Moments()).add(output.numel(), mean.item(), var.item())
-
-        return hook
-
-    handles = [bn.register_forward_hook(hook_for(name)) for name, bn in layers]
-    was_training = net.training
-    net.eval()
-    try:
-        for chunk in images.split(batch_size):
-            net(chunk.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        net.train(was_training)
-    unused = [name for name, _ in layers if name not in moments]
-    if unused:
-        raise LayerResponsesError(f"the forward pass never reached the BN after {unused}")
-    return {name: m.std for name, m in moments.items()}
 
 
 def validation_batch(data: Any, num_images: int = DEFAULT_IMAGES) -> torch.Tensor:
@@ -312,24 +217,52 @@ def responses_for_run(
     first `num_images` validation images of its dataset (or of `data_url`). The checkpoint is
     found and read by orchestrator.checkpoint_refs; `device` defaults to CUDA where present.
     Raises LayerResponsesError or CheckpointRefError (both ValueError) with the reason."""
-    from orchestrator.checkpoint_refs import (
-        check_which,
-        read_trainer_state,
-        run_checkpoint,
-        trained_net,
-    )
-    from orchestrator.models import create_model
+    from orchestrator.checkpoint_refs import check_which, run_checkpoint
 
     check_which(checkpoint)  # before any call to MLflow
-    if num_images < 1 or batch_size < 1:
-        raise LayerResponsesError(
-            f"--images {num_images}, --batch-size {batch_size}: expected both >= 1"
-        )
+    _check_sizes(num_images, batch_size)
     try:
         run = client.get_run(run_id)
     except Exception as err:
         raise LayerResponsesError(f"run {run_id}: not found in MLflow: {err}") from err
     ref = run_checkpoint(run, checkpoint)
+    return _measure(
+        ref, run_id, num_images, data_url=data_url, batch_size=batch_size, device=device
+    )
+
+
+def responses_for_checkpoint(
+    url: str, checkpoint: str = "last", num_images: int = DEFAULT_IMAGES, **options: Any
+) -> LayerResponses:
+    """responses_for_run (the same `options`) for a checkpoint named by URL, without MLflow: a
+    committed step (.../checkpoints/step-NNNNNNNN) or a job's .../checkpoints folder, whose
+    `best` or `last` committed step is taken."""
+    from orchestrator.checkpoint_refs import check_which
+    from orchestrator.ensemble_eval.members import url_checkpoint
+
+    check_which(checkpoint)
+    _check_sizes(num_images, options.get("batch_size", 100))
+    return _measure(url_checkpoint(url, checkpoint), None, num_images, **options)
+
+
+def _check_sizes(num_images: int, batch_size: int) -> None:
+    if num_images < 1 or batch_size < 1:
+        raise LayerResponsesError(f"--images {num_images}, --batch-size {batch_size}: both >= 1")
+
+
+def _measure(
+    ref: Any,
+    run_id: str | None,
+    num_images: int,
+    *,
+    data_url: str | None = None,
+    batch_size: int = 100,
+    device: str | torch.device | None = None,
+) -> LayerResponses:
+    """The responses of committed checkpoint `ref` (its url, step and what)."""
+    from orchestrator.checkpoint_refs import read_trainer_state, trained_net
+    from orchestrator.models import create_model
+
     # read as data, the step held by a reader's lease meanwhile (retention keeps it)
     trained = trained_net(read_trainer_state(ref.url, ref.what), ref.url, ref.what)
     data = trained.spec.data
@@ -442,6 +375,19 @@ def measure_once(client: Any, run_id: str, model: str) -> tuple[LayerResponses, 
     return log_layer_responses(client, run_id, checkpoint="last"), True
 
 
+def _series_csv(results: Sequence[LayerResponses], key: str) -> str:
+    """`label,KEY,index,layer,std,rank` for every series; KEY: run_id or checkpoint_url."""
+    lines = [f"label,{key},index,layer,std,rank"]
+    for r in results:
+        rows = zip(r.layers, r.stds, r.ranks(), strict=True)
+        where = getattr(r, key) or ""
+        lines += [
+            f"{r.label},{where},{i},{n},{std:.6g},{rank}"
+            for i, (n, std, rank) in enumerate(rows, 1)
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def log_combined_layer_responses(
     client: Any,
     run_id: str,
@@ -461,14 +407,7 @@ def log_combined_layer_responses(
             f"log_combined_layer_responses: several results are labelled {dupes} (one per net: "
             "average seeds first, or draw them on separate figures)"
         )
-    lines = ["label,run_id,index,layer,std,rank"]
-    for r in results:
-        rows = zip(r.layers, r.stds, r.ranks(), strict=True)
-        lines += [
-            f"{r.label},{r.run_id or ''},{i},{name},{std:.6g},{rank}"
-            for i, (name, std, rank) in enumerate(rows, 1)
-        ]
-    client.log_text(run_id, "\n".join(lines) + "\n", CSV_ARTIFACT)
+    client.log_text(run_id, _series_csv(results, "run_id"), CSV_ARTIFACT)
     _log_figure(client, run_id, results, title)
 
 
@@ -483,7 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
         "response (after BN, before ReLU/addition) on validation images; printed, and logged "
         f"to the run ({CSV_ARTIFACT}, {PLOT_ARTIFACT}, metrics responses/*).",
     )
-    p.add_argument("--run", required=True, metavar="RUN_ID", help="MLflow run id of a training job")
+    p.add_argument("--run", metavar="RUN_ID", help="MLflow run id of a training job")
+    p.add_argument(
+        "--checkpoint-url",
+        dest="checkpoint_urls",
+        action="append",
+        metavar="URL",
+        help="instead of --run, without MLflow: a committed checkpoint (.../checkpoints/step-N) "
+        "or a job's .../checkpoints folder (--checkpoint chooses); repeatable, one figure",
+    )
+    p.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help=f"with --checkpoint-url: write {CSV_ARTIFACT} and {PLOT_ARTIFACT} here",
+    )
     p.add_argument(
         "--checkpoint",
         type=which_arg,
@@ -518,13 +470,48 @@ def _main(argv: list[str]) -> None:
 
     if args.data_url:
         check_url(args.data_url, "--data-url", write=False)
-    client = tracking_client("python -m orchestrator.paper.layer_responses")
     options = {"data_url": args.data_url, "batch_size": args.batch_size, "device": args.device}
+    if bool(args.run) == bool(args.checkpoint_urls):
+        raise LayerResponsesError("name a training run (--run RUN_ID) or --checkpoint-url URL")
+    if args.checkpoint_urls:
+        _urls_main(args, options)
+        return
+    if args.output_dir:
+        raise LayerResponsesError("--output-dir goes with --checkpoint-url (--run logs to it)")
+    client = tracking_client("python -m orchestrator.paper.layer_responses --run")
     responses = responses_for_run(client, args.run, args.checkpoint, args.images, **options)
     print(responses.table())
     if not args.no_log:
         log_layer_responses(client, args.run, responses)
         print(f"logged {CSV_ARTIFACT} and {PLOT_ARTIFACT} to run {args.run}")
+
+
+def _urls_main(args: argparse.Namespace, options: dict[str, Any]) -> None:
+    """--checkpoint-url: measured, printed, and written to --output-dir; MLflow is not used."""
+    results = [
+        responses_for_checkpoint(url, args.checkpoint, args.images, **options)
+        for url in args.checkpoint_urls
+    ]
+    for r in results:
+        print(r.table())
+    if not args.output_dir:
+        print("not logged to MLflow (a checkpoint URL has no run): printed only (--output-dir DIR)")
+        return
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CSV_ARTIFACT).write_text(_series_csv(results, "checkpoint_url"))
+    print(f"not logged to MLflow (a checkpoint URL has no run): wrote {out / CSV_ARTIFACT}")
+    from orchestrator.paper import plots
+
+    if not plots.available():
+        log.warning("matplotlib is not installed: no %s (pip install matplotlib)", PLOT_ARTIFACT)
+        return
+    labels = [r.label for r in results]  # the legend; two nets of one depth: numbered as given
+    keys = [x if labels.count(x) == 1 else f"{x} ({i})" for i, x in enumerate(labels, 1)]
+    series = {k: r.stds for k, r in zip(keys, results)}
+    plain = {k for k, r in zip(keys, results) if not r.residual}
+    title = f"Std of layer responses ({results[0].images} images)"
+    print(f"wrote {plots.plot_layer_responses(series, out / PLOT_ARTIFACT, plain, title=title)}")
 
 
 if __name__ == "__main__":
