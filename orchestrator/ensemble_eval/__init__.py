@@ -4,6 +4,10 @@
     python -m orchestrator.ensemble_eval --experiment imagenet \\
         --filter "tags.model = 'resnet152'" --checkpoint best --protocol multiscale
     python -m orchestrator.ensemble_eval --model r152@champion --model r101/3 --weights 2 1
+    python -m orchestrator.ensemble_eval --experiment imagenet --ranked resnet101 resnet152#1 \
+        resnet152#2 [--allow-missing]       # members by model and rank (jobs/ensemble_eval.py)
+    python -m orchestrator.ensemble_eval --checkpoint-url URL [--checkpoint-url URL ...] \
+        --local --output-dir DIR            # no MLflow (docs/ensembles.md)
     ray job submit -- python jobs/ensemble_eval.py [the same flags]
     python -m orchestrator.ensemble_eval ... --check      # resolve and check members only
 
@@ -13,8 +17,19 @@ Members
                                   string (ensemble runs themselves are left out)
     --model NAME@ALIAS, NAME/VERSION  registered model versions (repeatable); a version's
                                   source is its checkpoint URL (.../checkpoints/step-NNNNNNNN)
-The selections add up, in this order: --runs, the experiment's runs (oldest first), --model
-(a checkpoint selected twice counts once); --weights follow that order. A training run's
+    --experiment NAME --ranked MODEL[#RANK] ...
+                                  the RANK-th best run (default 1) tagged model=MODEL among the
+                                  experiment's runs matching --filter, by its best checkpoint's
+                                  val/top1_err; a declared member missing is refused by name,
+                                  or with --allow-missing left out and said
+    --checkpoint-url URL          a committed step (.../checkpoints/step-NNNNNNNN) or a job's
+                                  .../checkpoints folder (--checkpoint chooses); repeatable;
+                                  found without MLflow
+The selections add up, in this order: --runs, the experiment's runs (oldest first) or its
+ranked ones, --model, --checkpoint-url (a checkpoint selected twice counts once); --weights
+follow that order. Without MLFLOW_TRACKING_URI only --checkpoint-url members can be found;
+nothing is logged then (said once): the table is printed, and --output-dir DIR writes
+comparison.md and comparison.json. A training run's
 checkpoints are found from its tag `orchestrator.job` and its param `checkpoint.storage`:
 `{checkpoint.storage}/{job}/checkpoints` (`orchestrator.checkpoint_refs`, which publish and
 Fig. 7 resolve through too); `--checkpoint best` takes the committed step with the lowest
@@ -28,7 +43,9 @@ split of its own data section (`--data-url`/`--split` override it; all members m
 same split) with `orchestrator.evaluation.evaluate`: per-sample probabilities, lined up by
 the samples' positions in the split. The ensemble is the (weighted, `--weights`) mean of the
 members' probabilities. Top-1/top-5 errors are compared with the paper's Tables 3-5
-(`orchestrator.paper.comparison`) in a table that is printed and logged.
+(`orchestrator.paper.comparison`) in a table that is printed and logged; every row names the
+set of the paper's number (ImageNet val; Table 5's ensemble: the ImageNet test set, to which
+no gap is computed) beside ours (the split evaluated).
 
 Where it runs: one Ray task per member (a GPU each where the cluster has GPUs), or in this
 process with `--local`. A tqdm bar shows progress.
