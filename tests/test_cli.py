@@ -180,7 +180,8 @@ def _classes() -> dict[str, tuple[type[BaseException], int, type[BaseException]]
     from orchestrator.runtime import NotRetried
     from orchestrator.spec import SpecError
     from orchestrator.stack import StackError
-    from orchestrator.storage import NotFound
+    from orchestrator.storage import NotFound, UnsupportedURL
+    from orchestrator.tracking.uri import TrackingURIUnset
     from orchestrator.train import NonFiniteLoss
 
     found = [
@@ -206,6 +207,8 @@ def _classes() -> dict[str, tuple[type[BaseException], int, type[BaseException]]
         (LeaseHeld, 2, RuntimeError),
         (UnsafeCheckpointError, 2, RuntimeError),
         (BadShard, 2, RuntimeError),
+        (UnsupportedURL, 2, ValueError),
+        (TrackingURIUnset, 2, RuntimeError),
     ]
     return {cls.__name__: (cls, code, builtin) for cls, code, builtin in found}
 
@@ -255,6 +258,8 @@ ERROR_NAMES = (
     "LeaseHeld",
     "UnsafeCheckpointError",
     "BadShard",
+    "UnsupportedURL",
+    "TrackingURIUnset",
 )
 
 

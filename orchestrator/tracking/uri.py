@@ -20,7 +20,7 @@ HOW = (
 )
 
 
-class TrackingURIUnset(UsageError):
+class TrackingURIUnset(UsageError, RuntimeError):
     """A command needs the MLflow tracking server and MLFLOW_TRACKING_URI is not set."""
 
 
