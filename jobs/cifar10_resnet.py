@@ -1,7 +1,7 @@
 """CIFAR-10 ResNets (6n+2 layers), the paper's recipe (He et al. 2016, Sec. 4.2, Table 6).
 
-    ray job submit -- python jobs/cifar10_resnet.py model.name=cifar_resnet110
-    python jobs/cifar10_resnet.py --local model.name=cifar_resnet56
+    ray job submit -- python jobs/cifar10_resnet.py name=cifar10_r110 model.name=cifar_resnet110
+    python jobs/cifar10_resnet.py --local name=cifar10_r56 model.name=cifar_resnet56
 
 Depth is the model name: cifar_resnet20, 32, 44, 56, 110 or 1202 (option-A shortcuts).
 The recipe: per-pixel mean subtracted; 4 pixels padded on each side and a random 32x32 crop
