@@ -67,9 +67,9 @@ class CentreViewSum:
             short = self.resize
             out = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
             im.draft("RGB", out)  # a JPEG: libjpeg downscales in the DCT, never below `out`
-            im = im.convert("RGB").resize(out, Image.Resampling.BILINEAR)
+            resized = im.convert("RGB").resize(out, Image.Resampling.BILINEAR)
         top, left = round((out[1] - self.size) / 2.0), round((out[0] - self.size) / 2.0)
-        pixels = np.asarray(im)[top : top + self.size, left : left + self.size]
+        pixels = np.asarray(resized)[top : top + self.size, left : left + self.size]
         return pixels.transpose(2, 0, 1)
 
     def describe(self) -> str:
