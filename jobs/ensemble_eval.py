@@ -33,7 +33,7 @@ from orchestrator.ensemble_eval import EnsembleConfig, main
 from orchestrator.spec import EvalConfig
 
 CONFIG = EnsembleConfig(
-    name="ilsvrc2015_ensemble",  # the parent MLflow run's name
+    name="ensemble_eval",  # the parent MLflow run's name
     experiment="imagenet",  # where the members are ranked
     filter="attributes.status = 'FINISHED'",
     ranked=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152#1", "resnet152#2"],
