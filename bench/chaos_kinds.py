@@ -263,7 +263,7 @@ def preempt(ctx: dict, rng: random.Random) -> tuple[Result, str, float]:
 
 # what rank 0 logs of a step: its metrics (every tracking.log_every steps), and the last
 # commit before a preemption deadline
-STEP_LINES = (r"\bstep (\d+) \S+=", r"\bstep (\d+): the last commit before the preemption")
+STEP_LINES = (r"\bstep (\d+) of \d+", r"\bstep (\d+): the last commit before the preemption")
 
 
 def steps_logged(log: str) -> list[int]:

@@ -441,9 +441,10 @@ def job_row(
 
 def measured(out: str, data: str) -> dict[str, Any]:
     """A job's figures from its log: medians after warm-up, syncs by whose code made them."""
-    rates = [float(x) for x in re.findall(r"images_per_s=([\d.e+]+)", out)]
-    waits = [float(x) for x in re.findall(r"data_wait_frac=([\d.e+-]+)", out)]
-    mems = [float(x) for x in re.findall(r"gpu_mem_gib=([\d.e+-]+)", out)]
+    # the loop's progress lines (orchestrator.metrics_window.progress_line)
+    rates = [float(x) for x in re.findall(r"\b([\d.]+) img/s", out)]
+    waits = [float(x) / 100 for x in re.findall(r"data wait (\d+)%", out)]
+    mems = [float(x) for x in re.findall(r"GPU mem ([\d.]+) GiB", out)]
     keep = slice(2, None) if len(rates) > 3 else slice(-1, None)  # drop step 1 and warm-up
     windows = BALANCER.findall(out)
     share = f"{float(windows[-1][1]):.2f} ({len(windows)}w)" if windows else "unsettled"

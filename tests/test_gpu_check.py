@@ -118,7 +118,7 @@ def test_a_job_log_gives_its_figures_and_whose_syncs_they_were() -> None:
             "split balancer: a window of 56 batches waited 9.0%: CPU share 0.50 -> 0.41",
             "split balancer: a window of 56 batches waited 1.0%: CPU share 0.41 -> 0.46",
             *(
-                f"step {s} system/images_per_s={r} system/data_wait_frac=0.01"
+                f"step {s} of 20 (5.0%): loss 2.3, lr 0.1, {r} img/s, data wait 1%, ETA 9s"
                 for s, r in ((1, 50), (5, 900), (10, 1000), (15, 1010), (20, 990))
             ),
         ]
