@@ -511,6 +511,13 @@ def _compare_recorded(
         if finished:
             return ResumePlan(own, True, True), _finished_line(spec, own, []) + note
         return ResumePlan(own, True), note
+    fork = spec.checkpoint.resume_from
+    if fork and fork != (own.spec.get("checkpoint") or {}).get("resume_from"):
+        raise _Refused(  # the job's own checkpoint wins (Checkpointer.restore): never silently
+            f"checkpoint.resume_from={fork}: job {spec.name} has committed checkpoints of its "
+            f"own (the newest: {own.url}), and a resubmission resumes those; --resume-from "
+            f"starts a new job: name={spec.name}-2 --resume-from {fork}"
+        )
     now = spec.to_dict()
     changes = compare(own.spec, now)
     if finished and not any(c.kind == IDENTITY for c in changes):

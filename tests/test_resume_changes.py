@@ -180,6 +180,26 @@ def test_allow_change_without_a_checkpoint_of_its_own_is_refused(
     assert started == []
 
 
+def test_resume_from_beside_a_checkpoint_of_its_own_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], started: list[str]
+) -> None:
+    """The job's own checkpoint would win over --resume-from: refused, not ignored; the same
+    --resume-from as the job was started with (a fork resubmitted) resumes."""
+    smoke = load_job_spec("smoke")
+    fork = commit(tmp_path / "other", smoke, 6, None)
+    args = [*SYNTHETIC, f"checkpoint.storage={tmp_path}", f"--resume-from={fork}"]
+    job = apply_overrides(smoke, [*SYNTHETIC, f"checkpoint.storage={tmp_path}"])
+    own = commit(tmp_path, job, 4, job.to_dict())
+    assert launch.main(smoke, ["--local", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint.resume_from={fork}: job smoke has committed checkpoints of its own" in err
+    assert f"(the newest: {own})" in err and f"name=smoke-2 --resume-from {fork}" in err
+    forked = apply_overrides(job, [f"checkpoint.resume_from={fork}"])
+    commit(tmp_path, forked, 5, forked.to_dict())
+    assert launch.main(smoke, ["--local", *args]) == 0, capsys.readouterr().err
+    assert started == ["local"]
+
+
 def test_a_finished_job_says_so_and_starts_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], started: list[str]
 ) -> None:
