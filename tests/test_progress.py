@@ -136,3 +136,30 @@ def test_validation_in_the_line_and_the_best_error_at_the_end(
         f"job prog-val finished at step 4: best val/top1_err {err:.2%} (step 4); "
         f"run: {tmp_path}/prog-val/checkpoints"
     )
+
+
+def test_a_tracked_runs_last_line_is_its_mlflow_page(
+    stack: object, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import os
+    import uuid
+
+    from mlflow import MlflowClient
+
+    experiment = f"progress-{uuid.uuid4().hex[:8]}"
+    lines = _train(
+        tmp_path,
+        caplog,
+        "name=prog-tracked",
+        "schedule.max_iters=2",
+        "tracking.log_every=1",
+        "tracking.enabled=true",
+        f"tracking.experiment={experiment}",
+    )
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    [run] = client.search_runs([exp.experiment_id])
+    uri = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
+    page = f"{uri}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+    assert lines[-1].startswith("job prog-tracked finished at step 2: ")
+    assert lines[-1].endswith(f"; run: {page}")
