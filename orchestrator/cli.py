@@ -95,14 +95,15 @@ def _shown(value: Any) -> str:
     return text if len(text) <= HELP_VALUE_WIDTH else text[: HELP_VALUE_WIDTH - 3] + "..."
 
 
-def job_keys_help(spec: Any, adjusted: bool) -> str:
+def job_keys_help(
+    spec: Any, adjusted: bool, dry_run: str = "prints the resolved spec and runs the pre-flight"
+) -> str:
     """A job file's --help epilog: how an override is written, then `keys_help` of its spec;
-    `adjusted`: the job file adjusts the spec after the overrides."""
+    `adjusted`: the job file adjusts the spec after the overrides; `dry_run`: what it does."""
     then = " This job file adjusts the spec after the overrides (its docstring says how)."
     how = textwrap.fill(
         "Overrides: section.key=VALUE, VALUE as JSON where it parses (0.2, true, null, "
-        "[32000,48000]), else as text. --dry-run prints the resolved spec and runs the "
-        f"pre-flight.{then if adjusted else ''}",
+        f"[32000,48000]), else as text. --dry-run {dry_run}.{then if adjusted else ''}",
         88,
         break_on_hyphens=False,
     )

@@ -73,3 +73,19 @@ def test_a_job_files_help_from_the_command_line() -> None:
     assert re.search(r"\n  optim\.momentum_form +caffe\n", out)  # the job file's, not pytorch
     assert re.search(r"\n  schedule\.max_iters +64000\n", out)
     assert "its docstring says how" in out  # cifar10_resnet adjusts ResNet-110's warm-up
+
+
+def test_a_study_files_help_lists_its_recipe_and_the_keys_its_cells_set(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from orchestrator.study.cli import parse_args as study_args
+    from orchestrator.study.grid import Study, grid
+
+    base = JobSpec(name="t6", optim=OptimConfig(momentum_form="caffe"))
+    study = Study(name="t6", base=base, cells=grid({"model.name": ["cifar_resnet20"]}), seeds=3)
+    with pytest.raises(SystemExit):
+        study_args(["--help"], study)
+    out = capsys.readouterr().out
+    assert re.search(r"\n  optim\.momentum_form +caffe\n", out)
+    assert "--dry-run prints the grid" in out
+    assert out.rstrip().endswith(": model.name; seeds 0..2 (study.seeds=N)")

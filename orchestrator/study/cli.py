@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from orchestrator.cli import run_cli
+from orchestrator.cli import job_keys_help, run_cli
 from orchestrator.job_lease import study_lease
 from orchestrator.spec import SpecError
 from orchestrator.study.grid import Study, Trial, apply_study_overrides
@@ -31,9 +31,11 @@ from orchestrator.tracking.redaction import scrub
 log = logging.getLogger(__name__)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str], study: Study | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Run a study: a grid of jobs (overrides: section.key=value, study.KEY=VALUE)."
+        description="Run a study: a grid of jobs (overrides: section.key=value, study.KEY=VALUE).",
+        epilog=_keys_help(study) if study else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value or study.KEY=VALUE")
     parser.add_argument(
@@ -48,6 +50,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _keys_help(study: Study) -> str:
+    """--help's list of every trial's keys (the recipe's values), and the keys the cells set."""
+    axes = ", ".join(sorted({key for cell in study.cells for key in cell if key != "label"}))
+    grid = "prints the grid, its resources and GPU-hours, and checks"
+    return job_keys_help(study.base, study.finalize is not None, grid) + (
+        f"\n\nset by the cells, not by overrides (study.cells=LABEL,... chooses cells): {axes}; "
+        f"seeds 0..{study.seeds - 1} (study.seeds=N)"
+    )
+
+
 def main(study: Study, argv: list[str] | None = None) -> int:
     """Entry point of every study file; exit code 2, with the reason, for a bad study or spec
     (orchestrator.cli.run_cli)."""
@@ -55,7 +67,7 @@ def main(study: Study, argv: list[str] | None = None) -> int:
 
 
 def _main(study: Study, argv: list[str]) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv, study)
     study = apply_study_overrides(study, args.overrides)
     trials = study.trials()
     fingerprint = study.fingerprint()
