@@ -72,7 +72,7 @@ def parse_args(
         action="store_true",
         help="take the job's lease from a holder you know is dead (before it expires)",
     )
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides before and after the flags
 
 
 def resolve(
