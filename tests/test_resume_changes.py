@@ -131,6 +131,9 @@ def test_allow_change_takes_commas_and_repeats() -> None:
         "seed",
     ]
     assert parse_allow(None) == []
+    # overrides may follow the flag on the command line
+    args = launch.parse_args(["--allow-change", "optim.lr", "optim.lr=0.05", "--local", "seed=1"])
+    assert args.overrides == ["optim.lr=0.05", "seed=1"] and args.allow_change == ["optim.lr"]
 
 
 # ------------------------------------------------------------- the pre-flight, on markers
