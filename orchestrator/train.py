@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator import startup_clock
-from orchestrator.checkpoint import Checkpointer, rng_state, set_rng_state
+from orchestrator.checkpoint import Checkpointer, best_checkpoint, rng_state, set_rng_state
 from orchestrator.checkpoint_refs import spec_checkpoints_url
 from orchestrator.cli import setup_logging
 from orchestrator.data import (
@@ -42,7 +42,13 @@ from orchestrator.data.gpu_augment import (
 )
 from orchestrator.data.ledger import Ledger
 from orchestrator.errors import OrchestratorError
-from orchestrator.metrics_window import MetricsWindow
+from orchestrator.metrics_window import (
+    MetricsWindow,
+    final_line,
+    marker_metrics,
+    progress_line,
+    warmup_decision,
+)
 from orchestrator.models import create_model, unwrap
 from orchestrator.preemption import StepBoundary
 from orchestrator.runtime import Runtime, Terminated, all_reduce
@@ -50,8 +56,8 @@ from orchestrator.schedule import LRSchedule
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.strategy import build_strategy
 from orchestrator.tracking.lineage import manifest_sha256
-from orchestrator.tracking.metrics import CHECKPOINT_METRICS
 from orchestrator.tracking.redaction import scrub
+from orchestrator.tracking.runs import experiment_runs_view
 from orchestrator.tracking.tags import (
     DATASET_TAG,
     DEVICE_TAG,
@@ -474,9 +480,22 @@ class Trainer:
         self.checkpointer.commit()
         self._publish(final, report=True)
         if self.rt.rank == 0:  # registering models is the driver's, after the workers are gone
-            latest = self.checkpointer.store.latest()
-            self.tracker.finish("FINISHED", checkpoint_url=latest.url if latest else None)
+            found = self.checkpointer.store.committed()
+            url = found[-1].url if found else None
+            self.tracker.finish("FINISHED", checkpoint_url=url)
+            log.info("%s", self._final_line(found))
         return self.latest
+
+    def _final_line(self, found: list[Any]) -> str:
+        """The run's last line: its best checkpoint.best_metric among the committed `found`
+        (the alias `best`'s), and its MLflow run's page (else its checkpoint folder)."""
+        metric, run_id = self.spec.checkpoint.best_metric, self.tracker.run_id
+        best = best_checkpoint(found, metric)
+        figure = (best.metrics[metric], best.step) if best else None
+        address = f"MLflow run {run_id}" if run_id else spec_checkpoints_url(self.spec)
+        view = experiment_runs_view(self.spec.tracking.experiment) if run_id else None
+        address = f"{view}/{run_id}" if view else address
+        return final_line(self.spec.name, self.step, metric, figure, address)
 
     def _train_metrics(self) -> dict[str, float]:
         self._check_finite()
@@ -530,30 +549,16 @@ class Trainer:
         a barrier of all workers that waits for its 2 s health check to fetch the report
         before: one per logged step held fast steps that long."""
         self.latest.update(metrics)
-        if metrics:
-            metrics = {**metrics, "train/step": float(self.step)}
-            if self.rt.rank == 0:
-                self.tracker.log_metrics(metrics, self.step)
-                text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-                log.info("step %d %s", self.step, text)
+        self._measured_at.update(dict.fromkeys(metrics, self.step))
+        if metrics and self.rt.rank == 0:
+            self.tracker.log_metrics({**metrics, "train/step": float(self.step)}, self.step)
+            total = self.spec.schedule.max_iters
+            line = progress_line(self.step, total, metrics, self.window.eta_s(total - self.step))
+            if line:  # the one line a user reads; every figure at DEBUG (and in MLflow)
+                log.info("%s", line)
+            log.debug("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if report:
             self.rt.report({**self.latest, "train/step": float(self.step)})
-
-
-def marker_metrics(
-    latest: dict[str, float],
-    measured_at: dict[str, int],
-    step: int,
-    measured: dict[str, float],
-) -> dict[str, float]:
-    """A commit marker's metrics at `step`: those `measured` or published (`measured_at`) there,
-    and the newest others but val/* and CHECKPOINT_METRICS, so `@best` is a validated step."""
-    kept = {
-        k: v
-        for k, v in latest.items()
-        if not (k in CHECKPOINT_METRICS or k.startswith("val/")) or measured_at.get(k) == step
-    }
-    return {**kept, **measured}
 
 
 def step_forward(
@@ -565,16 +570,6 @@ def step_forward(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return torch.compile(model, dynamic=False) if compile else model
-
-
-def warmup_decision(schedule: LRSchedule, hits: torch.Tensor, samples: int, step: int) -> bool:
-    """The warm-up rule's decision after `step` steps (schedule.warmup_until_train_err), from
-    this rank's top-1 `hits` and `samples` since the last decision. Summed over every rank (a
-    collective: every rank calls it at the same steps), the training error is the same number
-    everywhere, so every rank ends the warm-up at the same step. True if it ended here."""
-    sums = torch.stack([hits.double(), hits.new_tensor(samples, dtype=torch.float64)])
-    total_hits, total = all_reduce(sums).tolist()
-    return bool(total) and schedule.observe_train_error(1 - total_hits / total, step)
 
 
 def run_worker(spec_dict: dict[str, Any], rt: Runtime) -> dict[str, float]:
