@@ -5,7 +5,8 @@
 `up` starts SeaweedFS (`weed mini`, S3 with credentials; anonymous requests refused, its
 other ports locked: orchestrator.stack_security, docs/security.md), an
 `mlflow server` (sqlite under the state folder, artifacts proxied to the object store; MLflow's
-basic-auth app: user admin, a generated password, anonymous requests refused) and a Ray head
+basic-auth app: user admin, a generated password, anonymous requests refused; its UI opens on
+model training, telemetry off: orchestrator.stack_mlflow) and a Ray head
 (dashboard on 127.0.0.1, token auth on), waits until each answers, and records their PIDs
 under the state folder. `down` stops exactly those process trees. Data survives `down` + `up`;
 `down --purge` deletes it. `env` prints the `export` lines clients need: the same variables a
@@ -37,6 +38,7 @@ from pathlib import Path
 
 from orchestrator.cli import run_cli
 from orchestrator.stack_config import REPO_ROOT, SERVICES, StackConfig, StackError
+from orchestrator.stack_mlflow import APP_NAME, app_plugin
 from orchestrator.stack_security import weed_lock_env, weed_lock_flags
 
 MLFLOW_USER = "admin"  # the local MLflow's one user; its password is in the secrets folder
@@ -248,13 +250,21 @@ class Stack:
             MLFLOW_FLASK_SERVER_SECRET_KEY=self._secret(
                 "mlflow-flask-secret", lambda: secrets.token_hex(32)
             ),
-            MLFLOW_DISABLE_TELEMETRY="true",  # MLflow sends usage data out unless told not to
+            # MLflow sends usage data out unless told not to; off, the server also answers the
+            # UI's telemetry requests "disabled" and drops what its page would send
+            MLFLOW_DISABLE_TELEMETRY="true",
+            DO_NOT_TRACK="true",
+            # the app: MLflow's basic-auth app whose page opens on model training
+            # (orchestrator.stack_mlflow), found through an entry point on this path
+            PYTHONPATH=os.pathsep.join(
+                p for p in (str(app_plugin(self.dir / "mlflow-app")), env.get("PYTHONPATH")) if p
+            ),
         )
         return [
             self._binary("mlflow", "mlflow"),
             "server",
             "--app-name",
-            "basic-auth",
+            APP_NAME,
             "--host",
             c.host,
             "--port",

@@ -15,6 +15,7 @@ from orchestrator.checkpoint import CheckpointStore
 from orchestrator.metrics_window import MetricsWindow, duration, final_line, progress_line
 from orchestrator.runtime import Runtime
 from orchestrator.spec import apply_overrides
+from orchestrator.tracking.runs import WORKFLOW_PARAM
 from orchestrator.train import Trainer
 from tests.conftest import load_job_spec, odd_shards_data
 from tests.test_train import TINY
@@ -160,6 +161,6 @@ def test_a_tracked_runs_last_line_is_its_mlflow_page(
     exp = client.get_experiment_by_name(experiment)
     [run] = client.search_runs([exp.experiment_id])
     uri = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
-    page = f"{uri}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+    page = f"{uri}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}?{WORKFLOW_PARAM}"
     assert lines[-1].startswith("job prog-tracked finished at step 2: ")
     assert lines[-1].endswith(f"; run: {page}")

@@ -13,6 +13,7 @@ from orchestrator.tracking.tags import ERROR_TAG, EXPERIMENT_KIND_TAG, JOB_TAG
 log = logging.getLogger(__name__)
 
 MODEL_TRAINING = "custom_model_development"  # MLflow 3's kind for model training
+WORKFLOW_PARAM = "workflowType=machine_learning"  # MLflow 3's UI in its Model training mode
 
 
 def _error_code(err: BaseException) -> str | None:
@@ -42,8 +43,15 @@ def experiment_id(client: Any, name: str) -> str:
 
 
 def runs_view(tracking_uri: str, exp_id: str) -> str:
-    """The address of an experiment's runs table in MLflow's UI (charts: one toggle away)."""
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs"
+    """The address of an experiment's runs table in MLflow's UI (charts: one toggle away), in
+    its Model training mode: MLflow 3's UI takes the mode from the address or the browser's
+    last choice (GenAI by default), never from the experiment's kind."""
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs?{WORKFLOW_PARAM}"
+
+
+def run_view(tracking_uri: str, exp_id: str, run_id: str) -> str:
+    """The address of a run's page in MLflow's UI, in its Model training mode (`runs_view`)."""
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}?{WORKFLOW_PARAM}"
 
 
 def experiment_runs_view(experiment: str) -> str | None:

@@ -49,7 +49,7 @@ from orchestrator.tracking import mlflow_internals
 from orchestrator.tracking.lineage import dataset_input, git_commit
 from orchestrator.tracking.liveness import HEARTBEAT_S, Heartbeat
 from orchestrator.tracking.redaction import log_tags, redact, redact_tags, scrub
-from orchestrator.tracking.runs import experiment_id, find_job_run, job_run
+from orchestrator.tracking.runs import experiment_id, find_job_run, job_run, run_view
 from orchestrator.tracking.tags import (
     ATTEMPT_TAG,
     CHECKPOINT_TAG,
@@ -503,7 +503,7 @@ def job_run_url(spec: JobSpec) -> str | None:
     if found is None:
         return None
     info = found[1].info
-    return f"{uri.rstrip('/')}/#/experiments/{info.experiment_id}/runs/{info.run_id}"
+    return run_view(uri, info.experiment_id, info.run_id)
 
 
 def finished_job_line(spec: JobSpec, checkpoint: Committed) -> str:
