@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -132,7 +133,41 @@ def run_study(dataset: str, at_once: int) -> tuple[float, float, float, str, lis
     if m is None or phases is None:
         sys.exit(f"no timing lines in the study's output:\n{out[-3000:]}")
     busy = busy_seconds("bench-study", name)
-    return wall, float(m.group(1)), float(m.group(3)), phases.group(1), busy
+    rank0 = rank0_startup(out)
+    return wall, float(m.group(1)), float(m.group(3)), f"{phases.group(1)}; {rank0}", busy
+
+
+def rank0_startup(out: str) -> str:
+    """The mean of rank 0's `startup of rank 0:` lines (orchestrator.startup_clock): the part
+    of a trial's job from its worker's process start to its first step."""
+    lines = re.findall(r"startup of rank 0: t0=[\d.]+; (.*) = ([\d.]+) s", out)
+    if not lines:
+        return "no rank 0 start-up lines"
+    phases: dict[str, list[float]] = {}
+    for parts, _ in lines:
+        for label, value in re.findall(r"(.+?) ([\d.]+) s(?:, |$)", parts):
+            phases.setdefault(label, []).append(float(value))
+    total = statistics.fmean(float(t) for _, t in lines)
+    said = ", ".join(f"{k} {statistics.fmean(v):.2f}" for k, v in phases.items())
+    return f"of the job, rank 0's start-up (mean of {len(lines)}): {said} = {total:.2f}"
+
+
+class LoadSampler(threading.Thread):
+    """The 1-minute load average every 5 s while a study runs."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.samples: list[float] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(5):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self) -> list[float]:
+        self.done.set()
+        self.join()
+        return self.samples or [os.getloadavg()[0]]
 
 
 def main() -> None:
@@ -145,12 +180,17 @@ def main() -> None:
             'and `eval "$(python -m orchestrator.stack env)"`'
         )
     dataset = make_dataset(DATASET)
-    ratios, overheads, fixed, loads = [], [], [], [os.getloadavg()[0]]
+    ratios, overheads, fixed, loads = [], [], [], []
     for i in range(args.rounds):
+        sampler = LoadSampler()
+        sampler.start()
         seq, seq_tune, seq_jobs, seq_phases, busy = run_study(dataset, 1)
-        loads.append(os.getloadavg()[0])
+        seq_load = sampler.stop()
+        sampler = LoadSampler()
+        sampler.start()
         par, par_tune, _, par_phases, _ = run_study(dataset, 2)
-        loads.append(os.getloadavg()[0])
+        par_load = sampler.stop()
+        loads += seq_load + par_load
         ratios.append(par / seq)
         overheads.append((seq_tune - seq_jobs) / 8)
         fixed.append(seq_tune / 8 - statistics.fmean(busy))
@@ -160,15 +200,17 @@ def main() -> None:
             f"(Tune wall {seq_tune:.1f} s - jobs' own {seq_jobs:.1f} s, over 8 trials); "
             f"Tune's wall alone: ratio {par_tune / seq_tune:.3f}; trial fixed cost "
             f"{fixed[-1]:.2f} s (Tune wall / 8 - busy {statistics.fmean(busy):.2f} s: steps and "
-            f"validation)\n  one at a time, mean s per trial: {seq_phases}"
-            f"\n  two at a time, mean s per trial: {par_phases}",
+            f"validation)\n  one at a time (load {statistics.fmean(seq_load):.1f}), mean s per "
+            f"trial: {seq_phases}\n  two at a time (load {statistics.fmean(par_load):.1f}), "
+            f"mean s per trial: {par_phases}",
             flush=True,
         )
     print(
         f"study: ratio={statistics.median(ratios):.3f}, trial fixed cost "
         f"{statistics.median(fixed):.2f} s (wall time, 2 trials at a time / one after "
         f"another, median of {len(ratios)}; Tune overhead per trial "
-        f"{statistics.median(overheads):.2f} s; load average {min(loads):.1f}-{max(loads):.1f})"
+        f"{statistics.median(overheads):.2f} s; load average {min(loads):.1f}-{max(loads):.1f}, "
+        f"mean {statistics.fmean(loads):.1f})"
     )
 
 
