@@ -148,7 +148,7 @@ def _evaluate_and_log(
     ens = ensemble_scores(probs, labels)
     member_scores = [scores[i] for i in range(len(members))]
     protocol, data = cfg.eval.protocol, members[0].data
-    evaluated_on = f"the {data.val_split!r} split of {data.url}"
+    evaluated_on = f"the {data.val_split!r} split of {data.url} (validation)"
     rows = ensemble_rows(members, member_scores, ens, protocol, evaluated_on=evaluated_on)
     title = (
         f"Ensemble of {len(members)} (protocol {protocol}, checkpoint {cfg.checkpoint}); "

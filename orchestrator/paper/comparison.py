@@ -290,10 +290,13 @@ def ensemble_markdown(rows: Sequence[dict[str, Any]], title: str) -> str:
         for r in rows
     ]
     ours = rows[0].get("set", "the members' validation split") if rows else "-"
-    sets = (
-        f"Our errors: {ours} (a validation split). The paper's: on the set in the last column; "
-        "Table 5's ensemble (3.57% top-5) is the ImageNet test set, scored by the ILSVRC "
-        "server, so no gap is computed to it: a validation error beside it is not the same "
-        "measurement."
-    )
+    sets = f"Our errors: on {ours}."
+    if any(r["paper_source"] for r in rows):
+        sets += " The paper's: on the set in the last column."
+    if any(r.get("comparable") is False and r["paper_source"] for r in rows):
+        sets += (
+            " Table 5's ensemble (3.57% top-5) is the ImageNet test set, scored by the ILSVRC "
+            "server, so no gap is computed to it: a validation error beside it is not the same "
+            "measurement."
+        )
     return f"{title}\n\n{markdown_table(ENSEMBLE_COLUMNS, cells)}\n\n{sets}\n"
