@@ -57,7 +57,6 @@ from orchestrator.spec import JobSpec, SpecError
 from orchestrator.strategy import build_strategy
 from orchestrator.tracking.lineage import manifest_sha256
 from orchestrator.tracking.redaction import scrub
-from orchestrator.tracking.runs import experiment_runs_view
 from orchestrator.tracking.tags import (
     DATASET_TAG,
     DEVICE_TAG,
@@ -68,7 +67,7 @@ from orchestrator.tracking.tags import (
     STRATEGY_TAG,
     WORLD_SIZE_TAG,
 )
-from orchestrator.tracking.tracker import NullTracker, Tracker, start_tracker
+from orchestrator.tracking.tracker import NullTracker, Tracker, job_run_url, start_tracker
 from orchestrator.train_data import adopt_streams, data_position, open_ledger, train_loader
 
 log = logging.getLogger(__name__)
@@ -489,12 +488,11 @@ class Trainer:
     def _final_line(self, found: list[Any]) -> str:
         """The run's last line: its best checkpoint.best_metric among the committed `found`
         (the alias `best`'s), and its MLflow run's page (else its checkpoint folder)."""
-        metric, run_id = self.spec.checkpoint.best_metric, self.tracker.run_id
+        metric = self.spec.checkpoint.best_metric
         best = best_checkpoint(found, metric)
         figure = (best.metrics[metric], best.step) if best else None
-        address = f"MLflow run {run_id}" if run_id else spec_checkpoints_url(self.spec)
-        view = experiment_runs_view(self.spec.tracking.experiment) if run_id else None
-        address = f"{view}/{run_id}" if view else address
+        page = job_run_url(self.spec) if self.tracker.run_id else None
+        address = page or spec_checkpoints_url(self.spec)
         return final_line(self.spec.name, self.step, metric, figure, address)
 
     def _train_metrics(self) -> dict[str, float]:
