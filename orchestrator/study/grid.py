@@ -208,7 +208,8 @@ def apply_study_overrides(study: Study, overrides: Sequence[str]) -> Study:
     renames the study (its trials and parent run follow), the others (section.key=value) to
     its base spec, so they reach every trial. An override of an axis (a key the cells set),
     of seed or of what the study sets itself is refused (SpecError, exit 2), naming the way."""
-    rest, changes = [], {}
+    rest: list[str] = []
+    changes: dict[str, Any] = {}
     for item in overrides:
         if item.startswith("name="):  # the study's name: its trials' names derive from it
             item = "study." + item
@@ -237,6 +238,6 @@ def apply_study_overrides(study: Study, overrides: Sequence[str]) -> Study:
         missing = [w for w in wanted if w not in labels]
         if missing:
             raise SpecError(f"study.cells: no cell {missing}; cells: {', '.join(labels)}")
-        given = dict(zip(labels, study.cells))
-        study = dataclasses.replace(study, cells=[given[w] for w in wanted])
+        by_label = dict(zip(labels, study.cells))
+        study = dataclasses.replace(study, cells=[by_label[w] for w in wanted])
     return study
