@@ -448,11 +448,14 @@ def test_a_finished_run_is_compared_with_the_paper(resumed: dict[str, Any], tmp_
     m, t = client().get_run(run_id).data.metrics, client().get_run(run_id).data.tags
     final1 = history(run_id, "val/top1_err")[-1][1] * 100
     final5 = history(run_id, "val/top5_err")[-1][1] * 100
-    assert (m["paper/top1_err"], m["paper/top5_err"]) == (24.19, 7.40)
-    assert m["achieved/top1_err"] == pytest.approx(final1)
-    assert m["achieved/top5_err"] == pytest.approx(final5)
-    assert m["gap/top1_err"] == pytest.approx(final1 - 24.19)
-    assert m["gap/top5_err"] == pytest.approx(final5 - 7.40)
+    report = resumed["published"].report
+    assert (report["paper/top1_err"], report["paper/top5_err"]) == (24.19, 7.40)
+    assert report["achieved/top1_err"] == pytest.approx(final1)
+    assert report["achieved/top5_err"] == pytest.approx(final5)
+    assert report["gap/top1_err"] == pytest.approx(final1 - 24.19)
+    assert report["gap/top5_err"] == pytest.approx(final5 - 7.40)
+    # tables, not metrics: a metric each would be a single-dot chart before train/ and val/
+    assert not [k for k in m if k.split("/")[0] in ("paper", "achieved", "gap")]
     assert t["paper.source"] == "Table 3"
     md = artifact_text(run_id, "paper/comparison.md", tmp_path)
     assert "24.19" in md and "7.40" in md and f"{final1:.2f}" in md and "Table 3" in md
@@ -506,8 +509,8 @@ def test_a_finished_job_submitted_again_reports_nothing_twice(stack: Stack) -> N
     publish_finished_job(spec)
     assert again.run_id == first.run_id
     assert client().get_run(first.run_id).data.tags["orchestrator.attempt"] == "2"
-    assert steps(first.run_id, "paper/top1_err") == [10]
-    assert steps(first.run_id, "achieved/top1_err") == [10]
+    rows = client().download_artifacts(first.run_id, "paper/comparison.csv")
+    assert len(Path(rows).read_text().splitlines()) == 3, "the table rewritten, not appended to"
 
 
 def test_run_id_from_the_checkpoint_wins_and_killed_status(stack: Stack) -> None:
@@ -710,7 +713,8 @@ def test_training_job_logs_lineage_paper_and_best_checkpoint(
     val = metric_history(c, run_id, "val/top1_err")
     assert [s for s, _ in val] == [3, 6]
     # a toy dataset's classes are not CIFAR-10's: the run's result is reported, no paper beside it
-    assert m["achieved/top1_err"] == pytest.approx(val[-1][1] * 100) and "paper/top1_err" not in m
+    [top1, _] = csv.DictReader(io.StringIO(artifact_text(run_id, "paper/comparison.csv", tmp_path)))
+    assert float(top1["this_run_final"]) == pytest.approx(val[-1][1] * 100) and not top1["paper"]
     assert t["num_classes"] == str(load_manifest(smoke_dataset)["num_classes"])
     assert {a.path for a in c.list_artifacts(run_id, "plots")} >= {
         "plots/top1_error.png",

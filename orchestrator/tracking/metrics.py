@@ -8,7 +8,10 @@
     ensemble/...  an ensemble run's own errors; its members' runs use val/...
     responses/... Fig. 7's layer responses of a checkpoint (orchestrator.paper.layer_responses):
                   std_mean, std_max, std_min, layers, images, at the checkpoint's step
-    paper/..., achieved/..., gap/...   the comparison with the paper's tables
+
+The comparison with the paper's tables is no metric: a finished run holds it as the tables
+paper/comparison.{md,csv} (orchestrator.tracking.run_report); as metrics, one value each,
+it would open the UI's chart view (groups sorted by name: achieved/ before train/).
 
 Errors are fractions (0.2143, not 21.43) everywhere but in the paper comparison (percent).
 """

@@ -1,8 +1,8 @@
 """What a finished training run reports in MLflow, read back from the run itself.
 
 `log_paper_report`: the run's final and best validation errors beside the paper's number for
-the same model, protocol and shortcut (metrics `achieved/*`, `paper/*`, `gap/*`, tags
-`paper.source`/`paper.protocol`, `paper/comparison.{md,csv}`), and its curves in the paper's
+the same model, protocol and shortcut (the tables `paper/comparison.{md,csv}`, which MLflow's
+UI shows as a table, and tags `paper.source`/`paper.protocol`), and its curves in the paper's
 style (`plots/*.png`). It reads the run's whole history from the server (`metric_history`), so
 a run resumed across attempts is reported whole. The driver calls it once the job's workers are
 gone (orchestrator.publish.finished).
@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from orchestrator.paper.comparison import training_csv, training_markdown, training_rows
 from orchestrator.spec import JobSpec
-from orchestrator.tracking.mlflow_internals import last_steps
 from orchestrator.tracking.redaction import log_tags, scrub
 from orchestrator.tracking.tags import NUM_CLASSES_TAG, PAPER_PROTOCOL_TAG, PAPER_SOURCE_TAG
 
@@ -47,10 +45,10 @@ def metric_history(client: Any, run_id: str, name: str) -> History:
 
 def log_paper_report(client: Any, run_id: str, spec: JobSpec) -> dict[str, float]:
     """Log the comparison with the paper and the curves of the run of job `spec`; returns the
-    comparison's metrics. They are logged at the run's last step, once: a finished job
-    submitted again finds them there and reports nothing twice."""
-    from mlflow.entities import Metric
-
+    comparison's numbers (`achieved/*`, `paper/*`, `gap/*`, percent). They go into the run as
+    tables, not metrics: one value each would be a single-dot chart, and its group (achieved/)
+    would come before train/ and val/ in the UI's charts (sorted by name). Each artifact is
+    rewritten whole: a finished job submitted again reports nothing twice."""
     from orchestrator.paper import numbers as paper
 
     run = client.get_run(run_id)
@@ -59,14 +57,7 @@ def log_paper_report(client: Any, run_id: str, spec: JobSpec) -> dict[str, float
     ref = paper.lookup(model, protocol, shortcut, int(classes) if classes else None)
     hist = {key: metric_history(client, run_id, key) for key in REPORT_METRICS}
     last_step = max((pts[-1][0] for pts in hist.values() if pts), default=0)
-    rows, metrics = training_rows(ref, hist["val/top1_err"], hist["val/top5_err"])
-    logged = last_steps(client, run)
-    now = int(time.time() * 1000)
-    fresh = [
-        Metric(k, v, now, last_step) for k, v in metrics.items() if last_step > logged.get(k, -1)
-    ]
-    if fresh:
-        client.log_batch(run_id, metrics=fresh)
+    rows, numbers = training_rows(ref, hist["val/top1_err"], hist["val/top5_err"])
     if ref is not None:
         log_tags(client, run_id, {PAPER_SOURCE_TAG: ref.source, PAPER_PROTOCOL_TAG: ref.protocol})
     dataset = spec.data.url or "synthetic"
@@ -74,7 +65,7 @@ def log_paper_report(client: Any, run_id: str, spec: JobSpec) -> dict[str, float
     client.log_text(run_id, scrub(md), "paper/comparison.md")
     client.log_text(run_id, scrub(training_csv(model, protocol, ref, rows)), "paper/comparison.csv")
     log_plots(client, run_id, f"{spec.name} ({model})", ref, hist)
-    return metrics
+    return numbers
 
 
 def log_plots(client: Any, run_id: str, title: str, ref: Any, hist: dict[str, History]) -> None:
