@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -24,7 +25,7 @@ from mlflow import MlflowClient
 
 from orchestrator.spec import JobSpec, apply_overrides
 from orchestrator.stack import Stack
-from orchestrator.tracking.runs import experiment_runs_view
+from orchestrator.tracking.runs import WORKFLOW_PARAM, experiment_runs_view
 from orchestrator.tracking.tracker import MlflowTracker
 from tests.conftest import ROOT
 
@@ -56,8 +57,11 @@ def log_demo_run(experiment: str, job: str, seed: int) -> str:
     return tracker.run_id
 
 
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[object]:
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One headless Chromium for the file's tests (its start-up is seconds on a busy machine);
+    a fresh profile: the first test sees what a new user sees."""
+    tmp_path = tmp_path_factory.mktemp("chromium")
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         pytest.fail(
             f"{CHROMIUM} / {CHROMEDRIVER} missing: "
@@ -143,7 +147,7 @@ def click_when_shown(driver: object, what: str, xpath: str) -> None:
     wait_for(driver, what, click)
 
 
-def show_chart_view(driver: object, view: str, jobs: list[str]) -> Path:
+def show_chart_view(driver: object, view: str, jobs: list[str], picture: bool = True) -> Path:
     """The runs' Chart view, as a user opens it (the chart toggle above the runs table): every
     metric a chart, one curve per run. Saves its screenshot, and the README's picture."""
     from PIL import Image
@@ -174,8 +178,10 @@ def show_chart_view(driver: object, view: str, jobs: list[str]) -> Path:
         sidebar.click()  # the navigation sidebar folds away: more room for the charts
     d.set_window_size(1600, 1250)  # tall enough for the val/ group's chart below train/'s
     time.sleep(1.5)  # let the charts redraw at their new size
-    shot = ARTIFACTS / "mlflow-charts.png"
+    shot = ARTIFACTS / ("mlflow-charts.png" if picture else "mlflow-first-charts.png")
     d.save_screenshot(str(shot))
+    if not picture:
+        return shot
     assert shot.stat().st_size > 20_000, f"{shot} is (nearly) blank"
     # a UI screenshot keeps its look in 256 colours, at a third of the bytes; the README's copy
     # is rewritten only when asked, so that a test run leaves the checkout clean
@@ -188,6 +194,67 @@ def show_chart_view(driver: object, view: str, jobs: list[str]) -> Path:
     with Image.open(shot) as image:
         image.convert("RGB").quantize(colors=256).save(picture, optimize=True)
     return shot
+
+
+SECTIONS = ("achieved", "gap", "paper", "train", "val", "Model metrics", "System metrics")
+
+
+def first_chart_section(text: str) -> str | None:
+    """The first chart group's name in the chart view's text (each group's name is a line)."""
+    lines = [line.strip() for line in text.splitlines()]
+    return next((line for line in lines if line in SECTIONS), None)
+
+
+def test_first_chart_section_is_read_from_the_page_text() -> None:
+    assert first_chart_section("Runs\nachieved\ntop1_err\ntrain\nloss") == "achieved"
+    assert first_chart_section("Charts\ntrain\nloss\nval\nSystem metrics") == "train"
+    assert first_chart_section("no charts") is None
+
+
+def test_a_new_user_opens_the_experiment_on_training(stack: Stack, browser: object) -> None:
+    """What a user sees first, in a browser that has never opened MLflow: the experiment's runs
+    (its address without the mode, as typed by hand) in Model training mode, no assistant
+    panel, the chart view led by train/ and val/ (the paper comparison is a table), and
+    Settings' telemetry off."""
+    from selenium.webdriver.common.by import By
+
+    from orchestrator.tracking.run_report import log_paper_report
+
+    d = browser
+    log_in(d, stack)
+    experiment = f"first-look-{uuid.uuid4().hex[:6]}"
+    jobs = [f"{experiment}-seed{seed}" for seed in (0, 1)]
+    run_ids = [log_demo_run(experiment, job, seed) for seed, job in enumerate(jobs)]
+    spec = apply_overrides(JobSpec(name=jobs[0]), ["model.name=cifar_resnet20", "data.url="])
+    assert log_paper_report(MlflowClient(), run_ids[0], spec)["paper/top1_err"] == 8.75
+    exp_id = MlflowClient().get_experiment_by_name(experiment).experiment_id
+    body = lambda: d.find_element(By.TAG_NAME, "body").text
+    mlflow_url = stack.urls()["mlflow"]
+
+    d.get(f"{mlflow_url}/#/experiments/{exp_id}/runs")
+    wait_for(d, "run names", lambda: all(job in body() for job in jobs))
+    mode = d.execute_script("return window.localStorage.getItem('mlflow.workflowType_v1')")
+    if mode is None:
+        pytest.fail(
+            "the test stack's MLflow serves no UI defaults: it was started by older code; "
+            "stop it (python -m orchestrator.stack down --state-dir .stack-test) and rerun"
+        )
+    time.sleep(2)  # the assistant's panel opens a moment after the page
+    text = body()
+    ARTIFACTS.mkdir(exist_ok=True)
+    d.save_screenshot(str(ARTIFACTS / "mlflow-first-look.png"))
+    # Model training's sidebar (Runs, Models, Model registry), not GenAI's (Judges, Prompts)
+    assert "Model registry" in text and "Judges" not in text and "Prompts & versions" not in text
+    assert "MLflow Assistant" not in text, "the assistant's panel opened by itself"
+
+    show_chart_view(d, f"{mlflow_url}/#/experiments/{exp_id}/runs", jobs, picture=False)
+    assert first_chart_section(body()) == "train", body()[:1500]
+    assert mode == '"machine_learning"'
+
+    d.get(f"{mlflow_url}/#/settings")
+    wait_for(d, "Settings' telemetry switch", lambda: "Enable telemetry" in body())
+    after = body().split("Enable telemetry", 1)[1]
+    assert re.search(r"\n(On|Off)\n", after) and re.search(r"\n(On|Off)\n", after)[1] == "Off"
 
 
 def test_experiment_runs_compare_in_chromium(stack: Stack, browser: object) -> None:
@@ -208,7 +275,7 @@ def test_experiment_runs_compare_in_chromium(stack: Stack, browser: object) -> N
     # the experiment: its runs table (the "Model training" view of MLflow 3's UI)
     # the address a job prints at its end: the runs table, thanks to the experiment's kind
     view = experiment_runs_view(experiment)
-    assert view == f"{stack.urls()['mlflow']}/#/experiments/{exp_id}/runs"
+    assert view == f"{stack.urls()['mlflow']}/#/experiments/{exp_id}/runs?{WORKFLOW_PARAM}"
     d.get(view)
     wait_for(d, "run names", lambda: all(job in body() for job in jobs))
     for close in d.find_elements(
