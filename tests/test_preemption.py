@@ -23,7 +23,6 @@ from mlflow import MlflowClient
 from orchestrator.preemption import StepBoundary
 from orchestrator.runtime import Terminated
 from orchestrator.spec import CheckpointConfig, SpecError, apply_overrides
-from orchestrator.stack import Stack
 from orchestrator.tracking.tags import JOB_TAG
 from tests.conftest import ROOT, odd_shards_data, run_script
 from tests.test_train import local_job
@@ -79,20 +78,42 @@ def _interrupted(cmd: list[str], notice: signal.Signals) -> tuple[int, str]:
     return code, "".join(lines)
 
 
+# the uninterrupted run saves on the clock as well: a save changes no weight (the notice tests
+# end bit-identical to it), and test_every_minutes_saves_on_time... reads its commits
+CLOCK = ["checkpoint.every_minutes=0.01", "checkpoint.keep_last=1000"]
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+def clock_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run (every_minutes=0.01, every_iters=0); its checkpoint storage."""
     storage = tmp_path_factory.mktemp("uninterrupted")
-    run_script(*_job(storage, "whole")[1:], env={"OMP_NUM_THREADS": "1"})
-    final = _committed(storage, "whole")[-1]
+    run_script(*_job(storage, "whole", *CLOCK)[1:], env={"OMP_NUM_THREADS": "1"})
+    return storage
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(clock_run: Path) -> dict[str, torch.Tensor]:
+    final = _committed(clock_run, "whole")[-1]
     assert final.name == f"step-{STEPS:08d}"
     return _weights(final)
 
 
 @pytest.mark.parametrize("notice", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_notice_commits_the_step_in_progress_and_the_resubmission_ends_identical(
-    tmp_path: Path, uninterrupted: dict[str, torch.Tensor], notice: signal.Signals
+    tmp_path: Path,
+    uninterrupted: dict[str, torch.Tensor],
+    notice: signal.Signals,
+    request: pytest.FixtureRequest,
 ) -> None:
-    cmd = _job(tmp_path, "spot", f"checkpoint.preempt_signal={notice.name}")
+    """SIGTERM's run is tracked too: the job's one MLflow run is KILLED after the notice and
+    FINISHED after the resubmission, every step's training loss logged once (one job for both
+    checks, not two)."""
+    tracked = notice == signal.SIGTERM
+    experiment = f"preemption-{uuid.uuid4().hex[:6]}"
+    if tracked:
+        request.getfixturevalue("stack")  # MLflow
+    tracking = ["tracking.enabled=true", f"tracking.experiment={experiment}"] if tracked else []
+    cmd = _job(tmp_path, "spot", f"checkpoint.preempt_signal={notice.name}", *tracking)
     code, out = _interrupted(cmd, notice)
     assert code == 128 + notice, f"exit {code}, not {128 + notice}:\n{out[-4000:]}"
     arrived = [
@@ -104,6 +125,9 @@ def test_notice_commits_the_step_in_progress_and_the_resubmission_ends_identical
     step = int(committed[0].name.split("-")[1])
     assert min(arrived) <= step <= min(arrived) + 1 < STEPS, (arrived, step)
     assert {p.name for p in committed[0].glob("rank-*.pt")} == {"rank-00000.pt", "rank-00001.pt"}
+    if tracked:
+        (run,) = _job_runs(experiment, "spot")
+        assert run.info.status == "KILLED"
 
     resumed = run_script(*cmd[1:], env={"OMP_NUM_THREADS": "1"})
     assert f"from step {step} (resumed: True" in resumed
@@ -113,40 +137,27 @@ def test_notice_commits_the_step_in_progress_and_the_resubmission_ends_identical
         assert torch.equal(final[key], value), key
     # equal weights prove nothing if the resumed run trained nothing after the notice's step
     assert not torch.equal(_weights(committed[0])["fc.weight"], final["fc.weight"])
+    if tracked:
+        (again,) = _job_runs(experiment, "spot")
+        assert (again.info.run_id, again.info.status) == (run.info.run_id, "FINISHED")
+        history = MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+        assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
 
 
-def test_every_minutes_saves_on_time_at_the_same_step_on_every_rank(tmp_path: Path) -> None:
-    overrides = ["checkpoint.every_minutes=0.01", "checkpoint.keep_last=1000"]
-    run_script(*_job(tmp_path, "clock", *overrides)[1:], env={"OMP_NUM_THREADS": "1"})
-    steps = [int(p.name.split("-")[1]) for p in _committed(tmp_path, "clock")]
+def _job_runs(experiment: str, name: str) -> list:
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return client.search_runs([experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{name}'")
+
+
+def test_every_minutes_saves_on_time_at_the_same_step_on_every_rank(clock_run: Path) -> None:
+    steps = [int(p.name.split("-")[1]) for p in _committed(clock_run, "whole")]
     assert steps[-1] == STEPS
     on_time = steps[:-1]  # every_iters=0 and no epoch end: only the clock saved these
     assert len(on_time) >= 2, f"0.6 s apart over a run of {STEPS} steps, saved at {steps}"
     for step in on_time:  # a commit needs every rank's files for the step
-        files = (tmp_path / "clock" / "checkpoints" / f"step-{step:08d}").glob("rank-*.pt")
+        files = (clock_run / "whole" / "checkpoints" / f"step-{step:08d}").glob("rank-*.pt")
         assert {p.name for p in files} == {"rank-00000.pt", "rank-00001.pt"}
-
-
-def test_a_notice_marks_the_run_killed_and_the_resubmission_continues_it(
-    stack: Stack, tmp_path: Path
-) -> None:
-    """The job's one MLflow run: KILLED after the notice, FINISHED after the resubmission,
-    with every step's training loss logged once."""
-    experiment, name = f"preemption-{uuid.uuid4().hex[:6]}", "tracked"
-    tracked = ["tracking.enabled=true", f"tracking.experiment={experiment}"]
-    cmd = _job(tmp_path, name, *tracked)
-    code, out = _interrupted(cmd, signal.SIGTERM)
-    assert code == 128 + signal.SIGTERM, f"exit {code}:\n{out[-4000:]}"
-    client = MlflowClient()
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    (run,) = client.search_runs([experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{name}'")
-    assert run.info.status == "KILLED"
-
-    run_script(*cmd[1:], env={"OMP_NUM_THREADS": "1"})
-    (again,) = client.search_runs([experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{name}'")
-    assert (again.info.run_id, again.info.status) == (run.info.run_id, "FINISHED")
-    logged = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert sorted(logged) == list(range(1, STEPS + 1))
 
 
 # ------------------------------------------------------------------ one process, no job
