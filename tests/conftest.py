@@ -7,6 +7,7 @@ leave it running afterwards (faster reruns).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import uuid
@@ -352,6 +353,90 @@ def load_job_spec(stem: str) -> Any:
         return module.SPEC
     finally:
         sys.path.remove(str(ROOT / "jobs"))
+
+
+# --------------------------------------------------------------------------- two Ray nodes
+
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@pytest.fixture(scope="session")
+def joinable_ray_head(stack: Stack) -> Iterator[Stack]:
+    """One joinable Ray head (`ray_loopback_only=false`) for the run's multi-node tests
+    (test_multinode, test_spot), started once: free ports below the ephemeral range, a short
+    state folder for Ray's socket paths, the test stack's secrets (the same S3 keys and Ray
+    token). The shared test stack's Ray listens on loopback only and cannot be joined."""
+    import shutil
+    import tempfile
+
+    state = Path(tempfile.mkdtemp(prefix="orch-mn-"))
+    ports = iter(p for p in range(22800, 23390, 7) if port_is_free(p))
+    names = ("ray_port", "ray_dashboard_port", "ray_client_port", "ray_agent_port")
+    cfg = test_stack_config(state, ray_loopback_only=False, **{name: next(ports) for name in names})
+    (state / "secrets").symlink_to(stack.dir / "secrets")
+    head = Stack(cfg)
+    try:
+        head.up(("ray",))
+        yield head
+    finally:
+        head.down()
+        (state / "secrets").unlink()  # the test stack's: never purged through the link
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster_head(joinable_ray_head: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
+    """That head, its client variables replacing the test stack's for the test."""
+    monkeypatch.delenv(LOOPBACK_SWITCH, raising=False)  # set by the loopback test stack
+    for key, value in joinable_ray_head.env().items():
+        monkeypatch.setenv(key, value)
+    return joinable_ray_head
+
+
+@contextlib.contextmanager
+def joined_node(head: Stack, cpus: int, log: Path) -> Iterator[tuple[int, str]]:
+    """A second raylet of `cpus` CPUs joined to `head`, this process connected to the cluster
+    as a driver; yields (the raylet's pid, its node id) once Ray lists it alive; stopped
+    afterwards. A node an earlier test stopped may still be listed alive for a while: the one
+    wanted is the only live non-head node of `cpus` CPUs (test_multinode's has 1, test_spot's
+    2)."""
+    import subprocess
+    import time
+
+    import ray
+
+    from orchestrator.stack import _stop_tree
+
+    agent_port = next(p for p in range(23391, 23600, 7) if port_is_free(p))
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"), "start", f"--address={head.gcs_address}",
+            f"--num-cpus={cpus}", "--block", f"--dashboard-agent-listen-port={agent_port}",
+            "--disable-usage-stats",
+        ],
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    ray.init(address=head.gcs_address, logging_level="ERROR")
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            found = [
+                n["NodeID"]
+                for n in ray.nodes()
+                if n["Alive"]
+                and "node:__internal_head__" not in n["Resources"]
+                and n["Resources"].get("CPU") == cpus
+            ]
+            if len(found) == 1:
+                break
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"the second node did not join: {found}"
+            time.sleep(0.5)
+        yield proc.pid, found[0]
+    finally:
+        ray.shutdown()
+        _stop_tree(proc.pid)
 
 
 # --------------------------------------------------------------------------- a small study

@@ -15,7 +15,6 @@ cadence and the once-per-notice rule); everything else here runs the real thing.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import signal
 import subprocess
@@ -33,8 +32,8 @@ from orchestrator import launch, runtime
 from orchestrator.preemption import StepBoundary
 from orchestrator.spec import CheckpointConfig, JobSpec, SpecError, apply_overrides
 from orchestrator.stack import Stack
-from tests.conftest import ROOT, port_is_free
-from tests.test_multinode import _alive_nodes, chaos, cluster_head  # noqa: F401 - a fixture
+from tests.conftest import ROOT, joined_node
+from tests.test_multinode import chaos
 
 # ------------------------------------------------------------------ the step boundary alone
 # (no `import ray` in this process before the stack's fixtures set RAY_AUTH_MODE: Ray reads
@@ -244,39 +243,12 @@ def _kill_tree(pid: int) -> None:
 
 
 @pytest.fixture
-def spot_node(cluster_head: Stack, tmp_path: Path) -> Iterator[tuple[int, str, str]]:  # noqa: F811
-    """A second raylet with 2 CPUs joined to the head (which has 2): a worker of 2 CPUs on
-    each. Yields (its process, its node id, the head's GCS address); killed afterwards if the
-    test has not."""
-    import ray
-
-    ray_bin = Path(sys.executable).parent / "ray"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    agent_port = next(p for p in range(23391, 23600, 7) if port_is_free(p))
-    log = (tmp_path / "spot.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            str(ray_bin), "start", f"--address={cluster_head.gcs_address}", "--num-cpus=2",
-            "--block", f"--dashboard-agent-listen-port={agent_port}", "--disable-usage-stats",
-        ],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    ray.init(address=cluster_head.gcs_address, logging_level="ERROR")
-    try:
-        deadline = time.monotonic() + 120
-        while _alive_nodes() < 2:
-            assert proc.poll() is None, (tmp_path / "spot.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the spot node did not join"
-            time.sleep(1)
-        (node,) = [
-            n["NodeID"]
-            for n in ray.nodes()
-            if n["Alive"] and "node:__internal_head__" not in n["Resources"]
-        ]
-        yield proc.pid, node, cluster_head.gcs_address
-    finally:
-        ray.shutdown()
-        _kill_tree(proc.pid)
+def spot_node(cluster_head: Stack, tmp_path: Path) -> Iterator[tuple[int, str, str]]:
+    """A second raylet with 2 CPUs joined to the run's joinable head (which has 2): a worker of
+    2 CPUs on each. Yields (its process, its node id, the head's GCS address); stopped
+    afterwards if the test has not killed it."""
+    with joined_node(cluster_head, 2, tmp_path / "spot.log") as (pid, node):
+        yield pid, node, cluster_head.gcs_address
 
 
 DEADLINE_S = 20  # the notice's lead: Ray's watcher polls drains every 5 s
