@@ -525,16 +525,16 @@ def _run_ray(spec: JobSpec) -> Any:
     from orchestrator.publish.finished import publish_finished_job
     from orchestrator.runtime import raise_on_sigterm
     from orchestrator.tracking.runs import mark_job_run
-    from orchestrator.tracking.tracker import load_mlflow
 
     startup_clock.mark("cluster check and lease")
-    load_mlflow()  # now, not inside the SIGTERM handler below, where every second counts
+    sweeping = None
     if spec.tracking.enabled:  # runs of this experiment whose job died unseen: close them
-        from orchestrator.tracking.liveness import sweep_experiment
+        from orchestrator.tracking.liveness import sweep_in_background
+        from orchestrator.tracking.tracker import set_http_defaults
 
-        startup_clock.mark("mlflow import")
-        sweep_experiment(spec.tracking.experiment)
-        startup_clock.mark("liveness sweep")
+        set_http_defaults()
+        # it imports MLflow too: now, not inside the SIGTERM handler below
+        sweeping = sweep_in_background(spec.tracking.experiment, starting_job=spec.name)
     # `ray job stop`, a preempted head node: Ray's fit() aborts in order on KeyboardInterrupt.
     # The loop runs in Ray's worker threads, which never see the signal, so the run is marked
     # here, first: Ray SIGKILLs the driver RAY_JOB_STOP_WAIT_TIME_S after the SIGTERM (3 s
@@ -549,6 +549,8 @@ def _run_ray(spec: JobSpec) -> Any:
     raise_on_sigterm(KeyboardInterrupt, first=mark_killed)
     try:
         result = fit_on_ray(spec)
+        if sweeping is not None:
+            sweeping.join()
     except KeyboardInterrupt:
         mark_killed()  # Ctrl-C; after SIGTERM the handler has marked it already
         print(f"job {spec.name} stopped; resubmit the same name to resume", file=sys.stderr)

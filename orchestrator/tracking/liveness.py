@@ -166,9 +166,11 @@ def sweep(
     confirm_s: float = CONFIRM_S,
     jobs: RayJobs | None = None,
     now: float | None = None,
+    skip_job: str | None = None,
 ) -> list[tuple[str, str]]:
     """Mark FAILED (or KILLED) every RUNNING run of this project in the experiments whose job
-    is gone; returns (run id, reason) of each. `now` defaults to the tracking server's time."""
+    is gone; returns (run id, reason) of each. `now` defaults to the tracking server's time.
+    `skip_job`: a job starting now, whose rank 0 continues (or replaces) its own runs."""
     if not experiment_ids:
         return []
     now = server_time() if now is None else now
@@ -177,8 +179,8 @@ def sweep(
     )
     marked = []
     for run in runs:
-        if JOB_TAG not in run.data.tags:
-            continue  # not one of ours
+        if JOB_TAG not in run.data.tags or run.data.tags[JOB_TAG] == skip_job:
+            continue  # not one of ours, or the starting job's own
         verdict = _why_dead(run, now, stale_s, confirm_s, jobs)
         if verdict is None:
             continue
@@ -207,7 +209,23 @@ def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
 
 
-def sweep_experiment(name: str) -> list[tuple[str, str]]:
+def sweep_in_background(experiment: str, starting_job: str) -> threading.Thread:
+    """`sweep_experiment` beside a job's start instead of before it: bookkeeping (MLflow's
+    import and a search, seconds on a busy server) off the path to the first step. The
+    starting job's own runs are skipped: its rank 0 continues the newest, and a sweep racing
+    it could mark a run that is training again. Join the thread before the process ends."""
+    thread = threading.Thread(
+        target=sweep_experiment,
+        args=(experiment,),
+        kwargs={"skip_job": starting_job},
+        name="liveness-sweep",
+        daemon=True,
+    )
+    thread.start()
+    return thread
+
+
+def sweep_experiment(name: str, skip_job: str | None = None) -> list[tuple[str, str]]:
     """`sweep` one experiment by name, with Ray's job states where a job server answers. Never
     raises: a job's start must not fail on bookkeeping."""
     if not os.environ.get("MLFLOW_TRACKING_URI"):
@@ -217,7 +235,9 @@ def sweep_experiment(name: str) -> list[tuple[str, str]]:
 
         client = MlflowClient()
         exp = client.get_experiment_by_name(name)
-        return sweep(client, [exp.experiment_id], jobs=ray_job_states()) if exp else []
+        if exp is None:
+            return []
+        return sweep(client, [exp.experiment_id], jobs=ray_job_states(), skip_job=skip_job)
     except Exception as err:  # noqa: BLE001
         from orchestrator.tracking.redaction import scrub
 

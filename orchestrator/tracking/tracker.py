@@ -470,11 +470,17 @@ def start_tracker(
     return NullTracker()
 
 
+def set_http_defaults() -> None:
+    """Our MLflow client settings (HTTP_DEFAULTS), where the user set none: before MLflow's
+    first import, in the main thread (a thread changing os.environ races readers of it)."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def load_mlflow() -> None:
     """Import MLflow's client and set our HTTP defaults (short timeouts, one retry) now, where
     tracking is on: the first import takes seconds, too long to pay inside a signal handler."""
-    for key, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    set_http_defaults()
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         return
     try:

@@ -1,0 +1,74 @@
+"""The path from submit to the first step: the start-up clock's lines, and the liveness sweep
+that runs beside Ray Train's start instead of before it (issue 31)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import pytest
+
+from orchestrator import startup_clock
+from orchestrator.stack import Stack
+from orchestrator.tracking import liveness
+from orchestrator.tracking.tags import HEARTBEAT_TAG, JOB_TAG, STALE_SEEN_TAG
+
+
+def test_the_clock_says_each_phase_once_with_its_absolute_start() -> None:
+    startup_clock.start(at=time.time() - 1.0)
+    startup_clock.mark("imports")
+    time.sleep(0.05)
+    startup_clock.mark("pre-flight")
+    line = startup_clock.line("the driver")
+    head, phases = line.split("; ", 1)
+    assert head.startswith("startup of the driver: t0=")
+    assert abs(float(head.split("t0=")[1]) - (time.time() - 1.05)) < 0.5
+    names = [part.rsplit(" ", 2)[0] for part in phases.split(" = ")[0].split(", ")]
+    assert names == ["imports", "pre-flight"]
+    assert float(phases.split(", ")[0].split()[1]) >= 0.99  # imports: since the start given
+    assert startup_clock.line("the driver") == "" and startup_clock.said()
+    startup_clock.mark("later")  # ignored: the start-up is over
+    startup_clock.start()
+    assert startup_clock.line("x") == ""  # nothing marked since the new start
+
+
+def test_only_rank_0_says_its_first_step_and_every_rank_stops_marking(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="orchestrator.train")
+    startup_clock.start()
+    startup_clock.mark("first batch")
+    startup_clock.first_step(say=False)
+    assert startup_clock.said() and not caplog.records
+    startup_clock.start()
+    startup_clock.mark("first batch")
+    startup_clock.first_step(say=True)
+    startup_clock.first_step(say=True)
+    (record,) = caplog.records
+    assert record.getMessage().startswith("startup of rank 0: t0=")
+    assert ", first step " in record.getMessage()
+
+
+def _stale_run(client: object, exp: str, job: str) -> str:
+    tags = {JOB_TAG: job, HEARTBEAT_TAG: str(int(time.time() - 3600))}
+    return client.create_run(exp, tags=tags, run_name=job).info.run_id  # type: ignore[attr-defined]
+
+
+def test_the_background_sweep_leaves_the_starting_jobs_own_runs_to_it(stack: Stack) -> None:
+    """Beside a job's start the sweep still notes other jobs' silent runs, but never the
+    starting job's own: its rank 0 is about to continue one of them."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    name = f"startup-sweep-{uuid.uuid4().hex[:8]}"
+    exp = client.create_experiment(name)
+    own = _stale_run(client, exp, "starting-job")
+    other = _stale_run(client, exp, "another-job")
+    thread = liveness.sweep_in_background(name, starting_job="starting-job")
+    assert thread.daemon and thread.name == "liveness-sweep"
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert STALE_SEEN_TAG in client.get_run(other).data.tags
+    assert STALE_SEEN_TAG not in client.get_run(own).data.tags
+    assert client.get_run(own).info.status == "RUNNING"
