@@ -154,7 +154,7 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     capsys.readouterr()
     try:
         sys.argv = [module or str(path), *args[(2 if module else 1) :]]
-        sys.path.insert(0, str(ROOT / "jobs") if path else str(ROOT))  # as python puts it
+        sys.path.insert(0, str(Path(path).parent) if path else str(ROOT))  # as python does
         os.chdir(ROOT)
         with warnings.catch_warnings():
             # a module run as __main__ that this process has imported already (its tests did)
