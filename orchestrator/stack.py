@@ -254,6 +254,9 @@ class Stack:
             # UI's telemetry requests "disabled" and drops what its page would send
             MLFLOW_DISABLE_TELEMETRY="true",
             DO_NOT_TRACK="true",
+            # no job queue: it serves GenAI features the project does not use, and starts six
+            # more processes (~230 MB each) that slow every start on a small machine
+            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
             # the app: MLflow's basic-auth app whose page opens on model training
             # (orchestrator.stack_mlflow), found through an entry point on this path
             PYTHONPATH=os.pathsep.join(
@@ -362,7 +365,9 @@ class Stack:
             proc = subprocess.Popen(
                 cmd,
                 env=env,
-                cwd=REPO_ROOT,
+                # Ray runs `ray job submit`'s entrypoints (python jobs/...) from its own folder;
+                # the others run in the state folder, which outlives any checkout
+                cwd=REPO_ROOT if service == "ray" else self.dir,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
