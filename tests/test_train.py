@@ -59,27 +59,34 @@ def _local(tmp_path: Path, name: str, *overrides: str) -> str:
     )
 
 
+ACCUMULATION = ["scaling.global_batch=16", "scaling.micro_batch=8", "schedule.max_iters=3"]
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """2 DDP workers x 1 micro-batch of 8: the final weights both accumulation tests compare
+    with (DeepSpeed's 2 workers train bit-identically to DDP's; tests/test_fault_tolerance's
+    ZeRO tests hold DeepSpeed's 2-worker runs to the same DDP weights)."""
+    storage = tmp_path_factory.mktemp("two-workers")
+    _local(storage, "two", *ACCUMULATION, "checkpoint.every_iters=3", "scaling.num_workers=2")
+    return _final_state(storage, "two")["strategy"]["model"]
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
-def test_accumulation_matches_more_workers(tmp_path: Path, strategy: str) -> None:
+def test_accumulation_matches_more_workers(
+    tmp_path: Path, strategy: str, two_workers: dict[str, torch.Tensor]
+) -> None:
     """1 worker x 2 micro-batches of 8 == 2 workers x 1 micro-batch of 8 (same global batch 16).
     The synthetic source gives every rank the same batch, so both see the same 16 samples."""
-    common = [
-        "scaling.global_batch=16",
-        "scaling.micro_batch=8",
-        "schedule.max_iters=3",
-        "checkpoint.every_iters=1",
-        f"scaling.strategy={strategy}",
-    ]
-    _local(tmp_path, "one", *common, "scaling.num_workers=1")
-    _local(tmp_path, "two", *common, "scaling.num_workers=2")
+    one_worker = ["scaling.num_workers=1", "checkpoint.every_iters=1"]
+    _local(tmp_path, "one", *ACCUMULATION, *one_worker, f"scaling.strategy={strategy}")
     one = _final_state(tmp_path, "one")["strategy"]["model"]
-    two = _final_state(tmp_path, "two")["strategy"]["model"]
-    assert one.keys() == two.keys()
+    assert one.keys() == two_workers.keys()
     for key in one:
         # BN running statistics are updated once per micro-batch, so accumulation moves them
         # twice per step where two workers move them once: only the weights must agree
         if one[key].is_floating_point() and "running_" not in key:
-            torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5, msg=key)
+            torch.testing.assert_close(one[key], two_workers[key], rtol=1e-4, atol=1e-5, msg=key)
     # equal weights prove nothing if nothing trained: the last step must have moved them
     before = torch.load(
         tmp_path / "one" / "checkpoints" / "step-00000002" / "trainer.pt", weights_only=True
