@@ -368,7 +368,8 @@ def check_mean_image(spec: JobSpec, manifest: dict[str, Any]) -> str:
         raise _Refused(
             f"data.normalize=per_pixel_mean: {err}. Fix: set data.normalize=per_channel (the "
             "manifest's per-channel mean and std), or reconvert the dataset with "
-            "datasets/cifar10.py or datasets/imagenet.py, which store its mean image"
+            "datasets/cifar10.py or datasets/imagenet.py, which store its mean image (shards "
+            "other tools wrote: datasets/index_shards.py --mean-image, no reconversion)"
         ) from None
     shape = manifest["mean_image"].get("shape") or []
     return f", mean image {'x'.join(str(n) for n in shape)}"

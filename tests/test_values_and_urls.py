@@ -305,3 +305,19 @@ def test_free_tags_land_on_the_jobs_mlflow_run(stack: Any) -> None:
     assert tracker.run_id
     tags = MlflowClient().get_run(tracker.run_id).data.tags
     assert tags["team"] == "vision" and tags["orchestrator.job"] == spec.name
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--checkpoint-url", "gs://bucket/job/checkpoints"], "--checkpoint-url"),
+        (["--checkpoint-url", "https://host/job/checkpoints"], "--checkpoint-url"),
+        (["--runs", "abc", "--data-url", "az://container/data"], "--data-url"),
+    ],
+)
+def test_the_ensemble_refuses_urls_it_cannot_read(argv: list[str], words: str) -> None:
+    from orchestrator.ensemble_eval.config import parse_args
+
+    with pytest.raises(UnsupportedURL, match=words):
+        parse_args(argv)
+    parse_args(["--checkpoint-url", "s3://bucket/job/checkpoints", "--data-url", "https://h/d"])

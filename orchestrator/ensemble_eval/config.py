@@ -14,6 +14,7 @@ from orchestrator.checkpoint_refs import WHICH, CheckpointRefError, check_which,
 from orchestrator.errors import UsageError
 from orchestrator.evaluation import PAPER_SCALES, PROTOCOLS, check_protocol, check_scales
 from orchestrator.spec import EvalConfig
+from orchestrator.storage import check_url
 
 CHECKPOINT_CHOICES = WHICH  # best, last: one word for the newest everywhere
 # the flags that select members: any of them replaces a job file's whole selection
@@ -74,6 +75,10 @@ class EnsembleConfig:
                 "no members: select them with --runs, --experiment [--ranked], --model or "
                 "--checkpoint-url"
             )
+        if self.data_url:
+            check_url(self.data_url, "--data-url", write=False)
+        for url in self.checkpoint_urls:  # read through open_storage: no http client there
+            check_url(url, "--checkpoint-url", write=False, http=False)
         if self.filter and not self.experiment:
             raise EnsembleError("--filter needs --experiment (the experiment to search)")
         if self.ranked and not self.experiment:

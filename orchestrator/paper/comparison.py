@@ -112,8 +112,9 @@ Points = Sequence[tuple[int, float]]  # (step, value) of a metric's history
 def training_rows(
     ref: PaperResult | None, val_top1: Points, val_top5: Points
 ) -> tuple[list[TrainingRow], dict[str, float]]:
-    """The rows of a training run's comparison, and its metrics `achieved/*`, `paper/*` and
-    `gap/*` (percent); the validation histories hold fractions."""
+    """The rows of a training run's comparison, and its figures by name (`achieved/*`,
+    `paper/*`, `gap/*`, percent: the tables' values, no longer logged as metrics); the
+    validation histories hold fractions."""
     rows, metrics = [], {}
     for (name, key), val in zip(ERRORS, (val_top1, val_top5)):
         paper = getattr(ref, key) if ref is not None else None

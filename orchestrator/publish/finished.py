@@ -2,11 +2,11 @@
 
 `publish_finished_job(spec)` registers the job's best and last committed checkpoints as MLflow
 models (orchestrator.publish.register: aliases `best` and `last`) and writes the paper report
-of its run (orchestrator.tracking.run_report: `paper/*`, `achieved/*`, `gap/*` metrics,
-`paper/comparison.{md,csv}`, `plots/*.png`). Its callers: launch.run_ray after fit_on_ray,
-launch.run_local on rank 0 after the process group is destroyed, and a study's driver as Tune
-ends each trial (study.run.FollowUps). It runs on the driver's CPU, after the workers (and
-their GPUs) are released: the worker's tracker only logs and closes the run.
+of its run (orchestrator.tracking.run_report: the comparison with the paper as tables,
+`paper/comparison.{md,csv}`, not metrics; `plots/*.png`). Its callers: launch.run_ray after
+fit_on_ray, launch.run_local on rank 0 after the process group is destroyed, and a study's
+driver as Tune ends each trial (study.run.FollowUps). It runs on the driver's CPU, after the
+workers (and their GPUs) are released: the worker's tracker only logs and closes the run.
 
 Nothing here raises for server trouble: each part is warned about and the other still runs
 (registration retries and its run tag are publish_run_models'). Running it again for the same

@@ -58,7 +58,7 @@ STUDY_FINGERPRINT_TAG = "study.fingerprint"  # on the parent run: digest of its 
 ENSEMBLE_TAG = "orchestrator.ensemble"  # "parent" or "member": an evaluation's run, not training
 MEMBERS_TAG = "orchestrator.members"  # on the parent: the members' labels
 PROTOCOL_TAG = "protocol"  # the evaluation protocol, e.g. "multiscale"
-CHECKPOINT_CHOICE_TAG = "checkpoint"  # which checkpoint of each run: "best" or "latest"
+CHECKPOINT_CHOICE_TAG = "checkpoint"  # which checkpoint of each run: "best" or "last"
 SELECTED_BY_TAG = "selected_by"  # on a member: how its checkpoint was chosen
 SOURCE_RUN_TAG = "source_run_id"  # on a member: the training run it came from
 
