@@ -132,16 +132,17 @@ def mean_image(
     paths = [str(s.source) for s in chosen]
     chunks = [paths[i : i + 256] for i in range(0, len(paths), 256)]
     total = view.zeros()
-    used = 0
+    used = tried_all = 0
     bar = progress(len(paths), "mean image")
     workers = args.workers
     with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         for part, n, tried in pool.imap_unordered(view, chunks) if pool else map(view, chunks):
             total += part
             used += n
+            tried_all += tried
             bar.update(tried)
     bar.close()
-    check_used(used, len(chosen), len(chosen), len(train), args.mean_min_samples)
+    check_used(used, tried_all, len(chosen), len(train), args.mean_min_samples)
     log(f"mean image: {used} of {len(chosen)} chosen train images ({len(train)} in the split)")
     return total / used, info(view, used, len(chosen), len(train), args.seed)
 

@@ -542,14 +542,14 @@ def _run_ray(spec: JobSpec) -> Any:
     marked: list[bool] = []
 
     def mark_killed() -> None:
-        if not marked:
+        if spec.tracking.enabled and not marked:
             marked.append(True)
             mark_job_run(spec.tracking.experiment, spec.name, "KILLED")
 
     raise_on_sigterm(KeyboardInterrupt, first=mark_killed)
     try:
         result = fit_on_ray(spec)
-        if sweeping is not None:
+        if sweeping is not None:  # on a failure it is left: a later sweep redoes what it left
             sweeping.join()
     except KeyboardInterrupt:
         mark_killed()  # Ctrl-C; after SIGTERM the handler has marked it already
@@ -557,7 +557,8 @@ def _run_ray(spec: JobSpec) -> Any:
         raise SystemExit(143) from None
     except JobFailed as err:
         print(str(err), file=sys.stderr)
-        mark_job_run(spec.tracking.experiment, spec.name, "FAILED", error=err.error)
+        if spec.tracking.enabled:
+            mark_job_run(spec.tracking.experiment, spec.name, "FAILED", error=err.error)
         raise SystemExit(1) from None
     print(f"job {spec.name} finished; checkpoints under {spec_checkpoints_url(spec)}")
     try:  # the worker group is released: the driver registers the models, on its CPU

@@ -88,6 +88,7 @@ FIELDS: dict[str, str] = {
     "tracking": FREE,
     "eval": RECIPE,  # the protocol: what val/* means
     "eval.at_end": FREE,  # when, not what
+    "eval.every_iters": FREE,
     "eval.batch_size": FREE,
 }
 

@@ -258,9 +258,16 @@ class Stack:
             # more processes (~230 MB each) that slow every start on a small machine
             MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
             # the app: MLflow's basic-auth app whose page opens on model training
-            # (orchestrator.stack_mlflow), found through an entry point on this path
+            # (orchestrator.stack_mlflow), found through an entry point on this path; the
+            # checkout too, as the server no longer runs in it (an uninstalled checkout)
             PYTHONPATH=os.pathsep.join(
-                p for p in (str(app_plugin(self.dir / "mlflow-app")), env.get("PYTHONPATH")) if p
+                p
+                for p in (
+                    str(app_plugin(self.dir / "mlflow-app")),
+                    str(REPO_ROOT),
+                    env.get("PYTHONPATH"),
+                )
+                if p
             ),
         )
         return [

@@ -132,3 +132,16 @@ def test_a_resubmission_names_the_finished_trials_whose_settings_changed() -> No
     assert changed_since(results, jobs[1:]) == ["s-cifar_plain20-s0 (optim.lr 0.1 -> 0.2)"]
     same = [TrialResult(t, "r", "FINISHED", params=redact(t.spec.flat())) for t in before]
     assert changed_since(same, jobs) == []
+
+
+def test_a_tracked_study_without_a_tracking_uri_is_refused_before_any_trial(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused once, by the study (exit 2), not by each trial's pre-flight; and overrides may
+    follow a flag, as on a job's command line."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    argv = ["study.cells=cifar_resnet20", "--local", "optim.lr=0.2"]
+    code = main(load_study("cifar10_table6"), argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "needs MLFLOW_TRACKING_URI" in err and "tracking.enabled=false" in err, err

@@ -120,6 +120,7 @@ def test_free_tags_are_set_by_key() -> None:
         ("tracking.tags.mlflow.runName=x", ["writes 'mlflow.runName' itself"]),
         ('tracking.tags={"orchestrator.job": "y"}', ["tracking.tags.orchestrator.job"]),
         ("tracking.tags.a!b=x", ["letters, digits"]),
+        ("tracking.tags.resume/optim.lr=x", ["resume/"]),  # what --allow-change records
         (f"tracking.tags.k={'v' * 5001}", ["at most 5000 characters"]),
     ],
 )

@@ -27,6 +27,7 @@ from orchestrator.job_lease import study_lease
 from orchestrator.spec import SpecError
 from orchestrator.study.grid import Study, Trial, apply_study_overrides
 from orchestrator.tracking.redaction import scrub
+from orchestrator.tracking.uri import tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def parse_args(argv: list[str], study: Study | None = None) -> argparse.Namespac
         action="store_true",
         help="take the study's lease from a driver you know is dead (before it expires)",
     )
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may follow a flag, as on a job
 
 
 def _keys_help(study: Study) -> str:
@@ -73,6 +74,8 @@ def _main(study: Study, argv: list[str]) -> int:
     fingerprint = study.fingerprint()
     if args.dry_run:
         return dry_run(study, trials)
+    if study.base.tracking.enabled:  # refused before any trial, not in each trial's pre-flight
+        tracking_uri(f"study {study.name}", "or set tracking.enabled=false")
     local = args.local or os.environ.get("ORCH_LOCAL") == "1"
     if not local:  # connected first, so that the lease names the study's Ray job and cluster
         import ray
@@ -116,8 +119,8 @@ def _run(study: Study, trials: list[Trial], fingerprint: str, local: bool) -> in
 
 
 def _mlflow_client(study: Study) -> Any:
-    if not (study.base.tracking.enabled and os.environ.get("MLFLOW_TRACKING_URI")):
-        print("MLflow: tracking off (no MLFLOW_TRACKING_URI): no parent run, no study table")
+    if not study.base.tracking.enabled:  # with it on, _main checked MLFLOW_TRACKING_URI
+        print("MLflow: tracking off (tracking.enabled=false): no parent run, no study table")
         return None
     from orchestrator.tracking.tracker import load_mlflow
 

@@ -65,7 +65,8 @@ SOURCE_RUN_TAG = "source_run_id"  # on a member: the training run it came from
 # Free tags a user puts on a job's run (tracking.tags.KEY=VALUE): never a name above, nor in
 # MLflow's or the project's own namespaces, so a user tag cannot hide or fake one the project
 # reads back. MLflow's limits: a key of at most 250 characters, a value of at most 5000.
-RESERVED_TAG_PREFIXES = ("mlflow.", "orchestrator.")
+RESUME_PREFIX = "resume/"  # tags (and artifacts) of the recipe changes a resubmission made
+RESERVED_TAG_PREFIXES = ("mlflow.", "orchestrator.", RESUME_PREFIX)
 TAG_KEY_MAX, TAG_VALUE_MAX = 250, 5000
 
 

@@ -60,6 +60,7 @@ from orchestrator.tracking.tags import (
     MANIFEST_TAG,
     MLFLOW_GIT_COMMIT_TAG,
     PARAMS_CHANGED_TAG,
+    RESUME_PREFIX,
 )
 
 log = logging.getLogger(__name__)
@@ -490,9 +491,6 @@ def load_mlflow() -> None:
 
 
 # ----------------------------------------------------------------------------- the driver's
-
-
-RESUME_PREFIX = "resume/"  # tags and artifacts of the recipe changes a resubmission made
 
 
 def job_run_url(spec: JobSpec) -> str | None:
