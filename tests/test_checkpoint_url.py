@@ -125,3 +125,15 @@ def test_fig_7_of_checkpoint_urls_needs_no_mlflow(
     assert sorted(p.name for p in no_mlflow.iterdir()) == ["fig7"]
     assert responses_main(["--images", "8"]) == 2
     assert "--run RUN_ID) or --checkpoint-url URL" in capsys.readouterr().err
+
+
+def test_a_folders_best_is_by_the_jobs_own_best_metric(tmp_path: Path) -> None:
+    """The marker records the job's spec: a job that chose val/top5_err keeps its choice."""
+    spec = apply_overrides(
+        load_job_spec("smoke"), ["checkpoint.best_metric=val/top5_err", "tracking.enabled=false"]
+    )
+    store = CheckpointStore(f"{tmp_path}/c/checkpoints")
+    for step, (top1, top5) in {1: (0.4, 0.3), 2: (0.5, 0.1)}.items():
+        store.write(step, "trainer.pt", {"spec": spec.to_dict()})
+        store.commit(step, {"val/top1_err": top1, "val/top5_err": top5}, spec=spec.to_dict())
+    assert url_checkpoint(f"{tmp_path}/c/checkpoints", "best").step == 2  # top-1 would say 1

@@ -96,9 +96,12 @@ def url_checkpoint(url: str, which: str = "best") -> UrlCheckpoint:
             f"{what}: no committed checkpoint there; name a job's .../checkpoints folder or "
             "one of its step-NNNNNNNN folders"
         )
-    metric = CheckpointConfig().best_metric
-    best = best_checkpoint(found, metric) if check_which(which) == "best" else None
-    if check_which(which) == "best" and best is None:
+    # the job's own best_metric, as its marker records its spec (older markers: the default)
+    recorded = (found[-1].spec or {}).get("checkpoint", {})
+    metric = recorded.get("best_metric") or CheckpointConfig().best_metric
+    choice = check_which(which)
+    best = best_checkpoint(found, metric) if choice == "best" else None
+    if choice == "best" and best is None:
         raise CheckpointRefError(
             f"{what}: no committed checkpoint has {metric!r} in its marker (was validation "
             "on?); use --checkpoint last"
