@@ -13,12 +13,10 @@ from orchestrator.checkpoint_refs import WHICH, CheckpointRefError, check_which
 from orchestrator.ensemble_eval.config import EnsembleConfig, parse_args
 from orchestrator.paper.layer_responses import build_parser as layer_responses_parser
 from orchestrator.publish.__main__ import build_parser as publish_parser
-from orchestrator.publish.register import ALIAS_OF
 
 
 def test_last_is_the_word_and_latest_is_refused_naming_it() -> None:
     assert WHICH == ("best", "last")
-    assert ALIAS_OF["last"] == "last"  # the --checkpoint word is the registered alias
     assert [check_which(w) for w in WHICH] == ["best", "last"]
     with pytest.raises(CheckpointRefError, match="checkpoint 'latest': say 'last'"):
         check_which("latest")

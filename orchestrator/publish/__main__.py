@@ -22,7 +22,7 @@ from typing import Any
 from orchestrator.checkpoint_refs import which_arg
 from orchestrator.cli import run_cli
 from orchestrator.errors import UsageError
-from orchestrator.publish.register import ALIAS_OF, publish_checkpoint, read_checkpoint
+from orchestrator.publish.register import publish_checkpoint, read_checkpoint
 from orchestrator.publish.torchvision_export import export_torchvision
 from orchestrator.storage import check_url
 from orchestrator.tracking.redaction import scrub
@@ -125,7 +125,7 @@ def _main(argv: list[str]) -> int:
         url,
         job,
         run_id=args.run,
-        aliases=args.alias or [ALIAS_OF[args.checkpoint]],
+        aliases=args.alias or [args.checkpoint],  # the word is the registered alias
         copy_weights=args.copy_weights,
         tags={JOB_TAG: job},
         metric=metric,

@@ -57,8 +57,6 @@ log = logging.getLogger(__name__)
 
 # MLflow reserves the alias `latest` (models:/NAME/latest is the newest version): the last
 # committed checkpoint is `last`, in --checkpoint as in the alias (orchestrator.checkpoint_refs)
-ALIAS_OF = {"best": "best", "last": "last"}  # --checkpoint choice -> alias
-ALIASES = tuple(ALIAS_OF.values())
 MODEL_VERSION_TAG_OF = {"best": BEST_MODEL_VERSION_TAG, "last": LAST_MODEL_VERSION_TAG}
 # registry answers that a retry would only repeat
 FINAL_ERRORS = {"INVALID_PARAMETER_VALUE", "PERMISSION_DENIED", "UNAUTHENTICATED"}

@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -133,28 +132,25 @@ class FollowUps:
         )
         self.pending: dict[str, Future[dict[str, float]]] = {}
         self.started: dict[str, float] = {}  # job -> when Tune started its trial (Unix time)
-        self.lock: threading.Lock | None = threading.Lock()
+        # no lock: Tune calls its callbacks, and run_on_tune calls wait, on the driver's thread
 
     def __getstate__(self) -> dict[str, Any]:
         """Tune pickles its callbacks with its state: the copy is inert (a restored Tuner's
         trials get their follow-ups from run_on_tune after fit)."""
-        return {"pool": None, "pending": {}, "started": {}, "lock": None}
+        return {"pool": None, "pending": {}, "started": {}}
 
     def start(self, config: dict[str, Any], result: dict[str, Any] | None) -> None:
         if self.pool is None or not config or (result or {}).get("skipped"):
             return  # an inert copy, no spec, or finished before: published then
         spec = from_dict(JobSpec, config["spec"])
-        with self.lock or threading.Lock():
-            if spec.name not in self.pending:
-                self.pending[spec.name] = self.pool.submit(follow_up, spec)
+        if spec.name not in self.pending:
+            self.pending[spec.name] = self.pool.submit(follow_up, spec)
 
     def wait(self) -> tuple[dict[str, dict[str, float]], float]:
         """Each job's follow-up seconds by phase, and how long this waited for them."""
         t0 = time.perf_counter()
-        with self.lock or threading.Lock():
-            pending = dict(self.pending)
         done = {}
-        for job, future in pending.items():
+        for job, future in self.pending.items():
             try:
                 done[job] = future.result()
             except Exception as err:  # noqa: BLE001 - follow_up warns; this is a bug's net
