@@ -91,6 +91,14 @@ def test_stack_config(state_dir: Path | None = None, **settings: object) -> Stac
 test_stack_config.__test__ = False  # a helper, not a test
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Ray reads its auth mode once per process, when it is first imported: a test module that
+    imports Ray at collection, before the stack fixture sets the client variables, would leave
+    this process unable to talk to the test stack's Ray (token auth). Set them first."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(Stack(test_stack_config()).ray_token_path))
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     """The running test stack; its client variables are set in os.environ for the session."""

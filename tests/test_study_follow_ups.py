@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import pytest
-from ray import cloudpickle
 
 from orchestrator.study import run
 from orchestrator.study.grid import Study, grid
@@ -55,6 +54,8 @@ def test_tunes_pickled_callback_is_inert() -> None:
     """Tune writes its callbacks into its experiment state: the pool must not go with them, and
     a restored copy starts nothing (run_on_tune starts a restored Tuner's follow-ups)."""
     follow_ups = run.FollowUps(1)
+    from ray import cloudpickle  # here, not at collection: see conftest's pytest_configure
+
     copy = pickle.loads(cloudpickle.dumps(follow_ups.tune_callback()))
     restored = pickle.loads(cloudpickle.dumps(follow_ups))
     restored.start(a_config(), {"skipped": 0})

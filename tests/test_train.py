@@ -47,7 +47,7 @@ def _final_state(storage: Path, name: str) -> dict:
     return torch.load(io.BytesIO((steps[-1] / "trainer.pt").read_bytes()), weights_only=True)
 
 
-def _local(tmp_path: Path, name: str, *overrides: str) -> str:
+def _local(tmp_path: Path, name: str, *overrides: str, log_level: str = "INFO") -> str:
     return run_script(
         "jobs/smoke.py",
         "--local",
@@ -55,7 +55,7 @@ def _local(tmp_path: Path, name: str, *overrides: str) -> str:
         f"checkpoint.storage={tmp_path}",
         *TINY,
         *overrides,
-        env={"OMP_NUM_THREADS": "1"},
+        env={"OMP_NUM_THREADS": "1", "ORCH_LOG_LEVEL": log_level},
     )
 
 
@@ -152,6 +152,7 @@ def test_device_decode_paths_train(tmp_path: Path, odd_local_shards: Path, decod
         "schedule.max_iters=4",
         "tracking.log_every=1",
         "checkpoint.every_iters=4",
+        log_level="DEBUG",  # every published figure (the progress line shows a few)
     )
     state = _final_state(tmp_path, decode)
     assert state["step"] == 4
