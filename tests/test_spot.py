@@ -252,9 +252,10 @@ def spot_node(cluster_head: Stack, tmp_path: Path) -> Iterator[tuple[int, str, s
 
 
 DEADLINE_S = 20  # the notice's lead: Ray's watcher polls drains every 5 s
-# Long enough to outlast the deadline, after which training waits for the node to go: 0.15-0.3 s
-# a step with 2 workers on this 2-core box (two raylets on 2 cores); a much faster box needs more
-STEPS = 200
+# Long enough to outlast the notice and its deadline, after which training waits for the node
+# to go: 0.1-0.3 s a step with 2 workers on the 2-core box (two raylets on 2 cores); 200 steps
+# ended before the notice on a quiet CI box
+STEPS = 500
 
 
 def elapsed(since: float) -> float:

@@ -915,3 +915,24 @@ def test_tracker_stamps_a_heartbeat_until_it_finishes(stack: Stack) -> None:
     last = beat()
     time.sleep(1.6)
     assert beat() == last, "a finished run is not stamped"
+
+
+def test_a_worker_failing_after_its_job_was_stopped_leaves_the_run_killed(stack: Stack) -> None:
+    """`ray job stop`: the driver marks the run KILLED at once; a rank that then dies of the
+    teardown (its loader worker gone first) keeps it KILLED, its error noted; a run nobody
+    stopped still ends FAILED."""
+    stopped = MlflowTracker(
+        job_spec(f"track-{uid()}", f"stop-{uid()}"), {}, system_metrics_interval_s=None
+    )
+    client().set_terminated(stopped.run_id, "KILLED")  # what launch.run_ray's mark_killed does
+    stopped.finish("FAILED", error="RuntimeError: DataLoader worker (pid(s) 1) exited")
+    run = client().get_run(stopped.run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags[ERROR_TAG] == (
+        "after the job was stopped: RuntimeError: DataLoader worker (pid(s) 1) exited"
+    )
+    failed = MlflowTracker(
+        job_spec(f"track-{uid()}", f"fail-{uid()}"), {}, system_metrics_interval_s=None
+    )
+    failed.finish("FAILED", error="RuntimeError: boom")
+    assert client().get_run(failed.run_id).info.status == "FAILED"

@@ -422,6 +422,10 @@ class MlflowTracker:
             )
             if not self.opened:
                 return
+        if status == "FAILED" and self._stopped_by_its_driver():
+            # the job was stopped (`ray job stop`): its driver marked the run first, and what a
+            # worker hits as Ray tears the job down after that (a loader worker gone) is no failure
+            status, error = "KILLED", error and f"after the job was stopped: {error}"
         tags: dict[str, str] = {}
         if error:
             tags[ERROR_TAG] = error
@@ -441,6 +445,13 @@ class MlflowTracker:
                     "MLflow: could not %s for run %s: %s", what, self.run_id, scrub(err)[:500]
                 )
         self._finished = True
+
+    def _stopped_by_its_driver(self) -> bool:
+        """Whether the run is KILLED on the server already (launch.run_ray marks it at once)."""
+        try:
+            return self.client.get_run(self._open_id).info.status == "KILLED"
+        except Exception:  # noqa: BLE001 - the server is down: close the run as asked
+            return False
 
 
 def start_tracker(
