@@ -83,7 +83,7 @@ def committed_checkpoints(root: str, what: str) -> list[Committed]:
 # ---------------------------------------------------------------------------- a run's
 
 
-class _Chosen:
+class Chosen:
     """A resolved reference: its committed checkpoint's URL and step."""
 
     committed: Committed
@@ -98,7 +98,7 @@ class _Chosen:
 
 
 @dataclass(frozen=True)
-class RunCheckpoint(_Chosen):
+class RunCheckpoint(Chosen):
     """The committed checkpoint a training run's `best` or `last` means."""
 
     run_id: str
@@ -207,7 +207,7 @@ def parse_model_ref(ref: str) -> ModelRef:
 
 
 @dataclass(frozen=True)
-class VersionCheckpoint(_Chosen):
+class VersionCheckpoint(Chosen):
     """The committed checkpoint a registered model version reads its weights from."""
 
     ref: ModelRef

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.checkpoint_refs import (
     CheckpointRefError,
+    Chosen,
     RunCheckpoint,
     VersionCheckpoint,
     check_which,
@@ -49,19 +50,11 @@ class Member:
 
 
 @dataclass(frozen=True)
-class UrlCheckpoint:
+class UrlCheckpoint(Chosen):
     """A committed checkpoint named by its URL (--checkpoint-url): no MLflow run behind it."""
 
     committed: Committed
     run_id: None = None
-
-    @property
-    def url(self) -> str:
-        return self.committed.url
-
-    @property
-    def step(self) -> int:
-        return self.committed.step
 
     @property
     def what(self) -> str:
