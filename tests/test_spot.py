@@ -275,11 +275,28 @@ def _wait_for(what: str, check: Any, job: str, timeout_s: float = 300) -> Any:
     raise AssertionError(f"no {what} in {timeout_s} s:\n{chaos.logs(job)[-5000:]}")
 
 
+def _wait_for_free_cpus(cpus: int, timeout_s: float = 120) -> None:
+    """Wait until the cluster has `cpus` CPUs free: a Ray job or actor of an earlier test may
+    still hold some of the head's while it tears down."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while (free := ray.available_resources().get("CPU", 0)) < cpus:
+        assert time.monotonic() < deadline, f"{free} CPUs free, not {cpus}: {ray.nodes()}"
+        time.sleep(0.5)
+
+
+def _step_after_rank_1(logs: str, name: str, step: int) -> bool:
+    started = logs.find(f"rank 1: {name} from step")
+    return started >= 0 and re.search(rf"\bstep {step} of ", logs[started:]) is not None
+
+
 @pytest.mark.slow
 def test_a_drained_node_commits_the_step_in_progress_and_the_job_resumes_there(
     spot_node: tuple[int, str, str], smoke_dataset: str
 ) -> None:
     node_pid, node, gcs = spot_node
+    _wait_for_free_cpus(4)  # else the elastic group starts with one worker and the drain finds one
     name, experiment = f"spot-{uuid.uuid4().hex[:6]}", f"spot-{uuid.uuid4().hex[:6]}"
     job = chaos.submit(
         [
@@ -293,7 +310,9 @@ def test_a_drained_node_commits_the_step_in_progress_and_the_job_resumes_there(
         ]
     )  # fmt: skip
     st = chaos.store("s3://resnet/runs", name)
-    _wait_for("step 3", lambda: re.search(r"\bstep 3 of ", chaos.logs(job)), job)
+    # both workers up (rank 1's start line), then three steps taken by that group
+    _wait_for("rank 1", lambda: re.search(rf"rank 1: {name} from step", chaos.logs(job)), job)
+    _wait_for("step 3", lambda: _step_after_rank_1(chaos.logs(job), name, 3), job)
     assert "world sizes 1..2 (elastic)" in chaos.logs(job)  # the pre-flight listed them
     assert st.latest() is None  # every_iters=0: nothing committed before the notice
     drained_at = time.monotonic()
