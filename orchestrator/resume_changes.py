@@ -190,6 +190,18 @@ def refusals(
 
 def _allow_problem(field: str, changes: Sequence[Change], fields: Iterable[str]) -> str | None:
     """Why --allow-change `field` is refused, or None."""
+    problem = allow_field_problem(field, fields)
+    if problem is None and field not in {c.field for c in changes}:
+        return (
+            f"--allow-change {field}: {field} did not change since the checkpoint; drop it "
+            "from --allow-change"
+        )
+    return problem
+
+
+def allow_field_problem(field: str, fields: Iterable[str]) -> str | None:
+    """Why --allow-change `field` can never apply (not a field, or not a recipe field), or
+    None; whether it changed is the checkpoint's question."""
     known = set(fields)
     flag = f"--allow-change {field}"
     if field not in known:
@@ -205,6 +217,4 @@ def _allow_problem(field: str, changes: Sequence[Change], fields: Iterable[str])
         )
     if kind == FREE:
         return f"{flag}: {field} does not change the experiment, so it needs none; drop it"
-    if field not in {c.field for c in changes}:
-        return f"{flag}: {field} did not change since the checkpoint; drop it from --allow-change"
     return None

@@ -25,6 +25,7 @@ from typing import Any
 from orchestrator.cli import job_keys_help, run_cli
 from orchestrator.job_lease import study_lease
 from orchestrator.spec import SpecError
+from orchestrator.study.allow_change import say_allowance, study_allowance, trial_allowance
 from orchestrator.study.grid import Study, Trial, apply_study_overrides
 from orchestrator.tracking.redaction import scrub
 from orchestrator.tracking.uri import tracking_uri
@@ -47,6 +48,13 @@ def parse_args(argv: list[str], study: Study | None = None) -> argparse.Namespac
         "--take-over",
         action="store_true",
         help="take the study's lease from a driver you know is dead (before it expires)",
+    )
+    parser.add_argument(
+        "--allow-change",
+        action="append",
+        metavar="FIELD[,FIELD]",
+        help="trials resuming their checkpoints may continue under these changed recipe "
+        "fields (e.g. schedule.max_iters to train the grid longer); recorded in each run",
     )
     return parser.parse_intermixed_args(argv)  # overrides may follow a flag, as on a job
 
@@ -72,8 +80,9 @@ def _main(study: Study, argv: list[str]) -> int:
     study = apply_study_overrides(study, args.overrides)
     trials = study.trials()
     fingerprint = study.fingerprint()
+    allow = study_allowance(args.allow_change, trials)  # a field that never applies: exit 2
     if args.dry_run:
-        return dry_run(study, trials)
+        return dry_run(study, trials, allow)
     if study.base.tracking.enabled:  # refused before any trial, not in each trial's pre-flight
         tracking_uri(f"study {study.name}", "or set tracking.enabled=false")
     local = args.local or os.environ.get("ORCH_LOCAL") == "1"
@@ -85,10 +94,10 @@ def _main(study: Study, argv: list[str]) -> int:
     # one driver per study (orchestrator.job_lease): a second submission of a live study is
     # refused (exit 2) before anything runs; each trial's job takes its own lease too
     with study_lease(study.base.checkpoint.storage, study.name, args.take_over):
-        return _run(study, trials, fingerprint, local)
+        return _run(study, trials, fingerprint, local, allow)
 
 
-def _run(study: Study, trials: list[Trial], fingerprint: str, local: bool) -> int:
+def _run(study: Study, trials: list[Trial], fingerprint: str, local: bool, allow: list[str]) -> int:
     client = _mlflow_client(study)
     parent = None
     if client is not None:
@@ -107,14 +116,16 @@ def _run(study: Study, trials: list[Trial], fingerprint: str, local: bool) -> in
                 file=sys.stderr,
             )
             client = None
+    if said := say_allowance(allow, trials):
+        print(said, flush=True)
     if local:
         from orchestrator.study.run import run_locally
 
-        outcomes = run_locally(trials)
+        outcomes = run_locally(trials, allow)
     else:
         from orchestrator.study.run import run_on_tune
 
-        outcomes = run_on_tune(study, trials, fingerprint)
+        outcomes = run_on_tune(study, trials, fingerprint, allow)
     return summarize(study, trials, outcomes, client, parent)
 
 
@@ -133,8 +144,9 @@ def _mlflow_client(study: Study) -> Any:
 # ---------------------------------------------------------------------------- dry run
 
 
-def dry_run(study: Study, trials: Sequence[Trial]) -> int:
-    """The grid: cells, seeds, each trial's resources and GPU-hours, and the checks."""
+def dry_run(study: Study, trials: Sequence[Trial], allow: Sequence[str] = ()) -> int:
+    """The grid: cells, seeds, each trial's resources and GPU-hours, and the checks (each
+    cell's first trial's, allowed the --allow-change fields that changed since its checkpoint)."""
     from orchestrator.paper.comparison import markdown_table
     from orchestrator.preflight import preflight
     from orchestrator.study.estimate import estimate
@@ -171,7 +183,7 @@ def dry_run(study: Study, trials: Sequence[Trial]) -> int:
             ]
         )
         try:
-            preflight(spec)
+            preflight(spec, trial_allowance(spec, allow))
         except SpecError as err:
             for problem in getattr(err, "problems", [str(err)]):
                 problems.setdefault(problem, []).append(cell.label)

@@ -18,6 +18,7 @@ FINISHED at its last iteration returns at once instead of training again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -186,7 +187,8 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
 
     from orchestrator.job_lease import job_lease
     from orchestrator.launch import JobFailed, fit_on_ray
-    from orchestrator.preflight import preflight
+    from orchestrator.preflight import ResumePlan, preflight
+    from orchestrator.study.allow_change import trial_allowance
     from orchestrator.tracking.runs import mark_job_run
 
     os.chdir(config["cwd"])  # the study's folder: relative data and storage paths
@@ -195,10 +197,12 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     if finished_before(spec):
         return {"job": spec.name, "skipped": 1, "job_wall_s": 0.0}
     t1 = time.perf_counter()
-    preflight(spec)  # a refusal fails this trial alone, with its problems as the error
+    # a refusal fails this trial alone, with its problems as the error
+    checked = preflight(spec, trial_allowance(spec, config.get("allow_change", [])))
     t2 = time.perf_counter()
     # its job's own lease: the same job submitted beside the study is refused, or refuses this
     with job_lease(spec):
+        ResumePlan.record(checked.resume, spec)  # the changes --allow-change let through
         try:
             fit_on_ray(spec, [TuneReportCallback()])
         except JobFailed as err:
@@ -236,13 +240,23 @@ def concurrency(study: Study, trials: Sequence[Trial], cluster: dict[str, float]
     return max(1, fits)
 
 
-def tune_experiment(study: Study, fingerprint: str) -> tuple[str, str, Any]:
-    """(Tune's storage_path, the experiment's name, its pyarrow filesystem or None)."""
+def tune_experiment(
+    study: Study, fingerprint: str, allow: Sequence[str] = ()
+) -> tuple[str, str, Any]:
+    """(Tune's storage_path, the experiment's name, its pyarrow filesystem or None). Each
+    --allow-change set has its own: a restored trial keeps the config it was saved with, so
+    a study refused for a changed recipe and resubmitted with --allow-change starts a new
+    Tune experiment (finished trials return at once, the others resume their checkpoints)."""
     storage, filesystem = storage_for_ray(f"{study.base.checkpoint.storage}/studies")
-    return storage, f"{study.name}-{fingerprint}", filesystem
+    name = f"{study.name}-{fingerprint}"
+    if allow:
+        name += "-allow-" + hashlib.sha256(",".join(sorted(allow)).encode()).hexdigest()[:6]
+    return storage, name, filesystem
 
 
-def run_on_tune(study: Study, trials: Sequence[Trial], fingerprint: str) -> list[Outcome]:
+def run_on_tune(
+    study: Study, trials: Sequence[Trial], fingerprint: str, allow: Sequence[str] = ()
+) -> list[Outcome]:
     import ray
 
     if not ray.is_initialized():
@@ -250,7 +264,7 @@ def run_on_tune(study: Study, trials: Sequence[Trial], fingerprint: str) -> list
     cluster = ray.cluster_resources()
     at_once = concurrency(study, trials, cluster)
     follow_ups = FollowUps(at_once)
-    tuner = _tuner(study, trials, fingerprint, at_once, follow_ups)
+    tuner = _tuner(study, trials, fingerprint, at_once, follow_ups, allow)
     print(
         f"study {study.name}: {len(trials)} trials on Ray Tune, up to {at_once} at once "
         f"({_resources_text(trials[0].spec, cluster)} each)",
@@ -286,16 +300,22 @@ def run_on_tune(study: Study, trials: Sequence[Trial], fingerprint: str) -> list
 
 
 def _tuner(
-    study: Study, trials: Sequence[Trial], fingerprint: str, at_once: int, follow_ups: FollowUps
+    study: Study,
+    trials: Sequence[Trial],
+    fingerprint: str,
+    at_once: int,
+    follow_ups: FollowUps,
+    allow: Sequence[str],
 ) -> Any:
     """A new Tuner for the grid, or the one Tune saved for it (a resubmitted study)."""
     from ray import tune
 
-    storage, name, filesystem = tune_experiment(study, fingerprint)
+    storage, name, filesystem = tune_experiment(study, fingerprint, allow)
     trainable = tune.with_resources(run_trial, TRIAL_DRIVER)
     space = {
         "spec": tune.grid_search([t.spec.to_dict() for t in trials]),
         "cwd": os.getcwd(),
+        "allow_change": list(allow),  # each trial is allowed those its checkpoint differs in
     }
     path = f"{storage}/{name}"
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
@@ -372,9 +392,12 @@ def _error_text(error: BaseException) -> str:
 # ---------------------------------------------------------------------------- --local
 
 
-def run_locally(trials: Sequence[Trial]) -> list[Outcome]:
+def run_locally(trials: Sequence[Trial], allow: Sequence[str] = ()) -> list[Outcome]:
     """One trial after another, each `python -m orchestrator.study.trial SPEC --local` (so a
-    trial of N workers runs under torchrun like any --local job)."""
+    trial of N workers runs under torchrun like any --local job), with the --allow-change
+    fields its checkpoint differs in."""
+    from orchestrator.study.allow_change import trial_allowance
+
     outcomes = []
     for trial in trials:
         if finished_before(trial.spec):
@@ -386,6 +409,7 @@ def run_locally(trials: Sequence[Trial]) -> list[Outcome]:
         print(f"trial {trial.job}: running", flush=True)
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "orchestrator.study.trial", f.name, "--local"]
+        cmd += [f"--allow-change={field}" for field in trial_allowance(trial.spec, allow)]
         proc = subprocess.run(cmd, check=False, stderr=subprocess.PIPE, text=True)
         os.unlink(f.name)
         sys.stderr.write(proc.stderr[-20_000:])
