@@ -19,6 +19,7 @@ Defaults come from cluster/local.toml, then STACK_<KEY> environment variables, t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,6 +37,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import psutil
+
 from orchestrator.cli import run_cli
 from orchestrator.stack_config import REPO_ROOT, SERVICES, StackConfig, StackError
 from orchestrator.stack_mlflow import APP_NAME, app_plugin
@@ -46,6 +49,14 @@ MLFLOW_USER = "admin"  # the local MLflow's one user; its password is in the sec
 # Ray's unix sockets live in {temp dir}/session_<date>_<time>_<pid>/sockets/plasma_store: 62
 # bytes after the temp dir, and an AF_UNIX path holds at most 107
 _RAY_DIR_MAX = 107 - 62
+
+# how long `down` lets each service stop by itself before SIGKILL. SeaweedFS writes its volume
+# index and filer store as it stops (2-12 s on the loaded 2-core box): generous. MLflow's
+# stores are SQLite (transactional: a killed server loses no committed write) and the object
+# store; its uvicorn parent, pinging a worker that died at start-up, takes a SIGTERM only after
+# the 60 s health-check timeout. Ray keeps nothing across a restart; 15 s is for a running job's
+# driver to mark its run KILLED.
+STOP_GRACE_S = {"s3": 30.0, "mlflow": 4.0, "ray": 15.0}
 
 
 # ---------------------------------------------------------------- the state folder
@@ -387,20 +398,25 @@ class Stack:
             self._wait(service, proc)
             print(f"{service}: up ({self.urls()[service]})")
 
+    def _port_free(self, port: int) -> bool:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((self.cfg.host, port))
+            except OSError:
+                return False
+            return True
+
     def _check_ports(self, service: str) -> None:
         for port, label in self.cfg.ports(service).items():
-            with socket.socket() as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    sock.bind((self.cfg.host, port))
-                except OSError:
-                    setting = label.split("setting ")[1].split()[0].rstrip(")")
-                    variable = f"STACK_{setting.upper()}"
-                    raise StackError(
-                        f"port {port} for {label} on {self.cfg.host} is already in use by another "
-                        f"process: stop it (`ss -ltnp 'sport = :{port}'` shows which), or choose "
-                        f"another port in cluster/local.toml or {variable}"
-                    ) from None
+            if not self._port_free(port):
+                setting = label.split("setting ")[1].split()[0].rstrip(")")
+                variable = f"STACK_{setting.upper()}"
+                raise StackError(
+                    f"port {port} for {label} on {self.cfg.host} is already in use by another "
+                    f"process: stop it (`ss -ltnp 'sport = :{port}'` shows which), or choose "
+                    f"another port in cluster/local.toml or {variable}"
+                )
 
     def _wait(self, service: str, proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + self.cfg.timeout_s
@@ -426,8 +442,7 @@ class Stack:
             if pid is None:
                 print(f"{service}: not running")
                 continue
-            _stop_tree(pid)
-            self._pidfile(service).unlink(missing_ok=True)
+            self._stop(service, pid)
             print(f"{service}: stopped")
         if purge and self.dir.exists():
             if self.ray_dir != self.dir / "ray":
@@ -439,8 +454,18 @@ class Stack:
         """Stop one service (fault-injection tests stop the object store mid-run)."""
         pid = self._running_pid(service)
         if pid is not None:
-            _stop_tree(pid)
-            self._pidfile(service).unlink(missing_ok=True)
+            self._stop(service, pid)
+
+    def _stop(self, service: str, pid: int) -> None:
+        """Stop the service's process tree; return once its ports are free (5 s at most): the
+        kernel lets go of a dead server's connections a moment after it exits, and an `up`
+        right after `down` would find its port taken."""
+        _stop_tree(pid, STOP_GRACE_S[service])
+        self._pidfile(service).unlink(missing_ok=True)
+        deadline = time.monotonic() + 5
+        ports = list(self.cfg.ports(service))
+        while not all(self._port_free(p) for p in ports) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def status(self, services: Sequence[str] = SERVICES) -> dict[str, str]:
         out = {}
@@ -485,26 +510,48 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def _stop_tree(pid: int, grace_s: float = 15.0) -> None:
-    """SIGTERM a process and all its descendants (Ray workers leave the group), then SIGKILL."""
-    import psutil
-
+    """Stop a process and all its descendants (Ray workers leave the group): SIGTERM to the root
+    first, so that a supervisor stops its children in its own order, then to whatever of the
+    tree is left (3 s more for those); SIGKILL for what is still there after `grace_s`."""
     try:
         root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return
-    procs = [root, *root.children(recursive=True)]
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    deadline = time.monotonic() + grace_s
+    # signalled all at once, Ray's GCS flushes its metrics to the dashboard agent stopped
+    # beside it and waits on it for 30 s and more; `ray start --block` alone stops them in ~2 s
+    _signal(root, signal.SIGTERM)
+    _wait_gone([root], deadline)
+    rest = [p for p in tree if _alive(p)]
+    for p in rest:  # what the root's stop left (a job's driver), or all where the root hung
+        _signal(p, signal.SIGTERM)
+    for p in _wait_gone(rest, max(deadline, time.monotonic() + 3)):
+        _signal(p, signal.SIGKILL)
+    _wait_gone(tree, time.monotonic() + 5)
+    with contextlib.suppress(ChildProcessError):  # started by this process: reap it
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _signal(proc: psutil.Process, sig: int) -> None:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        proc.send_signal(sig)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    """Running and not a zombie: a zombie has stopped, whether or not its parent reaped it
+    (psutil's own wait counts an unreaped one as alive, and waits out its whole timeout)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(procs: list[psutil.Process], deadline: float) -> list[psutil.Process]:
+    """Poll until none of `procs` is alive or `deadline` passes; the ones still alive."""
+    while (alive := [p for p in procs if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
 
 
 def main(argv: list[str] | None = None) -> int:
