@@ -61,7 +61,8 @@ def submit(args: list[str]) -> str:
     )
 
 
-def wait(job_id: str, timeout_s: float = 900) -> str:
+def wait(job_id: str, timeout_s: float = 900, poll_s: float = 1.0) -> str:
+    """The job's terminal status, read every `poll_s` seconds."""
     from ray.job_submission import JobStatus
 
     deadline = time.monotonic() + timeout_s
@@ -69,7 +70,7 @@ def wait(job_id: str, timeout_s: float = 900) -> str:
         status = client().get_job_status(job_id)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             return str(status)
-        time.sleep(1)
+        time.sleep(poll_s)
     raise TimeoutError(f"job {job_id} still running after {timeout_s} s")
 
 
@@ -82,8 +83,10 @@ def store(storage_url: str, name: str) -> CheckpointStore:
 
 
 def wait_for_checkpoint(
-    st: CheckpointStore, min_step: int, job_id: str, timeout_s: float = 600
+    st: CheckpointStore, min_step: int, job_id: str, timeout_s: float = 600, poll_s: float = 0.5
 ) -> int:
+    """The newest committed step once one at `min_step` or later is there, read every
+    `poll_s` seconds; raises if the job ends first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         latest = st.latest()
@@ -91,7 +94,7 @@ def wait_for_checkpoint(
             return latest.step
         if wait_status_terminal(job_id):
             raise RuntimeError(f"job ended before step {min_step}:\n{logs(job_id)[-3000:]}")
-        time.sleep(0.5)
+        time.sleep(poll_s)
     raise TimeoutError(f"no checkpoint at step >= {min_step} in {st.root}")
 
 
