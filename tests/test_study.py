@@ -1,11 +1,12 @@
 """Studies through the real local stack: `ray job submit -- python jobs/cifar10_table6.py`
-runs a small grid (2 depths x plain/residual x 2 seeds, a few steps each, generated
+runs a small grid (ResNet-20 and plain-32 x 2 seeds, a few steps each, generated
 CIFAR-layout data) on Ray Tune; one parent run with the trials nested under it; the table with
 mean +- std; a resubmitted study reruns nothing; a trial whose worker is SIGKILLed resumes; a
 trial whose spec fails stops alone and is named."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -16,6 +17,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +30,6 @@ from tests.conftest import (
     ROOT,
     STUDY_CELLS,
     load_job_spec,
-    run_script,
     submit_study,
     tiny_study_args,
 )
@@ -180,27 +181,28 @@ def test_the_estimate_honours_the_trials_precision() -> None:
 
 
 def test_small_study_through_ray_job_submit(small_study: dict) -> None:
-    """8 trials, 2 at a time on Ray Tune: all FINISHED, one parent with 8 nested runs and the
-    table; resubmitted, it reruns nothing."""
+    """4 trials (a residual and a plain cell of two depths, 2 seeds each), 2 at a time on Ray
+    Tune: all FINISHED, one parent with 4 nested runs and the table; resubmitted, it reruns
+    nothing."""
     exp, name, out = small_study["experiment"], small_study["name"], small_study["output"]
-    assert "8/8 trials finished" in out, out[-4000:]
+    assert "4/4 trials finished" in out, out[-4000:]
     assert "up to 2 at once" in out
     parent, children = parent_and_children(exp, name)
     assert parent.info.status == "FINISHED"
-    assert len(children) == 8 and {c.info.status for c in children} == {"FINISHED"}
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
     assert {c.data.tags[CELL_TAG] for c in children} == set(CELLS.split(","))
     table = artifact_text(parent.info.run_id, "study/table.md")
     assert "| cifar_resnet20 |" in table and "2/2" in table and "±" in table
     assert "8.75" in table  # Table 6's ResNet-20 beside ours
     rows = list(csv.DictReader(io.StringIO(artifact_text(parent.info.run_id, "study/table.csv"))))
-    assert len(rows) == 4 and all(r["n"] == "2" and r["final_std"] for r in rows)
+    assert len(rows) == 2 and all(r["n"] == "2" and r["final_std"] for r in rows)
     # the table's numbers are the children's: recompute one cell from its runs
     finals = [
         c.data.metrics["val/top1_err"] * 100
         for c in children
-        if c.data.tags[CELL_TAG] == "cifar_resnet32"
+        if c.data.tags[CELL_TAG] == "cifar_plain32"
     ]
-    row = next(r for r in rows if r["cell"] == "cifar_resnet32")
+    row = next(r for r in rows if r["cell"] == "cifar_plain32")
     assert float(row["final_mean"]) == pytest.approx(sum(finals) / 2, abs=1e-3)
     arts = {a.path for a in client().list_artifacts(parent.info.run_id, "study")}
     assert {"study/curves.png", "study/test_error.png", "study/table.md"} <= arts
@@ -210,9 +212,11 @@ def test_small_study_through_ray_job_submit(small_study: dict) -> None:
     assert "measured here" not in out, out[-4000:]
     for c in children:
         assert c.data.tags["layer_responses.checkpoint_url"] == c.data.tags["checkpoint_url"]
-        assert c.data.metrics["responses/layers"] in (19, 31)  # 6n+1 3x3 layers, n = 3 or 5
+    # 6n+1 3x3 layers: n = 3 for ResNet-20, 5 for plain-32
+    layers = {(c.data.tags[CELL_TAG], c.data.metrics["responses/layers"]) for c in children}
+    assert layers == {("cifar_resnet20", 19), ("cifar_plain32", 31)}
     fig7 = list(csv.DictReader(io.StringIO(artifact_text(parent.info.run_id, CSV_ARTIFACT))))
-    assert {r["label"] for r in fig7} == {"ResNet-20", "ResNet-32", "plain-20", "plain-32"}
+    assert {r["label"] for r in fig7} == {"ResNet-20", "plain-32"}
     assert {r["run_id"] for r in fig7} <= {c.info.run_id for c in children}
     assert PLOT_ARTIFACT in {a.path for a in client().list_artifacts(parent.info.run_id, "plots")}
     ids = {c.info.run_id for c in children}
@@ -220,7 +224,7 @@ def test_small_study_through_ray_job_submit(small_study: dict) -> None:
     again = submit_study("jobs/cifar10_table6.py", *small_study["args"])
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-6000:]
-    assert "8/8 trials finished (8 before, not run again)" in out, out[-4000:]
+    assert "4/4 trials finished (4 before, not run again)" in out, out[-4000:]
     assert "measured here" not in out  # Fig. 7 read back from the runs, not measured again
     parent2, children2 = parent_and_children(exp, name)
     assert parent2.info.run_id == parent.info.run_id
@@ -306,12 +310,41 @@ def test_trials_at_once_follow_the_cluster_and_the_cap() -> None:
     assert concurrency(capped, capped.trials(), {"CPU": 64, "GPU": 64}) == 2
 
 
-def test_a_local_study_runs_its_trials_one_after_another(stack: Stack, cifar_dataset: str) -> None:
-    """--local: no Ray; the trial runs as a --local job, nested under the study's parent."""
+def study_in_process(*args: str) -> tuple[int, str]:
+    """`python jobs/cifar10_table6.py ARGS` in this process: the entry point the study file calls
+    (orchestrator.study.main), in the repository's folder; (exit code, the driver's output). A
+    --local study's trials are subprocess jobs all the same: only the driver's interpreter start
+    and imports are saved (seconds on the 2-core box)."""
+    from orchestrator.study import main
+    from tests.test_study_overrides import load_study
+
+    said = io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        code = main(load_study("cifar10_table6"), list(args))
+    return code, said.getvalue()
+
+
+@pytest.fixture(scope="module")
+def local_study(stack: Stack, cifar_dataset: str) -> dict[str, Any]:
+    """One --local study of one ResNet-20 trial, its checkpoint storage given with a trailing
+    slash: test_a_local_study reads it, the trailing-slash test resubmits it (one trial trained
+    for both). Returns experiment, name, args, output."""
     exp, name = f"study-{uuid.uuid4().hex[:6]}", f"lo{uuid.uuid4().hex[:6]}"
-    args = tiny_study_args(cifar_dataset, exp, name, "study.cells=cifar_resnet20", "study.seeds=1")
-    out = run_script("jobs/cifar10_table6.py", "--local", *args, timeout=900)
-    assert "1/1 trials finished" in out and "Ray Tune" not in out
+    storage = f"s3://resnet/tests/{uuid.uuid4().hex[:12]}/runs/"
+    args = tiny_study_args(
+        cifar_dataset, exp, name, "study.cells=cifar_resnet20", "study.seeds=1",
+        f"checkpoint.storage={storage}", "--local",
+    )  # fmt: skip
+    code, out = study_in_process(*args)
+    assert code == 0, out[-6000:]
+    return {"experiment": exp, "name": name, "args": args, "output": out}
+
+
+def test_a_local_study_runs_its_trials_one_after_another(local_study: dict[str, Any]) -> None:
+    """--local: no Ray; the trial runs as a --local job, nested under the study's parent."""
+    exp, name, out = local_study["experiment"], local_study["name"], local_study["output"]
+    assert "1/1 trials finished" in out and "Ray Tune" not in out, out[-4000:]
+    assert f"trial {name}-cifar_resnet20-s0: running" in out  # run_locally's subprocess job
     parent, children = parent_and_children(exp, name)
     assert parent.info.status == "FINISHED" and len(children) == 1
     assert children[0].info.run_name == f"{name}-cifar_resnet20-s0"
@@ -320,18 +353,17 @@ def test_a_local_study_runs_its_trials_one_after_another(stack: Stack, cifar_dat
 
 
 def test_a_resubmitted_study_with_a_trailing_slash_in_its_storage_reruns_nothing(
-    stack: Stack, cifar_dataset: str, s3_prefix: str
+    local_study: dict[str, Any],
 ) -> None:
     """checkpoint.storage=PREFIX/ (a trailing slash): the trial writes under PREFIX/JOB/..., and
     a resubmitted study must look there too (once it looked under PREFIX//JOB/..., another S3
     prefix, found nothing and trained the finished trial again)."""
-    exp, name = f"study-{uuid.uuid4().hex[:6]}", f"sl{uuid.uuid4().hex[:6]}"
-    args = tiny_study_args(
-        cifar_dataset, exp, name, "study.cells=cifar_resnet20", "study.seeds=1",
-        f"checkpoint.storage={s3_prefix}/runs/",
-    )  # fmt: skip
-    first = run_script("jobs/cifar10_table6.py", "--local", *args, timeout=900)
+    name, first = local_study["name"], local_study["output"]
+    assert any(
+        a.startswith("checkpoint.storage=") and a.endswith("/runs/") for a in local_study["args"]
+    )
     assert "1/1 trials finished" in first and "before, not run again" not in first
-    again = run_script("jobs/cifar10_table6.py", "--local", *args, timeout=900)
+    code, again = study_in_process(*local_study["args"])
+    assert code == 0, again[-6000:]
     assert f"trial {name}-cifar_resnet20-s0: finished before, not run again" in again, again
     assert "1/1 trials finished (1 before, not run again)" in again, again[-4000:]
