@@ -18,6 +18,7 @@ from orchestrator.storage import open_storage
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
+POLL_S = 0.25  # a job's status and the store are read this often (cheap HTTP calls)
 
 
 def submit(stack: Stack, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -104,15 +105,15 @@ def test_ray_job_stop_marks_the_run_killed(stack: Stack, smoke_dataset: str) -> 
             f"tracking.experiment={experiment}",
         ]
     )
-    chaos.wait_for_checkpoint(chaos.store("s3://resnet/runs", name), 4, job)
+    chaos.wait_for_checkpoint(chaos.store("s3://resnet/runs", name), 4, job, poll_s=POLL_S)
     chaos.client().stop_job(job)
-    assert chaos.wait(job) == "STOPPED"
+    assert chaos.wait(job, poll_s=POLL_S) == "STOPPED"
     client = MlflowClient(stack.env()["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(experiment)
     deadline = time.monotonic() + 30
     while (status := client.search_runs([exp.experiment_id])[0].info.status) == "RUNNING":
         assert time.monotonic() < deadline, "the run stayed RUNNING after the job was stopped"
-        time.sleep(1)
+        time.sleep(POLL_S)
     assert status == "KILLED"
 
 
@@ -134,7 +135,7 @@ def test_an_error_no_restart_can_fix_fails_the_ray_job_at_once(stack: Stack) -> 
             "checkpoint.storage=s3://resnet/tests/nan-runs",
         ]
     )
-    status, text = chaos.wait(job, timeout_s=600), chaos.logs(job)
+    status, text = chaos.wait(job, timeout_s=600, poll_s=POLL_S), chaos.logs(job)
     assert status == "FAILED", text[-5000:]
     assert f"job {name} FAILED at once, not restarted" in text, text[-5000:]
     assert "Cause: rank " in text and "NonFiniteLoss: non-finite loss at step" in text

@@ -234,27 +234,27 @@ def test_on_ray_a_second_submission_is_refused_naming_the_ray_job(
         if open_storage(folder).exists(LEASE):
             break
         assert chaos.client().get_job_status(first) in ("PENDING", "RUNNING"), chaos.logs(first)
-        time.sleep(1)
+        time.sleep(0.25)
     holder = _state(folder)
     try:
         second = chaos.submit(args)
-        assert chaos.wait(second, timeout_s=300) == "FAILED", chaos.logs(second)[-3000:]
+        assert chaos.wait(second, 300, 0.25) == "FAILED", chaos.logs(second)[-3000:]
         text = chaos.logs(second)
         assert f"job {name} is already running" in text, text[-3000:]
         assert f"Ray job {holder['ray_job']} (cluster {holder['ray_cluster']})" in text
         assert "worker group" not in text.lower() and "step 1 " not in text
     finally:
         chaos.client().stop_job(first)
-    chaos.wait(first, timeout_s=120)
+    chaos.wait(first, 120, 0.25)
     deadline = time.monotonic() + 60
     while _state(folder)["state"] != "released" and time.monotonic() < deadline:
-        time.sleep(1)
+        time.sleep(0.25)
     assert _state(folder)["state"] == "released"
     # a holder that did not release (a SIGKILLed driver) and whose process looks alive: Ray's
     # word that its job ended on this cluster frees the lease at once, not its hour-long expiry
     stale = {**holder, "state": "held", "pid": os.getpid(), "ttl_s": 3600}
     open_storage(folder).put(LEASE, json.dumps(stale).encode())
     third = chaos.submit([*args, "schedule.max_iters=2"])
-    assert chaos.wait(third, timeout_s=300) == "SUCCEEDED", chaos.logs(third)[-3000:]
+    assert chaos.wait(third, 300, 0.25) == "SUCCEEDED", chaos.logs(third)[-3000:]
     took = f"its Ray job {holder['ray_job']} ended STOPPED"
     assert took in chaos.logs(third), chaos.logs(third)[-3000:]

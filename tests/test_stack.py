@@ -286,26 +286,8 @@ def test_default_ray_listens_on_loopback_only_and_runs_jobs(tmp_path: Path) -> N
         st.up(("ray",))
         assert (state / "ray").resolve() == st.ray_dir and any(st.ray_dir.glob("session_*"))
         env = {**os.environ, **st.env()}
-        job = subprocess.run(
-            [
-                str(Path(sys.executable).parent / "ray"),
-                "job",
-                "submit",
-                "--",
-                sys.executable,
-                "-c",
-                "import ray; ray.init(); print('alive', sum(n['Alive'] for n in ray.nodes()))",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert job.returncode == 0 and "alive 1" in job.stdout, (
-            job.stdout[-2000:] + job.stderr[-2000:]
-        )
-        joined = subprocess.run(
+        # a client joining by address, while a job is submitted: both only wait on the head
+        joined = subprocess.Popen(
             [
                 sys.executable,
                 "-c",
@@ -315,12 +297,34 @@ def test_default_ray_listens_on_loopback_only_and_runs_jobs(tmp_path: Path) -> N
                 ),
             ],
             env={k: v for k, v in env.items() if k != "RAY_ADDRESS"},
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=300,
-            check=False,
         )
-        assert joined.returncode == 0 and "cpus" in joined.stdout, joined.stderr[-2000:]
+        try:
+            job = subprocess.run(
+                [
+                    str(Path(sys.executable).parent / "ray"),
+                    "job",
+                    "submit",
+                    "--",
+                    sys.executable,
+                    "-c",
+                    "import ray; ray.init(); print('alive', sum(n['Alive'] for n in ray.nodes()))",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            out, err = joined.communicate(timeout=300)
+        finally:
+            joined.kill()
+        assert job.returncode == 0 and "alive 1" in job.stdout, (
+            job.stdout[-2000:] + job.stderr[-2000:]
+        )
+        assert joined.returncode == 0 and "cpus" in out, err[-2000:]
         root = psutil.Process(st._running_pid("ray"))
         listening = {
             (p.name(), c.laddr.ip, c.laddr.port)
