@@ -9,12 +9,13 @@ ZeRO-2 train this job bit-identically (same data, same sums), so a ZeRO run that
 without every rank's optimizer shard drifts from it as it would from a ZeRO baseline.
 
 Where the seconds go: each job's start (about 15 s: driver, Ray Train's group, MLflow), a
-restart (about 15 s), the driver's publishing after the last step. So two jobs share the
-head's 2 CPUs (`scaling.cpus_per_worker=0.5`; Ray gives a worker one thread either way): the
-uninterrupted run trains beside the first kill test's job, the ZeRO-1 and ZeRO-2 jobs beside
-each other; and one job has the object store restarted, then its driver SIGKILLed (two
-tests read it). A kill waits for a commit and then for a step logged after it (a kill
-between checkpoints, so steps are trained again after the resume), never for a set time.
+restart (about 15 s), the driver's publishing after the last step. So jobs share the head's 2
+CPUs (`scaling.cpus_per_worker=0.33`, room for three; Ray gives a worker one thread either
+way): the uninterrupted run trains beside the first kill test's job; the ZeRO-1, ZeRO-2 and
+failure-budget jobs side by side (one fixture kills all three); one job has the object store
+restarted, then its driver SIGKILLed (two tests read it). A kill waits for a commit and then
+for a step logged after it (a kill between checkpoints: steps are trained again after the
+resume), never for a set time.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def common(dataset: str) -> list[str]:
         f"tracking.experiment={EXPERIMENT}",
         *chaos.CHAOS_SPEC,
         f"schedule.max_iters={STEPS}",
-        # two jobs side by side on the 2-CPU head; only Ray's reservation changes
-        "scaling.cpus_per_worker=0.5",
+        # up to three jobs side by side on the 2-CPU head; only Ray's reservation changes
+        "scaling.cpus_per_worker=0.33",
     ]
 
 
@@ -282,66 +283,71 @@ def test_object_store_restart_mid_run(
     assert_same_run(got["name"], baseline)
 
 
-def kill_after_first_commit(jobs: dict[int, tuple[str, str]]) -> dict[int, list[str]]:
-    """For each stage's (name, job), side by side: after its first commit at step 4 or later
-    and a step logged after it, SIGKILL rank 1. Returns each commit's optimizer shard files."""
+def kill_after_first_commit(jobs: dict[str, tuple[str, str]]) -> dict[str, list[str]]:
+    """For each (name, job), side by side: after its first commit at step 4 or later and a
+    step logged after it (mid-interval), SIGKILL rank 1. Returns, per key, the optimizer
+    shard files that commit lists."""
     from orchestrator.storage import read_url
 
-    commits: dict[int, int] = {}
-    optim: dict[int, list[str]] = {}
+    commits: dict[str, int] = {}
+    optim: dict[str, list[str]] = {}
     while len(optim) < len(jobs):
-        for stage, (name, job) in jobs.items():
-            if stage in optim:
+        for key, (name, job) in jobs.items():
+            if key in optim:
                 continue
             st = chaos.store(STORAGE, name)
-            if stage not in commits:
+            if key not in commits:
                 latest = st.latest()
                 if latest is not None and latest.step >= 4:
-                    commits[stage] = latest.step
-            elif newest_step(name) > commits[stage]:  # mid-interval, between checkpoints
-                step = commits[stage]
+                    commits[key] = latest.step
+            elif newest_step(name) > commits[key]:
+                step = commits[key]
                 url = f"{STORAGE}/{name}/checkpoints/step-{step:08d}/COMMITTED"
                 files = json.loads(read_url(url))["files"]
-                optim[stage] = [f for f in files if f.startswith("shards/") and "optim_states" in f]
+                optim[key] = [f for f in files if f.startswith("shards/") and "optim_states" in f]
                 os.kill(chaos.worker_pid(st, step, 1), signal.SIGKILL)
                 continue
             if chaos.wait_status_terminal(job):
-                raise RuntimeError(
-                    f"ZeRO-{stage} ended before its kill:\n{chaos.logs(job)[-3000:]}"
-                )
+                raise RuntimeError(f"{name} ended before its kill:\n{chaos.logs(job)[-3000:]}")
         time.sleep(POLL_S)
     return optim
 
 
 @pytest.fixture(scope="module")
-def zero_kills(stack: Stack, smoke_dataset: str) -> dict[int, dict[str, Any]]:
-    """A ZeRO-1 and a ZeRO-2 job side by side, each with a worker SIGKILLed mid-run."""
+def side_by_side_kills(stack: Stack, smoke_dataset: str) -> dict[str, dict[str, Any]]:
+    """Three jobs side by side, each with rank 1 SIGKILLed mid-run: ZeRO-1 and ZeRO-2
+    (scaling.max_failures=3: they resume) and a DDP one with scaling.max_failures=0 (it
+    fails). Keys: zero1, zero2, budget."""
+    specs = {
+        f"zero{stage}": ["scaling.strategy=deepspeed", f"scaling.zero_stage={stage}"]
+        for stage in (1, 2)
+    }
+    specs["budget"] = ["scaling.max_failures=0"]
     jobs = {}
-    for stage in (1, 2):
-        name = f"ft-zero{stage}-kill-{uuid.uuid4().hex[:6]}"
-        spec = [*common(smoke_dataset), "scaling.strategy=deepspeed", f"scaling.zero_stage={stage}"]
-        jobs[stage] = (name, submit([f"name={name}", *spec]))
+    for key, extra in specs.items():
+        name = f"ft-{key}-kill-{uuid.uuid4().hex[:6]}"
+        jobs[key] = (name, submit([f"name={name}", *common(smoke_dataset), *extra]))
     optim = kill_after_first_commit(jobs)
     return {
-        stage: {
+        key: {
             "name": name,
-            "optim": optim[stage],
+            "optim": optim[key],
             "status": chaos.wait(job, poll_s=POLL_S),
             "log": chaos.logs(job),
         }
-        for stage, (name, job) in jobs.items()
+        for key, (name, job) in jobs.items()
     }
 
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_deepspeed_zero_worker_sigkilled_resumes_from_every_ranks_shards(
-    zero_kills: dict[int, dict[str, Any]], baseline: Baseline, stage: int
+    side_by_side_kills: dict[str, dict[str, Any]], baseline: Baseline, stage: int
 ) -> None:
     """DeepSpeed keeps each rank's optimizer partition (ZeRO-1: momentum; ZeRO-2: gradients
     too) in its own shard: a resumed group must load all of them, or the momentum of the
     parameters a rank owns restarts at zero and the weights drift from the uninterrupted run
     (the DDP one: uninterrupted, this job trains bit-identically under DDP and ZeRO-1/2)."""
-    got = zero_kills[stage]
+    got = side_by_side_kills[f"zero{stage}"]
     optim = got["optim"]
     assert sorted("rank_1" in f for f in optim) == [False, True], f"a shard per rank: {optim}"
     assert got["status"] == "SUCCEEDED", got["log"][-3000:]
@@ -356,14 +362,14 @@ def test_deepspeed_zero_worker_sigkilled_resumes_from_every_ranks_shards(
     assert [s for s, _ in run] == list(range(1, STEPS + 1)) and run == history
 
 
-def test_failure_budget_exhausted_gives_a_summary(stack: Stack, smoke_dataset: str) -> None:
-    name = f"ft-budget-{uuid.uuid4().hex[:6]}"
-    job = submit([f"name={name}", *common(smoke_dataset), "scaling.max_failures=0"])
-    st = chaos.store(STORAGE, name)
-    step = chaos.wait_for_checkpoint(st, 4, job, poll_s=POLL_S)
-    os.kill(chaos.worker_pid(st, step, 1), signal.SIGKILL)
-    assert chaos.wait(job, poll_s=POLL_S) == "FAILED"
-    text = chaos.logs(job)
+def test_failure_budget_exhausted_gives_a_summary(
+    side_by_side_kills: dict[str, dict[str, Any]],
+) -> None:
+    """scaling.max_failures=0 and a worker SIGKILLed: the job fails with a summary that says
+    where it stands and how to resume, and its run is closed FAILED with the error."""
+    got = side_by_side_kills["budget"]
+    name, text = got["name"], got["log"]
+    assert got["status"] == "FAILED", text[-3000:]
     assert f"job {name} FAILED after 0 restarts" in text
     assert "Latest committed checkpoint: step" in text and "Resubmit the same name" in text
     (run,) = job_runs(name)
