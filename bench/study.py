@@ -4,11 +4,12 @@ after another, in one run.
     python -m orchestrator.stack up && eval "$(python -m orchestrator.stack env)"
     python bench/study.py [--rounds 1]
 
-The study: jobs/cifar10_table6.py with 2 depths x plain/residual x 2 seeds (8 trials; tests/
-test_study.py runs 4 of them: 2 cells x 2 seeds), 4 CPU steps each on generated CIFAR-layout data (made here, kept at
-s3://resnet/datasets/bench-cifar), 1 worker per trial. Each round submits it twice through
-`ray job submit`, under fresh study names (nothing is skipped): study.max_concurrent=1 (the
-baseline: one trial after another, on Tune too) and study.max_concurrent=2. Printed per round:
+The study: jobs/cifar10_table6.py with 2 depths x plain/residual x 2 seeds (8 trials;
+tests/test_study.py runs 4 of them: 2 cells x 2 seeds), 4 CPU steps each on generated
+CIFAR-layout data (made here, kept at s3://resnet/datasets/bench-cifar), 1 worker per trial.
+Each round submits it twice through `ray job submit`, under fresh study names (nothing is
+skipped): study.max_concurrent=1 (the baseline: one trial after another, on Tune too) and
+study.max_concurrent=2. Printed per round:
 both wall times (the whole `ray job submit`) and their ratio; Tune's overhead per trial in
 the sequential run: (Tune's wall time - the jobs' own time) / trials, from the study's
 `study timing:` line; the trial's phases (`study phases:`: start-up, checks, pre-flight, the job,
@@ -43,8 +44,8 @@ CELLS = "cifar_resnet20,cifar_resnet32,cifar_plain20,cifar_plain32"
 
 
 def tiny_study_args(dataset: str, experiment: str, name: str, *extra: str) -> list[str]:
-    """The small study's overrides (tests/test_study.py's study takes them too): a few CPU steps per
-    trial, 1 worker, batch 16, validation at steps 2 and 4."""
+    """The small study's overrides (tests/test_study.py's study takes them too): a few CPU
+    steps per trial, 1 worker, batch 16, validation at steps 2 and 4."""
     return [
         f"study.name={name}",
         f"data.url={dataset}",
