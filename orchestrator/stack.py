@@ -41,7 +41,7 @@ import psutil
 
 from orchestrator.cli import run_cli
 from orchestrator.stack_config import REPO_ROOT, SERVICES, StackConfig, StackError
-from orchestrator.stack_mlflow import APP_NAME, app_plugin
+from orchestrator.stack_mlflow import APP_NAME, app_plugin, bootstrap_auth
 from orchestrator.stack_security import weed_lock_env, weed_lock_flags
 
 MLFLOW_USER = "admin"  # the local MLflow's one user; its password is in the secrets folder
@@ -281,6 +281,8 @@ class Stack:
                 if p
             ),
         )
+        if failed := bootstrap_auth(env, self.dir / "mlflow-auth.db"):  # before 2 workers race
+            raise StackError(f"mlflow: its auth store could not be created: {failed}")
         return [
             self._binary("mlflow", "mlflow"),
             "server",

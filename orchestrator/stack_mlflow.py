@@ -17,6 +17,8 @@ distribution; `app_plugin` writes one that names this module's `create_app`
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +79,19 @@ def app_plugin(folder: Path) -> Path:
     )
     (dist / "entry_points.txt").write_text(f"[mlflow.app]\n{APP_NAME} = {__name__}:create_app\n")
     return folder
+
+
+def bootstrap_auth(env: dict[str, str], auth_db: Path) -> str | None:
+    """Create the basic-auth store and its admin once, before the server's workers start.
+    `mlflow server` does this itself only for its own `basic-auth` app; with ours each worker
+    does it, and on a fresh store two workers creating the tables at once is a race one loses:
+    it dies, and the server runs on one worker while its parent waits a minute on the dead one
+    (ignoring SIGTERM meanwhile). `env`: the server's (MLFLOW_AUTH_CONFIG_PATH). Returns why
+    it failed (the server's own start would fail on it too), else None."""
+    if auth_db.exists():
+        return None
+    code = "from mlflow.server.auth import bootstrap_admin_user; bootstrap_admin_user()"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    return done.stderr[-2000:] if done.returncode != 0 else None
