@@ -21,20 +21,16 @@ from orchestrator.spec import JobSpec, SpecError
 from orchestrator.study.grid import Trial
 
 
-class AllowChangeError(SpecError):
-    """A study's --allow-change names a field no trial could continue under."""
-
-
 def study_allowance(values: Sequence[str] | None, trials: Sequence[Trial]) -> list[str]:
-    """--allow-change's fields, each checked against the trials' spec; raises
-    AllowChangeError naming every field that can never apply, and the fix."""
+    """--allow-change's fields, each checked against the trials' spec; raises SpecError (exit
+    2) naming every field that can never apply, and the fix."""
     fields = parse_allow(values)
     if not fields or not trials:
         return fields
     known = flat_fields(trials[0].spec.to_dict())
     problems = [p for f in fields if (p := allow_field_problem(f, known))]
     if problems:
-        raise AllowChangeError("; ".join(problems))
+        raise SpecError("; ".join(problems))
     return fields
 
 
