@@ -286,6 +286,16 @@ def _wait_for_free_cpus(cpus: int, timeout_s: float = 120) -> None:
         time.sleep(0.5)
 
 
+def _newer(found: Any, step: int) -> Any:
+    """`found` (a commit) where it is after `step`, else None."""
+    return found if found is not None and found.step > step else None
+
+
+def _lines(text: str, pattern: str) -> list[str]:
+    """The log's lines matching `pattern`: what an assertion shows of the job's story."""
+    return [line[-200:] for line in text.splitlines() if re.search(pattern, line)][:20]
+
+
 def _step_after_rank_1(logs: str, name: str, step: int) -> bool:
     started = logs.find(f"rank 1: {name} from step")
     return started >= 0 and re.search(rf"\bstep {step} of ", logs[started:]) is not None
@@ -334,21 +344,26 @@ def test_a_drained_node_commits_the_step_in_progress_and_the_job_resumes_there(
     files = set(st.storage.sizes(f"step-{committed.step:08d}"))
     assert {"rank-00000.pt", "rank-00001.pt"} <= files, files  # both ranks, one on each node
 
+    # the last commit before the deadline, after which the group waits for the node to go:
+    # its steps are read then, not at the deadline, when Ray may already have restarted the
+    # group (whose new steps are no loss: CI once read 317 of them there)
+    said_last = "the last commit before the preemption deadline"
+    _wait_for("the last commit", lambda: said_last in chaos.logs(job), job, DEADLINE_S + 60)
+    last = _wait_for("its marker", lambda: _newer(st.latest(), committed.step), job, 60)
+    time.sleep(3)  # a window: a group that went on would log 10 steps or more in it
+    done = max(s for s, _ in chaos.metric_steps(experiment, name))
+    assert done == last.step, (done, last.step, _lines(chaos.logs(job), "resumed|preemption"))
     # the reclaim comes at Ray's deadline (in the job log), not DEADLINE_S after drained_at:
     # the drain CLI's own start-up (seconds on a loaded box) lies between the two
     said = re.findall(r"deadline_ms=(\d+)", chaos.logs(job))
     deadline = int(said[0]) / 1000 if said else time.time() + DEADLINE_S - elapsed(drained_at)
     time.sleep(max(0.0, deadline - time.time()))
-    assert not chaos.wait_status_terminal(job), f"finished before the deadline: raise STEPS={STEPS}"
-    last = st.latest()  # the last commit before the deadline, after which training waits
-    done = max(s for s, _ in chaos.metric_steps(experiment, name))
-    _kill_tree(node_pid)  # the reclaim itself, at the deadline
+    if not chaos.wait_status_terminal(job):  # Ray may have restarted the group at its deadline
+        _kill_tree(node_pid)  # the reclaim itself, at the deadline
     status = chaos.wait(job, timeout_s=900)
     out = chaos.logs(job)
     assert status == "SUCCEEDED", out[-6000:]  # max_failures=0: the preemption spent none
     assert last is not None and last.step > committed.step, (last, committed)
-    assert "the last commit before the preemption deadline" in out, out[-6000:]
-    assert done == last.step, (done, last.step)  # no step completed after it: none lost
     assert f"resumed from {st.root} step {last.step}" in out, out[-6000:]
     final = st.latest()
     assert final is not None and final.step == STEPS
