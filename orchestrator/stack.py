@@ -53,9 +53,9 @@ _RAY_DIR_MAX = 107 - 62
 # how long `down` lets each service stop by itself before SIGKILL. SeaweedFS writes its volume
 # index and filer store as it stops (2-12 s on the loaded 2-core box): generous. MLflow's
 # stores are SQLite (transactional: a killed server loses no committed write) and the object
-# store; its uvicorn parent, pinging a worker that died at start-up, takes a SIGTERM only after
-# the 60 s health-check timeout. Ray keeps nothing across a restart; 15 s is for a running job's
-# driver to mark its run KILLED.
+# store; should a worker die (the auth-table race bootstrap_auth now prevents was one way),
+# its uvicorn parent takes a SIGTERM only after the 60 s health-check timeout. Ray keeps nothing
+# across a restart; 15 s is for a running job's driver to mark its run KILLED.
 STOP_GRACE_S = {"s3": 30.0, "mlflow": 4.0, "ray": 15.0}
 
 
