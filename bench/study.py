@@ -6,7 +6,8 @@ after another, in one run.
 
 The study: jobs/cifar10_table6.py with 2 depths x plain/residual x 2 seeds (8 trials;
 tests/test_study.py runs 4 of them: 2 cells x 2 seeds), 4 CPU steps each on generated
-CIFAR-layout data (made here, kept at s3://resnet/datasets/bench-cifar), 1 worker per trial.
+CIFAR-layout data (made here, kept at s3://resnet/datasets/bench-cifar), 1 worker per trial,
+trained in its Tune actor (`--trial-runner ray_train`: under Ray Train, as before).
 Each round submits it twice through `ray job submit`, under fresh study names (nothing is
 skipped): study.max_concurrent=1 (the baseline: one trial after another, on Tune too) and
 study.max_concurrent=2. Printed per round:
@@ -103,7 +104,9 @@ def busy_seconds(experiment: str, study: str) -> list[float]:
     return out
 
 
-def run_study(dataset: str, at_once: int) -> tuple[float, float, float, str, list[float]]:
+def run_study(
+    dataset: str, at_once: int, runner: str
+) -> tuple[float, float, float, str, list[float]]:
     """(wall s of `ray job submit`, Tune's wall s, the jobs' own s, the phases line, each
     trial's busy s) of one study."""
     name = f"bench{uuid.uuid4().hex[:6]}"
@@ -112,6 +115,7 @@ def run_study(dataset: str, at_once: int) -> tuple[float, float, float, str, lis
     args = tiny_study_args(
         dataset, "bench-study", name,
         f"study.cells={CELLS}", "study.seeds=2", f"study.max_concurrent={at_once}",
+        f"study.trial_runner={runner}",
     )  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(
@@ -174,6 +178,13 @@ class LoadSampler(threading.Thread):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--trial-runner",
+        default="auto",
+        choices=("auto", "ray_train"),
+        help="study.trial_runner: auto (each one-worker trial in its Tune actor, the default) "
+        "or ray_train (each under a Ray Train worker group)",
+    )
     args = parser.parse_args()
     if "RAY_ADDRESS" not in os.environ or "MLFLOW_TRACKING_URI" not in os.environ:
         sys.exit(
@@ -185,11 +196,11 @@ def main() -> None:
     for i in range(args.rounds):
         sampler = LoadSampler()
         sampler.start()
-        seq, seq_tune, seq_jobs, seq_phases, busy = run_study(dataset, 1)
+        seq, seq_tune, seq_jobs, seq_phases, busy = run_study(dataset, 1, args.trial_runner)
         seq_load = sampler.stop()
         sampler = LoadSampler()
         sampler.start()
-        par, par_tune, _, par_phases, _ = run_study(dataset, 2)
+        par, par_tune, _, par_phases, _ = run_study(dataset, 2, args.trial_runner)
         par_load = sampler.stop()
         loads += seq_load + par_load
         ratios.append(par / seq)
@@ -208,7 +219,8 @@ def main() -> None:
         )
     print(
         f"study: ratio={statistics.median(ratios):.3f}, trial fixed cost "
-        f"{statistics.median(fixed):.2f} s (wall time, 2 trials at a time / one after "
+        f"{statistics.median(fixed):.2f} s (study.trial_runner={args.trial_runner}; "
+        "wall time, 2 trials at a time / one after "
         f"another, median of {len(ratios)}; Tune overhead per trial "
         f"{statistics.median(overheads):.2f} s; load average {min(loads):.1f}-{max(loads):.1f}, "
         f"mean {statistics.fmean(loads):.1f})"

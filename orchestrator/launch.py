@@ -482,19 +482,25 @@ def worker_resources(spec: JobSpec, use_gpu: bool) -> dict[str, float]:
 
 
 def _failure(spec: JobSpec, err: Exception) -> JobFailed:
+    cause = getattr(err, "controller_failure", None)  # ray.train.ControllerError's
+    if isinstance(cause, NotRetried):
+        return job_failed(spec, str(cause), restarted=False)
+    return job_failed(spec, f"{type(err).__name__}: {err}", restarted=True)
+
+
+def job_failed(spec: JobSpec, error: str, restarted: bool) -> JobFailed:
+    """The JobFailed of a job that ended on `error`: after its restarts, or at once (`restarted`
+    False: an error no restart can fix), naming its latest committed checkpoint."""
     from orchestrator.checkpoint import CheckpointStore
 
     latest = CheckpointStore(spec_checkpoints_url(spec)).latest()
     where = f"step {latest.step} ({latest.url})" if latest else "none yet"
-    cause = getattr(err, "controller_failure", None)  # ray.train.ControllerError's
-    if isinstance(cause, NotRetried):
-        error = str(cause)
-        how = "at once, not restarted: a restart cannot fix this error"
-        then = "Fix the cause, then resubmit the same name to resume from it"
-    else:
-        error = f"{type(err).__name__}: {err}"
+    if restarted:
         how = f"after {spec.scaling.max_failures} restarts (scaling.max_failures)"
         then = "Resubmit the same name to resume from it"
+    else:
+        how = "at once, not restarted: a restart cannot fix this error"
+        then = "Fix the cause, then resubmit the same name to resume from it"
     message = (
         f"job {spec.name} FAILED {how}. Latest committed checkpoint: {where}. {then}. "
         f"Cause: {error}"

@@ -236,9 +236,10 @@ def test_small_study_through_ray_job_submit(small_study: dict) -> None:
 def test_a_sigkilled_worker_resumes_and_a_failing_trial_stops_alone(
     stack: Stack, cifar_dataset: str
 ) -> None:
-    """Two cells: ResNet-20 (its worker SIGKILLed after its first checkpoint) and a cell whose
-    lr makes the loss non-finite (NonFiniteLoss: not retryable). The first resumes and
-    finishes; the second fails alone, named in the summary and the parent's trials.json."""
+    """Two cells, each trained in its Tune actor: ResNet-20 (its actor SIGKILLed after its first
+    checkpoint) and a cell whose lr makes the loss non-finite (NonFiniteLoss: not retryable).
+    Tune restarts the first, which takes its lease back and resumes; the second fails alone,
+    once (Tune's restarts of it fail at once), named in the summary and trials.json."""
     from bench import chaos
 
     exp, name = f"study-{uuid.uuid4().hex[:6]}", f"sk{uuid.uuid4().hex[:6]}"
@@ -288,13 +289,34 @@ def test_a_sigkilled_worker_resumes_and_a_failing_trial_stops_alone(
     parent, children = parent_and_children(exp, name)
     states = {c.data.tags[CELL_TAG]: c.info.status for c in children}
     assert states == {"cifar_resnet20": "FINISHED", "cifar_plain20": "FAILED"}
+    assert "2 of 2 trials (one worker each) train in their Tune actors" in out, out[-6000:]
     good = next(c for c in children if c.data.tags[CELL_TAG] == "cifar_resnet20")
-    assert int(good.data.tags["orchestrator.attempt"]) >= 2  # the restarted worker group
+    assert int(good.data.tags["orchestrator.attempt"]) >= 2  # Tune's restart of the trial
+    bad_run = next(c for c in children if c.data.tags[CELL_TAG] == "cifar_plain20")
+    assert bad_run.data.tags["orchestrator.attempt"] == "1", out[-6000:]  # trained once
     assert st.latest().step == 8
     trials = json.loads(artifact_text(parent.info.run_id, "study/trials.json"))
     bad = next(t for t in trials if t["cell"] == "cifar_plain20")
     assert bad["status"] == "FAILED" and "NonFiniteLoss" in bad["error"]
     assert parent.info.status == "FAILED"
+
+
+def test_a_study_under_ray_train(stack: Stack, cifar_dataset: str) -> None:
+    """study.trial_runner=ray_train: a one-worker trial runs its job under a Ray Train worker
+    group (as a trial of several workers always does), and finishes."""
+    exp, name = f"study-{uuid.uuid4().hex[:6]}", f"rt{uuid.uuid4().hex[:6]}"
+    args = tiny_study_args(
+        cifar_dataset, exp, name, "study.cells=cifar_resnet20", "study.seeds=1",
+        "schedule.max_iters=2", "study.trial_runner=ray_train",
+    )  # fmt: skip
+    proc = submit_study("jobs/cifar10_table6.py", *args)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "1/1 trials finished" in out, out[-6000:]
+    assert "train in their Tune actors" not in out
+    assert "RayTrainWorker" in out, out[-6000:]  # the job's worker, Ray Train's actor
+    _, children = parent_and_children(exp, name)
+    assert [c.info.status for c in children] == ["FINISHED"]
 
 
 def test_trials_at_once_follow_the_cluster_and_the_cap() -> None:

@@ -73,4 +73,4 @@ def test_the_phase_lines_name_every_phase(capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     assert "study timing: Tune wall 21.5 s (of which 1.5 s waiting" in out
     assert "2 trials ran, their jobs' own time 8.0 s in all, up to 1 at once" in out
-    assert "job (lease, Ray Train, loop) 4.00, models + report (driver) 1.50" in out
+    assert "job (lease, workers, loop) 4.00, models + report (driver) 1.50" in out

@@ -7,7 +7,9 @@
 Overrides apply to every trial's spec; an override of a key the cells set (an axis, e.g.
 model.name on Table 6), of seed or of the trials' parent run is refused (exit 2) naming the way:
 study.cells=LABEL,LABEL (a subset of the cells), study.seeds=N. study.max_concurrent,
-study.img_per_s (the dry run's measured img/s per GPU) change the study itself, and name=NEW
+study.img_per_s (the dry run's measured img/s per GPU), study.trial_runner (auto: a one-worker
+trial trains in its Tune actor; ray_train: every trial under Ray Train) change the study
+itself, and name=NEW
 (or study.name=NEW) renames it: its trials' names and its parent run follow.
 The exit status is 0 when every trial finished, 1 when one did not (the summary names it),
 2 for a bad study or spec.

@@ -20,7 +20,10 @@ from orchestrator.spec import JobSpec, SpecError, apply_overrides, check_name, p
 from orchestrator.tracking.tags import CELL_TAG, STUDY_TAG
 
 # What a user may set with study.KEY=VALUE on the command line
-STUDY_KEYS = ("name", "seeds", "max_concurrent", "img_per_s", "cells")
+STUDY_KEYS = ("name", "seeds", "max_concurrent", "img_per_s", "cells", "trial_runner")
+# How a study's trials run on Ray Tune (orchestrator.study.in_actor): "auto" trains a
+# one-worker trial in its Tune actor and others under Ray Train; "ray_train" every one there
+TRIAL_RUNNERS = ("auto", "ray_train")
 # Spec keys the study sets on every trial itself: an override of one would be dropped
 STUDY_OWNED = {
     "seed": "a study's trials take seeds 0..study.seeds-1: set study.seeds=N",
@@ -83,6 +86,7 @@ class Study:
     max_concurrent: int = 0
     finalize: Callable[[JobSpec], JobSpec] | None = None
     img_per_s: float = 0.0  # measured training img/s per GPU, for the dry run's GPU-hours
+    trial_runner: str = "auto"  # TRIAL_RUNNERS
     paper: str = ""  # which table or figure of the paper it reproduces, for the parent run
     # the command line's spec overrides (in `base` already), kept so that trials() can
     # refuse a recipe rule (`finalize`) that would quietly change one of them
@@ -96,6 +100,12 @@ class Study:
             raise SpecError(f"study.seeds={self.seeds!r}: set it to 1 or more")
         if not (isinstance(self.max_concurrent, int) and self.max_concurrent >= 0):
             raise SpecError(f"study.max_concurrent={self.max_concurrent!r}: set it >= 0")
+        if self.trial_runner not in TRIAL_RUNNERS:
+            raise SpecError(
+                f"study.trial_runner={self.trial_runner!r}: give one of {', '.join(TRIAL_RUNNERS)}"
+                " (auto: a one-worker trial trains in its Tune actor; ray_train: every trial "
+                "under Ray Train)"
+            )
 
     @property
     def experiment(self) -> str:

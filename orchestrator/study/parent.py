@@ -71,6 +71,7 @@ def open_parent(client: Any, study: Study, trials: Sequence[Trial], fingerprint:
         "study.cells": len(study.cells),
         "study.trials": len(trials),
         "study.max_concurrent": study.max_concurrent,
+        "study.trial_runner": study.trial_runner,
     }
     new = {k: str(v) for k, v in redact(params).items() if k not in run.data.params}
     if new:

@@ -1,14 +1,18 @@
 """Running a study's trials: on Ray Tune (a Tuner whose trials each run one ordinary job), or
 `--local`, one job after another in subprocesses without Ray.
 
-On Tune, each trial is a small driver (no CPU reserved: TRIAL_DRIVER; its actor is reused from
-trial to trial, so its imports are paid once) that runs its job as `ray job submit -- python
-jobs/X.py` would (orchestrator.launch.fit_on_ray: its Ray Train worker group, restarts,
-checkpoints, MLflow run); the job's workers hold the resources. What follows the training (the
-registered models and paper report, orchestrator.publish.finished, and Fig. 7) runs in the
-study's driver once Tune has ended the trial (FollowUps), so the next trial starts at once
-and never waits on a finished one's bookkeeping.
-Tune runs as many trials at once as the cluster's CPUs (or GPUs) fit trials' worker groups, or
+On Tune, a trial of one worker trains in its own Tune actor, which reserves that worker's
+resources (orchestrator.study.in_actor: no Ray Train controller or worker group to start, about
+10 s of a trial on the 2-core box); any other trial, or every one with
+study.trial_runner=ray_train, is a small driver (no CPU reserved: TRIAL_DRIVER) that runs its
+job as `ray job submit -- python jobs/X.py` would (orchestrator.launch.fit_on_ray: its Ray Train
+worker group, restarts, checkpoints), its workers holding the resources. Either way the trial
+takes its job's lease and MLflow run, and its actor is reused from trial to trial, so its
+imports are paid once. What follows the training (the registered models and paper report,
+orchestrator.publish.finished, and Fig. 7) runs in the study's driver once Tune has ended the
+trial (FollowUps), so the next trial starts at once and never waits on a finished one's
+bookkeeping.
+Tune runs as many trials at once as the cluster's CPUs (or GPUs) fit trials' workers, or
 study.max_concurrent. Tune's state lives in the checkpoint storage under
 studies/<study>-<grid fingerprint>; a resubmitted study restores it (Tuner.restore), so trials
 that finished are not run again and the others restart, each job resuming from its own
@@ -34,12 +38,14 @@ from typing import Any
 from orchestrator.launch import storage_for_ray
 from orchestrator.spec import JobSpec, from_dict
 from orchestrator.study.grid import Study, Trial
+from orchestrator.study.in_actor import trains_in_actor, tune_max_failures
 
 log = logging.getLogger(__name__)
 
-# What a trial itself reserves: no CPU (its job's worker group holds those, and a CPU per trial
-# would keep a 2-CPU machine to one trial), but Tune needs a non-empty request: 64 MiB of
-# Ray's logical memory, for the trial's Python process.
+# What a trial that runs its job under Ray Train reserves itself: no CPU (its job's worker group
+# holds those, and a CPU per trial would keep a 2-CPU machine to one trial), but Tune needs a
+# non-empty request: 64 MiB of Ray's logical memory, for the trial's Python process. A trial
+# that trains in its actor reserves its worker's resources besides (trial_request).
 TRIAL_DRIVER: dict[str, float] = {"memory": 64 * 2**20}
 
 
@@ -60,7 +66,7 @@ PHASES = {
     "t_startup": "trial start-up",  # Tune's actor to run_trial's first line
     "t_check": "finished-before check",
     "t_preflight": "pre-flight",
-    "t_fit": "job (lease, Ray Train, loop)",
+    "t_fit": "job (lease, workers, loop)",
     "t_publish": "models + report (driver)",
     "t_fig7": "Fig. 7 (driver)",
 }
@@ -180,15 +186,15 @@ class FollowUps:
 
 
 def run_trial(config: dict[str, Any]) -> dict[str, Any]:
-    """Tune's trainable: one job, resumed from its own checkpoints where it has any; its
-    follow-ups (models, report, Fig. 7) are the driver's (FollowUps)."""
+    """Tune's trainable: one job, resumed from its own checkpoints where it has any, trained in
+    this actor (one worker) or under Ray Train; its follow-ups (models, report, Fig. 7) are the
+    driver's (FollowUps)."""
     t_enter = time.time()  # the driver knows when Tune started the trial: start-up = the gap
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from orchestrator.job_lease import job_lease
-    from orchestrator.launch import JobFailed, fit_on_ray
+    from orchestrator.job_lease import held_by_this_ray_job, job_lease
+    from orchestrator.launch import JobFailed
     from orchestrator.preflight import ResumePlan, preflight
     from orchestrator.study.allow_change import trial_allowance
+    from orchestrator.study.in_actor import failed_in_this_submission, fit_in_actor, record_failure
     from orchestrator.tracking.runs import mark_job_run
 
     os.chdir(config["cwd"])  # the study's folder: relative data and storage paths
@@ -196,34 +202,79 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     if finished_before(spec):
         return {"job": spec.name, "skipped": 1, "job_wall_s": 0.0}
+    failed = failed_in_this_submission(spec)
+    if failed is not None:  # Tune's restart of a trial that failed for good: no second try
+        raise failed
     t1 = time.perf_counter()
     # a refusal fails this trial alone, with its problems as the error
     checked = preflight(spec, trial_allowance(spec, config.get("allow_change", [])))
     t2 = time.perf_counter()
-    # its job's own lease: the same job submitted beside the study is refused, or refuses this
-    with job_lease(spec):
+    in_actor = trains_in_actor(spec, config.get("trial_runner", "auto"))
+    # its job's own lease: the same job submitted beside the study is refused, or refuses this;
+    # an earlier attempt of this trial (its actor lost) held it under this same Ray job
+    mine = in_actor and held_by_this_ray_job(spec)
+    final: dict[str, float] = {}
+    with job_lease(spec, take_over="an earlier attempt of this trial" if mine else False):
         ResumePlan.record(checked.resume, spec)  # the changes --allow-change let through
         try:
-            fit_on_ray(spec, [TuneReportCallback()])
+            if in_actor:
+                final = fit_in_actor(spec)
+            else:
+                from ray.tune.integration.ray_train import TuneReportCallback
+
+                from orchestrator.launch import fit_on_ray
+
+                fit_on_ray(spec, [TuneReportCallback()])
         except JobFailed as err:
             mark_job_run(spec.tracking.experiment, spec.name, "FAILED", error=err.error)
+            record_failure(spec, err)  # Tune may restart the trial: it fails at once then
             raise
     t3 = time.perf_counter()
     phases = {"t_check": t1 - t0, "t_preflight": t2 - t1, "t_fit": t3 - t2}
-    return {"job": spec.name, "skipped": 0, "job_wall_s": t3 - t2, "t_enter": t_enter, **phases}
+    return {
+        **final,
+        "job": spec.name,
+        "skipped": 0,
+        "job_wall_s": t3 - t2,
+        "t_enter": t_enter,
+        **phases,
+    }
+
+
+def trial_request(config: dict[str, Any]) -> Any:
+    """What Tune reserves for a trial (its actor): TRIAL_DRIVER, plus its worker's resources
+    where it trains in the actor."""
+    from ray.tune import PlacementGroupFactory
+
+    from orchestrator.launch import worker_resources
+
+    spec = from_dict(JobSpec, config["spec"])
+    need = dict(TRIAL_DRIVER)
+    if trains_in_actor(spec, config.get("trial_runner", "auto")):
+        cluster = {"GPU": float(config.get("cluster_gpus", 0))}
+        need.update(worker_resources(spec, use_gpu(spec, cluster)))
+    return PlacementGroupFactory([need])
 
 
 # ---------------------------------------------------------------------------- on Ray Tune
 
 
+def use_gpu(spec: JobSpec, cluster: dict[str, float] | None = None) -> bool:
+    """scaling.use_gpu, or (unset) whether the cluster has a GPU."""
+    if spec.scaling.use_gpu is not None:
+        return spec.scaling.use_gpu
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    return cluster.get("GPU", 0) > 0
+
+
 def trial_resources(spec: JobSpec, cluster: dict[str, float]) -> dict[str, float]:
-    """What one trial's job holds while it runs: its worker group."""
+    """What one trial's job holds while it runs: its workers (in its actor, or its group)."""
     from orchestrator.launch import worker_resources
 
-    use_gpu = spec.scaling.use_gpu
-    if use_gpu is None:
-        use_gpu = cluster.get("GPU", 0) > 0
-    each = worker_resources(spec, use_gpu)
+    each = worker_resources(spec, use_gpu(spec, cluster))
     return {k: v * spec.scaling.num_workers for k, v in each.items()}
 
 
@@ -249,6 +300,8 @@ def tune_experiment(
     Tune experiment (finished trials return at once, the others resume their checkpoints)."""
     storage, filesystem = storage_for_ray(f"{study.base.checkpoint.storage}/studies")
     name = f"{study.name}-{fingerprint}"
+    if study.trial_runner != "auto":  # a restored trial keeps the runner it was saved with
+        name += f"-{study.trial_runner}"
     if allow:
         name += "-allow-" + hashlib.sha256(",".join(sorted(allow)).encode()).hexdigest()[:6]
     return storage, name, filesystem
@@ -270,6 +323,8 @@ def run_on_tune(
         f"({_resources_text(trials[0].spec, cluster)} each)",
         flush=True,
     )
+    if line := _runner_line(study, trials):
+        print(line, flush=True)
     t0, started = time.perf_counter(), time.time()
     grid = tuner.fit()
     wall = time.perf_counter() - t0
@@ -308,14 +363,17 @@ def _tuner(
     allow: Sequence[str],
 ) -> Any:
     """A new Tuner for the grid, or the one Tune saved for it (a resubmitted study)."""
+    import ray
     from ray import tune
 
     storage, name, filesystem = tune_experiment(study, fingerprint, allow)
-    trainable = tune.with_resources(run_trial, TRIAL_DRIVER)
+    trainable = tune.with_resources(run_trial, trial_request)
     space = {
         "spec": tune.grid_search([t.spec.to_dict() for t in trials]),
         "cwd": os.getcwd(),
         "allow_change": list(allow),  # each trial is allowed those its checkpoint differs in
+        "trial_runner": study.trial_runner,
+        "cluster_gpus": ray.cluster_resources().get("GPU", 0),  # scaling.use_gpu unset
     }
     path = f"{storage}/{name}"
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
@@ -343,9 +401,12 @@ def _tuner(
             name=name,
             storage_path=storage,
             storage_filesystem=filesystem,
-            # a job restarts its own workers (scaling.max_failures); a trial that still
-            # fails is reported, and a resubmitted study restarts it
-            failure_config=tune.FailureConfig(max_failures=0),
+            # Ray Train restarts its jobs' workers (scaling.max_failures), Tune the trials that
+            # train in their actors (the same budget; in_actor): a trial that still fails is
+            # reported, and a resubmitted study restarts it
+            failure_config=tune.FailureConfig(
+                max_failures=tune_max_failures([t.spec for t in trials], study.trial_runner)
+            ),
             callbacks=[follow_ups.tune_callback()],
             verbose=1,
         ),
@@ -371,6 +432,24 @@ def _say_timing(outcomes: list[Outcome], wall: float, drained: float, at_once: i
             + ", ".join(f"{label} {v:.2f}" for label, v in means.items()),
             flush=True,
         )
+
+
+def _runner_line(study: Study, trials: Sequence[Trial]) -> str:
+    """How the trials run, said once where any trains in its Tune actor."""
+    in_actor = [t for t in trials if trains_in_actor(t.spec, study.trial_runner)]
+    if not in_actor:
+        return ""
+    line = (
+        f"study {study.name}: {len(in_actor)} of {len(trials)} trials (one worker each) train in "
+        "their Tune actors, without a Ray Train worker group; Tune restarts them within "
+        "scaling.max_failures (study.trial_runner=ray_train: every trial under Ray Train)"
+    )
+    if any(t.spec.scaling.max_preemption_failures != -1 for t in in_actor):
+        line += (
+            "; scaling.max_preemption_failures is Ray Train's: Tune restarts a trial whose node "
+            "was reclaimed without counting it (study.trial_runner=ray_train to cap reclaims)"
+        )
+    return line
 
 
 def _trial_name(trial: Any) -> str:
