@@ -127,8 +127,13 @@ class Lease:
         ttl_s: float = TTL_S,
         renew_s: float = RENEW_S,
         on_lost: Callable[[str], None] | None = None,
+        retake_own_ray_job: bool = False,
     ) -> None:
         self.store = open_storage(folder)
+        # a holder of this same Ray job (on this cluster) is an earlier attempt of this driver:
+        # a study's trial that Tune restarts after its actor was lost (Tune runs one attempt of
+        # a trial at a time, and the study's own lease keeps other submissions of it out)
+        self.retake_own_ray_job = retake_own_ray_job
         self.url, self.what = self.store.url(LEASE), what
         self.ttl_s, self.renew_s, self.on_lost = ttl_s, renew_s, on_lost
         self.token = uuid.uuid4().hex
@@ -141,7 +146,7 @@ class Lease:
         body = {"what": self.what, "token": self.token, "state": state, "since": self.since}
         return json.dumps({**body, **self.owner, "ttl_s": self.ttl_s}).encode()
 
-    def acquire(self, take_over: bool | str = False) -> Self:
+    def acquire(self, take_over: bool = False) -> Self:
         """Take the lease: create it, or replace one whose holder is gone (`free_because`);
         raises LeaseHeld naming a live holder."""
         self.owner, self.since = this_owner(), _now_text()
@@ -170,7 +175,7 @@ class Lease:
         raise LeaseHeld(f"{self.what}: its lease {self.url} changed hands 5 times while read")
 
     def free_because(
-        self, holder: dict[str, Any], age_s: float, take_over: bool | str = False
+        self, holder: dict[str, Any], age_s: float, take_over: bool = False
     ) -> str | None:
         """Why a lease whose holder is `holder`, last written `age_s` ago, may be taken; None
         while its holder may be alive."""
@@ -182,9 +187,9 @@ class Lease:
         why = process_gone(holder) or ray_job_ended(holder)
         if why:
             return why
-        if take_over:  # the operator's --take-over, or the caller's reason
-            return take_over if isinstance(take_over, str) else "--take-over"
-        return None
+        if self.retake_own_ray_job and same_ray_job(holder, self.owner):
+            return "an earlier attempt under this Ray job (a study's trial restarted by Tune)"
+        return "--take-over" if take_over else None
 
     def held_message(self, holder: dict[str, Any], age_s: float) -> str:
         ttl = float(holder.get("ttl_s", self.ttl_s))
@@ -274,26 +279,27 @@ def _parse(data: bytes) -> dict[str, Any]:
 
 
 def job_lease(
-    spec: JobSpec, take_over: bool | str = False, on_lost: Callable[[str], None] | None = None
+    spec: JobSpec,
+    take_over: bool = False,
+    on_lost: Callable[[str], None] | None = None,
+    retake_own_ray_job: bool = False,
 ) -> Lease:
     """The job's lease, taken (LeaseHeld if a live driver holds it); `with` it to renew and
     release it."""
-    return Lease(spec_checkpoints_url(spec), f"job {spec.name}", on_lost=on_lost).acquire(take_over)
+    lease = Lease(
+        spec_checkpoints_url(spec),
+        f"job {spec.name}",
+        on_lost=on_lost,
+        retake_own_ray_job=retake_own_ray_job,
+    )
+    return lease.acquire(take_over)
 
 
-def held_by_this_ray_job(spec: JobSpec) -> bool:
-    """Whether the job's lease is held by the Ray job (on this cluster) this process belongs to:
-    for a study's trial, by an earlier attempt of the same trial (Tune runs one at a time, and
-    the study's own lease keeps other submissions of the study out), whose actor is gone."""
-    current = open_storage(spec_checkpoints_url(spec)).read_versioned(LEASE)
-    if current is None:
-        return False
-    holder, me = _parse(current.data), this_owner()
-    return (
-        holder.get("state") == "held"
-        and bool(me.get("ray_job"))
-        and (holder.get("ray_job"), holder.get("ray_cluster"))
-        == (me["ray_job"], me.get("ray_cluster"))
+def same_ray_job(holder: dict[str, Any], me: dict[str, Any]) -> bool:
+    """Whether `holder` and `me` (this_owner) are one Ray job on one cluster."""
+    return bool(me.get("ray_job")) and (holder.get("ray_job"), holder.get("ray_cluster")) == (
+        me["ray_job"],
+        me.get("ray_cluster"),
     )
 
 

@@ -91,20 +91,23 @@ def test_a_drained_node_is_this_actors_notice(monkeypatch: pytest.MonkeyPatch) -
 def test_only_this_ray_jobs_earlier_attempt_gives_its_lease_back(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """A trial Tune restarts takes its job's lease back from its lost attempt (same Ray job,
+    same cluster); anyone else still finds it held."""
     spec = dataclasses.replace(
         one_worker(), checkpoint=dataclasses.replace(one_worker().checkpoint, storage=str(tmp_path))
     )
     owner: dict[str, Any] = {"host": "h", "pid": 1, "ray_job": "01000000", "ray_cluster": "c1"}
     monkeypatch.setattr(job_lease, "this_owner", lambda: dict(owner))
-    assert not job_lease.held_by_this_ray_job(spec)  # no lease
-    lease = job_lease.job_lease(spec)
-    assert job_lease.held_by_this_ray_job(spec)
-    owner["ray_job"] = "02000000"  # another submission (a standalone job of the same name)
-    assert not job_lease.held_by_this_ray_job(spec)
-    owner.update(ray_job="01000000", ray_cluster="c2")  # job ids repeat across clusters
-    assert not job_lease.held_by_this_ray_job(spec)
-    owner.pop("ray_job")  # not on Ray
-    assert not job_lease.held_by_this_ray_job(spec)
-    lease.release()
-    owner.update(ray_job="01000000", ray_cluster="c1")
-    assert not job_lease.held_by_this_ray_job(spec)  # released: nothing to take back
+    job_lease.job_lease(spec, retake_own_ray_job=True)  # the first attempt, then its actor dies
+    with pytest.raises(job_lease.LeaseHeld):  # a driver that is not a restarted trial
+        job_lease.job_lease(spec)
+    for other in ({"ray_job": "02000000"}, {"ray_cluster": "c2"}):  # ids repeat across clusters
+        monkeypatch.setattr(job_lease, "this_owner", lambda other=other: {**owner, **other})
+        with pytest.raises(job_lease.LeaseHeld):
+            job_lease.job_lease(spec, retake_own_ray_job=True)
+    monkeypatch.setattr(job_lease, "this_owner", lambda: {"host": "h", "pid": 2})  # not on Ray
+    with pytest.raises(job_lease.LeaseHeld):
+        job_lease.job_lease(spec, retake_own_ray_job=True)
+    monkeypatch.setattr(job_lease, "this_owner", lambda: dict(owner))
+    again = job_lease.job_lease(spec, retake_own_ray_job=True)  # the restarted attempt
+    assert again._still_mine()

@@ -190,7 +190,7 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     this actor (one worker) or under Ray Train; its follow-ups (models, report, Fig. 7) are the
     driver's (FollowUps)."""
     t_enter = time.time()  # the driver knows when Tune started the trial: start-up = the gap
-    from orchestrator.job_lease import held_by_this_ray_job, job_lease
+    from orchestrator.job_lease import job_lease
     from orchestrator.launch import JobFailed
     from orchestrator.preflight import ResumePlan, preflight
     from orchestrator.study.allow_change import trial_allowance
@@ -212,9 +212,8 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     in_actor = trains_in_actor(spec, config.get("trial_runner", "auto"))
     # its job's own lease: the same job submitted beside the study is refused, or refuses this;
     # an earlier attempt of this trial (its actor lost) held it under this same Ray job
-    mine = in_actor and held_by_this_ray_job(spec)
     final: dict[str, float] = {}
-    with job_lease(spec, take_over="an earlier attempt of this trial" if mine else False):
+    with job_lease(spec, retake_own_ray_job=in_actor):
         ResumePlan.record(checked.resume, spec)  # the changes --allow-change let through
         try:
             if in_actor:
