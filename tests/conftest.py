@@ -96,6 +96,11 @@ def pytest_configure(config: pytest.Config) -> None:
     this process unable to talk to the test stack's Ray (token auth). Set them first."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(Stack(test_stack_config()).ray_token_path))
+    # DeepSpeed's CPU collectives JIT-compile a C++ op on first use, under a lock file in the
+    # user's shared ~/.cache/torch_extensions: a build killed midway (another checkout's test
+    # run stopped) leaves the lock, and every later build waits on it forever. This checkout
+    # builds in its own folder (its environment's, so the stack's workers inherit it).
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
 
 
 @pytest.fixture(scope="session")

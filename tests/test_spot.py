@@ -7,6 +7,8 @@ node is drained as a spot reclaim is (`ray drain-node --reason DRAIN_NODE_REASON
 progress when the notice arrives and say so once, go on training, commit once more just before
 the deadline and then wait, so that no completed step is lost; after the node is gone it must
 resume from that last commit on the one node left and finish, with every step once in MLflow.
+A study's one-worker trial, which trains in its Tune actor without Ray Train, gets the same
+drain on its node: the same commits, and Tune's restart (uncounted) resumes from the last one.
 
 The unit tests drive the step boundary with a stand-in for ray.train.get_preemption_info (the
 cadence and the once-per-notice rule); everything else here runs the real thing.
@@ -375,3 +377,94 @@ def test_a_drained_node_commits_the_step_in_progress_and_the_job_resumes_there(
     assert ranks == {"rank-00000.pt"}, ranks  # on the one node left: one worker
     steps = [s for s, _ in chaos.metric_steps(experiment, name)]
     assert steps == list(range(1, STEPS + 1)), steps  # every step once, the replayed ones too
+
+
+STUDY_STEPS = (
+    3000  # outlasts the notice and its deadline; the test stops the study after the resume
+)
+
+
+@pytest.mark.slow
+def test_a_study_trial_in_its_actor_commits_on_a_drain_and_tune_restarts_it_uncounted(
+    spot_node: tuple[int, str, str], cifar_dataset: str
+) -> None:
+    """A one-worker study trial training in its Tune actor (orchestrator.study.in_actor) on the
+    drained node: the same commits as a Ray Train worker (the step in progress at the notice,
+    the last one before the deadline, then a wait); the node killed at the deadline, Tune
+    restarts the trial without counting it (scaling.max_failures=0 allows no failure) and it
+    resumes from that last commit, having trained nothing after it."""
+    import shlex
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node_pid, node, gcs = spot_node
+    _wait_for_free_cpus(4)
+    # the head's 2 CPUs held, so that the trial's actor (2 CPUs) starts on the node drained
+    head = ray.get_runtime_context().get_node_id()
+    holder = (
+        ray.remote(num_cpus=2)(_Holder)
+        .options(scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False))
+        .remote()
+    )
+    ray.get(holder.ready.remote(), timeout=120)
+    name, experiment = f"sa{uuid.uuid4().hex[:6]}", f"spot-{uuid.uuid4().hex[:6]}"
+    args = [
+        f"study.name={name}", "study.cells=cifar_resnet20", "study.seeds=1",
+        f"data.url={cifar_dataset}", f"tracking.experiment={experiment}",
+        "scaling.num_workers=1", "scaling.cpus_per_worker=2", "scaling.max_failures=0",
+        "scaling.global_batch=16", "scaling.torch_threads=1", f"schedule.max_iters={STUDY_STEPS}",
+        "schedule.milestones=[]", "checkpoint.every_iters=0", "checkpoint.at_epoch_end=false",
+        "checkpoint.preemption_poll_every=1", "tracking.log_every=1", "eval.every_iters=0",
+        "eval.at_end=false", "data.num_workers=0",
+    ]  # fmt: skip
+    job = chaos.client().submit_job(
+        entrypoint="python jobs/cifar10_table6.py " + " ".join(map(shlex.quote, args))
+    )
+    try:
+        st = chaos.store("s3://resnet/runs", f"{name}-cifar_resnet20-s0")
+        _wait_for("step 3", lambda: re.search(r"\bstep 3 of ", chaos.logs(job)), job)
+        assert "train in their Tune actors" in chaos.logs(job)
+        drained_at = time.monotonic()
+        drain = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "ray"), "drain-node", f"--address={gcs}",
+                f"--node-id={node}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
+                "--reason-message=spot reclaim (test)",
+                f"--deadline-remaining-seconds={DEADLINE_S}",
+            ],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert drain.returncode == 0, drain.stdout + drain.stderr
+        notice = r"preemption notice at step (\d+): node (\w+) \(ranks 0\)"
+        line = _wait_for("the notice", lambda: re.search(notice, chaos.logs(job)), job, 60)
+        assert node.startswith(line[2]), line[0]  # the trial's actor ran on the drained node
+        assert _wait_for("its commit", lambda: st.find(int(line[1])), job, 60)
+        said_last = r"step (\d+): the last commit before the preemption deadline"
+        found = _wait_for(
+            "the last commit", lambda: re.search(said_last, chaos.logs(job)), job, 120
+        )
+        last = _wait_for("its marker", lambda: st.find(int(found[1])), job, 60)
+        assert last.step > int(line[1])
+        time.sleep(max(0.0, DEADLINE_S - elapsed(drained_at)))
+        _kill_tree(node_pid)  # the reclaim, at the deadline
+        ray.kill(holder)  # the head's CPUs free for the restarted trial
+        resumed = f"resumed from {st.root} step {last.step}"
+        _wait_for("the resume", lambda: resumed in chaos.logs(job), job, 300)
+        # the first attempt trained nothing after its last commit: the restarted one's tracker
+        # finds the run's last logged step there (log_every=1)
+        again = r"continuing MLflow run \w+ of job \S+ \(attempt 2, last step (\d+)\)"
+        continued = _wait_for(
+            "the run continued", lambda: re.search(again, chaos.logs(job)), job, 120
+        )
+        assert int(continued[1]) == last.step, (continued[0], last.step)
+    finally:
+        chaos.client().stop_job(job)  # the rest of the steps prove nothing more
+        chaos.wait(job, timeout_s=120)
+
+
+class _Holder:
+    """A placeholder actor that holds the CPUs it was given."""
+
+    def ready(self) -> bool:
+        return True
