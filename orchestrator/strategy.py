@@ -173,7 +173,13 @@ class DeepSpeedStrategy:
         bf16: bool,
     ) -> None:
         import deepspeed
+        import deepspeed.ops
 
+        if device.type == "cpu":
+            # DeepSpeed's CPU backend compiles a shared-memory all-reduce (C++: 1-2.5 min on 2
+            # cores, once per environment) when it starts; only its inference all-reduce calls
+            # that op, never ZeRO training, which all-reduces through torch.distributed
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -281,7 +281,7 @@ def test_default_ray_listens_on_loopback_only_and_runs_jobs(tmp_path: Path) -> N
     cfg = StackConfig.load(state_dir=state, **{name: next(ports) for name in names})
     assert cfg.ray_loopback_only
     st = Stack(cfg)
-    assert len(str(state / "ray")) > 45 and len(str(st.ray_dir)) <= 45
+    assert len(str(state / "ray")) > 39 and len(str(st.ray_dir)) <= 39  # sockets fit: + 68
     try:
         st.up(("ray",))
         assert (state / "ray").resolve() == st.ray_dir and any(st.ray_dir.glob("session_*"))
