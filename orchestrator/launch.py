@@ -37,7 +37,8 @@ from orchestrator.cli import job_keys_help, run_cli
 from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.job_lease import job_lease
 from orchestrator.preflight import ResumePlan, check_cluster, in_torchrun_child, preflight
-from orchestrator.runtime import NotRetried, retryable
+from orchestrator.ray_callbacks import commit_before_resize, fail_fast
+from orchestrator.runtime import NotRetried
 from orchestrator.spec import JobSpec, SpecError, apply_overrides, to_yaml
 from orchestrator.tracking.tags import RAY_CLUSTER_TAG, RAY_JOB_TAG
 
@@ -350,31 +351,6 @@ def _ray_worker(config: dict[str, Any]) -> None:
     run_worker(config["spec"], rt)
 
 
-def fail_fast() -> Any:
-    """A Ray Train callback that ends the run at once when a worker fails with an error no
-    restart can fix (`runtime.retryable`: a bad spec, missing data, NonFiniteLoss).
-
-    Ray Train (2.x, V2) retries every worker-group error up to FailureConfig.max_failures
-    and has no per-error setting; an exception raised by a callback on the controller is a
-    ControllerError, which its DefaultFailurePolicy never retries. Lost workers and other
-    errors still go through max_failures."""
-    from ray.train import UserCallback
-
-    class FailFast(UserCallback):
-        def after_exception(
-            self, run_context: Any, worker_exceptions: dict[int, Exception]
-        ) -> None:
-            for rank, wrapped in sorted(worker_exceptions.items()):
-                # Ray wraps a worker's exception in UserExceptionWithTraceback, which keeps the
-                # original as `_base_exc` (ray/train/v2/_internal/exceptions.py); a lost
-                # worker's RayActorError has none and stays retryable
-                err = getattr(wrapped, "_base_exc", wrapped)
-                if not retryable(err):
-                    raise NotRetried(f"rank {rank}: {type(err).__name__}: {err}")
-
-    return FailFast()
-
-
 def storage_for_ray(storage: str) -> tuple[str, Any]:
     """Ray Train's storage_path and filesystem for s3:// (same endpoint as every client)."""
     if s3.is_s3(storage):
@@ -438,7 +414,11 @@ def fit_on_ray(spec: JobSpec, callbacks: list[Any] | None = None) -> Any:
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=failure_config(spec),
-            callbacks=[fail_fast(), *(callbacks or [])],
+            callbacks=[
+                fail_fast(),
+                *([commit_before_resize(spec)] if spec.scaling.elastic else []),
+                *(callbacks or []),
+            ],
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not use_gpu else None,
         ),
     )

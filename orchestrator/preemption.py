@@ -22,6 +22,12 @@ step is lost.
 
 `checkpoint.every_minutes` saves once that long has passed since the last save of any kind.
 
+An elastic group that Ray resizes (growing back when the cluster has room again) is stopped
+and started anew, resuming from the latest commit. Before that, Ray Train's controller asks
+every worker (`commit_before_resize`, from orchestrator/ray_callbacks.py): every rank commits
+the step it is on and waits, as before a preemption deadline, so the larger group resumes
+there and no completed step is trained twice.
+
 Agreement: the signal reaches ranks at different steps and their clocks differ, so each rank's
 figures (the signal, whether its clock says a save is due) go into an all-reduce (MAX) of three
 integers on a gloo group, on the host: started without waiting (async_op) after step s, read
@@ -62,10 +68,30 @@ class Decision:
     # after this save's commit, train no more: wait this long for the reclaim (Ray's notice:
     # the last commit before its deadline, so no completed step is lost)
     wait_s: float = 0.0
+    resize: bool = False  # Ray is about to resize the group: the commit is its resume point
 
     @property
     def reason(self) -> str:
         return signal.Signals(self.stop_signal).name if self.stop_signal else ""
+
+
+# Ray Train's controller, about to resize this worker's elastic group, asks it to commit first:
+# set from the worker actor's own thread (commit_before_resize), read at the step boundary
+_resize_asked = threading.Event()
+_resize_committed = threading.Event()
+
+
+def commit_before_resize(timeout_s: float) -> bool:
+    """Run on a Ray Train worker by the controller before it resizes the group: ask the loop to
+    commit the step it is on at its next step boundary, and wait for that commit (False if it
+    did not come within `timeout_s`)."""
+    _resize_asked.set()
+    return _resize_committed.wait(timeout_s)
+
+
+def resize_committed() -> None:
+    """The loop committed the step a resize asked for: `commit_before_resize` returns."""
+    _resize_committed.set()
 
 
 class NoticeSignals:
@@ -241,11 +267,21 @@ class StepBoundary:
         due = bool(self.every_s) and now - self._saved_at >= self.every_s
         # rank 0's clock decides the last save before a Ray notice's deadline, for all
         last = int(self.ray is not None and self.rank == 0 and self.ray.last_save_due())
-        figures = torch.tensor([received, int(due), saved_step, last])
-        signum, due_at, last = self._agree(figures)
+        figures = torch.tensor([received, int(due), saved_step, last, int(_resize_asked.is_set())])
+        signum, due_at, last, resize = self._agree(figures)
         if signum:
             self.notices.disarm()
             return Decision(save=saved_step != step, stop_signal=signum)
+        if resize:
+            _resize_asked.clear()  # once: should the group go on after all, it trains on
+            if self.rank == 0:
+                log.warning(
+                    "step %d: Ray is resizing the elastic worker group: committing this step, "
+                    "from which the new group resumes",
+                    step,
+                )
+            wait = self.notices.grace_s + 60.0  # the controller stops this group meanwhile
+            return Decision(save=saved_step != step, commit=True, wait_s=wait, resize=True)
         if last and self.ray is not None and self.ray.deadline is not None:
             wait = max(self.ray.deadline - self.ray.clock(), 0.0) + 60.0
             if self.rank == 0:
@@ -273,19 +309,19 @@ class StepBoundary:
             step,
         )
 
-    def _agree(self, mine: torch.Tensor) -> tuple[int, int, int]:
+    def _agree(self, mine: torch.Tensor) -> tuple[int, int, int, int]:
         """(signal, the saved step the clock was due at or -2, the last save before a Ray
-        deadline is due) agreed by every rank: alone, this rank's figures; else those all ranks
-        sent one step ago (nothing the first time)."""
+        deadline is due, Ray asks to commit before a resize) agreed by every rank: alone, this
+        rank's figures; else those all ranks sent one step ago (nothing the first time)."""
         if self.group is None:
-            received, due, saved, last = mine.tolist()
-            return received, saved if due else -2, last
-        agreed = (0, -2, 0)
+            received, due, saved, last, resize = mine.tolist()
+            return received, saved if due else -2, last, resize
+        agreed = (0, -2, 0, 0)
         if self._vote is not None:
             work, figures = self._vote
             work.wait()
-            received, due, saved, last = figures.tolist()
-            agreed = (received, saved if due else -2, last)
+            received, due, saved, last, resize = figures.tolist()
+            agreed = (received, saved if due else -2, last, resize)
         work = dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         self._vote = (work, mine)
         return agreed

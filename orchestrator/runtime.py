@@ -132,7 +132,7 @@ def preemption_source() -> Callable[[], Any] | None:
 
 class NotRetried(OrchestratorError, RuntimeError):
     """A worker failed with an error `retryable` says no restart can fix; the message names
-    the rank and the error (raised on Ray's controller by launch.fail_fast)."""
+    the rank and the error (raised on Ray's controller by ray_callbacks.fail_fast)."""
 
     retryable = False
 

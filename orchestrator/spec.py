@@ -251,7 +251,7 @@ class ScalingConfig:
     max_preemption_failures: int = -1
     # an elastic job: how often Ray looks for room to grow the worker group back towards the
     # most workers (ScalingConfig.elastic_resize_monitor_interval_s); a resize restarts the
-    # group from the latest committed checkpoint
+    # group, from the step it was on (every worker commits it first: ray_callbacks.py)
     resize_interval_s: float = 60.0
     torch_threads: int = 0  # 0: leave torch's default
 

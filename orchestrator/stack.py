@@ -46,10 +46,8 @@ from orchestrator.stack_security import weed_lock_env, weed_lock_flags
 
 MLFLOW_USER = "admin"  # the local MLflow's one user; its password is in the secrets folder
 
-# Ray's unix sockets live in {temp dir}/session_<date>_<time>_<pid>/sockets/NAME, and an AF_UNIX
-# path holds at most 107 bytes. The longest NAME is the dashboard's dash_MetricsHead (a module
-# whose socket does not fit fails, and the head with it): 68 bytes after the temp dir, with a
-# 7-digit pid
+# Ray's sockets: {temp dir}/session_<date>_<time>_<pid>/sockets/NAME, at most 107 bytes (AF_UNIX);
+# the longest, the dashboard's dash_MetricsHead (the head fails without it), 68 after the dir
 _RAY_DIR_MAX = 107 - 68
 
 # how long `down` lets each service stop by itself before SIGKILL. SeaweedFS writes its volume

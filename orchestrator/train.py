@@ -50,7 +50,7 @@ from orchestrator.metrics_window import (
     warmup_decision,
 )
 from orchestrator.models import create_model, unwrap
-from orchestrator.preemption import StepBoundary
+from orchestrator.preemption import StepBoundary, resize_committed
 from orchestrator.runtime import Runtime, Terminated, all_reduce
 from orchestrator.schedule import LRSchedule
 from orchestrator.spec import JobSpec, SpecError
@@ -453,6 +453,8 @@ class Trainer:
             raise Terminated(
                 f"{decision.reason}: stopped at step {self.step}", decision.stop_signal
             )
+        if decision.resize:  # every rank's files and the marker are written: Ray may go on
+            resize_committed()
         if decision.wait_s:  # the last commit before a deadline: no step after it is lost
             self._publish(metrics)
             time.sleep(decision.wait_s)  # the reclaim ends this process; a cancelled one not

@@ -119,8 +119,9 @@ def test_ray_job_stop_marks_the_run_killed(stack: Stack, smoke_dataset: str) -> 
 
 def test_an_error_no_restart_can_fix_fails_the_ray_job_at_once(stack: Stack) -> None:
     """A NonFiniteLoss in the workers ends the job on its first attempt, with its message,
-    although scaling.max_failures allows 3 restarts (orchestrator.launch.fail_fast). Submitted
-    through Ray's job API (the skeleton test covers the `ray job submit` command itself)."""
+    although scaling.max_failures allows 3 restarts (orchestrator.ray_callbacks.fail_fast).
+    Submitted through Ray's job API (the skeleton test covers the `ray job submit` command
+    itself)."""
     chaos = _chaos()
     name = f"nan-{uuid.uuid4().hex[:6]}"
     job = chaos.submit(

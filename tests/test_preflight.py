@@ -1,6 +1,6 @@
 """The driver's pre-flight: every bad spec of the audit is refused before a worker starts, with
 a message naming the field and the fix, and nothing written; a worker error no restart can fix
-is not retried by Ray (orchestrator.launch.fail_fast)."""
+is not retried by Ray (orchestrator.ray_callbacks.fail_fast)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import launch
+from orchestrator import launch, ray_callbacks
 from orchestrator.checkpoint import CheckpointStore
 from orchestrator.data.epochs import resume_problem
 from orchestrator.spec import JobSpec
@@ -434,7 +434,7 @@ def test_fail_fast_stops_ray_retrying_only_what_a_restart_cannot_fix() -> None:
         except Exception as raised:  # noqa: BLE001 - wrapped as Ray's worker does
             return construct_user_exception_with_traceback(raised)
 
-    callback = launch.fail_fast()
+    callback = ray_callbacks.fail_fast()
     for err in (SpecError("bad"), DataError("no manifest"), NonFiniteLoss("nan at step 3")):
         with pytest.raises(NotRetried, match=f"rank 1: {type(err).__name__}: "):
             callback.after_exception(None, {0: RayActorError(), 1: as_ray_reports(err)})
