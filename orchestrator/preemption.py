@@ -29,10 +29,11 @@ the step it is on and waits, as before a preemption deadline, so the larger grou
 there and no completed step is trained twice.
 
 Agreement: the signal reaches ranks at different steps and their clocks differ, so each rank's
-figures (the signal, whether its clock says a save is due) go into an all-reduce (MAX) of three
-integers on a gloo group, on the host: started without waiting (async_op) after step s, read
-after step s+1. Every rank acts on the same figures at the same step, one step late, and no
-step waits for the device (docs/operators-guide.md, "Preemption without Ray", has its cost).
+figures (the signal, whether its clock says a save is due, Ray's last-save and resize asks) go
+into an all-reduce (MAX) of five integers on a gloo group, on the host: started without waiting
+(async_op) after step s, read after step s+1. Every rank acts on the same figures at the same
+step, one step late, and no step waits for the device (docs/operators-guide.md, "Preemption
+without Ray", has its cost).
 """
 
 from __future__ import annotations
