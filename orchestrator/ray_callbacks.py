@@ -36,11 +36,10 @@ def fail_fast() -> Any:
 
 
 def commit_before_resize(spec: JobSpec) -> Any:
-    """A Ray Train callback of an elastic job: before Ray resizes a running worker group (it
-    grows it when the cluster has room again; it stops the group and starts a new one, which
-    resumes from the latest commit), every worker commits the step it is on and waits
-    (orchestrator.preemption), so the new group resumes there: without it the steps since the
-    last scheduled checkpoint would be trained again. Ray's callback interfaces for the
+    """A Ray Train callback of an elastic job. Ray resizes a running group (growing it when the
+    cluster has room again) by stopping it and starting a new one from the latest commit; first,
+    every worker commits the step it is on and waits (orchestrator.preemption), so the new group
+    resumes there instead of at the last scheduled checkpoint. Ray's callback interfaces for the
     controller and the worker group are its developer API (ray.train.v2 ... callback)."""
     import ray
     from ray.train.v2._internal.execution.callback import (
@@ -67,7 +66,9 @@ def commit_before_resize(spec: JobSpec) -> Any:
 
         def before_controller_execute_resize_decision(self, resize_decision: Any) -> None:
             group = self.group
-            if group is None or not group.has_started():  # a start or restart: nothing runs
+            # None: a first start or a restart, nothing runs; not started: a start that failed
+            # after after_worker_group_start, which no shutdown hook follows
+            if group is None or not group.has_started():
                 return
             asks = [
                 w.actor.execute.remote(preemption.commit_before_resize, timeout_s)

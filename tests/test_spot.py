@@ -105,25 +105,29 @@ def test_a_resize_asked_by_ray_commits_the_step_then_waits_and_the_ask_returns(
     the ask returns once the loop says the commit is written; once per ask."""
     fake = FakeRay()
     boundary = _boundary(fake, preemption_poll_every=1, grace_s=30)
-    assert not _poll(boundary, fake, 1).save
-    answer: list[bool] = []
-    asker = threading.Thread(target=lambda: answer.append(preemption.commit_before_resize(30)))
-    asker.start()
-    deadline = time.monotonic() + 10
-    while not preemption._resize_asked.is_set():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    with caplog.at_level(logging.WARNING, logger="orchestrator.preemption"):
-        decision = _poll(boundary, fake, 2)
-    assert (decision.save, decision.commit, decision.resize) == (True, True, True)
-    assert decision.wait_s == 30 + 60  # the controller stops the group meanwhile
-    assert "step 2: Ray is resizing the elastic worker group" in caplog.text
-    assert asker.is_alive() and not answer  # it waits for the commit itself
-    preemption.resize_committed()
-    asker.join(10)
-    assert answer == [True]
-    assert not _poll(boundary, fake, 3, saved_step=2).resize  # once per ask
-    preemption._resize_committed.clear()  # this process's state, for the tests after this one
+    try:
+        assert not _poll(boundary, fake, 1).save
+        answer: list[bool] = []
+        asker = threading.Thread(target=lambda: answer.append(preemption.commit_before_resize(30)))
+        asker.start()
+        deadline = time.monotonic() + 10
+        while not preemption._resize_asked.is_set():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with caplog.at_level(logging.WARNING, logger="orchestrator.preemption"):
+            decision = _poll(boundary, fake, 2)
+        assert (decision.save, decision.commit, decision.resize) == (True, True, True)
+        assert decision.wait_s == 30 + 60  # the controller stops the group meanwhile
+        assert "step 2: Ray is resizing the elastic worker group" in caplog.text
+        assert asker.is_alive() and not answer  # it waits for the commit itself
+        preemption.resize_committed()
+        asker.join(10)
+        assert answer == [True]
+        assert not _poll(boundary, fake, 3, saved_step=2).resize  # once per ask
+    finally:  # this process's state, for the tests after this one, pass or fail
+        preemption.resize_committed()  # an asker still waiting returns
+        preemption._resize_asked.clear()
+        preemption._resize_committed.clear()
 
 
 def test_ray_is_asked_every_preemption_poll_every_steps_and_nothing_is_saved_without_notice() -> (
