@@ -19,14 +19,12 @@ Defaults come from cluster/local.toml, then STACK_<KEY> environment variables, t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -37,9 +35,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import psutil
-
 from orchestrator.cli import run_cli
+from orchestrator.process_tree import stop_tree
 from orchestrator.stack_config import REPO_ROOT, SERVICES, StackConfig, StackError
 from orchestrator.stack_mlflow import APP_NAME, app_plugin, bootstrap_auth
 from orchestrator.stack_security import weed_lock_env, weed_lock_flags
@@ -315,6 +312,12 @@ class Stack:
         # `ray job stop` SIGKILLs a driver this long after its SIGTERM (Ray's default: 3 s):
         # time for the driver to mark its MLflow run KILLED and for Ray Train to stop in order
         env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", "30")
+        # since Ray 2.60 a SIGTERMed `ray start --block` first drains its node for up to 30 s,
+        # until every worker lease is back; Ray Train's and Tune's helper actors outlive their
+        # jobs and never give theirs back, so every `down` after a training job waited out
+        # STOP_GRACE_S. The local stack stops when told (a running job's driver still gets its
+        # SIGTERM and marks its run KILLED); set the variable to drain first anyway.
+        env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
         cpus = c.ray_num_cpus or os.cpu_count() or 1
         return [
             self._binary("ray", "ray[default]"),
@@ -462,7 +465,7 @@ class Stack:
         """Stop the service's process tree; return once its ports are free (5 s at most): the
         kernel lets go of a dead server's connections a moment after it exits, and an `up`
         right after `down` would find its port taken."""
-        _stop_tree(pid, STOP_GRACE_S[service])
+        stop_tree(pid, STOP_GRACE_S[service])
         self._pidfile(service).unlink(missing_ok=True)
         deadline = time.monotonic() + 5
         ports = list(self.cfg.ports(service))
@@ -509,51 +512,6 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def _stop_tree(pid: int, grace_s: float = 15.0) -> None:
-    """Stop a process and all its descendants (Ray workers leave the group): SIGTERM to the root
-    first, so that a supervisor stops its children in its own order, then to whatever of the
-    tree is left (3 s more for those); SIGKILL for what is still there after `grace_s`."""
-    try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    deadline = time.monotonic() + grace_s
-    # signalled all at once, Ray's GCS flushes its metrics to the dashboard agent stopped
-    # beside it and waits on it for 30 s and more; `ray start --block` alone stops them in ~2 s
-    _signal(root, signal.SIGTERM)
-    _wait_gone([root], deadline)
-    rest = [p for p in tree if _alive(p)]
-    for p in rest:  # what the root's stop left (a job's driver), or all where the root hung
-        _signal(p, signal.SIGTERM)
-    for p in _wait_gone(rest, max(deadline, time.monotonic() + 3)):
-        _signal(p, signal.SIGKILL)
-    _wait_gone(tree, time.monotonic() + 5)
-    with contextlib.suppress(ChildProcessError):  # started by this process: reap it
-        os.waitpid(pid, os.WNOHANG)
-
-
-def _signal(proc: psutil.Process, sig: int) -> None:
-    with contextlib.suppress(psutil.NoSuchProcess):
-        proc.send_signal(sig)
-
-
-def _alive(proc: psutil.Process) -> bool:
-    """Running and not a zombie: a zombie has stopped, whether or not its parent reaped it
-    (psutil's own wait counts an unreaped one as alive, and waits out its whole timeout)."""
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _wait_gone(procs: list[psutil.Process], deadline: float) -> list[psutil.Process]:
-    """Poll until none of `procs` is alive or `deadline` passes; the ones still alive."""
-    while (alive := [p for p in procs if _alive(p)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return alive
 
 
 def main(argv: list[str] | None = None) -> int:

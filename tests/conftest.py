@@ -372,6 +372,34 @@ def load_job_spec(stem: str) -> Any:
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
+# How fast the joinable head notices a reclaimed node. An elastic group that restarts after a
+# reclaim sizes itself from Ray Train's reservations, which still count the dead node until the
+# reservations' next refresh (every 20 s): it asks for both workers, waits out Ray Train's
+# worker-group start timeout (60 s by default), then starts on the node left (see
+# docs/operators-guide.md). Here a killed node is dead after 2 failed health checks 1 s apart
+# (Ray's default: 5, 3 s apart), and the wait for a group that cannot be placed is 15 s.
+QUICK_RECOVERY = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_failure_threshold": "2",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15",
+}
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set, for what is started inside; restored after."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def joinable_ray_head(stack: Stack) -> Iterator[Stack]:
     """One joinable Ray head (`ray_loopback_only=false`) for the run's multi-node tests
@@ -388,7 +416,8 @@ def joinable_ray_head(stack: Stack) -> Iterator[Stack]:
     (state / "secrets").symlink_to(stack.dir / "secrets")
     head = Stack(cfg)
     try:
-        head.up(("ray",))
+        with _environ(QUICK_RECOVERY):
+            head.up(("ray",))
         yield head
     finally:
         head.down()
@@ -417,7 +446,7 @@ def joined_node(head: Stack, cpus: int, log: Path) -> Iterator[tuple[int, str]]:
 
     import ray
 
-    from orchestrator.stack import _stop_tree
+    from orchestrator.process_tree import stop_tree
 
     agent_port = next(p for p in range(23391, 23600, 7) if port_is_free(p))
     proc = subprocess.Popen(
@@ -426,7 +455,11 @@ def joined_node(head: Stack, cpus: int, log: Path) -> Iterator[tuple[int, str]]:
             f"--num-cpus={cpus}", "--block", f"--dashboard-agent-listen-port={agent_port}",
             "--disable-usage-stats",
         ],
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        # stopped at once at the end, not drained for 30 s first (see the stack's ray command)
+        env={
+            **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        },
         stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     ray.init(address=head.gcs_address, logging_level="ERROR")
@@ -448,7 +481,7 @@ def joined_node(head: Stack, cpus: int, log: Path) -> Iterator[tuple[int, str]]:
         yield proc.pid, found[0]
     finally:
         ray.shutdown()
-        _stop_tree(proc.pid)
+        stop_tree(proc.pid)
 
 
 # --------------------------------------------------------------------------- a small study
