@@ -315,8 +315,8 @@ class Stack:
         # since Ray 2.60 a SIGTERMed `ray start --block` first drains its node for up to 30 s,
         # until every worker lease is back; Ray Train's and Tune's helper actors outlive their
         # jobs and never give theirs back, so every `down` after a training job waited out
-        # STOP_GRACE_S. The local stack stops when told (a running job's driver still gets its
-        # SIGTERM and marks its run KILLED); set the variable to drain first anyway.
+        # STOP_GRACE_S. The local stack stops when told, as before 2.60 (`down` SIGTERMs what
+        # the head leaves, a running job's driver among them); set the variable to drain first.
         env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
         cpus = c.ray_num_cpus or os.cpu_count() or 1
         return [

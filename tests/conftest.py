@@ -385,21 +385,6 @@ QUICK_RECOVERY = {
 }
 
 
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    """os.environ with `values` set, for what is started inside; restored after."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 @pytest.fixture(scope="session")
 def joinable_ray_head(stack: Stack) -> Iterator[Stack]:
     """One joinable Ray head (`ray_loopback_only=false`) for the run's multi-node tests
@@ -416,7 +401,9 @@ def joinable_ray_head(stack: Stack) -> Iterator[Stack]:
     (state / "secrets").symlink_to(stack.dir / "secrets")
     head = Stack(cfg)
     try:
-        with _environ(QUICK_RECOVERY):
+        with pytest.MonkeyPatch.context() as env:  # in the head's environment only
+            for key, value in QUICK_RECOVERY.items():
+                env.setenv(key, value)
             head.up(("ray",))
         yield head
     finally:
