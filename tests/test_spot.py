@@ -341,6 +341,24 @@ def _forget_ray_train_reservations(gcs: str) -> None:
             ray.shutdown()
 
 
+def _drain(gcs: str, node: str) -> float:
+    """`ray drain-node` as a spot reclaim's notice (deadline DEADLINE_S); returns the latest time
+    (time.time()) Ray's deadline can be: the GCS took the drain before the CLI returned. The
+    node must not be killed before the deadline: with the test cluster's quick health checks
+    (QUICK_RECOVERY) it would die of "missed heartbeats", not of its drain, and Ray Train and
+    Tune count that as a failure."""
+    drain = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ray"), "drain-node", f"--address={gcs}",
+            f"--node-id={node}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message=spot reclaim (test)", f"--deadline-remaining-seconds={DEADLINE_S}",
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert drain.returncode == 0, drain.stdout + drain.stderr
+    return time.time() + DEADLINE_S
+
+
 def _lines(text: str, pattern: str) -> list[str]:
     """The log's lines matching `pattern`: what an assertion shows of the job's story."""
     return [line[-200:] for line in text.splitlines() if re.search(pattern, line)][:20]
@@ -387,16 +405,7 @@ def test_a_drained_node_commits_the_step_in_progress_and_the_job_resumes_there(
     assert "world sizes 1..2 (elastic)" in chaos.logs(job)  # the pre-flight listed them
     # every_iters=0: nothing committed before the notice but a resize's commit
     assert st.latest() is None or "Ray is resizing the elastic" in chaos.logs(job)
-    drain = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ray"), "drain-node", f"--address={gcs}",
-            f"--node-id={node}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
-            "--reason-message=spot reclaim (test)", f"--deadline-remaining-seconds={DEADLINE_S}",
-        ],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert drain.returncode == 0, drain.stdout + drain.stderr
-    latest_deadline = time.time() + DEADLINE_S  # the GCS took the drain before the CLI returned
+    latest_deadline = _drain(gcs, node)
     # steps are read from the job's own lines, never from what is newest at some moment: on a
     # loaded box a read can come late, after the next commit or Ray's restart of the group
     notice = r"preemption notice at step (\d+): node (\w+) \(ranks (\d)\)"
@@ -414,8 +423,7 @@ def test_a_drained_node_commits_the_step_in_progress_and_the_job_resumes_there(
     found = _wait_for("the last commit", lambda: re.search(said_last, chaos.logs(job)), job, 120)
     last = _wait_for("its marker", lambda: st.find(int(found[1])), job, 60)
     assert last.step > committed.step, (last, committed)
-    # the reclaim comes at Ray's deadline (in the job log), not before it: a node killed earlier
-    # dies of "missed heartbeats", not of its drain, and Ray counts that as a failure
+    # the reclaim comes at Ray's deadline (in the job log), never before it (see _drain)
     said = re.findall(r"deadline_ms=(\d+)", chaos.logs(job))
     deadline = int(said[0]) / 1000 if said else latest_deadline
     time.sleep(max(0.0, deadline - time.time()))
@@ -559,19 +567,7 @@ def test_a_study_trial_in_its_actor_commits_on_a_drain_and_tune_restarts_it_unco
         st = chaos.store("s3://resnet/runs", f"{name}-cifar_resnet20-s0")
         _wait_for("step 3", lambda: re.search(r"\bstep 3 of ", chaos.logs(job)), job)
         assert "train in their Tune actors" in chaos.logs(job)
-        drain = subprocess.run(
-            [
-                str(Path(sys.executable).parent / "ray"), "drain-node", f"--address={gcs}",
-                f"--node-id={node}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
-                "--reason-message=spot reclaim (test)",
-                f"--deadline-remaining-seconds={DEADLINE_S}",
-            ],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        assert drain.returncode == 0, drain.stdout + drain.stderr
-        # Ray's deadline: DEADLINE_S after the GCS took the drain, which the CLI's return follows.
-        # A node killed before it dies of "missed heartbeats", which Tune counts as a failure
-        reclaim_at = time.monotonic() + DEADLINE_S
+        reclaim_at = _drain(gcs, node)
         notice = r"preemption notice at step (\d+): node (\w+) \(ranks 0\)"
         line = _wait_for("the notice", lambda: re.search(notice, chaos.logs(job)), job, 60)
         assert node.startswith(line[2]), line[0]  # the trial's actor ran on the drained node
@@ -582,8 +578,8 @@ def test_a_study_trial_in_its_actor_commits_on_a_drain_and_tune_restarts_it_unco
         )
         last = _wait_for("its marker", lambda: st.find(int(found[1])), job, 60)
         assert last.step > int(line[1])
-        time.sleep(max(0.0, reclaim_at - time.monotonic()))
-        _kill_tree(node_pid)  # the reclaim, at the deadline
+        time.sleep(max(0.0, reclaim_at - time.time()))
+        _kill_tree(node_pid)  # the reclaim, at the deadline (not before: see _drain)
         ray.kill(holder)  # the head's CPUs free for the restarted trial
         resumed = f"resumed from {st.root} step {last.step}"
         _wait_for("the resume", lambda: resumed in chaos.logs(job), job, 300)
