@@ -71,7 +71,7 @@ demo: install
 # pytest exits 5 when it collects nothing: that is a failure here too.
 test: install
 	bash tests/browser_deps.sh $(PY)
-	$(PY) -m pytest -q -ra -p no:cacheprovider --durations=25
+	$(PY) -m pytest -q -ra -p no:cacheprovider --durations=25 -n 2 --dist loadgroup
 
 lint: install
 	$(VENV)/bin/ruff check orchestrator jobs datasets tests bench

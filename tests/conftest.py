@@ -103,6 +103,28 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker names each test's group
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`): every test that uses
+    the shared stack (the `stack` fixture, or `@pytest.mark.services` where a test asks for it
+    with request.getfixturevalue or starts services of its own) runs on one of them, in file
+    order, so that a run has one stack and one Ray cluster and no two tests start, stop or scan
+    services at once; the other worker runs the rest, a module at a time, beside them."""
+    for item in items:
+        uses_services = "stack" in item.fixturenames or item.get_closest_marker("services")
+        group = "services" if uses_services else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def _lease_of_run(lease: Path, run: str) -> bool:
+    """Whether a lease is another live process's of this xdist run (run: "" outside xdist)."""
+    if not run or not lease.name.isdigit() or lease.name == str(os.getpid()):
+        return False
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{lease.name}").exists() and lease.read_text() == run
+    return False
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     """The running test stack; its client variables are set in os.environ for the session."""
@@ -111,7 +133,17 @@ def stack() -> Iterator[Stack]:
     # stops it (unless ORCH_TEST_KEEP_STACK is set)
     leases = st.dir / "leases"
     leases.mkdir(parents=True, exist_ok=True)
-    (leases / str(os.getpid())).touch()
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")  # the same in every worker of one run
+    (leases / str(os.getpid())).write_text(run)
+    twin = [p.name for p in leases.iterdir() if _lease_of_run(p, run)]
+    if twin:
+        (leases / str(os.getpid())).unlink()
+        pytest.fail(
+            f"xdist worker {os.environ.get('PYTEST_XDIST_WORKER')} and process(es) {twin} of this "
+            "run both use the test stack: the services' tests must share one worker. Run pytest "
+            "with `--dist loadgroup` (as make test does) on a pytest that pytest-xdist can group "
+            "with (pyproject.toml's pin says which)"
+        )
     st.up()
     saved = dict(os.environ)
     os.environ.update(st.env())

@@ -1106,6 +1106,7 @@ def socket_buffer_bytes() -> int:
         return 64 << 20
 
 
+@pytest.mark.services  # an object store of its own, stopped mid-epoch
 def test_s3_restart_mid_epoch_resumes_the_stream(tmp_path, private_s3, caplog):
     # one shard of 2 MB samples (a random member each), large enough that after the first
     # batch more of it is unsent than kernel socket buffers can hold: the store dies mid-shard

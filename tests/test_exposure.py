@@ -28,7 +28,7 @@ from orchestrator.stack import Stack
 from tests.conftest import ROOT, TEST_PORTS, free_weed_ports, port_is_free, test_stack_config
 from tests.test_train import TINY
 
-pytestmark = pytest.mark.slow  # a whole stack of its own, and a job
+pytestmark = [pytest.mark.slow, pytest.mark.services]  # a whole stack of its own, and a job
 
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 PATHS = (

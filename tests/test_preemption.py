@@ -98,7 +98,13 @@ def uninterrupted(clock_run: Path) -> dict[str, torch.Tensor]:
     return _weights(final)
 
 
-@pytest.mark.parametrize("notice", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize(
+    "notice",
+    [
+        pytest.param(signal.SIGTERM, marks=pytest.mark.services, id="SIGTERM"),  # tracked
+        pytest.param(signal.SIGUSR1, id="SIGUSR1"),
+    ],
+)
 def test_notice_commits_the_step_in_progress_and_the_resubmission_ends_identical(
     tmp_path: Path,
     uninterrupted: dict[str, torch.Tensor],

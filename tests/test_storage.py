@@ -11,7 +11,7 @@ import pytest
 from orchestrator.storage import NotFound, Storage, open_storage, read_url
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.services)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     if request.param == "local":
         return open_storage(str(tmp_path / "root"))
