@@ -19,6 +19,7 @@ import pytest
 
 from bench.study import tiny_study_args  # the bench's small study's overrides
 from orchestrator.stack import Stack, StackConfig
+from tests import lanes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,18 +102,24 @@ def pytest_configure(config: pytest.Config) -> None:
     # run stopped) leaves the lock, and every later build waits on it forever. This checkout
     # builds in its own folder (its environment's, so the stack's workers inherit it).
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+    lanes.nice_the_other_lane(config.option)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist runs the tests in order
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    return lanes.make_scheduler(config, log) if config.getvalue("dist") == "loadgroup" else None
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker names each test's group
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`): every test that uses
-    the shared stack (the `stack` fixture, or `@pytest.mark.services` where a test asks for it
-    with request.getfixturevalue or starts services of its own) runs on one of them, in file
-    order, so that a run has one stack and one Ray cluster and no two tests start, stop or scan
-    services at once; the other worker runs the rest, a module at a time, beside them."""
+    """Group the tests for `make test`'s lanes (tests/lanes.py): every test that uses the
+    shared stack (the `stack` fixture, or `@pytest.mark.services` where a test asks for it with
+    request.getfixturevalue or starts services of its own) in one group, run in file order on
+    one worker, so that a run has one stack and one Ray cluster and no two tests start, stop or
+    scan services at once; the others by module."""
     for item in items:
         uses_services = "stack" in item.fixturenames or item.get_closest_marker("services")
-        group = "services" if uses_services else item.nodeid.split("::")[0]
+        group = lanes.SERVICES if uses_services else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
 
 
