@@ -1,0 +1,79 @@
+"""make test's two lanes (tests/lanes.py), on a pytest run of their own over throwaway tests:
+the services group on gw0 at normal priority, every other test on the other worker, niced."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests import lanes
+from tests.conftest import ROOT
+
+CONFTEST = """
+import pytest
+from tests import lanes
+
+def pytest_configure(config):
+    lanes.nice_the_other_lane(config.option)
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    return lanes.make_scheduler(config, log)
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = lanes.SERVICES if item.get_closest_marker("services") else item.nodeid
+        item.add_marker(pytest.mark.xdist_group(group))
+"""
+
+TESTS = """
+import json, os, time
+import pytest
+
+def _record(kind):
+    with open({out!r}, "a") as f:
+        f.write(json.dumps([kind, os.environ["PYTEST_XDIST_WORKER"], os.nice(0)]) + "\\n")
+    time.sleep(0.05)
+
+@pytest.mark.services
+@pytest.mark.parametrize("k", range(6))
+def test_services(k):
+    _record("services")
+
+@pytest.mark.parametrize("k", range(6))
+def test_other(k):
+    _record("other")
+"""
+
+
+def test_the_services_group_runs_on_gw0_and_the_rest_beside_it_niced(tmp_path: Path) -> None:
+    out = tmp_path / "ran.jsonl"
+    (tmp_path / "conftest.py").write_text(CONFTEST)
+    (tmp_path / "test_throwaway.py").write_text(TESTS.format(out=str(out)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2"]
+        + ["--dist", "loadgroup", "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path)],
+        cwd=tmp_path,
+        # not this run's xdist worker variables, nor its PYTEST_ADDOPTS
+        env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+        | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran = [json.loads(line) for line in out.read_text().splitlines()]
+    base = os.nice(0)
+    services = {(worker, nice - base) for kind, worker, nice in ran if kind == "services"}
+    others = {(worker, nice - base) for kind, worker, nice in ran if kind == "other"}
+    assert len(ran) == 12
+    assert services == {(lanes.SERVICES_WORKER, 0)}, ran
+    # the other tests ran beside them on gw1, niced (gw0 may take what is left once its group
+    # is done: at its own priority)
+    assert ("gw1", lanes.OTHER_LANE_NICE) in others, ran
+    assert others <= {("gw1", lanes.OTHER_LANE_NICE), (lanes.SERVICES_WORKER, 0)}, ran
