@@ -1,5 +1,6 @@
-"""make test's two lanes (tests/lanes.py), on a pytest run of their own over throwaway tests:
-the services group on gw0 at normal priority, every other test on the other worker, niced."""
+"""make test's two lanes (tests/lanes.py, and conftest.py's hooks), on a pytest run of their own
+over throwaway tests: the services group on gw0 at normal priority, every other test on the
+other worker, niced."""
 
 from __future__ import annotations
 
@@ -12,22 +13,13 @@ from pathlib import Path
 from tests import lanes
 from tests.conftest import ROOT
 
+# the project's own hooks (tests/conftest.py): the throwaway tests are grouped as its are
 CONFTEST = """
-import pytest
-from tests import lanes
-
-def pytest_configure(config):
-    lanes.nice_the_other_lane(config.option)
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    return lanes.make_scheduler(config, log)
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = lanes.SERVICES if item.get_closest_marker("services") else item.nodeid
-        item.add_marker(pytest.mark.xdist_group(group))
+from tests.conftest import (
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_xdist_make_scheduler,
+)
 """
 
 TESTS = """
@@ -39,12 +31,13 @@ def _record(kind):
         f.write(json.dumps([kind, os.environ["PYTEST_XDIST_WORKER"], os.nice(0)]) + "\\n")
     time.sleep(0.05)
 
+# fewer than the others: xdist alone would send the larger group to gw0
 @pytest.mark.services
-@pytest.mark.parametrize("k", range(6))
+@pytest.mark.parametrize("k", range(3))
 def test_services(k):
     _record("services")
 
-@pytest.mark.parametrize("k", range(6))
+@pytest.mark.parametrize("k", range(8))
 def test_other(k):
     _record("other")
 """
@@ -71,7 +64,7 @@ def test_the_services_group_runs_on_gw0_and_the_rest_beside_it_niced(tmp_path: P
     base = os.nice(0)
     services = {(worker, nice - base) for kind, worker, nice in ran if kind == "services"}
     others = {(worker, nice - base) for kind, worker, nice in ran if kind == "other"}
-    assert len(ran) == 12
+    assert len(ran) == 11
     assert services == {(lanes.SERVICES_WORKER, 0)}, ran
     # the other tests ran beside them on gw1, niced (gw0 may take what is left once its group
     # is done: at its own priority)

@@ -1,0 +1,80 @@
+"""Where the test suite's time goes: a pytest plugin that records, for every test (set-up, call
+and teardown), its worker, wall time and the whole box's busy CPU-seconds (/proc/stat), and a
+summary of such a record per lane.
+
+    SUITE_TIMELINE=/tmp/suite.jsonl PYTEST_ADDOPTS="-p bench.suite_timeline" make test
+    python bench/suite_timeline.py /tmp/suite.jsonl
+
+Run it once in order (`pytest -p bench.suite_timeline`, no -n) for the tests' own times and how
+busy the box was between them; with make test's lanes each worker's tests overlap the other's,
+so the busy share is only printed for one worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+OUT = "SUITE_TIMELINE"
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU-seconds of the whole box since boot."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    start, (busy0, all0) = time.time(), _cpu_seconds()
+    yield
+    busy1, all1 = _cpu_seconds()
+    row = {
+        "id": item.nodeid,
+        "worker": os.environ.get("PYTEST_XDIST_WORKER", ""),
+        "start": start,
+        "wall": time.time() - start,
+        "busy": busy1 - busy0,
+        "cpu": all1 - all0,
+    }
+    with open(os.environ.get(OUT, "suite-timeline.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """Per worker: its tests, their summed wall time, when its last test ended; the slowest
+    modules; the box's busy share where one worker ran everything."""
+    first = min(r["start"] for r in rows)
+    lines = []
+    workers = sorted({r["worker"] for r in rows})
+    for worker in workers:
+        mine = [r for r in rows if r["worker"] == worker]
+        end = max(r["start"] + r["wall"] for r in mine) - first
+        lines.append(
+            f"worker {worker or '(none)'}: {len(mine)} tests, {sum(r['wall'] for r in mine):.0f} s "
+            f"of tests, its last ended {end:.0f} s in"
+        )
+    if len(workers) == 1:
+        busy, cpu = sum(r["busy"] for r in rows), sum(r["cpu"] for r in rows)
+        lines.append(f"box busy: {busy:.0f} of the tests' {cpu:.0f} CPU-seconds ({busy / cpu:.0%})")
+    modules: collections.Counter[str] = collections.Counter()
+    for r in rows:
+        modules[r["id"].split("::")[0]] += r["wall"]
+    lines += [f"  {wall:7.1f} s  {module}" for module, wall in modules.most_common(8)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python bench/suite_timeline.py SUITE_TIMELINE_FILE")
+    print(summary([json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines()]))
