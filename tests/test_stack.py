@@ -21,7 +21,7 @@ from botocore.exceptions import ClientError
 from orchestrator.stack import Stack, StackError
 from tests.conftest import ROOT, free_weed_ports, port_is_free, test_stack_config
 
-pytestmark = pytest.mark.services  # stacks of its own, some on the test stack's ports
+pytestmark = pytest.mark.services  # stacks and a Ray head of its own, started and stopped
 
 
 def _status(url: str, headers: dict[str, str] | None = None) -> int:
