@@ -123,13 +123,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.xdist_group(group))
 
 
-def _lease_of_run(lease: Path, run: str) -> bool:
-    """Whether a lease is another live process's of this xdist run (run: "" outside xdist)."""
-    if not run or not lease.name.isdigit() or lease.name == str(os.getpid()):
-        return False
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{lease.name}").exists() and lease.read_text() == run
-    return False
+def _live_leases(leases: Path) -> dict[str, str]:
+    """Other live processes' leases on the test stack: pid -> the xdist run id each wrote
+    ("" outside xdist)."""
+    live = {}
+    for lease in leases.iterdir():
+        mine = lease.name == str(os.getpid())
+        if lease.name.isdigit() and not mine and Path(f"/proc/{lease.name}").exists():
+            with contextlib.suppress(OSError):
+                live[lease.name] = lease.read_text()
+    return live
 
 
 @pytest.fixture(scope="session")
@@ -142,7 +145,7 @@ def stack() -> Iterator[Stack]:
     leases.mkdir(parents=True, exist_ok=True)
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")  # the same in every worker of one run
     (leases / str(os.getpid())).write_text(run)
-    twin = [p.name for p in leases.iterdir() if _lease_of_run(p, run)]
+    twin = [pid for pid, its_run in _live_leases(leases).items() if run and its_run == run]
     if twin:
         (leases / str(os.getpid())).unlink()
         pytest.fail(
@@ -158,8 +161,7 @@ def stack() -> Iterator[Stack]:
     os.environ.clear()
     os.environ.update(saved)
     (leases / str(os.getpid())).unlink(missing_ok=True)
-    others = [p for p in leases.iterdir() if p.name.isdigit() and Path(f"/proc/{p.name}").exists()]
-    if not others and not os.environ.get("ORCH_TEST_KEEP_STACK"):
+    if not _live_leases(leases) and not os.environ.get("ORCH_TEST_KEEP_STACK"):
         st.down()
 
 
