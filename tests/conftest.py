@@ -10,11 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,115 +110,59 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return lanes.make_scheduler(config, log) if config.getvalue("dist") == "loadgroup" else None
 
 
-def _in_services_group(item: pytest.Item) -> bool:
-    """Whether a test belongs to the services lane (tests/lanes.py): it uses the `stack` fixture
-    and is not marked `shares_stack`, or it is marked `services` (a test that asks for the stack
-    with request.getfixturevalue, or starts or stops services)."""
-    if item.get_closest_marker(lanes.SERVICES):
-        return True
-    return "stack" in item.fixturenames and not item.get_closest_marker(lanes.SHARES_STACK)
-
-
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker names each test's group
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Group the tests for `make test`'s lanes (tests/lanes.py): the services lane's in one
-    group, run in file order on one worker, so that a run has one Ray cluster and no two tests
-    submit jobs, start, stop or scan services at once; the others by module."""
+    """Group the tests for `make test`'s lanes (tests/lanes.py): every test that uses the
+    shared stack (the `stack` fixture, or `@pytest.mark.services` where a test asks for it with
+    request.getfixturevalue or starts services of its own) in one group, run in file order on
+    one worker, so that a run has one stack and one Ray cluster and no two tests start, stop or
+    scan services at once; the others by module."""
     for item in items:
-        group = lanes.SERVICES if _in_services_group(item) else item.nodeid.split("::")[0]
+        uses_services = "stack" in item.fixturenames or item.get_closest_marker("services")
+        group = lanes.SERVICES if uses_services else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    """A `shares_stack` test beside the services lane holds the lanes' lock shared (its set-up
-    and teardown too: module fixtures that write to the stack), so it never runs while a
-    services test has S3 or MLflow stopped. A services test that finds itself on another
-    worker fails (pytest_runtest_setup)."""
-    if not lanes.on_the_services_worker() and item.get_closest_marker(lanes.SHARES_STACK):
-        with lanes.holding(lanes.lock_path(item.config.rootpath), exclusive=False):
-            yield
-    else:
-        yield
-
-
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """A services test on another worker than the services lane's: xdist ignored the groups
-    (pytest-xdist issue 1386, with pytest 9.2), and two workers would start, stop and use the
-    stack at once. Refused, naming the cause."""
-    if not lanes.on_the_services_worker() and _in_services_group(item):
-        pytest.fail(
-            f"{item.nodeid} belongs to the services lane but runs on xdist worker "
-            f"{os.environ.get('PYTEST_XDIST_WORKER')}, beside it: xdist ignored the test groups. "
-            "Run pytest with `--dist loadgroup` (as make test does) on a pytest that pytest-xdist "
-            "can group with (pyproject.toml's pin says which)",
-            pytrace=False,
-        )
+def _live_leases(leases: Path) -> dict[str, str]:
+    """Other live processes' leases on the test stack: pid -> the xdist run id each wrote
+    ("" outside xdist)."""
+    live = {}
+    for lease in leases.iterdir():
+        mine = lease.name == str(os.getpid())
+        if lease.name.isdigit() and not mine and Path(f"/proc/{lease.name}").exists():
+            with contextlib.suppress(OSError):
+                live[lease.name] = lease.read_text()
+    return live
 
 
 @pytest.fixture(scope="session")
-def exclusive_stack(request: pytest.FixtureRequest) -> Callable[[], AbstractContextManager[None]]:
-    """`with exclusive_stack():` around a services test's stop and start of a shared service:
-    it waits for the `shares_stack` tests running beside it to end, and none starts until the
-    block ends."""
-    path = lanes.lock_path(request.config.rootpath)
-    return lambda: lanes.holding(path, exclusive=True)
-
-
-def _live_leases(leases: Path) -> list[str]:
-    """Other live processes' leases on the test stack (their pids)."""
-    return [
-        lease.name
-        for lease in leases.iterdir()
-        if lease.name.isdigit()
-        and lease.name != str(os.getpid())
-        and Path(f"/proc/{lease.name}").exists()
-    ]
-
-
-def _wait_for_the_services_lane(session: pytest.Session, leases: Path) -> None:
-    """On the other lane: let the services lane start the stack when it will (its services and
-    Ray jobs would otherwise inherit this worker's lower priority); start it here, saying so,
-    if it has not within STACK_WAIT_S."""
-    if lanes.on_the_services_worker():
-        return
-    if not any(_in_services_group(item) and "stack" in item.fixturenames for item in session.items):
-        return  # the services lane will not start it
-    deadline = time.monotonic() + lanes.STACK_WAIT_S
-    while not _live_leases(leases):
-        if time.monotonic() > deadline:
-            warnings.warn(
-                f"the services lane did not start the test stack in {lanes.STACK_WAIT_S} s: "
-                f"xdist worker {os.environ.get('PYTEST_XDIST_WORKER')} starts it, and its "
-                "services run at this lane's lower priority (nice), slowing the services' tests",
-                stacklevel=1,
-            )
-            return
-        time.sleep(0.5)
-
-
-@pytest.fixture(scope="session")
-def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+def stack() -> Iterator[Stack]:
     """The running test stack; its client variables are set in os.environ for the session."""
     st = Stack(test_stack_config())
-    # several pytest sessions (and make test's two lanes) may share the test stack: each holds
-    # a lease, the last one out stops it (unless ORCH_TEST_KEEP_STACK is set); one at a time
-    # starts it or decides to stop it
+    # several pytest sessions may share the test stack: each holds a lease, the last one out
+    # stops it (unless ORCH_TEST_KEEP_STACK is set)
     leases = st.dir / "leases"
     leases.mkdir(parents=True, exist_ok=True)
-    _wait_for_the_services_lane(request.session, leases)
-    with lanes.holding(st.dir / "up.lock", exclusive=True):
-        (leases / str(os.getpid())).write_text("")
-        st.up()
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")  # the same in every worker of one run
+    (leases / str(os.getpid())).write_text(run)
+    twin = [pid for pid, its_run in _live_leases(leases).items() if run and its_run == run]
+    if twin:
+        (leases / str(os.getpid())).unlink()
+        pytest.fail(
+            f"xdist worker {os.environ.get('PYTEST_XDIST_WORKER')} and process(es) {twin} of this "
+            "run both use the test stack: the services' tests must share one worker. Run pytest "
+            "with `--dist loadgroup` (as make test does) on a pytest that pytest-xdist can group "
+            "with (pyproject.toml's pin says which)"
+        )
+    st.up()
     saved = dict(os.environ)
     os.environ.update(st.env())
     yield st
     os.environ.clear()
     os.environ.update(saved)
-    with lanes.holding(st.dir / "up.lock", exclusive=True):
-        (leases / str(os.getpid())).unlink(missing_ok=True)
-        if not _live_leases(leases) and not os.environ.get("ORCH_TEST_KEEP_STACK"):
-            st.down()
+    (leases / str(os.getpid())).unlink(missing_ok=True)
+    if not _live_leases(leases) and not os.environ.get("ORCH_TEST_KEEP_STACK"):
+        st.down()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from orchestrator.checkpoint import (
 )
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.shares_stack)])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.services)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> CheckpointStore:
     if request.param == "local":
         return CheckpointStore(str(tmp_path / "ckpts"))

@@ -226,7 +226,7 @@ def test_rng_state_is_plain_data_and_round_trips() -> None:
 # ------------------------------------------------------------------------ leases (item 6)
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.shares_stack)])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.services)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> CheckpointStore:
     if request.param == "local":
         return CheckpointStore(str(tmp_path / "ckpts"))

@@ -244,7 +244,6 @@ def test_indexed_shards_get_the_converters_mean_image_and_pass_the_preflight(
     assert ", mean image 3x32x32" in capsys.readouterr().out
 
 
-@pytest.mark.shares_stack  # S3 only: beside the services lane (tests/lanes.py)
 def test_index_shards_mean_image_on_s3(
     src: Path, tmp_path: Path, s3_prefix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

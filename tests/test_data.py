@@ -1034,7 +1034,6 @@ def upload_dir(local: Path, url: str) -> None:
     store.put("manifest.json", (local / "manifest.json").read_bytes())  # the commit marker last
 
 
-@pytest.mark.shares_stack  # S3 only: beside the services lane (tests/lanes.py)
 def test_reads_from_s3_same_as_local(ds, s3_prefix):
     url = f"{s3_prefix}/ds"
     with pytest.raises(DataError, match="manifest"):

@@ -545,7 +545,6 @@ def s3_dest(s3_prefix: str) -> Iterator[str]:
     open_storage(s3_prefix).delete_prefix("imagenet")
 
 
-@pytest.mark.shares_stack  # S3 only: beside the services lane (tests/lanes.py)
 def test_imagenet_to_s3_matches_local_and_resumes(
     s3_dest: str, imagenet_src: Path, local_shards: Path
 ) -> None:
@@ -583,7 +582,6 @@ def test_imagenet_to_s3_matches_local_and_resumes(
     assert etags() == before  # rebuilt byte for byte: single-part ETags (MD5s) match again
 
 
-@pytest.mark.shares_stack  # S3 only: beside the services lane (tests/lanes.py)
 def test_s3_refusals_write_nothing(s3_dest: str, imagenet_src: Path) -> None:
     from orchestrator.storage import open_storage
 

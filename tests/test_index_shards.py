@@ -197,7 +197,7 @@ def _bs() -> dict[str, int]:
     return {"batch_size": 16, "seed": 0}
 
 
-@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.shares_stack)])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.services)])
 def test_train_a_few_steps_on_indexed_shards(
     tmp_path: Path, peer_images: dict, where: str, request: pytest.FixtureRequest
 ) -> None:

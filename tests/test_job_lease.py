@@ -89,7 +89,7 @@ def test_a_dead_holders_lease_is_taken_at_once_and_a_finished_one_released(
     _lease(tmp_path).acquire()  # a released lease is free
 
 
-@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.shares_stack)])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.services)])
 def test_of_many_drivers_at_once_exactly_one_gets_the_lease(
     where: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

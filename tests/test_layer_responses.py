@@ -42,10 +42,6 @@ from orchestrator.paper.layer_responses import (
 from orchestrator.paper.plots import layer_responses_figure, plot_layer_responses
 from tests.conftest import odd_shards_config, run_script
 
-# the shared stack's S3 and MLflow only (no Ray, nothing stopped): beside the services lane
-# (tests/lanes.py)
-pytestmark = pytest.mark.shares_stack
-
 # ----------------------------------------------------------------------------- which layers
 
 

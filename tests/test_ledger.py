@@ -181,7 +181,6 @@ def ledger_command(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.shares_stack  # S3 only: beside the services lane (tests/lanes.py)
 def test_the_command_on_seaweedfs_passes_then_catches_a_planted_duplicate(
     s3_prefix: str,
 ) -> None:

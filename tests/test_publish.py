@@ -47,10 +47,6 @@ from orchestrator.publish.torchvision_export import (
 from orchestrator.tracking.tags import REGISTRATION_TAG
 from tests.conftest import run_script
 
-# the shared stack's S3 and MLflow only (no Ray, nothing stopped): beside the services lane
-# (tests/lanes.py)
-pytestmark = pytest.mark.shares_stack
-
 
 def client() -> Any:
     from mlflow import MlflowClient

@@ -11,7 +11,7 @@ import pytest
 from orchestrator.storage import NotFound, Storage, open_storage, read_url
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.shares_stack)])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.services)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     if request.param == "local":
         return open_storage(str(tmp_path / "root"))
@@ -74,7 +74,6 @@ def test_delete_prefix_removes_only_that_prefix(store: Storage) -> None:
     assert sorted(store.sizes()) == ["dropped-not/a"]
 
 
-@pytest.mark.shares_stack  # S3 only: beside the services lane (tests/lanes.py)
 def test_s3_listing_follows_pages(s3_prefix: str) -> None:
     """More objects than one list request returns (1,000): every one is listed and deleted."""
     store = open_storage(f"{s3_prefix}/many")

@@ -21,8 +21,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +39,6 @@ from orchestrator.tracking.run_report import metric_history
 from orchestrator.tracking.tags import ERROR_TAG, HEARTBEAT_TAG, JOB_TAG, LOST_TAG, STALE_SEEN_TAG
 from orchestrator.tracking.tracker import MlflowTracker, NullTracker, start_tracker
 from tests.conftest import ROOT, assert_no_secret_in_runs
-
-# the shared stack's S3 and MLflow only (no Ray, nothing stopped): beside the services lane
-# (tests/lanes.py)
-pytestmark = pytest.mark.shares_stack
 
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -746,16 +740,13 @@ def test_training_job_logs_lineage_paper_and_best_checkpoint(
 
 
 @pytest.fixture
-def mlflow_restored(stack: Stack, exclusive_stack: Callable[[], AbstractContextManager[None]]):
-    """The test stack, with its MLflow server started again whatever the test did to it; no
-    test beside the services lane runs meanwhile."""
-    with exclusive_stack():
-        yield stack
-        if stack.status(("mlflow",))["mlflow"] != "up":
-            stack.up(("mlflow",))
+def mlflow_restored(stack: Stack):
+    """The test stack, with its MLflow server started again whatever the test did to it."""
+    yield stack
+    if stack.status(("mlflow",))["mlflow"] != "up":
+        stack.up(("mlflow",))
 
 
-@pytest.mark.services  # it stops the shared MLflow server: in the services lane
 def test_tracking_server_down_mid_run(mlflow_restored: Stack) -> None:
     """Stop the server while a tracker logs, start it again: no exception, seconds per step while
     it is down, the backlog delivered when it returns, and what had to be dropped counted."""

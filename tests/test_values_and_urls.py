@@ -288,7 +288,6 @@ def test_local_starts_one_process_per_gpu_unless_told(
 # --------------------------------------------------------------- free tags on the MLflow run
 
 
-@pytest.mark.shares_stack  # MLflow only: beside the services lane (tests/lanes.py)
 def test_free_tags_land_on_the_jobs_mlflow_run(stack: Any) -> None:
     """The loop hands its tracker spec.tracking.tags beside its own (orchestrator.train)."""
     import uuid
