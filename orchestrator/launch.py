@@ -388,9 +388,7 @@ def fit_on_ray(spec: JobSpec, callbacks: list[Any] | None = None) -> Any:
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
-    use_gpu = spec.scaling.use_gpu
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = uses_gpu(spec)
     storage_path, filesystem = storage_for_ray(spec.checkpoint.storage)
     # our loop commits its own checkpoints (every rank's files, then a marker) and reports none
     # to Ray, so Ray's CheckpointConfig has nothing to keep; Ray's storage holds the run's
@@ -454,6 +452,18 @@ def failure_config(spec: JobSpec) -> Any:
         max_failures=spec.scaling.max_failures,
         max_preemption_failures=spec.scaling.max_preemption_failures,
     )
+
+
+def uses_gpu(spec: JobSpec, cluster: dict[str, float] | None = None) -> bool:
+    """Whether the job's Ray workers take a GPU: scaling.use_gpu, or (unset) whether the
+    cluster (default: the connected Ray cluster's resources) has one."""
+    if spec.scaling.use_gpu is not None:
+        return spec.scaling.use_gpu
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    return cluster.get("GPU", 0) > 0
 
 
 def worker_resources(spec: JobSpec, use_gpu: bool) -> dict[str, float]:

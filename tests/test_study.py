@@ -332,6 +332,17 @@ def test_trials_at_once_follow_the_cluster_and_the_cap() -> None:
     assert concurrency(capped, capped.trials(), {"CPU": 64, "GPU": 64}) == 2
 
 
+def test_workers_take_a_gpu_where_asked_or_where_the_cluster_has_one() -> None:
+    """One rule for a job's Ray workers and a study's trials (orchestrator.launch.uses_gpu)."""
+    from orchestrator.launch import uses_gpu
+    from orchestrator.spec import apply_overrides
+
+    base = load_job_spec("cifar10_resnet")  # scaling.use_gpu unset
+    assert uses_gpu(base, {"CPU": 8, "GPU": 2}) and not uses_gpu(base, {"CPU": 8})
+    assert not uses_gpu(apply_overrides(base, ["scaling.use_gpu=false"]), {"CPU": 8, "GPU": 2})
+    assert uses_gpu(apply_overrides(base, ["scaling.use_gpu=true"]), {"CPU": 8})
+
+
 def study_in_process(*args: str) -> tuple[int, str]:
     """`python jobs/cifar10_table6.py ARGS` in this process: the entry point the study file calls
     (orchestrator.study.main), in the repository's folder; (exit code, the driver's output). A

@@ -35,7 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.launch import storage_for_ray
+from orchestrator.launch import storage_for_ray, uses_gpu, worker_resources
 from orchestrator.spec import JobSpec, from_dict
 from orchestrator.study.grid import Study, Trial
 from orchestrator.study.in_actor import trains_in_actor, tune_max_failures
@@ -245,35 +245,20 @@ def trial_request(config: dict[str, Any]) -> Any:
     where it trains in the actor."""
     from ray.tune import PlacementGroupFactory
 
-    from orchestrator.launch import worker_resources
-
     spec = from_dict(JobSpec, config["spec"])
     need = dict(TRIAL_DRIVER)
     if trains_in_actor(spec, config.get("trial_runner", "auto")):
         cluster = {"GPU": float(config.get("cluster_gpus", 0))}
-        need.update(worker_resources(spec, use_gpu(spec, cluster)))
+        need.update(worker_resources(spec, uses_gpu(spec, cluster)))
     return PlacementGroupFactory([need])
 
 
 # ---------------------------------------------------------------------------- on Ray Tune
 
 
-def use_gpu(spec: JobSpec, cluster: dict[str, float] | None = None) -> bool:
-    """scaling.use_gpu, or (unset) whether the cluster has a GPU."""
-    if spec.scaling.use_gpu is not None:
-        return spec.scaling.use_gpu
-    if cluster is None:
-        import ray
-
-        cluster = ray.cluster_resources()
-    return cluster.get("GPU", 0) > 0
-
-
 def trial_resources(spec: JobSpec, cluster: dict[str, float]) -> dict[str, float]:
     """What one trial's job holds while it runs: its workers (in its actor, or its group)."""
-    from orchestrator.launch import worker_resources
-
-    each = worker_resources(spec, use_gpu(spec, cluster))
+    each = worker_resources(spec, uses_gpu(spec, cluster))
     return {k: v * spec.scaling.num_workers for k, v in each.items()}
 
 
