@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -49,9 +50,16 @@ from orchestrator.data import ledger as ledger_mod
 
 
 def client() -> Any:
+    """Ray's job client for RAY_ADDRESS (one per head: its creation asks the head's version,
+    and the harnesses poll job states several times a second)."""
+    return _client(os.environ["RAY_ADDRESS"], os.environ.get("RAY_AUTH_TOKEN_PATH", ""))
+
+
+@functools.cache
+def _client(address: str, token_path: str) -> Any:
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(os.environ["RAY_ADDRESS"])
+    return JobSubmissionClient(address)
 
 
 def submit(args: list[str]) -> str:

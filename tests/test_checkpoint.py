@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,6 +51,35 @@ def test_only_complete_committed_checkpoints_count(
     assert store.read(4, "trainer.pt")["step"] == 4
     assert "step-00000012" in caplog.text and "truncated" in caplog.text
     assert "step-00000008" in caplog.text and "no commit marker" in caplog.text
+    assert [c.step for c in store.committed()] == [4]
+
+    _save(store, 16, 0.2)  # the broken ones are now older than the newest commit: debris
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert store.latest().step == 16 and [c.step for c in store.committed()] == [4, 16]
+    assert "skipping" not in caplog.text
+
+
+def test_the_latest_checkpoint_costs_a_few_requests_however_many_are_kept(
+    store: CheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rank reads it to resume, test and chaos harnesses poll it: the newest step folder
+    first, not every folder (10 kept cost 21 S3 requests one after another before)."""
+    for step in range(1, 11):
+        _save(store, step, 0.5)
+    calls: list[str] = []
+
+    def counted(method: str) -> Any:
+        real = getattr(store.storage, method)
+        return lambda *args, **kwargs: calls.append(method) or real(*args, **kwargs)
+
+    for method in ("get", "sizes", "list_dirs"):
+        monkeypatch.setattr(store.storage, method, counted(method))
+    assert store.latest().step == 10
+    assert sorted(calls) == ["get", "list_dirs", "sizes"], calls
+    calls.clear()
+    assert [c.step for c in store.committed()] == list(range(1, 11))
+    assert calls.count("list_dirs") == 1 and calls.count("sizes") == 1, calls  # one listing each
 
 
 def test_retention_keeps_latest_and_best(store: CheckpointStore) -> None:
