@@ -115,12 +115,18 @@ def losses(name: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
 
 
+RUN_IDS: dict[str, str] = {}  # job name -> its MLflow run (one per job, across restarts)
+
+
 def newest_step(name: str) -> int:
-    """The newest step the job's run has logged (0: none, or no run yet)."""
-    runs = job_runs(name)
-    if not runs:
-        return 0
-    history = MlflowClient().get_metric_history(runs[0].info.run_id, "train/loss")
+    """The newest step the job's run has logged (0: none, or no run yet). Polled several times
+    a second: the run is looked up once."""
+    if name not in RUN_IDS:
+        runs = job_runs(name)
+        if not runs:
+            return 0
+        RUN_IDS[name] = runs[0].info.run_id
+    history = MlflowClient().get_metric_history(RUN_IDS[name], "train/loss")
     return max((m.step for m in history), default=0)
 
 
