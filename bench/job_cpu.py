@@ -1,0 +1,161 @@
+"""What one short training job costs in CPU through Ray, process by process, against the same
+job run locally (torchrun) in the same run.
+
+    python bench/job_cpu.py [--steps 32] [--runs 1]   # needs the local stack: make up
+
+The job is the test suite's unit of work: jobs/smoke.py (CIFAR ResNet-20, 2 workers, DDP over
+gloo) on a small generated dataset in the stack's S3, with bench/chaos.py's spec (a checkpoint
+every 4 steps, a step logged to MLflow each), tracked in the stack's MLflow. Each run submits it
+with `ray job submit` and waits for its end, then runs it as `python jobs/smoke.py --local`.
+For each: its wall time and the whole box's busy CPU-seconds from start to end (/proc/stat,
+less this script's own), and every process's own CPU time by kind (psutil, sampled every 0.5 s:
+a process that lives less than that is missed). Medians over --runs. Last line:
+`job_cpu: ratio=R (ray X CPU-s, local Y CPU-s; wall A s vs B s; N steps)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+from chaos import CHAOS_SPEC  # bench/: the fault-tolerance harness's job spec
+from chaos_cluster import BENCH_DATASET, make_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+HEAD = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "DashboardAgent")
+
+
+def _busy_s() -> float:
+    """The whole box's busy CPU-seconds since boot."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _kind(proc: psutil.Process) -> str:
+    """What a process is, for the table (Ray's worker processes by what they run)."""
+    cmd, parent = " ".join(proc.cmdline()), proc.parent()
+    if "pt_data_worker" in (proc.name(), cmd):
+        return "data loader workers"
+    if m := re.match(r"ray::(\w+)", cmd):
+        return f"Ray worker process: {m[1]}"
+    if "default_worker.py" in cmd:
+        return "Ray worker process: starting"
+    if "torch.distributed.run" in cmd:
+        return "torchrun"
+    if "jobs/smoke.py" in cmd:
+        if "--local" in cmd:
+            return "the local job's process"
+        if parent is not None and "torch.distributed.run" in " ".join(parent.cmdline()):
+            return "a local worker"
+        if parent is not None and parent.name() in ("sh", "dash", "bash"):
+            return "the Ray job's driver"  # Ray's job supervisor runs it through a shell
+        return "data loader workers"  # forked, not yet renamed
+    if any(h in cmd for h in HEAD):
+        return "Ray's head (raylet, GCS, dashboard, agents, log monitor)"
+    if "mlflow" in cmd:
+        return "MLflow server"
+    if "weed" in cmd:
+        return "SeaweedFS"
+    return "other"
+
+
+class Sampler(threading.Thread):
+    """Every process's user+system CPU time, every 0.5 s, until stopped."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.start_cpu: dict[int, float] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self.halt = threading.Event()
+        for p in psutil.process_iter():
+            try:
+                self.start_cpu[p.pid] = sum(p.cpu_times()[:2])
+            except psutil.Error:
+                pass
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            for p in psutil.process_iter():
+                try:
+                    # the newest name: a process is forked before it execs, and Ray names its
+                    # workers once they run
+                    self.last[p.pid] = (_kind(p), sum(p.cpu_times()[:2]))
+                except psutil.Error:
+                    pass
+            self.halt.wait(0.5)
+
+    def by_kind(self) -> dict[str, float]:
+        out: collections.Counter[str] = collections.Counter()
+        for pid, (kind, cpu) in self.last.items():
+            if pid != os.getpid():
+                out[kind] += cpu - self.start_cpu.get(pid, 0.0)
+        return dict(out)
+
+
+def measure(cmd: list[str]) -> tuple[float, float, dict[str, float]]:
+    """(wall s, the box's busy CPU-s less this script's, CPU-s by process kind) of `cmd`."""
+    sampler = Sampler()
+    mine0, busy0, t0 = time.process_time(), _busy_s(), time.monotonic()
+    sampler.start()
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    wall = time.monotonic() - t0
+    time.sleep(1.0)  # the job's processes' last samples (Ray's driver ends after its job)
+    sampler.halt.set()
+    sampler.join()
+    busy = _busy_s() - busy0 - (time.process_time() - mine0)
+    return wall, busy, sampler.by_kind()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=1)
+    args = parser.parse_args()
+    if "RAY_ADDRESS" not in os.environ:
+        parser.error(
+            'the local stack\'s env: make up && eval "$(python -m orchestrator.stack env)"'
+        )
+    dataset = make_dataset(BENCH_DATASET)
+    results: dict[str, list[tuple[float, float, dict[str, float]]]] = {"ray": [], "local": []}
+    for _ in range(args.runs):
+        spec = [f"data.url={dataset}", "tracking.experiment=job-cpu-bench", *CHAOS_SPEC]
+        spec += [f"schedule.max_iters={args.steps}"]
+        name = f"job-cpu-{uuid.uuid4().hex[:6]}"
+        ray = ["ray", "job", "submit", "--", sys.executable, "jobs/smoke.py", f"name={name}-ray"]
+        # --local on a CPU machine starts one worker unless told: the same 2 as on Ray
+        local = [sys.executable, "jobs/smoke.py", "--local", f"name={name}-local"]
+        local += ["scaling.num_workers=2"]
+        results["ray"].append(measure([*ray, *spec]))
+        results["local"].append(measure([*local, *spec]))
+    for how, runs in results.items():
+        wall = statistics.median(r[0] for r in runs)
+        busy = statistics.median(r[1] for r in runs)
+        print(f"{how}: wall {wall:.1f} s, the box busy {busy:.1f} CPU-s (median of {len(runs)})")
+        kinds = collections.Counter[str]()
+        for _, _, by_kind in runs:
+            kinds.update({k: v / len(runs) for k, v in by_kind.items()})
+        for kind, cpu in kinds.most_common():
+            if cpu >= 0.05:
+                print(f"  {cpu:6.1f} CPU-s  {kind}")
+    ray_busy = statistics.median(r[1] for r in results["ray"])
+    local_busy = statistics.median(r[1] for r in results["local"])
+    ray_wall = statistics.median(r[0] for r in results["ray"])
+    local_wall = statistics.median(r[0] for r in results["local"])
+    print(
+        f"job_cpu: ratio={ray_busy / local_busy:.2f} (ray {ray_busy:.1f} CPU-s, local "
+        f"{local_busy:.1f} CPU-s; wall {ray_wall:.1f} s vs {local_wall:.1f} s; {args.steps} steps)"
+    )
+
+
+if __name__ == "__main__":
+    main()
