@@ -56,7 +56,7 @@ def client() -> Any:
 
 
 @functools.cache
-def _client(address: str, token_path: str) -> Any:
+def _client(address: str, token_path: str) -> Any:  # the token's file: part of the key only
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address)

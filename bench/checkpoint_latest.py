@@ -33,8 +33,9 @@ def _fill(store: CheckpointStore, kept: int) -> None:
         store.commit(step, {"val/top1_err": 1.0 / step})
 
 
-def _counting(store: CheckpointStore) -> list[str]:
-    """Count the storage requests the store makes (its listing and reading methods)."""
+def count_requests(store: CheckpointStore) -> list[str]:
+    """From now on, the storage requests the store makes (its listing and reading methods),
+    by method name, in a list that grows as it makes them."""
     calls: list[str] = []
     for method in ("get", "sizes", "list_dirs"):
         real = getattr(store.storage, method)
@@ -72,7 +73,7 @@ def main() -> None:
 
     store = CheckpointStore(args.url)
     _fill(store, args.kept)
-    calls = _counting(store)
+    calls = count_requests(store)
     newest, every = store.latest(), store.committed()[-1]
     assert newest is not None and newest.step == every.step == args.kept, (newest, every)
     calls.clear()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from bench.checkpoint_latest import count_requests
 from orchestrator import s3
 from orchestrator.checkpoint import (
     CheckpointStore,
@@ -61,20 +61,13 @@ def test_only_complete_committed_checkpoints_count(
 
 
 def test_the_latest_checkpoint_costs_a_few_requests_however_many_are_kept(
-    store: CheckpointStore, monkeypatch: pytest.MonkeyPatch
+    store: CheckpointStore,
 ) -> None:
     """Every rank reads it to resume, test and chaos harnesses poll it: the newest step folder
     first, not every folder (10 kept cost 21 S3 requests one after another before)."""
     for step in range(1, 11):
         _save(store, step, 0.5)
-    calls: list[str] = []
-
-    def counted(method: str) -> Any:
-        real = getattr(store.storage, method)
-        return lambda *args, **kwargs: calls.append(method) or real(*args, **kwargs)
-
-    for method in ("get", "sizes", "list_dirs"):
-        monkeypatch.setattr(store.storage, method, counted(method))
+    calls = count_requests(store)
     assert store.latest().step == 10
     assert sorted(calls) == ["get", "list_dirs", "sizes"], calls
     calls.clear()
