@@ -30,15 +30,10 @@ from pathlib import Path
 import psutil
 from chaos import CHAOS_SPEC  # bench/: the fault-tolerance harness's job spec
 from chaos_cluster import BENCH_DATASET, make_dataset
+from suite_timeline import cpu_seconds  # bench/: the box's busy CPU-seconds
 
 REPO = Path(__file__).resolve().parent.parent
 HEAD = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "DashboardAgent")
-
-
-def _busy_s() -> float:
-    """The whole box's busy CPU-seconds since boot."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def _kind(proc: psutil.Process) -> str:
@@ -105,14 +100,14 @@ class Sampler(threading.Thread):
 def measure(cmd: list[str]) -> tuple[float, float, dict[str, float]]:
     """(wall s, the box's busy CPU-s less this script's, CPU-s by process kind) of `cmd`."""
     sampler = Sampler()
-    mine0, busy0, t0 = time.process_time(), _busy_s(), time.monotonic()
+    mine0, (busy0, _), t0 = time.process_time(), cpu_seconds(), time.monotonic()
     sampler.start()
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
     wall = time.monotonic() - t0
     time.sleep(1.0)  # the job's processes' last samples (Ray's driver ends after its job)
     sampler.halt.set()
     sampler.join()
-    busy = _busy_s() - busy0 - (time.process_time() - mine0)
+    busy = cpu_seconds()[0] - busy0 - (time.process_time() - mine0)
     return wall, busy, sampler.by_kind()
 
 

@@ -26,7 +26,7 @@ import pytest
 OUT = "SUITE_TIMELINE"
 
 
-def _cpu_seconds() -> tuple[float, float]:
+def cpu_seconds() -> tuple[float, float]:
     """(busy, total) CPU-seconds of the whole box since boot."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     idle = fields[3] + fields[4]  # idle and iowait
@@ -36,9 +36,9 @@ def _cpu_seconds() -> tuple[float, float]:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    start, (busy0, all0) = time.time(), _cpu_seconds()
+    start, (busy0, all0) = time.time(), cpu_seconds()
     yield
-    busy1, all1 = _cpu_seconds()
+    busy1, all1 = cpu_seconds()
     row = {
         "id": item.nodeid,
         "worker": os.environ.get("PYTEST_XDIST_WORKER", ""),
@@ -51,22 +51,35 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         f.write(json.dumps(row) + "\n")
 
 
+def _busy(rows: list[dict[str, Any]]) -> str:
+    busy, cpu = sum(r["busy"] for r in rows), sum(r["cpu"] for r in rows)
+    return f"the box busy {busy:.0f} of {cpu:.0f} CPU-seconds ({busy / cpu:.0%})"
+
+
 def summary(rows: list[dict[str, Any]]) -> str:
-    """Per worker: its tests, their summed wall time, when its last test ended; the slowest
-    modules; the box's busy share where one worker ran everything."""
+    """Per worker: its tests, their summed wall time, when its last test ended, and how busy
+    the box was over its tests (a worker's tests never overlap each other, so this holds with
+    lanes too); for the worker that ended last, how busy the box was once it ran alone; the
+    slowest modules."""
     first = min(r["start"] for r in rows)
     lines = []
     workers = sorted({r["worker"] for r in rows})
+    ends = {w: max(r["start"] + r["wall"] for r in rows if r["worker"] == w) for w in workers}
     for worker in workers:
         mine = [r for r in rows if r["worker"] == worker]
-        end = max(r["start"] + r["wall"] for r in mine) - first
         lines.append(
             f"worker {worker or '(none)'}: {len(mine)} tests, {sum(r['wall'] for r in mine):.0f} s "
-            f"of tests, its last ended {end:.0f} s in"
+            f"of tests, its last ended {ends[worker] - first:.0f} s in; {_busy(mine)}"
         )
-    if len(workers) == 1:
-        busy, cpu = sum(r["busy"] for r in rows), sum(r["cpu"] for r in rows)
-        lines.append(f"box busy: {busy:.0f} of the tests' {cpu:.0f} CPU-seconds ({busy / cpu:.0%})")
+    if len(workers) > 1:
+        last = max(workers, key=ends.__getitem__)
+        others_end = max(end for w, end in ends.items() if w != last)
+        alone = [r for r in rows if r["worker"] == last and r["start"] >= others_end]
+        if alone:
+            wall = sum(r["wall"] for r in alone)
+            lines.append(
+                f"worker {last} alone, after the others ended: {wall:.0f} s; {_busy(alone)}"
+            )
     modules: collections.Counter[str] = collections.Counter()
     for r in rows:
         modules[r["id"].split("::")[0]] += r["wall"]
