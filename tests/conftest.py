@@ -116,15 +116,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     shared stack (the `stack` fixture, or `@pytest.mark.services` where a test asks for it with
     request.getfixturevalue or starts services of its own) in one group, run in file order on
     one worker, so that a run has one stack and one Ray cluster and no two tests start, stop or
-    scan services at once (those marked `both_cores` last); the others by module."""
-    services = []
+    scan services at once; the others by module."""
     for item in items:
         uses_services = "stack" in item.fixturenames or item.get_closest_marker("services")
         group = lanes.SERVICES if uses_services else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
-        if uses_services:
-            services.append(item)
-    lanes.both_cores_last(items, services)
 
 
 def _live_leases(leases: Path) -> dict[str, str]:

@@ -5,10 +5,6 @@ The services lane: every test that uses the local stack (conftest.py groups them
 the 2-core box about two thirds of the tests' time, in order). The other lane: every other
 test, a module at a time, on the other worker(s), niced, so that it takes the CPU the services'
 tests leave idle while they wait on jobs, not the CPU they would use.
-
-Most services' tests wait on one job at a time and leave a core idle; a few keep both busy (jobs
-side by side). Those, marked `both_cores`, run at the services lane's end: by then the other lane
-is done, and the waiting tests ran beside it, their idle CPU used.
 """
 
 from __future__ import annotations
@@ -19,15 +15,6 @@ from typing import Any
 SERVICES = "services"
 SERVICES_WORKER = "gw0"
 OTHER_LANE_NICE = 5  # a quarter of a core's share beside a busy normal-priority process
-BOTH_CORES = "both_cores"  # the marker of services' tests that keep both cores busy
-
-
-def both_cores_last(items: list[Any], services: list[Any]) -> None:
-    """Move the `services` tests marked `both_cores` after every other test of `items` (in
-    place; each part keeps its order)."""
-    last = [item for item in services if item.get_closest_marker(BOTH_CORES)]
-    moved = set(map(id, last))
-    items[:] = [item for item in items if id(item) not in moved] + last
 
 
 def nice_the_other_lane(option: Any) -> None:

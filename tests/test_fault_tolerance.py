@@ -39,7 +39,7 @@ from orchestrator.stack import Stack
 from orchestrator.tracking import liveness
 from tests.conftest import ROOT
 
-pytestmark = [pytest.mark.slow, pytest.mark.both_cores]  # its jobs run side by side
+pytestmark = pytest.mark.slow
 
 _spec = importlib.util.spec_from_file_location("chaos", ROOT / "bench" / "chaos.py")
 chaos = importlib.util.module_from_spec(_spec)
