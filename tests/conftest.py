@@ -228,23 +228,15 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 
 @pytest.fixture(scope="session")
 def generated_imagenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small learnable ImageNet-layout folder (4 classes, 160x120 JPEGs)."""
-    out = tmp_path_factory.mktemp("imagenet-src")
-    run_script(
-        "datasets/synthetic.py",
-        "imagenet",
-        "--out",
-        str(out),
-        "--classes",
-        "4",
-        "--train-per-class",
-        "40",
-        "--val-per-class",
-        "10",
-        "--size",
-        "160x120",
-    )
-    return out
+    """A small learnable ImageNet-layout folder (4 classes, 160x120 JPEGs), one for both lanes."""
+
+    def build(out: Path) -> None:
+        run_script(
+            "datasets/synthetic.py", "imagenet", "--out", str(out), "--classes", "4",
+            "--train-per-class", "40", "--val-per-class", "10", "--size", "160x120",
+        )  # fmt: skip
+
+    return lanes.built_once(tmp_path_factory, "imagenet-src", build)
 
 
 @pytest.fixture(scope="session")

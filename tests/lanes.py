@@ -5,11 +5,17 @@ The services lane: every test that uses the local stack (conftest.py groups them
 the 2-core box about two thirds of the tests' time, in order). The other lane: every other
 test, a module at a time, on the other worker(s), niced, so that it takes the CPU the services'
 tests leave idle while they wait on jobs, not the CPU they would use.
+
+A fixture that tests of both lanes use is built once a run, not once in each (`built_once`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 SERVICES = "services"
@@ -39,3 +45,22 @@ def make_scheduler(config: Any, log: Any) -> Any:
             super()._assign_work_unit(node)
 
     return ServicesOnTheirWorker(config, log)
+
+
+def built_once(tmp_path_factory: Any, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder that `build` fills once per test run, for every lane: a session or module
+    fixture of a module whose tests run in both lanes would otherwise be built in each worker.
+    The first worker to ask builds it under a lock; the others wait for it and reuse it. Tests
+    only read it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's, holding each worker's own folder
+    folder, done = root / name, root / f"{name}.built"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():  # else built by another worker, whole (a failed build is redone)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder

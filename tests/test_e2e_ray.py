@@ -103,6 +103,7 @@ def test_ray_job_stop_marks_the_run_killed(stack: Stack, smoke_dataset: str) -> 
             "schedule.max_iters=500",
             "checkpoint.every_iters=4",
             f"tracking.experiment={experiment}",
+            "scaling.num_workers=1",  # the driver's end is tested: a second rank adds nothing
         ]
     )
     chaos.wait_for_checkpoint(chaos.store("s3://resnet/runs", name), 4, job, poll_s=POLL_S)
@@ -130,6 +131,7 @@ def test_an_error_no_restart_can_fix_fails_the_ray_job_at_once(stack: Stack) -> 
             "data.source=synthetic",
             "data.synthetic_classes=10",
             "optim.lr=1e12",
+            "scaling.num_workers=1",  # Ray's failure policy is tested, not the ranks
             "scaling.max_failures=3",
             "checkpoint.every_iters=0",
             "tracking.enabled=false",

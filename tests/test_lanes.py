@@ -8,7 +8,11 @@ import json
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 from tests import lanes
 from tests.conftest import ROOT
@@ -70,3 +74,38 @@ def test_the_services_group_runs_on_gw0_and_the_rest_beside_it_niced(tmp_path: P
     # is done: at its own priority)
     assert ("gw1", lanes.OTHER_LANE_NICE) in others, ran
     assert others <= {("gw1", lanes.OTHER_LANE_NICE), (lanes.SERVICES_WORKER, 0)}, ran
+
+
+def test_a_folder_built_once_is_built_by_the_first_worker_and_reused_by_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Factory:  # two workers' tmp_path_factory: their own folders, under the run's
+        def __init__(self, worker: str) -> None:
+            self.base = tmp_path / worker
+
+        def getbasetemp(self) -> Path:
+            return self.base
+
+    builds: list[str] = []
+
+    def build(folder: Path) -> None:
+        builds.append(folder.name)
+        time.sleep(0.3)  # the other worker asks meanwhile
+        (folder / "data").write_text("built")
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    with ThreadPoolExecutor(2) as pool:
+        got = list(
+            pool.map(lambda w: lanes.built_once(Factory(w), "shared", build), ["gw0", "gw1"])
+        )
+    assert builds == ["shared"] and got == [tmp_path / "shared"] * 2
+    assert (tmp_path / "shared" / "data").read_text() == "built"
+
+    def fails(folder: Path) -> None:
+        (folder / "half").write_text("")
+        raise RuntimeError("build failed")
+
+    with pytest.raises(RuntimeError):
+        lanes.built_once(Factory("gw0"), "again", fails)
+    again = lanes.built_once(Factory("gw1"), "again", build)  # a failed build is redone, whole
+    assert sorted(p.name for p in again.iterdir()) == ["data"]

@@ -24,6 +24,7 @@ from orchestrator.preemption import StepBoundary
 from orchestrator.runtime import Terminated
 from orchestrator.spec import CheckpointConfig, SpecError, apply_overrides
 from orchestrator.tracking.tags import JOB_TAG
+from tests import lanes
 from tests.conftest import ROOT, odd_shards_data, run_script
 from tests.test_train import local_job
 
@@ -85,10 +86,13 @@ CLOCK = ["checkpoint.every_minutes=0.01", "checkpoint.keep_last=1000"]
 
 @pytest.fixture(scope="module")
 def clock_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The uninterrupted run (every_minutes=0.01, every_iters=0); its checkpoint storage."""
-    storage = tmp_path_factory.mktemp("uninterrupted")
-    run_script(*_job(storage, "whole", *CLOCK)[1:], env={"OMP_NUM_THREADS": "1"})
-    return storage
+    """The uninterrupted run (every_minutes=0.01, every_iters=0); its checkpoint storage. One
+    for both lanes (the SIGTERM case runs in the services lane, the SIGUSR1 one in the other)."""
+
+    def train(storage: Path) -> None:
+        run_script(*_job(storage, "whole", *CLOCK)[1:], env={"OMP_NUM_THREADS": "1"})
+
+    return lanes.built_once(tmp_path_factory, "preemption-uninterrupted", train)
 
 
 @pytest.fixture(scope="module")
