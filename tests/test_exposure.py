@@ -1,9 +1,9 @@
 """Every port the local stack and a `--local` job open refuses strangers (docs/security.md).
 
-One stack of the test's own (its state folder and ports) and a 2-worker `--local` job: every TCP
-socket their processes listen on is listed and probed anonymously: GET listings and APIs, a
-cross-origin preflight for PUT from http://evil.example, an anonymous PUT, and for gRPC ports a
-call without a client certificate or token. Each must be refused, or be on ALLOWED with the
+The shared test stack and a 2-worker `--local` job: every TCP socket their processes listen on
+is listed and probed anonymously: GET listings and APIs, a cross-origin preflight for PUT from
+http://evil.example, an anonymous PUT, and for gRPC ports a call without a client certificate
+or token. Each must be refused, or be on ALLOWED with the
 reason docs/security.md gives. The table is printed (pytest -s shows it)."""
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -25,10 +24,10 @@ import psutil
 import pytest
 
 from orchestrator.stack import Stack
-from tests.conftest import ROOT, TEST_PORTS, free_weed_ports, port_is_free, test_stack_config
+from tests.conftest import ROOT
 from tests.test_train import TINY
 
-pytestmark = [pytest.mark.slow, pytest.mark.services]  # a whole stack of its own, and a job
+pytestmark = pytest.mark.slow
 
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 PATHS = (
@@ -75,38 +74,6 @@ GRPC_METHODS = (
     "/volume_server_pb.VolumeServer/VolumeServerStatus",  # SeaweedFS's volume server
 )
 REFUSED_GRPC = {"UNAVAILABLE", "UNAUTHENTICATED"}
-
-
-def _free_ports(count: int, low: int, high: int) -> list[int]:
-    taken = set(TEST_PORTS.values())
-    found = [p for p in range(low, high, 7) if p not in taken and port_is_free(p)]
-    assert len(found) >= count, f"not {count} free ports in [{low}, {high})"
-    return found[:count]
-
-
-@pytest.fixture(scope="module")
-def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A whole stack (S3, MLflow, Ray) on ports of its own, so the shared test stack is left
-    alone; stopped and purged at the end."""
-    mlflow, ray, dash, client, agent = _free_ports(5, 24100, 24990)
-    cfg = test_stack_config(
-        tmp_path_factory.mktemp("exposure") / "st",
-        **free_weed_ports(20000, 21390),  # below the benchmark's ports (21400+)
-        mlflow_port=mlflow,
-        ray_port=ray,
-        ray_dashboard_port=dash,
-        ray_client_port=client,
-        ray_agent_port=agent,
-        ray_min_worker_port=18100,
-        ray_max_worker_port=18499,
-        ray_num_cpus=1,
-    )
-    st = Stack(cfg)
-    try:
-        st.up()
-        yield st
-    finally:
-        st.down(purge=True)
 
 
 def _listening(pids: list[int]) -> list[tuple[str, str, int]]:
@@ -259,8 +226,10 @@ def test_a_local_jobs_rendezvous_and_collectives_listen_on_loopback_only(tmp_pat
     assert not outside, f"the job listens beyond loopback: {outside}"
 
 
-def test_every_port_of_the_stack_refuses_strangers(own_stack: Stack) -> None:
-    st = own_stack
+def test_every_port_of_the_stack_refuses_strangers(stack: Stack) -> None:
+    """The shared test stack, after the tests before it ran their jobs on it: the actors they
+    left (Ray Train's, Ray Data's) listen too, and are probed with the rest."""
+    st = stack
     env = st.env()
     s3 = boto3.client(
         "s3",
