@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,41 @@ def test_a_notice_reaches_loader_workers_too_and_the_rank_still_commits(
     arrived = [int(s) for s in re.findall(r"rank \d: SIGTERM arrived during step (\d+)", out)]
     step = int(_committed(tmp_path, "shards")[-1].name.split("-")[1])
     assert arrived and min(arrived) <= step <= min(arrived) + 1, (arrived, step)
+
+
+class _Numbers(torch.utils.data.IterableDataset):
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(torch.arange(3))
+
+
+def test_a_notice_to_the_ranks_group_before_a_loader_worker_left_it_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window the test above can hit on a loaded box, made wide: a loader worker that has
+    set torch's signal handlers but not yet left the rank's process group (its init) gets the
+    SIGTERM torchrun sends the group, from a process other than its parent, which torch's
+    handler takes as fatal. It must live and hand over its batches."""
+    from torch.utils.data._utils import signal_handling
+
+    from orchestrator.data.workers import dataloader
+    from orchestrator.spec import DataConfig
+
+    at_window, sent = tmp_path / "at-window", tmp_path / "sent"
+    torch_handlers = signal_handling._set_worker_signal_handlers
+
+    def wide_window() -> None:  # runs in the forked worker, before its init
+        torch_handlers()
+        at_window.write_text(str(os.getpid()))
+        while not sent.exists():
+            time.sleep(0.01)
+
+    monkeypatch.setattr(signal_handling, "_set_worker_signal_handlers", wide_window)
+    batches = iter(dataloader(_Numbers(), DataConfig(timeout_s=60), workers=1))
+    deadline = time.monotonic() + 60
+    while not at_window.exists():
+        assert time.monotonic() < deadline, "the worker never started"
+        time.sleep(0.01)
+    # as torchrun's stop of the rank's group: sent by another process, not the worker's parent
+    subprocess.run(["kill", "-TERM", at_window.read_text()], check=True)
+    sent.touch()
+    assert [int(b) for b in batches] == [0, 1, 2]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,19 +100,42 @@ def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 # stops its ranks by process group, so a loader worker in the rank's group got the notice too,
 # died of it and failed the rank before it could commit. In a group of its own it gets only
 # what is sent to it by pid (the DataLoader's own shutdown, multiprocessing's exit), and still
-# ends with its parent (torch's workers watch it).
+# ends with its parent (torch's workers watch it). A worker leaves the group in its init, after
+# torch's own start; a notice sent to the group before that (the next epoch's workers start
+# near a step boundary) killed it, torch's SIGTERM handler taking any sender but the parent as
+# fatal. So workers start with SIGTERM blocked, and unblock it once out of the group, dropping
+# a notice that reached them there.
+_BLOCKED_AT_START = {signal.SIGTERM}
 
 
 def own_process_group(worker_id: int = 0) -> None:
     """A loader worker's start: leave the rank's process group (see above)."""
     os.setpgid(0, 0)
+    while signal.sigtimedwait(_BLOCKED_AT_START, 0) is not None:
+        pass  # the rank's notice, sent to its group before this worker left it
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _BLOCKED_AT_START)
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose workers start with SIGTERM blocked (see own_process_group)."""
+
+    def __iter__(self) -> Any:
+        if not self.num_workers:
+            return super().__iter__()
+        # this thread's mask, which the workers forked now inherit; a SIGTERM meanwhile waits
+        # for the restore, or goes to another of this process's threads, as before
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_AT_START)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def dataloader(dataset: IterableDataset, cfg: DataConfig, workers: int | None = None) -> DataLoader:
     """The DataLoader over a dataset whose workers yield whole batches (`workers` of them,
     default data.num_workers)."""
     workers = cfg.num_workers if workers is None else workers
-    return DataLoader(
+    return _Loader(
         dataset,
         batch_size=None,  # workers hand over whole batches
         num_workers=workers,
