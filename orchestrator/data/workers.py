@@ -111,8 +111,8 @@ _BLOCKED_AT_START = {signal.SIGTERM}
 def own_process_group(worker_id: int = 0) -> None:
     """A loader worker's start: leave the rank's process group (see above)."""
     os.setpgid(0, 0)
-    while signal.sigtimedwait(_BLOCKED_AT_START, 0) is not None:
-        pass  # the rank's notice, sent to its group before this worker left it
+    if signal.SIGTERM in signal.sigpending():  # the rank's notice, sent to its group before
+        signal.sigwait(_BLOCKED_AT_START)  # this worker left it: taken, so it does not act
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _BLOCKED_AT_START)
 
 
