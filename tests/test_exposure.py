@@ -3,8 +3,8 @@
 The shared test stack and a 2-worker `--local` job: every TCP socket their processes listen on
 is listed and probed anonymously: GET listings and APIs, a cross-origin preflight for PUT from
 http://evil.example, an anonymous PUT, and for gRPC ports a call without a client certificate
-or token. Each must be refused, or be on ALLOWED with the
-reason docs/security.md gives. The table is printed (pytest -s shows it)."""
+or token. Each must be refused, or be on ALLOWED with the reason docs/security.md gives. The
+table is printed (pytest -s shows it)."""
 
 from __future__ import annotations
 

@@ -266,7 +266,8 @@ def test_a_notice_to_the_ranks_group_before_a_loader_worker_left_it_is_dropped(
 
     def wide_window() -> None:  # runs in the forked worker, before its init
         torch_handlers()
-        at_window.write_text(str(os.getpid()))
+        (tmp_path / "pid").write_text(str(os.getpid()))
+        (tmp_path / "pid").rename(at_window)  # whole when it appears
         while not sent.exists():
             time.sleep(0.01)
 
