@@ -1,7 +1,7 @@
 """What one short training job costs in CPU through Ray, process by process, against the same
 job run locally (torchrun) in the same run.
 
-    python bench/job_cpu.py [--steps 32] [--runs 1]   # needs the local stack: make up
+    python bench/job_cpu.py [--steps 32] [--runs 1] [--idle-s 60]   # needs the local stack: make up
 
 The job is the test suite's unit of work: jobs/smoke.py (CIFAR ResNet-20, 2 workers, DDP over
 gloo) on a small generated dataset in the stack's S3, with bench/chaos.py's spec (a checkpoint
@@ -11,6 +11,9 @@ For each: its wall time and the whole box's busy CPU-seconds from start to end (
 less this script's own), and every process's own CPU time by kind (psutil, sampled every 0.5 s:
 a process that lives less than that is missed). Medians over --runs. Last line:
 `job_cpu: ratio=R (ray X CPU-s, local Y CPU-s; wall A s vs B s; N steps)`.
+
+With --idle-s, first the stack alone, nothing submitted, for that long: what it costs a test
+run (or a developer's box) just by running, a minute at a time, by process.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from chaos_cluster import BENCH_DATASET, make_dataset
 from suite_timeline import cpu_seconds  # bench/: the box's busy CPU-seconds
 
 REPO = Path(__file__).resolve().parent.parent
+TAIL_S = 1.0  # sampled after a command ends: Ray's driver ends after its job
 HEAD = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "DashboardAgent")
 
 
@@ -104,7 +108,7 @@ def measure(cmd: list[str]) -> tuple[float, float, dict[str, float]]:
     sampler.start()
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
     wall = time.monotonic() - t0
-    time.sleep(1.0)  # the job's processes' last samples (Ray's driver ends after its job)
+    time.sleep(TAIL_S)  # the job's processes' last samples
     sampler.halt.set()
     sampler.join()
     busy = cpu_seconds()[0] - busy0 - (time.process_time() - mine0)
@@ -115,11 +119,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--idle-s", type=float, default=0.0, help="the idle stack first, so long")
     args = parser.parse_args()
     if "RAY_ADDRESS" not in os.environ:
         parser.error(
             'the local stack\'s env: make up && eval "$(python -m orchestrator.stack env)"'
         )
+    if args.idle_s > 0:
+        wall, busy, by_kind = measure(["sleep", str(args.idle_s)])
+        minute = 60 / (wall + TAIL_S)
+        share = busy / ((wall + TAIL_S) * (os.cpu_count() or 1))
+        print(f"the stack idle: {busy * minute:.1f} CPU-s a minute, {share:.1%} of the box")
+        for kind, cpu in collections.Counter(by_kind).most_common():
+            if cpu * minute >= 0.05:
+                print(f"  {cpu * minute:6.1f} CPU-s a minute  {kind}")
     dataset = make_dataset(BENCH_DATASET)
     results: dict[str, list[tuple[float, float, dict[str, float]]]] = {"ray": [], "local": []}
     for _ in range(args.runs):
