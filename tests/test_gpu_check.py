@@ -21,6 +21,7 @@ ROW = re.compile(r"^(tiny|r50) ")
 # the default runs, most important first; the dry run leaves out DUP
 RUNS = [("synthetic", "compiled"), ("gpu", "compiled"), ("split", "compiled")]
 RUNS += [DUP := ("synthetic", "eager"), ("cpu", "eager")]
+BUDGET_S = 120
 
 
 def test_the_default_runs_go_most_important_first() -> None:
@@ -30,7 +31,10 @@ def test_the_default_runs_go_most_important_first() -> None:
 
 def test_dry_run_ends_by_its_budget_printing_each_row_as_measured(tmp_path: Path) -> None:
     results = tmp_path / "rows.jsonl"
-    cmd = [sys.executable, "bench/gpu_check.py", "--dry-run", "--budget-s", "60"]
+    # 39 s alone on the 2-core box; beside the suite's other lane a budget of 60 s once cut even
+    # the first job row (a clean-clone CI run of b9c4e45): 120, which the dry run takes only when
+    # the box is that slow
+    cmd = [sys.executable, "bench/gpu_check.py", "--dry-run", "--budget-s", str(BUDGET_S)]
     cmd += ["--work", str(tmp_path / "work"), "--results", str(results), "--models", "r50"]
     # the default runs but the second synthetic one: on a CPU the compiled runs run eager, so it
     # repeats the first (the defaults' order is checked below, without running them)
@@ -46,7 +50,7 @@ def test_dry_run_ends_by_its_budget_printing_each_row_as_measured(tmp_path: Path
         # loaded 2-core box took 39 s for the baseline, 4 s with one (load 6-8)
         env={**os.environ, **GPU_BOX, "OMP_NUM_THREADS": "1"},
     )
-    watchdog = threading.Timer(75, proc.kill)  # the bound under test: 60 s and the summary
+    watchdog = threading.Timer(BUDGET_S + 15, proc.kill)  # the bound under test: + the summary
     watchdog.start()
     lines, rows = [], []  # rows: (seconds in, the printed cells, rows in the file by then)
     try:
@@ -60,7 +64,9 @@ def test_dry_run_ends_by_its_budget_printing_each_row_as_measured(tmp_path: Path
     finally:
         watchdog.cancel()
     elapsed, out = time.monotonic() - t0, "".join(lines)
-    assert proc.returncode == 0 and elapsed < 75, f"{elapsed:.0f} s, rc {proc.returncode}\n{out}"
+    assert proc.returncode == 0 and elapsed < BUDGET_S + 15, (
+        f"{elapsed:.0f} s, rc {proc.returncode}\n{out}"
+    )
 
     # each row was in the file by the time it was printed, in the printed order
     saved = [json.loads(line) for line in results.read_text().splitlines()]
