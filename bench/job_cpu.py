@@ -1,7 +1,8 @@
 """What one short training job costs in CPU through Ray, process by process, against the same
 job run locally (torchrun) in the same run.
 
-    python bench/job_cpu.py [--steps 32] [--runs 1] [--idle-s 60]   # needs the local stack: make up
+    python bench/job_cpu.py [--steps 32] [--runs 1]   # needs the local stack: make up
+    python bench/job_cpu.py --idle-s 60 --runs 0      # the idle stack alone
 
 The job is the test suite's unit of work: jobs/smoke.py (CIFAR ResNet-20, 2 workers, DDP over
 gloo) on a small generated dataset in the stack's S3, with bench/chaos.py's spec (a checkpoint
@@ -133,6 +134,8 @@ def main() -> None:
         for kind, cpu in collections.Counter(by_kind).most_common():
             if cpu * minute >= 0.05:
                 print(f"  {cpu * minute:6.1f} CPU-s a minute  {kind}")
+        if not args.runs:
+            return
     dataset = make_dataset(BENCH_DATASET)
     results: dict[str, list[tuple[float, float, dict[str, float]]]] = {"ray": [], "local": []}
     for _ in range(args.runs):
