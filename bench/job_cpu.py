@@ -60,12 +60,12 @@ def _kind(proc: psutil.Process) -> str:
         if parent is not None and parent.name() in ("sh", "dash", "bash"):
             return "the Ray job's driver"  # Ray's job supervisor runs it through a shell
         return "data loader workers"  # forked, not yet renamed
+    if proc.name() == "weed":  # before MLflow: its command line names the mlflow bucket
+        return "SeaweedFS"
     if any(h in cmd for h in HEAD):
         return "Ray's head (raylet, GCS, dashboard, agents, log monitor)"
     if "mlflow" in cmd:
         return "MLflow server"
-    if "weed" in cmd:
-        return "SeaweedFS"
     return "other"
 
 
