@@ -128,12 +128,12 @@ def main() -> None:
         )
     if args.idle_s > 0:
         wall, busy, by_kind = measure(["sleep", str(args.idle_s)])
-        minute = 60 / (wall + TAIL_S)
-        share = busy / ((wall + TAIL_S) * (os.cpu_count() or 1))
-        print(f"the stack idle: {busy * minute:.1f} CPU-s a minute, {share:.1%} of the box")
+        per_minute = 60 / (wall + TAIL_S)  # measure() samples TAIL_S more after the command
+        share = busy * per_minute / (60 * (os.cpu_count() or 1))
+        print(f"the stack idle: {busy * per_minute:.1f} CPU-s a minute, {share:.1%} of the box")
         for kind, cpu in collections.Counter(by_kind).most_common():
-            if cpu * minute >= 0.05:
-                print(f"  {cpu * minute:6.1f} CPU-s a minute  {kind}")
+            if cpu * per_minute >= 0.05:
+                print(f"  {cpu * per_minute:6.1f} CPU-s a minute  {kind}")
         if not args.runs:
             return
     dataset = make_dataset(BENCH_DATASET)
