@@ -37,7 +37,7 @@ from orchestrator.cli import job_keys_help, run_cli
 from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.job_lease import job_lease
 from orchestrator.preflight import ResumePlan, check_cluster, in_torchrun_child, preflight
-from orchestrator.ray_callbacks import commit_before_resize, fail_fast
+from orchestrator.ray_callbacks import commit_before_resize, fail_fast, torch_trainer
 from orchestrator.runtime import NotRetried
 from orchestrator.spec import JobSpec, SpecError, apply_overrides, to_yaml
 from orchestrator.tracking.tags import RAY_CLUSTER_TAG, RAY_JOB_TAG
@@ -384,7 +384,7 @@ def fit_on_ray(spec: JobSpec, callbacks: list[Any] | None = None) -> Any:
     A job driver (run_ray) and a study's trial (orchestrator.study) both run jobs this way."""
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
@@ -393,7 +393,7 @@ def fit_on_ray(spec: JobSpec, callbacks: list[Any] | None = None) -> Any:
     # our loop commits its own checkpoints (every rank's files, then a marker) and reports none
     # to Ray, so Ray's CheckpointConfig has nothing to keep; Ray's storage holds the run's
     # own state next to them under the same name
-    trainer = TorchTrainer(
+    trainer = torch_trainer()(
         _ray_worker,
         train_loop_config={"spec": spec.to_dict()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -1,13 +1,51 @@
 """Ray Train callbacks a job's run installs (launch.fit_on_ray): an error no restart can fix
 ends the run at once (`fail_fast`), and an elastic group commits its step before Ray resizes it
-(`commit_before_resize`)."""
+(`commit_before_resize`); one of Ray's own it leaves out (`torch_trainer`)."""
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 from orchestrator.runtime import NotRetried, retryable
 from orchestrator.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache  # one class, and one warning, a process
+def torch_trainer() -> type:
+    """Ray Train's TorchTrainer, less its Ray Datasets callback when a job passes no Ray Datasets
+    (ours never do: each worker streams its WebDataset shards itself). Ray 2.60's callback
+    starts a DatasetManager actor at every worker group's start all the same: one more Python
+    process importing Ray and Ray Data, about 2 CPU-seconds a start (docs/benchmarks.md), spent
+    while the workers themselves start. The callback list is Ray's developer API
+    (DataParallelTrainer._create_default_callbacks); where it is gone, the trainer is Ray's
+    own, which costs that CPU and nothing else, and that is said once."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback as ray_datasets
+    except ImportError:
+        ray_datasets = None  # type: ignore[assignment, misc]
+    if ray_datasets is None or not hasattr(TorchTrainer, "_create_default_callbacks"):
+        log.warning(
+            "this Ray's TorchTrainer has no default callback list to leave its Ray Datasets "
+            "callback out of: each worker group's start also starts a DatasetManager actor "
+            "(about 2 CPU-seconds); update orchestrator/ray_callbacks.torch_trainer for it"
+        )
+        return TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            # Train V2's method at run time; mypy reads Ray's V1 TorchTrainer
+            callbacks = super()._create_default_callbacks()  # type: ignore[misc]
+            if self.datasets:
+                return callbacks
+            return [cb for cb in callbacks if not isinstance(cb, ray_datasets)]
+
+    return Trainer
 
 
 def fail_fast() -> Any:
@@ -46,6 +84,7 @@ def commit_before_resize(spec: JobSpec) -> Any:
         ControllerCallback,
         WorkerGroupCallback,
     )
+    from ray.train.v2._internal.execution.controller.state import ResizingState
 
     from orchestrator import preemption
 
@@ -54,6 +93,13 @@ def commit_before_resize(spec: JobSpec) -> Any:
     class CommitBeforeResize(ControllerCallback, WorkerGroupCallback):
         def __init__(self) -> None:
             self.group: Any = None  # the running worker group, on the controller
+            self.resizing = False  # the resize to come is of that group, running
+
+        def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
+            # Ray resizes a running group from ResizingState; a restart after a failure or a
+            # reclaim comes from RestartingState, its group failed (a reclaimed node's workers
+            # are gone, and committed before its deadline): nothing to ask, nothing to warn of
+            self.resizing = isinstance(previous_state, ResizingState)
 
         def after_worker_group_start(self, worker_group: Any) -> None:
             self.group = worker_group
@@ -68,7 +114,7 @@ def commit_before_resize(spec: JobSpec) -> Any:
             group = self.group
             # None: a first start or a restart, nothing runs; not started: a start that failed
             # after after_worker_group_start, which no shutdown hook follows
-            if group is None or not group.has_started():
+            if group is None or not group.has_started() or not self.resizing:
                 return
             asks = [
                 w.actor.execute.remote(preemption.commit_before_resize, timeout_s)

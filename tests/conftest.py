@@ -405,16 +405,19 @@ def load_job_spec(stem: str) -> Any:
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-# How fast the joinable head notices a reclaimed node. An elastic group that restarts after a
-# reclaim sizes itself from Ray Train's reservations, which still count the dead node until the
-# reservations' next refresh (every 20 s): it asks for both workers, waits out Ray Train's
-# worker-group start timeout (60 s by default), then starts on the node left (see
+# How fast the joinable head notices a drain and a reclaimed node. An elastic group that
+# restarts after a reclaim sizes itself from Ray Train's reservations, which still count the dead
+# node until the reservations' next refresh (every 20 s): it asks for both workers, waits out Ray
+# Train's worker-group start timeout (60 s by default), then starts on the node left (see
 # docs/operators-guide.md). Here a killed node is dead after 2 failed health checks 1 s apart
-# (Ray's default: 5, 3 s apart), and the wait for a group that cannot be placed is 15 s.
+# (Ray's default: 5, 3 s apart); the wait for a group's placement group that cannot be placed is
+# 5 s (that timeout covers the placement alone, never the workers' start, and Ray Train retries
+# it without counting a failure); Ray Train's watcher looks for drains every second (default 5).
 QUICK_RECOVERY = {
     "RAY_health_check_period_ms": "1000",
     "RAY_health_check_failure_threshold": "2",
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5",
+    "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1",
 }
 
 

@@ -89,6 +89,15 @@ def test_skeleton_job_via_ray_job_submit(stack: Stack, smoke_dataset: str) -> No
     marker = json.loads(step.get("COMMITTED"))
     assert {"trainer.pt", "rank-00000.pt", "rank-00001.pt"} <= set(marker["files"])
 
+    # Ray Train's controller ran, its DatasetManager did not: this job passes no Ray Datasets
+    # (orchestrator.ray_callbacks.torch_trainer), nor does any job before it on this stack
+    from ray.util.state import list_actors
+
+    def actors(cls: str) -> list:
+        return list_actors(stack.env()["RAY_ADDRESS"], filters=[("class_name", "=", cls)])
+
+    assert actors("TrainController") and not actors("DatasetManager")
+
 
 def test_ray_job_stop_marks_the_run_killed(stack: Stack, smoke_dataset: str) -> None:
     """`ray job stop` sends SIGTERM to the driver: the job's one MLflow run ends KILLED."""

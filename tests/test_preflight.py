@@ -443,6 +443,22 @@ def test_fail_fast_stops_ray_retrying_only_what_a_restart_cannot_fix() -> None:
     callback.after_exception(None, {0: RayActorError()})  # a lost worker
 
 
+def test_a_job_without_ray_datasets_gets_no_dataset_manager_from_ray_train() -> None:
+    """Against the installed Ray's own default callbacks: the one that starts a DatasetManager
+    actor with every worker group is left out when a job passes no Ray Datasets (ours never
+    do), kept when it does; the others stay (test_e2e_ray checks a real job's actors)."""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    trainer_class = ray_callbacks.torch_trainer()
+    trainer = trainer_class(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    names = {type(cb).__name__ for cb in trainer._create_default_callbacks()}
+    assert "DatasetsCallback" not in names
+    assert {"BackendSetupCallback", "PlacementGroupCleanerCallback"} <= names, names
+    trainer.datasets = {"train": object()}  # a job that passes a Ray Dataset keeps it
+    assert any(isinstance(cb, DatasetsCallback) for cb in trainer._create_default_callbacks())
+
+
 # --------------------------------------------- local checkpoint storage on a multi-node cluster
 
 

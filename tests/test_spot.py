@@ -288,7 +288,10 @@ def spot_node(cluster_head: Stack, tmp_path: Path) -> Iterator[tuple[int, str, s
         yield pid, node, cluster_head.gcs_address
 
 
-DEADLINE_S = 20  # the notice's lead: Ray's watcher polls drains every 5 s
+# the notice's lead: Ray's watcher on the test head (conftest.QUICK_RECOVERY) and a trial's actor
+# look for drains every second; the first commit, then the last before the deadline (at most
+# twice a save and a step, + 5 s, before it) fit in it with steps between them
+DEADLINE_S = 12
 # Long enough to outlast a start on one worker (a clean-clone CI's job trained 500 steps alone
 # and ended: Ray Train had started its elastic group on one worker, the head's other CPUs still
 # reserved for an earlier test's request), Ray growing it after scaling.resize_interval_s (60 s),
@@ -456,6 +459,9 @@ def test_a_drained_node_commits_the_step_in_progress_and_the_job_resumes_there(
         _lines(out, "resumed|preemption|continuing|last commit|resizing"),
     )
     assert f"rank 0: {name} from step {last.step} (resumed: True" in out, out[-6000:]
+    # Ray's restart after the reclaim is no resize of a running group: no commit asked of the
+    # workers gone, no warning that they did not (commit_before_resize)
+    assert "did not commit their step first" not in out, _lines(out, "did not commit")
     # on the one node left: one worker
     assert not re.search(rf"rank 1: {name} from step {last.step}\b", out), out[-6000:]
     steps = [s for s, _ in chaos.metric_steps(experiment, name)]
