@@ -10,7 +10,10 @@ every 4 steps, a step logged to MLflow each), tracked in the stack's MLflow. Eac
 with `ray job submit` and waits for its end, then runs it as `python jobs/smoke.py --local`.
 For each: its wall time and the whole box's busy CPU-seconds from start to end (/proc/stat,
 less this script's own), and every process's own CPU time by kind (psutil, sampled every 0.5 s:
-a process that lives less than that is missed). Medians over --runs. Last line:
+a process that lives less than that is missed), counted from the bench's start; where some of a
+kind's processes took that role meanwhile (Ray hands an actor an idle worker process, which
+imported Ray before), also their CPU since each started, in brackets. Medians over --runs.
+Last line:
 `job_cpu: ratio=R (ray X CPU-s, local Y CPU-s; wall A s vs B s; N steps)`.
 
 With --idle-s, first the stack alone, nothing submitted, for that long: what it costs a test
@@ -74,12 +77,12 @@ class Sampler(threading.Thread):
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.start_cpu: dict[int, float] = {}
+        self.first: dict[int, tuple[str, float]] = {}
         self.last: dict[int, tuple[str, float]] = {}
         self.halt = threading.Event()
         for p in psutil.process_iter():
             try:
-                self.start_cpu[p.pid] = sum(p.cpu_times()[:2])
+                self.first[p.pid] = (_kind(p), sum(p.cpu_times()[:2]))
             except psutil.Error:
                 pass
 
@@ -94,16 +97,20 @@ class Sampler(threading.Thread):
                     pass
             self.halt.wait(0.5)
 
-    def by_kind(self) -> dict[str, float]:
+    def by_kind(self, since_start: bool = False) -> dict[str, float]:
+        """CPU-s by kind from this sampler's start; since_start: a process that took another
+        role meanwhile (an idle Ray worker made an actor) from its own start."""
         out: collections.Counter[str] = collections.Counter()
         for pid, (kind, cpu) in self.last.items():
+            first_kind, first_cpu = self.first.get(pid, (kind, 0.0))
             if pid != os.getpid():
-                out[kind] += cpu - self.start_cpu.get(pid, 0.0)
+                out[kind] += cpu - (0.0 if since_start and first_kind != kind else first_cpu)
         return dict(out)
 
 
-def measure(cmd: list[str]) -> tuple[float, float, dict[str, float]]:
-    """(wall s, the box's busy CPU-s less this script's, CPU-s by process kind) of `cmd`."""
+def measure(cmd: list[str]) -> tuple[float, float, dict[str, float], dict[str, float]]:
+    """(wall s, the box's busy CPU-s less this script's, CPU-s by process kind, the same since
+    each process started) of `cmd`."""
     sampler = Sampler()
     mine0, (busy0, _), t0 = time.process_time(), cpu_seconds(), time.monotonic()
     sampler.start()
@@ -113,7 +120,7 @@ def measure(cmd: list[str]) -> tuple[float, float, dict[str, float]]:
     sampler.halt.set()
     sampler.join()
     busy = cpu_seconds()[0] - busy0 - (time.process_time() - mine0)
-    return wall, busy, sampler.by_kind()
+    return wall, busy, sampler.by_kind(), sampler.by_kind(since_start=True)
 
 
 def main() -> None:
@@ -127,7 +134,7 @@ def main() -> None:
             'the local stack\'s env: make up && eval "$(python -m orchestrator.stack env)"'
         )
     if args.idle_s > 0:
-        wall, busy, by_kind = measure(["sleep", str(args.idle_s)])
+        wall, busy, by_kind, _ = measure(["sleep", str(args.idle_s)])
         per_minute = 60 / (wall + TAIL_S)  # measure() samples TAIL_S more after the command
         share = busy * per_minute / (60 * (os.cpu_count() or 1))
         print(f"the stack idle: {busy * per_minute:.1f} CPU-s a minute, {share:.1%} of the box")
@@ -137,7 +144,8 @@ def main() -> None:
         if not args.runs:
             return
     dataset = make_dataset(BENCH_DATASET)
-    results: dict[str, list[tuple[float, float, dict[str, float]]]] = {"ray": [], "local": []}
+    Result = tuple[float, float, dict[str, float], dict[str, float]]
+    results: dict[str, list[Result]] = {"ray": [], "local": []}
     for _ in range(args.runs):
         spec = [f"data.url={dataset}", "tracking.experiment=job-cpu-bench", *CHAOS_SPEC]
         spec += [f"schedule.max_iters={args.steps}"]
@@ -152,12 +160,14 @@ def main() -> None:
         wall = statistics.median(r[0] for r in runs)
         busy = statistics.median(r[1] for r in runs)
         print(f"{how}: wall {wall:.1f} s, the box busy {busy:.1f} CPU-s (median of {len(runs)})")
-        kinds = collections.Counter[str]()
-        for _, _, by_kind in runs:
+        kinds, own = collections.Counter[str](), collections.Counter[str]()
+        for _, _, by_kind, since_start in runs:
             kinds.update({k: v / len(runs) for k, v in by_kind.items()})
+            own.update({k: v / len(runs) for k, v in since_start.items()})
         for kind, cpu in kinds.most_common():
+            older = f" ({own[kind]:.1f} since its processes started)"
             if cpu >= 0.05:
-                print(f"  {cpu:6.1f} CPU-s  {kind}")
+                print(f"  {cpu:6.1f} CPU-s  {kind}{older if own[kind] - cpu >= 0.05 else ''}")
     ray_busy = statistics.median(r[1] for r in results["ray"])
     local_busy = statistics.median(r[1] for r in results["local"])
     ray_wall = statistics.median(r[0] for r in results["ray"])

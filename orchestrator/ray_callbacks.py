@@ -19,7 +19,7 @@ def torch_trainer() -> type:
     """Ray Train's TorchTrainer, less its Ray Datasets callback when a job passes no Ray Datasets
     (ours never do: each worker streams its WebDataset shards itself). Ray 2.60's callback
     starts a DatasetManager actor at every worker group's start all the same: one more Python
-    process importing Ray and Ray Data, about 2 CPU-seconds a start (docs/benchmarks.md), spent
+    process importing Ray and Ray Data, about 1.6 CPU-seconds a start (docs/benchmarks.md), spent
     while the workers themselves start. The callback list is Ray's developer API
     (DataParallelTrainer._create_default_callbacks); where it is gone, the trainer is Ray's
     own, which costs that CPU and nothing else, and that is said once."""
@@ -33,7 +33,7 @@ def torch_trainer() -> type:
         log.warning(
             "this Ray's TorchTrainer has no default callback list to leave its Ray Datasets "
             "callback out of: each worker group's start also starts a DatasetManager actor "
-            "(about 2 CPU-seconds); update orchestrator/ray_callbacks.torch_trainer for it"
+            "(about 1.6 CPU-seconds); update orchestrator/ray_callbacks.torch_trainer for it"
         )
         return TorchTrainer
 
