@@ -165,9 +165,11 @@ def main() -> None:
             kinds.update({k: v / len(runs) for k, v in by_kind.items()})
             own.update({k: v / len(runs) for k, v in since_start.items()})
         for kind, cpu in kinds.most_common():
-            older = f" ({own[kind]:.1f} since its processes started)"
-            if cpu >= 0.05:
-                print(f"  {cpu:6.1f} CPU-s  {kind}{older if own[kind] - cpu >= 0.05 else ''}")
+            if cpu < 0.05:
+                continue
+            older = own[kind] - cpu >= 0.05  # some took this role during the run (by_kind)
+            since = f" ({own[kind]:.1f} since its processes started)" if older else ""
+            print(f"  {cpu:6.1f} CPU-s  {kind}{since}")
     ray_busy = statistics.median(r[1] for r in results["ray"])
     local_busy = statistics.median(r[1] for r in results["local"])
     ray_wall = statistics.median(r[0] for r in results["ray"])
