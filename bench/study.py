@@ -18,7 +18,9 @@ and the follow-ups the driver runs after it); and a trial's fixed cost: in the s
 (Tune's wall time, follow-ups included) / trials - a trial's busy time, its training steps and
 validation (the loop's own clock: MLflow's system/step_time_s x the steps of each log window,
 from the first batch to the last logged step). Last line: `study: ratio=R, trial fixed cost C s
-(...)`, the medians, and the load average seen.
+(...)`, the medians, the load average seen, and the ratio's CPU floor: the box's busy
+CPU-seconds in the sequential run over all its cores' time (the least two at a time could take
+for the same CPU work), printed per round with the CPU of both runs.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from suite_timeline import cpu_seconds  # bench/: the box's busy CPU-seconds
 
 from orchestrator import storage
 
@@ -106,9 +110,9 @@ def busy_seconds(experiment: str, study: str) -> list[float]:
 
 def run_study(
     dataset: str, at_once: int, runner: str
-) -> tuple[float, float, float, str, list[float]]:
+) -> tuple[float, float, float, str, list[float], float]:
     """(wall s of `ray job submit`, Tune's wall s, the jobs' own s, the phases line, each
-    trial's busy s) of one study."""
+    trial's busy s, the box's busy CPU-s over the submission) of one study."""
     name = f"bench{uuid.uuid4().hex[:6]}"
     ray = Path(sys.executable).with_name("ray")
     cmd = [str(ray), "job", "submit", "--", "python", "jobs/cifar10_table6.py"]
@@ -117,7 +121,7 @@ def run_study(
         f"study.cells={CELLS}", "study.seeds=2", f"study.max_concurrent={at_once}",
         f"study.trial_runner={runner}",
     )  # fmt: skip
-    t0 = time.perf_counter()
+    t0, (cpu0, _) = time.perf_counter(), cpu_seconds()
     proc = subprocess.run(
         [*cmd, *args],
         cwd=REPO,
@@ -125,7 +129,7 @@ def run_study(
         text=True,
         check=False,
     )
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds()[0] - cpu0
     out = proc.stdout + proc.stderr
     if proc.returncode != 0 or "8/8 trials finished" not in out:
         sys.exit(f"study {name} failed:\n{out[-5000:]}")
@@ -139,7 +143,7 @@ def run_study(
         sys.exit(f"no timing lines in the study's output:\n{out[-3000:]}")
     busy = busy_seconds("bench-study", name)
     rank0 = rank0_startup(out)
-    return wall, float(m.group(1)), float(m.group(3)), f"{phases.group(1)}; {rank0}", busy
+    return wall, float(m.group(1)), float(m.group(3)), f"{phases.group(1)}; {rank0}", busy, cpu
 
 
 def rank0_startup(out: str) -> str:
@@ -192,20 +196,25 @@ def main() -> None:
             'and `eval "$(python -m orchestrator.stack env)"`'
         )
     dataset = make_dataset(DATASET)
-    ratios, overheads, fixed, loads = [], [], [], []
+    ratios, overheads, fixed, loads, floors = [], [], [], [], []
+    cores = os.cpu_count() or 1
     for i in range(args.rounds):
         sampler = LoadSampler()
         sampler.start()
-        seq, seq_tune, seq_jobs, seq_phases, busy = run_study(dataset, 1, args.trial_runner)
+        seq, seq_tune, seq_jobs, seq_phases, busy, seq_cpu = run_study(
+            dataset, 1, args.trial_runner
+        )
         seq_load = sampler.stop()
         sampler = LoadSampler()
         sampler.start()
-        par, par_tune, _, par_phases, _ = run_study(dataset, 2, args.trial_runner)
+        par, par_tune, _, par_phases, _, par_cpu = run_study(dataset, 2, args.trial_runner)
         par_load = sampler.stop()
         loads += seq_load + par_load
         ratios.append(par / seq)
         overheads.append((seq_tune - seq_jobs) / 8)
         fixed.append(seq_tune / 8 - statistics.fmean(busy))
+        # two at a time cannot take less than the serial run's CPU-seconds spread over every core
+        floors.append(seq_cpu / (cores * seq))
         print(
             f"round {i + 1}: one at a time {seq:.1f} s, two at a time {par:.1f} s, "
             f"ratio {par / seq:.3f}; Tune overhead per trial {overheads[-1]:.2f} s "
@@ -214,7 +223,10 @@ def main() -> None:
             f"{fixed[-1]:.2f} s (Tune wall / 8 - busy {statistics.fmean(busy):.2f} s: steps and "
             f"validation)\n  one at a time (load {statistics.fmean(seq_load):.1f}), mean s per "
             f"trial: {seq_phases}\n  two at a time (load {statistics.fmean(par_load):.1f}), "
-            f"mean s per trial: {par_phases}",
+            f"mean s per trial: {par_phases}\n  the box's CPU: one at a time {seq_cpu:.0f} "
+            f"CPU-s ({seq_cpu / seq:.2f} of {cores} cores busy), two at a time {par_cpu:.0f} "
+            f"CPU-s ({par_cpu / par:.2f} busy); the ratio's CPU floor {floors[-1]:.3f} (the "
+            f"serial run's CPU-seconds on all {cores} cores)",
             flush=True,
         )
     print(
@@ -223,7 +235,8 @@ def main() -> None:
         "wall time, 2 trials at a time / one after "
         f"another, median of {len(ratios)}; Tune overhead per trial "
         f"{statistics.median(overheads):.2f} s; load average {min(loads):.1f}-{max(loads):.1f}, "
-        f"mean {statistics.fmean(loads):.1f})"
+        f"mean {statistics.fmean(loads):.1f}; the ratio's CPU floor "
+        f"{statistics.median(floors):.3f})"
     )
 
 
