@@ -40,8 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from suite_timeline import cpu_seconds  # bench/: the box's busy CPU-seconds
-
+from bench.suite_timeline import cpu_seconds  # the box's busy CPU-seconds
 from orchestrator import storage
 
 DATASET = "s3://resnet/datasets/bench-cifar"
