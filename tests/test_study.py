@@ -53,6 +53,22 @@ def parent_and_children(experiment: str, study: str) -> tuple:
     return parents[0], children
 
 
+TUNE_RESULT_FILES = ("result.json", "progress.csv", "params.json", "params.pkl")
+
+
+def tune_experiment_files(study: str) -> list[str]:
+    """The keys of a study's Tune experiment (its state and its trials' folders), on the test
+    stack's S3 under the default checkpoint storage."""
+    from orchestrator import s3
+
+    pages = (
+        s3.client()
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket="resnet", Prefix=f"runs/studies/{study}-")
+    )
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
 def artifact_text(run_id: str, path: str) -> str:
     import mlflow.artifacts
 
@@ -220,6 +236,12 @@ def test_small_study_through_ray_job_submit(small_study: dict) -> None:
     assert {r["run_id"] for r in fig7} <= {c.info.run_id for c in children}
     assert PLOT_ARTIFACT in {a.path for a in client().list_artifacts(parent.info.run_id, "plots")}
     ids = {c.info.run_id for c in children}
+    # Tune kept its state, and wrote no result files of its own per trial (MLflow has them)
+    said = f"study {name}: Tune's own per-trial result files (CSV, JSON, TensorBoard) are off"
+    assert said in out, out[-4000:]
+    tune_files = tune_experiment_files(name)
+    assert any("experiment_state" in k for k in tune_files), tune_files
+    assert not [k for k in tune_files if k.endswith(TUNE_RESULT_FILES) or "tfevents" in k]
 
     again = submit_study("jobs/cifar10_table6.py", *small_study["args"])
     out = again.stdout + again.stderr

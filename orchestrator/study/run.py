@@ -291,11 +291,31 @@ def tune_experiment(
     return storage, name, filesystem
 
 
+# Ray Tune's switch for its default per-trial loggers (CSV, JSON, TensorBoard)
+TUNE_LOGGERS_OFF = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+
+
+def tune_loggers_line(study: Study) -> str:
+    """Tune's own per-trial result files off in this process, said once, unless the user set
+    the switch either way. Each trial's metrics, params and curves are in its MLflow run; Tune
+    would upload five more files per trial to the study's storage, and its TensorBoard logger
+    imports torch in the driver before the first trial may start."""
+    if TUNE_LOGGERS_OFF in os.environ:
+        return ""
+    os.environ[TUNE_LOGGERS_OFF] = "1"
+    return (
+        f"study {study.name}: Tune's own per-trial result files (CSV, JSON, TensorBoard) are "
+        f"off; each trial's metrics are in its MLflow run ({TUNE_LOGGERS_OFF}=0 writes them too)"
+    )
+
+
 def run_on_tune(
     study: Study, trials: Sequence[Trial], fingerprint: str, allow: Sequence[str] = ()
 ) -> list[Outcome]:
     import ray
 
+    if line := tune_loggers_line(study):
+        print(line, flush=True)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     cluster = ray.cluster_resources()
