@@ -295,11 +295,12 @@ def tune_experiment(
 TUNE_LOGGERS_OFF = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
-def tune_loggers_line(study: Study) -> str:
-    """Tune's own per-trial result files off in this process, said once, unless the user set
-    the switch either way. Each trial's metrics, params and curves are in its MLflow run; Tune
-    would upload five more files per trial to the study's storage, and its TensorBoard logger
-    imports torch in the driver before the first trial may start."""
+def turn_off_tune_loggers(study: Study) -> str:
+    """Turn Tune's own per-trial result files off in this process, unless the user set the
+    switch either way; returns the line that says so ("" when the user decided). Each trial's
+    metrics, params and curves are in its MLflow run; Tune would upload five more files per
+    trial to the study's storage, and its TensorBoard logger imports torch in the driver before
+    the first trial may start."""
     if TUNE_LOGGERS_OFF in os.environ:
         return ""
     os.environ[TUNE_LOGGERS_OFF] = "1"
@@ -314,7 +315,7 @@ def run_on_tune(
 ) -> list[Outcome]:
     import ray
 
-    if line := tune_loggers_line(study):
+    if line := turn_off_tune_loggers(study):
         print(line, flush=True)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
