@@ -268,6 +268,19 @@ def test_loopback_switch_follows_the_config_not_the_shell(
     assert loopback_env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
 
 
+def test_the_heads_log_monitor_lists_its_folder_less_often_unless_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray's log monitor would list the log folder every 0.1 s until it holds 1000 files; the
+    stack's head asks for its 0.5 s from the start, and a value in the environment wins."""
+    monkeypatch.delenv("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", raising=False)
+    _, env = Stack(test_stack_config(tmp_path / "a"))._command("ray")
+    assert env["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"] == "0"
+    monkeypatch.setenv("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "1000")
+    _, env = Stack(test_stack_config(tmp_path / "b"))._command("ray")
+    assert env["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"] == "1000"
+
+
 def test_default_ray_listens_on_loopback_only_and_runs_jobs(tmp_path: Path) -> None:
     """The default stack's Ray (ray_loopback_only) listens on 127.0.0.1 only, every process
     of it, workers included, and still runs a submitted job and a client joining by address.
