@@ -108,7 +108,10 @@ class Sampler(threading.Thread):
         return dict(out)
 
 
-def measure(cmd: list[str]) -> tuple[float, float, dict[str, float], dict[str, float]]:
+Measured = tuple[float, float, dict[str, float], dict[str, float]]  # what `measure` returns
+
+
+def measure(cmd: list[str]) -> Measured:
     """(wall s, the box's busy CPU-s less this script's, CPU-s by process kind, the same since
     each process started) of `cmd`."""
     sampler = Sampler()
@@ -144,8 +147,7 @@ def main() -> None:
         if not args.runs:
             return
     dataset = make_dataset(BENCH_DATASET)
-    Result = tuple[float, float, dict[str, float], dict[str, float]]
-    results: dict[str, list[Result]] = {"ray": [], "local": []}
+    results: dict[str, list[Measured]] = {"ray": [], "local": []}
     for _ in range(args.runs):
         spec = [f"data.url={dataset}", "tracking.experiment=job-cpu-bench", *CHAOS_SPEC]
         spec += [f"schedule.max_iters={args.steps}"]
