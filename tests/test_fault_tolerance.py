@@ -6,12 +6,15 @@ through the real Ray head; each faulted run must end with weights bit-identical 
 uninterrupted run of the same spec, and with per-step losses identical in MLflow. The one
 uninterrupted run (DDP) is every kill test's reference, the ZeRO ones' too: DDP, ZeRO-1 and
 ZeRO-2 train this job bit-identically (same data, same sums), so a ZeRO run that resumed
-without every rank's optimizer shard drifts from it as it would from a ZeRO baseline.
+without every rank's optimizer shard drifts from it as it would from a ZeRO baseline. It runs
+under `--local` (torchrun, the same 2 ranks): this job trains bit-identically through Ray and
+through torchrun, and a local run costs about half the CPU of a Ray job (no job supervisor, no
+Ray Train helper actors; bench/job_cpu.py), CPU the kill tests' jobs beside it use.
 
 Where the seconds go: each job's start (about 15 s: driver, Ray Train's group, MLflow), a
 restart (about 15 s), the driver's publishing after the last step. So jobs share the head's 2
 CPUs (`scaling.cpus_per_worker=0.33`, room for three; Ray gives a worker one thread either
-way): the uninterrupted run trains beside the first kill test's job; the ZeRO-1, ZeRO-2 and
+way): the uninterrupted run (local) trains beside the first kill test's job; the ZeRO-1, ZeRO-2 and
 failure-budget jobs side by side (one fixture kills all three); one job has the object store
 restarted, then its driver SIGKILLed (two tests read it). A kill waits for a commit and then
 for a step logged after it (a kill between checkpoints: steps are trained again after the
@@ -27,9 +30,11 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -144,33 +149,51 @@ def wait_for_step(name: str, after: int, job: str, timeout_s: float = 600) -> in
 
 
 class Baseline:
-    """The uninterrupted run: submitted when the module's first test starts, so that it trains
-    beside that test's job; waited for where a test first compares with it."""
+    """The uninterrupted run, under `--local`: started when the module's first test starts, so
+    that it trains beside that test's job; waited for where a test first compares with it."""
 
-    def __init__(self, dataset: str) -> None:
+    def __init__(self, dataset: str, log: Path) -> None:
         self.name = f"ft-base-{uuid.uuid4().hex[:6]}"
-        self.job = submit([f"name={self.name}", *common(dataset)])
+        self.log = log
+        with open(log, "w") as out:  # a file, not a pipe: nobody reads it while it trains
+            self.proc = subprocess.Popen(
+                chaos.kinds.local_cmd(self.name, common(dataset), []),
+                cwd=ROOT,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},  # as a Ray worker's one thread
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         self._result: tuple[dict, list] | None = None
 
     def get(self) -> tuple[dict, list]:
         """(final weights, per-step losses)."""
         if self._result is None:
-            status = chaos.wait(self.job, poll_s=POLL_S)
-            assert status == "SUCCEEDED", chaos.logs(self.job)[-3000:]
+            code = self.proc.wait(timeout=600)
+            assert code == 0, self.log.read_text()[-3000:]
             weights = chaos.final_weights(chaos.store(STORAGE, self.name))
             self._result = weights, losses(self.name)
         return self._result
 
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
 
 @pytest.fixture(scope="module")
-def baseline(stack: Stack, smoke_dataset: str) -> Baseline:
-    return Baseline(smoke_dataset)
+def baseline(
+    stack: Stack, smoke_dataset: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Baseline]:
+    run = Baseline(smoke_dataset, tmp_path_factory.mktemp("ft-baseline") / "local.log")
+    yield run
+    run.stop()  # a failed test can leave it training
 
 
 def assert_same_run(name: str, baseline: Baseline) -> None:
     weights, history = baseline.get()
     assert chaos.identical(chaos.final_weights(chaos.store(STORAGE, name)), weights), (
-        "final weights differ"
+        "final weights differ from the uninterrupted run (--local: were an uninterrupted Ray "
+        "run of this spec to differ from it too, Ray and torchrun no longer train it alike)"
     )
     got = losses(name)
     assert [s for s, _ in got] == list(range(1, STEPS + 1)), "each step logged once, in order"

@@ -205,13 +205,18 @@ def test_two_submissions_at_once_the_second_refused_the_first_as_a_lone_run(
         assert torch.equal(final[key], value), key
 
 
-def test_on_ray_a_second_submission_is_refused_naming_the_ray_job(
+def test_on_ray_a_second_submission_is_refused_and_ray_job_stop_ends_the_first(
     stack: Stack, s3_prefix: str
 ) -> None:
     """Through the test stack's Ray: the second `ray job submit` of a running job fails (exit 2)
-    naming the first's Ray job and cluster, before any worker of its own; the first, stopped,
-    releases its lease; a lease left held by a job Ray says has ended is taken at once."""
+    naming the first's Ray job and cluster, before any worker of its own. `ray job stop` on the
+    first (a SIGTERM to its driver) ends its one MLflow run KILLED and releases its lease. A
+    lease left held by a job Ray says has ended is taken at once. (One running job serves the
+    refusal and the stop: a Ray job's start costs some 25 CPU-seconds on the 2-core box.)"""
     import importlib.util
+    import uuid
+
+    from mlflow import MlflowClient
 
     from orchestrator.checkpoint_refs import job_checkpoints_url
 
@@ -219,7 +224,7 @@ def test_on_ray_a_second_submission_is_refused_naming_the_ray_job(
     assert spec is not None and spec.loader is not None
     chaos = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(chaos)
-    name = "twin-ray"
+    name, experiment = "twin-ray", f"lease-stop-{uuid.uuid4().hex[:6]}"
     args = [
         f"name={name}",
         f"checkpoint.storage={s3_prefix}",
@@ -228,7 +233,8 @@ def test_on_ray_a_second_submission_is_refused_naming_the_ray_job(
         "checkpoint.every_iters=0",
         "scaling.num_workers=1",  # the lease is the driver's: a second rank adds nothing
     ]
-    first = chaos.submit(args)
+    tracked = ["tracking.enabled=true", f"tracking.experiment={experiment}"]
+    first = chaos.submit([*args, *tracked, "tracking.log_every=1"])
     folder = job_checkpoints_url(s3_prefix, name)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -237,17 +243,35 @@ def test_on_ray_a_second_submission_is_refused_naming_the_ray_job(
         assert chaos.client().get_job_status(first) in ("PENDING", "RUNNING"), chaos.logs(first)
         time.sleep(0.25)
     holder = _state(folder)
+    client = MlflowClient()
+
+    def job_runs() -> list:
+        exp = client.get_experiment_by_name(experiment)  # the job creates it
+        return client.search_runs([exp.experiment_id]) if exp else []
+
     try:
-        second = chaos.submit(args)
+        second = chaos.submit([*args, *tracked])
         assert chaos.wait(second, 300, 0.25) == "FAILED", chaos.logs(second)[-3000:]
         text = chaos.logs(second)
         assert f"job {name} is already running" in text, text[-3000:]
         assert f"Ray job {holder['ray_job']} (cluster {holder['ray_cluster']})" in text
         assert "worker group" not in text.lower() and "step 1 " not in text
+        # the first is training (a step in its run) when it is stopped
+        while not (runs := job_runs()) or not (
+            client.get_metric_history(runs[0].info.run_id, "train/loss")
+        ):
+            assert time.monotonic() < deadline, "the first job logged no step"
+            assert chaos.client().get_job_status(first) == "RUNNING", chaos.logs(first)[-3000:]
+            time.sleep(0.25)
     finally:
         chaos.client().stop_job(first)
-    chaos.wait(first, 120, 0.25)
+    assert chaos.wait(first, 120, 0.25) == "STOPPED"
+    assert len(runs) == 1, "one MLflow run per job: the refused one opened none"
     deadline = time.monotonic() + 60
+    while (status := client.get_run(runs[0].info.run_id).info.status) == "RUNNING":
+        assert time.monotonic() < deadline, "the run stayed RUNNING after the job was stopped"
+        time.sleep(0.25)
+    assert status == "KILLED"
     while _state(folder)["state"] != "released" and time.monotonic() < deadline:
         time.sleep(0.25)
     assert _state(folder)["state"] == "released"
