@@ -358,6 +358,9 @@ class TrackingConfig:
     enabled: bool = True
     experiment: str = "resnet"
     log_every: int = 50
+    # at the job's end, the driver registers its best and last checkpoints as MLflow models and
+    # writes its paper report (orchestrator.publish.finished); false: neither (a smoke run, CI)
+    publish: bool = True
     parent_run_id: str | None = None  # nest the job's run under this one (a study's parent)
     tags: dict[str, str] = field(default_factory=dict)  # extra run tags (a study's name, cell)
 

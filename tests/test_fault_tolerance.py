@@ -85,6 +85,7 @@ def common(dataset: str) -> list[str]:
         f"schedule.max_iters={STEPS}",
         # up to three jobs side by side on the 2-CPU head; only Ray's reservation changes
         "scaling.cpus_per_worker=0.33",
+        "tracking.publish=false",  # no test here reads a registered model or the paper report
     ]
 
 
@@ -220,6 +221,7 @@ def test_worker_sigkilled_twice_resumes_bit_identical(
     assert chaos.wait(job, poll_s=POLL_S) == "SUCCEEDED", chaos.logs(job)[-3000:]
     text = chaos.logs(job)
     assert times_logged(text, "resumed from") >= 2 * 2, "both restarts resumed every rank"
+    assert f"job {name}: tracking.publish=false: no models registered" in text, text[-3000:]
     assert_same_run(name, baseline)
 
 

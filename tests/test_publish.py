@@ -641,6 +641,30 @@ def test_a_finished_job_published_again_registers_and_reports_nothing_twice(
     assert len(table.splitlines()) == 3, "the report's table rewritten, not appended to"
 
 
+def test_a_job_with_publish_off_registers_and_reports_nothing_and_says_so(
+    registered: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """tracking.publish=false: the tracked job's spec under a new name, its run finished in an
+    experiment of its own; publishing it registers no model and writes no report."""
+    from orchestrator.tracking.tracker import MlflowTracker
+
+    spec = registered["spec"]
+    name = f"nopub-{uuid.uuid4().hex[:6]}"
+    tracking = dataclasses.replace(
+        spec.tracking, experiment=f"nopub-{uuid.uuid4().hex}", publish=False
+    )
+    spec = dataclasses.replace(spec, name=name, tracking=tracking)
+    tracker = MlflowTracker(spec, {}, system_metrics_interval_s=None)
+    tracker.log_metrics({"val/top1_err": 0.5, "val/top5_err": 0.25}, 6)
+    tracker.finish("FINISHED")
+    assert publish_finished_job(spec) is None
+    out = capsys.readouterr().out
+    assert f"job {name}: tracking.publish=false: no models registered, no paper report" in out
+    assert "python -m orchestrator.publish --run RUN_ID" in out
+    assert client().search_model_versions(f"name='{name}'") == []
+    assert not client().list_artifacts(tracker.run_id, "paper")
+
+
 def open_committed(url: str) -> bool:
     root, step = split_checkpoint_url(url)
     return step in {c.step for c in CheckpointStore(root).committed()}

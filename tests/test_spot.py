@@ -395,7 +395,7 @@ def test_a_drained_node_commits_the_step_in_progress_and_the_job_resumes_there(
             "schedule.milestones=[]", "checkpoint.every_iters=0", "checkpoint.at_epoch_end=false",
             "checkpoint.preemption_poll_every=1", "checkpoint.keep_last=5",
             "tracking.log_every=1", "eval.every_iters=0", "eval.at_end=false",
-            "data.num_workers=1",
+            "data.num_workers=1", "tracking.publish=false",
         ]
     )  # fmt: skip
     st = chaos.store("s3://resnet/runs", name)
@@ -490,7 +490,7 @@ def test_an_elastic_group_that_grows_commits_its_step_first_and_the_larger_group
             f"schedule.max_iters={GROW_STEPS}", "schedule.milestones=[]",
             "checkpoint.every_iters=0", "checkpoint.at_epoch_end=false",
             "checkpoint.preemption_poll_every=1", "tracking.log_every=1", "eval.every_iters=0",
-            "eval.at_end=false", "data.num_workers=1",
+            "eval.at_end=false", "data.num_workers=1", "tracking.publish=false",
         ]
     )  # fmt: skip
     st = chaos.store("s3://resnet/runs", name)

@@ -6,7 +6,8 @@ of its run (orchestrator.tracking.run_report: the comparison with the paper as t
 `paper/comparison.{md,csv}`, not metrics; `plots/*.png`). Its callers: launch.run_ray after
 fit_on_ray, launch.run_local on rank 0 after the process group is destroyed, and a study's
 driver as Tune ends each trial (study.run.FollowUps). It runs on the driver's CPU, after the
-workers (and their GPUs) are released: the worker's tracker only logs and closes the run.
+workers (and their GPUs) are released: the worker's tracker only logs and closes the run. A
+spec with `tracking.publish=false` does neither, and says so once.
 
 Nothing here raises for server trouble: each part is warned about and the other still runs
 (registration retries and its run tag are publish_run_models'). Running it again for the same
@@ -45,6 +46,13 @@ def publish_finished_job(spec: JobSpec, client: Any = None) -> FinishedJob | Non
     tracking is off or the job's run cannot be found. `client`: the MLflow client to use
     (default: MLflow's, for MLFLOW_TRACKING_URI)."""
     if not spec.tracking.enabled or not os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    if not spec.tracking.publish:
+        print(
+            f"job {spec.name}: tracking.publish=false: no models registered, no paper report "
+            "(register its checkpoints later with python -m orchestrator.publish --run RUN_ID)",
+            flush=True,
+        )
         return None
     t0 = time.perf_counter()
     try:
