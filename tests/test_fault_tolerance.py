@@ -1,7 +1,7 @@
 """Nothing is lost: SIGKILLed workers, a SIGKILLed job, the object store restarting mid-run,
 a DeepSpeed ZeRO-1/2 worker SIGKILLed (resumed from every rank's shards).
 
-Every run here is the smoke job (2 Ray Train workers, DDP over gloo, shards on the real S3)
+Every faulted run here is the smoke job (2 Ray Train workers, DDP over gloo, shards on the real S3)
 through the real Ray head; each faulted run must end with weights bit-identical to an
 uninterrupted run of the same spec, and with per-step losses identical in MLflow. The one
 uninterrupted run (DDP) is every kill test's reference, the ZeRO ones' too: DDP, ZeRO-1 and
@@ -11,10 +11,11 @@ under `--local` (torchrun, the same 2 ranks): this job trains bit-identically th
 through torchrun, and a local run costs about half the CPU of a Ray job (no job supervisor, no
 Ray Train helper actors; bench/job_cpu.py), CPU the kill tests' jobs beside it use.
 
-Where the seconds go: each job's start (about 15 s: driver, Ray Train's group, MLflow), a
-restart (about 15 s), the driver's publishing after the last step. So jobs share the head's 2
-CPUs (`scaling.cpus_per_worker=0.33`, room for three; Ray gives a worker one thread either
-way): the uninterrupted run (local) trains beside the first kill test's job; the ZeRO-1, ZeRO-2 and
+Where the seconds go: each job's start (about 15 s: driver, Ray Train's group, MLflow) and a
+restart (about 15 s); no job here publishes its models after the last step
+(`tracking.publish=false`: no test here reads them). So jobs share the head's 2 CPUs
+(`scaling.cpus_per_worker=0.33`, room for three; Ray gives a worker one thread either way): the
+uninterrupted run (local) trains beside the first kill test's job; the ZeRO-1, ZeRO-2 and
 failure-budget jobs side by side (one fixture kills all three); one job has the object store
 restarted, then its driver SIGKILLed (two tests read it). A kill waits for a commit and then
 for a step logged after it (a kill between checkpoints: steps are trained again after the
