@@ -564,7 +564,7 @@ def test_a_study_trial_in_its_actor_commits_on_a_drain_and_tune_restarts_it_unco
         "scaling.global_batch=16", "scaling.torch_threads=1", f"schedule.max_iters={STUDY_STEPS}",
         "schedule.milestones=[]", "checkpoint.every_iters=0", "checkpoint.at_epoch_end=false",
         "checkpoint.preemption_poll_every=1", "tracking.log_every=1", "eval.every_iters=0",
-        "eval.at_end=false", "data.num_workers=0",
+        "eval.at_end=false", "data.num_workers=0", "tracking.publish=false",
     ]  # fmt: skip
     job = chaos.client().submit_job(
         entrypoint="python jobs/cifar10_table6.py " + " ".join(map(shlex.quote, args))

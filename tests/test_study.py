@@ -273,6 +273,7 @@ def test_a_sigkilled_worker_resumes_and_a_failing_trial_stops_alone(
         "schedule.max_iters=8",
         "checkpoint.every_iters=2",
         "scaling.max_failures=2",
+        "tracking.publish=false",  # no registered model read here: the driver ends sooner
     )
     ray = Path(sys.executable).with_name("ray")
     # the plain cell gets an lr no net survives through a cell-level override, which a study
@@ -329,7 +330,7 @@ def test_a_study_under_ray_train(stack: Stack, cifar_dataset: str) -> None:
     exp, name = f"study-{uuid.uuid4().hex[:6]}", f"rt{uuid.uuid4().hex[:6]}"
     args = tiny_study_args(
         cifar_dataset, exp, name, "study.cells=cifar_resnet20", "study.seeds=1",
-        "schedule.max_iters=2", "study.trial_runner=ray_train",
+        "schedule.max_iters=2", "study.trial_runner=ray_train", "tracking.publish=false",
     )  # fmt: skip
     proc = submit_study("jobs/cifar10_table6.py", *args)
     out = proc.stdout + proc.stderr
@@ -337,6 +338,7 @@ def test_a_study_under_ray_train(stack: Stack, cifar_dataset: str) -> None:
     assert "1/1 trials finished" in out, out[-6000:]
     assert "train in their Tune actors" not in out
     assert "RayTrainWorker" in out, out[-6000:]  # the job's worker, Ray Train's actor
+    assert "tracking.publish=false: no models registered" in out, out[-6000:]  # the knob reached it
     _, children = parent_and_children(exp, name)
     assert [c.info.status for c in children] == ["FINISHED"]
 
