@@ -213,17 +213,13 @@ def test_on_ray_a_second_submission_is_refused_and_ray_job_stop_ends_the_first(
     first (a SIGTERM to its driver) ends its one MLflow run KILLED and releases its lease. A
     lease left held by a job Ray says has ended is taken at once. (One running job serves the
     refusal and the stop: a Ray job's start costs some 25 CPU-seconds on the 2-core box.)"""
-    import importlib.util
     import uuid
 
     from mlflow import MlflowClient
 
+    from bench import chaos
     from orchestrator.checkpoint_refs import job_checkpoints_url
 
-    spec = importlib.util.spec_from_file_location("chaos", ROOT / "bench" / "chaos.py")
-    assert spec is not None and spec.loader is not None
-    chaos = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(chaos)
     name, experiment = "twin-ray", f"lease-stop-{uuid.uuid4().hex[:6]}"
     args = [
         f"name={name}",

@@ -601,25 +601,31 @@ class DownRegistry(FlakyRegistry):
         raise ConnectionError("registry unreachable (test)")
 
 
+def finished_run(spec: Any) -> str:
+    """A FINISHED run of `spec` (its experiment's own), validated at step 6; its id."""
+    from orchestrator.tracking.tracker import MlflowTracker
+
+    tracker = MlflowTracker(spec, {}, system_metrics_interval_s=None)
+    tracker.log_metrics({"val/top1_err": 0.5, "val/top5_err": 0.25}, 6)
+    tracker.finish("FINISHED")
+    return tracker.run_id
+
+
 def test_a_registry_that_stays_down_never_fails_the_run(
     registered: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The driver's publishing of a finished job: the run stays FINISHED with its paper report;
     the warning and the run's tag say what was not registered."""
-    from orchestrator.tracking.tracker import MlflowTracker
-
     # the tracked job's checkpoints, its run in an experiment of its own
     spec = registered["spec"]
     spec = dataclasses.replace(
         spec, tracking=dataclasses.replace(spec.tracking, experiment=f"down-{uuid.uuid4().hex}")
     )
-    tracker = MlflowTracker(spec, {}, system_metrics_interval_s=None)
-    tracker.log_metrics({"val/top1_err": 0.5, "val/top5_err": 0.25}, 6)
-    tracker.finish("FINISHED")
+    run_id = finished_run(spec)
     with caplog.at_level(logging.WARNING, logger="orchestrator.publish.register"):
         done = publish_finished_job(spec, client=DownRegistry())
-    assert done is not None and done.run_id == tracker.run_id and done.models == {}
-    run = client().get_run(tracker.run_id)
+    assert done is not None and done.run_id == run_id and done.models == {}
+    run = client().get_run(run_id)
     assert run.info.status == "FINISHED" and done.report["achieved/top1_err"] == 50.0
     assert "registry unreachable" in run.data.tags[REGISTRATION_TAG]
     assert "could not register" in caplog.text and "python -m orchestrator.publish" in caplog.text
@@ -646,23 +652,19 @@ def test_a_job_with_publish_off_registers_and_reports_nothing_and_says_so(
 ) -> None:
     """tracking.publish=false: the tracked job's spec under a new name, its run finished in an
     experiment of its own; publishing it registers no model and writes no report."""
-    from orchestrator.tracking.tracker import MlflowTracker
-
     spec = registered["spec"]
     name = f"nopub-{uuid.uuid4().hex[:6]}"
     tracking = dataclasses.replace(
         spec.tracking, experiment=f"nopub-{uuid.uuid4().hex}", publish=False
     )
     spec = dataclasses.replace(spec, name=name, tracking=tracking)
-    tracker = MlflowTracker(spec, {}, system_metrics_interval_s=None)
-    tracker.log_metrics({"val/top1_err": 0.5, "val/top5_err": 0.25}, 6)
-    tracker.finish("FINISHED")
+    run_id = finished_run(spec)
     assert publish_finished_job(spec) is None
     out = capsys.readouterr().out
     assert f"job {name}: tracking.publish=false: no models registered, no paper report" in out
     assert "python -m orchestrator.publish --run RUN_ID" in out
     assert client().search_model_versions(f"name='{name}'") == []
-    assert not client().list_artifacts(tracker.run_id, "paper")
+    assert not client().list_artifacts(run_id, "paper")
 
 
 def open_committed(url: str) -> bool:
