@@ -379,9 +379,12 @@ def _check_ray_address() -> None:
         )
 
 
-def fit_on_ray(spec: JobSpec, callbacks: list[Any] | None = None) -> Any:
+def fit_on_ray(
+    spec: JobSpec, callbacks: list[Any] | None = None, from_job_driver: bool = False
+) -> Any:
     """Run one job as a Ray Train TorchTrainer and return its result; raises JobFailed.
-    A job driver (run_ray) and a study's trial (orchestrator.study) both run jobs this way."""
+    A job driver (run_ray, `from_job_driver`) and a study's trial (orchestrator.study) both run
+    jobs this way."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
@@ -393,7 +396,7 @@ def fit_on_ray(spec: JobSpec, callbacks: list[Any] | None = None) -> Any:
     # our loop commits its own checkpoints (every rank's files, then a marker) and reports none
     # to Ray, so Ray's CheckpointConfig has nothing to keep; Ray's storage holds the run's
     # own state next to them under the same name
-    trainer = torch_trainer()(
+    trainer = torch_trainer(from_job_driver)(
         _ray_worker,
         train_loop_config={"spec": spec.to_dict()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -544,7 +547,7 @@ def _run_ray(spec: JobSpec) -> Any:
 
     raise_on_sigterm(KeyboardInterrupt, first=mark_killed)
     try:
-        result = fit_on_ray(spec)
+        result = fit_on_ray(spec, from_job_driver=True)
         if sweeping is not None:  # on a failure it is left: a later sweep redoes what it left
             sweeping.join()
     except KeyboardInterrupt:

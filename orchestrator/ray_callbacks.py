@@ -1,6 +1,7 @@
 """Ray Train callbacks a job's run installs (launch.fit_on_ray): an error no restart can fix
 ends the run at once (`fail_fast`), and an elastic group commits its step before Ray resizes it
-(`commit_before_resize`); one of Ray's own it leaves out (`torch_trainer`)."""
+(`commit_before_resize`); two of Ray's own it leaves out where they only start an actor
+(`torch_trainer`)."""
 
 from __future__ import annotations
 
@@ -14,36 +15,50 @@ from orchestrator.spec import JobSpec
 log = logging.getLogger(__name__)
 
 
-@functools.cache  # one class, and one warning, a process
-def torch_trainer() -> type:
-    """Ray Train's TorchTrainer, less its Ray Datasets callback when a job passes no Ray Datasets
-    (ours never do: each worker streams its WebDataset shards itself). Ray 2.60's callback
-    starts a DatasetManager actor at every worker group's start all the same: one more Python
-    process importing Ray and Ray Data, about 1.6 CPU-seconds a start (docs/benchmarks.md), spent
-    while the workers themselves start. The callback list is Ray's developer API
-    (DataParallelTrainer._create_default_callbacks); where it is gone, the trainer is Ray's
-    own, which costs that CPU and nothing else, and that is said once."""
+@functools.cache  # one class per kind of caller, and one warning, a process
+def torch_trainer(from_job_driver: bool = False) -> type:
+    """Ray Train's TorchTrainer, less the default callbacks that only start a helper actor our
+    jobs have no use for. Each is one more Python process importing Ray and Ray Train (1.5-2.5
+    CPU-seconds, docs/benchmarks.md) at a job's start, while its workers start:
+
+    - Ray Datasets' callback, when a job passes no Ray Datasets (ours never do: each worker
+      streams its WebDataset shards itself): a DatasetManager actor at every worker group's
+      start.
+    - The PlacementGroupCleaner's callback, when the trainer runs in a job's driver
+      (`from_job_driver`): a detached actor that removes the worker group's placement group
+      should the controller die while its owner lives on. A driver's controller dies with the
+      driver, and Ray's GCS removes the placement groups of a job whose driver is gone (a
+      SIGKILLed driver's too: tests/test_fault_tolerance); a driver whose controller failed
+      ends its job. A study's trial, whose Tune actor can outlive its controller, keeps it.
+
+    The callback list is Ray's developer API (DataParallelTrainer._create_default_callbacks);
+    where it is gone, the trainer is Ray's own, which costs that CPU and nothing else, and that
+    is said once."""
     from ray.train.torch import TorchTrainer
 
     try:
         from ray.train.v2._internal.callbacks import DatasetsCallback as ray_datasets
+        from ray.train.v2._internal.callbacks.placement_group_callback import (
+            PlacementGroupCleanerCallback as pg_cleaner,
+        )
     except ImportError:
-        ray_datasets = None  # type: ignore[assignment, misc]
+        ray_datasets = pg_cleaner = None  # type: ignore[assignment, misc]
     if ray_datasets is None or not hasattr(TorchTrainer, "_create_default_callbacks"):
         log.warning(
             "this Ray's TorchTrainer has no default callback list to leave its Ray Datasets "
-            "callback out of: each worker group's start also starts a DatasetManager actor "
-            "(about 1.6 CPU-seconds); update orchestrator/ray_callbacks.torch_trainer for it"
+            "and placement-group cleaner callbacks out of: each job's start also starts a "
+            "DatasetManager and a PlacementGroupCleaner actor (1.5-2.5 CPU-seconds each); "
+            "update orchestrator/ray_callbacks.torch_trainer for it"
         )
         return TorchTrainer
+    unused = (pg_cleaner,) if from_job_driver else ()
 
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self) -> list[Any]:
             # Train V2's method at run time; mypy reads Ray's V1 TorchTrainer
             callbacks = super()._create_default_callbacks()  # type: ignore[misc]
-            if self.datasets:
-                return callbacks
-            return [cb for cb in callbacks if not isinstance(cb, ray_datasets)]
+            left_out = unused if self.datasets else (*unused, ray_datasets)
+            return [cb for cb in callbacks if not isinstance(cb, left_out)]
 
     return Trainer
 

@@ -91,14 +91,20 @@ def test_skeleton_job_via_ray_job_submit(stack: Stack, smoke_dataset: str) -> No
     marker = json.loads(step.get("COMMITTED"))
     assert {"trainer.pt", "rank-00000.pt", "rank-00001.pt"} <= set(marker["files"])
 
-    # Ray Train's controller ran, its DatasetManager did not: this job passes no Ray Datasets
-    # (orchestrator.ray_callbacks.torch_trainer), nor does any job before it on this stack
+    # Ray Train's controller ran, its DatasetManager and PlacementGroupCleaner did not
+    # (orchestrator.ray_callbacks.torch_trainer): this job passes no Ray Datasets, nor does any
+    # job before it on this stack; its controller died with its driver (a study's trials keep
+    # the cleaner, hence this job's own actors)
     from ray.util.state import list_actors
 
-    def actors(cls: str) -> list:
-        return list_actors(stack.env()["RAY_ADDRESS"], filters=[("class_name", "=", cls)])
+    def actors(cls: str, *, of_this_job: bool = True) -> list:
+        job = [("job_id", "=", run.data.tags["ray_job_id"])] if of_this_job else []
+        filters = [("class_name", "=", cls), *job]
+        return list_actors(stack.env()["RAY_ADDRESS"], filters=filters)
 
-    assert actors("TrainController") and not actors("DatasetManager")
+    assert actors("TrainController") and actors("SynchronizationActor")
+    assert not actors("DatasetManager", of_this_job=False)
+    assert not actors("PlacementGroupCleaner")
 
 
 def test_an_error_no_restart_can_fix_fails_the_ray_job_at_once(stack: Stack) -> None:

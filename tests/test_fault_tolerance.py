@@ -251,6 +251,21 @@ def latest_step_once_readable(st: Any, timeout_s: float = 120) -> int:
         return latest.step if latest else 0
 
 
+def placement_groups_once_removed(stack: Stack, run: Any, timeout_s: float = 30) -> list[str]:
+    """The states of the placement groups the run's Ray job created, once none is left placed
+    (Ray's GCS removes a job's groups when its driver is gone; the job's driver starts no
+    PlacementGroupCleaner: orchestrator.ray_callbacks.torch_trainer)."""
+    from ray.util.state import list_placement_groups
+
+    job = [("creator_job_id", "=", run.data.tags["ray_job_id"])]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = [pg.state for pg in list_placement_groups(stack.env()["RAY_ADDRESS"], filters=job)]
+        if all(state == "REMOVED" for state in states) or time.monotonic() > deadline:
+            return states
+        time.sleep(POLL_S)
+
+
 @pytest.fixture(scope="module")
 def s3_restart_then_driver_killed(stack: Stack, smoke_dataset: str) -> dict[str, Any]:
     """One job, two faults: the object store stopped for 6 s after a commit and started
@@ -270,6 +285,7 @@ def s3_restart_then_driver_killed(stack: Stack, smoke_dataset: str) -> dict[str,
     os.kill(chaos.driver_pid(name), signal.SIGKILL)  # the whole job: its driver dies
     first = {"status": chaos.wait(job, poll_s=POLL_S), "log": chaos.logs(job)}
     sweep = sweep_closed(name)
+    first["placement_groups"] = placement_groups_once_removed(stack, sweep["before"])
     again = submit([f"name={name}", *common(smoke_dataset)])  # same name, no flag
     status = chaos.wait(again, poll_s=POLL_S)
     return {
@@ -286,6 +302,9 @@ def test_job_sigkilled_then_resubmitted_resumes(
 ) -> None:
     got = s3_restart_then_driver_killed
     assert got["first"]["status"] != "SUCCEEDED", got["first"]["log"][-3000:]
+    # its worker group's placement group went with its driver: nothing holds the CPUs
+    groups = got["first"]["placement_groups"]
+    assert groups and set(groups) == {"REMOVED"}, groups
     # nothing closed its run; the sweep sees its Ray job ended and does
     sweep = got["sweep"]
     run_id = sweep["before"].info.run_id

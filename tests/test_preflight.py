@@ -443,20 +443,27 @@ def test_fail_fast_stops_ray_retrying_only_what_a_restart_cannot_fix() -> None:
     callback.after_exception(None, {0: RayActorError()})  # a lost worker
 
 
-def test_a_job_without_ray_datasets_gets_no_dataset_manager_from_ray_train() -> None:
+def test_ray_trains_callbacks_that_only_start_an_unused_actor_are_left_out() -> None:
     """Against the installed Ray's own default callbacks: the one that starts a DatasetManager
     actor with every worker group is left out when a job passes no Ray Datasets (ours never
-    do), kept when it does; the others stay (test_e2e_ray checks a real job's actors)."""
+    do), kept when it does; the PlacementGroupCleaner's is left out in a job's driver, kept in
+    a study's trial; the others stay (test_e2e_ray and test_fault_tolerance check real jobs)."""
     from ray.train import ScalingConfig
     from ray.train.v2._internal.callbacks import DatasetsCallback
 
-    trainer_class = ray_callbacks.torch_trainer()
-    trainer = trainer_class(lambda: None, scaling_config=ScalingConfig(num_workers=1))
-    names = {type(cb).__name__ for cb in trainer._create_default_callbacks()}
-    assert "DatasetsCallback" not in names
-    assert {"BackendSetupCallback", "PlacementGroupCleanerCallback"} <= names, names
-    trainer.datasets = {"train": object()}  # a job that passes a Ray Dataset keeps it
-    assert any(isinstance(cb, DatasetsCallback) for cb in trainer._create_default_callbacks())
+    def names(trainer: Any) -> set[str]:
+        return {type(cb).__name__ for cb in trainer._create_default_callbacks()}
+
+    trial = ray_callbacks.torch_trainer()(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    driver = ray_callbacks.torch_trainer(from_job_driver=True)(
+        lambda: None, scaling_config=ScalingConfig(num_workers=1)
+    )
+    assert "DatasetsCallback" not in names(trial) | names(driver)
+    assert {"BackendSetupCallback", "PlacementGroupCleanerCallback"} <= names(trial)
+    assert "PlacementGroupCleanerCallback" not in names(driver)
+    assert names(trial) - names(driver) == {"PlacementGroupCleanerCallback"}
+    trial.datasets = {"train": object()}  # a job that passes a Ray Dataset keeps it
+    assert any(isinstance(cb, DatasetsCallback) for cb in trial._create_default_callbacks())
 
 
 # --------------------------------------------- local checkpoint storage on a multi-node cluster
