@@ -25,89 +25,20 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
-import psutil
 from chaos import CHAOS_SPEC  # bench/: the fault-tolerance harness's job spec
 from chaos_cluster import BENCH_DATASET, make_dataset
+from process_cpu import Sampler  # bench/: every process's CPU by kind
 from suite_timeline import cpu_seconds  # bench/: the box's busy CPU-seconds
 
 REPO = Path(__file__).resolve().parent.parent
 TAIL_S = 1.0  # sampled after a command ends: Ray's driver ends after its job
-HEAD = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "DashboardAgent")
-
-
-def _kind(proc: psutil.Process) -> str:
-    """What a process is, for the table (Ray's worker processes by what they run)."""
-    cmd, parent = " ".join(proc.cmdline()), proc.parent()
-    if "pt_data_worker" in (proc.name(), cmd):
-        return "data loader workers"
-    if m := re.match(r"ray::(\w+)", cmd):
-        return f"Ray worker process: {m[1]}"
-    if "default_worker.py" in cmd:
-        return "Ray worker process: starting"
-    if "torch.distributed.run" in cmd:
-        return "torchrun"
-    if "jobs/smoke.py" in cmd:
-        if "--local" in cmd:
-            return "the local job's process"
-        if parent is not None and "torch.distributed.run" in " ".join(parent.cmdline()):
-            return "a local worker"
-        if parent is not None and parent.name() in ("sh", "dash", "bash"):
-            return "the Ray job's driver"  # Ray's job supervisor runs it through a shell
-        return "data loader workers"  # forked, not yet renamed
-    if proc.name() == "weed":  # before MLflow: its command line names the mlflow bucket
-        return "SeaweedFS"
-    if any(h in cmd for h in HEAD):
-        return "Ray's head (raylet, GCS, dashboard, agents, log monitor)"
-    if "mlflow" in cmd:
-        return "MLflow server"
-    return "other"
-
-
-class Sampler(threading.Thread):
-    """Every process's user+system CPU time, every 0.5 s, until stopped."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.first: dict[int, tuple[str, float]] = {}
-        self.last: dict[int, tuple[str, float]] = {}
-        self.halt = threading.Event()
-        for p in psutil.process_iter():
-            try:
-                self.first[p.pid] = (_kind(p), sum(p.cpu_times()[:2]))
-            except psutil.Error:
-                pass
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            for p in psutil.process_iter():
-                try:
-                    # the newest name: a process is forked before it execs, and Ray names its
-                    # workers once they run
-                    self.last[p.pid] = (_kind(p), sum(p.cpu_times()[:2]))
-                except psutil.Error:
-                    pass
-            self.halt.wait(0.5)
-
-    def by_kind(self, since_start: bool = False) -> dict[str, float]:
-        """CPU-s by kind from this sampler's start; since_start: a process that took another
-        role meanwhile (an idle Ray worker made an actor) from its own start."""
-        out: collections.Counter[str] = collections.Counter()
-        for pid, (kind, cpu) in self.last.items():
-            first_kind, first_cpu = self.first.get(pid, (kind, 0.0))
-            if pid != os.getpid():
-                out[kind] += cpu - (0.0 if since_start and first_kind != kind else first_cpu)
-        return dict(out)
-
-
 Measured = tuple[float, float, dict[str, float], dict[str, float]]  # what `measure` returns
 
 

@@ -8,6 +8,12 @@ summary of such a record per lane.
 Run it once in order (`pytest -p bench.suite_timeline`, no -n) for the tests' own times and how
 busy the box was between them; with make test's lanes each worker's tests overlap the other's,
 so the busy share is only printed for one worker.
+
+The run's main process also samples every process's CPU time once a second (bench/
+process_cpu.py) and writes it by kind of process to FILE.kinds.json at the end: the summary
+then says where the run's CPU went (Ray's worker processes by what they run, the stack's
+services, the tests that run in process). A process that lives under a second is missed: the
+summary says how much of the box's busy CPU the table covers.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from typing import Any
 import pytest
 
 OUT = "SUITE_TIMELINE"
+SAMPLE_EVERY_S = 1.0  # a pass over ~200 processes costs a few ms: well under 1% of a core
+_sampling: dict[str, Any] = {}  # the main process's sampler and the box's busy CPU at its start
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -49,6 +57,35 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     }
     with open(os.environ.get(OUT, "suite-timeline.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.environ.get(OUT) and "PYTEST_XDIST_WORKER" not in os.environ:  # once a run
+        from bench.process_cpu import Sampler
+
+        _sampling["busy"] = cpu_seconds()[0]
+        _sampling["sampler"] = sampler = Sampler(SAMPLE_EVERY_S)
+        sampler.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    sampler = _sampling.pop("sampler", None)
+    if sampler is not None:
+        sampler.halt.set()
+        sampler.join()
+        kinds = {"the box busy": cpu_seconds()[0] - _sampling.pop("busy"), **sampler.by_kind()}
+        Path(os.environ[OUT] + ".kinds.json").write_text(json.dumps(kinds, indent=1))
+
+
+def by_kind(kinds: dict[str, float], top: int = 16) -> str:
+    """The run's CPU by kind of process, the largest first."""
+    busy = kinds.pop("the box busy")
+    sampled = sum(kinds.values())
+    head = f"the box busy {busy:.0f} CPU-seconds over the run, {sampled:.0f} of them "
+    lines = [head + f"({sampled / busy:.0%}) in the processes sampled, by kind:"]
+    for kind, cpu in collections.Counter(kinds).most_common(top):
+        lines.append(f"  {cpu:7.1f} CPU-s {cpu / busy:4.0%}  {kind}")
+    return "\n".join(lines)
 
 
 def _busy(rows: list[dict[str, Any]]) -> str:
@@ -90,4 +127,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python bench/suite_timeline.py SUITE_TIMELINE_FILE")
-    print(summary([json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines()]))
+    record = Path(sys.argv[1])
+    print(summary([json.loads(line) for line in record.read_text().splitlines()]))
+    kinds = Path(f"{record}.kinds.json")
+    if kinds.exists():
+        print(by_kind(json.loads(kinds.read_text())))

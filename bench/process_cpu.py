@@ -1,0 +1,91 @@
+"""Every process's CPU time by what the process is, sampled: what bench/job_cpu.py tables for
+one job, and bench/suite_timeline.py for a whole test run."""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import threading
+
+import psutil
+
+HEAD = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "DashboardAgent")
+JOB_FILE = re.compile(r"jobs/\w+\.py")
+# kinds a test run adds to a job's (bench/suite_timeline.py): a command line's word -> its kind
+TOOLS = {
+    "execnet": "pytest workers (the tests that run in process)",
+    "pytest": "pytest workers (the tests that run in process)",
+    "mypy": "mypy",
+    "chrom": "Chromium (the dashboard's browser tests)",
+    "cc1plus": "the C++ compiler (torch.compile's kernels)",
+    "-m pip": "pip",
+}
+
+
+def kind(proc: psutil.Process) -> str:
+    """What a process is (Ray's worker processes by what they run); psutil.Error if it is gone."""
+    cmd, parent = " ".join(proc.cmdline()), proc.parent()
+    if "pt_data_worker" in (proc.name(), cmd):
+        return "data loader workers"
+    if m := re.match(r"ray::(\w+)", cmd):
+        return f"Ray worker process: {m[1]}"
+    if "default_worker.py" in cmd:
+        return "Ray worker process: starting"
+    if "torch.distributed.run" in cmd:
+        return "torchrun"
+    if JOB_FILE.search(cmd):
+        if "--local" in cmd:
+            return "the local job's process"
+        if parent is not None and "torch.distributed.run" in " ".join(parent.cmdline()):
+            return "a local worker"
+        if parent is not None and parent.name() in ("sh", "dash", "bash"):
+            return "the Ray job's driver"  # Ray's job supervisor runs it through a shell
+        return "data loader workers"  # forked, not yet renamed
+    if proc.name() == "weed":  # before MLflow: its command line names the mlflow bucket
+        return "SeaweedFS"
+    if any(h in cmd for h in HEAD):
+        return "Ray's head (raylet, GCS, dashboard, agents, log monitor)"
+    if "mlflow" in cmd:
+        return "MLflow server"
+    return next((name for word, name in TOOLS.items() if word in cmd), "other")
+
+
+class Sampler(threading.Thread):
+    """Every process's user+system CPU time, every `interval_s`, until stopped (a process that
+    lives less than that is missed)."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.first: dict[int, tuple[str, float]] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self.halt = threading.Event()
+        for p in psutil.process_iter():
+            try:
+                self.first[p.pid] = (kind(p), sum(p.cpu_times()[:2]))
+            except psutil.Error:
+                pass
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            for p in psutil.process_iter():
+                try:
+                    # the newest name: a process is forked before it execs, and Ray names its
+                    # workers once they run
+                    self.last[p.pid] = (kind(p), sum(p.cpu_times()[:2]))
+                except psutil.Error:
+                    pass
+            self.halt.wait(self.interval_s)
+
+    def by_kind(self, since_start: bool = False) -> dict[str, float]:
+        """CPU-s by kind from this sampler's start; since_start: a process that took another
+        role meanwhile (an idle Ray worker made an actor) from its own start."""
+        out: collections.Counter[str] = collections.Counter()
+        for pid, (kind_now, cpu) in self.last.items():
+            first_kind, first_cpu = self.first.get(pid, (kind_now, 0.0))
+            if pid != os.getpid():
+                out[kind_now] += cpu - (
+                    0.0 if since_start and first_kind != kind_now else first_cpu
+                )
+        return dict(out)

@@ -1,0 +1,28 @@
+"""bench/suite_timeline.py's CPU by kind of process, and bench/process_cpu.py's sampler it uses,
+on real processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from bench.process_cpu import Sampler
+from bench.suite_timeline import by_kind
+
+# a process that spends 1.5 CPU-seconds, however busy the box, then idles for the sampler's last
+# look; its command line names mypy (a kind of its own)
+BUSY = "import time\nwhile time.process_time() < 1.5: pass\ntime.sleep(1)"
+
+
+def test_a_busy_process_s_cpu_is_counted_under_its_kind() -> None:
+    sampler = Sampler(interval_s=0.1)
+    sampler.start()
+    subprocess.run([sys.executable, "-c", BUSY, "mypy"], check=True)
+    sampler.halt.set()
+    sampler.join()
+    kinds = sampler.by_kind()
+    assert 1.4 <= kinds["mypy"] <= 2.0, kinds  # /proc counts in ticks; and the start
+    table = by_kind({"the box busy": 40.0, **kinds}).splitlines()
+    assert table[0].startswith("the box busy 40 CPU-seconds over the run"), table
+    (line,) = [line for line in table[1:] if line.endswith("  mypy")]
+    assert line.split()[0] == f"{kinds['mypy']:.1f}", table
