@@ -14,10 +14,11 @@ HEAD = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "Dashb
 JOB_FILE = re.compile(r"jobs/\w+\.py")
 # kinds a test run adds to a job's (bench/suite_timeline.py): a command line's word -> its kind
 TOOLS = {
-    "execnet": "pytest workers (the tests that run in process)",
+    "sys.stdin.readline": "pytest workers (the tests that run in process)",  # xdist's
     "pytest": "pytest workers (the tests that run in process)",
     "mypy": "mypy",
     "chrom": "Chromium (the dashboard's browser tests)",
+    "/proc/self/exe --type=": "Chromium (the dashboard's browser tests)",  # its helpers
     "cc1plus": "the C++ compiler (torch.compile's kernels)",
     "-m pip": "pip",
 }
@@ -48,7 +49,18 @@ def kind(proc: psutil.Process) -> str:
         return "Ray's head (raylet, GCS, dashboard, agents, log monitor)"
     if "mlflow" in cmd:
         return "MLflow server"
-    return next((name for word, name in TOOLS.items() if word in cmd), "other")
+    return next((name for word, name in TOOLS.items() if word in cmd), None) or _other(proc)
+
+
+def _other(proc: psutil.Process) -> str:
+    """`other: ` and what the process runs: a Python module or script, else its name."""
+    args = proc.cmdline()
+    if not args:  # kthreadd's children (kdamond, kswapd: the VM's memory, not the tests')
+        return "other: the kernel's threads"
+    if "-m" in args[:-1]:
+        return f"other: python -m {args[args.index('-m') + 1]}"
+    script = next((a for a in args[1:] if a.endswith(".py")), None)
+    return f"other: {script.rsplit('/', 1)[-1] if script else proc.name()}"
 
 
 class Sampler(threading.Thread):
