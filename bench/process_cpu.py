@@ -13,10 +13,10 @@ import psutil
 HEAD = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "DashboardAgent")
 JOB_FILE = re.compile(r"jobs/\w+\.py")
 # kinds a test run adds to a job's (bench/suite_timeline.py): a command line's word -> its kind
-TOOLS = {
+TOOLS = {  # the first that matches: mypy's command line names pytest's temporary folder
+    "mypy": "mypy",
     "sys.stdin.readline": "pytest workers (the tests that run in process)",  # xdist's
     "pytest": "pytest workers (the tests that run in process)",
-    "mypy": "mypy",
     "chrom": "Chromium (the dashboard's browser tests)",
     "/proc/self/exe --type=": "Chromium (the dashboard's browser tests)",  # its helpers
     "cc1plus": "the C++ compiler (torch.compile's kernels)",
@@ -59,6 +59,8 @@ def _other(proc: psutil.Process) -> str:
         return "other: the kernel's threads"
     if "-m" in args[:-1]:
         return f"other: python -m {args[args.index('-m') + 1]}"
+    if "-c" in args[:-1]:  # multiprocessing's spawned children among them
+        return f"other: python -c {args[args.index('-c') + 1][:40]!r}"
     script = next((a for a in args[1:] if a.endswith(".py")), None)
     return f"other: {script.rsplit('/', 1)[-1] if script else proc.name()}"
 
