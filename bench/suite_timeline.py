@@ -77,7 +77,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         Path(os.environ[OUT] + ".kinds.json").write_text(json.dumps(kinds, indent=1))
 
 
-def by_kind(kinds: dict[str, float], top: int = 16) -> str:
+def kinds_table(kinds: dict[str, float], top: int = 16) -> str:
     """The run's CPU by kind of process, the largest first."""
     busy = kinds.pop("the box busy")
     sampled = sum(kinds.values())
@@ -131,4 +131,4 @@ if __name__ == "__main__":
     print(summary([json.loads(line) for line in record.read_text().splitlines()]))
     kinds = Path(f"{record}.kinds.json")
     if kinds.exists():
-        print(by_kind(json.loads(kinds.read_text())))
+        print(kinds_table(json.loads(kinds.read_text())))

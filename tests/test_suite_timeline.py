@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from bench.process_cpu import Sampler
-from bench.suite_timeline import by_kind
+from bench.suite_timeline import kinds_table
 
 # a process that spends 1.5 CPU-seconds, however busy the box, then idles for the sampler's last
 # look; its command line names mypy (a kind of its own)
@@ -22,7 +22,7 @@ def test_a_busy_process_s_cpu_is_counted_under_its_kind() -> None:
     sampler.join()
     kinds = sampler.by_kind()
     assert 1.4 <= kinds["mypy"] <= 2.0, kinds  # /proc counts in ticks; and the start
-    table = by_kind({"the box busy": 40.0, **kinds}).splitlines()
+    table = kinds_table({"the box busy": 40.0, **kinds}).splitlines()
     assert table[0].startswith("the box busy 40 CPU-seconds over the run"), table
     (line,) = [line for line in table[1:] if line.endswith("  mypy")]
     assert line.split()[0] == f"{kinds['mypy']:.1f}", table
