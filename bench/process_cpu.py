@@ -26,7 +26,8 @@ TOOLS = {  # the first that matches: mypy's command line names pytest's temporar
 
 def kind(proc: psutil.Process) -> str:
     """What a process is (Ray's worker processes by what they run); psutil.Error if it is gone."""
-    cmd, parent = " ".join(proc.cmdline()), proc.parent()
+    args, parent = proc.cmdline(), proc.parent()
+    cmd = " ".join(args)
     if "pt_data_worker" in (proc.name(), cmd):
         return "data loader workers"
     if m := re.match(r"ray::(\w+)", cmd):
@@ -49,12 +50,12 @@ def kind(proc: psutil.Process) -> str:
         return "Ray's head (raylet, GCS, dashboard, agents, log monitor)"
     if "mlflow" in cmd:
         return "MLflow server"
-    return next((name for word, name in TOOLS.items() if word in cmd), None) or _other(proc)
+    return next((name for word, name in TOOLS.items() if word in cmd), None) or _other(args, proc)
 
 
-def _other(proc: psutil.Process) -> str:
-    """`other: ` and what the process runs: a Python module or script, else its name."""
-    args = proc.cmdline()
+def _other(args: list[str], proc: psutil.Process) -> str:
+    """`other: ` and what the process runs (`args`): a Python module, script or `-c` code, else
+    its name."""
     if not args:  # kthreadd's children (kdamond, kswapd: the VM's memory, not the tests')
         return "other: the kernel's threads"
     if "-m" in args[:-1]:
