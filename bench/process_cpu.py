@@ -58,10 +58,11 @@ def _other(args: list[str], proc: psutil.Process) -> str:
     its name."""
     if not args:  # kthreadd's children (kdamond, kswapd: the VM's memory, not the tests')
         return "other: the kernel's threads"
+    program = args[0].rsplit("/", 1)[-1]
     if "-m" in args[:-1]:
-        return f"other: python -m {args[args.index('-m') + 1]}"
+        return f"other: {program} -m {args[args.index('-m') + 1]}"
     if "-c" in args[:-1]:  # multiprocessing's spawned children among them
-        return f"other: python -c {args[args.index('-c') + 1][:40]!r}"
+        return f"other: {program} -c {args[args.index('-c') + 1][:40]!r}"
     script = next((a for a in args[1:] if a.endswith(".py")), None)
     return f"other: {script.rsplit('/', 1)[-1] if script else proc.name()}"
 
