@@ -36,6 +36,8 @@ def kind(proc: psutil.Process) -> str:
         return "Ray worker process: starting"
     if "torch.distributed.run" in cmd:
         return "torchrun"
+    if "from multiprocessing.spawn" in cmd and parent is not None:  # until it names itself
+        return f"{kind(parent).split(' (its children')[0]} (its children by multiprocessing)"
     if JOB_FILE.search(cmd):
         if "--local" in cmd:
             return "the local job's process"
@@ -71,9 +73,10 @@ class Sampler(threading.Thread):
     """Every process's user+system CPU time, every `interval_s`, until stopped (a process that
     lives less than that is missed)."""
 
-    def __init__(self, interval_s: float = 0.5) -> None:
+    def __init__(self, interval_s: float = 0.5, include_self: bool = False) -> None:
         super().__init__(daemon=True)
         self.interval_s = interval_s
+        self.skip = None if include_self else os.getpid()  # a bench's own CPU is not its job's
         self.first: dict[int, tuple[str, float]] = {}
         self.last: dict[int, tuple[str, float]] = {}
         self.halt = threading.Event()
@@ -100,7 +103,7 @@ class Sampler(threading.Thread):
         out: collections.Counter[str] = collections.Counter()
         for pid, (kind_now, cpu) in self.last.items():
             first_kind, first_cpu = self.first.get(pid, (kind_now, 0.0))
-            if pid != os.getpid():
+            if pid != self.skip:
                 out[kind_now] += cpu - (
                     0.0 if since_start and first_kind != kind_now else first_cpu
                 )

@@ -64,7 +64,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         from bench.process_cpu import Sampler
 
         _sampling["busy"] = cpu_seconds()[0]
-        _sampling["sampler"] = sampler = Sampler(SAMPLE_EVERY_S)
+        # this process too: without xdist it runs the tests; with it, it only samples
+        _sampling["sampler"] = sampler = Sampler(SAMPLE_EVERY_S, include_self=True)
         sampler.start()
 
 
