@@ -79,12 +79,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def kinds_table(kinds: dict[str, float], top: int = 16) -> str:
-    """The run's CPU by kind of process, the largest first."""
-    busy = kinds.pop("the box busy")
-    sampled = sum(kinds.values())
+    """The run's CPU by kind of process (a FILE.kinds.json's), the largest first."""
+    processes = {kind: cpu for kind, cpu in kinds.items() if kind != "the box busy"}
+    busy, sampled = kinds["the box busy"], sum(processes.values())
     head = f"the box busy {busy:.0f} CPU-seconds over the run, {sampled:.0f} of them "
     lines = [head + f"({sampled / busy:.0%}) in the processes sampled, by kind:"]
-    for kind, cpu in collections.Counter(kinds).most_common(top):
+    for kind, cpu in collections.Counter(processes).most_common(top):
         lines.append(f"  {cpu:7.1f} CPU-s {cpu / busy:4.0%}  {kind}")
     return "\n".join(lines)
 
