@@ -44,7 +44,7 @@ def cpu_seconds() -> tuple[float, float]:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    start, (busy0, all0) = time.time(), cpu_seconds()
+    start, (busy0, all0), own0 = time.time(), cpu_seconds(), time.process_time()
     yield
     busy1, all1 = cpu_seconds()
     row = {
@@ -54,6 +54,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         "wall": time.time() - start,
         "busy": busy1 - busy0,
         "cpu": all1 - all0,
+        "own": time.process_time() - own0,  # the pytest process's own, its threads' included
     }
     with open(os.environ.get(OUT, "suite-timeline.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -122,6 +123,12 @@ def summary(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         modules[r["id"].split("::")[0]] += r["wall"]
     lines += [f"  {wall:7.1f} s  {module}" for module, wall in modules.most_common(8)]
+    if any("own" in r for r in rows):  # records from before 2026-12-07 lack it
+        own = sorted(rows, key=lambda r: -r.get("own", 0.0))[:8]
+        total = sum(r.get("own", 0.0) for r in rows)
+        head = f"the tests' CPU in the pytest processes themselves: {total:.0f} CPU-s; the most:"
+        lines.append(head)
+        lines += [f"  {r['own']:7.1f} CPU-s  {r['id']}" for r in own]
     return "\n".join(lines)
 
 

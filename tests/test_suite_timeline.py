@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from bench.process_cpu import Sampler
-from bench.suite_timeline import kinds_table
+from bench.suite_timeline import kinds_table, summary
 
 # a process that spends 1.5 CPU-seconds, however busy the box, then idles for the sampler's last
 # look; a kind of its own, by its code (named after a real tool, it would add to that tool's
@@ -29,3 +29,18 @@ def test_a_busy_process_s_cpu_is_counted_under_its_kind() -> None:
     assert table[0].startswith("the box busy 40 CPU-seconds over the run"), table
     (line,) = [line for line in table[1:] if line.endswith(f"  {KIND}")]
     assert line.split()[0] == f"{kinds[KIND]:.1f}", table
+
+
+def test_the_summary_names_the_tests_that_spent_the_most_cpu_in_process() -> None:
+    rows = [
+        {"id": f"tests/test_m.py::t{i}", "worker": "gw0", "start": 100.0 + i, "wall": 1.0,
+         "busy": 1.0, "cpu": 2.0, "own": float(i)}
+        for i in range(10)
+    ]  # fmt: skip
+    lines = summary(rows).splitlines()
+    at = lines.index("the tests' CPU in the pytest processes themselves: 45 CPU-s; the most:")
+    assert [line.split()[-1] for line in lines[at + 1 :]] == [
+        f"tests/test_m.py::t{i}" for i in range(9, 1, -1)
+    ]
+    older = [{k: v for k, v in r.items() if k != "own"} for r in rows]  # records before "own"
+    assert "pytest processes" not in summary(older)
