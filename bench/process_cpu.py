@@ -1,12 +1,20 @@
 """Every process's CPU time by what the process is, sampled: what bench/job_cpu.py tables for
-one job, and bench/suite_timeline.py for a whole test run."""
+one job, and bench/suite_timeline.py for a whole test run.
+
+    python bench/process_cpu.py [--seconds 30]   # what sampling itself costs, on this box now
+
+Sampling is not free: the suite's run samples every second from its main process, so its own
+CPU is part of the run it measures.
+"""
 
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import re
 import threading
+import time
 
 import psutil
 
@@ -114,3 +122,23 @@ class Sampler(threading.Thread):
                     0.0 if since_start and first_kind != kind_now else first_cpu
                 )
         return dict(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="What sampling every second costs")
+    parser.add_argument("--seconds", type=float, default=30.0)
+    args = parser.parse_args()
+    sampler, cpu0 = Sampler(1.0, include_self=True), time.process_time()
+    sampler.start()
+    time.sleep(args.seconds)
+    sampler.halt.set()
+    sampler.join()
+    cpu, seen = time.process_time() - cpu0, len(sampler.last)
+    print(
+        f"sampler: {cpu:.2f} CPU-s over {args.seconds:.0f} s, {seen} processes "
+        f"({cpu / args.seconds:.1%} of a core)"
+    )
+
+
+if __name__ == "__main__":
+    main()
