@@ -102,7 +102,7 @@ class Sampler(threading.Thread):
                     with p.oneshot():  # /proc/PID/stat read once for its name and CPU times
                         # the newest name: a process is forked before it execs, and Ray names
                         # its workers once they run; its kind is worked out again only then
-                        # (once a pass for every process cost the suite's sampling ~5% of a core)
+                        # (once a pass for every process: 4% of a core beside the dev stack)
                         names, cpu = (p.name(), *p.cmdline()), sum(p.cpu_times()[:2])
                         if p.pid not in kinds or kinds[p.pid][0] != names:
                             kinds[p.pid] = (names, kind(p))

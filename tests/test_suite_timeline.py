@@ -44,3 +44,26 @@ def test_the_summary_names_the_tests_that_spent_the_most_cpu_in_process() -> Non
     ]
     older = [{k: v for k, v in r.items() if k != "own"} for r in rows]  # records before "own"
     assert "pytest processes" not in summary(older)
+
+
+# a process that works under its `-c` kind, then renames itself as torch's loader workers do
+# (prctl PR_SET_NAME) and works on
+RENAMED = """import ctypes, time
+def work(s):
+    t = time.process_time() + s
+    while time.process_time() < t: pass
+work(0.4); time.sleep(0.5)
+ctypes.CDLL(None).prctl(15, b"pt_data_worker", 0, 0, 0)
+work(0.4); time.sleep(0.5)"""
+
+
+def test_a_process_that_renames_itself_is_counted_under_its_new_kind() -> None:
+    sampler = Sampler(interval_s=0.1)
+    sampler.start()
+    proc = subprocess.Popen([sys.executable, "-c", RENAMED])
+    proc.wait()
+    sampler.halt.set()
+    sampler.join()
+    assert proc.returncode == 0
+    kind, cpu = sampler.last[proc.pid]
+    assert kind == "data loader workers" and cpu >= 0.7, (kind, cpu)
