@@ -95,8 +95,9 @@ class Sampler(threading.Thread):
                 pass
 
     def run(self) -> None:
-        kinds: dict[int, tuple[tuple[str, ...], str]] = {}  # pid -> (what names it, its kind)
+        known: dict[int, tuple[tuple[str, ...], str]] = {}  # pid -> (what names it, its kind)
         while not self.halt.is_set():
+            alive: dict[int, tuple[tuple[str, ...], str]] = {}
             for p in psutil.process_iter():
                 try:
                     with p.oneshot():  # /proc/PID/stat read once for its name and CPU times
@@ -104,11 +105,12 @@ class Sampler(threading.Thread):
                         # its workers once they run; its kind is worked out again only then
                         # (once a pass for every process: 4% of a core beside the dev stack)
                         names, cpu = (p.name(), *p.cmdline()), sum(p.cpu_times()[:2])
-                        if p.pid not in kinds or kinds[p.pid][0] != names:
-                            kinds[p.pid] = (names, kind(p))
-                    self.last[p.pid] = (kinds[p.pid][1], cpu)
+                        same = p.pid in known and known[p.pid][0] == names
+                        alive[p.pid] = known[p.pid] if same else (names, kind(p))
+                    self.last[p.pid] = (alive[p.pid][1], cpu)
                 except psutil.Error:
                     pass
+            known = alive  # a process gone is forgotten (its pid may come back as another)
             self.halt.wait(self.interval_s)
 
     def by_kind(self, since_start: bool = False) -> dict[str, float]:
