@@ -85,38 +85,39 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.interval_s = interval_s
         self.skip = None if include_self else os.getpid()  # a bench's own CPU is not its job's
-        self.first: dict[int, tuple[str, float]] = {}
-        self.last: dict[int, tuple[str, float]] = {}
         self.halt = threading.Event()
-        for p in psutil.process_iter():
-            try:
-                self.first[p.pid] = (kind(p), sum(p.cpu_times()[:2]))
-            except psutil.Error:
-                pass
+        self._known: dict[int, tuple[tuple[str, ...], str]] = {}  # pid -> (its names, kind)
+        self.first = self._look()
+        self.last: dict[int, tuple[str, float]] = {}
 
     def run(self) -> None:
-        known: dict[int, tuple[tuple[str, ...], str]] = {}  # pid -> (what names it, its kind)
         while not self.halt.is_set():
-            alive: dict[int, tuple[tuple[str, ...], str]] = {}
-            for p in psutil.process_iter():
-                try:
-                    with p.oneshot():  # /proc/PID/stat read once for its name and CPU times
-                        # the newest name: a process is forked before it execs, and Ray names
-                        # its workers once they run; its kind is worked out again only then
-                        # (once a pass for every process: 4% of a core beside the dev stack)
-                        names, cpu = (p.name(), *p.cmdline()), sum(p.cpu_times()[:2])
-                        same = p.pid in known and known[p.pid][0] == names
-                        alive[p.pid] = known[p.pid] if same else (names, kind(p))
-                    self.last[p.pid] = (alive[p.pid][1], cpu)
-                except psutil.Error:
-                    pass
-            known = alive  # a process gone is forgotten (its pid may come back as another)
+            self.last.update(self._look())  # a process gone keeps its last look
             self.halt.wait(self.interval_s)
+
+    def _look(self) -> dict[int, tuple[str, float]]:
+        """pid -> (kind, user+system CPU-s) of every live process. The newest name: a process
+        is forked before it execs, and Ray names its workers once they run; a kind is worked
+        out again only then (once a look for every process cost 4% of a core beside the dev
+        stack)."""
+        alive: dict[int, tuple[tuple[str, ...], str]] = {}
+        looks: dict[int, tuple[str, float]] = {}
+        for p in psutil.process_iter():
+            try:
+                with p.oneshot():  # /proc/PID/stat read once for its name and CPU times
+                    names, cpu = (p.name(), *p.cmdline()), sum(p.cpu_times()[:2])
+                    same = p.pid in self._known and self._known[p.pid][0] == names
+                    alive[p.pid] = self._known[p.pid] if same else (names, kind(p))
+                looks[p.pid] = (alive[p.pid][1], cpu)
+            except psutil.Error:
+                pass
+        self._known = alive  # a process gone is forgotten (its pid may come back as another)
+        return looks
 
     def by_kind(self, since_start: bool = False) -> dict[str, float]:
         """CPU-s by kind from this sampler's start; since_start: a process that took another
         role meanwhile (an idle Ray worker made an actor) from its own start."""
-        out: collections.Counter[str] = collections.Counter()
+        out: dict[str, float] = collections.defaultdict(float)
         for pid, (kind_now, cpu) in self.last.items():
             first_kind, first_cpu = self.first.get(pid, (kind_now, 0.0))
             if pid != self.skip:
