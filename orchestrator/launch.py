@@ -526,6 +526,11 @@ def _run_ray(spec: JobSpec) -> Any:
     from orchestrator.tracking.runs import mark_job_run
 
     startup_clock.mark("cluster check and lease")
+    # Ray Train's import (torch's with it, seconds) before the sweep's thread starts importing
+    # MLflow: both are Python work under this process's one GIL, and Ray Train's is on the
+    # path to the first step; the sweep's then runs while Ray starts the worker group
+    import ray.train.torch  # noqa: F401
+
     sweeping = None
     if spec.tracking.enabled:  # runs of this experiment whose job died unseen: close them
         from orchestrator.tracking.liveness import sweep_in_background

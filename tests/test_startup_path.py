@@ -4,6 +4,9 @@ that runs beside Ray Train's start instead of before it (issue 31)."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -13,6 +16,7 @@ from orchestrator import startup_clock
 from orchestrator.stack import Stack
 from orchestrator.tracking import liveness
 from orchestrator.tracking.tags import HEARTBEAT_TAG, JOB_TAG, STALE_SEEN_TAG
+from tests.conftest import ROOT
 
 
 def test_the_clock_says_each_phase_once_with_its_absolute_start() -> None:
@@ -72,3 +76,35 @@ def test_the_background_sweep_leaves_the_starting_jobs_own_runs_to_it(stack: Sta
     assert STALE_SEEN_TAG in client.get_run(other).data.tags
     assert STALE_SEEN_TAG not in client.get_run(own).data.tags
     assert client.get_run(own).info.status == "RUNNING"
+
+
+DRIVER_ORDER = """
+import sys
+from orchestrator import launch
+from orchestrator.spec import JobSpec
+from orchestrator.tracking import liveness
+
+seen = []
+class Done:
+    def join(self): pass
+def sweep(experiment, starting_job):
+    seen.append("ray.train.torch" in sys.modules)
+    return Done()
+liveness.sweep_in_background = sweep
+launch.fit_on_ray = lambda spec, **kw: seen.append("fit") or {}
+assert "ray.train.torch" not in sys.modules
+launch._run_ray(JobSpec(name="order"))
+print(seen)
+"""
+
+
+def test_the_driver_imports_ray_train_before_the_sweeps_thread_imports_mlflow() -> None:
+    """Both imports are Python work under the driver's one GIL, and Ray Train's is on the path
+    to the first step: the sweep starts once it is done (in a child: a fresh interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run(
+        [sys.executable, "-c", DRIVER_ORDER], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stdout.splitlines()[-1] == "[True, 'fit']", out.stdout[-2000:]
