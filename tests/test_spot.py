@@ -1,13 +1,15 @@
 """Spot and elastic clusters on Ray (orchestrator.preemption, orchestrator.launch).
 
-A drained node on a 2-node local Ray cluster: an elastic job (scaling.num_workers=[1,2],
-scaling.max_failures=0) trains on real shards in S3 with one worker on each node; the second
-node is drained as a spot reclaim is (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION
---deadline-remaining-seconds N`), and killed at the deadline. The job must commit the step in
-progress when the notice arrives and say so once, go on training, commit once more just before
-the deadline and then wait, so that no completed step is lost; after the node is gone it must
-resume from that last commit on the one node left, uncounted, with every step once in MLflow.
-An elastic group that Ray grows (a node joins) commits its step first and resumes there.
+A grown group, then a drained node, on a 2-node local Ray cluster: an elastic job
+(scaling.num_workers=[1,2], scaling.max_failures=0) trains on real shards in S3, started with one
+worker on the head alone. A node joins and Ray grows the group to two: the one-worker group
+commits its step first, and the larger group resumes there. That node is then drained as a spot
+reclaim is (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds
+N`), and killed at the deadline. The job must commit the step in progress when the notice
+arrives and say so once, go on training, commit once more just before the deadline and then
+wait, so that no completed step is lost; after the node is gone it must resume from that last
+commit on the one node left, uncounted, with every step once in MLflow. (One job for both: a
+job's start on Ray is most of such a test's time and CPU.)
 A study's one-worker trial, which trains in its Tune actor without Ray Train, gets the same
 drain on its node: the same commits, and Tune's restart (uncounted) resumes from the last one.
 
@@ -292,10 +294,9 @@ def spot_node(cluster_head: Stack, tmp_path: Path) -> Iterator[tuple[int, str, s
 # look for drains every second; the first commit, then the last before the deadline (at most
 # twice a save and a step, + 5 s, before it) fit in it with steps between them
 DEADLINE_S = 12
-# Long enough to outlast a start on one worker (a clean-clone CI's job trained 500 steps alone
-# and ended: Ray Train had started its elastic group on one worker, the head's other CPUs still
-# reserved for an earlier test's request), Ray growing it after scaling.resize_interval_s (60 s),
-# the notice and its deadline; the test stops the job three steps after the resume
+# Long enough to outlast the group's start on one worker, the node's join, Ray growing the group
+# (scaling.resize_interval_s), the notice and its deadline; the test stops the job three steps
+# after the resume
 STEPS = 3000
 
 
@@ -312,15 +313,22 @@ def _wait_for(what: str, check: Any, job: str, timeout_s: float = 300) -> Any:
     raise AssertionError(f"no {what} in {timeout_s} s:\n{chaos.logs(job)[-5000:]}")
 
 
-def _wait_for_free_cpus(cpus: int, timeout_s: float = 120) -> None:
+def _wait_for_free_cpus(cpus: int, gcs: str, timeout_s: float = 120) -> None:
     """Wait until the cluster has `cpus` CPUs free: a Ray job or actor of an earlier test may
     still hold some of the head's while it tears down."""
     import ray
 
-    deadline = time.monotonic() + timeout_s
-    while (free := ray.available_resources().get("CPU", 0)) < cpus:
-        assert time.monotonic() < deadline, f"{free} CPUs free, not {cpus}: {ray.nodes()}"
-        time.sleep(0.5)
+    connected = ray.is_initialized()
+    if not connected:
+        ray.init(address=gcs, logging_level="ERROR")
+    try:
+        deadline = time.monotonic() + timeout_s
+        while (free := ray.available_resources().get("CPU", 0)) < cpus:
+            assert time.monotonic() < deadline, f"{free} CPUs free, not {cpus}: {ray.nodes()}"
+            time.sleep(0.5)
+    finally:
+        if not connected:
+            ray.shutdown()
 
 
 def _forget_ray_train_reservations(gcs: str) -> None:
@@ -380,116 +388,33 @@ def _step_after_rank_1(logs: str, name: str, step: int) -> bool:
 
 
 @pytest.mark.slow
-def test_a_drained_node_commits_the_step_in_progress_and_the_job_resumes_there(
-    spot_node: tuple[int, str, str], smoke_dataset: str
+def test_an_elastic_group_grows_then_its_drained_node_commits_and_the_job_resumes_there(
+    cluster_head: Stack, smoke_dataset: str, tmp_path: Path
 ) -> None:
-    node_pid, node, gcs = spot_node
-    _wait_for_free_cpus(4)  # else the elastic group starts with one worker and the drain finds one
+    """One elastic job (scaling.num_workers=[1,2], 2 CPUs a worker, scaling.max_failures=0)
+    through both halves of a spot cluster's life.
+
+    It grows: started on the head alone, which has room for one worker, it trains; a node joins
+    and Ray grows the group to two (after scaling.resize_interval_s=5). Before Ray stops the
+    one-worker group, its worker commits the step it is on: the two-worker group resumes
+    there, and no step is trained twice.
+
+    It shrinks: that node is drained as a spot reclaim is, and killed at the deadline. The group
+    commits the step in progress at the notice and says so once, trains on, commits once more
+    just before the deadline and waits there; Ray restarts it on the head alone, uncounted, and
+    it resumes from that last commit. Every step is in MLflow once."""
+    gcs = cluster_head.gcs_address
+    _wait_for_free_cpus(2, gcs)  # the head's own: the group starts there with one worker
     _forget_ray_train_reservations(gcs)
     name, experiment = f"spot-{uuid.uuid4().hex[:6]}", f"spot-{uuid.uuid4().hex[:6]}"
     job = chaos.submit(
         [
             f"name={name}", f"data.url={smoke_dataset}", f"tracking.experiment={experiment}",
             "scaling.num_workers=[1,2]", "scaling.cpus_per_worker=2", "scaling.max_failures=0",
-            "scaling.global_batch=16", "scaling.torch_threads=1", f"schedule.max_iters={STEPS}",
-            "schedule.milestones=[]", "checkpoint.every_iters=0", "checkpoint.at_epoch_end=false",
-            "checkpoint.preemption_poll_every=1", "checkpoint.keep_last=5",
-            "tracking.log_every=1", "eval.every_iters=0", "eval.at_end=false",
-            "data.num_workers=1", "tracking.publish=false",
-        ]
-    )  # fmt: skip
-    st = chaos.store("s3://resnet/runs", name)
-    # both workers up (rank 1's start line: a group Ray started on one worker grows to two after
-    # scaling.resize_interval_s), then three steps taken by that group
-    said_rank_1 = rf"rank 1: {name} from step (\d+)"
-    started = _wait_for("rank 1", lambda: re.search(said_rank_1, chaos.logs(job)), job)
-    three = int(started[1]) + 3
-    _wait_for(f"step {three}", lambda: _step_after_rank_1(chaos.logs(job), name, three), job)
-    assert "world sizes 1..2 (elastic)" in chaos.logs(job)  # the pre-flight listed them
-    # every_iters=0: nothing committed before the notice but a resize's commit
-    assert st.latest() is None or "Ray is resizing the elastic" in chaos.logs(job)
-    latest_deadline = _drain(gcs, node)
-    # steps are read from the job's own lines, never from what is newest at some moment: on a
-    # loaded box a read can come late, after the next commit or Ray's restart of the group
-    notice = r"preemption notice at step (\d+): node (\w+) \(ranks (\d)\)"
-    line = _wait_for("the notice", lambda: re.search(notice, chaos.logs(job)), job, DEADLINE_S + 30)
-    noticed = int(line[1])
-    assert node.startswith(line[2]), line[0]
-    committed = _wait_for("its commit", lambda: st.find(noticed), job, 60)
-    # one message (Ray echoes a worker's log lines, some twice: count distinct ones)
-    assert len(set(re.findall(r"preemption notice at step [^\n]*", chaos.logs(job)))) == 1
-    files = set(st.storage.sizes(f"step-{committed.step:08d}"))
-    assert {"rank-00000.pt", "rank-00001.pt"} <= files, files  # both ranks, one on each node
-
-    # the last commit before the deadline, after which the group waits for the node to go
-    said_last = r"step (\d+): the last commit before the preemption deadline"
-    found = _wait_for("the last commit", lambda: re.search(said_last, chaos.logs(job)), job, 120)
-    last = _wait_for("its marker", lambda: st.find(int(found[1])), job, 60)
-    assert last.step > committed.step, (last, committed)
-    # the reclaim comes at Ray's deadline (in the job log), never before it (see _drain)
-    said = re.findall(r"deadline_ms=(\d+)", chaos.logs(job))
-    deadline = int(said[0]) / 1000 if said else latest_deadline
-    time.sleep(max(0.0, deadline - time.time()))
-    if not chaos.wait_status_terminal(job):  # Ray may have restarted the group at its deadline
-        _kill_tree(node_pid)  # the reclaim itself, at the deadline
-    # the group restarted on the node left resumes from the last commit and trains on
-    resumed = f"rank 0 resumed from {st.root} step {last.step}"
-    _wait_for("the resume", lambda: resumed in chaos.logs(job), job, 300)
-    after = rf"\bstep {last.step + 3} of "
-    _wait_for(
-        "three steps after it",
-        lambda: re.search(after, (text := chaos.logs(job))[text.find(resumed) :]),
-        job,
-        120,
-    )
-    # still running: with scaling.max_failures=0 a counted failure would have ended it FAILED
-    assert not chaos.wait_status_terminal(job), chaos.logs(job)[-6000:]
-    chaos.client().stop_job(job)  # the rest of the steps prove nothing more
-    chaos.wait(job, timeout_s=120)
-    _forget_ray_train_reservations(gcs)
-    out = chaos.logs(job)
-    # The group that trained to the last commit must not train past it (it waits there): the
-    # group restarted after the reclaim, the last attempt, resumes from that commit, and its
-    # tracker names the run's last logged step (log_every=1), the last step any earlier group
-    # trained. (The group before the notice may itself be a second attempt: an elastic group
-    # Ray started on one worker and grew to two.)
-    continued = _continued(out, name)
-    assert continued and continued[max(continued)] == last.step, (
-        continued,
-        _lines(out, "resumed|preemption|continuing|last commit|resizing"),
-    )
-    assert f"rank 0: {name} from step {last.step} (resumed: True" in out, out[-6000:]
-    # Ray's restart after the reclaim is no resize of a running group: no commit asked of the
-    # workers gone, no warning that they did not (commit_before_resize)
-    assert "did not commit their step first" not in out, _lines(out, "did not commit")
-    # on the one node left: one worker
-    assert not re.search(rf"rank 1: {name} from step {last.step}\b", out), out[-6000:]
-    steps = [s for s, _ in chaos.metric_steps(experiment, name)]
-    assert steps == list(range(1, len(steps) + 1)), steps  # every step once, the replayed too
-    assert len(steps) >= last.step  # (the last few may not have reached MLflow before the stop)
-
-
-GROW_STEPS = 3000  # outlasts the node's join and the resize; the test stops the job after it
-
-
-@pytest.mark.slow
-def test_an_elastic_group_that_grows_commits_its_step_first_and_the_larger_group_resumes_there(
-    cluster_head: Stack, smoke_dataset: str, tmp_path: Path
-) -> None:
-    """An elastic job (scaling.num_workers=[1,2], 2 CPUs a worker) starts on the head alone,
-    which has room for one; a node joins and Ray grows the group to two (after
-    scaling.resize_interval_s=5). Before Ray stops the one-worker group, its worker commits the
-    step it is on: the two-worker group resumes there, and no step is trained twice."""
-    _forget_ray_train_reservations(cluster_head.gcs_address)
-    name, experiment = f"grow-{uuid.uuid4().hex[:6]}", f"grow-{uuid.uuid4().hex[:6]}"
-    job = chaos.submit(
-        [
-            f"name={name}", f"data.url={smoke_dataset}", f"tracking.experiment={experiment}",
-            "scaling.num_workers=[1,2]", "scaling.cpus_per_worker=2", "scaling.max_failures=0",
             "scaling.resize_interval_s=5", "scaling.global_batch=16", "scaling.torch_threads=1",
-            f"schedule.max_iters={GROW_STEPS}", "schedule.milestones=[]",
-            "checkpoint.every_iters=0", "checkpoint.at_epoch_end=false",
-            "checkpoint.preemption_poll_every=1", "tracking.log_every=1", "eval.every_iters=0",
+            f"schedule.max_iters={STEPS}", "schedule.milestones=[]", "checkpoint.every_iters=0",
+            "checkpoint.at_epoch_end=false", "checkpoint.preemption_poll_every=1",
+            "checkpoint.keep_last=5", "tracking.log_every=1", "eval.every_iters=0",
             "eval.at_end=false", "data.num_workers=1", "tracking.publish=false",
         ]
     )  # fmt: skip
@@ -497,34 +422,93 @@ def test_an_elastic_group_that_grows_commits_its_step_first_and_the_larger_group
     try:
         _wait_for("step 3", lambda: re.search(r"\bstep 3 of ", chaos.logs(job)), job)
         assert not re.search(rf"rank 1: {name} from step", chaos.logs(job))  # one worker
+        assert "world sizes 1..2 (elastic)" in chaos.logs(job)  # the pre-flight listed them
         assert st.latest() is None  # every_iters=0: nothing committed before the resize
-        with joined_node(cluster_head, 2, tmp_path / "joined.log"):
+        with joined_node(cluster_head, 2, tmp_path / "joined.log") as (node_pid, node):
+            # ---- the group grows onto the node
             said = r"step (\d+): Ray is resizing the elastic worker group"
             found = _wait_for("the resize", lambda: re.search(said, chaos.logs(job)), job, 120)
-            committed = _wait_for("its commit", lambda: st.find(int(found[1])), job, 60)
+            grown = _wait_for("its commit", lambda: st.find(int(found[1])), job, 60)
             _wait_for(
                 "three steps of the two-worker group",
-                lambda: _step_after_rank_1(chaos.logs(job), name, committed.step + 3),
+                lambda: _step_after_rank_1(chaos.logs(job), name, grown.step + 3),
                 job,
                 180,
             )
             out = chaos.logs(job)
-            assert f"rank 1: {name} from step {committed.step} (resumed: True" in out, out[-5000:]
+            assert f"rank 1: {name} from step {grown.step} (resumed: True" in out, out[-5000:]
             # the larger group's tracker finds the run's last logged step (log_every=1): the
             # one-worker group trained nothing past its commit (it waited there)
             continued = _continued(out, name)
-            assert continued == {2: committed.step}, _lines(out, "resumed|resizing|continuing")
+            assert continued == {2: grown.step}, _lines(out, "resumed|resizing|continuing")
             assert "did not commit their step first" not in out
-            chaos.client().stop_job(job)  # the rest of the steps prove nothing more
-            chaos.wait(job, timeout_s=120)
+
+            # ---- the node is drained, then reclaimed at the deadline
+            latest_deadline = _drain(gcs, node)
+            # steps are read from the job's own lines, never from what is newest at some
+            # moment: on a loaded box a read can come late, after the next commit or Ray's
+            # restart of the group
+            notice = r"preemption notice at step (\d+): node (\w+) \(ranks (\d)\)"
+            line = _wait_for(
+                "the notice", lambda: re.search(notice, chaos.logs(job)), job, DEADLINE_S + 30
+            )
+            noticed = int(line[1])
+            assert node.startswith(line[2]), line[0]
+            committed = _wait_for("its commit", lambda: st.find(noticed), job, 60)
+            # one message (Ray echoes a worker's log lines, some twice: count distinct ones)
+            assert len(set(re.findall(r"preemption notice at step [^\n]*", chaos.logs(job)))) == 1
+            files = set(st.storage.sizes(f"step-{committed.step:08d}"))
+            assert {"rank-00000.pt", "rank-00001.pt"} <= files, files  # both ranks, a node each
+
+            # the last commit before the deadline, after which the group waits for the node
+            said_last = r"step (\d+): the last commit before the preemption deadline"
+            found = _wait_for(
+                "the last commit", lambda: re.search(said_last, chaos.logs(job)), job, 120
+            )
+            last = _wait_for("its marker", lambda: st.find(int(found[1])), job, 60)
+            assert last.step > committed.step, (last, committed)
+            # the reclaim comes at Ray's deadline (in the job log), never before it (_drain)
+            said = re.findall(r"deadline_ms=(\d+)", chaos.logs(job))
+            deadline = int(said[0]) / 1000 if said else latest_deadline
+            time.sleep(max(0.0, deadline - time.time()))
+            if not chaos.wait_status_terminal(job):  # Ray may have restarted it at its deadline
+                _kill_tree(node_pid)  # the reclaim itself, at the deadline
+            # the group restarted on the head resumes from the last commit and trains on
+            resumed = f"rank 0 resumed from {st.root} step {last.step}"
+            _wait_for("the resume", lambda: resumed in chaos.logs(job), job, 300)
+            after = rf"\bstep {last.step + 3} of "
+            _wait_for(
+                "three steps after it",
+                lambda: re.search(after, (text := chaos.logs(job))[text.find(resumed) :]),
+                job,
+                120,
+            )
+            # still running: with scaling.max_failures=0 a counted failure would have ended it
+            assert not chaos.wait_status_terminal(job), chaos.logs(job)[-6000:]
     finally:
-        if not chaos.wait_status_terminal(job):
+        if not chaos.wait_status_terminal(job):  # the rest of the steps prove nothing more
             chaos.client().stop_job(job)
             chaos.wait(job, timeout_s=120)
-        _forget_ray_train_reservations(cluster_head.gcs_address)
+        _forget_ray_train_reservations(gcs)
+    out = chaos.logs(job)
+    # The group that trained to the last commit must not train past it (it waits there): the
+    # group restarted after the reclaim, the third attempt, resumes from that commit, and its
+    # tracker names the run's last logged step (log_every=1), the last step any earlier group
+    # trained
+    continued = _continued(out, name)
+    assert continued == {2: grown.step, 3: last.step}, (
+        continued,
+        _lines(out, "resumed|preemption|continuing|last commit|resizing"),
+    )
+    assert f"rank 0: {name} from step {last.step} (resumed: True" in out, out[-6000:]
+    # Ray's restart after the reclaim is no resize of a running group: no commit asked of the
+    # workers gone, no warning that they did not (commit_before_resize)
+    assert "did not commit their step first" not in out, _lines(out, "did not commit")
+    # on the head alone: one worker
+    assert not re.search(rf"rank 1: {name} from step {last.step}\b", out), out[-6000:]
     steps = [s for s, _ in chaos.metric_steps(experiment, name)]
-    assert steps == list(range(1, len(steps) + 1)), steps  # every step once, across the resize
-    assert len(steps) >= committed.step  # (the last few may not reach MLflow before the stop)
+    assert steps == list(range(1, len(steps) + 1)), steps  # every step once, the replayed too
+    assert len(steps) >= last.step  # (the last few may not have reached MLflow before the stop)
 
 
 STUDY_STEPS = (
@@ -547,7 +531,7 @@ def test_a_study_trial_in_its_actor_commits_on_a_drain_and_tune_restarts_it_unco
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node_pid, node, gcs = spot_node
-    _wait_for_free_cpus(4)
+    _wait_for_free_cpus(4, gcs)
     # the head's 2 CPUs held, so that the trial's actor (2 CPUs) starts on the node drained
     head = ray.get_runtime_context().get_node_id()
     holder = (
