@@ -87,6 +87,7 @@ def ours(steps: int, threads: int) -> tuple[float, float]:
     return statistics.median(windows[2:]), t_first - t_submit  # skip step 1 and warm-up
 
 
+MIN_STEPS = 30  # the job logs every 10 steps and step 1: 4 windows, the first two dropped
 CLOCK = re.compile(
     r"startup of (?P<who>[^:]+): t0=(?P<t0>[\d.]+); (?P<phases>.*) = (?P<total>[\d.]+) s"
 )
@@ -146,6 +147,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
+    if args.steps < MIN_STEPS:  # found after the job, not before: refuse it up front
+        parser.error(
+            f"--steps {args.steps}: at least {MIN_STEPS} (the steady-state rate is the median "
+            "of the job's logged 10-step windows after its first two)"
+        )
     if "RAY_ADDRESS" not in os.environ:
         sys.exit(
             "the local stack is not in the environment: run "
