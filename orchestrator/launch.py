@@ -526,9 +526,10 @@ def _run_ray(spec: JobSpec) -> Any:
     from orchestrator.tracking.runs import mark_job_run
 
     startup_clock.mark("cluster check and lease")
-    # Ray Train's import (torch's with it, seconds) before the sweep's thread starts importing
-    # MLflow: both are Python work under this process's one GIL, and Ray Train's is on the
-    # path to the first step; the sweep's then runs while Ray starts the worker group
+    # Ray Train's import (Ray Data, pandas and pyarrow with it: a second or two) before the
+    # sweep's thread starts importing MLflow: both are Python work under this process's one
+    # GIL, and Ray Train's is on the path to the first step; the sweep's then runs while Ray
+    # starts the worker group
     import ray.train.torch  # noqa: F401
 
     sweeping = None
