@@ -492,11 +492,11 @@ def test_an_elastic_group_grows_then_its_drained_node_commits_and_the_job_resume
         _forget_ray_train_reservations(gcs)
     out = chaos.logs(job)
     # The group that trained to the last commit must not train past it (it waits there): the
-    # group restarted after the reclaim, the third attempt, resumes from that commit, and its
+    # group restarted after the reclaim, the last attempt, resumes from that commit, and its
     # tracker names the run's last logged step (log_every=1), the last step any earlier group
     # trained
     continued = _continued(out, name)
-    assert continued == {2: grown.step, 3: last.step}, (
+    assert continued[2] == grown.step and continued[max(continued)] == last.step, (
         continued,
         _lines(out, "resumed|preemption|continuing|last commit|resizing"),
     )
