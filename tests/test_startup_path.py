@@ -108,3 +108,15 @@ def test_the_driver_imports_ray_train_before_the_sweeps_thread_imports_mlflow() 
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert out.stdout.splitlines()[-1] == "[True, 'fit']", out.stdout[-2000:]
+
+
+def test_the_overhead_bench_refuses_too_few_steps_before_anything_runs() -> None:
+    """bench/overhead.py's rate needs the job's 10-step windows: a shorter run is refused up
+    front (it used to run the whole job first, then fail)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, "bench/overhead.py", "--steps", "10"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "--steps 10: at least 30" in out.stderr, out.stderr[-2000:]
