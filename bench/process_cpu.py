@@ -106,8 +106,13 @@ class Sampler(threading.Thread):
             try:
                 with p.oneshot():  # /proc/PID/stat read once for its name and CPU times
                     names, cpu = (p.name(), *p.cmdline()), sum(p.cpu_times()[:2])
-                    same = p.pid in self._known and self._known[p.pid][0] == names
-                    alive[p.pid] = self._known[p.pid] if same else (names, kind(p))
+                    known = self._known.get(p.pid)
+                    # exiting, a process has let its memory go and shows no command line: still
+                    # the same one, not a kernel thread (its last look holds all its CPU)
+                    exiting = known is not None and len(names) == 1 and len(known[0]) > 1
+                    if known is None or (known[0] != names and not exiting):
+                        known = (names, kind(p))
+                    alive[p.pid] = known
                 looks[p.pid] = (alive[p.pid][1], cpu)
             except psutil.Error:
                 pass

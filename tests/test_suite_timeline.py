@@ -3,9 +3,12 @@ on real processes."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from bench.process_cpu import Sampler
 from bench.suite_timeline import kinds_table, summary
@@ -67,3 +70,51 @@ def test_a_process_that_renames_itself_is_counted_under_its_new_kind() -> None:
     assert proc.returncode == 0
     kind, cpu = sampler.last[proc.pid]
     assert kind == "data loader workers" and cpu >= 0.7, (kind, cpu)
+
+
+class _Seen:
+    """A psutil.Process as the sampler reads it in one look: a stand-in, since no real process
+    can be held in the moment it exits."""
+
+    def __init__(self, pid: int, name: str, cmdline: list[str], cpu: float) -> None:
+        self.pid, self._name, self._cmdline, self._cpu = pid, name, cmdline, cpu
+
+    def oneshot(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def name(self) -> str:
+        return self._name
+
+    def cmdline(self) -> list[str]:
+        return list(self._cmdline)
+
+    def cpu_times(self) -> tuple[float, float]:
+        return (self._cpu, 0.0)
+
+    def parent(self) -> None:
+        return None
+
+
+def test_an_exiting_process_keeps_its_kind_and_its_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On its way out a process has let its memory go and shows no command line. Its last look,
+    which holds all its CPU, keeps its kind (a CI run once counted a test's busy child under
+    "the kernel's threads"); a kernel thread, which never had a command line, stays the
+    kernel's."""
+    from bench import process_cpu
+
+    work = ["python", "-c", "work()"]
+    looks = iter(
+        [
+            [_Seen(7, "python", work, 0.0), _Seen(2, "kthreadd", [], 0.0)],  # the first look
+            [_Seen(7, "python", work, 1.0), _Seen(2, "kthreadd", [], 0.1)],
+            [_Seen(7, "python", [], 1.5), _Seen(2, "kthreadd", [], 0.2)],  # 7 exiting
+        ]
+    )
+    monkeypatch.setattr(process_cpu.psutil, "process_iter", lambda: next(looks))
+    sampler = Sampler(interval_s=0.1)
+    for _ in range(2):  # the sampler thread's passes, without its clock
+        sampler.last.update(sampler._look())
+    assert sampler.by_kind() == {
+        "other: python -c 'work()'": 1.5,
+        "other: the kernel's threads": 0.2,
+    }
