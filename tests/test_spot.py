@@ -19,6 +19,7 @@ cadence and the once-per-notice rule); everything else here runs the real thing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import signal
@@ -313,22 +314,31 @@ def _wait_for(what: str, check: Any, job: str, timeout_s: float = 300) -> Any:
     raise AssertionError(f"no {what} in {timeout_s} s:\n{chaos.logs(job)[-5000:]}")
 
 
+@contextlib.contextmanager
+def _connected(gcs: str) -> Iterator[None]:
+    """This process connected to the cluster at `gcs` for the block, unless it already is."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address=gcs, logging_level="ERROR")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def _wait_for_free_cpus(cpus: int, gcs: str, timeout_s: float = 120) -> None:
     """Wait until the cluster has `cpus` CPUs free: a Ray job or actor of an earlier test may
     still hold some of the head's while it tears down."""
     import ray
 
-    connected = ray.is_initialized()
-    if not connected:
-        ray.init(address=gcs, logging_level="ERROR")
-    try:
+    with _connected(gcs):
         deadline = time.monotonic() + timeout_s
         while (free := ray.available_resources().get("CPU", 0)) < cpus:
             assert time.monotonic() < deadline, f"{free} CPUs free, not {cpus}: {ray.nodes()}"
             time.sleep(0.5)
-    finally:
-        if not connected:
-            ray.shutdown()
 
 
 def _forget_ray_train_reservations(gcs: str) -> None:
@@ -340,16 +350,8 @@ def _forget_ray_train_reservations(gcs: str) -> None:
     between tests, the actor is killed; the next job's request creates a fresh one."""
     import ray
 
-    connected = ray.is_initialized()
-    if not connected:
-        ray.init(address=gcs, logging_level="ERROR")
-    try:
+    with _connected(gcs), contextlib.suppress(ValueError):  # ValueError: no elastic job yet
         ray.kill(ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator"))
-    except ValueError:  # no elastic job has run on this cluster yet
-        pass
-    finally:
-        if not connected:
-            ray.shutdown()
 
 
 def _drain(gcs: str, node: str) -> float:
