@@ -7,8 +7,10 @@ reused), same thread count, on CPU; measured side by side in one run. Ours: the 
 step time the job logs (median over log windows, the first excluded), and the time from submit
 to the first finished step, tracked to the stack's MLflow as a user's job is. Before it, where
 the seconds to the first step go: the driver's and rank 0's start-up lines
-(orchestrator/startup_clock.py) joined on one clock, and what one MLflow call costs. Last line:
-`overhead: ratio=R (ray X steps/s, plain Y steps/s, first step after Z s)`.
+(orchestrator/startup_clock.py) joined on one clock, and what one MLflow call costs. Beside
+it, Ray's own floor: a bare TorchTrainer (bench/ray_floor.py) submitted just before and just
+after ours, from submit to its train function's first line. Last line: `overhead: ratio=R (ray
+X steps/s, plain Y steps/s, first step after Z s, Ray's floor F s)`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from chaos import logs, submit, wait
+from chaos_cluster import client
+from ray_floor import parse as parse_floor
 
 from orchestrator.models import create_model
 
@@ -91,6 +95,18 @@ MIN_STEPS = 30  # the job logs every 10 steps and step 1: 4 windows, the first t
 CLOCK = re.compile(
     r"startup of (?P<who>[^:]+): t0=(?P<t0>[\d.]+); (?P<phases>.*) = (?P<total>[\d.]+) s"
 )
+
+
+def ray_floor(threads: int) -> tuple[float, float]:
+    """A bare TorchTrainer through the same head: (submit -> its driver, submit -> its train
+    function's first line), seconds."""
+    t_submit = time.time()
+    job = client().submit_job(entrypoint=f"python bench/ray_floor.py --cpus {threads}")
+    status = wait(job)
+    text = logs(job)
+    assert status == "SUCCEEDED", text[-3000:]
+    driver, first = parse_floor(text)
+    return driver - t_submit, first - t_submit
 
 
 def print_breakdown(text: str, t_submit: float) -> float:
@@ -157,13 +173,23 @@ def main() -> None:
             "the local stack is not in the environment: run "
             '`eval "$(python -m orchestrator.stack env)"`'
         )
+    floors = [ray_floor(args.threads)]
     ray_rate, first = ours(args.steps, args.threads)
+    floors.append(ray_floor(args.threads))
+    floor = statistics.mean(f for _, f in floors)
+    print(
+        "Ray's floor, a bare TorchTrainer (bench/ray_floor.py) just before and just after ours: "
+        f"submit -> its driver {floors[0][0]:.2f}, {floors[1][0]:.2f} s; -> its train function "
+        f"{floors[0][1]:.2f}, {floors[1][1]:.2f} s (mean {floor:.2f} s); ours above it "
+        f"{first - floor:.2f} s"
+    )
     print(mlflow_call_cost())
     plain_rate = plain_loop(args.steps, args.threads)
     print(f"threads={args.threads} batch=128 model=cifar_resnet20 steps={args.steps}")
     print(
         f"overhead: ratio={ray_rate / plain_rate:.3f} (ray {ray_rate:.2f} steps/s, "
-        f"plain {plain_rate:.2f} steps/s, first step after {first:.1f} s)"
+        f"plain {plain_rate:.2f} steps/s, first step after {first:.1f} s, Ray's floor "
+        f"{floor:.1f} s)"
     )
 
 

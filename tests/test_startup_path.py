@@ -120,3 +120,19 @@ def test_the_overhead_bench_refuses_too_few_steps_before_anything_runs() -> None
     )  # fmt: skip
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "--steps 10: at least 30" in out.stderr, out.stderr[-2000:]
+
+
+def test_ray_floor_lines_are_read_through_rays_worker_prefix() -> None:
+    """bench/ray_floor.py's two times as Ray's job log carries them (the worker's line under
+    Ray's colored prefix, printed twice); a log without them is refused by name."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from ray_floor import parse
+
+    log = (
+        "ray floor driver t0=1796636713.064\n"
+        "\x1b[36m(RayTrainWorker pid=2529)\x1b[0m ray floor first line at 1796636725.712\n"
+        "\x1b[36m(RayTrainWorker pid=2529)\x1b[0m ray floor first line at 1796636725.712\n"
+    )
+    assert parse(log) == (1796636713.064, 1796636725.712)
+    with pytest.raises(ValueError, match="no ray floor lines"):
+        parse("ray floor driver t0=1796636713.064\n")
