@@ -8,9 +8,12 @@ step time the job logs (median over log windows, the first excluded), and the ti
 to the first finished step, tracked to the stack's MLflow as a user's job is. Before it, where
 the seconds to the first step go: the driver's and rank 0's start-up lines
 (orchestrator/startup_clock.py) joined on one clock, and what one MLflow call costs. Beside
-it, Ray's own floor: a bare TorchTrainer (bench/ray_floor.py) submitted just before and just
-after ours, from submit to its train function's first line. Last line: `overhead: ratio=R (ray
-X steps/s, plain Y steps/s, first step after Z s, Ray's floor F s)`.
+it, Ray's own floor: a bare TorchTrainer (bench/ray_floor.py), from submit to its train
+function's first line, submitted just before ours and just after. The one after is the floor:
+like ours, it comes right after another job; the one before comes after a pause (the previous
+run's plain loop, or a fresh stack), and a job after a pause starts seconds slower here. Last
+line: `overhead: ratio=R (ray X steps/s, plain Y steps/s, first step after Z s, Ray's floor F
+s)`.
 """
 
 from __future__ import annotations
@@ -173,15 +176,14 @@ def main() -> None:
             "the local stack is not in the environment: run "
             '`eval "$(python -m orchestrator.stack env)"`'
         )
-    floors = [ray_floor(args.threads)]
+    paused = ray_floor(args.threads)  # also what makes ours come right after a job
     ray_rate, first = ours(args.steps, args.threads)
-    floors.append(ray_floor(args.threads))
-    floor = statistics.mean(f for _, f in floors)
+    driver, floor = ray_floor(args.threads)
     print(
-        "Ray's floor, a bare TorchTrainer (bench/ray_floor.py) just before and just after ours: "
-        f"submit -> its driver {floors[0][0]:.2f}, {floors[1][0]:.2f} s; -> its train function "
-        f"{floors[0][1]:.2f}, {floors[1][1]:.2f} s (mean {floor:.2f} s); ours above it "
-        f"{first - floor:.2f} s"
+        "Ray's floor, a bare TorchTrainer (bench/ray_floor.py) right after ours: submit -> its "
+        f"driver {driver:.2f} s, -> its train function {floor:.2f} s; ours above it "
+        f"{first - floor:.2f} s (the same just before ours, after a pause: {paused[0]:.2f} s, "
+        f"{paused[1]:.2f} s)"
     )
     print(mlflow_call_cost())
     plain_rate = plain_loop(args.steps, args.threads)

@@ -7,8 +7,11 @@ bench/overhead.py submits it beside our job, on the same cluster in the same min
 TorchTrainer pays before its first line of training code (Ray's job supervisor, the driver's
 Ray Train and torch imports, Ray Train's controller and its actors, the worker's process, its
 torch import and the gloo process group), with nothing of ours in it. One worker, as the
-overhead job has, with the same CPUs and the same worker environment. Prints two lines, the
-driver's start and the train function's first line (Unix times): `parse` reads them.
+overhead job has, with the same CPUs and the same worker environment, and the same trainer
+class: Ray's, less the two helper actors our jobs leave out (orchestrator.ray_callbacks
+.torch_trainer; Ray's stock trainer starts them too, so it would set the floor higher). Prints
+two lines, the driver's start and the train function's first line (Unix times): `parse` reads
+them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from orchestrator.ray_callbacks import torch_trainer
 from orchestrator.startup_clock import process_start
 
 
@@ -38,16 +42,16 @@ def main() -> None:
     print(f"ray floor driver t0={t0:.3f}", flush=True)
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     ray.init()
-    trainer = TorchTrainer(
+    trainer = torch_trainer(from_job_driver=True)(
         first_line,
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.cpus}),
         run_config=RunConfig(  # type: ignore[call-arg]  # V2's at run time
             name=f"ray-floor-{int(t0)}",
-            storage_path=tempfile.mkdtemp(prefix="ray-floor-"),
+            storage_path=str(Path(tempfile.gettempdir()) / "ray-floor"),
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},  # as ours, on CPU
         ),
     )
