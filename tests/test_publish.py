@@ -502,6 +502,35 @@ def test_copy_weights_makes_a_standalone_model(registered: dict[str, Any]) -> No
     assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())
 
 
+def test_registering_reads_no_metric_history_and_links_the_model_to_its_run(
+    registered: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's Model.log, given a run, reads the whole history of every metric of it (to copy
+    one step's values to the model): registration does not give it the run, and links the
+    logged model to the run itself, at the checkpoint's step."""
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking.tags import STEP_TAG
+
+    read: list[str] = []
+    history = MlflowClient.get_metric_history
+
+    def counted(self: Any, run_id: str, key: str) -> Any:
+        read.append(key)
+        return history(self, run_id, key)
+
+    monkeypatch.setattr(MlflowClient, "get_metric_history", counted)
+    run_id = registered["run"].info.run_id
+    name = f"nohistory-{uuid.uuid4().hex[:8]}"
+    published = publish_checkpoint(client(), registered["url"], name, run_id=run_id)
+    assert not published.reused and read == [], read
+    version = client().get_model_version(name, published.version.version)
+    outputs = client().get_run(run_id).outputs.model_outputs
+    model_id = version.source.removeprefix("models:/")  # the server gives no version.model_id
+    step = int(version.tags[STEP_TAG])
+    assert any(o.model_id == model_id and o.step == step for o in outputs), outputs
+
+
 def test_the_command_line_registers_a_finished_runs_checkpoint(registered: dict[str, Any]) -> None:
     """On demand, for a run already finished: the same version again, alias `last` moved."""
     run_id = registered["run"].info.run_id

@@ -407,12 +407,20 @@ def _log_model(
     # experiment (Default), not the run's
     logged = attempts.get("model") or _create_logged_model(client, job, ck.step, run_id)
     attempts["model"] = logged
+    # Model.log given the run also copies the run's metrics of one step (0) to the model: it
+    # reads the whole history of every metric (a long run's: megabytes) for a step our loop
+    # never logs. So it is not given the run, and the run's link to the model (its outputs,
+    # at the checkpoint's step) is logged below. Where this process has an active fluent run,
+    # Model.log would take that one: it is then given ours, as before.
+    import mlflow
+
+    log_run = run_id if mlflow.active_run() is not None else None
     info = attempts.get("logged") or Model.log(
         artifact_path=None,
         flavor=flavor,
         name=logged.name,
         model_id=logged.model_id,
-        run_id=run_id,
+        run_id=log_run,
         net=net,
         meta=meta,
         mean_image=mean_image,
@@ -424,6 +432,11 @@ def _log_model(
         validate_serving_input=False,  # it would load the net (read the checkpoint) again
     )
     attempts["logged"] = info
+    if run_id and log_run is None and not attempts.get("outputs"):
+        from mlflow.entities import LoggedModelOutput
+
+        client.log_outputs(run_id, models=[LoggedModelOutput(logged.model_id, step=ck.step)])
+        attempts["outputs"] = True
     return logged, info
 
 
