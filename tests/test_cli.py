@@ -6,12 +6,16 @@ from __future__ import annotations
 import ast
 import builtins
 import logging
+import os
 import pickle
+import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import EXIT_INTERRUPTED, LOG_FORMAT, run_cli, setup_logging
+from orchestrator.cli import EXIT_INTERRUPTED, LOG_FORMAT, is_the_program, run_cli, setup_logging
 from orchestrator.errors import OrchestratorError, UsageError
 from tests.conftest import ROOT, run_main
 
@@ -327,3 +331,125 @@ def test_every_entry_point_answers_help_and_refuses_a_bad_argument(
     assert code == 2, err[-3000:]
     assert "error:" in err.strip().splitlines()[-1], err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+
+
+# --------------------------------------------------------------- the end of a command's process
+
+EXIT_PROBE = """
+import atexit, concurrent.futures, os, sys, tempfile, threading, time
+sys.path.insert(0, {root!r})
+from orchestrator.cli import run_cli
+
+OUT = sys.argv[1]
+
+
+def mark(name):
+    open(os.path.join(OUT, name), "w").close()
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+import teardown_marker  # its object's __del__ runs as the interpreter's teardown clears modules
+
+teardown_marker.KEEP.path = os.path.join(OUT, "teardown")
+
+
+def main(argv):
+    atexit.register(mark, "atexit")
+    threading.Thread(target=lambda: (time.sleep(0.3), mark("thread"))).start()  # not a daemon
+    concurrent.futures.ThreadPoolExecutor(1).submit(lambda: (time.sleep(0.3), mark("pool")))
+    globals()["TMP"] = tempfile.TemporaryDirectory()  # removed by an atexit finalizer
+    with open(os.path.join(OUT, "tmpdir"), "w") as f:
+        f.write(TMP.name)
+    sys.stdout.write("buffered, no newline")
+    return 3
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
+"""
+
+
+TEARDOWN_MARKER = """
+class Marker:
+    path = ""
+
+    def __del__(self, _open=open):  # builtins are gone by then: open is bound here
+        with _open(self.path, "w"):
+            pass
+
+
+KEEP = Marker()
+"""
+
+
+@pytest.mark.parametrize("how", ["program", "in another program"])
+def test_a_command_ends_as_python_would_its_teardown_skipped_only_as_the_program(
+    tmp_path: Path, how: str
+) -> None:
+    """`python FILE` (the command is the program): the exit code, the non-daemon thread, the
+    thread pool's task, every atexit function (a temporary folder removed), the buffered output,
+    all as Python's own exit gives them, and no teardown (a __main__ global's __del__ never
+    runs). Run by another program in its process (`python -c` and runpy, as a test runner or a
+    notebook would), the same command leaves the exit to Python: the teardown runs."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(EXIT_PROBE.format(root=str(ROOT)))
+    (tmp_path / "teardown_marker.py").write_text(TEARDOWN_MARKER)
+    out = tmp_path / "out"
+    out.mkdir()
+    if how == "program":
+        cmd = [sys.executable, str(probe), str(out)]
+    else:
+        # a program with arguments of its own that runs the command in its process
+        runner = (
+            "import os, runpy, sys; sys.argv = [os.environ['PROBE'], os.environ['OUT']]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')"
+        )
+        cmd = [sys.executable, "-c", runner, "--its-own-option"]
+    env = {**os.environ, "PROBE": str(probe), "OUT": str(out)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "buffered, no newline", proc.stdout
+    made = {p.name for p in out.iterdir()}
+    assert {"atexit", "thread", "pool", "tmpdir"} <= made, made
+    assert not Path((out / "tmpdir").read_text()).exists()
+    assert ("teardown" in made) == (how == "in another program"), made
+
+
+@pytest.mark.parametrize(
+    ("orig_argv", "argv", "expected"),
+    [
+        (["python", "jobs/x.py", "a", "b"], ["jobs/x.py", "a", "b"], True),
+        (["python", "-u", "jobs/x.py", "a"], ["jobs/x.py", "a"], True),  # torchrun's workers
+        (["python", "jobs/x.py"], ["jobs/x.py"], True),
+        # an xdist worker running a command with runpy: its own arguments are not the command's
+        (["python", "-c", "import sys;exec(eval(sys.stdin.readline()))"], ["/r/jobs/x.py"], False),
+        (["python", "-m", "pytest", "a"], ["/r/jobs/x.py", "a"], False),
+        (["python", "-m", "pytest"], ["/r/jobs/x.py"], False),
+        (["python", "jobs/x.py", "a"], ["jobs/x.py", "b"], False),
+    ],
+)
+def test_the_program_is_told_from_a_command_run_in_another_programs_process(
+    monkeypatch: pytest.MonkeyPatch, orig_argv: list[str], argv: list[str], expected: bool
+) -> None:
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    monkeypatch.setattr(sys, "argv", argv)
+    assert is_the_program() is expected
+
+
+def test_python_m_is_the_program_where_its_module_is_main(monkeypatch: pytest.MonkeyPatch) -> None:
+    main_file = sys.modules["__main__"].__file__
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "orchestrator.stack", "up"])
+    monkeypatch.setattr(sys, "argv", [main_file, "up"])
+    assert is_the_program()
+    monkeypatch.setattr(sys, "argv", ["/elsewhere/stack.py", "up"])
+    assert not is_the_program()
+
+
+def test_only_the_main_thread_ends_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "orig_argv", ["python", "jobs/x.py"])
+    monkeypatch.setattr(sys, "argv", ["jobs/x.py"])
+    seen: list[bool] = []
+    thread = threading.Thread(target=lambda: seen.append(is_the_program()))
+    thread.start()
+    thread.join()
+    assert seen == [False] and is_the_program()
