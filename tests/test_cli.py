@@ -11,6 +11,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -437,7 +438,10 @@ def test_the_program_is_told_from_a_command_run_in_another_programs_process(
 
 
 def test_python_m_is_the_program_where_its_module_is_main(monkeypatch: pytest.MonkeyPatch) -> None:
-    main_file = sys.modules["__main__"].__file__
+    main_file = "/r/orchestrator/stack.py"  # what `python -m` makes __main__ and sys.argv[0]
+    main = types.ModuleType("__main__")
+    main.__file__ = main_file
+    monkeypatch.setitem(sys.modules, "__main__", main)
     monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "orchestrator.stack", "up"])
     monkeypatch.setattr(sys, "argv", [main_file, "up"])
     assert is_the_program()
