@@ -10,7 +10,7 @@ error's exit code (2 for bad input), Ctrl-C with 130. Anything else propagates w
 traceback: a bug or a failed job should show where it happened. argparse's own usage errors
 exit 2 as they always do. Where the process was started to run the command (`python FILE ...`,
 `python -m MODULE ...`), it then ends without the interpreter's teardown (`exit_without_teardown`):
-about a second of CPU at the end of every job and command that imported torch, Ray or MLflow.
+1-2 s of CPU at the end of every job and command that imported torch, Ray or MLflow.
 """
 
 from __future__ import annotations
