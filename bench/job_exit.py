@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from chaos_cluster import client
+from chaos_cluster import client, logs, wait
 
 ARGS = [
     "data.source=synthetic",
@@ -89,20 +89,13 @@ def local(as_program: bool) -> tuple[float, float]:
 
 def on_ray(as_program: bool) -> float:
     """Seconds from submit to the job's terminal status, the job through the stack's Ray."""
-    from ray.job_submission import JobStatus
-
     cmd, env = command([f"name=exit-{uuid.uuid4().hex[:6]}", *ARGS], as_program)
     entry = shlex.join(["python", *cmd[1:]])  # a shell runs it
     t0 = time.time()
     job = client().submit_job(entrypoint=entry, runtime_env={"env_vars": env} if env else None)
-    while (status := client().get_job_status(job)) not in (
-        JobStatus.SUCCEEDED,
-        JobStatus.FAILED,
-        JobStatus.STOPPED,
-    ):
-        time.sleep(0.1)
+    status = wait(job, poll_s=0.1)
     end = time.time()
-    assert status == JobStatus.SUCCEEDED, client().get_job_logs(job)[-3000:]
+    assert status == "SUCCEEDED", logs(job)[-3000:]
     return end - t0
 
 

@@ -11,9 +11,9 @@ the seconds to the first step go: the driver's and rank 0's start-up lines
 it, Ray's own floor: a bare TorchTrainer (bench/ray_floor.py), from submit to its train
 function's first line, submitted just before ours and just after. The one after is the floor:
 like ours, it comes right after another job; the one before comes after a pause (the previous
-run's plain loop, or a fresh stack), and a job after a pause starts seconds slower here. Last
-line: `overhead: ratio=R (ray X steps/s, plain Y steps/s, first step after Z s, Ray's floor F
-s)`.
+run's plain loop, or a fresh stack), and the first of two jobs submitted back to back often
+starts seconds slower here, whether the pause before it was 2 s or 30 s. Last line:
+`overhead: ratio=R (ray X steps/s, plain Y steps/s, first step after Z s, Ray's floor F s)`.
 """
 
 from __future__ import annotations
